@@ -1,0 +1,13 @@
+"""A tiny GPT (decoder_only) on the built-in synthetic language: the README's main job, minutes on a CPU."""
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.model.update(arch='decoder_only', position='rope', norm='rms', mlp='swiglu', use_bias=False,
+                      num_layers=2, num_heads=4, d_model=128, d_ff=384, max_len=128)
+  config.data.update(source='builtin:lm', tokenizer='char', seq_len=128)
+  config.train.update(batch_size=16, num_steps=300, learning_rate=3e-3, warmup_steps=30,
+                      log_every=10, eval_every=100, eval_steps=8)
+  config.checkpoint.every_steps = 100
+  return config
