@@ -1,0 +1,37 @@
+"""Character-level Shakespeare, nanoGPT's recipe. Pick the variant after a colon:
+
+  python train.py --config=configs/shakespeare_char.py:cpu --workdir=runs/shakespeare_cpu   # ~1.88 val loss
+  python train.py --config=configs/shakespeare_char.py:gpu --workdir=runs/shakespeare_gpu   # ~1.47 val loss
+
+Data: tinyshakespeare as one document, first 90% train, last 10% validation (as nanoGPT splits it).
+"""
+from configs import default
+
+VARIANTS = {
+    # nanoGPT README's CPU command: 4 layers, 4 heads, 128 wide, context 64, batch 12, 2000 iters.
+    'cpu': dict(model=dict(num_layers=4, num_heads=4, d_model=128, d_ff=512, max_len=64, dropout=0.0),
+                data=dict(seq_len=64),
+                train=dict(batch_size=12, num_steps=2000, learning_rate=1e-3, warmup_steps=100,
+                           min_learning_rate=1e-4, eval_every=250, eval_steps=20, log_every=50)),
+    # nanoGPT config/train_shakespeare_char.py: 6 layers, 6 heads, 384 wide, context 256, batch 64, 5000 iters.
+    'gpu': dict(model=dict(num_layers=6, num_heads=6, d_model=384, d_ff=1536, max_len=256, dropout=0.2),
+                data=dict(seq_len=256),
+                train=dict(batch_size=64, num_steps=5000, learning_rate=1e-3, warmup_steps=100,
+                           min_learning_rate=1e-4, eval_every=250, eval_steps=200, log_every=50)),
+}
+
+
+def get_config(variant: str = 'cpu'):
+  if variant not in VARIANTS:
+    raise ValueError(f'unknown shakespeare_char variant {variant!r}; use one of: {", ".join(VARIANTS)} '
+                     '(e.g. --config=configs/shakespeare_char.py:cpu).')
+  config = default.get_config()
+  config.model.update(arch='decoder_only', position='learned', norm='layer', norm_position='pre', mlp='gelu',
+                      use_bias=False, tie_embeddings=True)
+  config.data.update(source='text:../shared/data/tinyshakespeare/input.txt', tokenizer='char', pack=True)
+  config.train.update(optimizer='adamw', schedule='cosine', b1=0.9, b2=0.99, weight_decay=0.1, grad_clip_norm=1.0)
+  for section, values in VARIANTS[variant].items():
+    config[section].update(values)
+  config.checkpoint.every_steps = 1000
+  config.decode.update(method='sample', temperature=0.8, top_k=200, max_len=500)
+  return config
