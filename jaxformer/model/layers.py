@@ -1,0 +1,136 @@
+"""Building blocks below attention: parameters with logical axis names, norms, MLPs, the token embedding.
+
+Each choice in the config (`model.norm`, `model.mlp`) is one entry in a small registry here, so adding a variant
+is one class or function plus one dict entry.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+Initializer = Callable[[jax.Array, tuple[int, ...], Any], Array]
+
+
+def normal(std: float) -> Initializer:
+  return jax.nn.initializers.normal(std)
+
+
+zeros: Initializer = jax.nn.initializers.zeros
+ones: Initializer = jax.nn.initializers.ones
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: tuple[int, ...], names: tuple[str | None, ...],
+          dtype: Any) -> nnx.Param:
+  """A parameter carrying its logical axis names as `out_sharding` metadata.
+
+  eager_sharding=False: the model is built the same way with or without a mesh; the training code maps the names
+  to mesh axes (config.mesh.logical_axis_rules) and places the state, e.g. via nnx.get_partition_spec.
+  """
+  assert len(shape) == len(names), (shape, names)
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
+
+
+# ------------------------------------------------------------------------------------------------ norms
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis, computed in float32 (bias follows model.use_bias)."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    pdt = jnp.dtype(cfg.param_dtype)
+    self.eps, self.dtype = cfg.norm_eps, jnp.dtype(cfg.dtype)
+    self.scale = param(rngs, ones, (cfg.d_model,), ('embed',), pdt)
+    self.bias = param(rngs, zeros, (cfg.d_model,), ('embed',), pdt) if cfg.use_bias else None
+
+  def __call__(self, x: Array) -> Array:
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(jnp.float32)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm (no mean subtraction, no bias), computed in float32."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    self.eps, self.dtype = cfg.norm_eps, jnp.dtype(cfg.dtype)
+    self.scale = param(rngs, ones, (cfg.d_model,), ('embed',), jnp.dtype(cfg.param_dtype))
+
+  def __call__(self, x: Array) -> Array:
+    x = x.astype(jnp.float32)
+    y = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+NORMS: dict[str, type[nnx.Module]] = {'layer': LayerNorm, 'rms': RMSNorm}
+
+
+# -------------------------------------------------------------------------------------------------- mlp
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    'gelu': jax.nn.gelu,  # tanh approximation, as GPT-2 / BERT
+    'relu': jax.nn.relu,
+    'swiglu': jax.nn.silu,  # gated: silu(x W_gate) * (x W_up)
+}
+GATED = ('swiglu',)
+
+
+class MLP(nnx.Module):
+  """Position-wise feed-forward: d_model -> d_ff -> d_model, optionally gated (SwiGLU)."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    d, f, pdt, std = cfg.d_model, cfg.d_ff, jnp.dtype(cfg.param_dtype), cfg.init_std
+    out_std = std / (2 * (cfg.num_layers + cfg.num_decoder_layers)) ** 0.5  # GPT-2: scaled residual init
+    self.activation, self.dtype = ACTIVATIONS[cfg.mlp], jnp.dtype(cfg.dtype)
+    self.wi = param(rngs, normal(std), (d, f), ('embed', 'mlp'), pdt)
+    self.wi_gate = param(rngs, normal(std), (d, f), ('embed', 'mlp'), pdt) if cfg.mlp in GATED else None
+    self.wo = param(rngs, normal(out_std), (f, d), ('mlp', 'embed'), pdt)
+    self.bi = param(rngs, zeros, (f,), ('mlp',), pdt) if cfg.use_bias else None
+    self.bo = param(rngs, zeros, (d,), ('embed',), pdt) if cfg.use_bias else None
+
+  def _dense(self, x: Array, kernel: nnx.Param, bias: nnx.Param | None) -> Array:
+    y = x @ kernel[...].astype(self.dtype)
+    return y if bias is None else y + bias[...].astype(self.dtype)
+
+  def __call__(self, x: Array) -> Array:
+    x = x.astype(self.dtype)
+    h = self._dense(x, self.wi, self.bi)
+    if self.wi_gate is not None:
+      h = self.activation(x @ self.wi_gate[...].astype(self.dtype)) * h
+    else:
+      h = self.activation(h)
+    return self._dense(h, self.wo, self.bo)
+
+
+# ------------------------------------------------------------------------------------------- embeddings
+class Embed(nnx.Module):
+  """Token embedding [vocab, embed]; `attend` is the tied output projection (logits in float32)."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    self.dtype = jnp.dtype(cfg.dtype)
+    self.embedding = param(rngs, normal(cfg.init_std), (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'),
+                           jnp.dtype(cfg.param_dtype))
+
+  def __call__(self, tokens: Array) -> Array:
+    return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+  def attend(self, x: Array) -> Array:
+    return jnp.einsum('btd,vd->btv', x.astype(self.dtype), self.embedding[...].astype(self.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+class Unembed(nnx.Module):
+  """Untied output projection [embed, vocab] (no bias, as GPT-2)."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    self.dtype = jnp.dtype(cfg.dtype)
+    self.kernel = param(rngs, normal(cfg.init_std), (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'),
+                        jnp.dtype(cfg.param_dtype))
+
+  def __call__(self, x: Array) -> Array:
+    return jnp.einsum('btd,dv->btv', x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                      preferred_element_type=jnp.float32)

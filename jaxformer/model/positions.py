@@ -1,0 +1,89 @@
+"""Position encodings. Each is a module with two hooks, so a stack treats them alike:
+
+  add(x, positions) -> the token embeddings x [B,T,D] with absolute positions added (or x unchanged);
+  rotary(positions) -> (cos, sin) applied to queries and keys in self-attention, or None.
+
+Positions come from the caller (packed rows restart at 0; decoding continues from the cache index), never from
+the row index. Adding an encoding is one class plus one entry in POSITIONS.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxformer.model import layers
+
+Array = jax.Array
+
+
+def sinusoidal(positions: Array, d_model: int, base: float = 10000.0) -> Array:
+  """Vaswani et al.: PE[p, 2i] = sin(p / base^(2i/d)), PE[p, 2i+1] = cos(p / base^(2i/d)). float32 [..., d]."""
+  inv_freq = 1.0 / base ** (np.arange(0, d_model, 2, dtype=np.float32) / d_model)  # [ceil(d/2)]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  table = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*angles.shape[:-1], -1)
+  return table[..., :d_model]
+
+
+def sinusoidal_table(max_len: int, d_model: int, base: float = 10000.0) -> Array:
+  return sinusoidal(jnp.arange(max_len), d_model, base)
+
+
+def rope(positions: Array, head_dim: int, base: float = 10000.0) -> tuple[Array, Array]:
+  """cos, sin [B,T,1,H] (float32) for the rotate-half form: frequencies base^(-2i/H), i < H/2, repeated twice."""
+  inv_freq = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B,T,H/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+  """x [B,T,N,H] rotated: x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]. Computed in float32."""
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
+
+
+class Sinusoidal(nnx.Module):
+  """Fixed sinusoidal absolute positions (no parameters)."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    self.d_model = cfg.d_model
+
+  def add(self, x: Array, positions: Array) -> Array:
+    # Vaswani et al. scale the embeddings by sqrt(d_model) so they are not swamped by the unit-size table.
+    return x * (self.d_model ** 0.5) + sinusoidal(positions, self.d_model).astype(x.dtype)
+
+  def rotary(self, positions: Array) -> tuple[Array, Array] | None:
+    return None
+
+
+class Learned(nnx.Module):
+  """Learned absolute positions [max_len, embed] (GPT-2 / BERT)."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    self.embedding = layers.param(rngs, layers.normal(cfg.init_std), (cfg.max_len, cfg.d_model), (None, 'embed'),
+                                  jnp.dtype(cfg.param_dtype))
+
+  def add(self, x: Array, positions: Array) -> Array:
+    return x + jnp.take(self.embedding[...], positions, axis=0).astype(x.dtype)
+
+  def rotary(self, positions: Array) -> tuple[Array, Array] | None:
+    return None
+
+
+class Rope(nnx.Module):
+  """Rotary position embedding (Su et al.), rotate-half form, on queries and keys of self-attention."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    self.head_dim, self.base = cfg.head_dim, cfg.rope_base
+
+  def add(self, x: Array, positions: Array) -> Array:
+    return x
+
+  def rotary(self, positions: Array) -> tuple[Array, Array] | None:
+    return rope(positions, self.head_dim, self.base)
+
+
+POSITIONS: dict[str, type[nnx.Module]] = {'sinusoidal': Sinusoidal, 'learned': Learned, 'rope': Rope}

@@ -1,0 +1,294 @@
+"""The three Transformer families, composed from one Block and one Stack.
+
+  EncoderOnly    = Embed -> Stack(bidirectional) -> masked-LM head -> logits
+  DecoderOnly    = Embed -> Stack(causal) -> logits
+  EncoderDecoder = Embed -> Stack(bidirectional) ==encoded==> Stack(causal, cross-attention) -> logits
+
+Masks are built once per call from segment ids (0 = padding; equal non-zero ids may attend, which also keeps
+packed documents apart) and shared by every layer. Decoding is pure: `decode_step(tokens, cache)` returns new
+logits and a new cache; the module itself is never mutated.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxformer.config import ConfigError, ModelConfig
+from jaxformer.model import layers, positions as positions_lib
+from jaxformer.model.attention import Attention
+
+Array = jax.Array
+
+
+# ---------------------------------------------------------------------------------------------- masks
+def attention_mask(q_segments: Array, kv_segments: Array, *, causal: bool) -> Array:
+  """bool [B,1,T,S]: query t may attend key s iff their segment ids are equal and non-zero (and s <= t)."""
+  mask = (q_segments[:, :, None] == kv_segments[:, None, :]) & (q_segments[:, :, None] != 0)
+  if causal:
+    t, s = q_segments.shape[1], kv_segments.shape[1]
+    mask = mask & (jnp.arange(t)[:, None] >= jnp.arange(s)[None, :])
+  return mask[:, None]
+
+
+def _defaults(tokens: Array, segment_ids: Array | None, positions: Array | None) -> tuple[Array, Array]:
+  if segment_ids is None:
+    segment_ids = (tokens != 0).astype(jnp.int32)
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+  return segment_ids, positions
+
+
+# ---------------------------------------------------------------------------------------------- block
+class Block(nnx.Module):
+  """Self-attention [+ cross-attention] + MLP, each a residual sublayer; pre-LN or post-LN."""
+
+  def __init__(self, cfg: ModelConfig, *, cross: bool, rngs: nnx.Rngs):
+    norm = layers.NORMS[cfg.norm]
+    self.pre_norm = cfg.norm_position == 'pre'
+    self.attn_norm, self.attn = norm(cfg, rngs=rngs), Attention(cfg, rngs=rngs)
+    self.cross_norm = norm(cfg, rngs=rngs) if cross else None
+    self.cross_attn = Attention(cfg, rngs=rngs) if cross else None
+    self.mlp_norm, self.mlp = norm(cfg, rngs=rngs), layers.MLP(cfg, rngs=rngs)
+    self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+
+  def _sublayer(self, norm, x: Array, fn, deterministic: bool) -> Array:
+    if self.pre_norm:
+      return x + self.dropout(fn(norm(x)), deterministic=deterministic)
+    return norm(x + self.dropout(fn(x), deterministic=deterministic))
+
+  def __call__(self, x: Array, mask: Array, *, rope=None, causal: bool = False, encoded: Array | None = None,
+               cross_kv: tuple[Array, Array] | None = None, cross_mask: Array | None = None,
+               cache: dict | None = None, cache_index: Array | None = None,
+               deterministic: bool = True) -> tuple[Array, dict | None]:
+    new_cache = None
+
+    def self_attention(h):
+      nonlocal new_cache
+      out, new_cache = self.attn(h, mask, rope=rope, cache=cache, cache_index=cache_index, causal=causal,
+                                 deterministic=deterministic)
+      return out
+
+    x = self._sublayer(self.attn_norm, x, self_attention, deterministic)
+    if self.cross_attn is not None:
+      kv = cross_kv if cross_kv is not None else self.cross_attn.kv(encoded)
+      x = self._sublayer(
+          self.cross_norm, x, lambda h: self.cross_attn(h, cross_mask, kv=kv, deterministic=deterministic)[0],
+          deterministic)
+    x = self._sublayer(self.mlp_norm, x, self.mlp, deterministic)
+    return x, new_cache
+
+
+def _block_forward(block: Block, x, mask, rope, encoded, cross_mask, causal: bool, deterministic: bool):
+  return block(x, mask, rope=rope, causal=causal, encoded=encoded, cross_mask=cross_mask,
+               deterministic=deterministic)[0]
+
+
+_block_forward_remat = nnx.remat(_block_forward, static_argnums=(6, 7))
+
+
+class Stack(nnx.Module):
+  """Positions + `num_layers` blocks (+ final norm for pre-LN). The encoder, and both kinds of decoder."""
+
+  def __init__(self, cfg: ModelConfig, num_layers: int, *, causal: bool, cross: bool, rngs: nnx.Rngs):
+    self.causal, self.remat = causal, cfg.remat == 'block'
+    self.positions = positions_lib.POSITIONS[cfg.position](cfg, rngs=rngs)
+    self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+    self.blocks = nnx.List([Block(cfg, cross=cross, rngs=rngs) for _ in range(num_layers)])
+    self.final_norm = layers.NORMS[cfg.norm](cfg, rngs=rngs) if cfg.norm_position == 'pre' else None
+
+  def __call__(self, x: Array, positions: Array, mask: Array, *, encoded: Array | None = None,
+               cross_mask: Array | None = None, cross_kv: tuple | None = None, cache: tuple | None = None,
+               cache_index: Array | None = None, deterministic: bool = True) -> tuple[Array, tuple | None]:
+    """x: token embeddings [B,T,D] -> hidden states [B,T,D] (and the updated per-layer caches)."""
+    x = self.dropout(self.positions.add(x, positions), deterministic=deterministic)
+    rope = self.positions.rotary(positions)
+    new_cache = []
+    for i, block in enumerate(self.blocks):
+      if cache is None and self.remat:
+        x = _block_forward_remat(block, x, mask, rope, encoded, cross_mask, self.causal, deterministic)
+        continue
+      x, layer_cache = block(x, mask, rope=rope, causal=self.causal, encoded=encoded,
+                             cross_kv=None if cross_kv is None else cross_kv[i], cross_mask=cross_mask,
+                             cache=None if cache is None else cache[i], cache_index=cache_index,
+                             deterministic=deterministic)
+      new_cache.append(layer_cache)
+    if self.final_norm is not None:
+      x = self.final_norm(x)
+    return x, (tuple(new_cache) if cache is not None else None)
+
+
+# ----------------------------------------------------------------------------------------------- heads
+class MaskedLMHead(nnx.Module):
+  """BERT's transform before the (tied) output projection: dense -> activation -> norm."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    pdt, self.dtype = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+    self.activation = layers.ACTIVATIONS['gelu' if cfg.mlp == 'swiglu' else cfg.mlp]
+    self.kernel = layers.param(rngs, layers.normal(cfg.init_std), (cfg.d_model, cfg.d_model), (None, 'embed'), pdt)
+    self.bias = layers.param(rngs, layers.zeros, (cfg.d_model,), ('embed',), pdt) if cfg.use_bias else None
+    self.norm = layers.NORMS[cfg.norm](cfg, rngs=rngs)
+
+  def __call__(self, x: Array) -> Array:
+    h = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+    if self.bias is not None:
+      h = h + self.bias[...].astype(self.dtype)
+    return self.norm(self.activation(h))
+
+
+# ---------------------------------------------------------------------------------------------- models
+class _Model(nnx.Module):
+  """What the three families share: config, token embedding, output projection, decoding bookkeeping."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    self.embed = layers.Embed(cfg, rngs=rngs)
+    self.unembed = None if cfg.tie_embeddings else layers.Unembed(cfg, rngs=rngs)
+
+  def logits(self, h: Array) -> Array:
+    """Hidden states -> float32 logits [B,T,V]."""
+    return self.embed.attend(h) if self.unembed is None else self.unembed(h)
+
+  def _empty_cache(self, stack: Stack, batch_size: int, max_len: int) -> dict[str, Any]:
+    cfg = self.config
+    if max_len > cfg.max_len:
+      raise ValueError(f'init_cache max_len={max_len} exceeds model.max_len={cfg.max_len}; raise model.max_len '
+                       'or decode fewer tokens.')
+    shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+    zeros = lambda: jnp.zeros(shape, jnp.dtype(cfg.dtype))
+    return {'index': jnp.zeros((batch_size,), jnp.int32), 'valid': jnp.zeros((batch_size, max_len), bool),
+            'self': tuple({'k': zeros(), 'v': zeros()} for _ in stack.blocks)}
+
+  def _decode(self, stack: Stack, tokens: Array, cache: dict[str, Any], **cross) -> tuple[Array, dict[str, Any]]:
+    """Runs T new tokens through `stack` against the cache; positions continue from cache['index']."""
+    index = cache['index']
+    t, max_len = tokens.shape[1], cache['valid'].shape[1]
+    positions = index[:, None] + jnp.arange(t, dtype=jnp.int32)  # [B,T]
+    real = tokens != 0
+    write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=0))
+    valid = write(cache['valid'], real, index)
+    mask = ((jnp.arange(max_len)[None, None, :] <= positions[:, :, None]) & valid[:, None, :]
+            & real[:, :, None])[:, None]
+    h, new_self = stack(self.embed(tokens), positions, mask, cache=cache['self'], cache_index=index, **cross)
+    return self.logits(h), {**cache, 'index': index + t, 'valid': valid, 'self': new_self}
+
+
+class EncoderOnly(_Model):
+  """Bidirectional encoder with a masked-LM head (BERT)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    super().__init__(cfg, rngs=rngs)
+    self.encoder = Stack(cfg, cfg.num_layers, causal=False, cross=False, rngs=rngs)
+    self.head = MaskedLMHead(cfg, rngs=rngs)
+
+  def __call__(self, tokens: Array, *, positions: Array | None = None, segment_ids: Array | None = None,
+               deterministic: bool = True) -> Array:
+    segment_ids, positions = _defaults(tokens, segment_ids, positions)
+    mask = attention_mask(segment_ids, segment_ids, causal=False)
+    h, _ = self.encoder(self.embed(tokens), positions, mask, deterministic=deterministic)
+    return self.logits(self.head(h))
+
+  def init_cache(self, *args, **kwargs):
+    raise NotImplementedError('encoder_only models do not decode; use arch=decoder_only or encoder_decoder.')
+
+  decode_step = init_cache
+
+
+class DecoderOnly(_Model):
+  """Causal language model (GPT)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    super().__init__(cfg, rngs=rngs)
+    self.decoder = Stack(cfg, cfg.num_layers, causal=True, cross=False, rngs=rngs)
+
+  def __call__(self, tokens: Array, *, positions: Array | None = None, segment_ids: Array | None = None,
+               deterministic: bool = True) -> Array:
+    segment_ids, positions = _defaults(tokens, segment_ids, positions)
+    mask = attention_mask(segment_ids, segment_ids, causal=True)
+    h, _ = self.decoder(self.embed(tokens), positions, mask, deterministic=deterministic)
+    return self.logits(h)
+
+  def init_cache(self, batch_size: int, max_len: int, *, encoded: Array | None = None,
+                 src_tokens: Array | None = None) -> dict[str, Any]:
+    """{'index' [B], 'valid' [B,L] (key slots holding a real token), 'self': per layer {'k','v'} [B,L,K,H]}."""
+    return self._empty_cache(self.decoder, batch_size, max_len)
+
+  def decode_step(self, tokens: Array, cache: dict[str, Any]) -> tuple[Array, dict[str, Any]]:
+    return self._decode(self.decoder, tokens, cache)
+
+
+class EncoderDecoder(_Model):
+  """Encoder + decoder with cross-attention (Vaswani et al., T5); one token embedding shared by both sides."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    super().__init__(cfg, rngs=rngs)
+    self.encoder = Stack(cfg, cfg.num_layers, causal=False, cross=False, rngs=rngs)
+    self.decoder = Stack(cfg, cfg.num_decoder_layers, causal=True, cross=True, rngs=rngs)
+
+  def encode(self, src_tokens: Array, *, src_positions: Array | None = None, src_segment_ids: Array | None = None,
+             deterministic: bool = True) -> Array:
+    """[B,S] source tokens -> encoder output [B,S,D]."""
+    src_segment_ids, src_positions = _defaults(src_tokens, src_segment_ids, src_positions)
+    mask = attention_mask(src_segment_ids, src_segment_ids, causal=False)
+    return self.encoder(self.embed(src_tokens), src_positions, mask, deterministic=deterministic)[0]
+
+  def __call__(self, src_tokens: Array, tgt_tokens: Array, *, src_positions: Array | None = None,
+               src_segment_ids: Array | None = None, tgt_positions: Array | None = None,
+               tgt_segment_ids: Array | None = None, deterministic: bool = True) -> Array:
+    src_segment_ids, src_positions = _defaults(src_tokens, src_segment_ids, src_positions)
+    tgt_segment_ids, tgt_positions = _defaults(tgt_tokens, tgt_segment_ids, tgt_positions)
+    encoded = self.encode(src_tokens, src_positions=src_positions, src_segment_ids=src_segment_ids,
+                          deterministic=deterministic)
+    h, _ = self.decoder(self.embed(tgt_tokens), tgt_positions,
+                        attention_mask(tgt_segment_ids, tgt_segment_ids, causal=True), encoded=encoded,
+                        cross_mask=attention_mask(tgt_segment_ids, src_segment_ids, causal=False),
+                        deterministic=deterministic)
+    return self.logits(h)
+
+  def init_cache(self, batch_size: int, max_len: int, *, encoded: Array | None = None,
+                 src_tokens: Array | None = None) -> dict[str, Any]:
+    """Adds to the decoder-only cache 'cross': per layer {'k','v'} [B,S,K,H] and 'src_valid' [B,S]."""
+    if src_tokens is None:
+      raise ValueError('encoder_decoder init_cache needs src_tokens (for the source padding mask), and '
+                       'optionally encoded = model.encode(src_tokens).')
+    if encoded is None:
+      encoded = self.encode(src_tokens)
+    cache = self._empty_cache(self.decoder, batch_size, max_len)
+    cross = []
+    for block in self.decoder.blocks:
+      k, v = block.cross_attn.kv(encoded)
+      cross.append({'k': k, 'v': v})
+    return {**cache, 'cross': tuple(cross), 'src_valid': src_tokens != 0}
+
+  def decode_step(self, tokens: Array, cache: dict[str, Any]) -> tuple[Array, dict[str, Any]]:
+    cross_mask = ((tokens != 0)[:, :, None] & cache['src_valid'][:, None, :])[:, None]
+    cross_kv = tuple((c['k'], c['v']) for c in cache['cross'])
+    return self._decode(self.decoder, tokens, cache, cross_kv=cross_kv, cross_mask=cross_mask)
+
+
+ARCHS: dict[str, type[_Model]] = {
+    'encoder_only': EncoderOnly, 'decoder_only': DecoderOnly, 'encoder_decoder': EncoderDecoder}
+
+
+def build_model(model_config: Any, *, rngs: nnx.Rngs) -> _Model:
+  """config.model (ConfigDict, validated here) or a ModelConfig -> the model. Rng streams: params, dropout."""
+  cfg = ModelConfig.from_config(model_config)
+  if cfg.vocab_size <= 0:
+    raise ConfigError(f'model.vocab_size={cfg.vocab_size} must be set before building the model (0 means "take '
+                      "the tokenizer's vocab_size\"; set config.model.vocab_size = tokenizer.vocab_size).")
+  return ARCHS[cfg.arch](cfg, rngs=rngs)
+
+
+def count_params(model: nnx.Module) -> int:
+  """Number of parameter scalars (works on abstract models from nnx.eval_shape too)."""
+  return sum(int(jnp.size(x)) if not hasattr(x, 'shape') else int(_prod(x.shape))
+             for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def _prod(shape) -> int:
+  n = 1
+  for s in shape:
+    n *= s
+  return n
