@@ -1,0 +1,399 @@
+"""Greedy, beam search and temperature / top-k / top-p sampling over the model's KV cache.
+
+Everything runs inside one jit per (model graph, settings, shapes): the prompt is prefilled once, then one token
+per step in a `lax.while_loop` that stops early when every row is done. The encoder runs once for
+encoder_decoder (its keys/values live in the cache). The model is split with `nnx.split`, so the parameters are
+jit *arguments*: sharded parameters stay sharded, and new weights do not recompile.
+
+The model contract (see jaxformer/model): `init_cache(batch, max_len, *, encoded=None, src_tokens=None)`,
+`decode_step(tokens [B, T], cache) -> (logits [B, T, V], cache)` (pure; positions continue from the cache),
+`encode(src_tokens) -> [B, S, D]` for encoder_decoder.
+
+Prompts of different lengths are right-padded with 0 and passed with their lengths. The prefill covers the
+shortest prompt; longer prompts are fed one token per step with their own tokens forced (t5x-style), so every row
+sees exactly the positions it would see alone, whatever the position encoding.
+
+Beam search follows the Flax WMT / t5x scheme: 2*beam candidates per step, the best `beam` that did not just end
+stay alive, the ended ones (among the top `beam` candidates) compete for `beam` finished slots on their
+length-penalised score log_prob / ((5 + len) / 6) ** alpha (GNMT), and the search stops once no alive beam can still
+beat the worst finished one. Beams still alive at the max_len budget are finished there (truncated) and compete
+on the same score. With alpha = 0 and one beam this is exactly greedy decoding.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+PAD_ID = 0
+BOS_ID = 1
+EOS_ID = 2
+NEG_INF = -1.0e7  # finite, so sums of "impossible" scores never turn into nan
+METHODS = ('greedy', 'beam', 'sample')
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSettings:
+  """config.decode as a hashable value (a static jit argument). max_len counts new tokens only."""
+  method: str = 'greedy'
+  beam_size: int = 4
+  length_penalty: float = 0.6
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  max_len: int = 64
+  eos_id: int = EOS_ID
+
+  @classmethod
+  def from_config(cls, decode: Any, **overrides: Any) -> DecodeSettings:
+    """From config.decode (a ConfigDict or mapping); keyword overrides win."""
+    values = {f.name: decode[f.name] for f in dataclasses.fields(cls) if f.name in decode}
+    values.update(overrides)
+    settings = cls(**values)
+    if settings.method not in METHODS:
+      raise ValueError(f'decode.method={settings.method!r} is not one of {", ".join(METHODS)}.')
+    return settings
+
+
+def brevity_penalty(length: jax.Array, alpha: float) -> jax.Array:
+  """GNMT length penalty ((5 + len) / 6) ** alpha; scores are log_prob / penalty."""
+  return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], *, min_len: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """Right-pads token lists with 0 -> (tokens [B, P] int32, lengths [B] int32). Empty prompts are an error."""
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  if len(prompts) == 0 or lengths.min() < min_len:
+    raise ValueError('every prompt needs at least one token (decoder_only prompts start with BOS).')
+  tokens = np.zeros((len(prompts), max(int(lengths.max()), min_len)), np.int32)
+  for row, prompt in enumerate(prompts):
+    tokens[row, :len(prompt)] = prompt
+  return tokens, lengths
+
+
+# --------------------------------------------------------------------------------------- token selection
+def sample_logits(rng: jax.Array, logits: jax.Array, *, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0) -> jax.Array:
+  """Draws one token per row of logits [..., V]. temperature 0 -> argmax; top_k 0 / top_p 1 -> off.
+
+  Order as in most libraries: temperature, then top-k, then the nucleus (the smallest set of most likely tokens
+  whose probability reaches top_p; the most likely token is always in it).
+  """
+  logits = logits.astype(jnp.float32)
+  if temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / temperature
+  vocab = logits.shape[-1]
+  if 0 < top_k < vocab:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1.0:
+    sorted_logits = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of the strictly more likely tokens
+    keep = mass_before < top_p
+    num_keep = jnp.maximum(jnp.sum(keep, axis=-1, keepdims=True), 1)
+    threshold = jnp.take_along_axis(sorted_logits, num_keep - 1, axis=-1)
+    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+# ------------------------------------------------------------------------------------------- the jitted core
+def _start(model, prompt, src_tokens, total_len: int, prefill_len: int):
+  """Runs the encoder once, builds the cache and prefills the first prefill_len prompt tokens."""
+  batch = prompt.shape[0]
+  if src_tokens is not None:
+    encoded = model.encode(src_tokens)
+    cache = model.init_cache(batch, total_len, encoded=encoded, src_tokens=src_tokens)
+  else:
+    cache = model.init_cache(batch, total_len)
+  logits, cache = model.decode_step(prompt[:, :prefill_len], cache)
+  return logits[:, -1].astype(jnp.float32), cache
+
+
+def _forced(prompt_full, prompt_lengths, index, max_new):
+  """(is_forced [B], token [B]): inside its prompt a row takes the prompt token; past its budget, padding."""
+  in_prompt = index < prompt_lengths
+  past_end = index >= prompt_lengths + max_new
+  token = jnp.where(in_prompt, jax.lax.dynamic_index_in_dim(prompt_full, index, axis=1, keepdims=False), PAD_ID)
+  return in_prompt | past_end, token
+
+
+def _new_tokens(seqs, prompt_lengths, max_new):
+  """Cuts each row's generated tokens out of the [.., total] buffer, aligned to start at column 0."""
+  idx = prompt_lengths.reshape(prompt_lengths.shape + (1,) * (seqs.ndim - 1)) + jnp.arange(max_new)
+  idx = jnp.minimum(idx, seqs.shape[-1] - 1)
+  return jnp.take_along_axis(seqs, jnp.broadcast_to(idx, seqs.shape[:-1] + (max_new,)), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'settings', 'prefill_len'))
+def _sample_or_greedy(graphdef, state, prompt, prompt_lengths, src_tokens, rng, *, settings: DecodeSettings,
+                      prefill_len: int):
+  model = nnx.merge(graphdef, state)
+  batch, prompt_width = prompt.shape
+  max_new = settings.max_len
+  total = prompt_width + max_new
+  seqs = jnp.zeros((batch, total), jnp.int32).at[:, :prompt_width].set(prompt)
+  logits, cache = _start(model, prompt, src_tokens, total, prefill_len)
+  greedy = settings.method == 'greedy' or settings.temperature == 0
+
+  def cond(carry):
+    index, _, _, _, done = carry
+    return (index < total) & ~jnp.all(done)
+
+  def body(carry):
+    index, seqs, logits, cache, done = carry
+    if greedy:
+      token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+      token = sample_logits(jax.random.fold_in(rng, index), logits, temperature=settings.temperature,
+                            top_k=settings.top_k, top_p=settings.top_p)
+    forced, forced_token = _forced(seqs, prompt_lengths, index, max_new)
+    token = jnp.where(forced, forced_token, token)
+    token = jnp.where(done, PAD_ID, token)
+    seqs = jax.lax.dynamic_update_index_in_dim(seqs, token, index, axis=1)
+    done = done | ((token == settings.eos_id) & ~forced) | (index + 1 >= prompt_lengths + max_new)
+    logits, cache = model.decode_step(token[:, None], cache)
+    return index + 1, seqs, logits[:, 0].astype(jnp.float32), cache, done
+
+  done = jnp.zeros((batch,), bool)
+  _, seqs, _, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(prefill_len), seqs, logits, cache, done))
+  return _new_tokens(seqs, prompt_lengths, max_new)
+
+
+def _gather_beams(x, beam_indices):
+  """x [B, K_old, ...], beam_indices [B, K_new] -> [B, K_new, ...]."""
+  return jax.vmap(lambda row, idx: row[idx])(x, beam_indices)
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'settings', 'prefill_len'))
+def _beam_search(graphdef, state, prompt, prompt_lengths, src_tokens, *, settings: DecodeSettings,
+                 prefill_len: int):
+  model = nnx.merge(graphdef, state)
+  batch, prompt_width = prompt.shape
+  beam, alpha, max_new = settings.beam_size, settings.length_penalty, settings.max_len
+  total = prompt_width + max_new
+  logits, cache = _start(model, prompt, src_tokens, total, prefill_len)  # once per row, not per beam
+  # Every cache leaf has batch leading: row b's beams sit at b * beam + k.
+  cache = jax.tree.map(lambda x: jnp.repeat(x, beam, axis=0) if x.ndim else x, cache)
+  logits = jnp.broadcast_to(logits[:, None], (batch, beam, logits.shape[-1]))
+  vocab = logits.shape[-1]
+
+  seqs = jnp.zeros((batch, total), jnp.int32).at[:, :prompt_width].set(prompt)
+  live_seqs = jnp.broadcast_to(seqs[:, None], (batch, beam, total))
+  live_logprobs = jnp.where(jnp.arange(beam) == 0, 0.0, NEG_INF) * jnp.ones((batch, 1))
+  finished_seqs = jnp.zeros_like(live_seqs)
+  finished_scores = jnp.full((batch, beam), NEG_INF)
+  finished_flags = jnp.zeros((batch, beam), bool)
+
+  def finished_rows(index, live_logprobs, finished_scores, finished_flags):
+    """A row is done past its budget, or when all finished slots beat the best any alive beam could still reach."""
+    generated = index - prompt_lengths  # tokens generated so far (>= 0 once out of the prompt)
+    in_prompt = generated < 0
+    # log-probs only fall, so the best alive beam's bound is its log-prob over the largest penalty still possible.
+    largest_penalty = jnp.maximum(brevity_penalty(max_new, alpha), brevity_penalty(jnp.maximum(generated, 0) + 1,
+                                                                                     alpha))
+    best_alive = live_logprobs[:, 0] / largest_penalty
+    worst_finished = jnp.where(jnp.all(finished_flags, axis=1), jnp.min(finished_scores, axis=1), NEG_INF)
+    return (generated >= max_new) | (~in_prompt & (worst_finished > best_alive))
+
+  def cond(carry):
+    index, _, live_logprobs, _, finished_scores, finished_flags, _, _ = carry
+    return (index < total) & ~jnp.all(finished_rows(index, live_logprobs, finished_scores, finished_flags))
+
+  def body(carry):
+    index, live_seqs, live_logprobs, finished_seqs, finished_scores, finished_flags, logits, cache = carry
+    log_probs = jax.nn.log_softmax(logits, axis=-1)  # [B, K, V]
+    forced, forced_token = _forced(live_seqs[:, 0], prompt_lengths, index, max_new)
+    forced_lp = jnp.where(jnp.arange(vocab) == forced_token[:, None], 0.0, NEG_INF)[:, None, :]
+    log_probs = jnp.where(forced[:, None, None], forced_lp, log_probs)
+    candidates = (live_logprobs[..., None] + log_probs).reshape(batch, beam * vocab)
+    top_logprobs, top_indices = jax.lax.top_k(candidates, 2 * beam)  # [B, 2K]
+    top_parents, top_tokens = top_indices // vocab, (top_indices % vocab).astype(jnp.int32)
+    top_seqs = jax.lax.dynamic_update_index_in_dim(_gather_beams(live_seqs, top_parents), top_tokens, index, axis=2)
+    # An EOS candidate finishes only if it ranks among the top `beam` (it would have survived in a plain beam of
+    # that width; as in Hugging Face). Without this, a beam of 1 would bank an EOS that greedy never chose.
+    # At the length budget the surviving candidates finish too (truncated), so a likely sequence that ran out of
+    # room still beats an unlikely early EOS (t5x would return the EOS one).
+    at_limit = (index - prompt_lengths + 1 >= max_new)[:, None]
+    ended = (((top_tokens == settings.eos_id) | at_limit) & ~forced[:, None] & (top_logprobs > NEG_INF / 2)
+             & (jnp.arange(2 * beam) < beam))
+
+    # Alive: the best `beam` candidates that did not just end.
+    alive_logprobs, alive_idx = jax.lax.top_k(jnp.where(ended, NEG_INF, top_logprobs), beam)
+    new_live_seqs = _gather_beams(top_seqs, alive_idx)
+    parents = _gather_beams(top_parents, alive_idx)
+    tokens = _gather_beams(top_tokens, alive_idx)
+
+    # Finished: merge the old finished beams with the ones that just ended, keep the best `beam` scores.
+    length = (index - prompt_lengths + 1)[:, None]
+    new_scores = jnp.where(ended, top_logprobs / brevity_penalty(length, alpha), NEG_INF)
+    all_seqs = jnp.concatenate([finished_seqs, top_seqs], axis=1)
+    all_scores = jnp.concatenate([finished_scores, new_scores], axis=1)
+    all_flags = jnp.concatenate([finished_flags, ended], axis=1)
+    finished_scores, keep = jax.lax.top_k(all_scores, beam)
+    finished_seqs, finished_flags = _gather_beams(all_seqs, keep), _gather_beams(all_flags, keep)
+
+    flat_parents = (jnp.arange(batch)[:, None] * beam + parents).reshape(-1)
+    cache = jax.tree.map(lambda x: x[flat_parents] if x.ndim else x, cache)
+    logits, cache = model.decode_step(tokens.reshape(batch * beam, 1), cache)
+    logits = logits[:, 0].astype(jnp.float32).reshape(batch, beam, vocab)
+    return (index + 1, new_live_seqs, alive_logprobs, finished_seqs, finished_scores, finished_flags, logits, cache)
+
+  carry = (jnp.int32(prefill_len), live_seqs, live_logprobs, finished_seqs, finished_scores, finished_flags,
+           logits, cache)
+  _, live_seqs, live_logprobs, finished_seqs, finished_scores, finished_flags, _, _ = jax.lax.while_loop(
+      cond, body, carry)
+  # A row where nothing ended returns its alive beams (they hit the length budget), scored the same way.
+  any_finished = jnp.any(finished_flags, axis=1)
+  live_scores = live_logprobs / brevity_penalty(max_new, alpha)
+  seqs = jnp.where(any_finished[:, None, None], finished_seqs, live_seqs)
+  scores = jnp.where(any_finished[:, None], finished_scores, live_scores)
+  return _new_tokens(seqs, prompt_lengths, max_new), scores
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new', 'prefill_len'))
+def _greedy_without_cache(graphdef, state, prompt, prompt_lengths, src_tokens, *, max_new: int, prefill_len: int):
+  model = nnx.merge(graphdef, state)
+  batch, prompt_width = prompt.shape
+  total = prompt_width + max_new
+  seqs = jnp.zeros((batch, total), jnp.int32).at[:, :prompt_width].set(prompt)
+
+  def body(index, carry):
+    seqs, done = carry
+    logits = model(src_tokens, seqs) if src_tokens is not None else model(seqs)  # the whole buffer, every step
+    token = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, index - 1, axis=1, keepdims=False), axis=-1)
+    forced, forced_token = _forced(seqs, prompt_lengths, index, max_new)
+    token = jnp.where(done, PAD_ID, jnp.where(forced, forced_token, token).astype(jnp.int32))
+    done = done | ((token == EOS_ID) & ~forced)
+    return jax.lax.dynamic_update_index_in_dim(seqs, token, index, axis=1), done
+
+  seqs, _ = jax.lax.fori_loop(prefill_len, total, body, (seqs, jnp.zeros((batch,), bool)))
+  return _new_tokens(seqs, prompt_lengths, max_new)
+
+
+# ----------------------------------------------------------------------------------------------- public API
+def _prepare(prompt, prompt_lengths, src_tokens, prefill_len=None):
+  if prompt is None:
+    if src_tokens is None:
+      raise ValueError('decoder_only decoding needs a prompt (at least BOS per row).')
+    prompt = np.full((np.shape(src_tokens)[0], 1), BOS_ID, np.int32)
+  if prompt_lengths is None:
+    prompt_lengths = np.full((np.shape(prompt)[0],), np.shape(prompt)[1], np.int32)
+  # The prefill length is a shape, so it must be concrete: the shortest prompt.
+  if prefill_len is None:
+    prefill_len = int(np.min(np.asarray(prompt_lengths)))
+  if prefill_len < 1:
+    raise ValueError('every prompt needs at least one token (BOS).')
+  prompt = jnp.asarray(prompt, jnp.int32)
+  src = None if src_tokens is None else jnp.asarray(src_tokens, jnp.int32)
+  return prompt, jnp.asarray(prompt_lengths, jnp.int32), src, prefill_len
+
+
+def greedy(model: nnx.Module, prompt: Any = None, *, max_new_tokens: int, prompt_lengths: Any = None,
+           src_tokens: Any = None, eos_id: int = EOS_ID) -> jax.Array:
+  """Argmax decoding -> new tokens [B, max_new_tokens], 0 after EOS (EOS itself is kept)."""
+  settings = DecodeSettings(method='greedy', max_len=max_new_tokens, eos_id=eos_id)
+  return sample(model, prompt, None, settings=settings, prompt_lengths=prompt_lengths, src_tokens=src_tokens)
+
+
+def sample(model: nnx.Module, prompt: Any, rng: jax.Array | None, *, settings: DecodeSettings,
+           prompt_lengths: Any = None, src_tokens: Any = None, prefill_len: int | None = None) -> jax.Array:
+  """Temperature / top-k / top-p sampling (or greedy, by settings.method) -> new tokens [B, settings.max_len].
+
+  Same key, same tokens; the key of step i is fold_in(rng, position i).
+  """
+  graphdef, state = nnx.split(model)
+  prompt, lengths, src, prefill_len = _prepare(prompt, prompt_lengths, src_tokens, prefill_len)
+  if settings.method == 'sample' and settings.temperature > 0 and rng is None:
+    raise ValueError('sampling needs an explicit PRNG key (rng=jax.random.key(seed)).')
+  if rng is None:
+    rng = jax.random.key(0)  # unused by greedy
+  return _sample_or_greedy(graphdef, state, prompt, lengths, src, rng, settings=settings, prefill_len=prefill_len)
+
+
+def beam_search(model: nnx.Module, prompt: Any = None, *, settings: DecodeSettings, prompt_lengths: Any = None,
+                src_tokens: Any = None, prefill_len: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """-> (new tokens [B, beam, max_len], length-penalised scores [B, beam]), best beam first."""
+  graphdef, state = nnx.split(model)
+  prompt, lengths, src, prefill_len = _prepare(prompt, prompt_lengths, src_tokens, prefill_len)
+  return _beam_search(graphdef, state, prompt, lengths, src, settings=settings, prefill_len=prefill_len)
+
+
+def greedy_without_cache(model: nnx.Module, prompt: Any = None, *, max_new_tokens: int, prompt_lengths: Any = None,
+                         src_tokens: Any = None) -> jax.Array:
+  """The baseline the KV cache beats: a full forward pass over the whole [B, P + N] buffer for every new token
+  (and the encoder again each step for encoder_decoder). Same output as `greedy`."""
+  graphdef, state = nnx.split(model)
+  prompt, lengths, src, prefill_len = _prepare(prompt, prompt_lengths, src_tokens)
+  return _greedy_without_cache(graphdef, state, prompt, lengths, src, max_new=max_new_tokens,
+                               prefill_len=prefill_len)
+
+
+def decode(model: nnx.Module, settings: DecodeSettings, prompt: Any = None, *, prompt_lengths: Any = None,
+           src_tokens: Any = None, rng: jax.Array | None = None, model_max_len: int | None = None,
+           batch_sharding: jax.sharding.Sharding | None = None) -> np.ndarray:
+  """Decodes with settings.method -> new tokens [B, N] as numpy (the best beam for beam search).
+
+  prompt: [B, P] right-padded (decoder_only; encoder_decoder defaults to BOS). src_tokens: [B, S] for
+  encoder_decoder. model_max_len caps P + N (learned positions and the cache end there). batch_sharding: where to
+  put the batch (e.g. NamedSharding(mesh, P(('data', 'fsdp')))); rows are padded up to a multiple of its devices
+  and cut off again, so decoding runs on the training mesh with sharded parameters.
+  """
+  prompt_np = None if prompt is None else np.asarray(prompt, np.int32)
+  src_np = None if src_tokens is None else np.asarray(src_tokens, np.int32)
+  batch = (prompt_np if prompt_np is not None else src_np).shape[0]
+  if prompt_np is None:
+    prompt_np = np.full((batch, 1), BOS_ID, np.int32)
+  lengths_np = (np.full((batch,), prompt_np.shape[1], np.int32) if prompt_lengths is None
+                else np.asarray(prompt_lengths, np.int32))
+  if model_max_len is not None and prompt_np.shape[1] + settings.max_len > model_max_len:
+    new = model_max_len - prompt_np.shape[1]
+    if new < 1:
+      raise ValueError(f'the prompt ({prompt_np.shape[1]} tokens) leaves no room below model.max_len='
+                       f'{model_max_len}; shorten the prompt.')
+    settings = dataclasses.replace(settings, max_len=new)
+
+  if batch_sharding is not None:
+    shards = _batch_shards(batch_sharding)
+    padded = -(-batch // shards) * shards
+    if padded != batch:  # dummy rows: a BOS prompt (and an empty source), thrown away afterwards
+      extra = padded - batch
+      prompt_np = np.concatenate([prompt_np, np.full((extra, prompt_np.shape[1]), 0, np.int32)])
+      prompt_np[batch:, 0] = BOS_ID
+      lengths_np = np.concatenate([lengths_np, np.ones((extra,), np.int32)])
+      if src_np is not None:
+        src_np = np.concatenate([src_np, np.zeros((extra, src_np.shape[1]), np.int32)])
+        src_np[batch:, 0] = EOS_ID
+    put = lambda x: jax.device_put(x, batch_sharding)  # noqa: E731
+    prompt_in, src_in = put(prompt_np), None if src_np is None else put(src_np)
+    lengths_in = put(lengths_np)
+  else:
+    prompt_in, src_in, lengths_in = prompt_np, src_np, lengths_np
+  # lengths_np stays on the host for the prefill length; the device copy is what goes into the jit.
+  prefill_len = int(lengths_np.min())
+  if settings.method == 'beam':
+    tokens, _ = beam_search(model, prompt_in, settings=settings, prompt_lengths=lengths_in, src_tokens=src_in,
+                            prefill_len=prefill_len)
+    tokens = tokens[:, 0]
+  else:
+    tokens = sample(model, prompt_in, rng, settings=settings, prompt_lengths=lengths_in, src_tokens=src_in,
+                    prefill_len=prefill_len)
+  if not tokens.is_fully_addressable:  # multi-host: every host gets the whole batch back
+    from jax.experimental import multihost_utils
+    tokens = multihost_utils.process_allgather(tokens, tiled=True)
+  return np.asarray(jax.device_get(tokens))[:batch]
+
+
+def _batch_shards(sharding: jax.sharding.Sharding) -> int:
+  """How many pieces the leading (batch) axis is cut into."""
+  if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.spec) > 0 and sharding.spec[0] is not None:
+    axes = sharding.spec[0] if isinstance(sharding.spec[0], tuple) else (sharding.spec[0],)
+    return int(np.prod([sharding.mesh.shape[a] for a in axes]))
+  return 1
