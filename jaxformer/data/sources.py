@@ -323,11 +323,20 @@ def _prepared(data_dir: str, name: str) -> bool:
 
 def _build_local(kind: str, name: str, data_dir: str, features: dict[str, str],
                  generators: dict[str, Any], description: str) -> None:
-  """Writes an ArrayRecord TFDS dataset `name` (splits from zero-arg generator factories) unless it exists."""
+  """Writes an ArrayRecord TFDS dataset `name` (splits from zero-arg example-list factories) unless it exists.
+
+  TFDS cannot write an empty split, so empty ones are left out and listed in <name>/empty_splits.json; asking for
+  one then gives the 'split is empty' error rather than 'no such split'.
+  """
   if _prepared(data_dir, name):
     return
   tfds = _import_tfds()
   feature_dict = tfds.features.FeaturesDict({k: tfds.features.Text() for k in features})
+  examples = {split: list(make()) for split, make in generators.items()}
+  empty = sorted(split for split, ex in examples.items() if not ex)
+  examples = {split: ex for split, ex in examples.items() if ex}
+  if not examples:
+    raise DataError(f'{description}: every split is empty; check the files.')
 
   class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = tfds.core.Version(_BUILDER_VERSION)
@@ -339,25 +348,31 @@ def _build_local(kind: str, name: str, data_dir: str, features: dict[str, str],
 
     def _split_generators(self, dl_manager):
       del dl_manager
-      return {split: self._generate_examples(make) for split, make in generators.items()}
+      return {split: self._generate_examples(ex) for split, ex in examples.items()}
 
-    def _generate_examples(self, make):
-      for i, example in enumerate(make()):
-        yield i, example
+    def _generate_examples(self, ex):
+      yield from enumerate(ex)
 
   _Builder.name = name
   logging.info('Converting %s into a TFDS ArrayRecord dataset %s in %s', description, name, data_dir)
-  os.makedirs(data_dir, exist_ok=True)
+  os.makedirs(os.path.join(data_dir, name), exist_ok=True)
+  with open(os.path.join(data_dir, name, 'empty_splits.json'), 'w') as f:
+    json.dump(empty, f)
   builder = _Builder(data_dir=data_dir, file_format='array_record')
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   del kind
 
 
 def _local_source(spec: str, kind: str, name: str, data_dir: str, keys: tuple[str, ...], description: str) -> Source:
   sources, _ = _open_tfds(spec, name, data_dir)
-  return Source(spec, kind, {str(k): TfdsSplit(str(k), v, kind, keys) for k, v in sources.items()},
-                description=description)
+  splits: dict[str, Any] = {str(k): TfdsSplit(str(k), v, kind, keys) for k, v in sources.items()}
+  try:
+    with open(os.path.join(data_dir, name, 'empty_splits.json')) as f:
+      for split in json.load(f):
+        splits[split] = ListSplit(split, [])
+  except FileNotFoundError:
+    pass
+  return Source(spec, kind, splits, description=description)
 
 
 def _split_candidates(split: str) -> tuple[str, ...]:
