@@ -1,0 +1,126 @@
+"""Model FLOPs and accelerator peaks, for tokens/s -> MFU (model FLOPs utilisation).
+
+Formula (PaLM, appendix B): training FLOPs = 6 * N * tokens + attention, where N counts the weights of every
+matrix multiply a token goes through (attention projections, MLP, the output/logits projection; embedding *lookups*
+cost nothing and are not counted) and attention adds 12 * layers * d_model * context per token (QK^T and AV,
+2 FLOPs per multiply-add, x3 for forward + backward). Causal masking is not discounted, as in PaLM/MaxText.
+encoder_decoder counts both stacks over their own lengths: the encoder over src_seq_len tokens, the decoder over
+seq_len tokens, cross-attention over src_seq_len keys, and the cross-attention key/value projections over the
+encoder tokens. The counts are from the config, so they are the same on every backend.
+
+Peaks are dense per-device FLOP/s by device kind and compute dtype. float32 on NVIDIA uses the TF32 figure (XLA's
+default matmul precision there); TPUs run float32 matmuls as bf16 passes by default, so they use the bf16 figure.
+On CPU there is no table: a quick float32 matmul measures the host once per process (cached).
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jaxformer.config import ModelConfig
+
+# (substring of device_kind, lower-cased; peak bf16/fp16 FLOP/s; peak float32 FLOP/s). First match wins.
+PEAK_FLOPS: tuple[tuple[str, float, float], ...] = (
+    ('h200', 989e12, 494e12),
+    ('gh200', 989e12, 494e12),
+    ('h100 pcie', 756e12, 378e12),
+    ('h100', 989e12, 494e12),
+    ('a100', 312e12, 156e12),
+    ('l4', 121e12, 60e12),
+    ('a10g', 70e12, 35e12),
+    ('v100', 125e12, 15.7e12),
+    ('tpu v6 lite', 918e12, 918e12),
+    ('tpu v6e', 918e12, 918e12),
+    ('tpu v5 lite', 197e12, 197e12),
+    ('tpu v5e', 197e12, 197e12),
+    ('tpu v5p', 459e12, 459e12),
+    ('tpu v5', 459e12, 459e12),
+    ('tpu v4', 275e12, 275e12),
+    ('tpu v3', 123e12, 123e12),
+)
+
+
+def _attn_weights(cfg: ModelConfig) -> int:
+  d, h = cfg.d_model, cfg.head_dim
+  return d * cfg.num_heads * h * 2 + d * cfg.num_kv_heads * h * 2  # query + output, key + value
+
+
+def _mlp_weights(cfg: ModelConfig) -> int:
+  return (3 if cfg.mlp == 'swiglu' else 2) * cfg.d_model * cfg.d_ff
+
+
+def train_flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int, src_seq_len: int | None = None) -> float:
+  """Model FLOPs of one training step (forward + backward) on a [batch_size, seq_len] batch."""
+  d, vocab = cfg.d_model, cfg.vocab_size
+  attn, mlp = _attn_weights(cfg), _mlp_weights(cfg)
+  logits = d * vocab
+  if cfg.arch == 'encoder_decoder':
+    src = src_seq_len or seq_len
+    kv = 2 * d * cfg.num_kv_heads * cfg.head_dim
+    enc_per_token = 6 * cfg.num_layers * (attn + mlp) + 12 * cfg.num_layers * d * src
+    enc_per_token += 6 * cfg.num_decoder_layers * kv  # cross-attention keys/values of the encoder output
+    dec_per_token = (6 * cfg.num_decoder_layers * (attn + (attn - kv) + mlp) + 6 * logits
+                     + 12 * cfg.num_decoder_layers * d * (seq_len + src))
+    return float(batch_size * (src * enc_per_token + seq_len * dec_per_token))
+  layers = cfg.num_layers
+  per_token = 6 * layers * (attn + mlp) + 6 * logits + 12 * layers * d * seq_len
+  if cfg.arch == 'encoder_only':
+    per_token += 6 * d * d  # the masked-LM head's dense transform
+  return float(batch_size * seq_len * per_token)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, src_seq_len: int | None = None) -> float:
+  """Training FLOPs per (target-side) token."""
+  return train_flops_per_step(cfg, 1, seq_len, src_seq_len) / seq_len
+
+
+@functools.lru_cache(maxsize=None)
+def measure_cpu_flops(n: int = 1024, repeats: int = 3) -> float:
+  """FLOP/s of a float32 [n, n] matmul on the first CPU device, best of `repeats` (cached per process)."""
+  device = jax.devices('cpu')[0]
+  x = jax.device_put(jnp.ones((n, n), jnp.float32), device)
+  f = jax.jit(lambda a: a @ a)
+  f(x).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(x).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2.0 * n ** 3 / max(best, 1e-9)
+
+
+def peak_flops_per_device(device: jax.Device | None = None, dtype: str = 'bfloat16') -> float | None:
+  """Dense peak FLOP/s of one device for matmuls in `dtype`; None for an unknown accelerator (MFU then unknown).
+
+  On CPU, every virtual device shares the same cores, so the measured figure is for the whole host: use
+  `peak_flops_total` rather than multiplying this by the device count.
+  """
+  device = device or jax.devices()[0]
+  if device.platform == 'cpu':
+    return measure_cpu_flops()
+  kind = device.device_kind.lower()
+  for key, half, single in PEAK_FLOPS:
+    if key in kind:
+      return half if dtype in ('bfloat16', 'float16') else single
+  return None
+
+
+def peak_flops_total(devices, dtype: str = 'bfloat16') -> float | None:
+  """Peak FLOP/s of all `devices` together (CPU: measured host peak x number of processes)."""
+  devices = list(devices)
+  if not devices:
+    return None
+  if devices[0].platform == 'cpu':
+    return measure_cpu_flops() * len({d.process_index for d in devices})
+  peak = peak_flops_per_device(devices[0], dtype)
+  return None if peak is None else peak * len(devices)
+
+
+def mfu(flops_per_step: float, step_seconds: float, peak_total: float | None) -> float | None:
+  """Achieved model FLOP/s over peak, in [0, 1] (None when the peak is unknown)."""
+  if not peak_total or step_seconds <= 0:
+    return None
+  return flops_per_step / step_seconds / peak_total

@@ -1,0 +1,281 @@
+"""Orbax checkpoints: params, optimizer state, step, rng streams, the data iterator's position and the config.
+
+Layout (one orbax CheckpointManager under DIR/checkpoints, one folder per step):
+  DIR/checkpoints/<step>/params/     the model parameters (nnx.Param state), sharded arrays (OCDBT)
+  DIR/checkpoints/<step>/opt_state/  the optax state
+  DIR/checkpoints/<step>/extra/      {'step', 'rngs'}: the step counter and the model's rng streams (key data + count)
+  DIR/checkpoints/<step>/data/       JSON: every process's data-iterator state
+  DIR/checkpoints/<step>/config/     JSON: the resolved config
+Parameters live in their own item so evaluation restores them without touching the optimizer state.
+
+Arrays are restored with the shardings of the *current* mesh (the abstract target carries them), so a checkpoint
+saved with fsdp=2 restores onto data=8 or onto one device.
+
+Unreadable checkpoints: orbax writes each step into a temporary folder and renames it when complete, so a save cut
+short is never listed. If the newest listed step still fails to restore (files lost or truncated afterwards),
+training falls back to the newest step that does restore, moves the unreadable newer ones to
+DIR/checkpoints_unreadable/ (never deleted; they would otherwise collide with the steps about to be re-saved) and
+says so in one line. If no step restores, it stops with one line naming the folder and the error; nothing moves
+(that is usually a changed model config, not corruption).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxformer import sharding as shd
+
+CHECKPOINT_DIR = 'checkpoints'
+UNREADABLE_DIR = 'checkpoints_unreadable'
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be used. The message names the folder and what to do."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+
+
+# --------------------------------------------------------------------------------------------- typed rng keys
+def _is_key(x: Any) -> bool:
+  return hasattr(x, 'dtype') and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def keys_to_data(tree: Any) -> Any:
+  """Typed PRNG key arrays -> their uint32 key data (what orbax can store)."""
+  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _abstract_key_data(tree: Any) -> Any:
+  def one(x):
+    if _is_key(x):
+      data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
+      return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=getattr(x, 'sharding', None))
+    return x
+  return jax.tree.map(one, tree)
+
+
+def data_to_keys(tree: Any, abstract: Any) -> Any:
+  """Inverse of keys_to_data, guided by the abstract tree (which says which leaves were keys, and their impl)."""
+  def one(x, a):
+    if _is_key(a):
+      return jax.random.wrap_key_data(x, impl=getattr(a.dtype, '_impl', None))
+    return x
+  return jax.tree.map(one, tree, abstract)
+
+
+# ------------------------------------------------------------------------------------------------ multi-host
+def _gather_json(obj: Any) -> list[Any]:
+  """Every process's JSON-able object, on every process (data-iterator states differ per host)."""
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils
+  raw = np.frombuffer(json.dumps(obj).encode(), dtype=np.uint8)
+  lengths = multihost_utils.process_allgather(np.array([raw.size], np.int32))
+  padded = np.zeros((int(np.max(lengths)),), np.uint8)
+  padded[:raw.size] = raw
+  everyone = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(everyone[i][:int(lengths[i][0])]).decode()) for i in range(jax.process_count())]
+
+
+# --------------------------------------------------------------------------------------------------- manager
+def _manager(workdir: str, *, keep: int | None = None, async_save: bool = False,
+             read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only, read_only=read_only)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_names=('params', 'opt_state', 'extra', 'data', 'config'))
+
+
+def latest_step(workdir: str) -> int | None:
+  """The newest complete checkpoint step in workdir, or None."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    return None
+  manager = _manager(workdir, read_only=True)
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()
+
+
+def _restore_args(abstract_state: dict) -> dict:
+  return {
+      'params': ocp.args.StandardRestore(abstract_state['params']),
+      'opt_state': ocp.args.StandardRestore(abstract_state['opt_state']),
+      'extra': ocp.args.StandardRestore(_abstract_key_data(
+          {'step': abstract_state['step'], 'rngs': abstract_state['rngs']})),
+      'data': ocp.args.JsonRestore(),
+      'config': ocp.args.JsonRestore(),
+  }
+
+
+class Checkpointer:
+  """Saves and restores the train state of one workdir (a thin layer over orbax's CheckpointManager)."""
+
+  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+    self.workdir = workdir
+    self.keep = keep
+    self.async_save = async_save
+    self.manager = _manager(workdir, keep=keep, async_save=async_save)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: dict, *, data_state: Any = None, config: Any = None) -> bool:
+    """Starts saving (asynchronously when enabled; arrays are copied off the devices before this returns, so the
+    caller may donate them right away). Collective: every process calls it."""
+    states = _gather_json(data_state)
+    extra = keys_to_data({'step': state['step'], 'rngs': state['rngs']})
+    args = ocp.args.Composite(
+        params=ocp.args.StandardSave(state['params']),
+        opt_state=ocp.args.StandardSave(state['opt_state']),
+        extra=ocp.args.StandardSave(extra),
+        data=ocp.args.JsonSave({'process_count': len(states), 'states': states}),
+        config=ocp.args.JsonSave(config if config is not None else {}),
+    )
+    return self.manager.save(int(step), args=args, force=True)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+  def restore(self, abstract_state: dict, *, step: int | None = None,
+              move_unreadable: bool = True) -> tuple[dict, Any, int] | None:
+    """(state, this process's data-iterator state or None, step) from `step` or the newest readable checkpoint;
+    None when the workdir has no checkpoint. Arrays land with the shardings in `abstract_state`."""
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if step is not None:
+      if step not in steps:
+        raise CheckpointError(f'no checkpoint for step {step} in {checkpoint_dir(self.workdir)} (have: {sorted(steps)}).')
+      steps = [step]
+    if not steps:
+      return None
+    failed: list[tuple[int, str]] = []
+    for s in steps:
+      try:
+        restored = self.manager.restore(s, args=ocp.args.Composite(**_restore_args(abstract_state)))
+      except Exception as e:  # noqa: BLE001 - any failure means "this step is unusable", reported below
+        msg = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:300]
+        logging.warning('checkpoint step %d in %s could not be restored (%s)', s, checkpoint_dir(self.workdir), msg)
+        failed.append((s, msg))
+        continue
+      extra = restored['extra']
+      state = {
+          'step': extra['step'],
+          'params': restored['params'],
+          'opt_state': restored['opt_state'],
+          'rngs': data_to_keys(extra['rngs'], abstract_state['rngs']),
+      }
+      data = restored['data'] or {}
+      data_state = None
+      states = data.get('states') or []
+      if len(states) == jax.process_count():
+        data_state = states[jax.process_index()]
+      elif states:
+        logging.warning('checkpoint step %d was written by %d processes, this run has %d: the data iterator '
+                        'restarts from its beginning.', s, len(states), jax.process_count())
+      if failed:
+        print(f'WARNING: checkpoint step(s) {[f for f, _ in failed]} in {checkpoint_dir(self.workdir)} are unreadable '
+              f'({failed[0][1]}); resumed from step {s}' +
+              (f', moved them to {os.path.join(os.path.abspath(self.workdir), UNREADABLE_DIR)}.' if move_unreadable
+               else '.'), flush=True)
+        if move_unreadable:
+          self._move_aside([f for f, _ in failed])
+      return state, data_state, s
+    bad = ', '.join(str(f) for f, _ in failed)
+    raise CheckpointError(
+        f'no checkpoint in {checkpoint_dir(self.workdir)} could be restored (steps {bad}; newest: {failed[0][1]}); '
+        'if the model config changed, use a new --workdir.')
+
+  def _move_aside(self, steps: list[int]) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+    if jax.process_index() == 0:
+      target = os.path.join(os.path.abspath(self.workdir), UNREADABLE_DIR)
+      os.makedirs(target, exist_ok=True)
+      for s in steps:
+        src = os.path.join(checkpoint_dir(self.workdir), str(s))
+        if os.path.exists(src):
+          shutil.move(src, os.path.join(target, str(s)))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices('jaxformer_move_unreadable')
+    self.manager = _manager(self.workdir, keep=self.keep, async_save=self.async_save)
+
+
+def saved_config(workdir: str, step: int | None = None) -> dict | None:
+  """The config stored with a checkpoint (falls back to DIR/config.json)."""
+  path = os.path.join(os.path.abspath(workdir), 'config.json')
+  if step is not None:
+    item = os.path.join(checkpoint_dir(workdir), str(step), 'config')
+    for name in ('config', 'metadata') if os.path.isdir(item) else ():
+      candidate = os.path.join(item, name)
+      if os.path.isfile(candidate):
+        path = candidate
+        break
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def restore_model(workdir: str, config, mesh, step: int | None = None) -> tuple[nnx.Module, int]:
+  """(model, step): the parameters of `step` (default: the newest readable one) sharded onto `mesh`.
+
+  `config` is the run's config; model.vocab_size 0 is read from DIR/config.json. Only the params item is read.
+  """
+  from jaxformer.training import step as step_lib  # late: avoids an import cycle with loop.py
+  import ml_collections
+  config = ml_collections.ConfigDict(config.to_dict() if hasattr(config, 'to_dict') else config)
+  if not config.model.vocab_size:
+    saved = saved_config(workdir)
+    vocab = (saved or {}).get('model', {}).get('vocab_size', 0)
+    if not vocab:
+      raise CheckpointError(f'model.vocab_size is 0 and {os.path.join(workdir, "config.json")} does not give it; '
+                            'pass the config the run was trained with.')
+    config.model.vocab_size = int(vocab)
+  rules = shd.rules_from_config(config)
+  abstract_model = nnx.eval_shape(lambda: step_lib.build_model(config))
+  graphdef, abs_params, abs_rest = step_lib.split_model(abstract_model)
+  params_sh = shd.state_shardings(abs_params, mesh, rules)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_params, params_sh)
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    raise CheckpointError(f'no checkpoints in {checkpoint_dir(workdir)}; train first (python train.py ...).')
+  manager = _manager(workdir, read_only=True)
+  try:
+    steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
+    if not steps:
+      raise CheckpointError(f'no checkpoints in {checkpoint_dir(workdir)}; train first (python train.py ...).')
+    errors = []
+    for s in steps:
+      try:
+        params = manager.restore(s, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))['params']
+        break
+      except Exception as e:  # noqa: BLE001
+        errors.append(f'step {s}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:300])
+        logging.warning('checkpoint %s', errors[-1])
+    else:
+      raise CheckpointError(f'no checkpoint in {checkpoint_dir(workdir)} could be restored ({errors[0]}).')
+  finally:
+    manager.close()
+  if len(steps) > 1 and errors:
+    print(f'WARNING: unreadable checkpoint(s) skipped ({errors[0]}); using step {s}.', flush=True)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  with shd.mesh_context(mesh, rules):
+    rest = jax.jit(lambda: step_lib.split_model(step_lib.build_model(config))[2],
+                   out_shardings=jax.tree.map(lambda _: replicated, abs_rest))()
+  return nnx.merge(graphdef, params, rest), int(s)

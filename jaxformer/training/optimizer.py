@@ -1,0 +1,91 @@
+"""The Optax optimizer from config.train: schedule, clipping, weight-decay mask, AdamW / Adafactor / SGD.
+
+Gradient accumulation is not done here (no optax.MultiSteps): the train step scans over the micro-batches and
+applies one update with the exact big-batch gradient, which costs one dispatch per optimizer step instead of k.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def make_schedule(train) -> Callable[[jax.Array], jax.Array]:
+  """Linear warmup to train.learning_rate over warmup_steps, then cosine / linear / constant / rsqrt.
+
+  `count` is the number of updates already applied, so the first step uses lr/warmup (never 0). cosine and
+  linear decay to train.min_learning_rate at train.num_steps; rsqrt is lr * sqrt(warmup / step) after warmup.
+  """
+  lr, min_lr = float(train.learning_rate), float(train.min_learning_rate)
+  warmup, total, kind = int(train.warmup_steps), int(train.num_steps), train.schedule
+
+  def schedule(count):
+    step = jnp.asarray(count, jnp.float32)
+    warm = lr * jnp.minimum(1.0, (step + 1.0) / max(warmup, 1))
+    t = jnp.clip((step - warmup) / max(total - warmup, 1), 0.0, 1.0)
+    if kind == 'cosine':
+      decayed = min_lr + (lr - min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
+    elif kind == 'linear':
+      decayed = lr + (min_lr - lr) * t
+    elif kind == 'constant':
+      decayed = jnp.asarray(lr, jnp.float32)
+    elif kind == 'rsqrt':
+      decayed = lr * jax.lax.rsqrt(jnp.maximum(step + 1.0, max(warmup, 1)) / max(warmup, 1))
+    else:
+      raise ValueError(f'train.schedule={kind!r} is not one of cosine, linear, constant, rsqrt.')
+    return jnp.where(step < warmup, warm, decayed) if warmup else decayed
+
+  return schedule
+
+
+def _path_parts(path) -> list[str]:
+  parts = []
+  for k in path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)).lower())
+        break
+  return parts
+
+
+def decay_mask_fn(exclude: str | Sequence[str]) -> Callable[[Any], Any]:
+  """Tree of bools (True = decay) over a params tree: a parameter is excluded when any part of its path contains
+  one of the `exclude` words (case-insensitive), e.g. 'norm,bias,embed' spares every *norm* module, all biases and
+  the token / position embeddings."""
+  if isinstance(exclude, str):
+    exclude = [w.strip().lower() for w in exclude.split(',') if w.strip()]
+  words = tuple(w.lower() for w in exclude)
+
+  def mask(params):
+    def one(path, _):
+      return not any(w in part for part in _path_parts(path) for w in words)
+    return jax.tree_util.tree_map_with_path(one, params)
+
+  return mask
+
+
+def make_optimizer(train) -> tuple[optax.GradientTransformation, Callable[[jax.Array], jax.Array]]:
+  """(tx, schedule). Clipping by global norm comes first, so it sees the raw (accumulated) gradient."""
+  schedule = make_schedule(train)
+  mask = decay_mask_fn(train.weight_decay_exclude)
+  wd = float(train.weight_decay)
+  parts = []
+  if train.grad_clip_norm and train.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(float(train.grad_clip_norm)))
+  if train.optimizer == 'adamw':
+    parts.append(optax.adamw(schedule, b1=train.b1, b2=train.b2, eps=train.eps, weight_decay=wd, mask=mask))
+  elif train.optimizer == 'adafactor':
+    # Factored second moments (the memory saving) without parameter-scaled steps, so train.learning_rate means the
+    # same absolute step size as for AdamW; b1 > 0 turns on momentum.
+    parts.append(optax.adafactor(
+        learning_rate=schedule, multiply_by_parameter_scale=False, momentum=train.b1 if train.b1 > 0 else None,
+        weight_decay_rate=wd or None, weight_decay_mask=mask if wd else None, eps=1e-30))
+  elif train.optimizer == 'sgd':
+    if wd:
+      parts.append(optax.add_decayed_weights(wd, mask=mask))
+    parts.append(optax.sgd(schedule, momentum=train.b1 if train.b1 > 0 else None))
+  else:
+    raise ValueError(f'train.optimizer={train.optimizer!r} is not one of adamw, adafactor, sgd.')
+  return optax.chain(*parts), schedule

@@ -1,0 +1,259 @@
+"""Losses per architecture, the train state, and the jitted, sharded train and eval steps.
+
+The train state is a plain dict pytree, so jit, orbax and the sharding helpers all see the same thing:
+  {'step': int32 scalar, 'params': nnx.State of nnx.Param, 'opt_state': optax state, 'rngs': nnx.State of the
+   model's non-parameter variables (its rng streams: key + count)}
+and the model's static structure is the `graphdef`. A step merges graphdef + state into a module, runs it, and
+splits the updated state back out (the functional NNX pattern), so the state can be donated and sharded with
+explicit in/out shardings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxformer import sharding as shd
+
+Batch = Mapping[str, jax.Array]
+
+
+# ----------------------------------------------------------------------------------------------------- losses
+def model_logits(model: nnx.Module, batch: Batch, arch: str, *, deterministic: bool) -> jax.Array:
+  """Calls the model with the batch keys of its architecture (see the data contract)."""
+  if arch == 'encoder_decoder':
+    return model(batch['encoder_inputs'], batch['inputs'],
+                 src_positions=batch.get('encoder_positions'), src_segment_ids=batch.get('encoder_segment_ids'),
+                 tgt_positions=batch.get('positions'), tgt_segment_ids=batch.get('segment_ids'),
+                 deterministic=deterministic)
+  return model(batch['inputs'], positions=batch.get('positions'), segment_ids=batch.get('segment_ids'),
+               deterministic=deterministic)
+
+
+def token_losses(logits: jax.Array, targets: jax.Array, *, label_smoothing: float = 0.0,
+                 z_loss: float = 0.0) -> tuple[jax.Array, jax.Array]:
+  """(cross_entropy, objective) per token, both float32 [..., L].
+
+  cross_entropy is the plain -log p(target) (what perplexity needs); objective adds label smoothing (the KL to the
+  smoothed target, so its minimum is 0) and the z-loss z * logsumexp(logits)^2 (PaLM), and is what gets
+  differentiated.
+  """
+  logits = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  log_p = target_logit - lse
+  ce = -log_p
+  objective = ce
+  if label_smoothing > 0:
+    vocab = logits.shape[-1]
+    confidence = 1.0 - label_smoothing
+    low = label_smoothing / (vocab - 1)
+    sum_log_p = jnp.sum(logits, axis=-1) - vocab * lse
+    smoothed = -(confidence * log_p + low * (sum_log_p - log_p))
+    normalizer = -(confidence * np.log(confidence) + (vocab - 1) * low * np.log(low + 1e-20))
+    objective = smoothed - normalizer
+  if z_loss > 0:
+    objective = objective + z_loss * jnp.square(lse)
+  return ce, objective
+
+
+def loss_sums(model: nnx.Module, batch: Batch, config, *, deterministic: bool) -> tuple[jax.Array, dict]:
+  """(objective_sum, metrics) with token-weighted sums, so micro-batches and hosts aggregate exactly.
+
+  The same code serves all architectures: the data pipeline already puts next tokens (decoder_only), the original
+  tokens at the masked positions (encoder_only) or the shifted target (encoder_decoder) in `targets`, and a
+  token counts exactly when its target is not padding.
+  """
+  logits = model_logits(model, batch, config.model.arch, deterministic=deterministic)
+  targets = batch['targets']
+  weights = (targets != 0).astype(jnp.float32)
+  train = config.train
+  ce, objective = token_losses(logits, targets, label_smoothing=float(train.label_smoothing),
+                               z_loss=float(train.z_loss))
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  metrics = {
+      'loss_sum': jnp.sum(ce * weights),
+      'weight_sum': jnp.sum(weights),
+      'correct_sum': jnp.sum(correct * weights),
+  }
+  return jnp.sum(objective * weights), metrics
+
+
+def compute_loss(model: nnx.Module, batch: Batch, config, *, deterministic: bool) -> tuple[jax.Array, dict]:
+  """(loss, metrics): loss = the token-weighted mean objective of this batch; metrics holds the float32 sums
+  loss_sum (plain cross-entropy), weight_sum (target tokens) and correct_sum (argmax hits) for exact aggregation."""
+  objective_sum, metrics = loss_sums(model, batch, config, deterministic=deterministic)
+  return objective_sum / jnp.maximum(metrics['weight_sum'], 1.0), metrics
+
+
+# ------------------------------------------------------------------------------------------------ train state
+def build_model(config, *, seed: int | None = None) -> nnx.Module:
+  """The model with its `params` and `dropout` rng streams seeded from config.seed. Variables are created
+  unsharded (eager sharding off): shardings are applied by the jitted init's out_shardings instead, which also
+  copes with dimensions the mesh cannot divide."""
+  from jaxformer.model import build_model as _build  # late import: the model package is optional for the tools
+  seed = int(config.seed if seed is None else seed)
+  with nnx.use_eager_sharding(False):
+    return _build(config.model, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+
+
+def split_model(model: nnx.Module):
+  """graphdef, params (nnx.Param), rest (every other variable: rng streams and the like)."""
+  return nnx.split(model, nnx.Param, ...)
+
+
+@dataclasses.dataclass
+class TrainSetup:
+  """Everything static about a training run on one mesh."""
+  graphdef: Any
+  tx: optax.GradientTransformation
+  schedule: Callable[[jax.Array], jax.Array]
+  mesh: Mesh
+  rules: tuple
+  abstract_state: Any  # ShapeDtypeStruct tree (with .sharding) of the train state
+  state_shardings: Any
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, PartitionSpec())
+
+
+def _init_state(config, tx) -> dict:
+  model = build_model(config)
+  _, params, rest = split_model(model)
+  return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params), 'rngs': rest}
+
+
+def make_setup(config, mesh: Mesh, tx: optax.GradientTransformation, schedule) -> TrainSetup:
+  """Shapes and shardings of the train state, computed without allocating it (nnx.eval_shape / jax.eval_shape)."""
+  rules = shd.rules_from_config(config)
+  abstract_model = nnx.eval_shape(lambda: build_model(config))
+  graphdef, abs_params, abs_rest = split_model(abstract_model)
+  abs_state = jax.eval_shape(functools.partial(_init_state, config, tx))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  params_sh = shd.state_shardings(abs_params, mesh, rules)
+  shardings = {
+      'step': replicated,
+      'params': params_sh,
+      'opt_state': shd.opt_state_shardings(abs_state['opt_state'], abs_params, params_sh, mesh),
+      'rngs': jax.tree.map(lambda _: replicated, abs_state['rngs']),
+  }
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, shardings)
+  return TrainSetup(graphdef, tx, schedule, mesh, rules, abstract, shardings)
+
+
+def init_state(config, setup: TrainSetup) -> dict:
+  """The train state created directly sharded: each device computes only its shards (jit + out_shardings)."""
+  with shd.mesh_context(setup.mesh, setup.rules):
+    return jax.jit(functools.partial(_init_state, config, setup.tx), out_shardings=setup.state_shardings)()
+
+
+def merge_model(graphdef, params, rest) -> nnx.Module:
+  return nnx.merge(graphdef, params, rest)
+
+
+# ----------------------------------------------------------------------------------------------------- steps
+def split_microbatches(batch: Batch, k: int) -> Batch:
+  """[B, ...] -> [k, B/k, ...] with micro-batch j = rows j, j+k, j+2k, ...; the row axis keeps its sharding
+  (each device's contiguous block of rows is split among the micro-batches), so no data moves."""
+  def one(x):
+    x = x.reshape((x.shape[0] // k, k) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+  return jax.tree.map(one, batch)
+
+
+def make_train_step(config, setup: TrainSetup) -> Callable[[dict, Batch], tuple[dict, dict]]:
+  """The jitted train step: (state, batch) -> (state, metrics); state donated, shardings explicit.
+
+  With train.grad_accum_steps = k the batch is split into k micro-batches and a lax.scan sums their gradients of
+  the token-weighted loss sums; dividing by the total token count gives exactly the gradient of the k-times
+  larger batch, then one optimizer update is applied.
+  """
+  graphdef, tx, schedule = setup.graphdef, setup.tx, setup.schedule
+  k = int(config.train.grad_accum_steps)
+  batch_sh = {}
+
+  def grads_of(params, rest, batch):
+    def loss_fn(p):
+      model = merge_model(graphdef, p, rest)
+      objective_sum, metrics = loss_sums(model, batch, config, deterministic=False)
+      _, _, new_rest = split_model(model)
+      return objective_sum, (metrics, new_rest)
+    (objective_sum, (metrics, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    metrics = dict(metrics, objective_sum=objective_sum)
+    return grads, metrics, new_rest
+
+  def step_fn(state, batch):
+    params, rest = state['params'], state['rngs']
+    if k == 1:
+      grads, metrics, rest = grads_of(params, rest, batch)
+    else:
+      micro = split_microbatches(batch, k)
+
+      def body(carry, mb):
+        g_acc, m_acc, r = carry
+        g, m, r = grads_of(params, r, mb)
+        return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, m_acc, m), r), None
+
+      zeros_g = jax.tree.map(jnp.zeros_like, params)
+      zeros_m = {key: jnp.zeros((), jnp.float32) for key in ('loss_sum', 'weight_sum', 'correct_sum', 'objective_sum')}
+      (grads, metrics, rest), _ = jax.lax.scan(body, (zeros_g, zeros_m, rest), micro)
+    denom = jnp.maximum(metrics['weight_sum'], 1.0)
+    grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
+    updates, opt_state = tx.update(grads, state['opt_state'], params)
+    new_params = optax.apply_updates(params, updates)
+    out = {
+        'loss': metrics['loss_sum'] / denom,
+        'objective': metrics['objective_sum'] / denom,
+        'accuracy': metrics['correct_sum'] / denom,
+        'tokens': metrics['weight_sum'],
+        'grad_norm': optax.global_norm(grads),
+        'learning_rate': schedule(state['step']),
+    }
+    new_state = {'step': state['step'] + 1, 'params': new_params, 'opt_state': opt_state, 'rngs': rest}
+    return new_state, out
+
+  jitted = {}
+
+  def train_step(state, batch):
+    keys = tuple(sorted(batch))
+    if keys not in jitted:
+      batch_sh = {key: shd.batch_sharding(setup.mesh, setup.rules, batch[key].ndim) for key in keys}
+      jitted[keys] = jax.jit(step_fn, in_shardings=(setup.state_shardings, batch_sh),
+                             out_shardings=(setup.state_shardings, setup.replicated), donate_argnums=(0,))
+    with shd.mesh_context(setup.mesh, setup.rules):
+      return jitted[keys](state, batch)
+
+  del batch_sh
+  return train_step
+
+
+def make_eval_step(config, setup: TrainSetup) -> Callable[[dict, Batch], dict]:
+  """(state, batch) -> the token-weighted metric sums of the batch (deterministic forward pass)."""
+  graphdef = setup.graphdef
+
+  def step_fn(params, rest, batch):
+    model = merge_model(graphdef, params, rest)
+    _, metrics = compute_loss(model, batch, config, deterministic=True)
+    return metrics
+
+  jitted = {}
+
+  def eval_step(state, batch):
+    keys = tuple(sorted(batch))
+    if keys not in jitted:
+      batch_sh = {key: shd.batch_sharding(setup.mesh, setup.rules, batch[key].ndim) for key in keys}
+      jitted[keys] = jax.jit(
+          step_fn, in_shardings=(setup.state_shardings['params'], setup.state_shardings['rngs'], batch_sh),
+          out_shardings=setup.replicated)
+    with shd.mesh_context(setup.mesh, setup.rules):
+      return jitted[keys](state['params'], state['rngs'], batch)
+
+  return eval_step
