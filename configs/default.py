@@ -48,6 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
   data.src_lang = 'en'  # parallel / translation sources
   data.tgt_lang = 'de'
   data.text_key = ''  # tfds LM sources: the feature holding the text ('' = the only string feature)
+  # text: sources: file = each file is one document (nanoGPT; long ones are cut at line ends into ~2k-char
+  # examples), one file split 90/10 by characters | line = one example per non-empty line, split 90/10 by lines
+  data.text_unit = 'file'
   data.seq_len = 128  # tokens per row: LM rows, or the decoder (target) side of seq2seq
   data.src_seq_len = 128  # encoder (source) side of seq2seq
   data.pack = True  # pack several examples into one row (segment_ids keep them apart)

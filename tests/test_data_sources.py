@@ -94,7 +94,7 @@ def test_text_source_90_10_split_and_reuse(tmp_path):
   lines = [f'line {i} 中文 ü' for i in range(50)]
   with gzip.open(path, 'wt', encoding='utf-8') as f:
     f.write('\n'.join(lines[:10]) + '\n\n  \n' + '\n'.join(lines[10:]) + '\n')  # blank lines are skipped
-  config = _config(source=f'text:{path}')
+  config = _config(source=f'text:{path}', text_unit='line')
   workdir = str(tmp_path / 'wd')
   source = D.get_source(config, workdir)
   train, val = source.split('train'), source.split('validation')
@@ -130,21 +130,35 @@ def test_text_source_glob_per_file_and_split_placeholder(tmp_path):
   (split_dir / 'wiki.train.txt').write_text('a\nb\nc\n')
   (split_dir / 'wiki.valid.txt').write_text('d\n')
   (split_dir / 'wiki.test.txt').write_text('e\nf\n')
-  source = D.get_source(_config(source=f'text:{split_dir}/wiki.{{split}}.txt'), str(tmp_path / 'wd2'))
+  source = D.get_source(_config(source=f'text:{split_dir}/wiki.{{split}}.txt', text_unit='line'),
+                        str(tmp_path / 'wd2'))
   assert source.split('train').read([0, 1, 2]) == ['a', 'b', 'c']
   assert source.split('validation').read([0]) == ['d']
   assert source.split('test').read([0, 1]) == ['e', 'f']
 
 
-def test_shakespeare_text_source(shared_data, tmp_path):
+def test_shakespeare_text_source_as_one_document_and_by_lines(shared_data, tmp_path):
   path = shared_data / 'tinyshakespeare' / 'input.txt'
-  lines = [l for l in path.read_text(encoding='utf-8').split('\n') if l.strip()]
+  text = path.read_text(encoding='utf-8')
+  # text_unit=file (default): nanoGPT's split, first 90% of the characters; chunks at line ends, nothing lost.
   source = D.get_source(_config(source=f'text:{path}'), str(tmp_path))
+  train, val = source.split('train'), source.split('validation')
+  cut = int(len(text) * 0.9)
+  train_chunks = train.read(range(len(train)))
+  assert ''.join(train_chunks) == text[:cut]
+  assert ''.join(val.read(range(len(val)))) == text[cut:]
+  assert all(len(c) < 2 * sources.TEXT_CHUNK_CHARS for c in train_chunks) and len(train_chunks) > 400
+  assert all(c.endswith('\n') for c in train_chunks[:-1])
+  # text_unit=line: one example per non-empty line, 90/10 by lines.
+  lines = [l for l in text.split('\n') if l.strip()]
+  source = D.get_source(_config(source=f'text:{path}', text_unit='line'), str(tmp_path))
   train, val = source.split('train'), source.split('validation')
   cut = int(len(lines) * 0.9)
   assert len(train) == cut and len(val) == len(lines) - cut
   assert train.read([0, cut - 1]) == [lines[0], lines[cut - 1]]
   assert val.read([0, len(val) - 1]) == [lines[cut], lines[-1]]
+  with pytest.raises(D.DataError, match='data.text_unit'):
+    D.get_source(_config(source=f'text:{path}', text_unit='paragraph'), str(tmp_path))
 
 
 # ------------------------------------------------------------------------------------------- parallel files
@@ -225,7 +239,7 @@ def test_error_empty_split(tmp_path):
     D.get_source(_config(source=f'text:{tmp_path}/blank.txt'), str(tmp_path / 'wd'))
   assert 'blank.txt' in _one_line(err)
   (tmp_path / 'one.txt').write_text('only line\n')
-  source = D.get_source(_config(source=f'text:{tmp_path}/one.txt'), str(tmp_path / 'wd'))
+  source = D.get_source(_config(source=f'text:{tmp_path}/one.txt', text_unit='line'), str(tmp_path / 'wd'))
   with pytest.raises(D.DataError) as err:
     source.split('validation')
   assert 'empty' in _one_line(err) and 'validation' in str(err.value)

@@ -7,11 +7,14 @@ ever sees that interface, so shuffling, per-host sharding and exact resumption a
   tfds:<name>[/<config>]   `tfds.data_source(name, data_dir=data.data_dir, download=False)` over ArrayRecord,
                            without TensorFlow. There is no network: the dataset must already be prepared there as
                            ArrayRecord (`tfds build <name> --file_format=array_record --data_dir=...`).
-  text:<path or glob>      one example per non-empty line of one file, or one example per file when the glob
-                           matches several files; `.gz` is read transparently. Splits: if the path contains
-                           `{split}` it is filled with the split's file name (see SPLIT_ALIASES), otherwise the
-                           first 90% of the examples are `train` and the last 10% `validation` (nanoGPT's
-                           Shakespeare split, by lines). No `test` split then.
+  text:<path or glob>      data.text_unit='file' (default): each file is one document (nanoGPT's view of
+                           tinyshakespeare); a long document is cut at line ends into examples of about
+                           TEXT_CHUNK_CHARS characters, each getting its own BOS/EOS. data.text_unit='line': one
+                           example per non-empty line. `.gz` is read transparently. Splits: if the path contains
+                           `{split}` it is filled with the split's file name (see SPLIT_ALIASES); otherwise the
+                           first 90% is `train` and the last 10% `validation` -- of the characters for one file
+                           with text_unit=file (exactly nanoGPT's Shakespeare split), else of the examples. No
+                           `test` split then.
   parallel:<prefix>        files `<prefix>/<stem>.<lang>[.gz]` for data.src_lang / data.tgt_lang, aligned by line.
                            A split name finds its files by the first rule that matches: the exact stem; then the
                            aliases in SPLIT_ALIASES (validation -> val, valid, dev); then a unique `<alias>*` glob,
@@ -62,6 +65,7 @@ SPLIT_ALIASES = {
     'test': ('test',),
 }
 TEXT_SPLIT_FRACTION = 0.9  # text: without {split}: first 90% train, last 10% validation
+TEXT_CHUNK_CHARS = 2048  # text_unit=file: long documents become examples of about this many characters
 _BUILDER_VERSION = '1.0.0'
 _FORMAT = 1  # bump when the on-disk layout of converted datasets changes
 
@@ -407,59 +411,75 @@ def _config_splits(config: Any) -> list[str]:
 
 
 def _text_source(spec: str, pattern: str, data_dir: str, config: Any) -> Source:
+  unit = str(config.data.get('text_unit', 'file'))
+  if unit not in ('file', 'line'):
+    raise DataError(f'data.text_unit={unit!r} is not valid; use file (each file one document) or line.')
   if '{split}' in pattern:
     files = {}
     for split in _config_splits(config):
-      found = None
       for stem in (split,) + tuple(a for a in _split_candidates(split) if a != split):
         matches = sorted(p for p in glob_lib.glob(os.path.expanduser(pattern.replace('{split}', stem)))
                          if os.path.isfile(p))
         if matches:
-          found = matches
+          files[split] = matches
           break
-      if found:
-        files[split] = found
     if 'train' not in files and config.data.train_split not in files:
       raise DataFileNotFoundError(
           f'data.source={spec!r}: no training file matches {pattern.replace("{split}", "train")!r}; check the path.')
     ids = {s: [_file_id(p) for p in ps] for s, ps in files.items()}
-
-    def reader(paths):
-      return lambda: ({'text': t} for t in _examples_of(paths))
-
-    generators = {s: reader(ps) for s, ps in files.items()}
+    generators = {s: functools.partial(_text_examples, ps, unit) for s, ps in files.items()}
   else:
     paths = _expand(spec, pattern)
     ids = {'all': [_file_id(p) for p in paths], 'fraction': TEXT_SPLIT_FRACTION}
-    examples = None
+    if unit == 'file' and len(paths) == 1:
+      def part(train: bool):
+        def make():
+          text = _read_file(paths[0])
+          if not text.strip():
+            raise DataError(f'data.source={spec!r}: {paths[0]} holds no text; check the file.')
+          cut = int(len(text) * TEXT_SPLIT_FRACTION)
+          return _chunks(text[:cut] if train else text[cut:])
+        return make
+    else:
+      cache = []
 
-    def load():
-      nonlocal examples
-      if examples is None:
-        examples = _examples_of(paths)
-        if not examples:
-          raise DataError(f'data.source={spec!r}: {", ".join(paths[:3])} holds no non-empty text; check the file.')
-      return examples
-
-    def part(train: bool):
-      def make():
-        ex = load()
-        cut = max(1, int(len(ex) * TEXT_SPLIT_FRACTION)) if len(ex) > 1 else 1
-        return ({'text': t} for t in (ex[:cut] if train else ex[cut:]))
-      return make
-
+      def part(train: bool):
+        def make():
+          if not cache:
+            cache.append(_text_examples(paths, unit))
+            if not cache[0]:
+              raise DataError(f'data.source={spec!r}: {", ".join(paths[:3])} holds no non-empty text; check it.')
+          ex = cache[0]
+          cut = max(1, int(len(ex) * TEXT_SPLIT_FRACTION))
+          return ex[:cut] if train else ex[cut:]
+        return make
     generators = {'train': part(True), 'validation': part(False)}
-  name = 'jaxformer_text_' + _fingerprint([_FORMAT, 'text', ids])
-  description = f'text source {spec}'
-  _build_local('text', name, data_dir, {'text': ''}, generators, description)
+  name = 'jaxformer_text_' + _fingerprint([_FORMAT, 'text', unit, TEXT_CHUNK_CHARS, ids])
+  description = f'text source {spec} (text_unit={unit})'
+  _build_local('text', name, data_dir, {'text': ''},
+               {s: (lambda make=make: ({'text': t} for t in make())) for s, make in generators.items()}, description)
   return _local_source(spec, 'text', name, data_dir, ('text',), description)
 
 
-def _examples_of(paths: Sequence[str]) -> list[str]:
-  """One file: its non-empty lines. Several files: each file's whole text is one example."""
-  if len(paths) == 1:
-    return [line for line in _read_lines(paths[0]) if line.strip()]
-  return [t for t in (_read_file(p) for p in paths) if t.strip()]
+def _chunks(text: str, size: int | None = None) -> list[str]:
+  """A document cut at line ends into pieces of about `size` characters (a single longer line is cut anywhere)."""
+  size = size or TEXT_CHUNK_CHARS
+  out, start = [], 0
+  while start < len(text):
+    end = start + size
+    if end < len(text):
+      newline = text.find('\n', end - 1)
+      end = newline + 1 if newline != -1 and newline - end < size else end
+    out.append(text[start:end])
+    start = end
+  return [c for c in out if c.strip()]
+
+
+def _text_examples(paths: Sequence[str], unit: str) -> list[str]:
+  """unit='line': the non-empty lines of the files; unit='file': each file's text (in chunks if long)."""
+  if unit == 'line':
+    return [line for p in paths for line in _read_lines(p) if line.strip()]
+  return [c for p in paths for c in _chunks(_read_file(p))]
 
 
 def _parallel_source(spec: str, prefix: str, data_dir: str, config: Any) -> Source:
