@@ -45,6 +45,7 @@ from jaxformer.data.sources import DataError, Source, Split, get_source
 from jaxformer.data.tokenizers import BOS_ID, EOS_ID, MASK_ID, MAX_UNK_FRACTION, NUM_SPECIAL, Tokenizer
 
 STATE_VERSION = 1
+CACHE_TOKENS = 1 << 25  # tokenized training examples kept in memory (~32M tokens): small datasets are read once
 _MLM_SALT = 0x4D4C4D
 _EVAL_MASK_SEED = 0x5EED
 _PERM_SALT = 0xDA7A
@@ -255,6 +256,8 @@ class _TrainProducer:
     self.step = 0
     self._perms: collections.OrderedDict = collections.OrderedDict()
     self._mean_size = 32.0
+    self._cache: dict[int, Any] = {}  # split index -> tokenized item, while under CACHE_TOKENS
+    self._cached_tokens = 0
     self.vocab_size = tokenizer.vocab_size
 
   # Example order --------------------------------------------------------------------------------------
@@ -281,13 +284,18 @@ class _TrainProducer:
       for k in range(s.buffered_upto, s.buffered_upto + count):
         want.append((j, k, self.example_index(self.first_row + j, k)))
       s.buffered_upto += count
-    examples = self.split.read([w[2] for w in want])
-    items = self.task.items(examples)
-    sizes = [_Task.size(it) for it in items]
+    missing = sorted({w[2] for w in want if w[2] not in self._cache})
+    fresh = dict(zip(missing, self.task.items(self.split.read(missing)))) if missing else {}
+    sizes = [_Task.size(it) for it in fresh.values()]
     if sizes:
       self._mean_size = 0.9 * self._mean_size + 0.1 * float(np.mean(sizes))
-    for (j, _, _), item in zip(want, items):
-      self.streams[j].buffer.append(item)
+    for index, item in fresh.items():
+      if self._cached_tokens >= CACHE_TOKENS:
+        break
+      self._cache[index] = item
+      self._cached_tokens += _Task.size(item) + 8
+    for j, _, index in want:
+      self.streams[j].buffer.append(self._cache[index] if index in self._cache else fresh[index])
 
   def _more(self, stream: _Stream) -> bool:
     self._refill([self.streams.index(stream)])
@@ -506,11 +514,16 @@ def _check_coverage(tokenizer: Tokenizer, split: Split, spec: str, name: str, li
   """A char vocabulary (from train) must cover the eval text: a few unseen characters are UNK, many are an error."""
   if getattr(tokenizer, 'kind', '') != 'char':
     return
+  checked = tokenizer.__dict__.setdefault('_coverage_checked', set())
+  key = (spec, name, len(split))
+  if key in checked:
+    return  # evaluation runs many times during training; the answer does not change
   texts = []
   for e in split.read(range(min(limit, len(split)))):
     texts.extend(e if isinstance(e, tuple) else (e,))
   missing, total, counts = tokenizer.uncovered(texts)
   if not missing:
+    checked.add(key)
     return
   top = ''.join(c for c, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:10])
   if missing > MAX_UNK_FRACTION * total:
@@ -520,6 +533,7 @@ def _check_coverage(tokenizer: Tokenizer, split: Split, spec: str, name: str, li
         'or sentencepiece.')
   logging.warning('%d of %d characters of split %r are not in the char vocabulary and become UNK: %r', missing,
                   total, name, top)
+  checked.add(key)
 
 
 def make_eval_iterator(config: Any, tokenizer: Tokenizer, workdir: str, split: str, *, batch_size: int,
