@@ -1,0 +1,65 @@
+"""Evaluate a checkpoint that train.py wrote: perplexity (and BLEU for encoder_decoder), generation, translation.
+
+  python eval.py --config=configs/gpt_tiny.py --workdir=/tmp/gpt_tiny [--checkpoint_step=N] [--split=test]
+                 [--output=FILE] [--config.decode.method=beam ...]
+  python eval.py --config=configs/gpt_tiny.py --workdir=/tmp/gpt_tiny --mode=generate --prompt='ka'
+  python eval.py --config=configs/t5_tiny.py --workdir=/tmp/t5_tiny --mode=translate --input=numbers.txt
+
+The architecture (model section) comes from the checkpoint's saved config; data/train settings too, so the loss
+matches training's eval_loss for the same step (use --config.train.eval_steps=-1 for the whole split).
+Results go to DIR/eval.json unless --output says otherwise.
+"""
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe file, e.g. configs/gpt_tiny.py.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'The directory train.py wrote (checkpoints/, config.json, tokenizer/).')
+_STEP = flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint step to evaluate (default: the newest).')
+_SPLIT = flags.DEFINE_string('split', 'validation', 'validation (data.eval_split), test (data.test_split) or a '
+                             'split name.')
+_OUTPUT = flags.DEFINE_string('output', None, 'score: the JSON file (default DIR/eval.json); translate: the output '
+                              'text file (default: print); generate: optional JSON file.')
+_MODE = flags.DEFINE_enum('mode', 'score', ['score', 'generate', 'translate'], 'What to do.')
+_PROMPT = flags.DEFINE_multi_string('prompt', None, 'generate: prompt text (repeat the flag for several).')
+_INPUT = flags.DEFINE_string('input', None, 'translate: a text file with one source sentence per line.')
+_BLEU = flags.DEFINE_bool('bleu', True, 'score, encoder_decoder: also translate the split and report BLEU.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def explicit_overrides(argv) -> list[str]:
+  """The dotted keys given as --config.<key>=... on the command line (these win over the saved config)."""
+  keys = []
+  for arg in argv[1:]:
+    if arg.startswith('--config.'):
+      keys.append(arg[len('--config.'):].split('=', 1)[0])
+  return keys
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not flags.FLAGS['verbosity'].present:  # orbax logs every file it reads at INFO
+    logging.set_verbosity(logging.WARNING)
+    # ... and warns that a read-only manager is read-only; eval opens checkpoints read-only on purpose.
+    logging.get_absl_handler().addFilter(
+        lambda record: 'read only' not in (m := record.getMessage()) and 'read_only=True' not in m)
+  from jaxformer import evaluation
+  from jaxformer.config import ConfigError
+  from jaxformer.data import DataError
+  from jaxformer.training.checkpoint import CheckpointError
+  try:
+    evaluation.run(_CONFIG.value, _WORKDIR.value, checkpoint_step=_STEP.value, split=_SPLIT.value,
+                   output=_OUTPUT.value, mode=_MODE.value, prompt=_PROMPT.value, input_path=_INPUT.value,
+                   bleu=_BLEU.value, overrides=explicit_overrides(sys.argv))
+  except ConfigError as e:
+    sys.exit(f'config error: {e}')
+  except (evaluation.EvalError, CheckpointError, DataError, FileNotFoundError) as e:
+    sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  from jaxformer.training import cli
+  cli.check_overrides(sys.argv)
+  app.run(main)

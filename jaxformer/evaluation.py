@@ -1,0 +1,360 @@
+"""run(config, workdir): restore a checkpoint that train.py wrote, score a split, decode, write the results.
+
+Modes
+  score      loss / perplexity (and masked-token accuracy for encoder_only) on a split with the training code's
+             own `compute_loss`; encoder_decoder also translates the split and reports sacrebleu BLEU.
+  generate   decoder_only: continue a text prompt.
+  translate  encoder_decoder: translate the lines of a file.
+
+Which config is used: the checkpoint's saved config (DIR/checkpoints/<step>/config, else DIR/config.json) is the
+base. Its model section is authoritative; a requested model.arch that contradicts it, or an explicit
+--config.model.* override that does, is an error. Its data and train sections are kept too, so the split is
+tokenized, cut into rows and batched exactly as training's evaluation did (same data.seq_len, train.eval_steps,
+train.eval_batch_size) and `loss` equals the `eval_loss` training logged at that step; explicit overrides of
+those keys win (e.g. --config.train.eval_steps=-1 scores the whole split). The decode and mesh sections come from
+the request: they describe this evaluation and this machine, not the training run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from jaxformer import decoding
+from jaxformer import metrics as metrics_lib
+from jaxformer.config import validate
+
+MODES = ('score', 'generate', 'translate')
+REQUEST_SECTIONS = ('decode', 'mesh')  # taken from the request, never from the checkpoint
+
+
+class EvalError(ValueError):
+  """A request eval cannot serve. The message is one line naming the file/flag and the fix."""
+
+
+def _log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ the config
+def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+  node = config
+  for part in dotted.split('.'):
+    node = node[part]
+  return node
+
+
+def _set(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+  *parents, leaf = dotted.split('.')
+  node = config
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+
+
+def _same(a: Any, b: Any) -> bool:
+  norm = lambda x: list(x) if isinstance(x, (tuple, list)) else x  # noqa: E731 (JSON turns tuples into lists)
+  return norm(a) == norm(b)
+
+
+def resolve_config(requested: ml_collections.ConfigDict, saved: dict | None, workdir: str,
+                   overrides: Iterable[str] | None = None) -> ml_collections.ConfigDict:
+  """The config to evaluate with: the saved run config, plus the request's decode/mesh sections and `overrides`
+  (dotted keys the user set explicitly). Raises EvalError when the request contradicts the saved model."""
+  overrides = sorted(set(overrides or ()))
+  if saved is None:
+    _log(f'note: no saved config in {workdir} (config.json); using the requested config as is.')
+    return ml_collections.ConfigDict(requested.to_dict())
+  where = os.path.join(workdir, 'config.json')
+  saved_model = saved.get('model', {})
+  if saved_model.get('arch') not in (None, requested.model.arch):
+    raise EvalError(
+        f'the checkpoint in {workdir} is a {saved_model["arch"]} model ({where}: model.arch), but the requested '
+        f'config asks for model.arch={requested.model.arch}; use the recipe the run was trained with.')
+  for key in overrides:
+    if key.startswith('model.') and key[6:] in saved_model and not _same(_get(requested, key), saved_model[key[6:]]):
+      raise EvalError(
+          f'--config.{key}={_get(requested, key)!r} contradicts the checkpoint ({where}: {key}='
+          f'{saved_model[key[6:]]!r}); the architecture comes from the checkpoint, drop that override.')
+  config = ml_collections.ConfigDict(saved)
+  for section in REQUEST_SECTIONS:
+    config[section] = ml_collections.ConfigDict(requested[section].to_dict())
+  for key in overrides:
+    if key.split('.')[0] not in REQUEST_SECTIONS and not key.startswith('model.'):
+      try:
+        _set(config, key, _get(requested, key))
+      except (KeyError, AttributeError) as e:
+        raise EvalError(f'--config.{key}: the saved config in {where} has no such key.') from e
+  return config
+
+
+def _saved_config(workdir: str, step: int | None) -> dict | None:
+  from jaxformer.training import checkpoint as ckpt_lib
+  return ckpt_lib.saved_config(workdir, step)
+
+
+def split_name(config: ml_collections.ConfigDict, split: str | None) -> str:
+  """'validation' -> data.eval_split, 'test' -> data.test_split, anything else as given (None = validation)."""
+  split = split or 'validation'
+  return {'validation': config.data.eval_split, 'test': config.data.test_split}.get(split, split)
+
+
+def translation_direction(config: ml_collections.ConfigDict) -> str:
+  if str(config.data.source) == 'builtin:numbers':  # synthetic: digits -> English number words
+    return 'digits->en'
+  return f'{config.data.src_lang}->{config.data.tgt_lang}'
+
+
+# ---------------------------------------------------------------------------------------------- the pieces
+@dataclasses.dataclass
+class Restored:
+  config: ml_collections.ConfigDict
+  model: nnx.Module
+  step: int
+  tokenizer: Any
+  mesh: Any
+  rules: tuple
+
+
+def restore(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int | None = None,
+            overrides: Iterable[str] | None = None) -> Restored:
+  """Resolves the config against the checkpoint and restores the model onto this machine's mesh."""
+  from jaxformer import data as data_lib
+  from jaxformer import sharding as shd
+  from jaxformer.training import checkpoint as ckpt_lib
+  workdir = os.path.abspath(workdir)
+  if not os.path.isdir(workdir):
+    raise EvalError(f'--workdir={workdir} does not exist; point it at a directory train.py wrote.')
+  latest = ckpt_lib.latest_step(workdir)
+  if latest is None:
+    raise EvalError(f'no checkpoint in {ckpt_lib.checkpoint_dir(workdir)}; train first (python train.py '
+                    f'--config=... --workdir={workdir}).')
+  if checkpoint_step is not None:
+    steps = sorted(int(n) for n in os.listdir(ckpt_lib.checkpoint_dir(workdir)) if n.isdigit())
+    if checkpoint_step not in steps:
+      raise EvalError(f'--checkpoint_step={checkpoint_step}: no such checkpoint in {ckpt_lib.checkpoint_dir(workdir)} '
+                      f'(it has steps {", ".join(map(str, steps))}).')
+  saved = _saved_config(workdir, checkpoint_step if checkpoint_step is not None else latest)
+  config = resolve_config(config, saved, workdir, overrides)
+  validate(config)
+  tokenizer = data_lib.get_tokenizer(config, workdir)
+  if not config.model.vocab_size:
+    config.model.vocab_size = int(tokenizer.vocab_size)
+  mesh = shd.make_mesh(config)
+  rules = shd.rules_from_config(config)
+  model, step = ckpt_lib.restore_model(workdir, config, mesh, step=checkpoint_step)
+  return Restored(config, model, step, tokenizer, mesh, rules)
+
+
+def score(r: Restored, workdir: str, split: str) -> tuple[dict[str, Any], int]:
+  """Token-weighted metric sums over train.eval_steps batches of `split` (-1: all) with training's compute_loss.
+
+  Mirrors the training loop's evaluation (same iterator, batch size, batch count, placement), so the loss is
+  the eval_loss training logged for the same checkpoint and split. Returns (results, number of batches).
+  """
+  from jaxformer import data as data_lib
+  from jaxformer import sharding as shd
+  from jaxformer.training import step as step_lib
+  config, mesh, rules = r.config, r.mesh, r.rules
+  eval_bs = config.train.eval_batch_size or config.train.batch_size
+  shards = shd.batch_shards(mesh, rules)
+  if eval_bs % shards:
+    raise EvalError(f'train.eval_batch_size={eval_bs} is not divisible by the {shards} batch shards of this mesh; '
+                    f'pass --config.train.eval_batch_size=<a multiple of {shards}>.')
+  process_slice = shd.process_batch_slice(mesh, rules, eval_bs)
+  iterator = data_lib.make_eval_iterator(config, r.tokenizer, workdir, split, batch_size=eval_bs,
+                                         process_index=process_slice[0], process_count=process_slice[1])
+  graphdef, state = nnx.split(r.model)
+
+  @jax.jit
+  def eval_step(state, batch):
+    _, sums = step_lib.compute_loss(nnx.merge(graphdef, state), batch, config, deterministic=True)
+    return sums
+
+  acc = metrics_lib.MetricAccumulator()  # sums come back global (the jit spans the mesh): no merge_hosts
+  limit = int(config.train.eval_steps)
+  with shd.mesh_context(mesh, rules):
+    for i, batch in enumerate(iterator):
+      if 0 <= limit <= i:
+        break
+      acc.add(eval_step(state, shd.shard_batch(batch, mesh, rules, process_slice)))
+  if hasattr(iterator, 'close'):
+    iterator.close()
+  if acc.weight_sum <= 0:
+    raise EvalError(f'split {split!r} produced no target tokens to score.')
+  out = acc.result(with_accuracy=True)
+  accuracy = out.pop('accuracy')
+  out['masked_accuracy' if config.model.arch == 'encoder_only' else 'token_accuracy'] = accuracy
+  return out, acc.num_batches
+
+
+def decode_settings(config: ml_collections.ConfigDict) -> decoding.DecodeSettings:
+  return decoding.DecodeSettings.from_config(config.decode)
+
+
+def _decode_batches(r: Restored, *, prompts: Sequence[Sequence[int]] | None = None,
+                    sources: Sequence[Sequence[int]] | None = None) -> list[list[int]]:
+  """Decodes in batches of decode.batch_size on the mesh (batch over the 'batch' axes) -> token lists."""
+  from jaxformer import sharding as shd
+  config = r.config
+  settings = decode_settings(config)
+  sharding = shd.batch_sharding(r.mesh, r.rules, 1)
+  rng = jax.random.key(int(config.seed))
+  n = len(prompts if prompts is not None else sources)
+  bs = max(1, int(config.decode.batch_size))
+  out: list[list[int]] = []
+  with shd.mesh_context(r.mesh, r.rules):
+    for start in range(0, n, bs):
+      prompt = lengths = src = None
+      if prompts is not None:
+        prompt, lengths = decoding.pad_prompts(prompts[start:start + bs])
+      if sources is not None:
+        src = np.zeros((min(bs, n - start), config.data.src_seq_len), np.int32)
+        for row, ids in enumerate(sources[start:start + bs]):
+          src[row, :len(ids)] = ids
+      tokens = decoding.decode(r.model, settings, prompt, prompt_lengths=lengths, src_tokens=src,
+                               rng=jax.random.fold_in(rng, start), model_max_len=config.model.max_len,
+                               batch_sharding=sharding)
+      out.extend(row.tolist() for row in tokens)
+  return out
+
+
+def translate_texts(r: Restored, texts: Sequence[str]) -> list[str]:
+  from jaxformer import data as data_lib
+  sources = [data_lib.encode_source(r.tokenizer, t, r.config.data.src_seq_len) for t in texts]
+  return [r.tokenizer.decode(ids) for ids in _decode_batches(r, sources=sources)]
+
+
+def generate_texts(r: Restored, prompts: Sequence[str]) -> list[str]:
+  tok = r.tokenizer
+  ids = [[tok.bos_id] + tok.encode(p) for p in prompts]
+  return [tok.decode(out) for out in _decode_batches(r, prompts=ids)]
+
+
+# ---------------------------------------------------------------------------------------------------- output
+def format_table(results: dict[str, Any]) -> str:
+  """Two aligned columns, the way a results table in a log should look."""
+  rows = []
+  for key, value in results.items():
+    if isinstance(value, float):
+      text = f'{value:.4f}' if abs(value) < 1e6 else f'{value:.4e}'
+    else:
+      text = str(value)
+    rows.append((key, text))
+  width = max(len(k) for k, _ in rows)
+  line = '-' * (width + 3 + max(len(v) for _, v in rows))
+  return '\n'.join([line] + [f'{k.ljust(width)} | {v}' for k, v in rows] + [line])
+
+
+def _write_json(path: str, obj: dict) -> None:
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, default=float)
+    f.write('\n')
+  os.replace(tmp, path)
+
+
+def _read_lines(path: str) -> list[str]:
+  if not os.path.isfile(path):
+    raise EvalError(f'--input={path}: no such file.')
+  with open(path, encoding='utf-8') as f:
+    lines = [line.rstrip('\n') for line in f]
+  if not any(line.strip() for line in lines):
+    raise EvalError(f'--input={path} is empty; give a file with one source sentence per line.')
+  return lines
+
+
+# ------------------------------------------------------------------------------------------------------- run
+def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int | None = None,
+        split: str | None = 'validation', output: str | None = None, mode: str = 'score',
+        prompt: str | Sequence[str] | None = None, input_path: str | None = None,
+        bleu: bool = True, overrides: Iterable[str] | None = None) -> dict[str, Any]:
+  """Evaluates the checkpoint in workdir; returns the results dict (also printed, and written as JSON).
+
+  score: writes {step, split, num_tokens, loss, perplexity, ...} to `output` (default DIR/eval.json);
+  encoder_decoder adds bleu, sacrebleu_signature, direction (over the same examples the loss covers, or the
+  whole split with train.eval_steps=-1; bleu=False skips decoding). generate: `prompt` text(s) -> printed
+  continuations. translate: the lines of `input_path` -> printed, or written one per line to `output`.
+  `overrides`: dotted config keys the user set explicitly (see the module docstring).
+  """
+  if mode not in MODES:
+    raise EvalError(f'--mode={mode!r} is not one of {", ".join(MODES)}.')
+  if mode == 'translate':
+    if not input_path:
+      raise EvalError('--mode=translate needs --input=FILE (one source sentence per line).')
+    lines = _read_lines(input_path)  # before the (slow) restore: a bad file fails fast
+  if mode == 'generate' and prompt is None:
+    raise EvalError('--mode=generate needs --prompt=TEXT.')
+  if checkpoint_step is not None and checkpoint_step < 0:
+    checkpoint_step = None
+
+  start = time.perf_counter()
+  r = restore(config, workdir, checkpoint_step=checkpoint_step, overrides=overrides)
+  arch = r.config.model.arch
+  workdir = os.path.abspath(workdir)
+
+  if mode == 'generate':
+    if arch != 'decoder_only':
+      raise EvalError(f'--mode=generate needs a decoder_only checkpoint; {workdir} holds {arch} (use --mode=score'
+                      + (' or --mode=translate).' if arch == 'encoder_decoder' else ').'))
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    texts = generate_texts(r, prompts)
+    for p, t in zip(prompts, texts):
+      _log(f'{p}{t}')
+    results = {'step': r.step, 'mode': mode, 'decode': dataclasses.asdict(decode_settings(r.config)),
+               'prompts': prompts, 'outputs': texts}
+    if output:
+      _write_json(output, results)
+    return results
+
+  if mode == 'translate':
+    if arch != 'encoder_decoder':
+      raise EvalError(f'--mode=translate needs an encoder_decoder checkpoint; {workdir} holds {arch}.')
+    texts = translate_texts(r, lines)
+    if output:
+      if jax.process_index() == 0:
+        with open(output, 'w', encoding='utf-8') as f:
+          f.write(''.join(t + '\n' for t in texts))
+      _log(f'translated {len(lines)} lines -> {output}')
+    else:
+      for t in texts:
+        _log(t)
+    return {'step': r.step, 'mode': mode, 'outputs': texts}
+
+  name = split_name(r.config, split)
+  results: dict[str, Any] = {'step': r.step, 'split': name, 'arch': arch}
+  sums, batches = score(r, workdir, name)
+  results.update(sums)
+  results['eval_batches'] = batches
+  if arch == 'encoder_decoder' and bleu:
+    from jaxformer import data as data_lib
+    pairs = data_lib.load_text_pairs(r.config, workdir, name)
+    limit = int(r.config.train.eval_steps)
+    if limit >= 0:  # the same examples the loss covered (seq2seq rows hold one example each when unpacked)
+      pairs = pairs[:limit * (r.config.train.eval_batch_size or r.config.train.batch_size)]
+    hyps = translate_texts(r, [s for s, _ in pairs])
+    b = metrics_lib.bleu(hyps, [t for _, t in pairs], src_lang='', tgt_lang='')
+    results.update(bleu=b['bleu'], sacrebleu_signature=b['sacrebleu_signature'],
+                   direction=translation_direction(r.config), bleu_examples=len(pairs),
+                   decode=dataclasses.asdict(decode_settings(r.config)))
+    for (src, ref), hyp in list(zip(pairs, hyps))[:3]:
+      _log(f'  src: {src}\n  ref: {ref}\n  hyp: {hyp}')
+  results['seconds'] = round(time.perf_counter() - start, 2)
+  _log(f'evaluation of {workdir} (step {r.step}, split {name}):')
+  _log(format_table({k: v for k, v in results.items() if k != 'decode'}))
+  path = output or os.path.join(workdir, 'eval.json')
+  _write_json(path, results)
+  _log(f'wrote {path}')
+  return results
