@@ -27,6 +27,8 @@ hosts' slices IS the global batch a single host would produce):
 * encoder_only masking (data.mask_rate of the non-special tokens; of those 80% -> MASK, 10% -> a random real
   token, 10% unchanged) draws from `default_rng([seed, MLM, step])` over the global batch, so it is deterministic
   from seed + step and identical whichever host computes it; evaluation uses a fixed seed per batch index.
+* Tokenized training examples are kept in memory up to CACHE_TOKENS, so a small dataset (Multi30k,
+  tinyshakespeare) is read and tokenized once; larger ones are re-read each epoch.
 * Batches: dict of int32 numpy arrays `inputs`, `targets`, `segment_ids`, `positions` [rows, data.seq_len] (+
   `encoder_inputs`, `encoder_segment_ids`, `encoder_positions` [rows, data.src_seq_len] for encoder_decoder).
   segment_ids are 1, 2, 3.. per document within a row and 0 on padding; loss weight = targets != 0.
