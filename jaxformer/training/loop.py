@@ -141,8 +141,11 @@ def _truncate_metrics(workdir: str, step: int) -> None:
       f.writelines(keep)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains config on workdir (resuming from its newest checkpoint) and returns the last train/eval metrics."""
+def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: int | None = None) -> dict[str, Any]:
+  """Trains config on workdir (resuming from its newest checkpoint) and returns the last train/eval metrics.
+
+  stop_after_steps (for tests and tools): behave as if preempted once that step is reached: save and return.
+  """
   from jaxformer import data as data_lib
   config = ml_collections.ConfigDict(config.to_dict())  # a private, unlocked copy we may resolve
   shd.maybe_initialize_distributed(config)
@@ -252,6 +255,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         window_start, window_steps = time.perf_counter(), 0
       stopping = stop.requested if jax.process_count() == 1 else (
           (step % train.log_every == 0 or is_last) and stop.any_process())
+      stopping = stopping or (stop_after_steps is not None and step >= stop_after_steps and not is_last)
       if eval_enabled and (step % train.eval_every == 0 or is_last) and not stopping:
         try:
           last_eval = evaluate(state, eval_step, config, tokenizer, workdir, mesh, rules, process_slice)
@@ -268,7 +272,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         last_saved = step
         window_start, window_steps = time.perf_counter(), 0
       if stopping:
-        _log(f'SIGTERM: saved checkpoint at step {step}; exiting.')
+        _log(f'{"SIGTERM" if stop.requested else "stop_after_steps"}: saved checkpoint at step {step}; exiting.')
         break
     if last_saved != step and step > 0:
       save(step)
@@ -278,4 +282,4 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     writer.close()
     if hasattr(train_iter, 'close'):
       train_iter.close()
-  return {'step': step, 'stopped_early': stop.requested, **last_train, **(last_eval or {})}
+  return {'step': step, 'stopped_early': step < num_steps, **last_train, **(last_eval or {})}

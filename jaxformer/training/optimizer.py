@@ -77,11 +77,17 @@ def make_optimizer(train) -> tuple[optax.GradientTransformation, Callable[[jax.A
   if train.optimizer == 'adamw':
     parts.append(optax.adamw(schedule, b1=train.b1, b2=train.b2, eps=train.eps, weight_decay=wd, mask=mask))
   elif train.optimizer == 'adafactor':
-    # Factored second moments (the memory saving) without parameter-scaled steps, so train.learning_rate means the
-    # same absolute step size as for AdamW; b1 > 0 turns on momentum.
-    parts.append(optax.adafactor(
-        learning_rate=schedule, multiply_by_parameter_scale=False, momentum=train.b1 if train.b1 > 0 else None,
-        weight_decay_rate=wd or None, weight_decay_mask=mask if wd else None, eps=1e-30))
+    # optax.adafactor's pieces in AdamW's order: factored second moments (the memory saving), update clipping at
+    # RMS 1, optional momentum (b1 > 0), then weight decay *before* the learning rate, so decay is lr * wd * param
+    # as in AdamW (optax.adafactor adds it after the learning rate, an absolute rate). No parameter-scaled steps:
+    # train.learning_rate is the same absolute step size for every optimizer.
+    parts.append(optax.scale_by_factored_rms())
+    parts.append(optax.clip_by_block_rms(1.0))
+    if train.b1 > 0:
+      parts.append(optax.ema(train.b1, debias=False))
+    if wd:
+      parts.append(optax.add_decayed_weights(wd, mask=mask))
+    parts.append(optax.scale_by_learning_rate(schedule))
   elif train.optimizer == 'sgd':
     if wd:
       parts.append(optax.add_decayed_weights(wd, mask=mask))

@@ -156,7 +156,11 @@ def init_state(config, setup: TrainSetup) -> dict:
 
 
 def merge_model(graphdef, params, rest) -> nnx.Module:
-  return nnx.merge(graphdef, params, rest)
+  """A module from the split state. The states are copied first (fresh Variable objects in the current trace):
+  nnx.merge reuses the Variables of the State it is given, and a Variable created outside a jax transform (e.g.
+  the rng count of a dropout stream, merged inside value_and_grad) may not be mutated inside it."""
+  copy = lambda tree: jax.tree.map(lambda x: x, tree)
+  return nnx.merge(graphdef, copy(params), copy(rest))
 
 
 # ----------------------------------------------------------------------------------------------------- steps
@@ -214,7 +218,7 @@ def make_train_step(config, setup: TrainSetup) -> Callable[[dict, Batch], tuple[
         'objective': metrics['objective_sum'] / denom,
         'accuracy': metrics['correct_sum'] / denom,
         'tokens': metrics['weight_sum'],
-        'grad_norm': optax.global_norm(grads),
+        'grad_norm': optax.tree.norm(grads),
         'learning_rate': schedule(state['step']),
     }
     new_state = {'step': state['step'] + 1, 'params': new_params, 'opt_state': opt_state, 'rngs': rest}

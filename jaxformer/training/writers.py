@@ -18,6 +18,21 @@ def _clean(value: Any) -> Any:
   return None if math.isnan(value) or math.isinf(value) else value
 
 
+def _import_summary_writer():
+  """tensorboardX.SummaryWriter without tensorboardX's optional `import torch` (seconds of start-up for nothing:
+  we only log scalars). If torch is already imported it is left alone."""
+  import sys
+  if 'tensorboardX' in sys.modules or 'torch' in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules['torch'] = None  # makes `import torch` raise ImportError inside tensorboardX's try/except
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules['torch']
+  return SummaryWriter
+
+
 class MetricWriter:
   def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
     self.enabled = enabled
@@ -26,7 +41,7 @@ class MetricWriter:
     if enabled:
       os.makedirs(workdir, exist_ok=True)
       if tensorboard:
-        from tensorboardX import SummaryWriter
+        SummaryWriter = _import_summary_writer()
         self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), flush_secs=30)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
