@@ -84,13 +84,14 @@ class Attention(nnx.Module):
   the decoding cache). With `cache` (self-attention decoding) the new keys/values are written at `cache_index`.
   """
 
-  def __init__(self, cfg, *, rngs: nnx.Rngs):
+  def __init__(self, cfg, *, out_std: float | None = None, rngs: nnx.Rngs):
+    """out_std: init std of the output projection (GPT-2 scales it down by sqrt(residual sublayers))."""
     d, n, kvh, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self.num_heads, self.num_kv_heads, self.head_dim = n, kvh, h
     self.dtype = jnp.dtype(cfg.dtype)
     self.implementation = cfg.attention_impl
     pdt, std = jnp.dtype(cfg.param_dtype), cfg.init_std
-    out_std = std / math.sqrt(2 * (cfg.num_layers + cfg.num_decoder_layers))  # GPT-2: scaled residual init
+    out_std = std if out_std is None else out_std
     self.query = layers.param(rngs, layers.normal(std), (d, n, h), ('embed', 'heads', 'kv'), pdt)
     self.key = layers.param(rngs, layers.normal(std), (d, kvh, h), ('embed', 'kv_heads', 'kv'), pdt)
     self.value = layers.param(rngs, layers.normal(std), (d, kvh, h), ('embed', 'kv_heads', 'kv'), pdt)

@@ -82,9 +82,10 @@ GATED = ('swiglu',)
 class MLP(nnx.Module):
   """Position-wise feed-forward: d_model -> d_ff -> d_model, optionally gated (SwiGLU)."""
 
-  def __init__(self, cfg, *, rngs: nnx.Rngs):
+  def __init__(self, cfg, *, out_std: float | None = None, rngs: nnx.Rngs):
+    """out_std: init std of the output projection (GPT-2 scales it down by sqrt(residual sublayers))."""
     d, f, pdt, std = cfg.d_model, cfg.d_ff, jnp.dtype(cfg.param_dtype), cfg.init_std
-    out_std = std / (2 * (cfg.num_layers + cfg.num_decoder_layers)) ** 0.5  # GPT-2: scaled residual init
+    out_std = std if out_std is None else out_std
     self.activation, self.dtype = ACTIVATIONS[cfg.mlp], jnp.dtype(cfg.dtype)
     self.wi = param(rngs, normal(std), (d, f), ('embed', 'mlp'), pdt)
     self.wi_gate = param(rngs, normal(std), (d, f), ('embed', 'mlp'), pdt) if cfg.mlp in GATED else None

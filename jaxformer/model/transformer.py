@@ -10,6 +10,7 @@ logits and a new cache; the module itself is never mutated.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -45,13 +46,13 @@ def _defaults(tokens: Array, segment_ids: Array | None, positions: Array | None)
 class Block(nnx.Module):
   """Self-attention [+ cross-attention] + MLP, each a residual sublayer; pre-LN or post-LN."""
 
-  def __init__(self, cfg: ModelConfig, *, cross: bool, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, cross: bool, out_std: float, rngs: nnx.Rngs):
     norm = layers.NORMS[cfg.norm]
     self.pre_norm = cfg.norm_position == 'pre'
-    self.attn_norm, self.attn = norm(cfg, rngs=rngs), Attention(cfg, rngs=rngs)
+    self.attn_norm, self.attn = norm(cfg, rngs=rngs), Attention(cfg, out_std=out_std, rngs=rngs)
     self.cross_norm = norm(cfg, rngs=rngs) if cross else None
-    self.cross_attn = Attention(cfg, rngs=rngs) if cross else None
-    self.mlp_norm, self.mlp = norm(cfg, rngs=rngs), layers.MLP(cfg, rngs=rngs)
+    self.cross_attn = Attention(cfg, out_std=out_std, rngs=rngs) if cross else None
+    self.mlp_norm, self.mlp = norm(cfg, rngs=rngs), layers.MLP(cfg, out_std=out_std, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
   def _sublayer(self, norm, x: Array, fn, deterministic: bool) -> Array:
@@ -96,7 +97,9 @@ class Stack(nnx.Module):
     self.causal, self.remat = causal, cfg.remat == 'block'
     self.positions = positions_lib.POSITIONS[cfg.position](cfg, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
-    self.blocks = nnx.List([Block(cfg, cross=cross, rngs=rngs) for _ in range(num_layers)])
+    # GPT-2 init: each residual branch's output projection gets std / sqrt(number of residual sublayers).
+    out_std = cfg.init_std / math.sqrt(num_layers * (3 if cross else 2))
+    self.blocks = nnx.List([Block(cfg, cross=cross, out_std=out_std, rngs=rngs) for _ in range(num_layers)])
     self.final_norm = layers.NORMS[cfg.norm](cfg, rngs=rngs) if cfg.norm_position == 'pre' else None
 
   def __call__(self, x: Array, positions: Array, mask: Array, *, encoded: Array | None = None,
