@@ -1,0 +1,41 @@
+"""train.py's command line: misspelt --config.* keys are one clear line naming the key and the nearest keys."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import gpt_tiny
+from jaxformer.training import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize('arg,expected', [
+    ('--config.model.d_modle=64', 'unknown config key --config.model.d_modle; did you mean --config.model.d_model?'),
+    ('--config.modle.d_model=64', 'did you mean --config.model.d_model?'),
+    ('--config.train.lerning_rate=1', '--config.train.learning_rate'),
+    ('--config.model.zzzz=1', 'valid keys here: model.arch,'),
+])
+def test_unknown_override_message(arg, expected):
+  message = cli.unknown_override(gpt_tiny.get_config(), ['train.py', '--config=configs/gpt_tiny.py', arg])
+  assert expected in message
+  assert '\n' not in message
+
+
+def test_known_overrides_pass():
+  argv = ['train.py', '--config=configs/gpt_tiny.py', '--config.model.arch=encoder_decoder',
+          '--config.model.position=rope', '--config.mesh.fsdp=2']
+  assert cli.unknown_override(gpt_tiny.get_config(), argv) is None
+
+
+def test_train_py_misspelt_key_exits_with_one_line(tmp_path):
+  out = subprocess.run(
+      [sys.executable, 'train.py', '--config=configs/gpt_tiny.py', f'--workdir={tmp_path}',
+       '--config.train.num_stesp=5'], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0
+  lines = [line for line in out.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1, out.stderr
+  assert lines[0].startswith('error: unknown config key --config.train.num_stesp; did you mean '
+                             '--config.train.num_steps'), out.stderr
+  assert not os.listdir(tmp_path)  # failed before touching the workdir
