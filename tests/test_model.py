@@ -224,8 +224,8 @@ EXPECTED_NAMES = {
     ('mlp', 'wi'): ('embed', 'mlp'),
     ('mlp', 'wi_gate'): ('embed', 'mlp'),
     ('mlp', 'wo'): ('mlp', 'embed'),
-    ('mlp', 'bi'): ('mlp',),
-    ('mlp', 'bo'): ('embed',),
+    ('mlp', 'wi_bias'): ('mlp',),
+    ('mlp', 'wo_bias'): ('embed',),
     ('norm', 'scale'): ('embed',),
     ('norm', 'bias'): ('embed',),
 }
@@ -247,6 +247,8 @@ def test_params_carry_logical_axis_names(position):
     if key in EXPECTED_NAMES:
       assert tuple(names) == EXPECTED_NAMES[key], (path, names)
       seen.add(key)
+    if len(var.shape) == 1:  # the default train.weight_decay_exclude='norm,bias,embed' must spare these
+      assert any(w in str(part) for part in path for w in ('norm', 'bias')), path
   assert {('embed', 'embedding'), ('attn', 'query'), ('attn', 'key'), ('attn', 'out'), ('mlp', 'wi'),
           ('mlp', 'wo'), ('norm', 'scale')} <= seen
 

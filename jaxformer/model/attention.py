@@ -66,11 +66,18 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, *, i
   """
   if implementation == 'reference':
     return reference_attention(q, k, v, mask)
+  requested = implementation
   implementation = resolve_implementation(implementation, q.dtype, q.shape[-1], q.shape[1], k.shape[1])
-  if mask is not None:
+  if mask is not None:  # cuDNN wants the mask at full [T, S] size (it becomes an additive bias)
     mask = jnp.broadcast_to(mask, (q.shape[0], mask.shape[1], q.shape[1], k.shape[1]))
-  out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation,
-                                     is_causal=is_causal and implementation == 'cudnn')
+  try:
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation,
+                                       is_causal=is_causal and implementation == 'cudnn')
+  except (NotImplementedError, ValueError, RuntimeError):
+    if requested != 'auto' or implementation == 'xla':
+      raise
+    # 'auto' picked cuDNN but this GPU / cuDNN version / shape is not supported (checked at trace time).
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='xla')
   if mask is None:
     return out
   row_has_key = jnp.any(mask, axis=-1)  # [B, N|1, T]
@@ -130,7 +137,9 @@ class Attention(nnx.Module):
     if not deterministic and self.attention_dropout.rate > 0:
       out = reference_attention(q, k, v, mask, dropout=lambda p: self.attention_dropout(p, deterministic=False))
     else:
-      implementation = 'xla' if cache is not None and self.implementation == 'auto' else self.implementation
+      implementation = self.implementation
+      if cache is not None and implementation != 'reference':
+        implementation = 'xla'  # decoding: a few queries against a long cache; flash kernels gain nothing here
       out = dot_product_attention(q, k, v, mask, implementation=implementation, is_causal=causal)
     y = jnp.einsum('btnh,nhd->btd', out, self.out[...].astype(self.dtype))
     if self.use_bias:

@@ -90,8 +90,8 @@ class MLP(nnx.Module):
     self.wi = param(rngs, normal(std), (d, f), ('embed', 'mlp'), pdt)
     self.wi_gate = param(rngs, normal(std), (d, f), ('embed', 'mlp'), pdt) if cfg.mlp in GATED else None
     self.wo = param(rngs, normal(out_std), (f, d), ('mlp', 'embed'), pdt)
-    self.bi = param(rngs, zeros, (f,), ('mlp',), pdt) if cfg.use_bias else None
-    self.bo = param(rngs, zeros, (d,), ('embed',), pdt) if cfg.use_bias else None
+    self.wi_bias = param(rngs, zeros, (f,), ('mlp',), pdt) if cfg.use_bias else None
+    self.wo_bias = param(rngs, zeros, (d,), ('embed',), pdt) if cfg.use_bias else None
 
   def _dense(self, x: Array, kernel: nnx.Param, bias: nnx.Param | None) -> Array:
     y = x @ kernel[...].astype(self.dtype)
@@ -99,12 +99,12 @@ class MLP(nnx.Module):
 
   def __call__(self, x: Array) -> Array:
     x = x.astype(self.dtype)
-    h = self._dense(x, self.wi, self.bi)
+    h = self._dense(x, self.wi, self.wi_bias)
     if self.wi_gate is not None:
       h = self.activation(x @ self.wi_gate[...].astype(self.dtype)) * h
     else:
       h = self.activation(h)
-    return self._dense(h, self.wo, self.bo)
+    return self._dense(h, self.wo, self.wo_bias)
 
 
 # ------------------------------------------------------------------------------------------- embeddings
