@@ -62,10 +62,13 @@ def test_optimizers_minimise_and_decay_only_unmasked(name):
   np.testing.assert_allclose(updates['norm'], 0.0)
   loss = lambda p: sum(jnp.sum((x - 1.0) ** 2) for x in jax.tree.leaves(p))
   start = float(loss(params))
-  for _ in range(50):
-    grads = jax.grad(loss)(params)
-    updates, state = tx.update(grads, state, params)
-    params = optax.apply_updates(params, updates)
+
+  def body(_, carry):
+    params, state = carry
+    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    return optax.apply_updates(params, updates), state
+
+  params, _ = jax.jit(lambda p, s: jax.lax.fori_loop(0, 50, body, (p, s)))(params, state)
   assert float(loss(params)) < 0.5 * start
 
 

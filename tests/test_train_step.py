@@ -14,7 +14,8 @@ jax.config.update('jax_compilation_cache_dir', os.path.join(tempfile.gettempdir(
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 
-@pytest.mark.parametrize('k,mesh', [(4, dict(data=2))])
+# The same config and mesh as test_sharding's sharded step, so its compiled k=1 program is reused (XLA cache).
+@pytest.mark.parametrize('k,mesh', [(4, dict(data=2, fsdp=2, tensor=2))])
 def test_grad_accumulation_equals_big_batch(k, mesh):
   batch = lm_batch(batch_size=8, seed=1)
   big_cfg = small_config(**mesh)
@@ -43,3 +44,21 @@ def test_micro_batches_partition_the_rows():
   assert micro.shape == (4, 2, 3)
   rows = sorted(tuple(r) for r in micro.reshape(-1, 3))
   assert rows == sorted(tuple(r) for r in x)
+
+
+def test_bf16_compute_keeps_f32_master_weights():
+  batch = lm_batch(seed=2)
+  f32_cfg, bf16_cfg = small_config(), small_config()
+  bf16_cfg.model.dtype = 'bfloat16'
+  results = []
+  for cfg in (f32_cfg, bf16_cfg):
+    setup, state = setup_for(cfg)
+    state, metrics = step.make_train_step(cfg, setup)(state, shd.shard_batch(batch, setup.mesh, setup.rules))
+    results.append((state, metrics))
+  (s32, m32), (s16, m16) = results
+  for tree in (s16['params'], s16['opt_state']):
+    assert {x.dtype for x in jax.tree.leaves(tree) if x.ndim > 0} == {np.dtype('float32')}
+  np.testing.assert_allclose(m16['loss'], m32['loss'], rtol=2e-2)
+  assert float(m16['loss']) != float(m32['loss'])  # the compute really ran in bfloat16
+  for a, b in zip(jax.tree.leaves(s16['params']), jax.tree.leaves(s32['params'])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2.5e-2)  # within ~2 Adam steps of lr 1e-2
