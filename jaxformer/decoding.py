@@ -258,8 +258,9 @@ def _beam_search(graphdef, state, prompt, prompt_lengths, src_tokens, *, setting
   return _new_tokens(seqs, prompt_lengths, max_new), scores
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new', 'prefill_len'))
-def _greedy_without_cache(graphdef, state, prompt, prompt_lengths, src_tokens, *, max_new: int, prefill_len: int):
+@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new', 'prefill_len', 'eos_id'))
+def _greedy_without_cache(graphdef, state, prompt, prompt_lengths, src_tokens, *, max_new: int, prefill_len: int,
+                          eos_id: int):
   model = nnx.merge(graphdef, state)
   batch, prompt_width = prompt.shape
   total = prompt_width + max_new
@@ -271,7 +272,7 @@ def _greedy_without_cache(graphdef, state, prompt, prompt_lengths, src_tokens, *
     token = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, index - 1, axis=1, keepdims=False), axis=-1)
     forced, forced_token = _forced(seqs, prompt_lengths, index, max_new)
     token = jnp.where(done, PAD_ID, jnp.where(forced, forced_token, token).astype(jnp.int32))
-    done = done | ((token == EOS_ID) & ~forced)
+    done = done | ((token == eos_id) & ~forced)
     return jax.lax.dynamic_update_index_in_dim(seqs, token, index, axis=1), done
 
   seqs, _ = jax.lax.fori_loop(prefill_len, total, body, (seqs, jnp.zeros((batch,), bool)))
@@ -327,13 +328,13 @@ def beam_search(model: nnx.Module, prompt: Any = None, *, settings: DecodeSettin
 
 
 def greedy_without_cache(model: nnx.Module, prompt: Any = None, *, max_new_tokens: int, prompt_lengths: Any = None,
-                         src_tokens: Any = None) -> jax.Array:
+                         src_tokens: Any = None, eos_id: int = EOS_ID) -> jax.Array:
   """The baseline the KV cache beats: a full forward pass over the whole [B, P + N] buffer for every new token
   (and the encoder again each step for encoder_decoder). Same output as `greedy`."""
   graphdef, state = nnx.split(model)
   prompt, lengths, src, prefill_len = _prepare(prompt, prompt_lengths, src_tokens)
   return _greedy_without_cache(graphdef, state, prompt, lengths, src, max_new=max_new_tokens,
-                               prefill_len=prefill_len)
+                               prefill_len=prefill_len, eos_id=eos_id)
 
 
 def decode(model: nnx.Module, settings: DecodeSettings, prompt: Any = None, *, prompt_lengths: Any = None,

@@ -17,6 +17,7 @@ the request: they describe this evaluation and this machine, not the training ru
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -155,6 +156,16 @@ def restore(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step:
   return Restored(config, model, step, tokenizer, mesh, rules)
 
 
+@functools.partial(jax.jit, static_argnames=('graphdef', 'config_json'))
+def _eval_step(graphdef, state, batch, *, config_json: str):
+  """Training's compute_loss on one batch -> its metric sums. Module-level with hashable static arguments, so
+  evaluating another checkpoint of the same model in this process reuses the compiled step."""
+  from jaxformer.training import step as step_lib
+  config = ml_collections.ConfigDict(json.loads(config_json))
+  _, sums = step_lib.compute_loss(nnx.merge(graphdef, state), batch, config, deterministic=True)
+  return sums
+
+
 def score(r: Restored, workdir: str, split: str) -> tuple[dict[str, Any], int]:
   """Token-weighted metric sums over train.eval_steps batches of `split` (-1: all) with training's compute_loss.
 
@@ -163,7 +174,6 @@ def score(r: Restored, workdir: str, split: str) -> tuple[dict[str, Any], int]:
   """
   from jaxformer import data as data_lib
   from jaxformer import sharding as shd
-  from jaxformer.training import step as step_lib
   config, mesh, rules = r.config, r.mesh, r.rules
   eval_bs = config.train.eval_batch_size or config.train.batch_size
   shards = shd.batch_shards(mesh, rules)
@@ -174,19 +184,15 @@ def score(r: Restored, workdir: str, split: str) -> tuple[dict[str, Any], int]:
   iterator = data_lib.make_eval_iterator(config, r.tokenizer, workdir, split, batch_size=eval_bs,
                                          process_index=process_slice[0], process_count=process_slice[1])
   graphdef, state = nnx.split(r.model)
-
-  @jax.jit
-  def eval_step(state, batch):
-    _, sums = step_lib.compute_loss(nnx.merge(graphdef, state), batch, config, deterministic=True)
-    return sums
-
+  config_json = json.dumps(config.to_dict(), sort_keys=True, default=str)
   acc = metrics_lib.MetricAccumulator()  # sums come back global (the jit spans the mesh): no merge_hosts
   limit = int(config.train.eval_steps)
   with shd.mesh_context(mesh, rules):
     for i, batch in enumerate(iterator):
       if 0 <= limit <= i:
         break
-      acc.add(eval_step(state, shd.shard_batch(batch, mesh, rules, process_slice)))
+      acc.add(_eval_step(graphdef, state, shd.shard_batch(batch, mesh, rules, process_slice),
+                         config_json=config_json))
   if hasattr(iterator, 'close'):
     iterator.close()
   if acc.weight_sum <= 0:

@@ -179,20 +179,21 @@ def test_top_k_one_and_zero_temperature_equal_greedy():
 
 
 def test_top_p_never_leaves_the_nucleus():
+  sample_logits = jax.jit(decoding.sample_logits, static_argnames=('temperature', 'top_k', 'top_p'))
   probs = np.array([0.0, 0.0, 0.05, 0.4, 0.3, 0.15, 0.1])
   logits = jnp.log(jnp.asarray(probs) + 1e-12).astype(jnp.float32)
   n = 20000
-  draws = np.asarray(decoding.sample_logits(jax.random.key(0), jnp.broadcast_to(logits, (n, 7)), top_p=0.75))
+  draws = np.asarray(sample_logits(jax.random.key(0), jnp.broadcast_to(logits, (n, 7)), top_p=0.75))
   # Sorted: 0.4, 0.3 (mass before = 0.4 < 0.75 -> in), 0.15 (mass before 0.7 < 0.75 -> in), 0.1 (0.85 -> out).
   nucleus = {3, 4, 5}
   assert set(np.unique(draws)) == nucleus
   freq = np.bincount(draws, minlength=7) / n
   np.testing.assert_allclose(freq[[3, 4, 5]], probs[[3, 4, 5]] / 0.85, atol=0.015)
   # top_p combined with top_k: top_k=2 leaves {3, 4}; the nucleus of that (0.4/0.7 = 0.57 < 0.75) keeps both.
-  draws = np.asarray(decoding.sample_logits(jax.random.key(1), jnp.broadcast_to(logits, (n, 7)), top_k=2, top_p=0.75))
+  draws = np.asarray(sample_logits(jax.random.key(1), jnp.broadcast_to(logits, (n, 7)), top_k=2, top_p=0.75))
   assert set(np.unique(draws)) == {3, 4}
   # A tiny top_p keeps only the most likely token.
-  draws = np.asarray(decoding.sample_logits(jax.random.key(2), jnp.broadcast_to(logits, (1000, 7)), top_p=0.01))
+  draws = np.asarray(sample_logits(jax.random.key(2), jnp.broadcast_to(logits, (1000, 7)), top_p=0.01))
   assert set(np.unique(draws)) == {3}
 
 
@@ -269,3 +270,83 @@ def test_settings_from_config():
   s = decoding.DecodeSettings.from_config(config.decode, max_len=9)
   assert (s.method, s.beam_size, s.length_penalty, s.max_len) == ('beam', 3, 1.0, 9)
   assert math.isclose(float(decoding.brevity_penalty(3, 0.6)), (8 / 6) ** 0.6, rel_tol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- the real model
+def tiny_model(arch, position='rope', seed=0, **overrides):
+  from configs import default
+  from jaxformer.model import build_model
+  config = default.get_config()
+  config.model.update(arch=arch, position=position, num_layers=1, num_heads=2, d_model=32, d_ff=64, vocab_size=17,
+                      max_len=24, init_std=0.3, **overrides)
+  return build_model(config.model, rngs=nnx.Rngs(params=seed, dropout=seed))
+
+
+def make_forward(model):
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def forward(state, tokens, src):
+    m = nnx.merge(graphdef, state)
+    return m(src, tokens) if src is not None else m(tokens)
+
+  return lambda tokens, src=None: np.asarray(forward(state, jnp.asarray(tokens), src))
+
+
+def full_forward_greedy(model, prompts, steps, src=None):
+  """The reference: re-run the whole model on each row's sequence so far; take the argmax at its last position.
+
+  Rows sit in a fixed zero-padded buffer so one jit serves every step; the causal mask keeps the padding after a
+  row's last token from touching it. No cache anywhere.
+  """
+  forward = make_forward(model)
+  src = None if src is None else jnp.asarray(src, jnp.int32)
+  buf = np.zeros((len(prompts), max(map(len, prompts)) + steps), np.int32)
+  for row, prompt in enumerate(prompts):
+    buf[row, :len(prompt)] = prompt
+  pos = [len(p) for p in prompts]
+  out = np.zeros((len(prompts), steps), np.int32)
+  done = [False] * len(prompts)
+  for step in range(steps):
+    logits = forward(buf, src)
+    for row in range(len(prompts)):
+      if not done[row]:
+        out[row, step] = buf[row, pos[row]] = int(np.argmax(logits[row, pos[row] - 1]))
+        pos[row] += 1
+        done[row] = out[row, step] == decoding.EOS_ID
+  return out
+
+
+def test_greedy_with_cache_equals_repeated_full_forward_decoder_only():
+  # Learned (absolute) positions: a row whose prompt is shorter than the batch's longest must still see its own
+  # positions 0, 1, 2, ... (a relative encoding such as rope would hide a constant shift).
+  model = tiny_model('decoder_only', position='learned')
+  prompts = [[1, 7, 9, 5], [1, 11], [1, 6, 8]]  # different lengths: the batched run pads and forces
+  tokens, lengths = decoding.pad_prompts(prompts)
+  steps = 10
+  got = np.asarray(decoding.greedy(model, tokens, prompt_lengths=lengths, max_new_tokens=steps))
+  np.testing.assert_array_equal(got, full_forward_greedy(model, prompts, steps))
+  assert len(set(got[:, 0])) > 1 or len(set(got[:, 1])) > 1  # not a degenerate constant output
+  # beam of 1 (alpha 0) and top-k 1 sampling are greedy too, on the real model
+  beam = decoding.DecodeSettings(method='beam', beam_size=1, length_penalty=0.0, max_len=steps)
+  np.testing.assert_array_equal(
+      np.asarray(decoding.beam_search(model, tokens, prompt_lengths=lengths, settings=beam)[0])[:, 0], got)
+  topk = decoding.DecodeSettings(method='sample', top_k=1, max_len=steps)
+  np.testing.assert_array_equal(
+      np.asarray(decoding.sample(model, tokens, jax.random.key(3), prompt_lengths=lengths, settings=topk)), got)
+
+
+def test_greedy_with_cache_equals_repeated_full_forward_encoder_decoder():
+  model = tiny_model('encoder_decoder', position='rope', num_kv_heads=1)
+  src = np.asarray([[5, 9, 12, 7, 2], [8, 6, 2, 0, 0]], np.int32)  # a padded source row: padding must be masked
+  steps = 8
+  got = np.asarray(decoding.greedy(model, None, src_tokens=src, max_new_tokens=steps))
+  np.testing.assert_array_equal(got, full_forward_greedy(model, [[decoding.BOS_ID]] * 2, steps, src=src))
+  # A real beam never scores below greedy's own sequence (alpha 0: scores are plain log-probs).
+  wide = decoding.DecodeSettings(method='beam', beam_size=4, length_penalty=0.0, max_len=steps)
+  _, scores = decoding.beam_search(model, None, src_tokens=src, settings=wide)
+  tgt = np.concatenate([np.ones((2, 1), np.int32), got], axis=1)
+  logp = np.asarray(jax.nn.log_softmax(make_forward(model)(tgt, src), axis=-1))
+  for row in range(2):
+    greedy_lp = sum(logp[row, i, t] for i, t in enumerate(got[row]) if t)
+    assert float(scores[row, 0]) >= greedy_lp - 1e-4

@@ -1,0 +1,169 @@
+"""eval.py / evaluation.run end to end on checkpoints from short training runs of each tiny recipe.
+
+Each recipe is trained for a handful of steps with a tiny model (in-process `jaxformer.training.run`, which is
+all train.py does), then evaluated; the loss must equal the eval_loss training logged for the same step and split.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxformer import decoding, evaluation
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+TINY = {  # recipe -> extra overrides (beyond the common tiny ones below)
+    'gpt_tiny': {'data.seq_len': 32, 'model.max_len': 64,
+                 # sharded parameters: fsdp x tensor, so decoding is checked on a real training mesh
+                 'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2},
+    'bert_tiny': {'data.seq_len': 32, 'model.max_len': 32},
+    't5_tiny': {'data.seq_len': 48, 'data.src_seq_len': 12, 'model.max_len': 48, 'model.num_decoder_layers': 1,
+                'decode.max_len': 12},
+}
+COMMON = {'model.d_model': 32, 'model.d_ff': 64, 'model.num_layers': 1, 'train.batch_size': 8,
+          'train.num_steps': 4, 'train.warmup_steps': 1, 'train.eval_every': 2, 'train.eval_steps': 2,
+          'train.log_every': 2, 'checkpoint.every_steps': 2, 'checkpoint.async_save': False}
+
+
+def recipe_config(recipe, **overrides):
+  import importlib
+  config = importlib.import_module(f'configs.{recipe}').get_config()
+  for key, value in {**COMMON, **TINY[recipe], **overrides}.items():
+    *parents, leaf = key.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def as_cli(overrides):
+  return [f'--config.{k}={v}' for k, v in overrides.items()]
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """recipe -> workdir of a finished 4-step run (checkpoints at steps 2 and 4, evals logged at both)."""
+  from jaxformer import training
+  cache = {}
+
+  def get(recipe):
+    if recipe not in cache:
+      workdir = tmp_path_factory.mktemp(recipe)
+      training.run(recipe_config(recipe), str(workdir))
+      cache[recipe] = workdir
+    return cache[recipe]
+
+  return get
+
+
+def logged_eval(workdir, step):
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines() if line.strip()]
+  return next(r for r in rows if r['step'] == step and 'eval_loss' in r)
+
+
+def check_against_training(results, workdir, step):
+  logged = logged_eval(workdir, step)
+  assert results['step'] == step
+  assert results['loss'] == pytest.approx(logged['eval_loss'], rel=1e-5, abs=1e-6)
+  assert results['num_tokens'] == int(logged['eval_tokens'])
+  assert results['perplexity'] == pytest.approx(np.exp(results['loss']), rel=1e-9)
+  assert 1.0 < results['perplexity'] < 1e3
+
+
+def test_decoder_only_eval_matches_training_and_generates_on_a_sharded_mesh(trained, capsys):
+  workdir = trained('gpt_tiny')
+  config = recipe_config('gpt_tiny')
+  out = workdir / 'latest.json'
+  results = evaluation.run(config, str(workdir), output=str(out))
+  check_against_training(results, workdir, 4)
+  saved = json.loads(out.read_text())
+  assert {'step', 'split', 'num_tokens', 'loss', 'perplexity', 'token_accuracy'} <= set(saved)
+  assert saved['split'] == 'validation' and saved['loss'] == results['loss']
+  # An older checkpoint, chosen explicitly, matches what training logged at that step.
+  check_against_training(evaluation.run(config, str(workdir), checkpoint_step=2), workdir, 2)
+  assert json.loads((workdir / 'eval.json').read_text())['step'] == 2  # the default output path
+
+  # Generation with the parameters sharded over fsdp x tensor equals decoding a single-device copy.
+  restored = evaluation.restore(config, str(workdir))
+  specs = {str(x.sharding.spec) for x in jax.tree.leaves(restored.model) if hasattr(x, 'sharding')}
+  assert any('fsdp' in s or 'tensor' in s for s in specs), specs
+  config.decode.max_len = 10
+  capsys.readouterr()
+  gen = evaluation.run(config, str(workdir), mode='generate', prompt=['ka', 'zo mi'])
+  printed = capsys.readouterr().out
+  assert gen['outputs'][0] in printed and printed.count('\n') >= 2
+  local = jax.device_put(restored.model, jax.devices()[0])
+  tok = restored.tokenizer
+  for text, got in zip(['ka', 'zo mi'], gen['outputs']):
+    ids = decoding.greedy(local, np.asarray([[tok.bos_id] + tok.encode(text)]), max_new_tokens=10)
+    assert tok.decode(np.asarray(ids)[0]) == got
+
+
+def test_encoder_only_eval_reports_masked_accuracy(trained):
+  workdir = trained('bert_tiny')
+  results = evaluation.run(recipe_config('bert_tiny'), str(workdir))
+  check_against_training(results, workdir, 4)
+  saved = json.loads((workdir / 'eval.json').read_text())
+  assert 0.0 <= saved['masked_accuracy'] <= 1.0 and 'bleu' not in saved
+  assert saved['masked_accuracy'] == pytest.approx(logged_eval(workdir, 4)['eval_accuracy'], abs=1e-6)
+  with pytest.raises(evaluation.EvalError, match='decoder_only'):
+    evaluation.run(recipe_config('bert_tiny'), str(workdir), mode='generate', prompt='ka')
+
+
+def test_eval_cli_encoder_decoder_writes_bleu_and_translates(trained, tmp_path):
+  workdir = trained('t5_tiny')
+  out = tmp_path / 'eval.json'
+  # The recipe alone: model/data/train settings come from the checkpoint's saved config; decode is overridden.
+  cmd = [sys.executable, 'eval.py', '--config=configs/t5_tiny.py', f'--workdir={workdir}', f'--output={out}',
+         '--config.decode.max_len=10']
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'perplexity' in proc.stdout and 'bleu' in proc.stdout
+  results = json.loads(out.read_text())
+  check_against_training(results, workdir, 4)
+  assert 0.0 <= results['bleu'] <= 100.0
+  assert results['sacrebleu_signature'].startswith('nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:')
+  assert results['direction'] == 'digits->en'
+  assert results['bleu_examples'] == 16 and results['decode']['max_len'] == 10
+
+  src = tmp_path / 'src.txt'
+  src.write_text('12\n7041\n')
+  config = recipe_config('t5_tiny')
+  config.decode.update(method='beam', beam_size=2)
+  translated = tmp_path / 'hyp.txt'
+  res = evaluation.run(config, str(workdir), mode='translate', input_path=str(src), output=str(translated))
+  assert translated.read_text().splitlines() == res['outputs'] and len(res['outputs']) == 2
+
+
+def test_errors_are_one_clear_line(trained, tmp_path):
+  workdir = trained('gpt_tiny')
+  empty_dir = tmp_path / 'nothing'
+  empty_dir.mkdir()
+  with pytest.raises(evaluation.EvalError, match='no checkpoint in .*train first'):
+    evaluation.run(recipe_config('gpt_tiny'), str(empty_dir))
+  with pytest.raises(evaluation.EvalError, match='is a decoder_only model .* model.arch=encoder_decoder'):
+    evaluation.run(recipe_config('t5_tiny'), str(workdir))
+  with pytest.raises(evaluation.EvalError, match='model.d_model=64 contradicts the checkpoint'):
+    evaluation.run(recipe_config('gpt_tiny', **{'model.d_model': 64}), str(workdir), overrides=['model.d_model'])
+  with pytest.raises(evaluation.EvalError, match='checkpoint_step=3: no such checkpoint .*2, 4'):
+    evaluation.run(recipe_config('gpt_tiny'), str(workdir), checkpoint_step=3)
+  empty = tmp_path / 'empty.txt'
+  empty.write_text('\n')
+  with pytest.raises(evaluation.EvalError, match='empty.txt is empty'):
+    evaluation.run(recipe_config('t5_tiny'), str(workdir), mode='translate', input_path=str(empty))
+
+  # Through the CLI: exit status non-zero, one line on stderr, no traceback.
+  for args in (['--config=configs/bert_tiny.py', f'--workdir={workdir}'],
+               ['--config=configs/gpt_tiny.py', f'--workdir={empty_dir}']):
+    proc = subprocess.run([sys.executable, 'eval.py', *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode != 0
+    assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr
+    assert 'Traceback' not in proc.stderr
