@@ -263,11 +263,11 @@ def test_reference_and_xla_attention_give_the_same_model():
 
 def test_remat_gives_the_same_loss_and_gradients():
   rng = np.random.default_rng(6)
-  tgt = tokens(rng, 2, L)
+  src, tgt = tokens(rng, 2, L), tokens(rng, 2, L)
 
   def loss_and_grads(remat):
-    model = build_model(tiny_config('decoder_only', 'rope', remat=remat, dropout=0.1), rngs=nnx.Rngs(0))
-    loss = lambda m: jnp.mean(jax.nn.log_softmax(m(tgt, deterministic=False))[..., 5])
+    model = build_model(tiny_config('encoder_decoder', 'rope', remat=remat, dropout=0.1), rngs=nnx.Rngs(0))
+    loss = lambda m: jnp.mean(jax.nn.log_softmax(m(src, tgt, deterministic=False))[..., 5])
     return nnx.jit(nnx.value_and_grad(loss))(model)
 
   (l1, g1), (l2, g2) = loss_and_grads('none'), loss_and_grads('block')
@@ -286,11 +286,14 @@ def test_dropout_only_when_not_deterministic():
 
 
 def test_gpt2_style_scaled_residual_init():
-  model = build_model(tiny_config('decoder_only', 'learned', num_layers=8, d_model=64, d_ff=256),
-                      rngs=nnx.Rngs(0))
-  block = model.decoder.blocks[0]
-  ratio = np.std(block.attn.out[...]) / np.std(block.attn.query[...])
-  assert abs(ratio - 1 / np.sqrt(2 * 8)) < 0.01  # GPT-2: std / sqrt(number of residual sublayers)
+  """Residual output projections start at init_std / sqrt(residual sublayers in their stack), as GPT-2."""
+  model = build_model(tiny_config('encoder_decoder', 'learned', num_layers=4, num_decoder_layers=2, d_model=32,
+                                  init_std=0.02), rngs=nnx.Rngs(0))
+  std = lambda params: np.std(np.concatenate([np.ravel(p[...]) for p in params]))
+  for stack, sublayers in ((model.encoder, 2 * 4), (model.decoder, 3 * 2)):
+    outs = [b.attn.out for b in stack.blocks] + [b.mlp.wo for b in stack.blocks]
+    np.testing.assert_allclose(std(outs), 0.02 / np.sqrt(sublayers), rtol=0.05)
+    np.testing.assert_allclose(std([b.attn.query for b in stack.blocks]), 0.02, rtol=0.05)
 
 
 def test_jitted_decoding_loop():

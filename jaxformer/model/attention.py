@@ -103,12 +103,11 @@ class Attention(nnx.Module):
     self.key = layers.param(rngs, layers.normal(std), (d, kvh, h), ('embed', 'kv_heads', 'kv'), pdt)
     self.value = layers.param(rngs, layers.normal(std), (d, kvh, h), ('embed', 'kv_heads', 'kv'), pdt)
     self.out = layers.param(rngs, layers.normal(out_std), (n, h, d), ('heads', 'kv', 'embed'), pdt)
-    self.use_bias = cfg.use_bias
-    if cfg.use_bias:
-      self.query_bias = layers.param(rngs, layers.zeros, (n, h), ('heads', 'kv'), pdt)
-      self.key_bias = layers.param(rngs, layers.zeros, (kvh, h), ('kv_heads', 'kv'), pdt)
-      self.value_bias = layers.param(rngs, layers.zeros, (kvh, h), ('kv_heads', 'kv'), pdt)
-      self.out_bias = layers.param(rngs, layers.zeros, (d,), ('embed',), pdt)
+    bias = lambda shape, names: layers.param(rngs, layers.zeros, shape, names, pdt) if cfg.use_bias else None
+    self.query_bias = bias((n, h), ('heads', 'kv'))
+    self.key_bias = bias((kvh, h), ('kv_heads', 'kv'))
+    self.value_bias = bias((kvh, h), ('kv_heads', 'kv'))
+    self.out_bias = bias((d,), ('embed',))
     self.attention_dropout = nnx.Dropout(cfg.attention_dropout, rngs=rngs)
 
   def _project(self, x: Array, kernel: nnx.Param, bias: nnx.Param | None) -> Array:
@@ -118,15 +117,14 @@ class Attention(nnx.Module):
   def kv(self, x: Array) -> tuple[Array, Array]:
     """Keys and values [B,S,K,H] of `x` (the encoder output, for cross-attention)."""
     x = x.astype(self.dtype)
-    return (self._project(x, self.key, self.key_bias if self.use_bias else None),
-            self._project(x, self.value, self.value_bias if self.use_bias else None))
+    return self._project(x, self.key, self.key_bias), self._project(x, self.value, self.value_bias)
 
   def __call__(self, x: Array, mask: Array | None, *, kv: tuple[Array, Array] | None = None,
                rope: tuple[Array, Array] | None = None, cache: dict | None = None, cache_index: Array | None = None,
                causal: bool = False, deterministic: bool = True) -> tuple[Array, dict | None]:
     """x [B,T,D] -> ([B,T,D], updated cache or None)."""
     x = x.astype(self.dtype)
-    q = self._project(x, self.query, self.query_bias if self.use_bias else None)
+    q = self._project(x, self.query, self.query_bias)
     k, v = self.kv(x) if kv is None else kv
     if rope is not None:
       q, k = positions.apply_rope(q, *rope), positions.apply_rope(k, *rope)
@@ -142,6 +140,6 @@ class Attention(nnx.Module):
         implementation = 'xla'  # decoding: a few queries against a long cache; flash kernels gain nothing here
       out = dot_product_attention(q, k, v, mask, implementation=implementation, is_causal=causal)
     y = jnp.einsum('btnh,nhd->btd', out, self.out[...].astype(self.dtype))
-    if self.use_bias:
+    if self.out_bias is not None:
       y = y + self.out_bias[...].astype(self.dtype)
     return y, cache

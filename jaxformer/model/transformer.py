@@ -55,31 +55,29 @@ class Block(nnx.Module):
     self.mlp_norm, self.mlp = norm(cfg, rngs=rngs), layers.MLP(cfg, out_std=out_std, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
-  def _sublayer(self, norm, x: Array, fn, deterministic: bool) -> Array:
-    if self.pre_norm:
-      return x + self.dropout(fn(norm(x)), deterministic=deterministic)
-    return norm(x + self.dropout(fn(x), deterministic=deterministic))
+  def _in(self, norm, x: Array) -> Array:
+    return norm(x) if self.pre_norm else x
+
+  def _out(self, norm, x: Array, y: Array, deterministic: bool) -> Array:
+    """The residual connection: pre-LN x + y; post-LN norm(x + y) (dropout on y)."""
+    x = x + self.dropout(y, deterministic=deterministic)
+    return x if self.pre_norm else norm(x)
 
   def __call__(self, x: Array, mask: Array, *, rope=None, causal: bool = False, encoded: Array | None = None,
                cross_kv: tuple[Array, Array] | None = None, cross_mask: Array | None = None,
                cache: dict | None = None, cache_index: Array | None = None,
                deterministic: bool = True) -> tuple[Array, dict | None]:
-    new_cache = None
-
-    def self_attention(h):
-      nonlocal new_cache
-      out, new_cache = self.attn(h, mask, rope=rope, cache=cache, cache_index=cache_index, causal=causal,
-                                 deterministic=deterministic)
-      return out
-
-    x = self._sublayer(self.attn_norm, x, self_attention, deterministic)
+    """x [B,T,D] -> (x, updated self-attention cache or None). Cross-attention reads `cross_kv` when given
+    (decoding), else projects `encoded`."""
+    y, cache = self.attn(self._in(self.attn_norm, x), mask, rope=rope, cache=cache, cache_index=cache_index,
+                         causal=causal, deterministic=deterministic)
+    x = self._out(self.attn_norm, x, y, deterministic)
     if self.cross_attn is not None:
       kv = cross_kv if cross_kv is not None else self.cross_attn.kv(encoded)
-      x = self._sublayer(
-          self.cross_norm, x, lambda h: self.cross_attn(h, cross_mask, kv=kv, deterministic=deterministic)[0],
-          deterministic)
-    x = self._sublayer(self.mlp_norm, x, self.mlp, deterministic)
-    return x, new_cache
+      y, _ = self.cross_attn(self._in(self.cross_norm, x), cross_mask, kv=kv, deterministic=deterministic)
+      x = self._out(self.cross_norm, x, y, deterministic)
+    x = self._out(self.mlp_norm, x, self.mlp(self._in(self.mlp_norm, x)), deterministic)
+    return x, cache
 
 
 def _block_forward(block: Block, x, mask, rope, encoded, cross_mask, causal: bool, deterministic: bool):
@@ -286,12 +284,4 @@ def build_model(model_config: Any, *, rngs: nnx.Rngs) -> _Model:
 
 def count_params(model: nnx.Module) -> int:
   """Number of parameter scalars (works on abstract models from nnx.eval_shape too)."""
-  return sum(int(jnp.size(x)) if not hasattr(x, 'shape') else int(_prod(x.shape))
-             for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
-def _prod(shape) -> int:
-  n = 1
-  for s in shape:
-    n *= s
-  return n
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
