@@ -343,7 +343,8 @@ def decode(model: nnx.Module, settings: DecodeSettings, prompt: Any = None, *, p
   """Decodes with settings.method -> new tokens [B, N] as numpy (the best beam for beam search).
 
   prompt: [B, P] right-padded (decoder_only; encoder_decoder defaults to BOS). src_tokens: [B, S] for
-  encoder_decoder. model_max_len caps P + N (learned positions and the cache end there). batch_sharding: where to
+  encoder_decoder. model_max_len (default: model.config.max_len) caps P + N: learned positions and the cache end
+  there, so settings.max_len is lowered to fit. batch_sharding: where to
   put the batch (e.g. NamedSharding(mesh, P(('data', 'fsdp')))); rows are padded up to a multiple of its devices
   and cut off again, so decoding runs on the training mesh with sharded parameters.
   """
@@ -354,6 +355,8 @@ def decode(model: nnx.Module, settings: DecodeSettings, prompt: Any = None, *, p
     prompt_np = np.full((batch, 1), BOS_ID, np.int32)
   lengths_np = (np.full((batch,), prompt_np.shape[1], np.int32) if prompt_lengths is None
                 else np.asarray(prompt_lengths, np.int32))
+  if model_max_len is None:  # jaxformer models carry their ModelConfig
+    model_max_len = getattr(getattr(model, 'config', None), 'max_len', None)
   if model_max_len is not None and prompt_np.shape[1] + settings.max_len > model_max_len:
     new = model_max_len - prompt_np.shape[1]
     if new < 1:

@@ -243,6 +243,10 @@ def translate_texts(r: Restored, texts: Sequence[str]) -> list[str]:
 def generate_texts(r: Restored, prompts: Sequence[str]) -> list[str]:
   tok = r.tokenizer
   ids = [[tok.bos_id] + tok.encode(p) for p in prompts]
+  longest = max(len(i) for i in ids)
+  if longest >= r.config.model.max_len:
+    raise EvalError(f'--prompt is {longest} tokens (with BOS) but model.max_len={r.config.model.max_len} leaves no '
+                    'room to generate; shorten the prompt.')
   return [tok.decode(out) for out in _decode_batches(r, prompts=ids)]
 
 
@@ -348,7 +352,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int
     from jaxformer import data as data_lib
     pairs = data_lib.load_text_pairs(r.config, workdir, name)
     limit = int(r.config.train.eval_steps)
-    if limit >= 0:  # the same examples the loss covered (seq2seq rows hold one example each when unpacked)
+    if limit >= 0:  # the examples the loss covered (exactly so when rows are unpacked: one example per row)
       pairs = pairs[:limit * (r.config.train.eval_batch_size or r.config.train.batch_size)]
     hyps = translate_texts(r, [s for s, _ in pairs])
     b = metrics_lib.bleu(hyps, [t for _, t in pairs], src_lang='', tgt_lang='')
