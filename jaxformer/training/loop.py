@@ -2,6 +2,17 @@
 
 The hot loop only dispatches: metrics stay on the devices until a log step fetches them (one host sync per
 train.log_every steps), so the host runs ahead of the accelerator and the data pipeline overlaps with compute.
+
+DIR/metrics.jsonl rows (also TensorBoard scalars in DIR/tensorboard/):
+  train rows, every train.log_every steps and at the end: step, train_loss (token-weighted cross-entropy, mean over
+    the steps since the last row), train_accuracy, learning_rate and grad_norm (of the last step; the norm is
+    before clipping), tokens_per_sec (batch_size x seq_len positions per step, padding included: the target side
+    for encoder_decoder), target_tokens_per_sec (tokens that carry loss), step_time (s), mfu (model FLOPs
+    utilisation, jaxformer.flops; None when the device's peak is unknown); train_objective when label smoothing
+    or z-loss make the optimised objective differ from the cross-entropy.
+  eval rows, every train.eval_every steps and at the end: step, eval_loss, eval_perplexity, eval_accuracy,
+    eval_tokens.
+The first step (compilation) is excluded from throughput, and so is time spent evaluating and checkpointing.
 """
 from __future__ import annotations
 
