@@ -60,6 +60,15 @@ class DecodeSettings:
       raise ValueError(f'decode.method={settings.method!r} is not one of {", ".join(METHODS)}.')
     return settings
 
+  def canonical(self) -> DecodeSettings:
+    """Resets the fields this method ignores, so e.g. greedy with another top_p reuses the compiled program."""
+    default = DecodeSettings()
+    if self.method == 'beam':
+      return dataclasses.replace(self, temperature=default.temperature, top_k=default.top_k, top_p=default.top_p)
+    if self.method == 'greedy' or self.temperature == 0:
+      return DecodeSettings(method='greedy', max_len=self.max_len, eos_id=self.eos_id)
+    return dataclasses.replace(self, beam_size=default.beam_size, length_penalty=default.length_penalty)
+
 
 def brevity_penalty(length: jax.Array, alpha: float) -> jax.Array:
   """GNMT length penalty ((5 + len) / 6) ** alpha; scores are log_prob / penalty."""
@@ -310,13 +319,16 @@ def sample(model: nnx.Module, prompt: Any, rng: jax.Array | None, *, settings: D
 
   Same key, same tokens; the key of step i is fold_in(rng, position i).
   """
+  if settings.method == 'beam':
+    raise ValueError('decode.method=beam: call beam_search (or decode, which dispatches on the method).')
   graphdef, state = nnx.split(model)
   prompt, lengths, src, prefill_len = _prepare(prompt, prompt_lengths, src_tokens, prefill_len)
   if settings.method == 'sample' and settings.temperature > 0 and rng is None:
     raise ValueError('sampling needs an explicit PRNG key (rng=jax.random.key(seed)).')
   if rng is None:
     rng = jax.random.key(0)  # unused by greedy
-  return _sample_or_greedy(graphdef, state, prompt, lengths, src, rng, settings=settings, prefill_len=prefill_len)
+  return _sample_or_greedy(graphdef, state, prompt, lengths, src, rng, settings=settings.canonical(),
+                           prefill_len=prefill_len)
 
 
 def beam_search(model: nnx.Module, prompt: Any = None, *, settings: DecodeSettings, prompt_lengths: Any = None,
@@ -324,6 +336,7 @@ def beam_search(model: nnx.Module, prompt: Any = None, *, settings: DecodeSettin
   """-> (new tokens [B, beam, max_len], length-penalised scores [B, beam]), best beam first."""
   graphdef, state = nnx.split(model)
   prompt, lengths, src, prefill_len = _prepare(prompt, prompt_lengths, src_tokens, prefill_len)
+  settings = dataclasses.replace(settings, method='beam').canonical()
   return _beam_search(graphdef, state, prompt, lengths, src, settings=settings, prefill_len=prefill_len)
 
 
