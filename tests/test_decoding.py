@@ -126,6 +126,25 @@ def test_beam_search_finds_the_better_sequence_where_greedy_does_not(alpha):
     assert s[k] == pytest.approx(penalised(*seq_logprob(table, 1, seq), alpha), abs=1e-4)
 
 
+def test_beam_search_and_greedy_stop_early_once_the_result_is_settled():
+  calls = []
+
+  class Counting(Bigram):
+    def decode_step(self, tokens, cache):
+      jax.debug.callback(lambda: calls.append(1))
+      return super().decode_step(tokens, cache)
+
+  model = Counting(trap_table())
+  settings = decoding.DecodeSettings(method='beam', beam_size=2, length_penalty=0.0, max_len=50)
+  beams, _ = decoding.beam_search(model, np.ones((1, 1), np.int32), settings=settings)
+  assert list(np.asarray(beams)[0, 0, :3]) == [4, 2, 0]
+  # prefill + a few steps: both beams' best continuations are finished and no alive beam can beat them.
+  assert len(calls) < 8
+  calls.clear()
+  decoding.greedy(model, np.ones((1, 1), np.int32), max_new_tokens=50)
+  assert len(calls) == 4  # prefill + one step per token until EOS (3 tokens)
+
+
 def test_beam_search_with_one_beam_equals_greedy():
   # alpha = 0: with a length penalty a beam of 1 may legitimately prefer a longer sequence that greedy stopped short of.
   for seed in range(3):
