@@ -1,0 +1,331 @@
+"""One training step of jaxformer vs. the equivalent PyTorch eager (nanoGPT) step, on the same CPU, interleaved.
+
+  python benchmarks/cpu_step_vs_torch.py                                   # shakespeare_char:cpu recipe
+  python benchmarks/cpu_step_vs_torch.py --config=configs/shakespeare_char.py:cpu --rounds=10 --reps=20
+  python benchmarks/cpu_step_vs_torch.py --variants=jaxformer,jaxformer_2d,plain_jax
+
+Needs torch (CPU wheel) in the environment; it is not a jaxformer dependency (`pip install torch`).
+
+What is timed (per step, wall clock, after warm-up/compilation, batch already on the device):
+  pytorch eager    nanoGPT's model.py/train.py step with --device=cpu --compile=False: GPT (bias=False, tied
+                   embeddings, exact GELU, F.scaled_dot_product_attention causal), forward + cross-entropy,
+                   backward, clip_grad_norm_(1.0), AdamW (decay on >=2-D params), zero_grad(set_to_none).
+  jaxformer        THE REAL jaxformer step: jaxformer.training.step.make_train_step on the recipe config
+                   (shakespeare_char:cpu = 4 layers, 4 heads, d_model 128, context 64, batch 12, AdamW b2 0.99,
+                   clip 1.0), vocab 65, packed-batch keys inputs/targets/segment_ids/positions.
+  jaxformer_2d     the same real step with the changes recommended in benchmarks/NOTES_cpu_performance.md
+                   monkeypatched into jaxformer.model (every projection a single 2-D matmul over B*T rows), to show
+                   their effect before they land in the model code. Labelled as patched in the table.
+  plain_jax        a standalone ~60-line JAX GPT in the recommended formulation (no Flax), for reference.
+
+Timings on a shared machine are noisy: the variants are interleaved in rounds, and the table reports the minimum
+and the median over all rounds plus the ratio to PyTorch measured in the same run; the load average is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------- PyTorch (nanoGPT)
+def torch_step_fn(n_layer, n_head, n_embd, block_size, vocab, lr, b1, b2, wd, clip, seed=0):
+  import torch
+  import torch.nn as nn
+  from torch.nn import functional as F
+  torch.manual_seed(seed)
+
+  class LayerNorm(nn.Module):  # nanoGPT's LayerNorm with bias=False
+    def __init__(self, n):
+      super().__init__()
+      self.weight = nn.Parameter(torch.ones(n))
+
+    def forward(self, x):
+      return F.layer_norm(x, self.weight.shape, self.weight, None, 1e-5)
+
+  class Attention(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=False)
+      self.c_proj = nn.Linear(n_embd, n_embd, bias=False)
+
+    def forward(self, x):
+      b, t, c = x.shape
+      q, k, v = self.c_attn(x).split(n_embd, dim=2)
+      q, k, v = (a.view(b, t, n_head, c // n_head).transpose(1, 2) for a in (q, k, v))
+      y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+      return self.c_proj(y.transpose(1, 2).contiguous().view(b, t, c))
+
+  class Block(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.ln_1, self.attn, self.ln_2 = LayerNorm(n_embd), Attention(), LayerNorm(n_embd)
+      self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=False)
+      self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=False)
+      self.gelu = nn.GELU()
+
+    def forward(self, x):
+      x = x + self.attn(self.ln_1(x))
+      return x + self.c_proj(self.gelu(self.c_fc(self.ln_2(x))))
+
+  class GPT(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.wte, self.wpe = nn.Embedding(vocab, n_embd), nn.Embedding(block_size, n_embd)
+      self.h = nn.ModuleList([Block() for _ in range(n_layer)])
+      self.ln_f = LayerNorm(n_embd)
+      self.lm_head = nn.Linear(n_embd, vocab, bias=False)
+      self.wte.weight = self.lm_head.weight
+      for p in self.parameters():
+        if p.dim() >= 2:
+          nn.init.normal_(p, 0.0, 0.02)
+
+    def forward(self, idx, targets):
+      x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], dtype=torch.long))
+      for blk in self.h:
+        x = blk(x)
+      logits = self.lm_head(self.ln_f(x))
+      return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+  model = GPT()
+  decay = [p for p in model.parameters() if p.dim() >= 2]
+  no_decay = [p for p in model.parameters() if p.dim() < 2]
+  opt = torch.optim.AdamW([{'params': decay, 'weight_decay': wd}, {'params': no_decay, 'weight_decay': 0.0}],
+                          lr=lr, betas=(b1, b2))
+
+  def step(x, y):
+    loss = model(x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+  return step
+
+
+# ------------------------------------------------------------------------------------------ jaxformer steps
+def jaxformer_step_fn(config):
+  from jaxformer import sharding as shd
+  from jaxformer.training import optimizer as opt_lib
+  from jaxformer.training import step as step_lib
+  mesh = shd.make_mesh(config)
+  tx, schedule = opt_lib.make_optimizer(config.train)
+  setup = step_lib.make_setup(config, mesh, tx, schedule)
+  state = step_lib.init_state(config, setup)
+  train_step = step_lib.make_train_step(config, setup)
+  holder = {'state': state}
+
+  def step(batch):
+    holder['state'], metrics = train_step(holder['state'], batch)
+    return metrics['loss']
+
+  return step
+
+
+def patch_model_2d():
+  """The recommended formulation, patched in: every dense projection as ONE 2-D matmul over the B*T rows.
+
+  XLA:CPU turns the weight gradient of a 3-D einsum ('btd,dnh->btnh', 'btd,df->btf', ...) into a dot whose
+  activation-gradient operand must first be transposed by a loop fusion with strided access (the fused GELU /
+  residual gradient is written transposed); with 2-D operands the weight gradient is a plain x^T @ dy.
+  """
+  from jaxformer.model import attention as attention_mod
+  from jaxformer.model import layers
+
+  def mm2d(x, w2d):
+    return (x.reshape(-1, x.shape[-1]) @ w2d).reshape(*x.shape[:-1], w2d.shape[-1])
+
+  def _project(self, x, kernel, bias):
+    k = kernel[...].astype(self.dtype)  # [D, N, H]
+    y = mm2d(x, k.reshape(k.shape[0], -1)).reshape(*x.shape[:-1], *k.shape[1:])
+    return y if bias is None else y + bias[...].astype(self.dtype)
+
+  original_call = attention_mod.Attention.__call__
+
+  class _Einsum:  # routes the output projection 'btnh,nhd->btd' to a 2-D matmul, everything else unchanged
+    def __init__(self, jnp_module):
+      self._jnp = jnp_module
+
+    def __getattr__(self, name):
+      return getattr(self._jnp, name)
+
+    def einsum(self, spec, *ops, **kw):
+      if spec == 'btnh,nhd->btd':
+        out, w = ops
+        return mm2d(out.reshape(*out.shape[:2], -1), w.reshape(-1, w.shape[-1]))
+      return self._jnp.einsum(spec, *ops, **kw)
+
+  def __call__(self, x, mask, **kw):
+    saved = attention_mod.jnp
+    attention_mod.jnp = _Einsum(saved)
+    try:
+      return original_call(self, x, mask, **kw)
+    finally:
+      attention_mod.jnp = saved
+
+  def _dense(self, x, kernel, bias):
+    y = mm2d(x, kernel[...].astype(self.dtype))
+    return y if bias is None else y + bias[...].astype(self.dtype)
+
+  def attend(self, x):
+    e = self.embedding[...].astype(self.dtype)
+    y = jax.lax.dot_general(x.astype(self.dtype).reshape(-1, x.shape[-1]), e, (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+    return y.reshape(*x.shape[:-1], e.shape[0])
+
+  attention_mod.Attention._project = _project
+  attention_mod.Attention.__call__ = __call__
+  layers.MLP._dense = _dense
+  layers.Embed.attend = attend
+
+
+# ------------------------------------------------------------------------------------- plain JAX reference
+def plain_jax_step_fn(n_layer, n_head, d, t, vocab, lr, b1, b2, wd, clip, seed=0):
+  """A standalone GPT (same model as the torch one) in the formulation recommended for XLA:CPU."""
+  ks = iter(jax.random.split(jax.random.PRNGKey(seed), 2 + 4 * n_layer))
+  normal = lambda shape: 0.02 * jax.random.normal(next(ks), shape, jnp.float32)
+  params = {'wte': normal((vocab, d)), 'wpe': normal((t, d)), 'ln_f': jnp.ones((d,)),
+            'h': [{'ln1': jnp.ones((d,)), 'ln2': jnp.ones((d,)), 'qkv': normal((d, 3 * d)), 'proj': normal((d, d)),
+                   'fc': normal((d, 4 * d)), 'fc2': normal((4 * d, d))} for _ in range(n_layer)]}
+  causal = np.tril(np.ones((t, t), bool))
+
+  def ln(x, w):
+    m = x.mean(-1, keepdims=True)
+    v = jnp.square(x - m).mean(-1, keepdims=True)
+    return (x - m) * jax.lax.rsqrt(v + 1e-5) * w
+
+  def loss_fn(p, x, y):
+    b = x.shape[0]
+    h = (p['wte'][x] + p['wpe'][None]).reshape(b * t, d)  # 2-D [B*T, D] activations throughout
+    for blk in p['h']:
+      q, k, v = jnp.split(ln(h, blk['ln1']) @ blk['qkv'], 3, axis=-1)
+      q, k, v = (a.reshape(b, t, n_head, d // n_head) for a in (q, k, v))
+      s = jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(d // n_head).astype(np.float32)
+      w = jax.nn.softmax(jnp.where(causal, s, -1e30), axis=-1)
+      h = h + jnp.einsum('bhqk,bkhd->bqhd', w, v).reshape(b * t, d) @ blk['proj']
+      h = h + jax.nn.gelu(ln(h, blk['ln2']) @ blk['fc'], approximate=False) @ blk['fc2']
+    logits = ln(h, p['ln_f']) @ p['wte'].T
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y.reshape(-1)).mean()
+
+  tx = optax.chain(optax.clip_by_global_norm(clip),
+                   optax.adamw(lr, b1=b1, b2=b2, weight_decay=wd, mask=lambda p: jax.tree.map(lambda a: a.ndim >= 2, p)))
+
+  @jax.jit
+  def train_step(p, s, x, y):
+    loss, g = jax.value_and_grad(loss_fn)(p, x, y)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s, loss
+
+  holder = {'p': params, 's': tx.init(params)}
+
+  def step(x, y):
+    holder['p'], holder['s'], loss = train_step(holder['p'], holder['s'], x, y)
+    return loss
+
+  return step
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--config', default=str(REPO / 'configs/shakespeare_char.py') + ':cpu')
+  ap.add_argument('--vocab', type=int, default=65, help='tinyshakespeare characters (the char tokenizer gives 65)')
+  ap.add_argument('--variants', default='jaxformer,jaxformer_2d,plain_jax')
+  ap.add_argument('--rounds', type=int, default=8)
+  ap.add_argument('--reps', type=int, default=15, help='timed steps per variant per round')
+  ap.add_argument('--batches', type=int, default=8)
+  ap.add_argument('--torch_1thread', action='store_true', help='also time PyTorch with torch.set_num_threads(1)')
+  args = ap.parse_args()
+
+  import torch
+  from jaxformer.training.cli import load_config_file
+  config = load_config_file(args.config)
+  config.model.vocab_size = args.vocab
+  m, tr = config.model, config.train
+  b, t, v = tr.batch_size, config.data.seq_len, args.vocab
+  variants = [s for s in args.variants.split(',') if s]
+
+  rng = np.random.default_rng(0)
+  np_batches = []
+  for _ in range(args.batches):  # token 0 is padding for jaxformer's loss weights; use 1..V-1
+    x, y = rng.integers(1, v, (b, t)).astype(np.int32), rng.integers(1, v, (b, t)).astype(np.int32)
+    np_batches.append({'inputs': x, 'targets': y, 'segment_ids': np.ones((b, t), np.int32),
+                       'positions': np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()})
+
+  runners = {}
+  hp = dict(lr=float(tr.learning_rate), b1=float(tr.b1), b2=float(tr.b2), wd=float(tr.weight_decay),
+            clip=float(tr.grad_clip_norm))
+  tstep = torch_step_fn(m.num_layers, m.num_heads, m.d_model, t, v, **hp)
+  tb = [(torch.from_numpy(nb['inputs']).long(), torch.from_numpy(nb['targets']).long()) for nb in np_batches]
+  runners['pytorch eager (nanoGPT)'] = lambda i: tstep(*tb[i % len(tb)]).item()
+  if args.torch_1thread:  # less sensitive to other processes on the cores than 2 OpenMP threads
+    tstep1 = torch_step_fn(m.num_layers, m.num_heads, m.d_model, t, v, **hp)
+    nthreads = torch.get_num_threads()
+
+    def one_thread(i):
+      torch.set_num_threads(1)
+      try:
+        return tstep1(*tb[i % len(tb)]).item()
+      finally:
+        torch.set_num_threads(nthreads)
+    runners['pytorch eager, 1 thread'] = one_thread
+
+  jb = [jax.tree.map(jnp.asarray, nb) for nb in np_batches]
+  # Order matters: the patched variant is built after the unpatched one has been traced.
+  if 'jaxformer' in variants:
+    jstep = jaxformer_step_fn(config)
+    runners['jaxformer (as committed)'] = lambda i, f=jstep: jax.block_until_ready(f(jb[i % len(jb)]))
+    runners['jaxformer (as committed)'](0)
+  if 'jaxformer_2d' in variants:
+    patch_model_2d()
+    jstep2 = jaxformer_step_fn(config)
+    runners['jaxformer + 2-D matmuls (patched)'] = lambda i, f=jstep2: jax.block_until_ready(f(jb[i % len(jb)]))
+  if 'plain_jax' in variants:
+    pstep = plain_jax_step_fn(m.num_layers, m.num_heads, m.d_model, t, v, **hp)
+    runners['plain JAX, recommended form'] = (
+        lambda i, f=pstep: jax.block_until_ready(f(jb[i % len(jb)]['inputs'], jb[i % len(jb)]['targets'])))
+
+  for name, run in runners.items():  # warm up (compilation, allocator)
+    for i in range(3):
+      run(i)
+
+  load0 = os.getloadavg()[0]
+  times = {name: [] for name in runners}
+  for r in range(args.rounds):
+    for name, run in runners.items():
+      for i in range(args.reps):
+        t0 = time.perf_counter()
+        run(i)
+        times[name].append(time.perf_counter() - t0)
+  load1 = os.getloadavg()[0]
+
+  ref = 'pytorch eager (nanoGPT)'
+  tmin, tmed = min(times[ref]), statistics.median(times[ref])
+  print(f'# CPU training step, {args.config}: {m.num_layers} layers, {m.num_heads} heads, d_model {m.d_model}, '
+        f'context {t}, batch {b}, vocab {v}, AdamW')
+  print(f'# {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__}, '
+        f'torch {torch.__version__} ({torch.get_num_threads()} threads); XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
+  print(f'# {args.rounds} interleaved rounds x {args.reps} steps; load average {load0:.1f} -> {load1:.1f}')
+  print()
+  print(f'| {"step":36s} | min ms | median ms | ratio to torch (min) | ratio (median) |')
+  print(f'|{"-" * 38}|-------:|----------:|---------------------:|---------------:|')
+  for name, ts in times.items():
+    mn, md = min(ts), statistics.median(ts)
+    print(f'| {name:36s} | {mn * 1e3:6.2f} | {md * 1e3:9.2f} | {mn / tmin:20.2f} | {md / tmed:14.2f} |')
+
+
+if __name__ == '__main__':
+  main()
