@@ -111,7 +111,7 @@ class Attention(nnx.Module):
     self.attention_dropout = nnx.Dropout(cfg.attention_dropout, rngs=rngs)
 
   def _project(self, x: Array, kernel: nnx.Param, bias: nnx.Param | None) -> Array:
-    y = jnp.einsum('btd,dnh->btnh', x, kernel[...].astype(self.dtype))
+    y = layers.matmul(x, kernel[...].astype(self.dtype))  # [B,T,D] @ [D,N,H] -> [B,T,N,H]
     return y if bias is None else y + bias[...].astype(self.dtype)
 
   def kv(self, x: Array) -> tuple[Array, Array]:
@@ -139,7 +139,8 @@ class Attention(nnx.Module):
       if cache is not None and implementation != 'reference':
         implementation = 'xla'  # decoding: a few queries against a long cache; flash kernels gain nothing here
       out = dot_product_attention(q, k, v, mask, implementation=implementation, is_causal=causal)
-    y = jnp.einsum('btnh,nhd->btd', out, self.out[...].astype(self.dtype))
+    w = self.out[...].astype(self.dtype)  # [N,H,D]
+    y = layers.matmul(out.reshape(*out.shape[:-2], -1), w.reshape(-1, w.shape[-1]))
     if self.out_bias is not None:
       y = y + self.out_bias[...].astype(self.dtype)
     return y, cache

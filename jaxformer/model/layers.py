@@ -79,6 +79,21 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 GATED = ('swiglu',)
 
 
+
+def matmul(x: Array, w: Array, *, transpose_w: bool = False, out_dtype=None) -> Array:
+  """x [..., K] @ w [K, ...] (or w [N, K] with transpose_w) as ONE 2-D matmul over the flattened rows.
+
+  Why 2-D: XLA:CPU differentiates a 3-D einsum ('btd,dnh->btnh') into a weight gradient whose activation operand
+  is first written transposed by a strided loop fusion, ~40% of the backward pass; with [B*T, K] operands the
+  weight gradient is a plain x^T @ dy (benchmarks/NOTES_cpu_performance.md). Same math on every backend.
+  """
+  k = x.shape[-1]
+  w2 = w.reshape(-1, k) if transpose_w else w.reshape(k, -1)
+  dims = (((1,), (1,)) if transpose_w else ((1,), (0,)), ((), ()))
+  y = jax.lax.dot_general(x.reshape(-1, k), w2, dims, preferred_element_type=out_dtype)
+  out_shape = w.shape[:1] if transpose_w else w.shape[1:]
+  return y.reshape(*x.shape[:-1], *out_shape)
+
 class MLP(nnx.Module):
   """Position-wise feed-forward: d_model -> d_ff -> d_model, optionally gated (SwiGLU)."""
 
@@ -94,14 +109,14 @@ class MLP(nnx.Module):
     self.wo_bias = param(rngs, zeros, (d,), ('embed',), pdt) if cfg.use_bias else None
 
   def _dense(self, x: Array, kernel: nnx.Param, bias: nnx.Param | None) -> Array:
-    y = x @ kernel[...].astype(self.dtype)
+    y = matmul(x, kernel[...].astype(self.dtype))
     return y if bias is None else y + bias[...].astype(self.dtype)
 
   def __call__(self, x: Array) -> Array:
     x = x.astype(self.dtype)
     h = self._dense(x, self.wi, self.wi_bias)
     if self.wi_gate is not None:
-      h = self.activation(x @ self.wi_gate[...].astype(self.dtype)) * h
+      h = self.activation(matmul(x, self.wi_gate[...].astype(self.dtype))) * h
     else:
       h = self.activation(h)
     return self._dense(h, self.wo, self.wo_bias)
@@ -120,8 +135,8 @@ class Embed(nnx.Module):
     return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
 
   def attend(self, x: Array) -> Array:
-    return jnp.einsum('btd,vd->btv', x.astype(self.dtype), self.embedding[...].astype(self.dtype),
-                      preferred_element_type=jnp.float32)
+    return matmul(x.astype(self.dtype), self.embedding[...].astype(self.dtype), transpose_w=True,
+                  out_dtype=jnp.float32)
 
 
 class Unembed(nnx.Module):
@@ -133,5 +148,4 @@ class Unembed(nnx.Module):
                         jnp.dtype(cfg.param_dtype))
 
   def __call__(self, x: Array) -> Array:
-    return jnp.einsum('btd,dv->btv', x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                      preferred_element_type=jnp.float32)
+    return matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype), out_dtype=jnp.float32)

@@ -133,7 +133,7 @@ class MaskedLMHead(nnx.Module):
     self.norm = layers.NORMS[cfg.norm](cfg, rngs=rngs)
 
   def __call__(self, x: Array) -> Array:
-    h = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+    h = layers.matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       h = h + self.bias[...].astype(self.dtype)
     return self.norm(self.activation(h))
