@@ -2,7 +2,7 @@
 
   python benchmarks/cpu_step_vs_torch.py                                   # shakespeare_char:cpu recipe
   python benchmarks/cpu_step_vs_torch.py --config=configs/shakespeare_char.py:cpu --rounds=10 --reps=20
-  python benchmarks/cpu_step_vs_torch.py --variants=jaxformer,jaxformer_2d,plain_jax
+  python benchmarks/cpu_step_vs_torch.py --variants=jaxformer,plain_jax --torch_1thread
 
 Needs torch (CPU wheel) in the environment; it is not a jaxformer dependency (`pip install torch`).
 
@@ -13,9 +13,8 @@ What is timed (per step, wall clock, after warm-up/compilation, batch already on
   jaxformer        THE REAL jaxformer step: jaxformer.training.step.make_train_step on the recipe config
                    (shakespeare_char:cpu = 4 layers, 4 heads, d_model 128, context 64, batch 12, AdamW b2 0.99,
                    clip 1.0), vocab 65, packed-batch keys inputs/targets/segment_ids/positions.
-  jaxformer_2d     the same real step with the changes recommended in benchmarks/NOTES_cpu_performance.md
-                   monkeypatched into jaxformer.model (every projection a single 2-D matmul over B*T rows), to show
-                   their effect before they land in the model code. Labelled as patched in the table.
+                   Its projections are single 2-D matmuls over the B*T rows (jaxformer.model.layers.matmul), the
+                   fix found in benchmarks/NOTES_cpu_performance.md.
   plain_jax        a standalone ~60-line JAX GPT in the recommended formulation (no Flax), for reference.
 
 Timings on a shared machine are noisy: the variants are interleaved in rounds, and the table reports the minimum
@@ -135,63 +134,6 @@ def jaxformer_step_fn(config):
   return step
 
 
-def patch_model_2d():
-  """The recommended formulation, patched in: every dense projection as ONE 2-D matmul over the B*T rows.
-
-  XLA:CPU turns the weight gradient of a 3-D einsum ('btd,dnh->btnh', 'btd,df->btf', ...) into a dot whose
-  activation-gradient operand must first be transposed by a loop fusion with strided access (the fused GELU /
-  residual gradient is written transposed); with 2-D operands the weight gradient is a plain x^T @ dy.
-  """
-  from jaxformer.model import attention as attention_mod
-  from jaxformer.model import layers
-
-  def mm2d(x, w2d):
-    return (x.reshape(-1, x.shape[-1]) @ w2d).reshape(*x.shape[:-1], w2d.shape[-1])
-
-  def _project(self, x, kernel, bias):
-    k = kernel[...].astype(self.dtype)  # [D, N, H]
-    y = mm2d(x, k.reshape(k.shape[0], -1)).reshape(*x.shape[:-1], *k.shape[1:])
-    return y if bias is None else y + bias[...].astype(self.dtype)
-
-  original_call = attention_mod.Attention.__call__
-
-  class _Einsum:  # routes the output projection 'btnh,nhd->btd' to a 2-D matmul, everything else unchanged
-    def __init__(self, jnp_module):
-      self._jnp = jnp_module
-
-    def __getattr__(self, name):
-      return getattr(self._jnp, name)
-
-    def einsum(self, spec, *ops, **kw):
-      if spec == 'btnh,nhd->btd':
-        out, w = ops
-        return mm2d(out.reshape(*out.shape[:2], -1), w.reshape(-1, w.shape[-1]))
-      return self._jnp.einsum(spec, *ops, **kw)
-
-  def __call__(self, x, mask, **kw):
-    saved = attention_mod.jnp
-    attention_mod.jnp = _Einsum(saved)
-    try:
-      return original_call(self, x, mask, **kw)
-    finally:
-      attention_mod.jnp = saved
-
-  def _dense(self, x, kernel, bias):
-    y = mm2d(x, kernel[...].astype(self.dtype))
-    return y if bias is None else y + bias[...].astype(self.dtype)
-
-  def attend(self, x):
-    e = self.embedding[...].astype(self.dtype)
-    y = jax.lax.dot_general(x.astype(self.dtype).reshape(-1, x.shape[-1]), e, (((1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.float32)
-    return y.reshape(*x.shape[:-1], e.shape[0])
-
-  attention_mod.Attention._project = _project
-  attention_mod.Attention.__call__ = __call__
-  layers.MLP._dense = _dense
-  layers.Embed.attend = attend
-
-
 # ------------------------------------------------------------------------------------- plain JAX reference
 def plain_jax_step_fn(n_layer, n_head, d, t, vocab, lr, b1, b2, wd, clip, seed=0):
   """A standalone GPT (same model as the torch one) in the formulation recommended for XLA:CPU."""
@@ -243,7 +185,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--config', default=str(REPO / 'configs/shakespeare_char.py') + ':cpu')
   ap.add_argument('--vocab', type=int, default=65, help='tinyshakespeare characters (the char tokenizer gives 65)')
-  ap.add_argument('--variants', default='jaxformer,jaxformer_2d,plain_jax')
+  ap.add_argument('--variants', default='jaxformer,plain_jax')
   ap.add_argument('--rounds', type=int, default=8)
   ap.add_argument('--reps', type=int, default=15, help='timed steps per variant per round')
   ap.add_argument('--batches', type=int, default=8)
@@ -284,15 +226,9 @@ def main():
     runners['pytorch eager, 1 thread'] = one_thread
 
   jb = [jax.tree.map(jnp.asarray, nb) for nb in np_batches]
-  # Order matters: the patched variant is built after the unpatched one has been traced.
   if 'jaxformer' in variants:
     jstep = jaxformer_step_fn(config)
-    runners['jaxformer (as committed)'] = lambda i, f=jstep: jax.block_until_ready(f(jb[i % len(jb)]))
-    runners['jaxformer (as committed)'](0)
-  if 'jaxformer_2d' in variants:
-    patch_model_2d()
-    jstep2 = jaxformer_step_fn(config)
-    runners['jaxformer + 2-D matmuls (patched)'] = lambda i, f=jstep2: jax.block_until_ready(f(jb[i % len(jb)]))
+    runners['jaxformer train step'] = lambda i, f=jstep: jax.block_until_ready(f(jb[i % len(jb)]))
   if 'plain_jax' in variants:
     pstep = plain_jax_step_fn(m.num_layers, m.num_heads, m.d_model, t, v, **hp)
     runners['plain JAX, recommended form'] = (

@@ -78,7 +78,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, src_seq_len: int | None = No
 
 
 @functools.lru_cache(maxsize=None)
-def measure_cpu_flops(n: int = 1024, repeats: int = 3) -> float:
+def measure_cpu_flops(n: int = 1024, repeats: int = 10) -> float:
   """FLOP/s of a float32 [n, n] matmul on the first CPU device, best of `repeats` (cached per process)."""
   device = jax.devices('cpu')[0]
   x = jax.device_put(jnp.ones((n, n), jnp.float32), device)
