@@ -6,6 +6,7 @@ and use the `shared_data` fixture (a missing data folder fails in CI rather than
 import importlib
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -42,7 +43,7 @@ def test_recipe_loads_validates_and_builds(stem, variant):
     config.model.vocab_size = 256
   model = nnx.eval_shape(lambda: build_model(config.model, rngs=nnx.Rngs(0)))
   params = nnx.state(model, nnx.Param)
-  assert sum(int(np.prod(x.shape)) for x in __import__('jax').tree.leaves(params)) > 0
+  assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) > 0
 
 
 def test_unknown_variant_is_one_clear_error():
