@@ -2,7 +2,7 @@
 
   python benchmarks/cpu_step_vs_torch.py                                   # shakespeare_char:cpu recipe
   python benchmarks/cpu_step_vs_torch.py --config=configs/shakespeare_char.py:cpu --rounds=10 --reps=20
-  python benchmarks/cpu_step_vs_torch.py --variants=jaxformer,plain_jax --torch_1thread
+  python benchmarks/cpu_step_vs_torch.py --variants=jaxformer,jaxformer_x4,plain_jax --torch_1thread
 
 Needs torch (CPU wheel) in the environment; it is not a jaxformer dependency (`pip install torch`).
 
@@ -15,6 +15,8 @@ What is timed (per step, wall clock, after warm-up/compilation, batch already on
                    clip 1.0), vocab 65, packed-batch keys inputs/targets/segment_ids/positions.
                    Its projections are single 2-D matmuls over the B*T rows (jaxformer.model.layers.matmul), the
                    fix found in benchmarks/NOTES_cpu_performance.md.
+  jaxformer x4     the same real step with train.steps_per_call=4: one jitted call runs 4 optimizer steps (a
+                   lax.scan over 4 stacked batches); the row reports per-step time = call time / 4.
   plain_jax        a standalone ~60-line JAX GPT in the recommended formulation (no Flax), for reference.
 
 Timings on a shared machine are noisy: the variants are interleaved in rounds, and the table reports the minimum
@@ -116,7 +118,7 @@ def torch_step_fn(n_layer, n_head, n_embd, block_size, vocab, lr, b1, b2, wd, cl
 
 
 # ------------------------------------------------------------------------------------------ jaxformer steps
-def jaxformer_step_fn(config):
+def jaxformer_step_fn(config, steps_per_call=1):
   from jaxformer import sharding as shd
   from jaxformer.training import optimizer as opt_lib
   from jaxformer.training import step as step_lib
@@ -124,7 +126,7 @@ def jaxformer_step_fn(config):
   tx, schedule = opt_lib.make_optimizer(config.train)
   setup = step_lib.make_setup(config, mesh, tx, schedule)
   state = step_lib.init_state(config, setup)
-  train_step = step_lib.make_train_step(config, setup)
+  train_step = step_lib.make_train_step(config, setup, steps_per_call)
   holder = {'state': state}
 
   def step(batch):
@@ -185,14 +187,22 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--config', default=str(REPO / 'configs/shakespeare_char.py') + ':cpu')
   ap.add_argument('--vocab', type=int, default=65, help='tinyshakespeare characters (the char tokenizer gives 65)')
-  ap.add_argument('--variants', default='jaxformer,plain_jax')
+  ap.add_argument('--variants', default='pytorch,jaxformer,jaxformer_x4,plain_jax',
+                  help='pytorch (needs torch), jaxformer, jaxformer_x4 (--steps_per_call steps per call), plain_jax')
+  ap.add_argument('--steps_per_call', type=int, default=4, help='train.steps_per_call of the jaxformer_x4 variant')
   ap.add_argument('--rounds', type=int, default=8)
   ap.add_argument('--reps', type=int, default=15, help='timed steps per variant per round')
   ap.add_argument('--batches', type=int, default=8)
   ap.add_argument('--torch_1thread', action='store_true', help='also time PyTorch with torch.set_num_threads(1)')
   args = ap.parse_args()
 
-  import torch
+  try:
+    import torch
+    if 'pytorch' not in args.variants.split(','):
+      torch = None
+  except ImportError:  # still time the JAX variants; ratios are then to the first of them
+    torch = None
+    print('# torch is not installed: PyTorch rows skipped (pip install torch for them)')
   from jaxformer.training.cli import load_config_file
   config = load_config_file(args.config)
   config.model.vocab_size = args.vocab
@@ -210,10 +220,11 @@ def main():
   runners = {}
   hp = dict(lr=float(tr.learning_rate), b1=float(tr.b1), b2=float(tr.b2), wd=float(tr.weight_decay),
             clip=float(tr.grad_clip_norm))
-  tstep = torch_step_fn(m.num_layers, m.num_heads, m.d_model, t, v, **hp)
-  tb = [(torch.from_numpy(nb['inputs']).long(), torch.from_numpy(nb['targets']).long()) for nb in np_batches]
-  runners['pytorch eager (nanoGPT)'] = lambda i: tstep(*tb[i % len(tb)]).item()
-  if args.torch_1thread:  # less sensitive to other processes on the cores than 2 OpenMP threads
+  if torch is not None:
+    tstep = torch_step_fn(m.num_layers, m.num_heads, m.d_model, t, v, **hp)
+    tb = [(torch.from_numpy(nb['inputs']).long(), torch.from_numpy(nb['targets']).long()) for nb in np_batches]
+    runners['pytorch eager (nanoGPT)'] = lambda i: tstep(*tb[i % len(tb)]).item()
+  if torch is not None and args.torch_1thread:  # less sensitive to other processes on the cores than 2 OpenMP threads
     tstep1 = torch_step_fn(m.num_layers, m.num_heads, m.d_model, t, v, **hp)
     nthreads = torch.get_num_threads()
 
@@ -226,9 +237,18 @@ def main():
     runners['pytorch eager, 1 thread'] = one_thread
 
   jb = [jax.tree.map(jnp.asarray, nb) for nb in np_batches]
+  per_call = {}  # runner name -> optimizer steps per timed call (times are divided by it)
   if 'jaxformer' in variants:
     jstep = jaxformer_step_fn(config)
     runners['jaxformer train step'] = lambda i, f=jstep: jax.block_until_ready(f(jb[i % len(jb)]))
+  if 'jaxformer_x4' in variants:  # k steps per call; per-step time = call time / k (see `per_call` below)
+    k = args.steps_per_call
+    jstep4 = jaxformer_step_fn(config, steps_per_call=k)
+    jb4 = [{key: jnp.stack([jb[(k * i + j) % len(jb)][key] for j in range(k)]) for key in jb[0]}
+           for i in range(len(jb))]
+    name = f'jaxformer, steps_per_call={k} (/{k})'
+    runners[name] = lambda i, f=jstep4: jax.block_until_ready(f(jb4[i % len(jb4)]))
+    per_call[name] = k
   if 'plain_jax' in variants:
     pstep = plain_jax_step_fn(m.num_layers, m.num_heads, m.d_model, t, v, **hp)
     runners['plain JAX, recommended form'] = (
@@ -245,18 +265,20 @@ def main():
       for i in range(args.reps):
         t0 = time.perf_counter()
         run(i)
-        times[name].append(time.perf_counter() - t0)
+        times[name].append((time.perf_counter() - t0) / per_call.get(name, 1))
   load1 = os.getloadavg()[0]
 
-  ref = 'pytorch eager (nanoGPT)'
+  ref = 'pytorch eager (nanoGPT)' if torch is not None else next(iter(runners))
   tmin, tmed = min(times[ref]), statistics.median(times[ref])
   print(f'# CPU training step, {args.config}: {m.num_layers} layers, {m.num_heads} heads, d_model {m.d_model}, '
         f'context {t}, batch {b}, vocab {v}, AdamW')
   print(f'# {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__}, '
-        f'torch {torch.__version__} ({torch.get_num_threads()} threads); XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
+        + (f'torch {torch.__version__} ({torch.get_num_threads()} threads); ' if torch is not None else '')
+        + f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
   print(f'# {args.rounds} interleaved rounds x {args.reps} steps; load average {load0:.1f} -> {load1:.1f}')
   print()
-  print(f'| {"step":36s} | min ms | median ms | ratio to torch (min) | ratio (median) |')
+  print(f'| {"step":36s} | min ms | median ms | ratio to {"torch" if torch is not None else "row 1"} (min) '
+        f'| ratio (median) |')
   print(f'|{"-" * 38}|-------:|----------:|---------------------:|---------------:|')
   for name, ts in times.items():
     mn, md = min(ts), statistics.median(ts)

@@ -76,6 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.weight_decay_exclude = 'norm,bias,embed'  # parameter path parts that get no weight decay
   train.grad_clip_norm = 1.0  # 0 = no clipping
   train.grad_accum_steps = 1  # micro-batches per optimizer step (batch_size is split across them)
+  train.steps_per_call = 1  # optimizer steps per jitted call (lax.scan over stacked batches; >1 amortises CPU dispatch)
   train.label_smoothing = 0.0
   train.z_loss = 0.0
   train.log_every = 10

@@ -169,6 +169,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   _positive('checkpoint.every_steps', config.checkpoint.every_steps)
   _positive('checkpoint.keep', config.checkpoint.keep)
+  k = train.get('steps_per_call', 1)
+  _positive('train.steps_per_call', k)
+  if k > 1:
+    bad = [f'{name}={value}' for name, value in (('train.log_every', train.log_every),
+                                                  ('train.eval_every', train.eval_every),
+                                                  ('checkpoint.every_steps', config.checkpoint.every_steps))
+           if value % k]
+    if bad:
+      raise ConfigError(f'{", ".join(bad)} must be a multiple of train.steps_per_call={k} (steps run {k} per call); '
+                        f'use multiples of {k} or set train.steps_per_call=1.')
 
   for axis in ('data', 'fsdp', 'tensor'):
     size = mesh[axis]

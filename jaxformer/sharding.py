@@ -269,6 +269,12 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(*spec))
 
 
+def stacked_batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 3) -> NamedSharding:
+  """Sharding of [steps, batch, length, ...] (train.steps_per_call batches stacked): the leading axis unsharded,
+  the rest as batch_sharding."""
+  return NamedSharding(mesh, PartitionSpec(None, *batch_sharding(mesh, rules, ndim - 1).spec))
+
+
 def batch_shards(mesh: Mesh, rules: Rules) -> int:
   """How many ways the batch dimension is split (global batch sizes must be a multiple)."""
   axes = dict(rules).get('batch')
@@ -298,13 +304,18 @@ def process_batch_slice(mesh: Mesh, rules: Rules, global_batch: int) -> tuple[in
 
 
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules,
-                process_slice: tuple[int, int] = (0, 1)) -> dict[str, jax.Array]:
-  """Per-host numpy batch -> global jax Arrays sharded along 'batch' (each host passes only its own rows)."""
+                process_slice: tuple[int, int] = (0, 1), *, stacked: bool = False) -> dict[str, jax.Array]:
+  """Per-host numpy batch -> global jax Arrays sharded along 'batch' (each host passes only its own rows).
+  stacked: the arrays are [steps, batch, ...] (several batches on a leading, unsharded axis)."""
   out = {}
   _, count = process_slice
   for key, value in batch.items():
     value = np.asarray(value)
-    sharding = batch_sharding(mesh, rules, value.ndim)
-    global_shape = (value.shape[0] * count,) + value.shape[1:]
+    if stacked:
+      sharding = stacked_batch_sharding(mesh, rules, value.ndim)
+      global_shape = (value.shape[0], value.shape[1] * count) + value.shape[2:]
+    else:
+      sharding = batch_sharding(mesh, rules, value.ndim)
+      global_shape = (value.shape[0] * count,) + value.shape[1:]
     out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
   return out

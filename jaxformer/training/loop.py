@@ -13,6 +13,11 @@ DIR/metrics.jsonl rows (also TensorBoard scalars in DIR/tensorboard/):
   eval rows, every train.eval_every steps and at the end: step, eval_loss, eval_perplexity, eval_accuracy,
     eval_tokens.
 The first step (compilation) is excluded from throughput, and so is time spent evaluating and checkpointing.
+
+train.steps_per_call = k > 1 runs k steps per jitted call on k stacked batches (validate() requires log_every,
+eval_every and checkpoint.every_steps to be multiples of k); chunks start at multiples of k, and single steps fill
+whatever does not fit a chunk (realigning after a resume, the tail before num_steps or stop_after_steps), so every
+step is logged, evaluated and checkpointed (with its exact data position) as with k = 1.
 """
 from __future__ import annotations
 
@@ -201,6 +206,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: in
   if data_state is not None:
     train_iter.set_state(data_state)
   train_step = step_lib.make_train_step(config, setup)
+  steps_per_call = int(config.train.get('steps_per_call', 1))
+  multi_step = step_lib.make_train_step(config, setup, steps_per_call) if steps_per_call > 1 else None
   eval_step = step_lib.make_eval_step(config, setup)
 
   train = config.train
@@ -220,7 +227,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: in
   last_train: dict[str, Any] = {}
   last_eval: dict[str, Any] | None = None
   last_saved = start if restored is not None else -1
-  pending: list[dict] = []
+  pending: list[tuple[int, dict]] = []  # (steps in the call, its metrics; stacked [n] when n > 1)
+  compiled: set[int] = set()
   window_start, window_steps = time.perf_counter(), 0
   eval_enabled = True
   step = start
@@ -228,17 +236,32 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: in
     _log(f'already at step {start} >= train.num_steps={num_steps}; nothing to train.')
   try:
     while step < num_steps:
-      batch = next(train_iter)
-      state, metrics = train_step(state, shd.shard_batch(batch, mesh, rules, process_slice))
-      step += 1
-      pending.append(metrics)
-      window_steps += 1
-      if step == start + 1:  # exclude compilation from the throughput
+      # train.steps_per_call = k > 1: k steps per jitted call, in chunks aligned to multiples of k (so the log /
+      # eval / checkpoint steps, multiples of k, are reached exactly); single steps where a chunk would not fit: to
+      # align after resuming at another step, before num_steps, or before stop_after_steps.
+      n = 1
+      if (multi_step is not None and step % steps_per_call == 0 and step + steps_per_call <= num_steps
+          and (stop_after_steps is None or step + steps_per_call <= stop_after_steps)):
+        n = steps_per_call
+      if n == 1:
+        batch = next(train_iter)
+        state, metrics = train_step(state, shd.shard_batch(batch, mesh, rules, process_slice))
+      else:
+        batches = [next(train_iter) for _ in range(n)]
+        stacked = {key: np.stack([np.asarray(b[key]) for b in batches]) for key in batches[0]}
+        state, metrics = multi_step(state, shd.shard_batch(stacked, mesh, rules, process_slice, stacked=True))
+      step += n
+      pending.append((n, metrics))
+      window_steps += n
+      if n not in compiled:  # exclude each program's first call (compilation) from the throughput
+        compiled.add(n)
         jax.block_until_ready(metrics)
         window_start, window_steps = time.perf_counter(), 0
       is_last = step == num_steps
       if step % train.log_every == 0 or is_last:
-        fetched = jax.device_get(pending)
+        fetched = []
+        for n_call, m in jax.device_get(pending):  # one metrics dict per step
+          fetched += [m] if n_call == 1 else [{key: v[i] for key, v in m.items()} for i in range(n_call)]
         pending = []
         elapsed = time.perf_counter() - window_start
         sec_per_step = elapsed / window_steps if window_steps else float('nan')
