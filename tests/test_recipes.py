@@ -56,7 +56,8 @@ def _smoke(config, num_steps, **train):
   config.mesh.update(data=1, fsdp=1, tensor=1, distributed='off')
   config.data.prefetch = 1
   config.checkpoint.update(every_steps=1000, async_save=False)
-  config.train.update(num_steps=num_steps, log_every=1, eval_every=1000, eval_steps=2, **train)
+  k = config.train.get('steps_per_call', 1)  # the recipe's own steps per call: log as often as it allows
+  config.train.update(num_steps=num_steps, log_every=k, eval_every=1000 * k, eval_steps=2, **train)
   return config
 
 
