@@ -3,6 +3,8 @@
 Override anything from the command line, e.g.
   python train.py --config=configs/gpt_tiny.py --config.model.arch=encoder_decoder --config.model.position=rope
 """
+from typing import Any
+
 import ml_collections
 
 
@@ -118,4 +120,15 @@ def get_config() -> ml_collections.ConfigDict:
   decode.top_p = 1.0  # 1.0 = off
   decode.max_len = 64  # new tokens to generate
   decode.batch_size = 32
+  return config
+
+
+def apply_variant(config: ml_collections.ConfigDict, variants: dict[str, dict[str, Any]], variant: str,
+                  recipe: str) -> ml_collections.ConfigDict:
+  """Overlays one named variant ({section: {key: value}}) of a recipe, chosen by `--config=configs/<recipe>.py:<v>`."""
+  if variant not in variants:
+    raise ValueError(f'unknown {recipe} variant {variant!r}; use one of: {", ".join(variants)} '
+                     f'(e.g. --config=configs/{recipe}.py:{next(iter(variants))}).')
+  for section, values in variants[variant].items():
+    config[section].update(values)
   return config

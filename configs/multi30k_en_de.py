@@ -22,9 +22,6 @@ VARIANTS = {
 
 
 def get_config(variant: str = 'cpu'):
-  if variant not in VARIANTS:
-    raise ValueError(f'unknown multi30k_en_de variant {variant!r}; use one of: {", ".join(VARIANTS)} '
-                     '(e.g. --config=configs/multi30k_en_de.py:cpu).')
   config = default.get_config()
   config.model.update(arch='encoder_decoder', position='sinusoidal', norm='layer', norm_position='pre', mlp='gelu',
                       use_bias=True, tie_embeddings=True, max_len=64)
@@ -32,8 +29,7 @@ def get_config(variant: str = 'cpu'):
                      tokenizer='sentencepiece', spm_model_type='bpe', seq_len=64, src_seq_len=64, pack=False,
                      eval_split='validation', test_split='test')
   config.train.update(schedule='rsqrt', b2=0.98, weight_decay=0.0, label_smoothing=0.1, grad_clip_norm=1.0)
-  for section, values in VARIANTS[variant].items():
-    config[section].update(values)
+  default.apply_variant(config, VARIANTS, variant, 'multi30k_en_de')
   config.checkpoint.every_steps = 1000
   config.decode.update(method='beam', beam_size=4, length_penalty=0.6, max_len=64, batch_size=64)
   return config

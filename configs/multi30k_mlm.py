@@ -25,16 +25,12 @@ VARIANTS = {
 
 
 def get_config(variant: str = 'cpu'):
-  if variant not in VARIANTS:
-    raise ValueError(f'unknown multi30k_mlm variant {variant!r}; use one of: {", ".join(VARIANTS)} '
-                     '(e.g. --config=configs/multi30k_mlm.py:cpu).')
   config = default.get_config()
   config.model.update(arch='encoder_only', position='learned', norm='layer', norm_position='post', mlp='gelu',
                       max_len=128)
   config.data.update(source='text:../shared/data/multi30k/{split}.en.gz', text_unit='line', seq_len=128,
                      mask_rate=0.15, pack=True, eval_split='validation', test_split='test')
   config.train.update(schedule='cosine', weight_decay=0.01, grad_clip_norm=1.0)
-  for section, values in VARIANTS[variant].items():
-    config[section].update(values)
+  default.apply_variant(config, VARIANTS, variant, 'multi30k_mlm')
   config.checkpoint.every_steps = 500
   return config

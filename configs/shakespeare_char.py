@@ -25,16 +25,12 @@ VARIANTS = {
 
 
 def get_config(variant: str = 'cpu'):
-  if variant not in VARIANTS:
-    raise ValueError(f'unknown shakespeare_char variant {variant!r}; use one of: {", ".join(VARIANTS)} '
-                     '(e.g. --config=configs/shakespeare_char.py:cpu).')
   config = default.get_config()
   config.model.update(arch='decoder_only', position='learned', norm='layer', norm_position='pre', mlp='gelu',
                       use_bias=False, tie_embeddings=True)
   config.data.update(source='text:../shared/data/tinyshakespeare/input.txt', tokenizer='char', pack=True)
   config.train.update(optimizer='adamw', schedule='cosine', b1=0.9, b2=0.99, weight_decay=0.1, grad_clip_norm=1.0)
-  for section, values in VARIANTS[variant].items():
-    config[section].update(values)
+  default.apply_variant(config, VARIANTS, variant, 'shakespeare_char')
   config.checkpoint.every_steps = 1000
   config.decode.update(method='sample', temperature=0.8, top_k=200, max_len=500)
   return config
