@@ -172,8 +172,8 @@ def score(r: Restored, workdir: str, split: str) -> tuple[dict[str, Any], int]:
   Mirrors the training loop's evaluation (same iterator, batch size, batch count, placement), so the loss is
   the eval_loss training logged for the same checkpoint and split. Returns (results, number of batches).
   """
-  from jaxformer import data as data_lib
   from jaxformer import sharding as shd
+  from jaxformer.training.loop import eval_batches
   config, mesh, rules = r.config, r.mesh, r.rules
   eval_bs = config.train.eval_batch_size or config.train.batch_size
   shards = shd.batch_shards(mesh, rules)
@@ -181,20 +181,12 @@ def score(r: Restored, workdir: str, split: str) -> tuple[dict[str, Any], int]:
     raise EvalError(f'train.eval_batch_size={eval_bs} is not divisible by the {shards} batch shards of this mesh; '
                     f'pass --config.train.eval_batch_size=<a multiple of {shards}>.')
   process_slice = shd.process_batch_slice(mesh, rules, eval_bs)
-  iterator = data_lib.make_eval_iterator(config, r.tokenizer, workdir, split, batch_size=eval_bs,
-                                         process_index=process_slice[0], process_count=process_slice[1])
   graphdef, state = nnx.split(r.model)
   config_json = json.dumps(config.to_dict(), sort_keys=True, default=str)
   acc = metrics_lib.MetricAccumulator()  # sums come back global (the jit spans the mesh): no merge_hosts
-  limit = int(config.train.eval_steps)
   with shd.mesh_context(mesh, rules):
-    for i, batch in enumerate(iterator):
-      if 0 <= limit <= i:
-        break
-      acc.add(_eval_step(graphdef, state, shd.shard_batch(batch, mesh, rules, process_slice),
-                         config_json=config_json))
-  if hasattr(iterator, 'close'):
-    iterator.close()
+    for batch in eval_batches(config, r.tokenizer, workdir, split, mesh, rules, process_slice, eval_bs):
+      acc.add(_eval_step(graphdef, state, batch, config_json=config_json))
   if acc.weight_sum <= 0:
     raise EvalError(f'split {split!r} produced no target tokens to score.')
   out = acc.result(with_accuracy=True)

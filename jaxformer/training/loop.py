@@ -119,22 +119,32 @@ def _fmt_rate(x: float) -> str:
   return f'{x / 1e6:.2f}M' if x >= 1e6 else f'{x / 1e3:.1f}k' if x >= 1e3 else f'{x:.0f}'
 
 
+def eval_batches(config, tokenizer, workdir, split, mesh, rules, process_slice, batch_size: int):
+  """The batches an evaluation scores: the first train.eval_steps of `split` (-1: all), placed on the mesh.
+
+  Training's evaluation and eval.py both read through this, so they score exactly the same tokens."""
+  from jaxformer import data as data_lib
+  index, count = process_slice
+  iterator = data_lib.make_eval_iterator(config, tokenizer, workdir, split, batch_size=batch_size,
+                                         process_index=index, process_count=count)
+  limit = int(config.train.eval_steps)
+  try:
+    for i, batch in enumerate(iterator):
+      if 0 <= limit <= i:
+        break
+      yield shd.shard_batch(batch, mesh, rules, process_slice)
+  finally:
+    if hasattr(iterator, 'close'):
+      iterator.close()
+
+
 def evaluate(state, eval_step, config, tokenizer, workdir, mesh, rules, process_slice) -> dict[str, float] | None:
   """Token-weighted eval loss / perplexity / accuracy over train.eval_steps batches (-1: the whole split)."""
-  from jaxformer import data as data_lib
-  train = config.train
-  eval_bs = train.eval_batch_size or train.batch_size
-  index, count = process_slice
-  iterator = data_lib.make_eval_iterator(config, tokenizer, workdir, config.data.eval_split,
-                                         batch_size=eval_bs, process_index=index, process_count=count)
+  eval_bs = config.train.eval_batch_size or config.train.batch_size
   totals = None
-  for i, batch in enumerate(iterator):
-    if train.eval_steps >= 0 and i >= train.eval_steps:
-      break
-    metrics = eval_step(state, shd.shard_batch(batch, mesh, rules, process_slice))
+  for batch in eval_batches(config, tokenizer, workdir, config.data.eval_split, mesh, rules, process_slice, eval_bs):
+    metrics = eval_step(state, batch)
     totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
-  if hasattr(iterator, 'close'):
-    iterator.close()
   if totals is None:
     return None
   totals = jax.device_get(totals)
