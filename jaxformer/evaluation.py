@@ -98,11 +98,6 @@ def resolve_config(requested: ml_collections.ConfigDict, saved: dict | None, wor
   return config
 
 
-def _saved_config(workdir: str, step: int | None) -> dict | None:
-  from jaxformer.training import checkpoint as ckpt_lib
-  return ckpt_lib.saved_config(workdir, step)
-
-
 def split_name(config: ml_collections.ConfigDict, split: str | None) -> str:
   """'validation' -> data.eval_split, 'test' -> data.test_split, anything else as given (None = validation)."""
   split = split or 'validation'
@@ -144,7 +139,7 @@ def restore(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step:
     if checkpoint_step not in steps:
       raise EvalError(f'--checkpoint_step={checkpoint_step}: no such checkpoint in {ckpt_lib.checkpoint_dir(workdir)} '
                       f'(it has steps {", ".join(map(str, steps))}).')
-  saved = _saved_config(workdir, checkpoint_step if checkpoint_step is not None else latest)
+  saved = ckpt_lib.saved_config(workdir, checkpoint_step if checkpoint_step is not None else latest)
   config = resolve_config(config, saved, workdir, overrides)
   validate(config)
   tokenizer = data_lib.get_tokenizer(config, workdir)
