@@ -56,6 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
   data.seq_len = 128  # tokens per row: LM rows, or the decoder (target) side of seq2seq
   data.src_seq_len = 128  # encoder (source) side of seq2seq
   data.pack = True  # pack several examples into one row (segment_ids keep them apart)
+  # training rows: streams = each row reads shuffled examples in order (any size of data, any arch) |
+  # random_windows = i.i.d. windows of the whole tokenized split, as nanoGPT (LM archs, data that fits in memory)
+  data.sampling = 'streams'
   data.mask_rate = 0.15  # encoder_only masked-LM: fraction of tokens chosen (80/10/10 mask/random/keep)
   data.train_split = 'train'
   data.eval_split = 'validation'

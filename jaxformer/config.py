@@ -147,6 +147,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f'data.source={data.source!r} is not a valid source; use builtin:<name>, text:<path or glob>, '
         'parallel:<prefix> or tfds:<name>[/<config>].')
   _choice('data.tokenizer', data.tokenizer, TOKENIZERS)
+  sampling = data.get('sampling', 'streams')  # configs saved before the key existed read as streams
+  _choice('data.sampling', sampling, ('streams', 'random_windows'))
+  if sampling == 'random_windows' and config.model.arch == 'encoder_decoder':
+    raise ConfigError('data.sampling=random_windows cuts windows from one token stream, which does not apply to '
+                      'model.arch=encoder_decoder; use data.sampling=streams.')
   for key in ('seq_len', 'src_seq_len'):
     _positive(f'data.{key}', data[key])
   longest = max(data.seq_len, data.src_seq_len if config.model.arch == 'encoder_decoder' else 0)

@@ -35,3 +35,16 @@ def test_heads_not_divisible_by_kv_heads():
 def test_rope_needs_even_head_dim():
   with pytest.raises(ConfigError, match='even head dimension'):
     build_model(tiny_config(position='rope', d_model=12, num_heads=4), rngs=nnx.Rngs(0))
+
+
+def test_data_sampling_is_checked_before_training():
+  from configs import default
+  from jaxformer.config import validate
+  config = default.get_config()
+  config.data.sampling = 'random'
+  with pytest.raises(ConfigError, match="data.sampling='random'.*did you mean 'random_windows'"):
+    validate(config)
+  config.data.sampling = 'random_windows'
+  config.model.arch = 'encoder_decoder'
+  with pytest.raises(ConfigError, match='random_windows.*encoder_decoder; use data.sampling=streams'):
+    validate(config)

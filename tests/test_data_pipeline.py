@@ -7,6 +7,7 @@ import pytest
 from configs import default
 from jaxformer import data as D
 from jaxformer.data import pipeline, sources
+from jaxformer.data.tokenizers import BOS_ID, EOS_ID
 
 
 class RecordingSplit(sources.ListSplit):
@@ -437,3 +438,86 @@ def test_multi30k_subset_with_sentencepiece_end_to_end(shared_data, tmp_path):
   got = [tok.decode(b['targets'][r][b['segment_ids'][r] == s]) for b in val for r in range(8)
          for s in range(1, b['segment_ids'][r].max() + 1)]
   assert got == raw['val', 'de']
+
+
+# ---------------------------------------------------------------------------------------- random windows
+
+
+def _stream_of(docs, tok):
+  """The training split as the one token stream random_windows samples from: BOS + tokens + EOS per document."""
+  return np.concatenate([np.concatenate([[BOS_ID], tok.encode(d), [EOS_ID]]) for d in docs])
+
+
+@pytest.mark.parametrize('arch', ['decoder_only', 'encoder_only'])
+def test_random_windows_are_contiguous_slices_of_the_token_stream(arch):
+  docs = _docs(60)
+  tok = _tokenizer(docs)
+  stream = _stream_of(docs, tok)
+  seq_len = 20
+  it = _train(_config(arch=arch, seq_len=seq_len, sampling='random_windows', batch_size=8), tok, _source(docs))
+  starts = []
+  for b in _take(it, 30):
+    for i in range(8):
+      # encoder_only: masked positions hold the original token in targets, the rest are unchanged in inputs
+      inputs = b['inputs'][i] if arch == 'decoder_only' else np.where(b['targets'][i] != 0, b['targets'][i],
+                                                                       b['inputs'][i])
+      full = np.concatenate([inputs, b['targets'][i][-1:]]) if arch == 'decoder_only' else inputs
+      hits = [s for s in range(len(stream) - len(full) + 1) if np.array_equal(stream[s:s + len(full)], full)]
+      if arch == 'decoder_only' and not hits:  # the last target was BOS (zeroed): match the inputs alone
+        hits = [s for s in range(len(stream) - seq_len + 1) if np.array_equal(stream[s:s + seq_len], inputs)]
+      assert hits, 'every row must be a window of the token stream'
+      starts.append(hits[0])
+      seg, pos = b['segment_ids'][i], b['positions'][i]
+      # Positions restart and segments advance exactly at document starts (BOS) inside the window.
+      bos = b['inputs'][i] == BOS_ID if arch == 'decoder_only' else stream[hits[0]:hits[0] + seq_len] == BOS_ID
+      expect_seg = 1 + np.cumsum(bos) - bos[0]
+      np.testing.assert_array_equal(seg, expect_seg)
+      for s in np.unique(seg):
+        np.testing.assert_array_equal(pos[seg == s], np.arange((seg == s).sum()) + (pos[seg == s][0] if s == 1 else 0))
+      if arch == 'decoder_only':
+        np.testing.assert_array_equal(b['inputs'][i][1:], np.where(b['targets'][i][:-1] == 0, BOS_ID,
+                                                                   b['targets'][i][:-1]))
+        assert not np.any(b['targets'][i] == BOS_ID), 'EOS -> BOS is not a prediction target'
+  # Offsets are spread over the whole stream (i.i.d. uniform), not walking through it in order.
+  starts = np.array(starts)
+  assert starts.min() < len(stream) * 0.2 and starts.max() > len(stream) * 0.7
+  assert len(np.unique(starts)) > 0.8 * len(starts)
+
+
+def test_random_windows_resume_hosts_and_seed():
+  docs = _docs(80)
+  tok = _tokenizer(docs)
+  cfg = lambda seed=0: _config(seq_len=16, sampling='random_windows', batch_size=8, seed=seed, prefetch=2)
+  it = _train(cfg(), tok, _source(docs))
+  _take(it, 5)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = _take(it, 4)
+  it.close()
+  fresh = _train(cfg(), tok, _source(docs))
+  fresh.set_state(state)
+  for e, g in zip(expected, _take(fresh, 4)):
+    for k in e:
+      np.testing.assert_array_equal(e[k], g[k])
+  fresh.close()
+  # Two hosts' rows together are the single-host global batch.
+  whole = _take(_train(cfg(), tok, _source(docs)), 3)
+  halves = [_take(_train(cfg(), tok, _source(docs), process_index=h, process_count=2), 3) for h in range(2)]
+  for w, h0, h1 in zip(whole, *halves):
+    for k in w:
+      np.testing.assert_array_equal(np.concatenate([h0[k], h1[k]]), w[k])
+  assert not np.array_equal(whole[0]['inputs'], _take(_train(cfg(seed=1), tok, _source(docs)), 1)[0]['inputs'])
+  with pytest.raises(D.DataError, match='sampling'):
+    _train(_config(seq_len=16, batch_size=8), tok, _source(docs)).set_state(state)
+
+
+def test_random_windows_errors():
+  docs = _docs(3, max_len=5)
+  tok = _tokenizer(docs)
+  with pytest.raises(D.DataError, match='too few'):
+    _train(_config(seq_len=200, sampling='random_windows'), tok, _source(docs))
+  with pytest.raises(D.DataError, match='encoder_decoder'):
+    pairs = [('1', 'one'), ('2', 'two')]
+    _train(_config(arch='encoder_decoder', sampling='random_windows'), _tokenizer(['1', '2', 'one', 'two']),
+           _source(pairs, kind='pairs'))
+  with pytest.raises(D.DataError, match='sampling'):
+    _train(_config(sampling='random'), tok, _source(docs))

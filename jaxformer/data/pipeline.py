@@ -32,10 +32,17 @@ hosts' slices IS the global batch a single host would produce):
 * Batches: dict of int32 numpy arrays `inputs`, `targets`, `segment_ids`, `positions` [rows, data.seq_len] (+
   `encoder_inputs`, `encoder_segment_ids`, `encoder_positions` [rows, data.src_seq_len] for encoder_decoder).
   segment_ids are 1, 2, 3.. per document within a row and 0 on padding; loss weight = targets != 0.
+* data.sampling='random_windows' (LM archs; nanoGPT's `get_batch`) replaces the row streams for training: the
+  whole training split is tokenized once into one token stream (BOS + tokens + EOS per example, in split order)
+  and each row of step s is the window of seq_len + 1 tokens at an offset drawn from
+  `default_rng([seed, WINDOW, s])` over the global batch (segment ids/positions restart at document markers).
+  Windows are i.i.d., so consecutive steps are uncorrelated: on tinyshakespeare this trains ~0.025 nats lower
+  than sequential streams in the same 2000 steps (benchmarks/RESULTS.md). The state is the step alone.
 """
 from __future__ import annotations
 
 import collections
+import copy
 import logging
 import queue
 import threading
@@ -51,6 +58,9 @@ CACHE_TOKENS = 1 << 25  # tokenized training examples kept in memory (~32M token
 _MLM_SALT = 0x4D4C4D
 _EVAL_MASK_SEED = 0x5EED
 _PERM_SALT = 0xDA7A
+_WINDOW_SALT = 0x817D
+MAX_WINDOW_TOKENS = 1 << 28  # random_windows keeps the tokenized training split in memory (int32)
+SAMPLINGS = ('streams', 'random_windows')
 
 
 # ----------------------------------------------------------------------------------------------- examples
@@ -329,12 +339,13 @@ class _TrainProducer:
 
   # State -------------------------------------------------------------------------------------------------
   def state(self) -> dict[str, Any]:
-    return {'version': STATE_VERSION, 'step': self.step, 'seed': self.seed, 'batch_size': self.global_rows,
-            'process_index': self.process_index, 'process_count': self.process_count, 'num_examples': self.n,
+    return {'version': STATE_VERSION, 'sampling': 'streams', 'step': self.step, 'seed': self.seed,
+            'batch_size': self.global_rows, 'process_index': self.process_index, 'process_count': self.process_count, 'num_examples': self.n,
             'streams': [[s.k, s.offset] for s in self.streams]}
 
   def set_state(self, state: dict[str, Any]) -> None:
     expect = self.state()
+    _check_sampling(state, 'streams')
     for key in ('version', 'seed', 'batch_size', 'process_index', 'process_count', 'num_examples'):
       if state.get(key) != expect[key]:
         raise DataError(
@@ -345,6 +356,91 @@ class _TrainProducer:
       raise DataError(f'data iterator state has {len(streams)} row streams, this host has {len(self.streams)}.')
     for s, (k, offset) in zip(self.streams, streams):
       s.reset(int(k), int(offset))
+    self.step = int(state['step'])
+
+
+def _check_sampling(state: dict[str, Any], sampling: str) -> None:
+  saved = state.get('sampling', 'streams')  # states saved before random_windows existed are streams
+  if saved != sampling:
+    raise DataError(f'the saved data position is for data.sampling={saved}, but this run has data.sampling={sampling}; '
+                    f'set data.sampling={saved} to resume, or start a new workdir.')
+
+
+class _WindowProducer:
+  """Rows are i.i.d. random windows of the tokenized training split (see the module doc); state = the step."""
+
+  def __init__(self, config: Any, tokenizer: Tokenizer, split: Split, process_index: int, process_count: int,
+               batch_size: int):
+    self.task = _Task(config, tokenizer, train=True)
+    if self.task.seq2seq:
+      raise DataError('data.sampling=random_windows cuts windows out of one token stream, which has no meaning for '
+                      'model.arch=encoder_decoder; use data.sampling=streams.')
+    self.config = config
+    self.seed = int(config.seed)
+    self.global_rows = batch_size
+    self.rows = batch_size // process_count
+    self.first_row = process_index * self.rows
+    self.process_index, self.process_count = process_index, process_count
+    self.n = len(split)
+    self.vocab_size = tokenizer.vocab_size
+    self.step = 0
+    pieces, total = [], 0
+    for start in range(0, self.n, 4096):
+      for inp, tgt in self.task.items(split.read(range(start, min(self.n, start + 4096)))):
+        seq = np.concatenate([inp, tgt[-1:]]) if self.task.arch == 'decoder_only' else inp  # BOS .. EOS
+        pieces.append(seq)
+        total += len(seq)
+      if total > MAX_WINDOW_TOKENS:
+        raise DataError(f'data.sampling=random_windows holds the tokenized training split in memory, and it is over '
+                        f'{MAX_WINDOW_TOKENS:,} tokens; use data.sampling=streams for a split this large.')
+    self.tokens = np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, np.int32)
+    self.window = self.task.seq_len + (1 if self.task.arch == 'decoder_only' else 0)
+    if len(self.tokens) <= self.window:
+      raise DataError(f'the training split has {len(self.tokens)} tokens, too few for data.sampling=random_windows '
+                      f'with data.seq_len={self.task.seq_len}; lower data.seq_len or use more data.')
+    # A document starts at every BOS: segment ids count them, positions restart there.
+    self.doc_start = np.flatnonzero(self.tokens == BOS_ID)
+
+  def next_batch(self) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng([self.seed, _WINDOW_SALT, self.step])
+    offsets = rng.integers(0, len(self.tokens) - self.window + 1, size=self.global_rows)
+    offsets = offsets[self.first_row:self.first_row + self.rows]
+    idx = offsets[:, None] + np.arange(self.window)[None, :]
+    win = self.tokens[idx]
+    seq_len = self.task.seq_len
+    if self.task.arch == 'decoder_only':
+      inputs, targets = win[:, :-1], np.where(win[:, 1:] == BOS_ID, 0, win[:, 1:])  # EOS -> BOS: not a target
+    else:
+      inputs = targets = win
+    # Segment = documents started (a BOS at or before the token) within the window; positions count from the
+    # last document start inside the window, else from the window's first token.
+    starts = inputs == BOS_ID
+    segment_ids = 1 + np.cumsum(starts, axis=1) - starts[:, :1]
+    cols = np.arange(seq_len)[None, :]
+    last_start = np.maximum.accumulate(np.where(starts, cols, 0), axis=1)
+    positions = (cols - last_start).astype(np.int32)
+    batch = {'inputs': np.ascontiguousarray(inputs, np.int32), 'targets': np.ascontiguousarray(targets, np.int32),
+             'segment_ids': segment_ids.astype(np.int32), 'positions': positions}
+    if self.task.arch == 'encoder_only':
+      mrng = np.random.default_rng([self.seed, _MLM_SALT, self.step])
+      batch = mask_tokens(batch, mrng, float(self.config.data.mask_rate), self.vocab_size,
+                          global_rows=self.global_rows, first_row=self.first_row)
+    self.step += 1
+    return batch
+
+  def state(self) -> dict[str, Any]:
+    return {'version': STATE_VERSION, 'sampling': 'random_windows', 'step': self.step, 'seed': self.seed,
+            'batch_size': self.global_rows, 'process_index': self.process_index,
+            'process_count': self.process_count, 'num_tokens': int(len(self.tokens))}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    expect = self.state()
+    _check_sampling(state, 'random_windows')
+    for key in ('version', 'seed', 'batch_size', 'num_tokens'):
+      if state.get(key) != expect[key]:
+        raise DataError(
+            f'data iterator state has {key}={state.get(key)!r} but this run has {expect[key]!r}; a saved data '
+            'position only restores into the same data.sampling, seed, train.batch_size and training split.')
     self.step = int(state['step'])
 
 
@@ -413,7 +509,7 @@ class TrainIterator:
       self._thread = None
 
   def get_state(self) -> dict[str, Any]:
-    return {**self._state, 'streams': [list(s) for s in self._state['streams']]}
+    return copy.deepcopy(self._state)
 
   def set_state(self, state: dict[str, Any]) -> None:
     self.close()
@@ -438,7 +534,13 @@ def make_train_iterator(config: Any, tokenizer: Tokenizer, workdir: str, *, proc
   _check_arch(config)
   source = source or get_source(config, workdir)
   split = source.split(str(config.data.train_split))
-  producer = _TrainProducer(config, tokenizer, split, process_index, process_count, batch_size)
+  sampling = str(config.data.get('sampling', 'streams'))
+  if sampling not in SAMPLINGS:
+    raise DataError(f'data.sampling={sampling!r} is not valid; use {" or ".join(SAMPLINGS)}.')
+  if sampling == 'random_windows':
+    producer = _WindowProducer(config, tokenizer, split, process_index, process_count, batch_size)
+  else:
+    producer = _TrainProducer(config, tokenizer, split, process_index, process_count, batch_size)
   return TrainIterator(producer, int(config.data.prefetch))
 
 
