@@ -521,3 +521,20 @@ def test_random_windows_errors():
            _source(pairs, kind='pairs'))
   with pytest.raises(D.DataError, match='sampling'):
     _train(_config(sampling='random'), tok, _source(docs))
+
+
+def test_random_windows_state_resumes_on_another_host_count():
+  """The saved position is the step alone, so a 2-host run's state continues exactly in a 1-host run."""
+  docs = _docs(80)
+  tok = _tokenizer(docs)
+  cfg = _config(seq_len=16, sampling='random_windows', batch_size=8)
+  hosts = [_train(cfg, tok, _source(docs), process_index=h, process_count=2) for h in range(2)]
+  for it in hosts:
+    _take(it, 3)
+  state = hosts[0].get_state()
+  single = _train(cfg, tok, _source(docs))
+  single.set_state(state)
+  nxt = [next(it) for it in hosts]
+  got = next(single)
+  for k in got:
+    np.testing.assert_array_equal(np.concatenate([nxt[0][k], nxt[1][k]]), got[k])

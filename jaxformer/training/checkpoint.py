@@ -184,6 +184,8 @@ class Checkpointer:
       states = data.get('states') or []
       if len(states) == jax.process_count():
         data_state = states[jax.process_index()]
+      elif states and states[0].get('sampling') == 'random_windows':
+        data_state = states[0]  # the position is the global step alone: any host layout resumes exactly
       elif states:
         logging.warning('checkpoint step %d was written by %d processes, this run has %d: the data iterator '
                         'restarts from its beginning.', s, len(states), jax.process_count())
