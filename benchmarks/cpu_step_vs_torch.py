@@ -19,6 +19,8 @@ What is timed (per step, wall clock, after warm-up/compilation, batch already on
                    lax.scan over 4 stacked batches); the row reports per-step time = call time / 4.
   plain_jax        a standalone ~60-line JAX GPT in the recommended formulation (no Flax), for reference.
 
+Both frameworks run in one process with the malloc settings train.py uses (jaxformer.training.host_memory:
+freed memory is reused rather than unmapped; --malloc_defaults turns that off for both).
 Timings on a shared machine are noisy: the variants are interleaved in rounds, and the table reports the minimum
 and the median over all rounds plus the ratio to PyTorch measured in the same run; the load average is printed.
 """
@@ -194,7 +196,11 @@ def main():
   ap.add_argument('--reps', type=int, default=15, help='timed steps per variant per round')
   ap.add_argument('--batches', type=int, default=8)
   ap.add_argument('--torch_1thread', action='store_true', help='also time PyTorch with torch.set_num_threads(1)')
+  ap.add_argument('--malloc_defaults', action='store_true',
+                  help="leave glibc malloc's thresholds alone (train.py raises them: jaxformer.training.host_memory)")
   args = ap.parse_args()
+  from jaxformer.training import host_memory
+  kept = False if args.malloc_defaults else host_memory.keep_freed_memory()  # the whole process: torch too
 
   try:
     import torch
@@ -274,7 +280,7 @@ def main():
         f'context {t}, batch {b}, vocab {v}, AdamW')
   print(f'# {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__}, '
         + (f'torch {torch.__version__} ({torch.get_num_threads()} threads); ' if torch is not None else '')
-        + f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
+        + f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; malloc thresholds raised (host_memory): {kept}')
   print(f'# {args.rounds} interleaved rounds x {args.reps} steps; load average {load0:.1f} -> {load1:.1f}')
   print()
   print(f'| {"step":36s} | min ms | median ms | ratio to {"torch" if torch is not None else "row 1"} (min) '

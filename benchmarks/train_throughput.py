@@ -116,6 +116,8 @@ def main(argv=None) -> None:
   p.add_argument('--warmup', type=int, default=2)
   p.add_argument('--dtype', default='', help='model.dtype override, e.g. bfloat16 (default: the recipe\'s)')
   args = p.parse_args(argv)
+  from jaxformer.training import host_memory
+  host_memory.keep_freed_memory()  # as train.py does (no per-call page faults of XLA:CPU temp buffers)
   dev = jax.devices()[0]
   on_cpu = dev.platform == 'cpu'
   steps = args.steps or (10 if on_cpu else 50)

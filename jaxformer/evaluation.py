@@ -32,6 +32,7 @@ from flax import nnx
 from jaxformer import decoding
 from jaxformer import metrics as metrics_lib
 from jaxformer.config import validate
+from jaxformer.training import host_memory
 
 MODES = ('score', 'generate', 'translate')
 REQUEST_SECTIONS = ('decode', 'mesh')  # taken from the request, never from the checkpoint
@@ -288,6 +289,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int
   """
   if mode not in MODES:
     raise EvalError(f'--mode={mode!r} is not one of {", ".join(MODES)}.')
+  host_memory.keep_freed_memory()
   if mode == 'translate':
     if not input_path:
       raise EvalError('--mode=translate needs --input=FILE (one source sentence per line).')

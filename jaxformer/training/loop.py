@@ -39,6 +39,7 @@ from jaxformer import flops as flops_lib
 from jaxformer import sharding as shd
 from jaxformer.config import ConfigError, ModelConfig, validate
 from jaxformer.training import checkpoint as ckpt_lib
+from jaxformer.training import host_memory
 from jaxformer.training import optimizer as opt_lib
 from jaxformer.training import step as step_lib
 from jaxformer.training.writers import MetricWriter
@@ -174,6 +175,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: in
   """
   from jaxformer import data as data_lib
   config = ml_collections.ConfigDict(config.to_dict())  # a private, unlocked copy we may resolve
+  host_memory.keep_freed_memory()  # XLA:CPU's per-call temp buffers: no page faults every step
   shd.maybe_initialize_distributed(config)
   validate(config)
   workdir = os.path.abspath(workdir)
