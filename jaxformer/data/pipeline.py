@@ -250,27 +250,43 @@ def _host(process_index: int | None, process_count: int | None) -> tuple[int, in
   return int(process_index), int(process_count)
 
 
-class _TrainProducer:
-  """Builds this host's rows of consecutive global batches; the state is the streams' (k, offset) and the step."""
+class _Producer:
+  """What both training producers share: this host's slice of the global rows, the step, and MLM masking."""
 
-  def __init__(self, config: Any, tokenizer: Tokenizer, split: Split, process_index: int, process_count: int,
-               batch_size: int):
+  def __init__(self, config: Any, tokenizer: Tokenizer, process_index: int, process_count: int, batch_size: int):
     self.config = config
     self.task = _Task(config, tokenizer, train=True)
-    self.split = split
-    self.n = len(split)
     self.seed = int(config.seed)
     self.global_rows = batch_size
     self.rows = batch_size // process_count
     self.first_row = process_index * self.rows
     self.process_index, self.process_count = process_index, process_count
-    self.streams = [_Stream() for _ in range(self.rows)]
+    self.vocab_size = tokenizer.vocab_size
     self.step = 0
+
+  def _finish(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """encoder_only masking (deterministic from seed + step over the global batch), then the next step."""
+    if self.task.arch == 'encoder_only':
+      rng = np.random.default_rng([self.seed, _MLM_SALT, self.step])
+      batch = mask_tokens(batch, rng, float(self.config.data.mask_rate), self.vocab_size,
+                          global_rows=self.global_rows, first_row=self.first_row)
+    self.step += 1
+    return batch
+
+
+class _TrainProducer(_Producer):
+  """Builds this host's rows of consecutive global batches; the state is the streams' (k, offset) and the step."""
+
+  def __init__(self, config: Any, tokenizer: Tokenizer, split: Split, process_index: int, process_count: int,
+               batch_size: int):
+    super().__init__(config, tokenizer, process_index, process_count, batch_size)
+    self.split = split
+    self.n = len(split)
+    self.streams = [_Stream() for _ in range(self.rows)]
     self._perms: collections.OrderedDict = collections.OrderedDict()
     self._mean_size = 32.0
     self._cache: dict[int, Any] = {}  # split index -> tokenized item, while under CACHE_TOKENS
     self._cached_tokens = 0
-    self.vocab_size = tokenizer.vocab_size
 
   # Example order --------------------------------------------------------------------------------------
   def _perm(self, epoch: int) -> np.ndarray:
@@ -329,18 +345,13 @@ class _TrainProducer:
         _fill_seq2seq_row(s, rows, j, seq_len, src_seq_len, self.task.pack, self._more, max_skips=self.n)
       else:
         _fill_lm_row(s, rows, j, seq_len, self.task.pack, self._more)
-    batch = rows.arrays
-    if self.task.arch == 'encoder_only':
-      rng = np.random.default_rng([self.seed, _MLM_SALT, self.step])
-      batch = mask_tokens(batch, rng, float(self.config.data.mask_rate), self.vocab_size,
-                          global_rows=self.global_rows, first_row=self.first_row)
-    self.step += 1
-    return batch
+    return self._finish(rows.arrays)
 
   # State -------------------------------------------------------------------------------------------------
   def state(self) -> dict[str, Any]:
     return {'version': STATE_VERSION, 'sampling': 'streams', 'step': self.step, 'seed': self.seed,
-            'batch_size': self.global_rows, 'process_index': self.process_index, 'process_count': self.process_count, 'num_examples': self.n,
+            'batch_size': self.global_rows, 'process_index': self.process_index,
+            'process_count': self.process_count, 'num_examples': self.n,
             'streams': [[s.k, s.offset] for s in self.streams]}
 
   def set_state(self, state: dict[str, Any]) -> None:
@@ -366,24 +377,16 @@ def _check_sampling(state: dict[str, Any], sampling: str) -> None:
                     f'set data.sampling={saved} to resume, or start a new workdir.')
 
 
-class _WindowProducer:
+class _WindowProducer(_Producer):
   """Rows are i.i.d. random windows of the tokenized training split (see the module doc); state = the step."""
 
   def __init__(self, config: Any, tokenizer: Tokenizer, split: Split, process_index: int, process_count: int,
                batch_size: int):
-    self.task = _Task(config, tokenizer, train=True)
+    super().__init__(config, tokenizer, process_index, process_count, batch_size)
     if self.task.seq2seq:
       raise DataError('data.sampling=random_windows cuts windows out of one token stream, which has no meaning for '
                       'model.arch=encoder_decoder; use data.sampling=streams.')
-    self.config = config
-    self.seed = int(config.seed)
-    self.global_rows = batch_size
-    self.rows = batch_size // process_count
-    self.first_row = process_index * self.rows
-    self.process_index, self.process_count = process_index, process_count
     self.n = len(split)
-    self.vocab_size = tokenizer.vocab_size
-    self.step = 0
     pieces, total = [], 0
     for start in range(0, self.n, 4096):
       for inp, tgt in self.task.items(split.read(range(start, min(self.n, start + 4096)))):
@@ -421,12 +424,7 @@ class _WindowProducer:
     positions = (cols - last_start).astype(np.int32)
     batch = {'inputs': np.ascontiguousarray(inputs, np.int32), 'targets': np.ascontiguousarray(targets, np.int32),
              'segment_ids': segment_ids.astype(np.int32), 'positions': positions}
-    if self.task.arch == 'encoder_only':
-      mrng = np.random.default_rng([self.seed, _MLM_SALT, self.step])
-      batch = mask_tokens(batch, mrng, float(self.config.data.mask_rate), self.vocab_size,
-                          global_rows=self.global_rows, first_row=self.first_row)
-    self.step += 1
-    return batch
+    return self._finish(batch)
 
   def state(self) -> dict[str, Any]:
     return {'version': STATE_VERSION, 'sampling': 'random_windows', 'step': self.step, 'seed': self.seed,
