@@ -26,6 +26,7 @@ ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'reference')
 REMATS = ('none', 'block')
 TOKENIZERS = ('char', 'byte', 'sentencepiece')
 SOURCE_KINDS = ('builtin', 'text', 'parallel', 'tfds')
+SAMPLINGS = ('streams', 'random_windows')
 OPTIMIZERS = ('adamw', 'adafactor', 'sgd')
 SCHEDULES = ('cosine', 'linear', 'constant', 'rsqrt')
 DECODE_METHODS = ('greedy', 'beam', 'sample')
@@ -148,7 +149,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         'parallel:<prefix> or tfds:<name>[/<config>].')
   _choice('data.tokenizer', data.tokenizer, TOKENIZERS)
   sampling = data.get('sampling', 'streams')  # configs saved before the key existed read as streams
-  _choice('data.sampling', sampling, ('streams', 'random_windows'))
+  _choice('data.sampling', sampling, SAMPLINGS)
   if sampling == 'random_windows' and config.model.arch == 'encoder_decoder':
     raise ConfigError('data.sampling=random_windows cuts windows from one token stream, which does not apply to '
                       'model.arch=encoder_decoder; use data.sampling=streams.')

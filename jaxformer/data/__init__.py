@@ -20,6 +20,7 @@ from jaxformer.data.pipeline import load_text_pairs
 from jaxformer.data.pipeline import make_eval_iterator
 from jaxformer.data.pipeline import make_train_iterator
 from jaxformer.data.pipeline import mask_tokens
+from jaxformer.data.pipeline import state_for_host
 from jaxformer.data.pipeline import TrainIterator
 from jaxformer.data.sources import builtin_lm_entropy
 from jaxformer.data.sources import data_dir_for

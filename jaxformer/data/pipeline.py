@@ -50,6 +50,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from jaxformer.config import SAMPLINGS
 from jaxformer.data.sources import DataError, Source, Split, get_source
 from jaxformer.data.tokenizers import BOS_ID, EOS_ID, MASK_ID, MAX_UNK_FRACTION, NUM_SPECIAL, Tokenizer
 
@@ -60,7 +61,6 @@ _EVAL_MASK_SEED = 0x5EED
 _PERM_SALT = 0xDA7A
 _WINDOW_SALT = 0x817D
 MAX_WINDOW_TOKENS = 1 << 28  # random_windows keeps the tokenized training split in memory (int32)
-SAMPLINGS = ('streams', 'random_windows')
 
 
 # ----------------------------------------------------------------------------------------------- examples
@@ -377,6 +377,19 @@ def _check_sampling(state: dict[str, Any], sampling: str) -> None:
                     f'set data.sampling={saved} to resume, or start a new workdir.')
 
 
+def state_for_host(states: list[dict[str, Any]], process_index: int, process_count: int) -> dict[str, Any] | None:
+  """This host's data position out of the per-host states a checkpoint saved, or None if it cannot resume.
+
+  Stream positions belong to one host layout (each host owns its row streams); a random_windows position is the
+  global step alone, so it resumes exactly under any number of hosts.
+  """
+  if len(states) == process_count:
+    return states[process_index]
+  if states and states[0].get('sampling') == 'random_windows':
+    return states[0]
+  return None
+
+
 class _WindowProducer(_Producer):
   """Rows are i.i.d. random windows of the tokenized training split (see the module doc); state = the step."""
 
@@ -386,10 +399,10 @@ class _WindowProducer(_Producer):
     if self.task.seq2seq:
       raise DataError('data.sampling=random_windows cuts windows out of one token stream, which has no meaning for '
                       'model.arch=encoder_decoder; use data.sampling=streams.')
-    self.n = len(split)
+    n = len(split)
     pieces, total = [], 0
-    for start in range(0, self.n, 4096):
-      for inp, tgt in self.task.items(split.read(range(start, min(self.n, start + 4096)))):
+    for start in range(0, n, 4096):
+      for inp, tgt in self.task.items(split.read(range(start, min(n, start + 4096)))):
         seq = np.concatenate([inp, tgt[-1:]]) if self.task.arch == 'decoder_only' else inp  # BOS .. EOS
         pieces.append(seq)
         total += len(seq)
@@ -401,8 +414,6 @@ class _WindowProducer(_Producer):
     if len(self.tokens) <= self.window:
       raise DataError(f'the training split has {len(self.tokens)} tokens, too few for data.sampling=random_windows '
                       f'with data.seq_len={self.task.seq_len}; lower data.seq_len or use more data.')
-    # A document starts at every BOS: segment ids count them, positions restart there.
-    self.doc_start = np.flatnonzero(self.tokens == BOS_ID)
 
   def next_batch(self) -> dict[str, np.ndarray]:
     rng = np.random.default_rng([self.seed, _WINDOW_SALT, self.step])

@@ -33,6 +33,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxformer import sharding as shd
+from jaxformer.data.pipeline import state_for_host
 
 CHECKPOINT_DIR = 'checkpoints'
 UNREADABLE_DIR = 'checkpoints_unreadable'
@@ -180,13 +181,9 @@ class Checkpointer:
           'rngs': data_to_keys(extra['rngs'], abstract_state['rngs']),
       }
       data = restored['data'] or {}
-      data_state = None
       states = data.get('states') or []
-      if len(states) == jax.process_count():
-        data_state = states[jax.process_index()]
-      elif states and states[0].get('sampling') == 'random_windows':
-        data_state = states[0]  # the position is the global step alone: any host layout resumes exactly
-      elif states:
+      data_state = state_for_host(states, jax.process_index(), jax.process_count())
+      if data_state is None and states:
         logging.warning('checkpoint step %d was written by %d processes, this run has %d: the data iterator '
                         'restarts from its beginning.', s, len(states), jax.process_count())
       if failed:

@@ -64,6 +64,11 @@ def token_losses(logits: jax.Array, targets: jax.Array, *, label_smoothing: floa
   return ce, objective
 
 
+def token_weights(targets: jax.Array) -> jax.Array:
+  """float32 loss weight per target token: 1 where the target is a real token, 0 on padding (id 0)."""
+  return (targets != 0).astype(jnp.float32)
+
+
 def loss_sums(model: nnx.Module, batch: Batch, config, *, deterministic: bool) -> tuple[jax.Array, dict]:
   """(objective_sum, metrics) with token-weighted sums, so micro-batches and hosts aggregate exactly.
 
@@ -73,7 +78,7 @@ def loss_sums(model: nnx.Module, batch: Batch, config, *, deterministic: bool) -
   """
   logits = model_logits(model, batch, config.model.arch, deterministic=deterministic)
   targets = batch['targets']
-  weights = (targets != 0).astype(jnp.float32)
+  weights = token_weights(targets)
   train = config.train
   ce, objective = token_losses(logits, targets, label_smoothing=float(train.label_smoothing),
                                z_loss=float(train.z_loss))
@@ -205,8 +210,8 @@ def make_train_step(config, setup: TrainSetup, steps_per_call: int = 1) -> Calla
 
   def step_fn(state, batch):
     params, rest = state['params'], state['rngs']
-    # The loss weight of a token is targets != 0 (loss_sums), so the token count is known before the forward pass.
-    denom = jnp.maximum(jnp.sum(batch['targets'] != 0).astype(jnp.float32), 1.0)
+    # The weights depend on the targets alone, so the batch's token count is known before the forward pass.
+    denom = jnp.maximum(jnp.sum(token_weights(batch['targets'])), 1.0)
     if k == 1:
       grads, metrics, rest = grads_of(params, rest, batch, denom)
     else:
