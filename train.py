@@ -23,6 +23,7 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:  # orbax logs every file it writes at INFO
     logging.set_verbosity(logging.WARNING)
   from jaxformer.training import run
+  from jaxformer.data import DataError
   from jaxformer.training.checkpoint import CheckpointError
   config = _CONFIG.value
   try:
@@ -32,6 +33,8 @@ def main(argv):
     sys.exit(f'config error: {e}')
   except CheckpointError as e:
     sys.exit(f'checkpoint error: {e}')
+  except DataError as e:
+    sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':

@@ -11,6 +11,8 @@ from typing import Any
 
 import ml_collections
 
+from jaxformer.metrics import BLEU_TOKENIZE_CHOICES
+
 
 class ConfigError(ValueError):
   """A config value that cannot work. The message names the key and the fix."""
@@ -202,3 +204,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'decode.top_p={decode.top_p!r} must be in (0, 1]; 1.0 turns nucleus sampling off.')
   if decode.temperature < 0:
     raise ConfigError(f'decode.temperature={decode.temperature!r} must be >= 0 (0 = greedy).')
+  if decode.get('bleu_tokenize', '') not in BLEU_TOKENIZE_CHOICES:
+    raise ConfigError(f'decode.bleu_tokenize={decode.bleu_tokenize!r} is not valid; use one of '
+                      f'{", ".join(c for c in BLEU_TOKENIZE_CHOICES if c)}, or \'\' to follow data.tgt_lang.')
+  _positive('decode.bleu_max_ngram', decode.get('bleu_max_ngram', 4))

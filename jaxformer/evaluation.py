@@ -1,8 +1,10 @@
 """run(config, workdir): restore a checkpoint that train.py wrote, score a split, decode, write the results.
 
 Modes
-  score      loss / perplexity (and masked-token accuracy for encoder_only) on a split with the training code's
-             own `compute_loss`; encoder_decoder also translates the split and reports sacrebleu BLEU.
+  score      loss / perplexity, bits per byte / character (decoder_only, encoder_decoder) and masked-token
+             accuracy (encoder_only) on a split with the training code's own `compute_loss`; encoder_decoder also
+             translates the split and reports sacrebleu BLEU (tokenized for the target language,
+             decode.bleu_tokenize overrides) and chrF.
   generate   decoder_only: continue a text prompt.
   translate  encoder_decoder: translate the lines of a file.
 
@@ -153,12 +155,13 @@ def restore(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step:
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'config_json'))
-def _eval_step(graphdef, state, batch, *, config_json: str):
+def _eval_step(graphdef, state, batch, length_tables, *, config_json: str):
   """Training's compute_loss on one batch -> its metric sums. Module-level with hashable static arguments, so
   evaluating another checkpoint of the same model in this process reuses the compiled step."""
   from jaxformer.training import step as step_lib
   config = ml_collections.ConfigDict(json.loads(config_json))
-  _, sums = step_lib.compute_loss(nnx.merge(graphdef, state), batch, config, deterministic=True)
+  _, sums = step_lib.compute_loss(nnx.merge(graphdef, state), batch, config, deterministic=True,
+                                  length_tables=length_tables)
   return sums
 
 
@@ -179,10 +182,11 @@ def score(r: Restored, workdir: str, split: str) -> tuple[dict[str, Any], int]:
   process_slice = shd.process_batch_slice(mesh, rules, eval_bs)
   graphdef, state = nnx.split(r.model)
   config_json = json.dumps(config.to_dict(), sort_keys=True, default=str)
+  tables = metrics_lib.length_tables(r.tokenizer, config.model.arch)
   acc = metrics_lib.MetricAccumulator()  # sums come back global (the jit spans the mesh): no merge_hosts
   with shd.mesh_context(mesh, rules):
     for batch in eval_batches(config, r.tokenizer, workdir, split, mesh, rules, process_slice, eval_bs):
-      acc.add(_eval_step(graphdef, state, batch, config_json=config_json))
+      acc.add(_eval_step(graphdef, state, batch, tables, config_json=config_json))
   if acc.weight_sum <= 0:
     raise EvalError(f'split {split!r} produced no target tokens to score.')
   out = acc.result(with_accuracy=True)
@@ -333,21 +337,29 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int
     return {'step': r.step, 'mode': mode, 'outputs': texts}
 
   name = split_name(r.config, split)
+  from jaxformer import data as data_lib
+  unknown = data_lib.unknown_characters(r.config, r.tokenizer, data_lib.get_source(r.config, workdir), (name,))
+  if unknown:
+    _log(unknown)
   results: dict[str, Any] = {'step': r.step, 'split': name, 'arch': arch}
   sums, batches = score(r, workdir, name)
   results.update(sums)
   results['eval_batches'] = batches
   if arch == 'encoder_decoder' and bleu:
-    from jaxformer import data as data_lib
     pairs = data_lib.load_text_pairs(r.config, workdir, name)
     limit = int(r.config.train.eval_steps)
     if limit >= 0:  # the examples the loss covered (exactly so when rows are unpacked: one example per row)
       pairs = pairs[:limit * (r.config.train.eval_batch_size or r.config.train.batch_size)]
     hyps = translate_texts(r, [s for s, _ in pairs])
-    b = metrics_lib.bleu(hyps, [t for _, t in pairs], src_lang='', tgt_lang='')
-    results.update(bleu=b['bleu'], sacrebleu_signature=b['sacrebleu_signature'],
-                   direction=translation_direction(r.config), bleu_examples=len(pairs),
-                   decode=dataclasses.asdict(decode_settings(r.config)))
+    refs = [t for _, t in pairs]
+    direction = translation_direction(r.config)
+    b = metrics_lib.bleu(hyps, refs, tgt_lang=direction.split('->')[-1],
+                         tokenize=str(r.config.decode.get('bleu_tokenize', '')),
+                         max_ngram_order=int(r.config.decode.get('bleu_max_ngram', metrics_lib.BLEU_MAX_NGRAM_ORDER)))
+    if 'bleu_note' in b:
+      _log(b['bleu_note'])
+    results.update(bleu=b['bleu'], sacrebleu_signature=b['sacrebleu_signature'], **metrics_lib.chrf(hyps, refs),
+                   direction=direction, bleu_examples=len(pairs), decode=dataclasses.asdict(decode_settings(r.config)))
     for (src, ref), hyp in list(zip(pairs, hyps))[:3]:
       _log(f'  src: {src}\n  ref: {ref}\n  hyp: {hyp}')
   results['seconds'] = round(time.perf_counter() - start, 2)

@@ -36,3 +36,4 @@ from jaxformer.data.tokenizers import load_tokenizer
 from jaxformer.data.tokenizers import SentencePieceTokenizer
 from jaxformer.data.tokenizers import Tokenizer
 from jaxformer.data.tokenizers import tokenizer_dir
+from jaxformer.data.tokenizers import unknown_characters

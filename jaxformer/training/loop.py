@@ -11,7 +11,8 @@ DIR/metrics.jsonl rows (also TensorBoard scalars in DIR/tensorboard/):
     utilisation, jaxformer.flops; None when the device's peak is unknown); train_objective when label smoothing
     or z-loss make the optimised objective differ from the cross-entropy.
   eval rows, every train.eval_every steps and at the end: step, eval_loss, eval_perplexity, eval_accuracy,
-    eval_tokens.
+    eval_tokens; eval_bits_per_byte and eval_bits_per_char (decoder_only / encoder_decoder: the eval NLL in bits
+    per UTF-8 byte / character of the scored target text, comparable across tokenizers).
 The first step (compilation) is excluded from throughput, and so is time spent evaluating and checkpointing.
 
 train.steps_per_call = k > 1 runs k steps per jitted call on k stacked batches (validate() requires log_every,
@@ -36,6 +37,7 @@ import ml_collections
 import numpy as np
 
 from jaxformer import flops as flops_lib
+from jaxformer import metrics as metrics_lib
 from jaxformer import sharding as shd
 from jaxformer.config import ConfigError, ModelConfig, validate
 from jaxformer.training import checkpoint as ckpt_lib
@@ -151,8 +153,12 @@ def evaluate(state, eval_step, config, tokenizer, workdir, mesh, rules, process_
   totals = jax.device_get(totals)
   weight = max(float(totals['weight_sum']), 1.0)
   loss = float(totals['loss_sum']) / weight
-  return {'eval_loss': loss, 'eval_perplexity': math.exp(min(loss, 50.0)),
-          'eval_accuracy': float(totals['correct_sum']) / weight, 'eval_tokens': float(totals['weight_sum'])}
+  out = {'eval_loss': loss, 'eval_perplexity': math.exp(min(loss, 50.0)),
+         'eval_accuracy': float(totals['correct_sum']) / weight, 'eval_tokens': float(totals['weight_sum'])}
+  for key, name in (('byte_sum', 'eval_bits_per_byte'), ('char_sum', 'eval_bits_per_char')):
+    if key in totals:
+      out[name] = metrics_lib.bits_per_unit(float(totals['loss_sum']), float(totals[key]))
+  return out
 
 
 def _truncate_metrics(workdir: str, step: int) -> None:
@@ -182,6 +188,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: in
   os.makedirs(workdir, exist_ok=True)
 
   tokenizer = data_lib.get_tokenizer(config, workdir)
+  unknown = data_lib.unknown_characters(config, tokenizer, data_lib.get_source(config, workdir),
+                                       (config.data.train_split, config.data.eval_split))
+  if unknown:
+    _log(unknown)
   if not config.model.vocab_size:
     config.model.vocab_size = int(tokenizer.vocab_size)
   elif config.model.vocab_size < tokenizer.vocab_size:
@@ -220,7 +230,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: in
   train_step = step_lib.make_train_step(config, setup)
   steps_per_call = int(config.train.get('steps_per_call', 1))
   multi_step = step_lib.make_train_step(config, setup, steps_per_call) if steps_per_call > 1 else None
-  eval_step = step_lib.make_eval_step(config, setup)
+  eval_step = step_lib.make_eval_step(config, setup, metrics_lib.length_tables(tokenizer, model_cfg.arch))
 
   train = config.train
   num_steps = train.num_steps
@@ -311,7 +321,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: in
         if last_eval is not None:
           writer.write(step, last_eval)
           _log(f'eval at step {step}: loss {last_eval["eval_loss"]:.4f} | perplexity '
-               f'{last_eval["eval_perplexity"]:.3f} | accuracy {last_eval["eval_accuracy"]:.4f}')
+               f'{last_eval["eval_perplexity"]:.3f} | accuracy {last_eval["eval_accuracy"]:.4f}'
+               + (f' | bits/char {last_eval["eval_bits_per_char"]:.4f}' if 'eval_bits_per_char' in last_eval else ''))
         window_start, window_steps = time.perf_counter(), 0
       if step % config.checkpoint.every_steps == 0 or is_last or stopping:
         save(step)

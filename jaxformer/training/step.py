@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxformer import metrics as metrics_lib
 from jaxformer import sharding as shd
 
 Batch = Mapping[str, jax.Array]
@@ -69,12 +70,14 @@ def token_weights(targets: jax.Array) -> jax.Array:
   return (targets != 0).astype(jnp.float32)
 
 
-def loss_sums(model: nnx.Module, batch: Batch, config, *, deterministic: bool) -> tuple[jax.Array, dict]:
+def loss_sums(model: nnx.Module, batch: Batch, config, *, deterministic: bool,
+              length_tables: Mapping[str, jax.Array] | None = None) -> tuple[jax.Array, dict]:
   """(objective_sum, metrics) with token-weighted sums, so micro-batches and hosts aggregate exactly.
 
   The same code serves all architectures: the data pipeline already puts next tokens (decoder_only), the original
   tokens at the masked positions (encoder_only) or the shifted target (encoder_decoder) in `targets`, and a
-  token counts exactly when its target is not padding.
+  token counts exactly when its target is not padding. length_tables (metrics.length_tables(tokenizer)) adds
+  byte_sum / char_sum, the text the weighted targets decode to (for bits per byte / character).
   """
   logits = model_logits(model, batch, config.model.arch, deterministic=deterministic)
   targets = batch['targets']
@@ -87,14 +90,17 @@ def loss_sums(model: nnx.Module, batch: Batch, config, *, deterministic: bool) -
       'loss_sum': jnp.sum(ce * weights),
       'weight_sum': jnp.sum(weights),
       'correct_sum': jnp.sum(correct * weights),
+      **metrics_lib.length_sums(targets, weights, length_tables),
   }
   return jnp.sum(objective * weights), metrics
 
 
-def compute_loss(model: nnx.Module, batch: Batch, config, *, deterministic: bool) -> tuple[jax.Array, dict]:
+def compute_loss(model: nnx.Module, batch: Batch, config, *, deterministic: bool,
+                 length_tables: Mapping[str, jax.Array] | None = None) -> tuple[jax.Array, dict]:
   """(loss, metrics): loss = the token-weighted mean objective of this batch; metrics holds the float32 sums
-  loss_sum (plain cross-entropy), weight_sum (target tokens) and correct_sum (argmax hits) for exact aggregation."""
-  objective_sum, metrics = loss_sums(model, batch, config, deterministic=deterministic)
+  loss_sum (plain cross-entropy), weight_sum (target tokens) and correct_sum (argmax hits) for exact aggregation,
+  and byte_sum / char_sum when length_tables are given."""
+  objective_sum, metrics = loss_sums(model, batch, config, deterministic=deterministic, length_tables=length_tables)
   return objective_sum / jnp.maximum(metrics['weight_sum'], 1.0), metrics
 
 
@@ -263,13 +269,15 @@ def make_train_step(config, setup: TrainSetup, steps_per_call: int = 1) -> Calla
   return train_step
 
 
-def make_eval_step(config, setup: TrainSetup) -> Callable[[dict, Batch], dict]:
-  """(state, batch) -> the token-weighted metric sums of the batch (deterministic forward pass)."""
-  graphdef = setup.graphdef
+def make_eval_step(config, setup: TrainSetup,
+                   length_tables: Mapping[str, np.ndarray] | None = None) -> Callable[[dict, Batch], dict]:
+  """(state, batch) -> the token-weighted metric sums of the batch (deterministic forward pass); with
+  length_tables (metrics.length_tables(tokenizer)) also byte_sum / char_sum."""
+  graphdef, tables = setup.graphdef, length_tables  # numpy: constants of the jitted step
 
   def step_fn(params, rest, batch):
     model = merge_model(graphdef, params, rest)
-    _, metrics = compute_loss(model, batch, config, deterministic=True)
+    _, metrics = compute_loss(model, batch, config, deterministic=True, length_tables=tables)
     return metrics
 
   jitted = {}
