@@ -31,9 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-PAD_ID = 0
-BOS_ID = 1
-EOS_ID = 2
+from jaxformer.special_tokens import BOS_ID, EOS_ID, PAD_ID
+
 NEG_INF = -1.0e7  # finite, so sums of "impossible" scores never turn into nan
 METHODS = ('greedy', 'beam', 'sample')
 
