@@ -29,6 +29,7 @@ from jaxformer.data.sources import DataFileNotFoundError
 from jaxformer.data.sources import get_source
 from jaxformer.data.sources import number_to_words
 from jaxformer.data.sources import Source
+from jaxformer.data.sources import SOURCES
 from jaxformer.data.tokenizers import ByteTokenizer
 from jaxformer.data.tokenizers import CharTokenizer
 from jaxformer.data.tokenizers import get_tokenizer
@@ -36,3 +37,4 @@ from jaxformer.data.tokenizers import load_tokenizer
 from jaxformer.data.tokenizers import SentencePieceTokenizer
 from jaxformer.data.tokenizers import Tokenizer
 from jaxformer.data.tokenizers import tokenizer_dir
+from jaxformer.data.tokenizers import TOKENIZERS
