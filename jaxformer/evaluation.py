@@ -176,12 +176,12 @@ def score(r: Restored, workdir: str, split: str) -> tuple[dict[str, Any], int]:
   if eval_bs % shards:
     raise EvalError(f'train.eval_batch_size={eval_bs} is not divisible by the {shards} batch shards of this mesh; '
                     f'pass --config.train.eval_batch_size=<a multiple of {shards}>.')
-  process_slice = shd.process_batch_slice(mesh, rules, eval_bs)
+  layout = shd.data_layout(mesh, rules, eval_bs)
   graphdef, state = nnx.split(r.model)
   config_json = json.dumps(config.to_dict(), sort_keys=True, default=str)
   acc = metrics_lib.MetricAccumulator()  # sums come back global (the jit spans the mesh): no merge_hosts
   with shd.mesh_context(mesh, rules):
-    for batch in eval_batches(config, r.tokenizer, workdir, split, mesh, rules, process_slice, eval_bs):
+    for batch in eval_batches(config, r.tokenizer, workdir, split, mesh, rules, layout):
       acc.add(_eval_step(graphdef, state, batch, config_json=config_json))
   if acc.weight_sum <= 0:
     raise EvalError(f'split {split!r} produced no target tokens to score.')

@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxformer import sharding as shd
-from jaxformer.data.pipeline import state_for_host
+from jaxformer.data import state_for_host
 
 CHECKPOINT_DIR = 'checkpoints'
 UNREADABLE_DIR = 'checkpoints_unreadable'

@@ -120,30 +120,29 @@ def _fmt_rate(x: float) -> str:
   return f'{x / 1e6:.2f}M' if x >= 1e6 else f'{x / 1e3:.1f}k' if x >= 1e3 else f'{x:.0f}'
 
 
-def eval_batches(config, tokenizer, workdir, split, mesh, rules, process_slice, batch_size: int):
+def eval_batches(config, tokenizer, workdir, split, mesh, rules, layout):
   """The batches an evaluation scores: the first train.eval_steps of `split` (-1: all), placed on the mesh.
 
   Training's evaluation and eval.py both read through this, so they score exactly the same tokens."""
   from jaxformer import data as data_lib
-  index, count = process_slice
-  iterator = data_lib.make_eval_iterator(config, tokenizer, workdir, split, batch_size=batch_size,
-                                         process_index=index, process_count=count)
+  iterator = data_lib.make_eval_iterator(config, tokenizer, workdir, split, layout=layout)
   limit = int(config.train.eval_steps)
   try:
     for i, batch in enumerate(iterator):
       if 0 <= limit <= i:
         break
-      yield shd.shard_batch(batch, mesh, rules, process_slice)
+      yield shd.shard_batch(batch, mesh, rules, layout)
   finally:
     if hasattr(iterator, 'close'):
       iterator.close()
 
 
-def evaluate(state, eval_step, config, tokenizer, workdir, mesh, rules, process_slice) -> dict[str, float] | None:
+def evaluate(state, eval_step, config, tokenizer, workdir, mesh, rules) -> dict[str, float] | None:
   """Token-weighted eval loss / perplexity / accuracy over train.eval_steps batches (-1: the whole split)."""
   eval_bs = config.train.eval_batch_size or config.train.batch_size
   totals = None
-  for batch in eval_batches(config, tokenizer, workdir, config.data.eval_split, mesh, rules, process_slice, eval_bs):
+  layout = shd.data_layout(mesh, rules, eval_bs)
+  for batch in eval_batches(config, tokenizer, workdir, config.data.eval_split, mesh, rules, layout):
     metrics = eval_step(state, batch)
     totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
   if totals is None:
@@ -212,9 +211,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: in
   else:
     state, start = step_lib.init_state(config, setup), 0
 
-  process_slice = shd.process_batch_slice(mesh, rules, config.train.batch_size)
-  train_iter = data_lib.make_train_iterator(config, tokenizer, workdir, process_index=process_slice[0],
-                                            process_count=process_slice[1])
+  layout = shd.data_layout(mesh, rules, config.train.batch_size)
+  train_iter = data_lib.make_train_iterator(config, tokenizer, workdir, layout=layout)
   if data_state is not None:
     train_iter.set_state(data_state)
   train_step = step_lib.make_train_step(config, setup)
@@ -257,11 +255,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: in
         n = steps_per_call
       if n == 1:
         batch = next(train_iter)
-        state, metrics = train_step(state, shd.shard_batch(batch, mesh, rules, process_slice))
+        state, metrics = train_step(state, shd.shard_batch(batch, mesh, rules, layout))
       else:
         batches = [next(train_iter) for _ in range(n)]
         stacked = {key: np.stack([np.asarray(b[key]) for b in batches]) for key in batches[0]}
-        state, metrics = multi_step(state, shd.shard_batch(stacked, mesh, rules, process_slice, stacked=True))
+        state, metrics = multi_step(state, shd.shard_batch(stacked, mesh, rules, layout, stacked=True))
       step += n
       pending.append((n, metrics))
       window_steps += n
@@ -304,7 +302,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: in
       stopping = stopping or (stop_after_steps is not None and step >= stop_after_steps and not is_last)
       if eval_enabled and (step % train.eval_every == 0 or is_last) and not stopping:
         try:
-          last_eval = evaluate(state, eval_step, config, tokenizer, workdir, mesh, rules, process_slice)
+          last_eval = evaluate(state, eval_step, config, tokenizer, workdir, mesh, rules)
         except (FileNotFoundError, KeyError) as e:
           _log(f'evaluation disabled: {e}')
           eval_enabled, last_eval = False, None

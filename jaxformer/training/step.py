@@ -21,20 +21,15 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxformer import sharding as shd
+from jaxformer.data.rows import model_inputs
 
 Batch = Mapping[str, jax.Array]
 
 
 # ----------------------------------------------------------------------------------------------------- losses
-def model_logits(model: nnx.Module, batch: Batch, arch: str, *, deterministic: bool) -> jax.Array:
-  """Calls the model with the batch keys of its architecture (see the data contract)."""
-  if arch == 'encoder_decoder':
-    return model(batch['encoder_inputs'], batch['inputs'],
-                 src_positions=batch.get('encoder_positions'), src_segment_ids=batch.get('encoder_segment_ids'),
-                 tgt_positions=batch.get('positions'), tgt_segment_ids=batch.get('segment_ids'),
-                 deterministic=deterministic)
-  return model(batch['inputs'], positions=batch.get('positions'), segment_ids=batch.get('segment_ids'),
-               deterministic=deterministic)
+def model_logits(model: nnx.Module, batch: Batch, *, deterministic: bool) -> jax.Array:
+  """The model called on the batch: its keys other than the labels are the model's argument names (data.rows)."""
+  return model(**model_inputs(batch), deterministic=deterministic)
 
 
 def token_losses(logits: jax.Array, targets: jax.Array, *, label_smoothing: float = 0.0,
@@ -76,7 +71,7 @@ def loss_sums(model: nnx.Module, batch: Batch, config, *, deterministic: bool) -
   tokens at the masked positions (encoder_only) or the shifted target (encoder_decoder) in `targets`, and a
   token counts exactly when its target is not padding.
   """
-  logits = model_logits(model, batch, config.model.arch, deterministic=deterministic)
+  logits = model_logits(model, batch, deterministic=deterministic)
   targets = batch['targets']
   weights = token_weights(targets)
   train = config.train
