@@ -13,6 +13,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 import ml_collections
+from absl import flags, logging
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
@@ -92,7 +93,6 @@ def explicit_overrides(argv: Sequence[str], flag: str = 'config') -> list[str]:
 def quiet_logging(*, read_only: bool = False) -> None:
   """absl WARNING unless --verbosity was given: orbax logs every file it writes/reads at INFO. read_only (eval):
   also drop orbax's warning that a read-only manager is read-only (eval opens checkpoints read-only on purpose)."""
-  from absl import flags, logging  # absl is parsed by the caller already; imported here to keep this module light
   if flags.FLAGS['verbosity'].present:
     return
   logging.set_verbosity(logging.WARNING)
