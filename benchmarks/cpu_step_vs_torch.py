@@ -12,7 +12,7 @@ What is timed (per step, wall clock, after warm-up/compilation, batch already on
                    backward, clip_grad_norm_(1.0), AdamW (decay on >=2-D params), zero_grad(set_to_none).
   jaxformer        THE REAL jaxformer step: jaxformer.training.step.make_train_step on the recipe config
                    (shakespeare_char:cpu = 4 layers, 4 heads, d_model 128, context 64, batch 12, AdamW b2 0.99,
-                   clip 1.0), vocab 65, packed-batch keys inputs/targets/segment_ids/positions.
+                   clip 1.0), vocab 65, packed-batch keys tokens/targets/segment_ids/positions.
                    Its projections are single 2-D matmuls over the B*T rows (jaxformer.model.layers.matmul), the
                    fix found in benchmarks/NOTES_cpu_performance.md.
   jaxformer x4     the same real step with train.steps_per_call=4: one jitted call runs 4 optimizer steps (a
@@ -209,7 +209,7 @@ def main():
   except ImportError:  # still time the JAX variants; ratios are then to the first of them
     torch = None
     print('# torch is not installed: PyTorch rows skipped (pip install torch for them)')
-  from jaxformer.training.cli import load_config_file
+  from jaxformer.cli import load_config_file
   config = load_config_file(args.config)
   config.model.vocab_size = args.vocab
   m, tr = config.model, config.train
@@ -220,7 +220,7 @@ def main():
   np_batches = []
   for _ in range(args.batches):  # token 0 is padding for jaxformer's loss weights; use 1..V-1
     x, y = rng.integers(1, v, (b, t)).astype(np.int32), rng.integers(1, v, (b, t)).astype(np.int32)
-    np_batches.append({'inputs': x, 'targets': y, 'segment_ids': np.ones((b, t), np.int32),
+    np_batches.append({'tokens': x, 'targets': y, 'segment_ids': np.ones((b, t), np.int32),
                        'positions': np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()})
 
   runners = {}
@@ -228,7 +228,7 @@ def main():
             clip=float(tr.grad_clip_norm))
   if torch is not None:
     tstep = torch_step_fn(m.num_layers, m.num_heads, m.d_model, t, v, **hp)
-    tb = [(torch.from_numpy(nb['inputs']).long(), torch.from_numpy(nb['targets']).long()) for nb in np_batches]
+    tb = [(torch.from_numpy(nb['tokens']).long(), torch.from_numpy(nb['targets']).long()) for nb in np_batches]
     runners['pytorch eager (nanoGPT)'] = lambda i: tstep(*tb[i % len(tb)]).item()
   if torch is not None and args.torch_1thread:  # less sensitive to other processes on the cores than 2 OpenMP threads
     tstep1 = torch_step_fn(m.num_layers, m.num_heads, m.d_model, t, v, **hp)
@@ -258,7 +258,7 @@ def main():
   if 'plain_jax' in variants:
     pstep = plain_jax_step_fn(m.num_layers, m.num_heads, m.d_model, t, v, **hp)
     runners['plain JAX, recommended form'] = (
-        lambda i, f=pstep: jax.block_until_ready(f(jb[i % len(jb)]['inputs'], jb[i % len(jb)]['targets'])))
+        lambda i, f=pstep: jax.block_until_ready(f(jb[i % len(jb)]['tokens'], jb[i % len(jb)]['targets'])))
 
   for name, run in runners.items():  # warm up (compilation, allocator)
     for i in range(3):

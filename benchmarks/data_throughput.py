@@ -47,16 +47,14 @@ def recipe(name: str, variant: str):
 
 def slots(batch: dict[str, np.ndarray]) -> tuple[int, int]:
   """(all token slots, non-padding tokens) of a batch, decoder and encoder sides together."""
-  total = batch['inputs'].size + (batch['encoder_inputs'].size if 'encoder_inputs' in batch else 0)
-  real = int((batch['segment_ids'] > 0).sum()) + (
-      int((batch['encoder_segment_ids'] > 0).sum()) if 'encoder_segment_ids' in batch else 0)
-  return total, real
+  segments = [v for k, v in batch.items() if k.endswith('segment_ids')]
+  return sum(s.size for s in segments), sum(int((s > 0).sum()) for s in segments)
 
 
 def time_pipeline(config, tokenizer, workdir: str, batches: int) -> dict[str, float]:
   config = config.copy_and_resolve_references()
   config.data.prefetch = 0
-  it = data_lib.make_train_iterator(config, tokenizer, workdir, process_index=0, process_count=1)
+  it = data_lib.make_train_iterator(config, tokenizer, workdir)
   for _ in range(3):  # warm the permutation / buffers
     next(it)
   total = real = 0
@@ -83,7 +81,7 @@ def time_train_step(config, tokenizer, workdir: str, steps: int) -> dict[str, fl
   setup = step_lib.make_setup(config, mesh, tx, schedule)
   state = step_lib.init_state(config, setup)
   train_step = step_lib.make_train_step(config, setup)
-  it = data_lib.make_train_iterator(config, tokenizer, workdir, process_index=0, process_count=1)
+  it = data_lib.make_train_iterator(config, tokenizer, workdir)
   batches = [shd.shard_batch(next(it), mesh, rules) for _ in range(min(steps, 8))]
   total = slots(jax.device_get(batches[0]))[0]
   state, metrics = train_step(state, batches[0])  # compile
@@ -113,7 +111,7 @@ def main(argv=None) -> None:
     workdir = os.path.join(workroot, f'{name}_{variant}')
     start = time.perf_counter()
     tokenizer = data_lib.get_tokenizer(config, workdir)
-    data_lib.make_train_iterator(config, tokenizer, workdir, process_index=0, process_count=1).close()
+    data_lib.make_train_iterator(config, tokenizer, workdir).close()
     setup_s = time.perf_counter() - start
     pipe = time_pipeline(config, tokenizer, workdir, args.batches)
     step = None

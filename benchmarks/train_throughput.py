@@ -73,10 +73,9 @@ def _row_configs(on_cpu: bool, dtype: str | None):
 def _batch(config, rng: np.random.Generator) -> dict:
   b, t, v = config.train.batch_size, config.data.seq_len, config.model.vocab_size
   tok = lambda length: rng.integers(3, v, size=(b, length), dtype=np.int32)
-  batch = {'inputs': tok(t), 'targets': tok(t)}
   if config.model.arch == 'encoder_decoder':
-    batch['encoder_inputs'] = tok(config.data.src_seq_len)
-  return batch
+    return {'src_tokens': tok(config.data.src_seq_len), 'tgt_tokens': tok(t), 'targets': tok(t)}
+  return {'tokens': tok(t), 'targets': tok(t)}
 
 
 def bench(config, steps: int, warmup: int) -> dict:

@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxformer.config import ConfigError
+from jaxformer.data.layout import DataLayout
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 Rules = Sequence[tuple[str, Any]]
@@ -282,14 +283,14 @@ def batch_shards(mesh: Mesh, rules: Rules) -> int:
   return math.prod(mesh.shape[a] for a in axes if a is not None)
 
 
-def process_batch_slice(mesh: Mesh, rules: Rules, global_batch: int) -> tuple[int, int]:
-  """(index, count): this process feeds rows [index*B/count, (index+1)*B/count) of each global batch.
+def data_layout(mesh: Mesh, rules: Rules, global_batch: int) -> DataLayout:
+  """Which rows of each global batch this process feeds: shard shard_index of num_shards equal slices.
 
   Normally (process_index, process_count); processes that share batch rows (e.g. tensor parallel across hosts)
-  get the same index, so each loads exactly the rows its devices hold.
+  get the same shard index, so each loads exactly the rows its devices hold.
   """
   if jax.process_count() == 1:
-    return 0, 1
+    return DataLayout(global_batch, 0, 1)
   sharding = batch_sharding(mesh, rules, 1)
   rows = set()
   for idx in sharding.addressable_devices_indices_map((global_batch,)).values():
@@ -300,15 +301,16 @@ def process_batch_slice(mesh: Mesh, rules: Rules, global_batch: int) -> tuple[in
   if hi - lo != len(rows) or global_batch % (hi - lo):
     raise ConfigError('this process holds non-contiguous batch rows; put mesh.data/fsdp outermost (the default rules '
                       'do) so each host owns one contiguous slice of the batch.')
-  return lo // (hi - lo), global_batch // (hi - lo)
+  return DataLayout(global_batch, lo // (hi - lo), global_batch // (hi - lo))
 
 
-def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules,
-                process_slice: tuple[int, int] = (0, 1), *, stacked: bool = False) -> dict[str, jax.Array]:
-  """Per-host numpy batch -> global jax Arrays sharded along 'batch' (each host passes only its own rows).
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules, layout: DataLayout | None = None, *,
+                stacked: bool = False) -> dict[str, jax.Array]:
+  """Per-host numpy batch -> global jax Arrays sharded along 'batch' (each host passes only its own rows, the
+  slice `layout` names; None: a single host holding the whole batch).
   stacked: the arrays are [steps, batch, ...] (several batches on a leading, unsharded axis)."""
   out = {}
-  _, count = process_slice
+  count = layout.num_shards if layout is not None else 1
   for key, value in batch.items():
     value = np.asarray(value)
     if stacked:

@@ -56,10 +56,9 @@ def _take(it, n):
   return [next(it) for _ in range(n)]
 
 
-def _train(config, tok, source, **kw):
-  kw.setdefault('process_index', 0)
-  kw.setdefault('process_count', 1)
-  return D.make_train_iterator(config, tok, '/nonexistent', source=source, **kw)
+def _train(config, tok, source, process_index=0, process_count=1):
+  layout = D.DataLayout(config.train.batch_size, process_index, process_count)
+  return D.make_train_iterator(config, tok, '/nonexistent', source=source, layout=layout)
 
 
 def _segments(row_seg, *arrays):
@@ -88,7 +87,7 @@ def test_lm_packing_loses_and_repeats_nothing(pack):
   for r in range(b):
     stream_targets, stream_inputs, first_pos = [], [], []
     for batch in batches:
-      seg, inp, tgt, pos = (batch[k][r] for k in ('segment_ids', 'inputs', 'targets', 'positions'))
+      seg, inp, tgt, pos = (batch[k][r] for k in ('segment_ids', 'tokens', 'targets', 'positions'))
       if pack:
         assert np.all(seg > 0), 'packed training rows are full'
       else:
@@ -131,7 +130,7 @@ def test_attention_mask_from_segments_blocks_other_documents():
   mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0) & np.tril(np.ones((40, 40), bool))
   for r in range(seg.shape[0]):
     # Which document each token comes from, recovered from the text: a new document starts after BOS.
-    doc_id = np.cumsum(batch['inputs'][r] == 1) + 1000 * seg[r]
+    doc_id = np.cumsum(batch['tokens'][r] == 1) + 1000 * seg[r]
     for i in range(40):
       for j in range(40):
         if mask[r, i, j]:
@@ -150,7 +149,7 @@ def test_encoder_only_rows_hold_whole_sequences():
   config = _config(arch='encoder_only', batch_size=2, seq_len=30, mask_rate=0.0)
   batches = _take(_train(config, tok, _source(docs)), 30)
   # mask_rate 0: inputs are the plain packed BOS + tokens + EOS and there are no targets.
-  tokens = np.concatenate([b['inputs'][0] for b in batches])
+  tokens = np.concatenate([b['tokens'][0] for b in batches])
   assert all(np.all(b['targets'] == 0) for b in batches)
   text = ''.join('|' if t == 1 else ('#' if t == 2 else tok.decode([t])) for t in tokens)
   first = text.split('#')[0]
@@ -168,7 +167,7 @@ def test_mlm_masking_statistics_and_determinism():
   chosen = masked = random = kept = real = 0
   for _ in range(60):
     batch = next(it)
-    tgt, inp = batch['targets'], batch['inputs']
+    tgt, inp = batch['targets'], batch['tokens']
     original = np.where(tgt > 0, tgt, inp)
     is_real = (original >= 3) & (original != 4)
     assert np.all(tgt[~is_real] == 0), 'pad, BOS and EOS are never chosen'
@@ -192,7 +191,7 @@ def test_mlm_masking_statistics_and_determinism():
   for x, y in zip(a, b):
     for k in x:
       np.testing.assert_array_equal(x[k], y[k])
-  assert not np.array_equal(a[1]['inputs'], a[2]['inputs'])
+  assert not np.array_equal(a[1]['tokens'], a[2]['tokens'])
 
 
 def test_eval_masking_is_repeatable_and_independent_of_seed():
@@ -201,10 +200,10 @@ def test_eval_masking_is_repeatable_and_independent_of_seed():
   runs = []
   for seed in (0, 1, 0):
     config = _config(arch='encoder_only', seq_len=32, seed=seed)
-    runs.append(list(D.make_eval_iterator(config, tok, '/x', 'validation', batch_size=4, process_index=0,
-                                          process_count=1, source=_source(docs, docs))))
+    runs.append(list(D.make_eval_iterator(config, tok, '/x', 'validation', layout=D.DataLayout(4),
+                                          source=_source(docs, docs))))
   for x, y in zip(runs[0], runs[1]):
-    np.testing.assert_array_equal(x['inputs'], y['inputs'])
+    np.testing.assert_array_equal(x['tokens'], y['tokens'])
   assert sum((b['targets'] > 0).sum() for b in runs[0]) > 0
 
 
@@ -214,7 +213,7 @@ def test_eval_masking_is_repeatable_and_independent_of_seed():
 def test_order_is_deterministic_per_seed():
   docs = _docs(80)
   tok = _tokenizer(docs)
-  run = lambda seed: np.stack([b['inputs'] for b in _take(_train(_config(seed=seed), tok, _source(docs)), 5)])
+  run = lambda seed: np.stack([b['tokens'] for b in _take(_train(_config(seed=seed), tok, _source(docs)), 5)])
   np.testing.assert_array_equal(run(0), run(0))
   assert not np.array_equal(run(0), run(1))
 
@@ -306,19 +305,19 @@ def test_eval_lm_reads_every_example_once_and_pads_the_last_batch(pack):
   docs = _docs(37)
   tok = _tokenizer(docs)
   config = _config(seq_len=20, pack=pack)
-  batches = list(D.make_eval_iterator(config, tok, '/x', 'validation', batch_size=4, process_index=0,
-                                      process_count=1, source=_source(['x'], docs)))
+  batches = list(D.make_eval_iterator(config, tok, '/x', 'validation', layout=D.DataLayout(4),
+                                      source=_source(['x'], docs)))
   targets = np.concatenate([b['targets'].reshape(-1) for b in batches])
   expected = np.concatenate([tok.encode(d) + [2] for d in docs])
   np.testing.assert_array_equal(targets[targets > 0], expected)
   last = batches[-1]
-  assert all(b['inputs'].shape == (4, 20) for b in batches)
+  assert all(b['tokens'].shape == (4, 20) for b in batches)
   empty = ~(last['segment_ids'] > 0).any(axis=1)
   assert empty.any() or len(targets[targets > 0]) % 80 == 0
-  assert np.all(last['inputs'][empty] == 0) and np.all(last['targets'][empty] == 0)
+  assert np.all(last['tokens'][empty] == 0) and np.all(last['targets'][empty] == 0)
   # Two hosts: slices of the same global batches, same number of batches.
-  halves = [list(D.make_eval_iterator(config, tok, '/x', 'validation', batch_size=4, process_index=h,
-                                      process_count=2, source=_source(['x'], docs))) for h in range(2)]
+  halves = [list(D.make_eval_iterator(config, tok, '/x', 'validation', layout=D.DataLayout(4, h, 2),
+                                      source=_source(['x'], docs))) for h in range(2)]
   assert len(halves[0]) == len(halves[1]) == len(batches)
   for w, a, b in zip(batches, *halves):
     np.testing.assert_array_equal(np.concatenate([a['targets'], b['targets']]), w['targets'])
@@ -330,11 +329,12 @@ def test_seq2seq_batches_match_the_pairs(pack):
                    pack=pack)
   source = D.get_source(config, '/nonexistent')
   tok = D.CharTokenizer.build(t for p in source.split('train').read(range(2000)) for t in p)
-  for batch in _take(_train(config, tok, source), 3) + list(D.make_eval_iterator(
-      config, tok, '/x', 'validation', batch_size=8, process_index=0, process_count=1, source=source))[:3]:
+  evaluation = D.make_eval_iterator(config, tok, '/x', 'validation', layout=D.DataLayout(8), source=source)
+  for batch in _take(_train(config, tok, source), 3) + list(evaluation)[:3]:
     for r in range(8):
-      dec = _segments(batch['segment_ids'][r], batch['inputs'][r], batch['targets'][r], batch['positions'][r])
-      enc = _segments(batch['encoder_segment_ids'][r], batch['encoder_inputs'][r], batch['encoder_positions'][r])
+      dec = _segments(batch['tgt_segment_ids'][r], batch['tgt_tokens'][r], batch['targets'][r],
+                      batch['tgt_positions'][r])
+      enc = _segments(batch['src_segment_ids'][r], batch['src_tokens'][r], batch['src_positions'][r])
       assert [s for s, _ in dec] == [s for s, _ in enc]
       assert pack or len(dec) <= 1
       for (_, (dinp, dtgt, dpos)), (_, (einp, epos)) in zip(dec, enc):
@@ -344,7 +344,7 @@ def test_seq2seq_batches_match_the_pairs(pack):
         np.testing.assert_array_equal(epos, np.arange(len(epos)))
         assert tok.decode(dtgt) == D.number_to_words(int(tok.decode(einp)))
     if pack:
-      assert batch['segment_ids'].max() >= 2
+      assert batch['tgt_segment_ids'].max() >= 2
 
 
 def test_eval_seq2seq_order_matches_load_text_pairs_and_truncates(tmp_path):
@@ -352,10 +352,9 @@ def test_eval_seq2seq_order_matches_load_text_pairs_and_truncates(tmp_path):
   source = _source([('x', 'y')], validation=pairs, kind='pairs')
   tok = _tokenizer(['a b x y '])
   config = _config(arch='encoder_decoder', seq_len=20, src_seq_len=10, pack=False)
-  batches = list(D.make_eval_iterator(config, tok, '/x', 'validation', batch_size=5, process_index=0,
-                                      process_count=1, source=source))
-  rows = [(b['encoder_inputs'][r], b['targets'][r]) for b in batches for r in range(5)
-          if b['encoder_segment_ids'][r].any()]
+  batches = list(D.make_eval_iterator(config, tok, '/x', 'validation', layout=D.DataLayout(5), source=source))
+  rows = [(b['src_tokens'][r], b['targets'][r]) for b in batches for r in range(5)
+          if b['src_segment_ids'][r].any()]
   assert len(rows) == len(pairs)
   assert D.load_text_pairs(config, '/x', 'validation', source=source) == pairs
   for (enc, tgt), (src, ref) in zip(rows, pairs):
@@ -380,15 +379,15 @@ def test_long_training_pairs_are_dropped():
   source = _source(pairs, kind='pairs')
   tok = _tokenizer(['xy0123456789long'])
   batches = _take(_train(_config(arch='encoder_decoder', src_seq_len=16, batch_size=2, pack=False), tok, source), 40)
-  assert all((b['encoder_inputs'] != tok.encode('x')[0]).all() for b in batches)
+  assert all((b['src_tokens'] != tok.encode('x')[0]).all() for b in batches)
 
 
 def test_char_vocabulary_not_covering_eval_text_gives_unk_not_an_error():
   # Unseen characters become <unk>; their rate is reported (and limited) at start-up, never by the eval iterator.
   docs = _docs(20)
   tok = _tokenizer(docs)  # lowercase letters, digits, ':'
-  batches = list(D.make_eval_iterator(_config(), tok, '/x', 'validation', batch_size=2, process_index=0,
-                                      process_count=1, source=_source(docs, ['ÄÖÜ ÉÈ 中文'] * 5)))
+  batches = list(D.make_eval_iterator(_config(), tok, '/x', 'validation', layout=D.DataLayout(2),
+                                      source=_source(docs, ['ÄÖÜ ÉÈ 中文'] * 5)))
   targets = np.concatenate([b['targets'].reshape(-1) for b in batches])
   assert (targets == tok.unk_id).sum() == 5 * len('ÄÖÜÉÈ中文')
 
@@ -402,8 +401,8 @@ def test_error_batch_not_divisible_by_hosts():
 def test_error_missing_split_names_the_key():
   docs = _docs()
   with pytest.raises(D.DataError) as err:
-    D.make_eval_iterator(_config(), _tokenizer(docs), '/x', 'validation', batch_size=2, process_index=0,
-                         process_count=1, source=_source(docs))
+    D.make_eval_iterator(_config(), _tokenizer(docs), '/x', 'validation', layout=D.DataLayout(2),
+                         source=_source(docs))
   assert 'data.eval_split' in str(err.value)
 
 
@@ -422,18 +421,17 @@ def test_multi30k_subset_with_sentencepiece_end_to_end(shared_data, tmp_path):
   tok = D.get_tokenizer(config, workdir)
   assert tok.vocab_size == 700
   pairs = set(zip(raw['train', 'en'], raw['train', 'de']))
-  it = D.make_train_iterator(config, tok, workdir, process_index=0, process_count=1)
+  it = D.make_train_iterator(config, tok, workdir, layout=D.DataLayout(4))
   for batch in _take(it, 3):
     for r in range(4):
-      dec = _segments(batch['segment_ids'][r], batch['targets'][r])
-      enc = _segments(batch['encoder_segment_ids'][r], batch['encoder_inputs'][r])
+      dec = _segments(batch['tgt_segment_ids'][r], batch['targets'][r])
+      enc = _segments(batch['src_segment_ids'][r], batch['src_tokens'][r])
       for (_, (tgt,)), (_, (src,)) in zip(dec, enc):
         assert (tok.decode(src), tok.decode(tgt)) in pairs
-  val = list(D.make_eval_iterator(config, tok, workdir, 'validation', batch_size=8, process_index=0,
-                                  process_count=1))
-  assert sum(int(b['encoder_segment_ids'].max(axis=1).sum()) for b in val) >= 100 // 8  # rows hold >= 1 pair
-  got = [tok.decode(b['targets'][r][b['segment_ids'][r] == s]) for b in val for r in range(8)
-         for s in range(1, b['segment_ids'][r].max() + 1)]
+  val = list(D.make_eval_iterator(config, tok, workdir, 'validation', layout=D.DataLayout(8)))
+  assert sum(int(b['src_segment_ids'].max(axis=1).sum()) for b in val) >= 100 // 8  # rows hold >= 1 pair
+  got = [tok.decode(b['targets'][r][b['tgt_segment_ids'][r] == s]) for b in val for r in range(8)
+         for s in range(1, b['tgt_segment_ids'][r].max() + 1)]
   assert got == raw['val', 'de']
 
 
@@ -456,8 +454,8 @@ def test_random_windows_are_contiguous_slices_of_the_token_stream(arch):
   for b in _take(it, 30):
     for i in range(8):
       # encoder_only: masked positions hold the original token in targets, the rest are unchanged in inputs
-      inputs = b['inputs'][i] if arch == 'decoder_only' else np.where(b['targets'][i] != 0, b['targets'][i],
-                                                                       b['inputs'][i])
+      inputs = b['tokens'][i] if arch == 'decoder_only' else np.where(b['targets'][i] != 0, b['targets'][i],
+                                                                       b['tokens'][i])
       full = np.concatenate([inputs, b['targets'][i][-1:]]) if arch == 'decoder_only' else inputs
       hits = [s for s in range(len(stream) - len(full) + 1) if np.array_equal(stream[s:s + len(full)], full)]
       if arch == 'decoder_only' and not hits:  # the last target was BOS (zeroed): match the inputs alone
@@ -466,13 +464,13 @@ def test_random_windows_are_contiguous_slices_of_the_token_stream(arch):
       starts.append(hits[0])
       seg, pos = b['segment_ids'][i], b['positions'][i]
       # Positions restart and segments advance exactly at document starts (BOS) inside the window.
-      bos = b['inputs'][i] == BOS_ID if arch == 'decoder_only' else stream[hits[0]:hits[0] + seq_len] == BOS_ID
+      bos = b['tokens'][i] == BOS_ID if arch == 'decoder_only' else stream[hits[0]:hits[0] + seq_len] == BOS_ID
       expect_seg = 1 + np.cumsum(bos) - bos[0]
       np.testing.assert_array_equal(seg, expect_seg)
       for s in np.unique(seg):
         np.testing.assert_array_equal(pos[seg == s], np.arange((seg == s).sum()) + (pos[seg == s][0] if s == 1 else 0))
       if arch == 'decoder_only':
-        np.testing.assert_array_equal(b['inputs'][i][1:], np.where(b['targets'][i][:-1] == 0, BOS_ID,
+        np.testing.assert_array_equal(b['tokens'][i][1:], np.where(b['targets'][i][:-1] == 0, BOS_ID,
                                                                    b['targets'][i][:-1]))
         assert not np.any(b['targets'][i] == BOS_ID), 'EOS -> BOS is not a prediction target'
   # Offsets are spread over the whole stream (i.i.d. uniform), not walking through it in order.
@@ -502,7 +500,7 @@ def test_random_windows_resume_hosts_and_seed():
   for w, h0, h1 in zip(whole, *halves):
     for k in w:
       np.testing.assert_array_equal(np.concatenate([h0[k], h1[k]]), w[k])
-  assert not np.array_equal(whole[0]['inputs'], _take(_train(cfg(seed=1), tok, _source(docs)), 1)[0]['inputs'])
+  assert not np.array_equal(whole[0]['tokens'], _take(_train(cfg(seed=1), tok, _source(docs)), 1)[0]['tokens'])
   with pytest.raises(D.DataError, match='sampling'):
     _train(_config(seq_len=16, batch_size=8), tok, _source(docs)).set_state(state)
 

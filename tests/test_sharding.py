@@ -43,7 +43,7 @@ def lm_batch(batch_size=8, seq_len=16, vocab=65, seed=0):
   targets[:, seq_len // 2 - 1] = 0  # no prediction across the segment boundary
   for r in range(0, batch_size, 3):  # some padded tails
     inputs[r, -3:] = targets[r, -3:] = segment_ids[r, -3:] = positions[r, -3:] = 0
-  return {'inputs': inputs, 'targets': targets, 'segment_ids': segment_ids, 'positions': positions}
+  return {'tokens': inputs, 'targets': targets, 'segment_ids': segment_ids, 'positions': positions}
 
 
 def setup_for(config):

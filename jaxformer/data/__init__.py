@@ -1,9 +1,18 @@
-"""Input pipelines: sources (TFDS / local files / built-in synthetic data), tokenizers, packing, batching.
+"""Input pipelines: sources, tokenizers, row building (packing, windows, MLM masking, seq2seq pairs), iterators.
 
-Public API (see the contracts): get_tokenizer, make_train_iterator, make_eval_iterator, load_text_pairs, plus
-encode_source (the encoder input exactly as the pipeline builds it, for decoding) and builtin_lm_entropy (the best
-achievable loss on builtin:lm). Errors are DataError (a ValueError; DataFileNotFoundError is also a
-FileNotFoundError), one line naming the file or config key.
+  errors.py      DataError (a ValueError; DataFileNotFoundError is also a FileNotFoundError): one line naming the
+                 file or config key and the fix
+  sources/       where examples come from: SOURCES (kind -> factory) over base.py's Source/Split interface;
+                 builtin.py (synthetic), local.py (text:, parallel:), tfds.py (tfds: and the ArrayRecord writer)
+  tokenizers.py  TOKENIZERS (char, byte, sentencepiece) and the workdir cache
+  rows.py        TASKS (model.arch -> Task): examples -> items -> batch rows; batch keys = the model's arguments
+  layout.py      DataLayout: which rows of each global batch this host loads
+  pipeline.py    SAMPLINGS (streams, random_windows), the train / eval iterators, state_for_host
+
+Public API: get_tokenizer, make_train_iterator, make_eval_iterator (both take a DataLayout), load_text_pairs,
+model_inputs (a batch without its labels = the model's keyword arguments), encode_source (the encoder input
+exactly as the pipeline builds it, for decoding), builtin_lm_entropy (the best achievable loss on builtin:lm) and
+state_for_host (which saved data position a host resumes from; checkpoint.py asks it).
 
 On disk, in the workdir:
   <workdir>/tokenizer/tokenizer.json     kind, vocab_size, the source it was built from
@@ -14,21 +23,27 @@ On disk, in the workdir:
   <data_dir>/<name>/empty_splits.json            splits that were empty at conversion
 where <data_dir> is data.data_dir, or <workdir>/data when that is ''. tfds: sources are read from data_dir too.
 """
+from jaxformer.data.errors import DataError
+from jaxformer.data.errors import DataFileNotFoundError
+from jaxformer.data.layout import DataLayout
 from jaxformer.data.pipeline import EvalIterator
-from jaxformer.data.pipeline import encode_source
 from jaxformer.data.pipeline import load_text_pairs
 from jaxformer.data.pipeline import make_eval_iterator
 from jaxformer.data.pipeline import make_train_iterator
-from jaxformer.data.pipeline import mask_tokens
+from jaxformer.data.pipeline import SAMPLINGS
 from jaxformer.data.pipeline import state_for_host
 from jaxformer.data.pipeline import TrainIterator
+from jaxformer.data.rows import encode_source
+from jaxformer.data.rows import LABEL_KEYS
+from jaxformer.data.rows import mask_tokens
+from jaxformer.data.rows import model_inputs
+from jaxformer.data.rows import TASKS
 from jaxformer.data.sources import builtin_lm_entropy
 from jaxformer.data.sources import data_dir_for
-from jaxformer.data.sources import DataError
-from jaxformer.data.sources import DataFileNotFoundError
 from jaxformer.data.sources import get_source
 from jaxformer.data.sources import number_to_words
 from jaxformer.data.sources import Source
+from jaxformer.data.sources import SOURCES
 from jaxformer.data.tokenizers import ByteTokenizer
 from jaxformer.data.tokenizers import CharTokenizer
 from jaxformer.data.tokenizers import get_tokenizer
@@ -36,4 +51,5 @@ from jaxformer.data.tokenizers import load_tokenizer
 from jaxformer.data.tokenizers import SentencePieceTokenizer
 from jaxformer.data.tokenizers import Tokenizer
 from jaxformer.data.tokenizers import tokenizer_dir
+from jaxformer.data.tokenizers import TOKENIZERS
 from jaxformer.data.tokenizers import unknown_characters

@@ -26,10 +26,10 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from jaxformer.data.sources import DataError, Source, get_source
+from jaxformer.data.errors import DataError
+from jaxformer.data.sources import Source, get_source
+from jaxformer.special_tokens import BOS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, UNK_ID
 
-PAD_ID, BOS_ID, EOS_ID, UNK_ID, MASK_ID = 0, 1, 2, 3, 4
-NUM_SPECIAL = 5
 UNK_SAMPLE_EXAMPLES = 20000  # examples of a split (evenly strided) the unknown-character rate is measured on
 MAX_TOKENIZER_EXAMPLES = 1_000_000  # examples of the training split read to build a vocabulary (evenly strided)
 _SPM_MAX_SENTENCE_BYTES = 16384
@@ -162,6 +162,11 @@ class ByteTokenizer(Tokenizer):
   def save(self, directory: str) -> None:
     del directory
 
+  @classmethod
+  def load(cls, directory: str) -> ByteTokenizer:
+    del directory
+    return cls()
+
 
 class SentencePieceTokenizer(Tokenizer):
   """A sentencepiece model whose ids 0-4 are pad/bos/eos/unk and the control symbol <mask>."""
@@ -251,6 +256,13 @@ class SentencePieceTokenizer(Tokenizer):
       return cls(f.read())
 
 
+TOKENIZERS: dict[str, type[Tokenizer]] = {
+    'char': CharTokenizer,
+    'byte': ByteTokenizer,
+    'sentencepiece': SentencePieceTokenizer,
+}
+
+
 def _atomic_write(path: str, data: bytes) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.tmp-')
@@ -310,20 +322,16 @@ def load_tokenizer(directory: str) -> Tokenizer:
   with open(os.path.join(directory, 'tokenizer.json'), encoding='utf-8') as f:
     meta = json.load(f)
   kind = meta['kind']
-  if kind == 'char':
-    return CharTokenizer.load(directory)
-  if kind == 'byte':
-    return ByteTokenizer()
-  if kind == 'sentencepiece':
-    return SentencePieceTokenizer.load(directory)
+  if kind in TOKENIZERS:
+    return TOKENIZERS[kind].load(directory)
   raise DataError(f'{directory}/tokenizer.json names an unknown tokenizer {kind!r}; delete the folder to rebuild.')
 
 
 def get_tokenizer(config: Any, workdir: str, *, source: Source | None = None) -> Tokenizer:
   """The workdir's cached tokenizer, or a new one built from the training split (and cached)."""
   kind = str(config.data.tokenizer)
-  if kind not in ('char', 'byte', 'sentencepiece'):
-    raise DataError(f'data.tokenizer={kind!r} is not valid; use char, byte or sentencepiece.')
+  if kind not in TOKENIZERS:
+    raise DataError(f'data.tokenizer={kind!r} is not valid; use {", ".join(TOKENIZERS)}.')
   directory = tokenizer_dir(workdir)
   meta_path = os.path.join(directory, 'tokenizer.json')
   if os.path.exists(meta_path):

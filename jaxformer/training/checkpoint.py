@@ -16,7 +16,8 @@ short is never listed. If the newest listed step still fails to restore (files l
 training falls back to the newest step that does restore, moves the unreadable newer ones to
 DIR/checkpoints_unreadable/ (never deleted; they would otherwise collide with the steps about to be re-saved) and
 says so in one line. If no step restores, it stops with one line naming the folder and the error; nothing moves
-(that is usually a changed model config, not corruption).
+(that is usually a changed model config, not corruption). Evaluation (restore_model) follows the same policy
+(restore_newest) but only reads: it skips unreadable steps and moves nothing.
 """
 from __future__ import annotations
 
@@ -27,13 +28,15 @@ import shutil
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxformer import sharding as shd
-from jaxformer.data.pipeline import state_for_host
+from jaxformer.data import state_for_host
+from jaxformer.training import step as step_lib
 
 CHECKPOINT_DIR = 'checkpoints'
 UNREADABLE_DIR = 'checkpoints_unreadable'
@@ -98,15 +101,48 @@ def _manager(workdir: str, *, keep: int | None = None, async_save: bool = False,
                                item_names=('params', 'opt_state', 'extra', 'data', 'config'))
 
 
-def latest_step(workdir: str) -> int | None:
-  """The newest complete checkpoint step in workdir, or None."""
+def all_steps(workdir: str) -> list[int]:
+  """The complete checkpoint steps in workdir, oldest first."""
   if not os.path.isdir(checkpoint_dir(workdir)):
-    return None
+    return []
   manager = _manager(workdir, read_only=True)
   try:
-    return manager.latest_step()
+    return sorted(manager.all_steps())
   finally:
     manager.close()
+
+
+def latest_step(workdir: str) -> int | None:
+  """The newest complete checkpoint step in workdir, or None."""
+  steps = all_steps(workdir)
+  return steps[-1] if steps else None
+
+
+def restore_newest(manager: ocp.CheckpointManager, steps: list[int], args: ocp.args.Composite,
+                   workdir: str) -> tuple[Any, int, list[int]]:
+  """The fallback policy (training and evaluation): restore the newest of `steps` that restores.
+
+  Returns (restored items, step, the newer steps that failed); the caller reports and moves those. Raises one
+  CheckpointError when none restores (usually a changed model config, not corruption: nothing is moved)."""
+  failed: list[tuple[int, str]] = []
+  for s in sorted(steps, reverse=True):
+    try:
+      return manager.restore(s, args=args), s, [f for f, _ in failed]
+    except Exception as e:  # noqa: BLE001 - any failure means "this step is unusable", reported by the caller
+      msg = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:300]
+      logging.warning('checkpoint step %d in %s could not be restored (%s)', s, checkpoint_dir(workdir), msg)
+      failed.append((s, msg))
+  bad = ', '.join(str(f) for f, _ in failed)
+  raise CheckpointError(
+      f'no checkpoint in {checkpoint_dir(workdir)} could be restored (steps {bad}; newest: {failed[0][1]}); '
+      'if the model config changed, use a new --workdir.')
+
+
+def report_fallback(workdir: str, failed: list[int], used: int, moved_to: str | None) -> None:
+  """One line saying which unreadable steps were skipped (and where they went)."""
+  if failed and jax.process_index() == 0:
+    print(f'WARNING: checkpoint step(s) {failed} in {checkpoint_dir(workdir)} are unreadable; using step {used}'
+          + (f', moved them to {moved_to}.' if moved_to else '.'), flush=True)
 
 
 def _restore_args(abstract_state: dict) -> dict:
@@ -128,9 +164,6 @@ class Checkpointer:
     self.keep = keep
     self.async_save = async_save
     self.manager = _manager(workdir, keep=keep, async_save=async_save)
-
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
 
   def save(self, step: int, state: dict, *, data_state: Any = None, config: Any = None) -> bool:
     """Starts saving (asynchronously when enabled; arrays are copied off the devices before this returns, so the
@@ -164,46 +197,34 @@ class Checkpointer:
       steps = [step]
     if not steps:
       return None
-    failed: list[tuple[int, str]] = []
-    for s in steps:
-      try:
-        restored = self.manager.restore(s, args=ocp.args.Composite(**_restore_args(abstract_state)))
-      except Exception as e:  # noqa: BLE001 - any failure means "this step is unusable", reported below
-        msg = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:300]
-        logging.warning('checkpoint step %d in %s could not be restored (%s)', s, checkpoint_dir(self.workdir), msg)
-        failed.append((s, msg))
-        continue
-      extra = restored['extra']
-      state = {
-          'step': extra['step'],
-          'params': restored['params'],
-          'opt_state': restored['opt_state'],
-          'rngs': data_to_keys(extra['rngs'], abstract_state['rngs']),
-      }
-      data = restored['data'] or {}
-      states = data.get('states') or []
-      data_state = state_for_host(states, jax.process_index(), jax.process_count())
-      if data_state is None and states:
-        logging.warning('checkpoint step %d was written by %d processes, this run has %d: the data iterator '
-                        'restarts from its beginning.', s, len(states), jax.process_count())
-      if failed:
-        print(f'WARNING: checkpoint step(s) {[f for f, _ in failed]} in {checkpoint_dir(self.workdir)} are unreadable '
-              f'({failed[0][1]}); resumed from step {s}' +
-              (f', moved them to {os.path.join(os.path.abspath(self.workdir), UNREADABLE_DIR)}.' if move_unreadable
-               else '.'), flush=True)
-        if move_unreadable:
-          self._move_aside([f for f, _ in failed])
-      return state, data_state, s
-    bad = ', '.join(str(f) for f, _ in failed)
-    raise CheckpointError(
-        f'no checkpoint in {checkpoint_dir(self.workdir)} could be restored (steps {bad}; newest: {failed[0][1]}); '
-        'if the model config changed, use a new --workdir.')
+    restored, s, failed = restore_newest(self.manager, steps, ocp.args.Composite(**_restore_args(abstract_state)),
+                                         self.workdir)
+    extra = restored['extra']
+    state = {
+        'step': extra['step'],
+        'params': restored['params'],
+        'opt_state': restored['opt_state'],
+        'rngs': data_to_keys(extra['rngs'], abstract_state['rngs']),
+    }
+    states = (restored['data'] or {}).get('states') or []
+    data_state = state_for_host(states, jax.process_index(), jax.process_count())
+    if data_state is None and states:
+      logging.warning('checkpoint step %d was written by %d processes, this run has %d: the data iterator '
+                      'restarts from its beginning.', s, len(states), jax.process_count())
+    report_fallback(self.workdir, failed, s, self._unreadable_dir if move_unreadable else None)
+    if failed and move_unreadable:
+      self._move_aside(failed)
+    return state, data_state, s
+
+  @property
+  def _unreadable_dir(self) -> str:
+    return os.path.join(os.path.abspath(self.workdir), UNREADABLE_DIR)
 
   def _move_aside(self, steps: list[int]) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
     if jax.process_index() == 0:
-      target = os.path.join(os.path.abspath(self.workdir), UNREADABLE_DIR)
+      target = self._unreadable_dir
       os.makedirs(target, exist_ok=True)
       for s in steps:
         src = os.path.join(checkpoint_dir(self.workdir), str(s))
@@ -236,8 +257,6 @@ def restore_model(workdir: str, config, mesh, step: int | None = None) -> tuple[
 
   `config` is the run's config; model.vocab_size 0 is read from DIR/config.json. Only the params item is read.
   """
-  from jaxformer.training import step as step_lib  # late: avoids an import cycle with loop.py
-  import ml_collections
   config = ml_collections.ConfigDict(config.to_dict() if hasattr(config, 'to_dict') else config)
   if not config.model.vocab_size:
     saved = saved_config(workdir)
@@ -255,23 +274,15 @@ def restore_model(workdir: str, config, mesh, step: int | None = None) -> tuple[
     raise CheckpointError(f'no checkpoints in {checkpoint_dir(workdir)}; train first (python train.py ...).')
   manager = _manager(workdir, read_only=True)
   try:
-    steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
+    steps = manager.all_steps() if step is None else [step]
     if not steps:
       raise CheckpointError(f'no checkpoints in {checkpoint_dir(workdir)}; train first (python train.py ...).')
-    errors = []
-    for s in steps:
-      try:
-        params = manager.restore(s, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))['params']
-        break
-      except Exception as e:  # noqa: BLE001
-        errors.append(f'step {s}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:300])
-        logging.warning('checkpoint %s', errors[-1])
-    else:
-      raise CheckpointError(f'no checkpoint in {checkpoint_dir(workdir)} could be restored ({errors[0]}).')
+    restored, s, failed = restore_newest(manager, steps, ocp.args.Composite(params=ocp.args.StandardRestore(target)),
+                                         workdir)
   finally:
     manager.close()
-  if len(steps) > 1 and errors:
-    print(f'WARNING: unreadable checkpoint(s) skipped ({errors[0]}); using step {s}.', flush=True)
+  report_fallback(workdir, failed, s, None)  # evaluation reads only: it moves nothing
+  params = restored['params']
   replicated = NamedSharding(mesh, PartitionSpec())
   with shd.mesh_context(mesh, rules):
     rest = jax.jit(lambda: step_lib.split_model(step_lib.build_model(config))[2],

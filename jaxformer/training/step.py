@@ -22,20 +22,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxformer import metrics as metrics_lib
 from jaxformer import sharding as shd
+from jaxformer.data.rows import model_inputs
 
 Batch = Mapping[str, jax.Array]
 
 
 # ----------------------------------------------------------------------------------------------------- losses
-def model_logits(model: nnx.Module, batch: Batch, arch: str, *, deterministic: bool) -> jax.Array:
-  """Calls the model with the batch keys of its architecture (see the data contract)."""
-  if arch == 'encoder_decoder':
-    return model(batch['encoder_inputs'], batch['inputs'],
-                 src_positions=batch.get('encoder_positions'), src_segment_ids=batch.get('encoder_segment_ids'),
-                 tgt_positions=batch.get('positions'), tgt_segment_ids=batch.get('segment_ids'),
-                 deterministic=deterministic)
-  return model(batch['inputs'], positions=batch.get('positions'), segment_ids=batch.get('segment_ids'),
-               deterministic=deterministic)
+def model_logits(model: nnx.Module, batch: Batch, *, deterministic: bool) -> jax.Array:
+  """The model called on the batch: its keys other than the labels are the model's argument names (data.rows)."""
+  return model(**model_inputs(batch), deterministic=deterministic)
 
 
 def token_losses(logits: jax.Array, targets: jax.Array, *, label_smoothing: float = 0.0,
@@ -79,7 +74,7 @@ def loss_sums(model: nnx.Module, batch: Batch, config, *, deterministic: bool,
   token counts exactly when its target is not padding. length_tables (metrics.length_tables(tokenizer)) adds
   byte_sum / char_sum, the text the weighted targets decode to (for bits per byte / character).
   """
-  logits = model_logits(model, batch, config.model.arch, deterministic=deterministic)
+  logits = model_logits(model, batch, deterministic=deterministic)
   targets = batch['targets']
   weights = token_weights(targets)
   train = config.train
@@ -267,29 +262,3 @@ def make_train_step(config, setup: TrainSetup, steps_per_call: int = 1) -> Calla
       return jitted[keys](state, batch)
 
   return train_step
-
-
-def make_eval_step(config, setup: TrainSetup,
-                   length_tables: Mapping[str, np.ndarray] | None = None) -> Callable[[dict, Batch], dict]:
-  """(state, batch) -> the token-weighted metric sums of the batch (deterministic forward pass); with
-  length_tables (metrics.length_tables(tokenizer)) also byte_sum / char_sum."""
-  graphdef, tables = setup.graphdef, length_tables  # numpy: constants of the jitted step
-
-  def step_fn(params, rest, batch):
-    model = merge_model(graphdef, params, rest)
-    _, metrics = compute_loss(model, batch, config, deterministic=True, length_tables=tables)
-    return metrics
-
-  jitted = {}
-
-  def eval_step(state, batch):
-    keys = tuple(sorted(batch))
-    if keys not in jitted:
-      batch_sh = {key: shd.batch_sharding(setup.mesh, setup.rules, batch[key].ndim) for key in keys}
-      jitted[keys] = jax.jit(
-          step_fn, in_shardings=(setup.state_shardings['params'], setup.state_shardings['rngs'], batch_sh),
-          out_shardings=setup.replicated)
-    with shd.mesh_context(setup.mesh, setup.rules):
-      return jitted[keys](state['params'], state['rngs'], batch)
-
-  return eval_step

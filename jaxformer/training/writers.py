@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from typing import Any, Mapping
 
 
@@ -21,7 +22,6 @@ def _clean(value: Any) -> Any:
 def _import_summary_writer():
   """tensorboardX.SummaryWriter without tensorboardX's optional `import torch` (seconds of start-up for nothing:
   we only log scalars). If torch is already imported it is left alone."""
-  import sys
   if 'tensorboardX' in sys.modules or 'torch' in sys.modules:
     from tensorboardX import SummaryWriter
     return SummaryWriter

@@ -1,13 +1,19 @@
-"""Command-line helpers for train.py: misspelt --config.* keys become one clear line, not a traceback."""
+"""What train.py and eval.py share: recipe loading, misspelt --config.* keys as one clear line, quiet logging, and
+the boundary where a user error (bad config, data, checkpoint, workdir) becomes one line on stderr.
+
+This module imports only light packages at the top: train.py --help must stay fast, so jax and the rest of
+jaxformer are imported when a command actually runs (see `train` and `evaluate`).
+"""
 from __future__ import annotations
 
 import difflib
 import importlib.util
 import os
 import sys
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import ml_collections
+from absl import flags, logging
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
@@ -77,3 +83,51 @@ def check_overrides(argv: Sequence[str], flag: str = 'config') -> None:
   message = unknown_override(config, argv, flag)
   if message:
     sys.exit(f'error: {message}')
+
+
+def explicit_overrides(argv: Sequence[str], flag: str = 'config') -> list[str]:
+  """The dotted keys given as --config.<key>=... on the command line (eval.py: these win over the saved config)."""
+  return [arg[len(flag) + 3:].split('=', 1)[0] for arg in argv[1:] if arg.startswith(f'--{flag}.')]
+
+
+def quiet_logging(*, read_only: bool = False) -> None:
+  """absl WARNING unless --verbosity was given: orbax logs every file it writes/reads at INFO. read_only (eval):
+  also drop orbax's warning that a read-only manager is read-only (eval opens checkpoints read-only on purpose)."""
+  if flags.FLAGS['verbosity'].present:
+    return
+  logging.set_verbosity(logging.WARNING)
+  if read_only:
+    logging.get_absl_handler().addFilter(
+        lambda record: 'read only' not in (m := record.getMessage()) and 'read_only=True' not in m)
+
+
+def user_errors() -> dict[type, str]:
+  """Exception type -> the prefix of its one-line message. Internal bugs are not listed: they keep tracebacks."""
+  from jaxformer.config import ConfigError  # late: heavy imports (jax) only once a command runs
+  from jaxformer.data import DataError
+  from jaxformer.evaluation import EvalError
+  from jaxformer.training.checkpoint import CheckpointError
+  return {ConfigError: 'config error', CheckpointError: 'checkpoint error', EvalError: 'error', DataError: 'error',
+          FileNotFoundError: 'error'}
+
+
+def guarded(fn: Callable[[], Any]) -> Any:
+  """Runs fn; a user error exits with one line on stderr (its message), anything else propagates."""
+  errors = user_errors()
+  try:
+    return fn()
+  except tuple(errors) as e:
+    prefix = next(p for t, p in errors.items() if isinstance(e, t))
+    sys.exit(f'{prefix}: {e}')
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """train.py's one call: jaxformer.training.run behind the user-error boundary."""
+  from jaxformer import training  # late: keeps train.py --help fast
+  return guarded(lambda: training.run(config, workdir))
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, argv: Sequence[str], **kwargs: Any) -> dict[str, Any]:
+  """eval.py's one call: jaxformer.evaluation.run behind the user-error boundary; argv gives the overrides."""
+  from jaxformer import evaluation  # late: keeps eval.py --help fast
+  return guarded(lambda: evaluation.run(config, workdir, overrides=explicit_overrides(argv), **kwargs))

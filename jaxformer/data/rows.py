@@ -1,0 +1,343 @@
+"""Row building: examples -> tokenized items -> packed or padded batch rows, per architecture.
+
+What an architecture needs from the data is asked of ONE object, its `Task` (chosen once from TASKS by
+model.arch): how examples become items, which arrays a batch holds, how a row is filled, how a random window is
+cut, and what is done to a finished batch (MLM masking). The iterators (pipeline.py) never look at the arch.
+
+Batch keys are the model's argument names, so the step calls `model(**model_inputs(batch))`:
+  decoder_only / encoder_only   tokens, positions, segment_ids                           [rows, data.seq_len]
+  encoder_decoder               src_tokens, src_positions, src_segment_ids               [rows, data.src_seq_len]
+                                tgt_tokens, tgt_positions, tgt_segment_ids               [rows, data.seq_len]
+and `targets` (LABEL_KEYS) beside them, aligned with the (decoder) tokens. segment_ids are 1, 2, 3.. per
+document within a row and 0 on padding; positions restart at 0 per segment; a target of 0 is never scored.
+
+* decoder_only / encoder_only (LM): an example becomes BOS + tokens + EOS (a translation pair becomes
+  source + '\\n' + target). decoder_only rows hold tokens = seq[:-1], targets = seq[1:] of each document;
+  encoder_only rows hold the whole sequence. With data.pack, documents are concatenated into rows of data.seq_len
+  and a document that does not fit is split: the rest starts the next row of the same stream (new segment,
+  positions from 0), so training rows are always full, and no token is lost or repeated. Without data.pack a row
+  holds one piece of one document, padded.
+* encoder_decoder: a pair becomes encoder tokens + EOS, decoder tokens BOS + target, targets target + EOS (a text
+  source is split into pairs at its middle word). Training drops pairs longer than data.src_seq_len / data.seq_len
+  (evaluation truncates them instead, so every example is scored). data.pack puts several whole pairs in a row with
+  matching segment ids on both sides; otherwise one pair per row.
+* encoder_only masking (data.mask_rate of the non-special tokens; of those 80% -> MASK, 10% -> a random real
+  token, 10% unchanged) draws from the rng the iterator passes (seeded from seed + step for training, from the
+  batch index for evaluation) over the global batch, so every host masks its rows exactly as one host would.
+"""
+from __future__ import annotations
+
+import collections
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from jaxformer.data.errors import DataError
+from jaxformer.data.tokenizers import BOS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, Tokenizer
+
+LABEL_KEYS = ('targets',)  # batch keys that are not model inputs
+Rows = dict[str, np.ndarray]
+
+
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+  """The batch without its labels: exactly the keyword arguments of the model call."""
+  return {k: v for k, v in batch.items() if k not in LABEL_KEYS}
+
+
+# ----------------------------------------------------------------------------------------------- examples
+
+
+def _halves(text: str) -> tuple[str, str]:
+  """A text example as a (source, target) pair: split at the middle word."""
+  words = text.split(' ')
+  k = max(1, len(words) // 2) if len(words) > 1 else 0
+  return ' '.join(words[:k]), ' '.join(words[k:])
+
+
+def as_pair(example: Any) -> tuple[str, str]:
+  """A (source, target) pair from a pair or a text example (split at its middle word)."""
+  return example if isinstance(example, tuple) else _halves(example)
+
+
+def _as_text(example: Any) -> str:
+  return example[0] + '\n' + example[1] if isinstance(example, tuple) else example
+
+
+def encode_source(tokenizer: Tokenizer, text: str, src_seq_len: int) -> list[int]:
+  """Encoder input for a source text exactly as the pipeline builds it: tokens + EOS, truncated to src_seq_len."""
+  ids = tokenizer.encode(text)[:max(0, src_seq_len - 1)]
+  return ids + [EOS_ID]
+
+
+class Stream:
+  """One row stream: fills rows from its items; its position is (k = next example index, offset within it)."""
+
+  def __init__(self, k: int = 0, offset: int = 0):
+    self.k = k
+    self.offset = offset
+    self.buffer: collections.deque = collections.deque()  # items for k, k+1, ... (derived; not state)
+    self.buffered_upto = k
+
+  def reset(self, k: int, offset: int) -> None:
+    self.k, self.offset = k, offset
+    self.buffer.clear()
+    self.buffered_upto = k
+
+  def pop(self) -> None:
+    """The front item is used up: move on to the next example."""
+    self.buffer.popleft()
+    self.k += 1
+    self.offset = 0
+
+
+# A stream's refill: reads its next items into its buffer; False when there are none (the end of an eval split).
+Refill = Callable[[Stream], bool]
+
+
+def mask_tokens(batch: Rows, rng: np.random.Generator, mask_rate: float, vocab_size: int, *,
+                global_rows: int | None = None, first_row: int = 0) -> Rows:
+  """BERT masking: chooses mask_rate of the real tokens (not pad/bos/eos); 80% -> MASK, 10% random, 10% kept.
+
+  Random numbers are drawn for the whole global batch (global_rows rows) and this host's rows start at
+  first_row, so every host masks its rows exactly as a single host would.
+  """
+  tokens = batch['tokens']
+  n, length = tokens.shape
+  shape = (global_rows or n, length)
+  rows = slice(first_row, first_row + n)
+  u_select = rng.random(shape)[rows]
+  u_kind = rng.random(shape)[rows]
+  random_ids = rng.integers(NUM_SPECIAL, max(vocab_size, NUM_SPECIAL + 1), size=shape, dtype=np.int32)[rows]
+  real = (tokens != 0) & (tokens != BOS_ID) & (tokens != EOS_ID)
+  chosen = real & (u_select < mask_rate)
+  masked = np.where(chosen & (u_kind < 0.8), MASK_ID, tokens)
+  masked = np.where(chosen & (u_kind >= 0.8) & (u_kind < 0.9), random_ids, masked)
+  out = dict(batch)
+  out['tokens'] = masked.astype(np.int32)
+  out['targets'] = np.where(chosen, tokens, 0).astype(np.int32)
+  return out
+
+
+def _segments_of_windows(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """segment_ids and positions of windows cut from a BOS-delimited token stream: a segment per document started
+  (a BOS at or before the token) within the window; positions count from the last document start inside the
+  window, else from the window's first token."""
+  starts = tokens == BOS_ID
+  segment_ids = 1 + np.cumsum(starts, axis=1) - starts[:, :1]
+  cols = np.arange(tokens.shape[1])[None, :]
+  last_start = np.maximum.accumulate(np.where(starts, cols, 0), axis=1)
+  return segment_ids.astype(np.int32), (cols - last_start).astype(np.int32)
+
+
+# ------------------------------------------------------------------------------------------------- tasks
+
+
+class Task:
+  """How one architecture turns examples into batch rows (see the module doc). `train` selects training's
+  handling of over-long examples (dropped) over evaluation's (truncated)."""
+
+  name = ''
+
+  def __init__(self, config: Any, tokenizer: Tokenizer, train: bool):
+    self.tokenizer = tokenizer
+    self.seq_len = int(config.data.seq_len)
+    self.src_seq_len = int(config.data.src_seq_len)
+    self.pack = bool(config.data.pack)
+    self.mask_rate = float(config.data.mask_rate)
+    self.train = train
+
+  def items(self, examples: Sequence[Any]) -> list[Any]:
+    """Tokenized items, one per example (None: dropped from training)."""
+    raise NotImplementedError
+
+  @staticmethod
+  def size(item: Any) -> int:
+    """Row tokens an item fills (0 for a dropped one)."""
+    raise NotImplementedError
+
+  def empty_rows(self, n: int) -> Rows:
+    raise NotImplementedError
+
+  def fill_row(self, stream: Stream, rows: Rows, i: int, refill: Refill, max_skips: int) -> None:
+    """Fills row i from the stream's items (refilling it as needed); max_skips bounds dropped items in a row."""
+    raise NotImplementedError
+
+  def finish(self, batch: Rows, rng: Callable[[], np.random.Generator], global_rows: int | None = None,
+             first_row: int = 0) -> Rows:
+    """A built batch -> what the model sees (identity; encoder_only masks). `rng` makes the batch's generator."""
+    del rng, global_rows, first_row
+    return batch
+
+  # random_windows (pipeline.py): None = this architecture has no token-stream windows.
+  window_length: int | None = None
+
+  def window_sequence(self, item: Any) -> np.ndarray:
+    """An item as BOS .. EOS, the piece of the token stream windows are cut from."""
+    raise NotImplementedError
+
+  def window_rows(self, windows: np.ndarray) -> Rows:
+    """[rows, window_length] windows of the token stream -> a batch."""
+    raise NotImplementedError
+
+
+class _LanguageModelTask(Task):
+  """decoder_only and encoder_only: items are aligned (tokens, targets) arrays, packed along the row."""
+
+  def items(self, examples: Sequence[Any]) -> list[Any]:
+    out = []
+    for t in self.tokenizer.encode_batch([_as_text(e) for e in examples]):
+      out.append(self._item(np.concatenate([[BOS_ID], t, [EOS_ID]]).astype(np.int32)))
+    return out
+
+  def _item(self, seq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    raise NotImplementedError
+
+  @staticmethod
+  def size(item: Any) -> int:
+    return 0 if item is None else len(item[0])
+
+  def empty_rows(self, n: int) -> Rows:
+    return {k: np.zeros((n, self.seq_len), np.int32) for k in ('tokens', 'targets', 'segment_ids', 'positions')}
+
+  def fill_row(self, stream: Stream, rows: Rows, i: int, refill: Refill, max_skips: int) -> None:
+    del max_skips  # LM items are never dropped
+    fill, seg = 0, 0
+    while fill < self.seq_len:
+      if not stream.buffer and not refill(stream):
+        return
+      tokens, targets = stream.buffer[0]
+      take = min(len(tokens) - stream.offset, self.seq_len - fill)
+      seg += 1
+      cols, piece = slice(fill, fill + take), slice(stream.offset, stream.offset + take)
+      rows['tokens'][i, cols] = tokens[piece]
+      rows['targets'][i, cols] = targets[piece]
+      rows['segment_ids'][i, cols] = seg
+      rows['positions'][i, cols] = np.arange(take, dtype=np.int32)
+      fill += take
+      stream.offset += take
+      if stream.offset >= len(tokens):
+        stream.pop()
+      if not self.pack:
+        return
+
+
+class DecoderOnlyTask(_LanguageModelTask):
+  """Next-token prediction: tokens = BOS + text, targets = text + EOS."""
+
+  name = 'decoder_only'
+
+  def _item(self, seq):
+    return seq[:-1], seq[1:]
+
+  @property
+  def window_length(self) -> int:
+    return self.seq_len + 1
+
+  def window_sequence(self, item):
+    return np.concatenate([item[0], item[1][-1:]])
+
+  def window_rows(self, windows):
+    tokens, targets = windows[:, :-1], np.where(windows[:, 1:] == BOS_ID, 0, windows[:, 1:])  # EOS -> BOS: unscored
+    segment_ids, positions = _segments_of_windows(tokens)
+    return {'tokens': np.ascontiguousarray(tokens, np.int32), 'targets': np.ascontiguousarray(targets, np.int32),
+            'segment_ids': segment_ids, 'positions': positions}
+
+
+class EncoderOnlyTask(_LanguageModelTask):
+  """Masked-LM: rows hold whole BOS + text + EOS sequences; finish() masks them and sets the targets."""
+
+  name = 'encoder_only'
+
+  def _item(self, seq):
+    return seq, seq
+
+  def finish(self, batch, rng, global_rows=None, first_row=0):
+    return mask_tokens(batch, rng(), self.mask_rate, self.tokenizer.vocab_size, global_rows=global_rows,
+                       first_row=first_row)
+
+  @property
+  def window_length(self) -> int:
+    return self.seq_len
+
+  def window_sequence(self, item):
+    return item[0]
+
+  def window_rows(self, windows):
+    segment_ids, positions = _segments_of_windows(windows)
+    tokens = np.ascontiguousarray(windows, np.int32)
+    return {'tokens': tokens, 'targets': tokens, 'segment_ids': segment_ids, 'positions': positions}
+
+
+class EncoderDecoderTask(Task):
+  """Sequence to sequence: items are (encoder tokens + EOS, BOS + target, target + EOS); whole pairs per row."""
+
+  name = 'encoder_decoder'
+
+  def items(self, examples: Sequence[Any]) -> list[Any]:
+    pairs = [as_pair(e) for e in examples]
+    srcs = self.tokenizer.encode_batch([p[0] for p in pairs])
+    tgts = self.tokenizer.encode_batch([p[1] for p in pairs])
+    out = []
+    for s, t in zip(srcs, tgts):
+      enc = np.concatenate([s, [EOS_ID]]).astype(np.int32)
+      dec = np.concatenate([[BOS_ID], t, [EOS_ID]]).astype(np.int32)
+      if len(enc) > self.src_seq_len or len(dec) - 1 > self.seq_len:
+        if self.train:
+          out.append(None)  # too long: dropped from training
+          continue
+        enc = np.concatenate([enc[:self.src_seq_len - 1], [EOS_ID]]).astype(np.int32)
+        dec = dec[:self.seq_len + 1]
+      out.append((enc, dec[:-1], dec[1:]))
+    return out
+
+  @staticmethod
+  def size(item: Any) -> int:
+    return 0 if item is None else len(item[1])
+
+  def empty_rows(self, n: int) -> Rows:
+    z = lambda m: np.zeros((n, m), np.int32)
+    return {'src_tokens': z(self.src_seq_len), 'src_segment_ids': z(self.src_seq_len),
+            'src_positions': z(self.src_seq_len), 'tgt_tokens': z(self.seq_len), 'tgt_segment_ids': z(self.seq_len),
+            'tgt_positions': z(self.seq_len), 'targets': z(self.seq_len)}
+
+  def fill_row(self, stream: Stream, rows: Rows, i: int, refill: Refill, max_skips: int) -> None:
+    fill, src_fill, seg, skips = 0, 0, 0, 0
+    while True:
+      if not stream.buffer and not refill(stream):
+        return
+      item = stream.buffer[0]
+      if item is None:
+        stream.pop()
+        skips += 1
+        if skips > max_skips:
+          raise DataError(
+              f'every training pair is longer than data.src_seq_len={self.src_seq_len} (source + EOS) or '
+              f'data.seq_len={self.seq_len} (target + EOS); raise them.')
+        continue
+      src, tgt, targets = item
+      if seg and (not self.pack or fill + len(tgt) > self.seq_len or src_fill + len(src) > self.src_seq_len):
+        return
+      seg += 1
+      cols, src_cols = slice(fill, fill + len(tgt)), slice(src_fill, src_fill + len(src))
+      rows['tgt_tokens'][i, cols] = tgt
+      rows['targets'][i, cols] = targets
+      rows['tgt_segment_ids'][i, cols] = seg
+      rows['tgt_positions'][i, cols] = np.arange(len(tgt), dtype=np.int32)
+      rows['src_tokens'][i, src_cols] = src
+      rows['src_segment_ids'][i, src_cols] = seg
+      rows['src_positions'][i, src_cols] = np.arange(len(src), dtype=np.int32)
+      fill += len(tgt)
+      src_fill += len(src)
+      stream.pop()
+      skips = 0
+
+
+TASKS: dict[str, type[Task]] = {t.name: t for t in (DecoderOnlyTask, EncoderOnlyTask, EncoderDecoderTask)}
+
+
+def make_task(config: Any, tokenizer: Tokenizer, *, train: bool) -> Task:
+  """The Task of config.model.arch."""
+  arch = str(config.model.arch)
+  if arch not in TASKS:
+    raise DataError(f'model.arch={arch!r} is not valid; use {", ".join(TASKS)}.')
+  return TASKS[arch](config, tokenizer, train)

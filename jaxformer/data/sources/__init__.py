@@ -1,0 +1,42 @@
+"""Where examples come from. `data.source=<kind>:<arg>` picks a factory from SOURCES by its kind:
+
+  builtin:lm | builtin:numbers   SYNTHETIC data generated in-process        (sources/builtin.py)
+  text:<path or glob>            local text files, LM documents             (sources/local.py)
+  parallel:<prefix>              local line-aligned translation files       (sources/local.py)
+  tfds:<name>[/<config>]         a prepared TFDS ArrayRecord dataset        (sources/tfds.py)
+
+A factory is `(spec, arg, config, data_dir) -> Source` (sources/base.py); adding a source is one module with a
+factory and one line in SOURCES.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from jaxformer.data.errors import DataError, DataFileNotFoundError
+from jaxformer.data.sources import builtin, local, tfds
+from jaxformer.data.sources.base import (Example, ListSplit, Source, SourceFactory, Split, SPLIT_ALIASES,
+                                         data_dir_for)
+from jaxformer.data.sources.builtin import (NUMBER_SPLITS, SyntheticLanguage, builtin_lm_entropy, number_to_words,
+                                            synthetic_language)
+from jaxformer.data.sources.local import TEXT_CHUNK_CHARS, TEXT_SPLIT_FRACTION
+from jaxformer.data.sources.tfds import TfdsSplit
+
+SOURCES: dict[str, SourceFactory] = {
+    'builtin': builtin.make_source,
+    'text': local.make_text_source,
+    'parallel': local.make_parallel_source,
+    'tfds': tfds.make_source,
+}
+
+
+def get_source(config: Any, workdir: str) -> Source:
+  """Resolves config.data.source into a Source (building the ArrayRecord copy of local files once)."""
+  spec = str(config.data.source)
+  kind, _, arg = spec.partition(':')
+  if not arg:
+    raise DataError(f'data.source={spec!r} needs a value after the colon, e.g. text:path/to/file.txt.')
+  if kind not in SOURCES:
+    raise DataError(
+        f'data.source={spec!r} is not a valid source; use builtin:lm, builtin:numbers, text:<path or glob>, '
+        'parallel:<prefix> or tfds:<name>[/<config>].')
+  return SOURCES[kind](spec, arg, config, data_dir_for(config, workdir))

@@ -1,0 +1,101 @@
+"""The interface every source implements: a `Source` of named `Split`s, each a random-access list of examples.
+
+An example is a `str` (a text source) or a `(source, target)` pair of `str` (a translation source). The pipeline
+only ever sees this interface, so shuffling, per-host sharding and exact resumption are the same code for all
+sources.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+from jaxformer.data.errors import DataError
+
+Example = Any  # str | tuple[str, str]
+
+# How a split name finds its files (local sources) after the exact name.
+SPLIT_ALIASES = {
+    'train': ('train',),
+    'validation': ('validation', 'valid', 'val', 'dev'),
+    'test': ('test',),
+}
+
+
+class Split:
+  """A random-access split: `len(split)` examples, `read(indices)` returns them in that order."""
+
+  name: str
+
+  def __len__(self) -> int:
+    raise NotImplementedError
+
+  def read(self, indices: Sequence[int]) -> list[Example]:
+    raise NotImplementedError
+
+
+class ListSplit(Split):
+  """A split held in memory (built-in data, empty splits)."""
+
+  def __init__(self, name: str, examples: Sequence[Example]):
+    self.name = name
+    self._examples = examples
+
+  def __len__(self) -> int:
+    return len(self._examples)
+
+  def read(self, indices: Sequence[int]) -> list[Example]:
+    return [self._examples[int(i)] for i in indices]
+
+
+class Source:
+  """A data source: `kind` is 'text' (LM documents) or 'pairs' ((source, target) translation pairs).
+
+  `splits` maps a split name to a Split or to a zero-argument callable making it on first use.
+  """
+
+  def __init__(self, spec: str, kind: str, splits: dict[str, Split | Callable[[], Split]], description: str = ''):
+    self.spec = spec
+    self.kind = kind
+    self._splits = splits
+    self.description = description
+
+  @property
+  def split_names(self) -> list[str]:
+    return list(self._splits)
+
+  def split(self, name: str) -> Split:
+    if name not in self._splits:
+      raise DataError(
+          f'split {name!r} does not exist in data.source={self.spec!r} (it has: {", ".join(self._splits)}); '
+          'set data.train_split / data.eval_split / data.test_split to one of those.')
+    split = self._splits[name]
+    if callable(split) and not isinstance(split, Split):
+      split = self._splits[name] = split()
+    if len(split) == 0:
+      raise DataError(f'split {name!r} of data.source={self.spec!r} is empty; it needs at least one example.')
+    return split
+
+
+# A source factory: (spec, the part after 'kind:', config, data_dir) -> Source. data_dir is where datasets are
+# read from or converted into (see data_dir_for).
+SourceFactory = Callable[[str, str, Any, str], Source]
+
+
+def data_dir_for(config: Any, workdir: str) -> str:
+  """data.data_dir, or <workdir>/data when empty."""
+  return os.path.abspath(os.path.expanduser(config.data.data_dir or os.path.join(workdir, 'data')))
+
+
+def split_candidates(split: str) -> tuple[str, ...]:
+  """The names a split is looked up by: itself first, then its aliases."""
+  return (split,) + tuple(a for a in SPLIT_ALIASES.get(split, ()) if a != split)
+
+
+def config_splits(config: Any) -> list[str]:
+  """Every split a run may ask for: train / validation / test and the config's split keys (unsliced)."""
+  names = ['train', 'validation', 'test']
+  for key in ('train_split', 'eval_split', 'test_split'):
+    value = str(config.data[key])
+    if value not in names and '[' not in value:
+      names.append(value)
+  return names

@@ -1,0 +1,240 @@
+"""Local files: text:<path or glob> (LM documents) and parallel:<prefix> (line-aligned translation pairs).
+
+  text:<path or glob>      data.text_unit='file' (default): each file is one document (nanoGPT's view of
+                           tinyshakespeare); a long document is cut at line ends into examples of about
+                           TEXT_CHUNK_CHARS characters, each getting its own BOS/EOS. data.text_unit='line': one
+                           example per non-empty line. `.gz` is read transparently. Splits: if the path contains
+                           `{split}` it is filled with the split's file name (see SPLIT_ALIASES); otherwise the
+                           first 90% is `train` and the last 10% `validation` -- of the characters for one file
+                           with text_unit=file (exactly nanoGPT's Shakespeare split), else of the examples. No
+                           `test` split then.
+  parallel:<prefix>        files `<prefix>/<stem>.<lang>[.gz]` for data.src_lang / data.tgt_lang, aligned by line.
+                           A split name finds its files by the first rule that matches: the exact stem; then the
+                           aliases in SPLIT_ALIASES (validation -> val, valid, dev); then a unique `<alias>*` glob,
+                           so `test` finds Multi30k's `test_2016_flickr`. Set data.eval_split/test_split to an exact
+                           stem (e.g. test_2017_flickr) to pick another.
+
+Both are converted ONCE into a TFDS ArrayRecord dataset named `jaxformer_text_<hash>` / `jaxformer_parallel_<hash>`
+in the data dir (the hash covers the resolved file paths, sizes and mtimes, the split mapping and the languages,
+so changed files give a new dataset) and then read like any TFDS dataset (sources/tfds.py).
+"""
+from __future__ import annotations
+
+import functools
+import glob as glob_lib
+import gzip
+import hashlib
+import json
+import os
+from typing import Any, Sequence
+
+from jaxformer.data.errors import DataError, DataFileNotFoundError
+from jaxformer.data.sources.base import Source, config_splits, split_candidates
+from jaxformer.data.sources.tfds import build_array_record, is_prepared, open_array_record
+
+TEXT_SPLIT_FRACTION = 0.9  # text: without {split}: first 90% train, last 10% validation
+TEXT_CHUNK_CHARS = 2048  # text_unit=file: long documents become examples of about this many characters
+TEXT_UNITS = ('file', 'line')
+FORMAT = 1  # bump when the on-disk layout of converted datasets changes
+
+
+# ---------------------------------------------------------------------------------------------- reading files
+
+
+def _open_text(path: str):
+  if path.endswith('.gz'):
+    return gzip.open(path, 'rt', encoding='utf-8', newline='')
+  return open(path, 'rt', encoding='utf-8', newline='')
+
+
+def read_file(path: str) -> str:
+  try:
+    with _open_text(path) as f:
+      return f.read()
+  except UnicodeDecodeError as e:
+    raise DataError(f'{path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8.') from None
+
+
+def read_lines(path: str) -> list[str]:
+  """Lines of a file without their line ending ('\\n' or '\\r\\n')."""
+  lines = read_file(path).split('\n')
+  if lines and lines[-1] == '':
+    lines.pop()
+  return [line[:-1] if line.endswith('\r') else line for line in lines]
+
+
+def fingerprint(parts: Any) -> str:
+  """A short hash naming the converted dataset of these inputs."""
+  return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def file_id(path: str) -> list[Any]:
+  st = os.stat(path)
+  return [os.path.abspath(path), st.st_size, int(st.st_mtime)]
+
+
+def expand(spec: str, pattern: str) -> list[str]:
+  """The files a glob matches, sorted; DataFileNotFoundError if none."""
+  pattern = os.path.expanduser(pattern)
+  paths = sorted(p for p in glob_lib.glob(pattern) if os.path.isfile(p))
+  if not paths:
+    raise DataFileNotFoundError(f'data.source={spec!r}: no file matches {pattern!r}; check the path.')
+  return paths
+
+
+def files_per_split(spec: str, pattern: str, config: Any) -> dict[str, list[str]]:
+  """A path with `{split}`: the files each split's name (or first alias) matches; the training split must match."""
+  files = {}
+  for split in config_splits(config):
+    for stem in split_candidates(split):
+      matches = sorted(p for p in glob_lib.glob(os.path.expanduser(pattern.replace('{split}', stem)))
+                       if os.path.isfile(p))
+      if matches:
+        files[split] = matches
+        break
+  if 'train' not in files and config.data.train_split not in files:
+    raise DataFileNotFoundError(
+        f'data.source={spec!r}: no training file matches {pattern.replace("{split}", "train")!r}; check the path.')
+  return files
+
+
+def find_split_file(directory: str, split: str, suffixes: Sequence[str]) -> str | None:
+  """The file for `split` under the documented rule: exact stem, aliases, then a unique `<alias>*` glob."""
+  for stem in split_candidates(split):
+    for suffix in suffixes:
+      path = os.path.join(directory, stem + suffix)
+      if os.path.isfile(path):
+        return path
+  for stem in split_candidates(split):
+    matches = sorted({p for suffix in suffixes
+                      for p in glob_lib.glob(os.path.join(directory, glob_lib.escape(stem) + '*' + suffix))})
+    if len(matches) == 1:
+      return matches[0]
+    if len(matches) > 1:
+      raise DataError(
+          f'split {split!r} matches several files ({", ".join(os.path.basename(m) for m in matches)}) in '
+          f'{directory}; set the split key (data.eval_split / data.test_split) to the exact file stem.')
+  return None
+
+
+# ------------------------------------------------------------------------------------------------------ text:
+
+
+def chunks(text: str, size: int | None = None) -> list[str]:
+  """A document cut at line ends into pieces of about `size` characters (a single longer line is cut anywhere)."""
+  size = size or TEXT_CHUNK_CHARS
+  out, start = [], 0
+  while start < len(text):
+    end = start + size
+    if end < len(text):
+      newline = text.find('\n', end - 1)
+      end = newline + 1 if newline != -1 and newline - end < size else end
+    out.append(text[start:end])
+    start = end
+  return [c for c in out if c.strip()]
+
+
+def _text_examples(paths: Sequence[str], unit: str) -> list[str]:
+  """unit='line': the non-empty lines of the files; unit='file': each file's text (in chunks if long)."""
+  if unit == 'line':
+    return [line for p in paths for line in read_lines(p) if line.strip()]
+  return [c for p in paths for c in chunks(read_file(p))]
+
+
+def _fraction_splits(spec: str, paths: list[str], unit: str) -> dict[str, Any]:
+  """train / validation factories for a path without {split}: the first / last 10% (see the module doc)."""
+  if unit == 'file' and len(paths) == 1:
+    def part(train: bool):
+      def make():
+        text = read_file(paths[0])
+        if not text.strip():
+          raise DataError(f'data.source={spec!r}: {paths[0]} holds no text; check the file.')
+        cut = int(len(text) * TEXT_SPLIT_FRACTION)
+        return chunks(text[:cut] if train else text[cut:])
+      return make
+  else:
+    cache = []
+
+    def part(train: bool):
+      def make():
+        if not cache:
+          cache.append(_text_examples(paths, unit))
+          if not cache[0]:
+            raise DataError(f'data.source={spec!r}: {", ".join(paths[:3])} holds no non-empty text; check it.')
+        ex = cache[0]
+        cut = max(1, int(len(ex) * TEXT_SPLIT_FRACTION))
+        return ex[:cut] if train else ex[cut:]
+      return make
+  return {'train': part(True), 'validation': part(False)}
+
+
+def make_text_source(spec: str, pattern: str, config: Any, data_dir: str) -> Source:
+  unit = str(config.data.get('text_unit', 'file'))
+  if unit not in TEXT_UNITS:
+    raise DataError(f'data.text_unit={unit!r} is not valid; use file (each file one document) or line.')
+  if '{split}' in pattern:
+    files = files_per_split(spec, pattern, config)
+    ids = {s: [file_id(p) for p in ps] for s, ps in files.items()}
+    generators = {s: functools.partial(_text_examples, ps, unit) for s, ps in files.items()}
+  else:
+    paths = expand(spec, pattern)
+    ids = {'all': [file_id(p) for p in paths], 'fraction': TEXT_SPLIT_FRACTION}
+    generators = _fraction_splits(spec, paths, unit)
+  name = 'jaxformer_text_' + fingerprint([FORMAT, 'text', unit, TEXT_CHUNK_CHARS, ids])
+  description = f'text source {spec} (text_unit={unit})'
+  build_array_record(name, data_dir, ('text',),
+                     {s: (lambda make=make: ({'text': t} for t in make())) for s, make in generators.items()},
+                     description)
+  return open_array_record(spec, 'text', name, data_dir, ('text',), description)
+
+
+# -------------------------------------------------------------------------------------------------- parallel:
+
+
+def _misaligned(paths: Sequence[str], counts: Sequence[int]) -> DataError:
+  return DataError(
+      f'parallel files {paths[0]} ({counts[0]} lines) and {paths[1]} ({counts[1]} lines) differ in line count; '
+      'they must be aligned line by line.')
+
+
+def make_parallel_source(spec: str, prefix: str, config: Any, data_dir: str) -> Source:
+  directory = os.path.expanduser(prefix)
+  if not os.path.isdir(directory):
+    raise DataFileNotFoundError(f'data.source={spec!r}: directory {directory!r} does not exist; check the path.')
+  src, tgt = str(config.data.src_lang), str(config.data.tgt_lang)
+  if src == tgt:
+    raise DataError(f'data.src_lang and data.tgt_lang are both {src!r}; a parallel source needs two languages.')
+  files: dict[str, tuple[str, str]] = {}
+  for split in config_splits(config):
+    pair = [find_split_file(directory, split, ('.' + lang, '.' + lang + '.gz')) for lang in (src, tgt)]
+    if pair[0] and pair[1]:
+      files[split] = (pair[0], pair[1])
+    elif pair[0] or pair[1]:
+      have, missing = (pair[0], tgt) if pair[0] else (pair[1], src)
+      raise DataFileNotFoundError(
+          f'{have} has no counterpart for language {missing!r} in {directory} (expected '
+          f'{os.path.basename(have).split(".")[0]}.{missing}[.gz]); check data.src_lang/data.tgt_lang.')
+  train = config.data.train_split if config.data.train_split in files else 'train'
+  if train not in files:
+    raise DataFileNotFoundError(
+        f'data.source={spec!r}: no training files {directory}/train.{src}[.gz] and {directory}/train.{tgt}[.gz]; '
+        'check the prefix and data.src_lang/data.tgt_lang.')
+
+  def reader(paths):
+    def make():
+      a, b = read_lines(paths[0]), read_lines(paths[1])
+      if len(a) != len(b):
+        raise _misaligned(paths, (len(a), len(b)))
+      return ({src: x, tgt: y} for x, y in zip(a, b))
+    return make
+
+  ids = {s: [file_id(p) for p in ps] for s, ps in files.items()}
+  name = 'jaxformer_parallel_' + fingerprint([FORMAT, 'parallel', src, tgt, ids])
+  # Check alignment before writing anything, so the error names the files.
+  for paths in ([] if is_prepared(data_dir, name) else files.values()):
+    counts = [len(read_lines(p)) for p in paths]
+    if counts[0] != counts[1]:
+      raise _misaligned(paths, counts)
+  description = f'parallel source {spec} ({src}->{tgt})'
+  build_array_record(name, data_dir, (src, tgt), {s: reader(ps) for s, ps in files.items()}, description)
+  return open_array_record(spec, 'pairs', name, data_dir, (src, tgt), description)
