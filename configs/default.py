@@ -38,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.attention_impl = 'auto'  # auto (cudnn flash on GPU for 16-bit inputs, else xla) | xla | cudnn | reference
   model.remat = 'none'  # none | block: rematerialise each block in the backward pass
   model.init_std = 0.02
+  model.head_dim = -1  # per-head width; -1 = d_model // num_heads (T5's d_kv may differ)
+  model.attention_scale = -1.0  # query-key logit scale; -1 = head_dim ** -0.5; T5: 1.0 (no scaling)
+  model.qkv_bias = False  # biases on the query/key/value projections even when use_bias=False (Qwen2)
 
   # ----------------------------------------------------------------- data
   data = config.data = ml_collections.ConfigDict()
