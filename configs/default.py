@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.position = 'learned'  # sinusoidal | rope | learned
   model.norm = 'layer'  # layer | rms
   model.norm_position = 'pre'  # pre | post
-  model.mlp = 'gelu'  # gelu | relu | swiglu
+  model.mlp = 'gelu'  # gelu (tanh) | relu | swiglu | gelu_exact (erf, BERT) | geglu (gated tanh gelu, T5 v1.1)
   model.num_layers = 2  # encoder depth, or decoder depth for decoder_only
   model.num_decoder_layers = -1  # encoder_decoder only; -1 = num_layers
   model.num_heads = 4

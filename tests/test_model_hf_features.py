@@ -86,3 +86,34 @@ def test_head_dim_decouples_d_model_from_heads():
   step, cache = model.decode_step(tokens[:, :4], cache)
   step2, _ = model.decode_step(tokens[:, 4:], cache)
   np.testing.assert_allclose(jnp.concatenate([step, step2], 1), full, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ MLP choices
+def _gelu_tanh(x):
+  return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+_GELU_EXACT = np.vectorize(lambda x: 0.5 * x * (1 + math.erf(x / math.sqrt(2))))
+MLP_REFERENCES = {  # name -> (activation, gated)
+    'gelu': (_gelu_tanh, False), 'gelu_exact': (_GELU_EXACT, False), 'relu': (lambda x: np.maximum(x, 0), False),
+    'swiglu': (lambda x: x / (1 + np.exp(-x)), True), 'geglu': (_gelu_tanh, True)}
+
+
+@pytest.mark.parametrize('mlp', sorted(MLP_REFERENCES))
+def test_mlp_against_numpy(mlp):
+  """HF conventions: BERT erf GELU, GPT-2 tanh GELU, T5 v1.1 act(x wi_0) * (x wi_1), Llama silu(gate) * up."""
+  from jaxformer.model import layers
+  cfg = ModelConfig.from_config(tiny_config(mlp=mlp, use_bias=True))
+  module = layers.MLP(cfg, rngs=nnx.Rngs(0))
+  randomize(module, ('wi_bias', 'wo_bias'))
+  x = np.asarray(jax.random.normal(jax.random.key(2), (3, 16)) * 2, np.float64)
+  act, gated = MLP_REFERENCES[mlp]
+  wi, wo = np.asarray(module.wi[...]), np.asarray(module.wo[...])
+  h = x @ wi + np.asarray(module.wi_bias[...])
+  h = act(x @ np.asarray(module.wi_gate[...])) * h if gated else act(h)
+  expected = h @ wo + np.asarray(module.wo_bias[...])
+  np.testing.assert_allclose(module(jnp.asarray(x, jnp.float32)), expected, atol=1e-4, rtol=1e-5)
+  assert (module.wi_gate is not None) == gated
+  if mlp in ('gelu', 'gelu_exact'):  # the two GELUs are different functions (so the choice matters)
+    other = layers.MLPS['gelu_exact' if mlp == 'gelu' else 'gelu'].activation
+    assert np.abs(np.asarray(other(jnp.asarray(x @ wi))) - act(x @ wi)).max() > 1e-4
