@@ -41,6 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.head_dim = -1  # per-head width; -1 = d_model // num_heads (T5's d_kv may differ)
   model.attention_scale = -1.0  # query-key logit scale; -1 = head_dim ** -0.5; T5: 1.0 (no scaling)
   model.qkv_bias = False  # biases on the query/key/value projections even when use_bias=False (Qwen2)
+  # the token id that means padding when no segment ids are given (and in decoding); -1 = none: every id is a
+  # real token (GPT-2 / Llama checkpoints, whose id 0 is a word). T5's decoder start token (its pad id) stays real.
+  model.pad_id = 0
 
   # ----------------------------------------------------------------- data
   data = config.data = ml_collections.ConfigDict()
@@ -125,6 +128,8 @@ def get_config() -> ml_collections.ConfigDict:
   decode.top_k = 0  # 0 = off
   decode.top_p = 1.0  # 1.0 = off
   decode.max_len = 64  # new tokens to generate
+  decode.eos_id = 2  # decoding stops at this token (jaxformer tokenizers: 2; T5: 1, GPT-2: 50256)
+  decode.start_id = 1  # the decoder's first token when there is no prompt (BOS; T5: 0)
   decode.batch_size = 32
   return config
 

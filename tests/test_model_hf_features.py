@@ -117,3 +117,43 @@ def test_mlp_against_numpy(mlp):
   if mlp in ('gelu', 'gelu_exact'):  # the two GELUs are different functions (so the choice matters)
     other = layers.MLPS['gelu_exact' if mlp == 'gelu' else 'gelu'].activation
     assert np.abs(np.asarray(other(jnp.asarray(x @ wi))) - act(x @ wi)).max() > 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ pad_id
+def test_pad_id_none_makes_token_zero_real():
+  """GPT-2 / Llama (pad_id=-1): a 0 inside the row is a word, attended like any other token."""
+  tokens = jnp.array([[1, 0, 7, 0, 9, 0]])
+  none = build_model(tiny_config(pad_id=-1), rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(none(tokens), none(tokens, segment_ids=jnp.ones_like(tokens)), atol=1e-6)
+  zero = build_model(tiny_config(), rngs=nnx.Rngs(0))  # same parameters, default pad_id=0: the zeros are padding
+  np.testing.assert_allclose(zero(tokens), none(tokens, segment_ids=(tokens != 0).astype(jnp.int32)), atol=1e-6)
+  assert np.abs(np.asarray(zero(tokens))[0, 2] - np.asarray(none(tokens))[0, 2]).max() > 1e-4
+
+
+def test_t5_decoder_start_token_zero_is_attended():
+  """T5 (pad_id=0): the decoder input starts with 0 and must not be masked; source padding still is."""
+  model = build_model(tiny_config('encoder_decoder', pad_id=0), rngs=nnx.Rngs(0))
+  src, tgt = jnp.array([[5, 6, 7, 0]]), jnp.array([[0, 8, 9]])
+  expected = model(src, tgt, src_segment_ids=jnp.array([[1, 1, 1, 0]]), tgt_segment_ids=jnp.ones_like(tgt))
+  np.testing.assert_allclose(model(src, tgt), expected, atol=1e-6)
+  cache = model.init_cache(1, 4, src_tokens=src)
+  stepped, _ = model.decode_step(tgt, cache)
+  np.testing.assert_allclose(stepped, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize('arch', ['decoder_only', 'encoder_decoder'])
+def test_greedy_decoding_with_token_zero(arch):
+  """Decoding agrees with re-running the full forward: GPT-2-style prompts containing 0 (pad_id=-1) and T5
+  decoding from start token 0 (pad_id=0)."""
+  from jaxformer import decoding
+  from test_decoding import full_forward_greedy
+  model = build_model(tiny_config(arch, pad_id=-1 if arch == 'decoder_only' else 0), rngs=nnx.Rngs(3))
+  steps = 5
+  if arch == 'decoder_only':
+    prompts, src = [[1, 0, 7], [0, 9, 0]], None
+    got = decoding.greedy(model, jnp.array(prompts), max_new_tokens=steps)
+  else:
+    prompts, src = [[0], [0]], jnp.array([[5, 6, 7, 0], [9, 10, 0, 0]])
+    got = decoding.greedy(model, src_tokens=src, max_new_tokens=steps, start_id=0)
+  np.testing.assert_array_equal(got, full_forward_greedy(model, prompts, steps, src=src))
+

@@ -48,6 +48,7 @@ class ModelConfig:
   head_dim: int = -1  # per-head width; -1 = d_model // num_heads (T5 and some Llamas set it apart)
   attention_scale: float = -1.0  # query-key logit scale; -1 = head_dim ** -0.5, T5 uses 1.0 (no scaling)
   qkv_bias: bool = False  # biases on the query/key/value projections even when use_bias is off (Qwen2)
+  pad_id: int = 0  # the padding token of default segment ids and decoding; -1 = none (GPT-2, Llama: 0 is a token)
 
   def __post_init__(self):
     resolved = {'num_kv_heads': self.num_heads, 'num_decoder_layers': self.num_layers,
@@ -111,6 +112,9 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
   scale = _get(model, 'attention_scale')
   if scale != -1 and not scale > 0:
     raise ConfigError(f'model.attention_scale={scale!r} must be > 0, or -1 for head_dim ** -0.5.')
+  pad_id = _get(model, 'pad_id')
+  if not isinstance(pad_id, int) or pad_id < -1:
+    raise ConfigError(f'model.pad_id={pad_id!r} must be a token id >= 0, or -1 for no padding token.')
   check_fraction('model.dropout', model.dropout)
   check_fraction('model.attention_dropout', model.attention_dropout)
 

@@ -5,8 +5,10 @@
   EncoderDecoder = Embed -> Stack(bidirectional) ==encoded==> Stack(causal, cross-attention) -> logits
 
 Masks are built once per call from segment ids (0 = padding; equal non-zero ids may attend, which also keeps
-packed documents apart) and shared by every layer. Decoding is pure: `decode_step(tokens, cache)` returns new
-logits and a new cache; the module itself is never mutated.
+packed documents apart) and shared by every layer. Without segment ids, a token is padding iff it equals
+model.pad_id (-1: no token is padding, as GPT-2 / Llama, whose id 0 is a real token); the first decoder token of
+encoder_decoder is always real, because T5 starts the decoder with its pad id. Decoding is pure:
+`decode_step(tokens, cache)` returns new logits and a new cache; the module itself is never mutated.
 """
 from __future__ import annotations
 
@@ -36,9 +38,20 @@ def attention_mask(q_segments: Array, kv_segments: Array, *, causal: bool) -> Ar
   return mask[:, None]
 
 
-def _defaults(tokens: Array, segment_ids: Array | None, positions: Array | None) -> tuple[Array, Array]:
+def real_tokens(tokens: Array, pad_id: int) -> Array:
+  """bool, True where a token is not padding (pad_id -1: every token is real)."""
+  return jnp.ones(tokens.shape, bool) if pad_id < 0 else tokens != pad_id
+
+
+def _defaults(tokens: Array, segment_ids: Array | None, positions: Array | None, pad_id: int, *,
+              start_is_real: bool = False) -> tuple[Array, Array]:
+  """Default segment ids (1 = real, 0 = padding) and positions (0, 1, ...) of an unpacked batch.
+  start_is_real: column 0 is real even if it is the pad id (T5's decoder start token)."""
   if segment_ids is None:
-    segment_ids = (tokens != 0).astype(jnp.int32)
+    real = real_tokens(tokens, pad_id)
+    if start_is_real:
+      real = real.at[:, 0].set(True)
+    segment_ids = real.astype(jnp.int32)
   if positions is None:
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
   return segment_ids, positions
@@ -173,12 +186,20 @@ class _Model(nnx.Module):
     return {'index': jnp.zeros((batch_size,), jnp.int32), 'valid': jnp.zeros((batch_size, max_len), bool),
             'self': tuple({'k': zeros(), 'v': zeros()} for _ in stack.blocks)}
 
-  def _decode(self, stack: Stack, tokens: Array, cache: dict[str, Any], **cross) -> tuple[Array, dict[str, Any]]:
-    """Runs T new tokens through `stack` against the cache; positions continue from cache['index']."""
+  def _decode(self, stack: Stack, tokens: Array, cache: dict[str, Any], *, start_is_real: bool = False,
+              cross_kv: tuple | None = None) -> tuple[Array, dict[str, Any]]:
+    """Runs T new tokens through `stack` against the cache; positions continue from cache['index'].
+    start_is_real: the token at position 0 is real even if it is the pad id. cross_kv: per-layer encoder
+    keys/values (their padding is cache['src_valid'])."""
     index = cache['index']
     t, max_len = tokens.shape[1], cache['valid'].shape[1]
     positions = index[:, None] + jnp.arange(t, dtype=jnp.int32)  # [B,T]
-    real = tokens != 0
+    real = real_tokens(tokens, self.config.pad_id)
+    if start_is_real:
+      real = real | (positions == 0)
+    cross = {}
+    if cross_kv is not None:
+      cross = {'cross_kv': cross_kv, 'cross_mask': (real[:, :, None] & cache['src_valid'][:, None, :])[:, None]}
     write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=0))
     valid = write(cache['valid'], real, index)
     mask = ((jnp.arange(max_len)[None, None, :] <= positions[:, :, None]) & valid[:, None, :]
@@ -197,7 +218,7 @@ class EncoderOnly(_Model):
 
   def __call__(self, tokens: Array, *, positions: Array | None = None, segment_ids: Array | None = None,
                deterministic: bool = True) -> Array:
-    segment_ids, positions = _defaults(tokens, segment_ids, positions)
+    segment_ids, positions = _defaults(tokens, segment_ids, positions, self.config.pad_id)
     mask = attention_mask(segment_ids, segment_ids, causal=False)
     h, _ = self.encoder(self.embed(tokens), positions, mask, deterministic=deterministic)
     return self.logits(self.head(h))
@@ -217,7 +238,7 @@ class DecoderOnly(_Model):
 
   def __call__(self, tokens: Array, *, positions: Array | None = None, segment_ids: Array | None = None,
                deterministic: bool = True) -> Array:
-    segment_ids, positions = _defaults(tokens, segment_ids, positions)
+    segment_ids, positions = _defaults(tokens, segment_ids, positions, self.config.pad_id)
     mask = attention_mask(segment_ids, segment_ids, causal=True)
     h, _ = self.decoder(self.embed(tokens), positions, mask, deterministic=deterministic)
     return self.logits(h)
@@ -242,15 +263,17 @@ class EncoderDecoder(_Model):
   def encode(self, src_tokens: Array, *, src_positions: Array | None = None, src_segment_ids: Array | None = None,
              deterministic: bool = True) -> Array:
     """[B,S] source tokens -> encoder output [B,S,D]."""
-    src_segment_ids, src_positions = _defaults(src_tokens, src_segment_ids, src_positions)
+    src_segment_ids, src_positions = _defaults(src_tokens, src_segment_ids, src_positions, self.config.pad_id)
     mask = attention_mask(src_segment_ids, src_segment_ids, causal=False)
     return self.encoder(self.embed(src_tokens), src_positions, mask, deterministic=deterministic)[0]
 
   def __call__(self, src_tokens: Array, tgt_tokens: Array, *, src_positions: Array | None = None,
                src_segment_ids: Array | None = None, tgt_positions: Array | None = None,
                tgt_segment_ids: Array | None = None, deterministic: bool = True) -> Array:
-    src_segment_ids, src_positions = _defaults(src_tokens, src_segment_ids, src_positions)
-    tgt_segment_ids, tgt_positions = _defaults(tgt_tokens, tgt_segment_ids, tgt_positions)
+    pad_id = self.config.pad_id
+    src_segment_ids, src_positions = _defaults(src_tokens, src_segment_ids, src_positions, pad_id)
+    tgt_segment_ids, tgt_positions = _defaults(tgt_tokens, tgt_segment_ids, tgt_positions, pad_id,
+                                               start_is_real=True)
     encoded = self.encode(src_tokens, src_positions=src_positions, src_segment_ids=src_segment_ids,
                           deterministic=deterministic)
     h, _ = self.decoder(self.embed(tgt_tokens), tgt_positions,
@@ -272,12 +295,11 @@ class EncoderDecoder(_Model):
     for block in self.decoder.blocks:
       k, v = block.cross_attn.kv(encoded)
       cross.append({'k': k, 'v': v})
-    return {**cache, 'cross': tuple(cross), 'src_valid': src_tokens != 0}
+    return {**cache, 'cross': tuple(cross), 'src_valid': real_tokens(src_tokens, self.config.pad_id)}
 
   def decode_step(self, tokens: Array, cache: dict[str, Any]) -> tuple[Array, dict[str, Any]]:
-    cross_mask = ((tokens != 0)[:, :, None] & cache['src_valid'][:, None, :])[:, None]
     cross_kv = tuple((c['k'], c['v']) for c in cache['cross'])
-    return self._decode(self.decoder, tokens, cache, cross_kv=cross_kv, cross_mask=cross_mask)
+    return self._decode(self.decoder, tokens, cache, start_is_real=True, cross_kv=cross_kv)
 
 
 # model.arch
