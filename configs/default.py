@@ -44,6 +44,10 @@ def get_config() -> ml_collections.ConfigDict:
   # the token id that means padding when no segment ids are given (and in decoding); -1 = none: every id is a
   # real token (GPT-2 / Llama checkpoints, whose id 0 is a word). T5's decoder start token (its pad id) stays real.
   model.pad_id = 0
+  model.type_vocab_size = 0  # token-type (segment) embeddings; BERT: 2; 0 = none (token_type_ids default to 0)
+  model.embed_norm = False  # norm (model.norm) over token + type + position embeddings before the blocks (BERT)
+  model.output_bias = False  # a bias [vocab] added to the logits (BERT's MLM decoder bias)
+  model.output_scale = 1.0  # multiplies the final hidden states before the output projection; T5 v1.0: d_model**-0.5
 
   # ----------------------------------------------------------------- data
   data = config.data = ml_collections.ConfigDict()

@@ -21,17 +21,19 @@ def randomize(module, names, seed=0):
     p[...] = jax.random.normal(jax.random.key(seed + i), p.shape)
 
 
-def textbook_attention(attn, x, mask, *, scale, bias=None, qkv_bias=False, out_bias=False):
-  """Per-head numpy attention from attn's parameters. bias: [B, N, T, S] added to the scaled logits."""
+def textbook_attention(attn, x, mask, *, scale, bias=None, qkv_bias=False, out_bias=False, kv_x=None):
+  """Per-head numpy attention from attn's parameters. bias: [B, N, T, S] added to the scaled logits; kv_x: the
+  keys' and values' input (cross-attention), default x."""
   wq, wk, wv, wo = (np.asarray(p[...]) for p in (attn.query, attn.key, attn.value, attn.out))
   n, kvh = wq.shape[1], wk.shape[1]
   xs, m = np.asarray(x, np.float64), np.asarray(mask[:, 0])
+  ks = xs if kv_x is None else np.asarray(kv_x, np.float64)
   out = np.zeros(xs.shape[:2] + (wo.shape[-1],))
   for b in range(xs.shape[0]):
     heads = []
     for h in range(n):
       g = h // (n // kvh)
-      q, k, v = xs[b] @ wq[:, h], xs[b] @ wk[:, g], xs[b] @ wv[:, g]
+      q, k, v = xs[b] @ wq[:, h], ks[b] @ wk[:, g], ks[b] @ wv[:, g]
       if qkv_bias:
         q, k, v = q + attn.query_bias[...][h], k + attn.key_bias[...][g], v + attn.value_bias[...][g]
       s = q @ k.T * scale + (0.0 if bias is None else np.asarray(bias)[b, h])
@@ -157,3 +159,90 @@ def test_greedy_decoding_with_token_zero(arch):
     got = decoding.greedy(model, src_tokens=src, max_new_tokens=steps, start_id=0)
   np.testing.assert_array_equal(got, full_forward_greedy(model, prompts, steps, src=src))
 
+
+# ---------------------------------------------------------------------- a plain reference of the whole model
+def ref_norm(norm, x):
+  from jaxformer.model import layers
+  x = np.asarray(x, np.float64)
+  scale = np.asarray(norm.scale[...])
+  if isinstance(norm, layers.LayerNorm):
+    y = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + norm.eps) * scale
+    return y if norm.bias is None else y + np.asarray(norm.bias[...])
+  return x / np.sqrt(np.square(x).mean(-1, keepdims=True) + norm.eps) * scale  # T5 / Llama RMSNorm
+
+
+def ref_mlp(mlp, x, kind):
+  act, gated = MLP_REFERENCES[kind]
+  bias = lambda p: 0.0 if p is None else np.asarray(p[...])  # noqa: E731
+  h = x @ np.asarray(mlp.wi[...]) + bias(mlp.wi_bias)
+  h = act(x @ np.asarray(mlp.wi_gate[...])) * h if gated else act(h)
+  return h @ np.asarray(mlp.wo[...]) + bias(mlp.wo_bias)
+
+
+def ref_stack(stack, cfg, x, mask, *, bias=None, encoded=None, cross_mask=None):
+  """Embeddings in, hidden states out: [embed norm] + blocks (pre- or post-LN) + [final norm]."""
+  pre = cfg.norm_position == 'pre'
+  scale = 1 / math.sqrt(cfg.head_dim) if cfg.attention_scale == -1 else cfg.attention_scale
+  attend = dict(scale=scale, qkv_bias=cfg.use_bias or cfg.qkv_bias, out_bias=cfg.use_bias)
+  if stack.embed_norm is not None:
+    x = ref_norm(stack.embed_norm, x)
+
+  def sublayer(x, norm, f):
+    y = f(ref_norm(norm, x) if pre else x)
+    return x + y if pre else ref_norm(norm, x + y)
+
+  for block in stack.blocks:
+    x = sublayer(x, block.attn_norm, lambda h: textbook_attention(block.attn, h, mask, bias=bias, **attend))
+    if block.cross_attn is not None:
+      x = sublayer(x, block.cross_norm,
+                   lambda h: textbook_attention(block.cross_attn, h, cross_mask, kv_x=encoded, **attend))
+    x = sublayer(x, block.mlp_norm, lambda h: ref_mlp(block.mlp, h, cfg.mlp))
+  return x if stack.final_norm is None else ref_norm(stack.final_norm, x)
+
+
+def ref_logits(model, cfg, h):
+  h = h * cfg.output_scale
+  w = np.asarray(model.embed.embedding[...]).T if model.unembed is None else np.asarray(model.unembed.kernel[...])
+  logits = h @ w
+  return logits if model.output_bias is None else logits + np.asarray(model.output_bias[...])
+
+
+def test_bert_embeddings_and_mlm_head_against_reference():
+  """BERT: word + token-type + learned position embeddings -> LayerNorm -> post-LN blocks (erf GELU) -> MLM head
+  (dense -> GELU -> LayerNorm) -> tied decoder + output bias."""
+  config = tiny_config('encoder_only', norm_position='post', mlp='gelu_exact', type_vocab_size=2, embed_norm=True,
+                       output_bias=True, norm_eps=1e-12, num_kv_heads=4)
+  model = build_model(config, rngs=nnx.Rngs(0))
+  cfg = model.config
+  assert model.token_type_embedding.shape == (2, 16) and model.output_bias.shape == (cfg.vocab_size,)
+  assert model.encoder.embed_norm.scale.shape == (16,) and model.encoder.embed_norm.bias.shape == (16,)
+  randomize(model, ('output_bias',))
+  randomize(model.encoder.embed_norm, ('bias',), seed=5)
+  tokens = jnp.array([[1, 7, 8, 9, 2, 0], [1, 5, 6, 2, 10, 11]])
+  types = jnp.array([[0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1]])
+  got = model(tokens, token_type_ids=types)
+  table = lambda p: np.asarray(p[...])  # noqa: E731
+  x = (table(model.embed.embedding)[tokens] + table(model.token_type_embedding)[types]
+       + table(model.encoder.positions.embedding)[np.arange(6)])
+  seg = (tokens != 0).astype(jnp.int32)
+  h = ref_stack(model.encoder, cfg, x, attention_mask(seg, seg, causal=False))
+  head = model.head
+  h = _GELU_EXACT(h @ table(head.kernel) + table(head.bias))
+  expected = ref_logits(model, cfg, ref_norm(head.norm, h))
+  np.testing.assert_allclose(got, expected, atol=2e-4, rtol=1e-4)
+  # token_type_ids default to zeros
+  np.testing.assert_allclose(model(tokens), model(tokens, token_type_ids=jnp.zeros_like(tokens)), atol=1e-6)
+
+
+def test_output_scale_and_untied_bias_for_decoders():
+  """T5 v1.0's tied-logit rescale (h * d_model**-0.5) and an output bias, through decoding too."""
+  config = tiny_config(output_scale=16 ** -0.5, output_bias=True, tie_embeddings=True)
+  model = build_model(config, rngs=nnx.Rngs(0))
+  randomize(model, ('output_bias',))
+  tokens = jnp.array([[1, 7, 8, 9]])
+  seg = jnp.ones_like(tokens)
+  x = np.asarray(model.embed.embedding[...])[tokens] + np.asarray(model.decoder.positions.embedding[...])[:4]
+  h = ref_stack(model.decoder, model.config, x, attention_mask(seg, seg, causal=True))
+  np.testing.assert_allclose(model(tokens), ref_logits(model, model.config, h), atol=1e-4, rtol=1e-4)
+  cache = model.init_cache(1, 4)
+  np.testing.assert_allclose(model.decode_step(tokens, cache)[0], model(tokens), atol=1e-5)

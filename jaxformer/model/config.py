@@ -49,6 +49,11 @@ class ModelConfig:
   attention_scale: float = -1.0  # query-key logit scale; -1 = head_dim ** -0.5, T5 uses 1.0 (no scaling)
   qkv_bias: bool = False  # biases on the query/key/value projections even when use_bias is off (Qwen2)
   pad_id: int = 0  # the padding token of default segment ids and decoding; -1 = none (GPT-2, Llama: 0 is a token)
+  type_vocab_size: int = 0  # token-type (segment A/B) embeddings, BERT: 2; 0 = none
+  embed_norm: bool = False  # a norm over the summed embeddings before the first block (BERT)
+  output_bias: bool = False  # a bias [vocab] on the output logits (BERT's MLM decoder bias)
+  output_scale: float = 1.0  # hidden states are multiplied by this before the output projection (T5 v1.0 tied:
+                             # d_model ** -0.5)
 
   def __post_init__(self):
     resolved = {'num_kv_heads': self.num_heads, 'num_decoder_layers': self.num_layers,
@@ -112,6 +117,7 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
   scale = _get(model, 'attention_scale')
   if scale != -1 and not scale > 0:
     raise ConfigError(f'model.attention_scale={scale!r} must be > 0, or -1 for head_dim ** -0.5.')
+  check_positive('model.type_vocab_size', _get(model, 'type_vocab_size'), allow_zero=True)
   pad_id = _get(model, 'pad_id')
   if not isinstance(pad_id, int) or pad_id < -1:
     raise ConfigError(f'model.pad_id={pad_id!r} must be a token id >= 0, or -1 for no padding token.')

@@ -109,11 +109,13 @@ REMATS = {'none': None, 'block': nnx.remat(_block_forward, static_argnums=(6, 7)
 
 
 class Stack(nnx.Module):
-  """Positions + `num_layers` blocks (+ final norm for pre-LN). The encoder, and both kinds of decoder."""
+  """Positions [+ embedding norm] + `num_layers` blocks (+ final norm for pre-LN). The encoder, and both kinds of
+  decoder. The embedding norm (model.embed_norm, BERT) normalises token + type + position embeddings."""
 
   def __init__(self, cfg: ModelConfig, num_layers: int, *, causal: bool, cross: bool, rngs: nnx.Rngs):
     self.causal, self.remat = causal, cfg.remat
     self.positions = positions_lib.POSITIONS[cfg.position](cfg, rngs=rngs)
+    self.embed_norm = layers.NORMS[cfg.norm](cfg, rngs=rngs) if cfg.embed_norm else None
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
     # GPT-2 init: each residual branch's output projection gets std / sqrt(number of residual sublayers).
     out_std = cfg.init_std / math.sqrt(num_layers * (3 if cross else 2))
@@ -124,7 +126,10 @@ class Stack(nnx.Module):
                cross_mask: Array | None = None, cross_kv: tuple | None = None, cache: tuple | None = None,
                cache_index: Array | None = None, deterministic: bool = True) -> tuple[Array, tuple | None]:
     """x: token embeddings [B,T,D] -> hidden states [B,T,D] (and the updated per-layer caches)."""
-    x = self.dropout(self.positions.add(x, positions), deterministic=deterministic)
+    x = self.positions.add(x, positions)
+    if self.embed_norm is not None:
+      x = self.embed_norm(x)
+    x = self.dropout(x, deterministic=deterministic)
     rope = self.positions.rotary(positions)
     new_cache = []
     remat_forward = REMATS[self.remat] if cache is None else None
@@ -165,16 +170,34 @@ class MaskedLMHead(nnx.Module):
 
 # ---------------------------------------------------------------------------------------------- models
 class _Model(nnx.Module):
-  """What the three families share: config, token embedding, output projection, decoding bookkeeping."""
+  """What the three families share: config, token (+ token-type) embedding, output projection, decoding
+  bookkeeping."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.config = cfg
+    pdt = jnp.dtype(cfg.param_dtype)
     self.embed = layers.Embed(cfg, rngs=rngs)
+    self.token_type_embedding = (  # BERT's segment A/B embedding [type_vocab_size, D], added to every token
+        layers.param(rngs, layers.normal(cfg.init_std), (cfg.type_vocab_size, cfg.d_model), (None, 'embed'), pdt)
+        if cfg.type_vocab_size else None)
     self.unembed = None if cfg.tie_embeddings else layers.Unembed(cfg, rngs=rngs)
+    self.output_bias = layers.param(rngs, layers.zeros, (cfg.vocab_size,), ('vocab',), pdt) if cfg.output_bias else None
+
+  def embed_tokens(self, tokens: Array, token_type_ids: Array | None = None) -> Array:
+    """Token embeddings [B,T,D], plus the token-type embedding (type 0 where token_type_ids is None)."""
+    x = self.embed(tokens)
+    if self.token_type_embedding is None:
+      return x
+    table = self.token_type_embedding[...]
+    types = jnp.take(table, token_type_ids, axis=0) if token_type_ids is not None else table[0]
+    return x + types.astype(x.dtype)
 
   def logits(self, h: Array) -> Array:
-    """Hidden states -> float32 logits [B,T,V]."""
-    return self.embed.attend(h) if self.unembed is None else self.unembed(h)
+    """Hidden states -> float32 logits [B,T,V] (h scaled by model.output_scale first: T5 v1.0's d_model**-0.5)."""
+    if self.config.output_scale != 1.0:
+      h = h * self.config.output_scale
+    logits = self.embed.attend(h) if self.unembed is None else self.unembed(h)
+    return logits if self.output_bias is None else logits + self.output_bias[...].astype(jnp.float32)
 
   def _empty_cache(self, stack: Stack, batch_size: int, max_len: int) -> dict[str, Any]:
     cfg = self.config
@@ -204,7 +227,7 @@ class _Model(nnx.Module):
     valid = write(cache['valid'], real, index)
     mask = ((jnp.arange(max_len)[None, None, :] <= positions[:, :, None]) & valid[:, None, :]
             & real[:, :, None])[:, None]
-    h, new_self = stack(self.embed(tokens), positions, mask, cache=cache['self'], cache_index=index, **cross)
+    h, new_self = stack(self.embed_tokens(tokens), positions, mask, cache=cache['self'], cache_index=index, **cross)
     return self.logits(h), {**cache, 'index': index + t, 'valid': valid, 'self': new_self}
 
 
@@ -217,10 +240,10 @@ class EncoderOnly(_Model):
     self.head = MaskedLMHead(cfg, rngs=rngs)
 
   def __call__(self, tokens: Array, *, positions: Array | None = None, segment_ids: Array | None = None,
-               deterministic: bool = True) -> Array:
+               token_type_ids: Array | None = None, deterministic: bool = True) -> Array:
     segment_ids, positions = _defaults(tokens, segment_ids, positions, self.config.pad_id)
     mask = attention_mask(segment_ids, segment_ids, causal=False)
-    h, _ = self.encoder(self.embed(tokens), positions, mask, deterministic=deterministic)
+    h, _ = self.encoder(self.embed_tokens(tokens, token_type_ids), positions, mask, deterministic=deterministic)
     return self.logits(self.head(h))
 
   def init_cache(self, *args, **kwargs):
@@ -237,10 +260,10 @@ class DecoderOnly(_Model):
     self.decoder = Stack(cfg, cfg.num_layers, causal=True, cross=False, rngs=rngs)
 
   def __call__(self, tokens: Array, *, positions: Array | None = None, segment_ids: Array | None = None,
-               deterministic: bool = True) -> Array:
+               token_type_ids: Array | None = None, deterministic: bool = True) -> Array:
     segment_ids, positions = _defaults(tokens, segment_ids, positions, self.config.pad_id)
     mask = attention_mask(segment_ids, segment_ids, causal=True)
-    h, _ = self.decoder(self.embed(tokens), positions, mask, deterministic=deterministic)
+    h, _ = self.decoder(self.embed_tokens(tokens, token_type_ids), positions, mask, deterministic=deterministic)
     return self.logits(h)
 
   def init_cache(self, batch_size: int, max_len: int, *, encoded: Array | None = None,
@@ -265,7 +288,7 @@ class EncoderDecoder(_Model):
     """[B,S] source tokens -> encoder output [B,S,D]."""
     src_segment_ids, src_positions = _defaults(src_tokens, src_segment_ids, src_positions, self.config.pad_id)
     mask = attention_mask(src_segment_ids, src_segment_ids, causal=False)
-    return self.encoder(self.embed(src_tokens), src_positions, mask, deterministic=deterministic)[0]
+    return self.encoder(self.embed_tokens(src_tokens), src_positions, mask, deterministic=deterministic)[0]
 
   def __call__(self, src_tokens: Array, tgt_tokens: Array, *, src_positions: Array | None = None,
                src_segment_ids: Array | None = None, tgt_positions: Array | None = None,
@@ -276,7 +299,7 @@ class EncoderDecoder(_Model):
                                                start_is_real=True)
     encoded = self.encode(src_tokens, src_positions=src_positions, src_segment_ids=src_segment_ids,
                           deterministic=deterministic)
-    h, _ = self.decoder(self.embed(tgt_tokens), tgt_positions,
+    h, _ = self.decoder(self.embed_tokens(tgt_tokens), tgt_positions,
                         attention_mask(tgt_segment_ids, tgt_segment_ids, causal=True), encoded=encoded,
                         cross_mask=attention_mask(tgt_segment_ids, src_segment_ids, causal=False),
                         deterministic=deterministic)
