@@ -12,6 +12,7 @@ import pytest
 from configs import default, zh_char
 from jaxformer import data as data_lib
 from jaxformer import evaluation
+from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import run
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -121,3 +122,17 @@ def test_zh_recipe_smoke(variant, shared_data, zh_data_dir, tmp_path, monkeypatc
   config.train.update(num_steps=2, steps_per_call=1, log_every=1, eval_every=2, eval_steps=1, eval_batch_size=16)
   out = run(config, str(tmp_path))
   assert out['step'] == 2 and np.isfinite(out['eval_bits_per_char']) and out['eval_bits_per_char'] > 0
+
+
+def test_a_data_problem_at_evaluation_stops_the_run_after_that_steps_checkpoint(tmp_path, monkeypatch):
+  config = _tiny_config(_write_corpus(tmp_path))
+  config.train.update(eval_every=2, num_steps=4)
+  config.checkpoint.every_steps = 2
+
+  def broken(self, params, rest):
+    raise data_lib.DataError('the evaluation found a data problem')
+
+  monkeypatch.setattr(evaluation.Evaluator, 'training_row', broken)
+  with pytest.raises(data_lib.DataError, match='data problem'):
+    run(config, str(tmp_path / 'run'))
+  assert ckpt_lib.all_steps(str(tmp_path / 'run')) == [2]

@@ -290,10 +290,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: in
       # SIGTERM: one process may get it first; in multi-process runs they agree at log steps (a collective)
       stopping = stop.requested if jax.process_count() == 1 else (log_step and stop.any_process())
       stopping = stopping or (stop_after_steps is not None and step >= stop_after_steps and not is_last)
-      if (step % train.eval_every == 0 or is_last) and not stopping:
-        last_eval = trainer.evaluate(step)
+      # the checkpoint first: a data problem the evaluation finds then stops the run with this step saved
       if step % every_ckpt == 0 or is_last or stopping:
         trainer.save(step)
+      if (step % train.eval_every == 0 or is_last) and not stopping:
+        last_eval = trainer.evaluate(step)
       if stopping:
         _log(f'{"SIGTERM" if stop.requested else "stop_after_steps"}: saved checkpoint at step {step}; exiting.')
         break
