@@ -136,3 +136,21 @@ def test_a_data_problem_at_evaluation_stops_the_run_after_that_steps_checkpoint(
   with pytest.raises(data_lib.DataError, match='data problem'):
     run(config, str(tmp_path / 'run'))
   assert ckpt_lib.all_steps(str(tmp_path / 'run')) == [2]
+
+
+def test_translation_into_chinese_reports_zh_tokenized_bleu_and_chrf(tmp_path):
+  src = [f'word{i} number{i % 7}' for i in range(40)]
+  tgt = [ZH[i % 30:i % 30 + 6] for i in range(40)]
+  for split, rows in (('train', slice(0, 32)), ('validation', slice(32, 40))):
+    (tmp_path / f'{split}.en').write_text('\n'.join(src[rows]) + '\n', encoding='utf-8')
+    (tmp_path / f'{split}.zh').write_text('\n'.join(tgt[rows]) + '\n', encoding='utf-8')
+  config = _tiny_config(f'parallel:{tmp_path}')
+  config.model.arch = 'encoder_decoder'
+  config.data.update(src_lang='en', tgt_lang='zh', src_seq_len=16, pack=False, sampling='streams')
+  config.train.update(num_steps=2, eval_every=2)
+  config.decode.max_len = 8
+  run(config, str(tmp_path / 'run'))
+  results = evaluation.run(config, str(tmp_path / 'run'))
+  assert '|tok:zh|' in results['sacrebleu_signature'] and results['direction'] == 'en->zh'
+  assert 0 <= results['chrf'] <= 100 and results['chrf_signature'].startswith('nrefs:1|')
+  assert np.isfinite(results['bits_per_char']) and results['num_chars'] == sum(len(t) for t in tgt[32:])
