@@ -66,8 +66,12 @@ class Tokenizer:
     raise NotImplementedError
 
   def token_utf8(self) -> list[bytes]:
-    """The UTF-8 bytes each id contributes to decoded text, one entry per id (b'' for the special ids)."""
-    raise NotImplementedError
+    """The UTF-8 bytes each id contributes to decoded text, one entry per id (b'' for the special ids).
+
+    This default decodes each id on its own, which is exact only when ids decode independently (not for a piece
+    holding part of a character, or whose leading space depends on its neighbours); the tokenizers here override
+    it with exact tables."""
+    return [self.decode([i]).encode('utf-8') for i in range(self.vocab_size)]
 
   @functools.cached_property
   def token_bytes(self) -> np.ndarray:
