@@ -11,8 +11,10 @@ from typing import Any
 
 import ml_collections
 
+from jaxformer.user_errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
   """A config value that cannot work. The message names the key and the fix."""
 
 

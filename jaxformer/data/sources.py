@@ -48,10 +48,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from jaxformer.user_errors import UserError
+
 Example = Any  # str | tuple[str, str]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
   """A data problem (source, split, file, tokenizer). The message is one line naming the file or key and the fix."""
 
 
