@@ -98,6 +98,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.eval_every = 200
   train.eval_steps = 20  # batches per evaluation; -1 = the whole split
   train.eval_batch_size = 0  # 0 = train.batch_size
+  train.max_bad_steps = 3  # stop after this many steps in a row with a non-finite loss or gradient norm
+  train.skip_bad_steps = False  # True: a step with a non-finite gradient leaves params / optimizer state unchanged
 
   # ----------------------------------------------------------- checkpoint
   checkpoint = config.checkpoint = ml_collections.ConfigDict()
