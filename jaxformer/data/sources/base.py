@@ -50,7 +50,8 @@ class ListSplit(Split):
 class Source:
   """A data source: `kind` is 'text' (LM documents) or 'pairs' ((source, target) translation pairs).
 
-  `splits` maps a split name to a Split or to a zero-argument callable making it on first use.
+  `splits` maps a split name to a Split or to a zero-argument callable making it on first use; `description` is
+  a human-readable name for logs.
   """
 
   def __init__(self, spec: str, kind: str, splits: dict[str, Split | Callable[[], Split]], description: str = ''):
@@ -58,10 +59,6 @@ class Source:
     self.kind = kind
     self._splits = splits
     self.description = description
-
-  @property
-  def split_names(self) -> list[str]:
-    return list(self._splits)
 
   def split(self, name: str) -> Split:
     if name not in self._splits:

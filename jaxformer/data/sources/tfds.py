@@ -164,7 +164,8 @@ def make_source(spec: str, name: str, config: Any, data_dir: str) -> Source:
   sources, info = open_tfds(spec, name, data_dir)
   kind, keys = _tfds_kind(spec, info.features, config)
   splits = {str(k): TfdsSplit(str(k), v, kind, keys) for k, v in sources.items()}
-  return Source(spec, kind, _SlicedSplits(splits, name, data_dir, kind, keys), description=f'TFDS {name} from {data_dir}')
+  return Source(spec, kind, _SlicedSplits(splits, name, data_dir, kind, keys),
+                description=f'TFDS {name} from {data_dir}')
 
 
 # ------------------------------------------------------------------------- writing local files as ArrayRecord
