@@ -20,7 +20,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxformer.config import ModelConfig
+from jaxformer.model import layers
+from jaxformer.model.config import ModelConfig
 
 # (substring of device_kind, lower-cased; peak bf16/fp16 FLOP/s; peak float32 FLOP/s). First match wins.
 PEAK_FLOPS: tuple[tuple[str, float, float], ...] = (
@@ -49,7 +50,7 @@ def _attn_weights(cfg: ModelConfig) -> int:
 
 
 def _mlp_weights(cfg: ModelConfig) -> int:
-  return (3 if cfg.mlp == 'swiglu' else 2) * cfg.d_model * cfg.d_ff
+  return (3 if layers.MLPS[cfg.mlp].gated else 2) * cfg.d_model * cfg.d_ff  # gated: the extra wi_gate
 
 
 def train_flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int, src_seq_len: int | None = None) -> float:

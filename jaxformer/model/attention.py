@@ -47,6 +47,11 @@ def _grouped_mask(mask: Array, b: int, n: int, kv_heads: int, t: int, s: int) ->
   return mask.reshape(b, kv_heads, n // kv_heads, t, s)
 
 
+# model.attention_impl: 'reference' is reference_attention; the others are jax.nn.dot_product_attention's
+# implementations, with 'auto' resolved by resolve_implementation.
+IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'reference')
+
+
 def resolve_implementation(implementation: str, dtype: Any, head_dim: int, q_len: int, kv_len: int) -> str:
   """'auto' -> 'cudnn' where the cuDNN flash kernel accepts the call (GPU, 16-bit, head_dim % 8 == 0 and <= 128,
   even lengths since we pass a mask), else 'xla'. Decided at trace time, so it costs nothing per step."""

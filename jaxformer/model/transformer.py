@@ -11,15 +11,17 @@ logits and a new cache; the module itself is never mutated.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxformer.config import ConfigError, ModelConfig
 from jaxformer.model import layers, positions as positions_lib
 from jaxformer.model.attention import Attention
+
+if TYPE_CHECKING:  # annotations only: jaxformer.model.config imports this module for its registries
+  from jaxformer.model.config import ModelConfig
 
 Array = jax.Array
 
@@ -43,6 +45,9 @@ def _defaults(tokens: Array, segment_ids: Array | None, positions: Array | None)
 
 
 # ---------------------------------------------------------------------------------------------- block
+NORM_POSITIONS = ('pre', 'post')  # model.norm_position: norm on each sublayer's input, or after its residual sum
+
+
 class Block(nnx.Module):
   """Self-attention [+ cross-attention] + MLP, each a residual sublayer; pre-LN or post-LN."""
 
@@ -85,14 +90,16 @@ def _block_forward(block: Block, x, mask, rope, encoded, cross_mask, causal: boo
                deterministic=deterministic)[0]
 
 
-_block_forward_remat = nnx.remat(_block_forward, static_argnums=(6, 7))
+# model.remat: how the backward pass gets a block's activations. none = stored by the forward pass; block =
+# recomputed from the block's input (memory for compute). Decoding (with a cache) never rematerialises.
+REMATS = {'none': None, 'block': nnx.remat(_block_forward, static_argnums=(6, 7))}
 
 
 class Stack(nnx.Module):
   """Positions + `num_layers` blocks (+ final norm for pre-LN). The encoder, and both kinds of decoder."""
 
   def __init__(self, cfg: ModelConfig, num_layers: int, *, causal: bool, cross: bool, rngs: nnx.Rngs):
-    self.causal, self.remat = causal, cfg.remat == 'block'
+    self.causal, self.remat = causal, cfg.remat
     self.positions = positions_lib.POSITIONS[cfg.position](cfg, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
     # GPT-2 init: each residual branch's output projection gets std / sqrt(number of residual sublayers).
@@ -107,9 +114,10 @@ class Stack(nnx.Module):
     x = self.dropout(self.positions.add(x, positions), deterministic=deterministic)
     rope = self.positions.rotary(positions)
     new_cache = []
+    remat_forward = REMATS[self.remat] if cache is None else None
     for i, block in enumerate(self.blocks):
-      if cache is None and self.remat:
-        x = _block_forward_remat(block, x, mask, rope, encoded, cross_mask, self.causal, deterministic)
+      if remat_forward is not None:
+        x = remat_forward(block, x, mask, rope, encoded, cross_mask, self.causal, deterministic)
         continue
       x, layer_cache = block(x, mask, rope=rope, causal=self.causal, encoded=encoded,
                              cross_kv=None if cross_kv is None else cross_kv[i], cross_mask=cross_mask,
@@ -123,11 +131,14 @@ class Stack(nnx.Module):
 
 # ----------------------------------------------------------------------------------------------- heads
 class MaskedLMHead(nnx.Module):
-  """BERT's transform before the (tied) output projection: dense -> activation -> norm."""
+  """BERT's transform before the (tied) output projection: dense -> activation -> norm.
+
+  The activation is the MLP's; a gated MLP's gate activation is no transform activation, so those use gelu."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     pdt, self.dtype = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
-    self.activation = layers.ACTIVATIONS['gelu' if cfg.mlp == 'swiglu' else cfg.mlp]
+    kind = layers.MLPS[cfg.mlp]
+    self.activation = layers.MLPS['gelu'].activation if kind.gated else kind.activation
     self.kernel = layers.param(rngs, layers.normal(cfg.init_std), (cfg.d_model, cfg.d_model), (None, 'embed'), pdt)
     self.bias = layers.param(rngs, layers.zeros, (cfg.d_model,), ('embed',), pdt) if cfg.use_bias else None
     self.norm = layers.NORMS[cfg.norm](cfg, rngs=rngs)
@@ -269,17 +280,9 @@ class EncoderDecoder(_Model):
     return self._decode(self.decoder, tokens, cache, cross_kv=cross_kv, cross_mask=cross_mask)
 
 
+# model.arch
 ARCHS: dict[str, type[_Model]] = {
     'encoder_only': EncoderOnly, 'decoder_only': DecoderOnly, 'encoder_decoder': EncoderDecoder}
-
-
-def build_model(model_config: Any, *, rngs: nnx.Rngs) -> _Model:
-  """config.model (ConfigDict, validated here) or a ModelConfig -> the model. Rng streams: params, dropout."""
-  cfg = ModelConfig.from_config(model_config)
-  if cfg.vocab_size <= 0:
-    raise ConfigError(f'model.vocab_size={cfg.vocab_size} must be set before building the model (0 means "take '
-                      "the tokenizer's vocab_size\"; set config.model.vocab_size = tokenizer.vocab_size).")
-  return ARCHS[cfg.arch](cfg, rngs=rngs)
 
 
 def count_params(model: nnx.Module) -> int:
