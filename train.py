@@ -10,6 +10,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxformer.config import ConfigError, validate
+from jaxformer.data.errors import DataError
 from jaxformer.training import cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe file, e.g. configs/gpt_tiny.py.', lock_config=True)
@@ -32,6 +33,8 @@ def main(argv):
     sys.exit(f'config error: {e}')
   except CheckpointError as e:
     sys.exit(f'checkpoint error: {e}')
+  except DataError as e:
+    sys.exit(f'data error: {e}')
 
 
 if __name__ == '__main__':

@@ -18,7 +18,7 @@ __all__ = ['ConfigError', 'ModelConfig', 'validate', 'validate_model']
 
 # Data choices (the data package's registries replace these).
 TOKENIZERS = ('char', 'byte', 'sentencepiece')
-SOURCE_KINDS = ('builtin', 'text', 'parallel', 'tfds')
+SOURCE_KINDS = ('builtin', 'text', 'parallel', 'jsonl', 'tfds')
 SAMPLINGS = ('streams', 'random_windows')
 DISTRIBUTED = ('auto', 'on', 'off')
 
