@@ -36,6 +36,7 @@ class Objective:
   """Turns text examples into (source ids, target ids), both without EOS / BOS and within the budgets."""
 
   name = ''
+  random = True  # whether pair() draws from its generator
   uses_sentinels = False
 
   def __init__(self, config: Any, tokenizer: Any, src_budget: int, tgt_budget: int):
@@ -62,6 +63,7 @@ class SplitMiddle(Objective):
   """Deterministic: the words before / after the middle word (tokenized separately)."""
 
   name = 'split_middle'
+  random = False
 
   def tokenize(self, texts):
     halves = [split_at_middle_word(t) for t in texts]

@@ -137,6 +137,9 @@ class _StreamProducer(_Producer):
       s.buffered_upto += count
     missing = sorted({index for _, _, index in want if index not in self._cache})
     fresh = dict(zip(missing, self.task.tokenize(self.split.read(missing)))) if missing else {}
+    random_items = self.task.random_items
+    if not random_items:  # an item does not depend on its position: build it once and cache it
+      fresh = {index: self.task.item(piece, 0) for index, piece in fresh.items()}
     for index, piece in fresh.items():
       if self._cached_tokens >= CACHE_TOKENS:
         break
@@ -144,7 +147,8 @@ class _StreamProducer(_Producer):
       self._cached_tokens += _num_tokens(piece) + 8
     sizes = []
     for j, position, index in want:
-      item = self.task.item(self._cache[index] if index in self._cache else fresh[index], position)
+      item = self._cache[index] if index in self._cache else fresh[index]
+      item = self.task.item(item, position) if random_items else item
       self.streams[j].buffer.append(item)
       sizes.append(self.task.size(item))
     self._mean_size = 0.9 * self._mean_size + 0.1 * float(np.mean(sizes))

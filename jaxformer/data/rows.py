@@ -160,6 +160,8 @@ class Task:
     self.train = train
     self.seed = int(config.seed) if train else _EVAL_SEED
 
+  random_items = False  # whether item() draws random numbers (else the iterators cache items, not pieces)
+
   def tokenize(self, examples: Sequence[Any]) -> list[Any]:
     """One cacheable piece (token arrays) per example."""
     raise NotImplementedError
@@ -311,6 +313,7 @@ class EncoderDecoderTask(Task):
   def __init__(self, config, tokenizer, train):
     super().__init__(config, tokenizer, train)
     self.objective = OBJECTIVES[objective_name(config)](config, tokenizer, self.src_seq_len - 1, self.seq_len - 1)
+    self.random_items = self.objective.random
 
   def tokenize(self, examples):
     """A pair example -> (source ids, target ids); a text example -> what the objective caches (a numpy array)."""
