@@ -19,8 +19,9 @@ document within a row and 0 on padding; positions restart at 0 per segment; a ta
   holds one piece of one document, padded. decoder_only reads an Instruction (jsonl:) as BOS + prompt + response
   + EOS with the prompt's targets 0: only the response (and its EOS) is scored and counted.
 * encoder_decoder: a pair becomes encoder tokens + EOS, decoder tokens BOS + target, targets target + EOS (a text
-  example becomes a pair by data.objective: split_middle, prefix_lm or T5's span_corruption, objectives.py). Training drops pairs longer than data.src_seq_len / data.seq_len
-  (evaluation truncates them instead, so every example is scored). data.pack puts several whole pairs in a row with
+  example becomes a pair by data.objective: split_middle, prefix_lm or T5's span_corruption, objectives.py).
+  Training drops pairs longer than data.src_seq_len / data.seq_len (evaluation truncates them instead, so every
+  example is scored). data.pack puts several whole pairs in a row with
   matching segment ids on both sides; otherwise one pair per row.
 * encoder_only masking (data.mask_rate of the non-special tokens; of those 80% -> MASK, 10% -> a random real
   token, 10% unchanged) draws from the rng the iterator passes (seeded from seed + step for training, from the
@@ -144,12 +145,13 @@ class Task:
   """How one architecture turns examples into batch rows (see the module doc). `train` selects training's
   handling of over-long examples (dropped) over evaluation's (truncated), and the seed of random objectives.
 
-  An example goes through two steps: tokenize() (batched, cached by the iterators across epochs) and item(piece,
-  position), which may draw random numbers from a generator seeded by the example's position in the stream, so
-  the random part is fresh each epoch yet exactly reproducible on resume.
+  An example goes through two steps: tokenize() (batched) and item(piece, position). When random_items, item()
+  draws from a generator seeded by the example's position in the stream, so the random part is fresh each epoch
+  yet exactly reproducible on resume, and the iterators cache pieces; otherwise they cache the items.
   """
 
   name = ''
+  random_items = False
 
   def __init__(self, config: Any, tokenizer: Tokenizer, train: bool):
     self.tokenizer = tokenizer
@@ -159,8 +161,6 @@ class Task:
     self.mask_rate = float(config.data.mask_rate)
     self.train = train
     self.seed = int(config.seed) if train else _EVAL_SEED
-
-  random_items = False  # whether item() draws random numbers (else the iterators cache items, not pieces)
 
   def tokenize(self, examples: Sequence[Any]) -> list[Any]:
     """One cacheable piece (token arrays) per example."""
