@@ -11,8 +11,10 @@ Results go to DIR/eval.json unless --output says otherwise.
 """
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from jaxformer import cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe file, e.g. configs/gpt_tiny.py.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The directory train.py wrote (checkpoints/, config.json, tokenizer/).')
@@ -28,38 +30,15 @@ _BLEU = flags.DEFINE_bool('bleu', True, 'score, encoder_decoder: also translate 
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def explicit_overrides(argv) -> list[str]:
-  """The dotted keys given as --config.<key>=... on the command line (these win over the saved config)."""
-  keys = []
-  for arg in argv[1:]:
-    if arg.startswith('--config.'):
-      keys.append(arg[len('--config.'):].split('=', 1)[0])
-  return keys
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not flags.FLAGS['verbosity'].present:  # orbax logs every file it reads at INFO
-    logging.set_verbosity(logging.WARNING)
-    # ... and warns that a read-only manager is read-only; eval opens checkpoints read-only on purpose.
-    logging.get_absl_handler().addFilter(
-        lambda record: 'read only' not in (m := record.getMessage()) and 'read_only=True' not in m)
-  from jaxformer import evaluation
-  from jaxformer.config import ConfigError
-  from jaxformer.data import DataError
-  from jaxformer.training.checkpoint import CheckpointError
-  try:
-    evaluation.run(_CONFIG.value, _WORKDIR.value, checkpoint_step=_STEP.value, split=_SPLIT.value,
-                   output=_OUTPUT.value, mode=_MODE.value, prompt=_PROMPT.value, input_path=_INPUT.value,
-                   bleu=_BLEU.value, overrides=explicit_overrides(sys.argv))
-  except ConfigError as e:
-    sys.exit(f'config error: {e}')
-  except (evaluation.EvalError, CheckpointError, DataError, FileNotFoundError) as e:
-    sys.exit(f'error: {e}')
+  cli.quiet_logging()
+  cli.evaluate(_CONFIG.value, _WORKDIR.value, sys.argv, checkpoint_step=_STEP.value, split=_SPLIT.value,
+               output=_OUTPUT.value, mode=_MODE.value, prompt=_PROMPT.value, input_path=_INPUT.value,
+               bleu=_BLEU.value)
 
 
 if __name__ == '__main__':
-  from jaxformer.training import cli
   cli.check_overrides(sys.argv)
   app.run(main)

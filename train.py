@@ -6,12 +6,10 @@ Running again on the same workdir resumes from its newest checkpoint. SIGTERM sa
 """
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from jaxformer.config import ConfigError, validate
-from jaxformer.data.errors import DataError
-from jaxformer.training import cli
+from jaxformer import cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe file, e.g. configs/gpt_tiny.py.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics.jsonl, tensorboard/, config.json.')
@@ -21,20 +19,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not flags.FLAGS['verbosity'].present:  # orbax logs every file it writes at INFO
-    logging.set_verbosity(logging.WARNING)
-  from jaxformer.training import run
-  from jaxformer.training.checkpoint import CheckpointError
-  config = _CONFIG.value
-  try:
-    validate(config)
-    run(config, _WORKDIR.value)
-  except ConfigError as e:
-    sys.exit(f'config error: {e}')
-  except CheckpointError as e:
-    sys.exit(f'checkpoint error: {e}')
-  except DataError as e:
-    sys.exit(f'data error: {e}')
+  cli.quiet_logging()
+  cli.train(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':

@@ -209,7 +209,7 @@ def main():
   except ImportError:  # still time the JAX variants; ratios are then to the first of them
     torch = None
     print('# torch is not installed: PyTorch rows skipped (pip install torch for them)')
-  from jaxformer.training.cli import load_config_file
+  from jaxformer.cli import load_config_file
   config = load_config_file(args.config)
   config.model.vocab_size = args.vocab
   m, tr = config.model, config.train

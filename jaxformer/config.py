@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from jaxformer import data as data_lib
 from jaxformer import decoding
 from jaxformer.errors import ConfigError, check_choice, check_fraction, check_positive
 from jaxformer.model.config import ModelConfig, validate_model
@@ -16,10 +17,6 @@ from jaxformer.training import optimizer
 
 __all__ = ['ConfigError', 'ModelConfig', 'validate', 'validate_model']
 
-# Data choices (the data package's registries replace these).
-TOKENIZERS = ('char', 'byte', 'sentencepiece')
-SOURCE_KINDS = ('builtin', 'text', 'parallel', 'jsonl', 'tfds')
-SAMPLINGS = ('streams', 'random_windows')
 DISTRIBUTED = ('auto', 'on', 'off')
 
 
@@ -29,13 +26,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   data, train, mesh, decode = config.data, config.train, config.mesh, config.decode
 
   kind = str(data.source).split(':', 1)[0]
-  if ':' not in str(data.source) or kind not in SOURCE_KINDS:
+  if ':' not in str(data.source) or kind not in data_lib.SOURCES:
     raise ConfigError(
         f'data.source={data.source!r} is not a valid source; use builtin:<name>, text:<path or glob>, '
-        'parallel:<prefix> or tfds:<name>[/<config>].')
-  check_choice('data.tokenizer', data.tokenizer, TOKENIZERS)
+        'parallel:<prefix>, jsonl:<path or glob> or tfds:<name>[/<config>].')
+  check_choice('data.tokenizer', data.tokenizer, data_lib.TOKENIZERS)
+  check_choice('data.objective', data.get('objective', 'split_middle'), data_lib.OBJECTIVES)
   sampling = data.get('sampling', 'streams')  # configs saved before the key existed read as streams
-  check_choice('data.sampling', sampling, SAMPLINGS)
+  check_choice('data.sampling', sampling, data_lib.SAMPLINGS)
   if sampling == 'random_windows' and config.model.arch == 'encoder_decoder':
     raise ConfigError('data.sampling=random_windows cuts windows from one token stream, which does not apply to '
                       'model.arch=encoder_decoder; use data.sampling=streams.')
@@ -84,6 +82,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check_positive('decode.beam_size', decode.beam_size)
   check_positive('decode.max_len', decode.max_len)
   check_positive('decode.top_k', decode.top_k, allow_zero=True)
+  for key in ('eos_id', 'start_id'):
+    if key in decode:  # configs saved before the keys existed use the jaxformer tokenizers' ids
+      check_positive(f'decode.{key}', decode[key], allow_zero=True)
   if not 0.0 < decode.top_p <= 1.0:
     raise ConfigError(f'decode.top_p={decode.top_p!r} must be in (0, 1]; 1.0 turns nucleus sampling off.')
   if decode.temperature < 0:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -29,16 +30,22 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxformer import data as data_lib
 from jaxformer import decoding
 from jaxformer import metrics as metrics_lib
-from jaxformer.config import validate
-from jaxformer.training import host_memory
+from jaxformer import sharding as shd
+from jaxformer.resolve import Resolved, resolve
+from jaxformer.training import checkpoint as ckpt_lib
+from jaxformer.training import step as step_lib
+from jaxformer.user_errors import UserError
 
 MODES = ('score', 'generate', 'translate')
 REQUEST_SECTIONS = ('decode', 'mesh')  # taken from the request, never from the checkpoint
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
   """A request eval cannot serve. The message is one line naming the file/flag and the fix."""
 
 
@@ -111,83 +118,113 @@ def translation_direction(config: ml_collections.ConfigDict) -> str:
   return f'{config.data.src_lang}->{config.data.tgt_lang}'
 
 
-# ---------------------------------------------------------------------------------------------- the pieces
+# ----------------------------------------------------------------------------------- scoring (shared with training)
+def config_json(config: ml_collections.ConfigDict) -> str:
+  """The config as canonical JSON (what checkpoints and DIR/config.json store)."""
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_eval_step(graphdef: Any, config_text: str, mesh: Any):
+  """Training's compute_loss on one batch -> its metric sums, jitted once per (model, config, mesh): evaluating
+  another checkpoint of the same model in this process (or at the next eval step) reuses the compiled step."""
+  config = ml_collections.ConfigDict(json.loads(config_text))
+
+  def sums(params, rest, batch):
+    _, metrics = step_lib.compute_loss(step_lib.merge_model(graphdef, params, rest), batch, config,
+                                       deterministic=True)
+    return metrics
+
+  return jax.jit(sums, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
+def eval_batches(r: Resolved, split: str) -> Iterable[dict[str, jax.Array]]:
+  """The batches an evaluation scores: the first train.eval_steps of `split` (-1: all), placed on the mesh."""
+  layout = shd.data_layout(r.mesh, r.rules, r.eval_batch_size)
+  iterator = data_lib.make_eval_iterator(r.config, r.tokenizer, r.workdir, split, layout=layout, source=r.source)
+  limit = int(r.config.train.eval_steps)
+  try:
+    for i, batch in enumerate(iterator):
+      if 0 <= limit <= i:
+        break
+      yield shd.shard_batch(batch, r.mesh, r.rules, layout)
+  finally:
+    if hasattr(iterator, 'close'):
+      iterator.close()
+
+
+class Evaluator:
+  """Scores one split with training's loss: the one evaluation path of the training loop and of eval.py, so
+  both score exactly the same tokens with the same code."""
+
+  def __init__(self, r: Resolved, graphdef: Any, split: str):
+    self.r = r
+    self.split = split
+    self._step = _jitted_eval_step(graphdef, config_json(r.config), r.mesh)
+
+  def accumulate(self, params: Any, rest: Any) -> metrics_lib.MetricAccumulator:
+    """Token-weighted metric sums over the split's eval batches (global: the jit spans the mesh, so no
+    merge_hosts). Raises DataError when they hold no target token."""
+    acc = metrics_lib.MetricAccumulator()
+    with shd.mesh_context(self.r.mesh, self.r.rules):
+      for batch in eval_batches(self.r, self.split):
+        acc.add(self._step(params, rest, batch))
+    if acc.weight_sum <= 0:
+      raise data_lib.DataError(f'split {self.split!r} of data.source={self.r.config.data.source!r} produced no '
+                               'target tokens to score.')
+    return acc
+
+  def training_row(self, params: Any, rest: Any) -> dict[str, float]:
+    """The eval row of DIR/metrics.jsonl: eval_loss, eval_perplexity, eval_accuracy, eval_tokens."""
+    out = self.accumulate(params, rest).result(with_accuracy=True)
+    return {'eval_loss': out['loss'], 'eval_perplexity': out['perplexity'], 'eval_accuracy': out['accuracy'],
+            'eval_tokens': float(out['num_tokens'])}
+
+
+# ------------------------------------------------------------------------------------------- restoring a model
 @dataclasses.dataclass
 class Restored:
-  config: ml_collections.ConfigDict
+  """A resolved run plus the parameters of one checkpoint, sharded onto this machine's mesh."""
+  resolved: Resolved
   model: nnx.Module
   step: int
-  tokenizer: Any
-  mesh: Any
-  rules: tuple
+
+  config = property(lambda self: self.resolved.config)
+  tokenizer = property(lambda self: self.resolved.tokenizer)
+  mesh = property(lambda self: self.resolved.mesh)
+  rules = property(lambda self: self.resolved.rules)
 
 
 def restore(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int | None = None,
-            overrides: Iterable[str] | None = None) -> Restored:
-  """Resolves the config against the checkpoint and restores the model onto this machine's mesh."""
-  from jaxformer import data as data_lib
-  from jaxformer import sharding as shd
-  from jaxformer.training import checkpoint as ckpt_lib
+            overrides: Iterable[str] | None = None, split: str | None = None) -> Restored:
+  """Resolves the config against the checkpoint and restores the model onto this machine's mesh.
+  split: a split name to check at start-up (the one `score` will read)."""
   workdir = os.path.abspath(workdir)
   if not os.path.isdir(workdir):
     raise EvalError(f'--workdir={workdir} does not exist; point it at a directory train.py wrote.')
-  latest = ckpt_lib.latest_step(workdir)
-  if latest is None:
+  steps = ckpt_lib.all_steps(workdir)
+  if not steps:
     raise EvalError(f'no checkpoint in {ckpt_lib.checkpoint_dir(workdir)}; train first (python train.py '
                     f'--config=... --workdir={workdir}).')
-  if checkpoint_step is not None:
-    steps = sorted(int(n) for n in os.listdir(ckpt_lib.checkpoint_dir(workdir)) if n.isdigit())
-    if checkpoint_step not in steps:
-      raise EvalError(f'--checkpoint_step={checkpoint_step}: no such checkpoint in {ckpt_lib.checkpoint_dir(workdir)} '
-                      f'(it has steps {", ".join(map(str, steps))}).')
-  saved = ckpt_lib.saved_config(workdir, checkpoint_step if checkpoint_step is not None else latest)
+  if checkpoint_step is not None and checkpoint_step not in steps:
+    raise EvalError(f'--checkpoint_step={checkpoint_step}: no such checkpoint in {ckpt_lib.checkpoint_dir(workdir)} '
+                    f'(it has steps {", ".join(map(str, steps))}).')
+  saved = ckpt_lib.saved_config(workdir, checkpoint_step if checkpoint_step is not None else steps[-1])
   config = resolve_config(config, saved, workdir, overrides)
-  validate(config)
-  tokenizer = data_lib.get_tokenizer(config, workdir)
-  if not config.model.vocab_size:
-    config.model.vocab_size = int(tokenizer.vocab_size)
-  mesh = shd.make_mesh(config)
-  rules = shd.rules_from_config(config)
-  model, step = ckpt_lib.restore_model(workdir, config, mesh, step=checkpoint_step)
-  return Restored(config, model, step, tokenizer, mesh, rules)
+  r = resolve(config, workdir, training=False, splits=[split_name(config, split)] if split else [])
+  model, step = ckpt_lib.restore_model(workdir, r.config, r.mesh, step=checkpoint_step)
+  return Restored(r, model, step)
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'config_json'))
-def _eval_step(graphdef, state, batch, *, config_json: str):
-  """Training's compute_loss on one batch -> its metric sums. Module-level with hashable static arguments, so
-  evaluating another checkpoint of the same model in this process reuses the compiled step."""
-  from jaxformer.training import step as step_lib
-  config = ml_collections.ConfigDict(json.loads(config_json))
-  _, sums = step_lib.compute_loss(nnx.merge(graphdef, state), batch, config, deterministic=True)
-  return sums
-
-
-def score(r: Restored, workdir: str, split: str) -> tuple[dict[str, Any], int]:
-  """Token-weighted metric sums over train.eval_steps batches of `split` (-1: all) with training's compute_loss.
-
-  Mirrors the training loop's evaluation (same iterator, batch size, batch count, placement), so the loss is
-  the eval_loss training logged for the same checkpoint and split. Returns (results, number of batches).
-  """
-  from jaxformer import sharding as shd
-  from jaxformer.training.loop import eval_batches
-  config, mesh, rules = r.config, r.mesh, r.rules
-  eval_bs = config.train.eval_batch_size or config.train.batch_size
-  shards = shd.batch_shards(mesh, rules)
-  if eval_bs % shards:
-    raise EvalError(f'train.eval_batch_size={eval_bs} is not divisible by the {shards} batch shards of this mesh; '
-                    f'pass --config.train.eval_batch_size=<a multiple of {shards}>.')
-  layout = shd.data_layout(mesh, rules, eval_bs)
-  graphdef, state = nnx.split(r.model)
-  config_json = json.dumps(config.to_dict(), sort_keys=True, default=str)
-  acc = metrics_lib.MetricAccumulator()  # sums come back global (the jit spans the mesh): no merge_hosts
-  with shd.mesh_context(mesh, rules):
-    for batch in eval_batches(config, r.tokenizer, workdir, split, mesh, rules, layout):
-      acc.add(_eval_step(graphdef, state, batch, config_json=config_json))
-  if acc.weight_sum <= 0:
-    raise EvalError(f'split {split!r} produced no target tokens to score.')
+def score(r: Restored, split: str) -> tuple[dict[str, Any], int]:
+  """Loss / perplexity / accuracy over train.eval_steps batches of `split` (-1: all), exactly as training's
+  evaluation computes them (the same Evaluator), so the loss is the eval_loss training logged for the same
+  checkpoint and split. Returns (results, number of batches)."""
+  graphdef, params, rest = step_lib.split_model(r.model)
+  acc = Evaluator(r.resolved, graphdef, split).accumulate(params, rest)
   out = acc.result(with_accuracy=True)
   accuracy = out.pop('accuracy')
-  out['masked_accuracy' if config.model.arch == 'encoder_only' else 'token_accuracy'] = accuracy
+  out['masked_accuracy' if r.config.model.arch == 'encoder_only' else 'token_accuracy'] = accuracy
   return out, acc.num_batches
 
 
@@ -198,7 +235,6 @@ def decode_settings(config: ml_collections.ConfigDict) -> decoding.DecodeSetting
 def _decode_batches(r: Restored, *, prompts: Sequence[Sequence[int]] | None = None,
                     sources: Sequence[Sequence[int]] | None = None) -> list[list[int]]:
   """Decodes in batches of decode.batch_size on the mesh (batch over the 'batch' axes) -> token lists."""
-  from jaxformer import sharding as shd
   config = r.config
   settings = decode_settings(config)
   sharding = shd.batch_sharding(r.mesh, r.rules, 1)
@@ -223,7 +259,6 @@ def _decode_batches(r: Restored, *, prompts: Sequence[Sequence[int]] | None = No
 
 
 def translate_texts(r: Restored, texts: Sequence[str]) -> list[str]:
-  from jaxformer import data as data_lib
   sources = [data_lib.encode_source(r.tokenizer, t, r.config.data.src_seq_len) for t in texts]
   return [r.tokenizer.decode(ids) for ids in _decode_batches(r, sources=sources)]
 
@@ -253,13 +288,22 @@ def format_table(results: dict[str, Any]) -> str:
   return '\n'.join([line] + [f'{k.ljust(width)} | {v}' for k, v in rows] + [line])
 
 
+def finite_or_null(results: dict[str, Any]) -> dict[str, Any]:
+  """Non-finite floats -> None (strict JSON has no NaN/Infinity), with one line naming them."""
+  bad = [k for k, v in results.items() if isinstance(v, float) and not math.isfinite(v)]
+  if bad:
+    _log(f'WARNING: {", ".join(bad)} not finite (NaN/inf), written as null: the checkpoint\'s parameters have '
+         'probably diverged; evaluate an earlier --checkpoint_step.')
+  return {k: None if k in bad else v for k, v in results.items()}
+
+
 def _write_json(path: str, obj: dict) -> None:
   if jax.process_index() != 0:
     return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, default=float)
+    json.dump(obj, f, indent=2, default=float, allow_nan=False)
     f.write('\n')
   os.replace(tmp, path)
 
@@ -289,7 +333,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int
   """
   if mode not in MODES:
     raise EvalError(f'--mode={mode!r} is not one of {", ".join(MODES)}.')
-  host_memory.keep_freed_memory()
   if mode == 'translate':
     if not input_path:
       raise EvalError('--mode=translate needs --input=FILE (one source sentence per line).')
@@ -300,7 +343,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int
     checkpoint_step = None
 
   start = time.perf_counter()
-  r = restore(config, workdir, checkpoint_step=checkpoint_step, overrides=overrides)
+  r = restore(config, workdir, checkpoint_step=checkpoint_step, overrides=overrides,
+              split=split if mode == 'score' else None)
   arch = r.config.model.arch
   workdir = os.path.abspath(workdir)
 
@@ -334,15 +378,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int
 
   name = split_name(r.config, split)
   results: dict[str, Any] = {'step': r.step, 'split': name, 'arch': arch}
-  sums, batches = score(r, workdir, name)
+  sums, batches = score(r, name)
   results.update(sums)
   results['eval_batches'] = batches
   if arch == 'encoder_decoder' and bleu:
-    from jaxformer import data as data_lib
-    pairs = data_lib.load_text_pairs(r.config, workdir, name)
+    pairs = data_lib.load_text_pairs(r.config, workdir, name, source=r.resolved.source)
     limit = int(r.config.train.eval_steps)
     if limit >= 0:  # the examples the loss covered (exactly so when rows are unpacked: one example per row)
-      pairs = pairs[:limit * (r.config.train.eval_batch_size or r.config.train.batch_size)]
+      pairs = pairs[:limit * r.resolved.eval_batch_size]
     hyps = translate_texts(r, [s for s, _ in pairs])
     b = metrics_lib.bleu(hyps, [t for _, t in pairs], src_lang='', tgt_lang='')
     results.update(bleu=b['bleu'], sacrebleu_signature=b['sacrebleu_signature'],
@@ -354,6 +397,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int
   _log(f'evaluation of {workdir} (step {r.step}, split {name}):')
   _log(format_table({k: v for k, v in results.items() if k != 'decode'}))
   path = output or os.path.join(workdir, 'eval.json')
+  results = finite_or_null(results)
   _write_json(path, results)
   _log(f'wrote {path}')
   return results

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from configs import gpt_tiny
-from jaxformer.training import cli
+from jaxformer import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,3 +39,17 @@ def test_train_py_misspelt_key_exits_with_one_line(tmp_path):
   assert lines[0].startswith('error: unknown config key --config.train.num_stesp; did you mean '
                              '--config.train.num_steps'), out.stderr
   assert not os.listdir(tmp_path)  # failed before touching the workdir
+
+
+def test_train_py_misspelt_eval_split_fails_at_start_up(tmp_path):
+  """Splits are checked before step 1: one line naming the key, no checkpoint, no traceback."""
+  out = subprocess.run(
+      [sys.executable, 'train.py', '--config=configs/gpt_tiny.py', f'--workdir={tmp_path}',
+       '--config.data.eval_split=valdation', '--config.model.num_layers=1', '--config.train.num_steps=2'],
+      cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert out.returncode != 0
+  lines = [line for line in out.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and 'Traceback' not in out.stderr, out.stderr
+  assert "split 'valdation' does not exist" in lines[0] and 'data.eval_split' in lines[0], lines[0]
+  assert not os.path.exists(os.path.join(tmp_path, 'checkpoints'))
+  assert not os.path.exists(os.path.join(tmp_path, 'metrics.jsonl'))

@@ -15,7 +15,7 @@ from jaxformer import evaluation
 from jaxformer.config import validate
 from jaxformer.model import build_model
 from jaxformer.training import run
-from jaxformer.training.cli import load_config_file
+from jaxformer.cli import load_config_file
 from jaxformer.training.writers import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

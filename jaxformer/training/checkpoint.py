@@ -16,10 +16,12 @@ short is never listed. If the newest listed step still fails to restore (files l
 training falls back to the newest step that does restore, moves the unreadable newer ones to
 DIR/checkpoints_unreadable/ (never deleted; they would otherwise collide with the steps about to be re-saved) and
 says so in one line. If no step restores, it stops with one line naming the folder and the error; nothing moves
-(that is usually a changed model config, not corruption).
+(that is usually a changed model config, not corruption). Evaluation (restore_model) follows the same policy
+(restore_newest) but only reads: it skips unreadable steps and moves nothing.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -27,6 +29,7 @@ import shutil
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -34,12 +37,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxformer import sharding as shd
 from jaxformer.data import state_for_host
+from jaxformer.training import step as step_lib
+from jaxformer.user_errors import UserError
 
 CHECKPOINT_DIR = 'checkpoints'
 UNREADABLE_DIR = 'checkpoints_unreadable'
+CHECKSUM_DIR = 'checkpoint_checksums'  # <step>.json: sha256 of every file of DIR/checkpoints/<step>/
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
   """A checkpoint that cannot be used. The message names the folder and what to do."""
 
 
@@ -75,6 +81,48 @@ def data_to_keys(tree: Any, abstract: Any) -> Any:
   return jax.tree.map(one, tree, abstract)
 
 
+# ------------------------------------------------------------------------------------------------- checksums
+def _checksum_path(workdir: str, step: int) -> str:
+  return os.path.join(os.path.abspath(workdir), CHECKSUM_DIR, f'{int(step)}.json')
+
+
+def _file_digests(step_dir: str) -> dict[str, str]:
+  digests = {}
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, 'rb') as f:
+        digests[os.path.relpath(path, step_dir)] = hashlib.file_digest(f, 'sha256').hexdigest()
+  return dict(sorted(digests.items()))
+
+
+def record_checksums(workdir: str, step: int) -> None:
+  """Writes DIR/checkpoint_checksums/<step>.json for a finished save (process 0)."""
+  if jax.process_index() != 0:
+    return
+  path = _checksum_path(workdir, step)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(_file_digests(os.path.join(checkpoint_dir(workdir), str(step))), f, indent=0)
+  os.replace(tmp, path)
+
+
+def verify_checksums(workdir: str, step: int) -> str | None:
+  """None if the step's files match their recorded checksums (or none were recorded: a checkpoint from before
+  checksums, or one whose run died right after the save), else what differs."""
+  path = _checksum_path(workdir, step)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    expected = json.load(f)
+  actual = _file_digests(os.path.join(checkpoint_dir(workdir), str(step)))
+  for name, digest in expected.items():
+    if actual.get(name) != digest:
+      return f'checksum mismatch in {name}' if name in actual else f'{name} is missing'
+  return None
+
+
 # ------------------------------------------------------------------------------------------------ multi-host
 def _gather_json(obj: Any) -> list[Any]:
   """Every process's JSON-able object, on every process (data-iterator states differ per host)."""
@@ -98,15 +146,54 @@ def _manager(workdir: str, *, keep: int | None = None, async_save: bool = False,
                                item_names=('params', 'opt_state', 'extra', 'data', 'config'))
 
 
-def latest_step(workdir: str) -> int | None:
-  """The newest complete checkpoint step in workdir, or None."""
+def all_steps(workdir: str) -> list[int]:
+  """The complete checkpoint steps in workdir, oldest first."""
   if not os.path.isdir(checkpoint_dir(workdir)):
-    return None
+    return []
   manager = _manager(workdir, read_only=True)
   try:
-    return manager.latest_step()
+    return sorted(manager.all_steps())
   finally:
     manager.close()
+
+
+def latest_step(workdir: str) -> int | None:
+  """The newest complete checkpoint step in workdir, or None."""
+  steps = all_steps(workdir)
+  return steps[-1] if steps else None
+
+
+def restore_newest(manager: ocp.CheckpointManager, steps: list[int], args: ocp.args.Composite,
+                   workdir: str) -> tuple[Any, int, list[tuple[int, str]]]:
+  """The fallback policy (training and evaluation): restore the newest of `steps` that restores.
+
+  Returns (restored items, step, the newer steps that failed); the caller reports and moves those. Raises one
+  CheckpointError when none restores (usually a changed model config, not corruption: nothing is moved)."""
+  failed: list[tuple[int, str]] = []
+  for s in sorted(steps, reverse=True):
+    corrupt = verify_checksums(workdir, s)
+    if corrupt:
+      logging.info('checkpoint step %d in %s is corrupt (%s)', s, checkpoint_dir(workdir), corrupt)
+      failed.append((s, corrupt))
+      continue
+    try:
+      return manager.restore(s, args=args), s, failed
+    except Exception as e:  # noqa: BLE001 - any failure means "this step is unusable", reported by the caller
+      msg = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:300]
+      logging.info('checkpoint step %d in %s could not be restored (%s)', s, checkpoint_dir(workdir), msg)
+      failed.append((s, msg))
+  bad = ', '.join(str(f) for f, _ in failed)
+  raise CheckpointError(
+      f'no checkpoint in {checkpoint_dir(workdir)} could be restored (steps {bad}; newest: {failed[0][1]}); '
+      'if the model config changed, use a new --workdir.')
+
+
+def report_fallback(workdir: str, failed: list[tuple[int, str]], used: int, moved_to: str | None) -> None:
+  """One line saying which unreadable or corrupt steps were skipped (and where they went)."""
+  if failed and jax.process_index() == 0:
+    print(f'WARNING: checkpoint step(s) {[f for f, _ in failed]} in {checkpoint_dir(workdir)} are unreadable or '
+          f'corrupt ({failed[0][1]}); using step {used}' + (f', moved them to {moved_to}.' if moved_to else '.'),
+          flush=True)
 
 
 def _restore_args(abstract_state: dict) -> dict:
@@ -128,13 +215,12 @@ class Checkpointer:
     self.keep = keep
     self.async_save = async_save
     self.manager = _manager(workdir, keep=keep, async_save=async_save)
-
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
+    self._unrecorded: list[int] = []  # steps saved by this run whose checksums are not written yet
 
   def save(self, step: int, state: dict, *, data_state: Any = None, config: Any = None) -> bool:
     """Starts saving (asynchronously when enabled; arrays are copied off the devices before this returns, so the
     caller may donate them right away). Collective: every process calls it."""
+    self._record_finished()
     states = _gather_json(data_state)
     extra = keys_to_data({'step': state['step'], 'rngs': state['rngs']})
     args = ocp.args.Composite(
@@ -144,13 +230,32 @@ class Checkpointer:
         data=ocp.args.JsonSave({'process_count': len(states), 'states': states}),
         config=ocp.args.JsonSave(config if config is not None else {}),
     )
-    return self.manager.save(int(step), args=args, force=True)
+    saved = self.manager.save(int(step), args=args, force=True)
+    self._unrecorded.append(int(step))
+    if not self.async_save:
+      self._record_finished()
+    return saved
 
-  def wait(self) -> None:
+  def _record_finished(self) -> None:
+    """Waits for the pending save, then records the checksums of the steps this run saved and drops those of
+    steps orbax has rotated out."""
+    if not self._unrecorded:
+      return
     self.manager.wait_until_finished()
+    present = set(self.manager.all_steps())
+    for s in self._unrecorded:
+      if s in present:
+        record_checksums(self.workdir, s)
+    self._unrecorded = []
+    folder = os.path.join(os.path.abspath(self.workdir), CHECKSUM_DIR)
+    if jax.process_index() == 0 and os.path.isdir(folder):
+      for name in os.listdir(folder):
+        if name.endswith('.json') and name[:-5].isdigit() and int(name[:-5]) not in present:
+          os.remove(os.path.join(folder, name))
 
   def close(self) -> None:
     self.manager.wait_until_finished()
+    self._record_finished()
     self.manager.close()
 
   def restore(self, abstract_state: dict, *, step: int | None = None,
@@ -164,51 +269,41 @@ class Checkpointer:
       steps = [step]
     if not steps:
       return None
-    failed: list[tuple[int, str]] = []
-    for s in steps:
-      try:
-        restored = self.manager.restore(s, args=ocp.args.Composite(**_restore_args(abstract_state)))
-      except Exception as e:  # noqa: BLE001 - any failure means "this step is unusable", reported below
-        msg = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:300]
-        logging.warning('checkpoint step %d in %s could not be restored (%s)', s, checkpoint_dir(self.workdir), msg)
-        failed.append((s, msg))
-        continue
-      extra = restored['extra']
-      state = {
-          'step': extra['step'],
-          'params': restored['params'],
-          'opt_state': restored['opt_state'],
-          'rngs': data_to_keys(extra['rngs'], abstract_state['rngs']),
-      }
-      data = restored['data'] or {}
-      states = data.get('states') or []
-      data_state = state_for_host(states, jax.process_index(), jax.process_count())
-      if data_state is None and states:
-        logging.warning('checkpoint step %d was written by %d processes, this run has %d: the data iterator '
-                        'restarts from its beginning.', s, len(states), jax.process_count())
-      if failed:
-        print(f'WARNING: checkpoint step(s) {[f for f, _ in failed]} in {checkpoint_dir(self.workdir)} are unreadable '
-              f'({failed[0][1]}); resumed from step {s}' +
-              (f', moved them to {os.path.join(os.path.abspath(self.workdir), UNREADABLE_DIR)}.' if move_unreadable
-               else '.'), flush=True)
-        if move_unreadable:
-          self._move_aside([f for f, _ in failed])
-      return state, data_state, s
-    bad = ', '.join(str(f) for f, _ in failed)
-    raise CheckpointError(
-        f'no checkpoint in {checkpoint_dir(self.workdir)} could be restored (steps {bad}; newest: {failed[0][1]}); '
-        'if the model config changed, use a new --workdir.')
+    restored, s, failed = restore_newest(self.manager, steps, ocp.args.Composite(**_restore_args(abstract_state)),
+                                         self.workdir)
+    extra = restored['extra']
+    state = {
+        'step': extra['step'],
+        'params': restored['params'],
+        'opt_state': restored['opt_state'],
+        'rngs': data_to_keys(extra['rngs'], abstract_state['rngs']),
+    }
+    states = (restored['data'] or {}).get('states') or []
+    data_state = state_for_host(states, jax.process_index(), jax.process_count())
+    if data_state is None and states:
+      logging.warning('checkpoint step %d was written by %d processes, this run has %d: the data iterator '
+                      'restarts from its beginning.', s, len(states), jax.process_count())
+    report_fallback(self.workdir, failed, s, self._unreadable_dir if move_unreadable else None)
+    if failed and move_unreadable:
+      self._move_aside([f for f, _ in failed])
+    return state, data_state, s
+
+  @property
+  def _unreadable_dir(self) -> str:
+    return os.path.join(os.path.abspath(self.workdir), UNREADABLE_DIR)
 
   def _move_aside(self, steps: list[int]) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
     if jax.process_index() == 0:
-      target = os.path.join(os.path.abspath(self.workdir), UNREADABLE_DIR)
+      target = self._unreadable_dir
       os.makedirs(target, exist_ok=True)
       for s in steps:
         src = os.path.join(checkpoint_dir(self.workdir), str(s))
         if os.path.exists(src):
           shutil.move(src, os.path.join(target, str(s)))
+        if os.path.exists(_checksum_path(self.workdir, s)):
+          shutil.move(_checksum_path(self.workdir, s), os.path.join(target, f'{s}.checksums.json'))
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices('jaxformer_move_unreadable')
@@ -236,8 +331,6 @@ def restore_model(workdir: str, config, mesh, step: int | None = None) -> tuple[
 
   `config` is the run's config; model.vocab_size 0 is read from DIR/config.json. Only the params item is read.
   """
-  from jaxformer.training import step as step_lib  # late: avoids an import cycle with loop.py
-  import ml_collections
   config = ml_collections.ConfigDict(config.to_dict() if hasattr(config, 'to_dict') else config)
   if not config.model.vocab_size:
     saved = saved_config(workdir)
@@ -255,23 +348,15 @@ def restore_model(workdir: str, config, mesh, step: int | None = None) -> tuple[
     raise CheckpointError(f'no checkpoints in {checkpoint_dir(workdir)}; train first (python train.py ...).')
   manager = _manager(workdir, read_only=True)
   try:
-    steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
+    steps = manager.all_steps() if step is None else [step]
     if not steps:
       raise CheckpointError(f'no checkpoints in {checkpoint_dir(workdir)}; train first (python train.py ...).')
-    errors = []
-    for s in steps:
-      try:
-        params = manager.restore(s, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))['params']
-        break
-      except Exception as e:  # noqa: BLE001
-        errors.append(f'step {s}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:300])
-        logging.warning('checkpoint %s', errors[-1])
-    else:
-      raise CheckpointError(f'no checkpoint in {checkpoint_dir(workdir)} could be restored ({errors[0]}).')
+    restored, s, failed = restore_newest(manager, steps, ocp.args.Composite(params=ocp.args.StandardRestore(target)),
+                                         workdir)
   finally:
     manager.close()
-  if len(steps) > 1 and errors:
-    print(f'WARNING: unreadable checkpoint(s) skipped ({errors[0]}); using step {s}.', flush=True)
+  report_fallback(workdir, failed, s, None)  # evaluation reads only: it moves nothing
+  params = restored['params']
   replicated = NamedSharding(mesh, PartitionSpec())
   with shd.mesh_context(mesh, rules):
     rest = jax.jit(lambda: step_lib.split_model(step_lib.build_model(config))[2],

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import signal
 import threading
@@ -34,24 +33,24 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
+from jaxformer import data as data_lib
+from jaxformer import evaluation as eval_lib
 from jaxformer import flops as flops_lib
+from jaxformer import resolve as resolve_lib  # a module, not its names: resolve -> training -> loop is a cycle
 from jaxformer import sharding as shd
-from jaxformer.config import ConfigError, ModelConfig, validate
+from jaxformer import user_errors
 from jaxformer.training import checkpoint as ckpt_lib
-from jaxformer.training import host_memory
 from jaxformer.training import optimizer as opt_lib
 from jaxformer.training import step as step_lib
+from jaxformer.training.lock import WorkdirLock
 from jaxformer.training.writers import MetricWriter
 
 
 def _log(msg: str) -> None:
   if jax.process_index() == 0:
     print(msg, flush=True)
-
-
-def config_to_json(config: ml_collections.ConfigDict) -> str:
-  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -61,54 +60,45 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> str:
     os.makedirs(workdir, exist_ok=True)
     tmp = path + '.tmp'
     with open(tmp, 'w') as f:
-      f.write(config_to_json(config) + '\n')
+      f.write(eval_lib.config_json(config) + '\n')
     os.replace(tmp, path)
   return path
 
 
-def check_batch_sizes(config, mesh, rules) -> None:
-  """Global batch sizes must split evenly over the batch shards (and over the grad-accumulation micro-batches)."""
-  shards = shd.batch_shards(mesh, rules)
-  train = config.train
-  micro = train.batch_size // train.grad_accum_steps
-  if micro % shards:
-    raise ConfigError(
-        f'train.batch_size={train.batch_size} / train.grad_accum_steps={train.grad_accum_steps} = {micro} rows per '
-        f'micro-batch is not divisible by the {shards} batch shards of the mesh (data x fsdp); use a multiple of '
-        f'{shards * train.grad_accum_steps}.')
-  eval_bs = train.eval_batch_size or train.batch_size
-  if eval_bs % shards:
-    raise ConfigError(f'train.eval_batch_size={eval_bs} is not divisible by the {shards} batch shards of the mesh; '
-                      f'use a multiple of {shards}.')
-
-
 class _StopFlag:
-  """Set by SIGTERM (preemption): the loop saves a checkpoint at the current step and returns normally."""
+  """Set by SIGTERM (preemption) or SIGINT (Ctrl-C): the loop saves a checkpoint at the current step and returns.
+  A second Ctrl-C gets the default action: the process ends at once (even inside a long XLA call)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.requested: str | None = None  # the signal's name once one arrived
+    self._previous: dict[int, Any] = {}
 
   def install(self) -> None:
     if threading.current_thread() is not threading.main_thread():
       return
-    self._previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, self._handle)
+    for sig in self.SIGNALS:
+      self._previous[sig] = signal.getsignal(sig)
+      signal.signal(sig, self._handle)
 
   def _handle(self, signum, frame) -> None:  # noqa: ARG002
-    self.requested = True
+    self.requested = signal.Signals(signum).name
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, signal.SIG_DFL)
+      _log('Ctrl-C: saving a checkpoint at the end of this step, then exiting (press Ctrl-C again to abort now).')
 
   def uninstall(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
+    self._previous = {}
 
   def any_process(self) -> bool:
-    """Whether any process got the signal (collective in multi-process runs)."""
+    """Whether any process got a signal (collective in multi-process runs)."""
     if jax.process_count() == 1:
-      return self.requested
-    from jax.experimental import multihost_utils
-    flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
+      return self.requested is not None
+    from jax.experimental import multihost_utils  # only multi-process runs need it
+    flags = multihost_utils.process_allgather(np.array([self.requested is not None], np.int32))
     return bool(np.max(flags))
 
 
@@ -120,38 +110,13 @@ def _fmt_rate(x: float) -> str:
   return f'{x / 1e6:.2f}M' if x >= 1e6 else f'{x / 1e3:.1f}k' if x >= 1e3 else f'{x:.0f}'
 
 
-def eval_batches(config, tokenizer, workdir, split, mesh, rules, layout):
-  """The batches an evaluation scores: the first train.eval_steps of `split` (-1: all), placed on the mesh.
-
-  Training's evaluation and eval.py both read through this, so they score exactly the same tokens."""
-  from jaxformer import data as data_lib
-  iterator = data_lib.make_eval_iterator(config, tokenizer, workdir, split, layout=layout)
-  limit = int(config.train.eval_steps)
-  try:
-    for i, batch in enumerate(iterator):
-      if 0 <= limit <= i:
-        break
-      yield shd.shard_batch(batch, mesh, rules, layout)
-  finally:
-    if hasattr(iterator, 'close'):
-      iterator.close()
-
-
-def evaluate(state, eval_step, config, tokenizer, workdir, mesh, rules) -> dict[str, float] | None:
-  """Token-weighted eval loss / perplexity / accuracy over train.eval_steps batches (-1: the whole split)."""
-  eval_bs = config.train.eval_batch_size or config.train.batch_size
-  totals = None
-  layout = shd.data_layout(mesh, rules, eval_bs)
-  for batch in eval_batches(config, tokenizer, workdir, config.data.eval_split, mesh, rules, layout):
-    metrics = eval_step(state, batch)
-    totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
-  if totals is None:
-    return None
-  totals = jax.device_get(totals)
-  weight = max(float(totals['weight_sum']), 1.0)
-  loss = float(totals['loss_sum']) / weight
-  return {'eval_loss': loss, 'eval_perplexity': math.exp(min(loss, 50.0)),
-          'eval_accuracy': float(totals['correct_sum']) / weight, 'eval_tokens': float(totals['weight_sum'])}
+def _fresh_metrics(workdir: str) -> None:
+  """A run without checkpoints starts a new metrics.jsonl; an old one is kept aside as metrics.<time>.jsonl.old."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if jax.process_index() == 0 and os.path.exists(path):
+    aside = os.path.join(workdir, f'metrics.{time.strftime("%Y%m%d-%H%M%S")}.jsonl.old')
+    os.replace(path, aside)
+    _log(f'note: no checkpoint to resume from; moved the old metrics.jsonl to {aside}')
 
 
 def _truncate_metrics(workdir: str, step: int) -> None:
@@ -167,163 +132,267 @@ def _truncate_metrics(workdir: str, step: int) -> None:
       f.writelines(keep)
 
 
+class TrainLog:
+  """The train rows: metrics stay on the devices until a log step fetches them all at once (one host sync per
+  train.log_every steps); throughput is timed over the steps since the last row, excluding each program's first
+  call (compilation) and time spent evaluating or checkpointing (`restart_clock`)."""
+
+  def __init__(self, r: resolve_lib.Resolved, writer: MetricWriter):
+    config, train = r.config, r.config.train
+    src_len = config.data.src_seq_len if r.model.arch == 'encoder_decoder' else None
+    self.step_flops = flops_lib.train_flops_per_step(r.model, train.batch_size, config.data.seq_len, src_len)
+    self.peak = flops_lib.peak_flops_total(r.mesh.devices.flat, r.model.dtype)
+    self.tokens_per_step = train.batch_size * config.data.seq_len
+    self.num_steps = train.num_steps
+    self.with_objective = bool(train.z_loss or train.label_smoothing)
+    self.writer = writer
+    self.pending: list[tuple[int, dict]] = []  # (steps in the call, its metrics; stacked [n] when n > 1)
+    self.compiled: set[int] = set()
+    self.first_row_extra: dict[str, Any] = {}  # added to this run's first train row (a fresh run: num_params)
+    self.restart_clock()
+
+  def restart_clock(self) -> None:
+    self.window_start, self.window_steps = time.perf_counter(), 0
+
+  def add(self, n: int, metrics: dict) -> None:
+    self.pending.append((n, metrics))
+    self.window_steps += n
+    if n not in self.compiled:  # exclude each program's first call (compilation) from the throughput
+      self.compiled.add(n)
+      jax.block_until_ready(metrics)
+      self.restart_clock()
+
+  def flush(self, step: int) -> dict[str, Any]:
+    """Fetches the pending metrics, writes and prints one train row, and returns it."""
+    fetched = []
+    for n_call, m in jax.device_get(self.pending):  # one metrics dict per step
+      fetched += [m] if n_call == 1 else [{key: v[i] for key, v in m.items()} for i in range(n_call)]
+    self.pending = []
+    timed = self.window_steps > 0
+    sec_per_step = (time.perf_counter() - self.window_start) / self.window_steps if timed else float('nan')
+    tokens = sum(float(m['tokens']) for m in fetched)
+    row = {
+        'train_loss': float(np.mean([m['loss'] for m in fetched])),
+        'train_accuracy': float(np.mean([m['accuracy'] for m in fetched])),
+        'learning_rate': float(fetched[-1]['learning_rate']),
+        'grad_norm': float(fetched[-1]['grad_norm']),
+        'tokens_per_sec': self.tokens_per_step / sec_per_step if timed else None,
+        'target_tokens_per_sec': tokens / len(fetched) / sec_per_step if timed else None,
+        'step_time': sec_per_step if timed else None,
+        'mfu': flops_lib.mfu(self.step_flops, sec_per_step, self.peak) if timed else None,
+    }
+    if self.with_objective:
+      row['train_objective'] = float(np.mean([m['objective'] for m in fetched]))
+    self.writer.write(step, {**self.first_row_extra, **row})
+    self.first_row_extra = {}
+    rate, mfu = row['tokens_per_sec'], row['mfu']
+    _log(f'step {step}/{self.num_steps} | loss {row["train_loss"]:.4f} | lr {row["learning_rate"]:.2e} '
+         f'| gnorm {row["grad_norm"]:.3f} | '
+         + (f'{_fmt_rate(rate)} tok/s | ' if rate else '')
+         + (f'mfu {100 * mfu:.2f}% | ' if mfu is not None else '')
+         + (f'ETA {_fmt_eta((self.num_steps - step) * sec_per_step)}' if timed else 'ETA ?'))
+    self.restart_clock()
+    return row
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
+
+
+_all_finite_jit = jax.jit(_all_finite)
+
+
+class Trainer:
+  """One training run on one workdir: the state (fresh or resumed), its data, its jitted steps, evaluation and
+  checkpointing. `run` drives it; each method is one thing the loop does."""
+
+  def __init__(self, r: resolve_lib.Resolved):
+    self.r = r
+    config = r.config
+    self.config, self.workdir = config, r.workdir
+    self.max_bad_steps = int(config.train.max_bad_steps)
+    tx, schedule = opt_lib.make_optimizer(config.train)
+    if config.train.skip_bad_steps:  # a non-finite gradient leaves params and optimizer state as they were
+      tx = optax.apply_if_finite(tx, max_consecutive_errors=2 ** 30)  # our bad-step guard decides when to stop
+    self.setup = step_lib.make_setup(config, r.mesh, tx, schedule)
+    self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.setup.abstract_state['params']))
+    self._describe()
+    self.checkpointer = ckpt_lib.Checkpointer(r.workdir, keep=config.checkpoint.keep,
+                                              async_save=config.checkpoint.async_save)
+    restored = self.checkpointer.restore(self.setup.abstract_state)
+    self.writer = MetricWriter(r.workdir, enabled=jax.process_index() == 0)
+    self.log = TrainLog(r, self.writer)
+    data_state = None
+    if restored is not None:
+      self.state, data_state, self.start = restored
+      _log(f'resumed from checkpoint step {self.start} in {ckpt_lib.checkpoint_dir(r.workdir)}')
+      _truncate_metrics(r.workdir, self.start)
+    else:
+      self.state, self.start = step_lib.init_state(config, self.setup), 0
+      _fresh_metrics(r.workdir)
+      self.log.first_row_extra = {'num_params': self.num_params, 'num_trainable_params': self.num_params}
+    self.last_saved = self.start if restored is not None else -1
+    self.layout = shd.data_layout(r.mesh, r.rules, config.train.batch_size)
+    self.train_iter = data_lib.make_train_iterator(config, r.tokenizer, r.workdir, layout=self.layout,
+                                                   source=r.source)
+    if data_state is not None:
+      self.train_iter.set_state(data_state)
+    self.steps_per_call = int(config.train.get('steps_per_call', 1))
+    self.train_step = step_lib.make_train_step(config, self.setup)
+    self.multi_step = (step_lib.make_train_step(config, self.setup, self.steps_per_call)
+                       if self.steps_per_call > 1 else None)
+    self.evaluator = eval_lib.Evaluator(r, self.setup.graphdef, config.data.eval_split)
+    self.config_dict = json.loads(eval_lib.config_json(config))
+    self.unchecked: list[tuple[int, int, dict]] = []  # (first step, steps, metrics) not yet checked for NaN/inf
+    self.bad_steps, self.first_bad = 0, None
+
+  def _describe(self) -> None:
+    mesh, params = self.r.mesh, self.setup.abstract_state['params']
+    _log(f'{self.r.model.arch}: {self.num_params / 1e6:.2f}M parameters ({self.num_params:,} trainable), vocab '
+         f'{self.r.model.vocab_size}; mesh {dict(mesh.shape)} on {mesh.devices.size} {jax.devices()[0].platform} '
+         f'device(s), {jax.process_count()} process(es)')
+    for note in shd.describe_unsharded(params, mesh, self.r.rules)[:8]:
+      _log(f'  replicated (mesh does not divide it): {note}')
+
+  def call_size(self, step: int, stop_after_steps: int | None) -> int:
+    """Steps in the next jitted call: train.steps_per_call = k in chunks aligned to multiples of k (so the log /
+    eval / checkpoint steps, multiples of k, are reached exactly); 1 where a chunk would not fit: to align after
+    resuming at another step, before num_steps, or before stop_after_steps."""
+    k = self.steps_per_call
+    end = self.config.train.num_steps if stop_after_steps is None else min(self.config.train.num_steps,
+                                                                           stop_after_steps)
+    return k if self.multi_step is not None and step % k == 0 and step + k <= end else 1
+
+  def train_call(self, step: int, n: int) -> None:
+    """Runs steps step+1 .. step+n (one jitted call), queues their metrics for the next train row and checks the
+    previous call's for NaN/inf (one call behind, so the host still runs ahead of the devices)."""
+    mesh, rules = self.r.mesh, self.r.rules
+    if n == 1:
+      batch = shd.shard_batch(next(self.train_iter), mesh, rules, self.layout)
+      self.state, metrics = self.train_step(self.state, batch)
+    else:
+      batches = [next(self.train_iter) for _ in range(n)]
+      stacked = {key: np.stack([np.asarray(b[key]) for b in batches]) for key in batches[0]}
+      self.state, metrics = self.multi_step(self.state, shd.shard_batch(stacked, mesh, rules, self.layout,
+                                                                        stacked=True))
+    self.log.add(n, metrics)
+    self.unchecked.append((step + 1, n, metrics))
+    self.check_finite(keep_last=True)
+
+  def check_finite(self, keep_last: bool = False) -> None:
+    """Counts consecutive steps whose loss or gradient norm is not finite; raises NonFiniteError at
+    train.max_bad_steps of them."""
+    todo = self.unchecked[:-1] if keep_last else self.unchecked
+    self.unchecked = self.unchecked[len(todo):]
+    for first, n, metrics in todo:
+      loss, gnorm = jax.device_get((metrics['loss'], metrics['grad_norm']))
+      finite = np.isfinite(np.reshape(loss, (-1,))) & np.isfinite(np.reshape(gnorm, (-1,)))
+      for i, ok in enumerate(finite):
+        if ok:
+          self.bad_steps, self.first_bad = 0, None
+          continue
+        self.bad_steps += 1
+        self.first_bad = first + i if self.first_bad is None else self.first_bad
+        if self.bad_steps >= self.max_bad_steps:
+          raise self._non_finite(f'{self.bad_steps} non-finite step(s) in a row from step {self.first_bad}, '
+                                 f'train.max_bad_steps={self.max_bad_steps}')
+
+  def _non_finite(self, what: str) -> user_errors.NonFiniteError:
+    good = sorted(self.checkpointer.manager.all_steps())
+    lr = float(self.config.train.learning_rate)
+    if good:
+      resume = (f'the last good checkpoint is step {good[-1]}; resume from it with a lower learning rate, e.g. '
+                f'--config.train.learning_rate={lr / 10:g}')
+    else:
+      resume = f'no checkpoint was saved; start again with a lower learning rate (now {lr:g})'
+    return user_errors.NonFiniteError(f'training diverged: loss or gradient norm not finite ({what}); stopped '
+                                      f'without saving it.', hint=resume + ' (or set train.skip_bad_steps=True).')
+
+  def evaluate(self, step: int) -> dict[str, float]:
+    row = self.evaluator.training_row(self.state['params'], self.state['rngs'])
+    self.writer.write(step, row)
+    _log(f'eval at step {step}: loss {row["eval_loss"]:.4f} | perplexity {row["eval_perplexity"]:.3f} | '
+         f'accuracy {row["eval_accuracy"]:.4f}')
+    self.log.restart_clock()
+    return row
+
+  def save(self, step: int) -> None:
+    """Saves a checkpoint, never one whose parameters or optimizer state are not finite (NonFiniteError)."""
+    self.check_finite()
+    if not bool(_all_finite_jit({'params': self.state['params'], 'opt_state': self.state['opt_state']})):
+      raise self._non_finite(f'the parameters at step {step} are not finite')
+    self.checkpointer.save(step, self.state, data_state=self.train_iter.get_state(), config=self.config_dict)
+    self.last_saved = step
+    self.log.restart_clock()
+
+  def close(self) -> None:
+    self.checkpointer.close()
+    self.writer.close()
+    if hasattr(self.train_iter, 'close'):
+      self.train_iter.close()
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: int | None = None) -> dict[str, Any]:
-  """Trains config on workdir (resuming from its newest checkpoint) and returns the last train/eval metrics.
+  """Trains config on workdir (resuming from its newest checkpoint) and returns the last train/eval metrics, plus
+  'stopped_by' (SIGTERM, SIGINT, stop_after_steps or None).
 
   stop_after_steps (for tests and tools): behave as if preempted once that step is reached: save and return.
+  One run per workdir (a lock); the workdir's saved run must match the config before anything is written.
   """
-  from jaxformer import data as data_lib
-  config = ml_collections.ConfigDict(config.to_dict())  # a private, unlocked copy we may resolve
-  host_memory.keep_freed_memory()  # XLA:CPU's per-call temp buffers: no page faults every step
-  shd.maybe_initialize_distributed(config)
-  validate(config)
+  config = resolve_lib.checked_config(config)
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  with WorkdirLock(workdir, enabled=jax.process_index() == 0):
+    resolve_lib.check_saved_run(config, workdir)
+    r = resolve_lib.resolve(config, workdir, training=True, checked=True)
+    write_config(r.config, r.workdir)
+    stop = _StopFlag()
+    stop.install()
+    try:
+      trainer = Trainer(r)
+      try:
+        return _train(trainer, stop, stop_after_steps)
+      finally:
+        trainer.close()
+    finally:
+      stop.uninstall()
 
-  tokenizer = data_lib.get_tokenizer(config, workdir)
-  if not config.model.vocab_size:
-    config.model.vocab_size = int(tokenizer.vocab_size)
-  elif config.model.vocab_size < tokenizer.vocab_size:
-    raise ConfigError(f'model.vocab_size={config.model.vocab_size} is smaller than the tokenizer\'s '
-                      f'{tokenizer.vocab_size} symbols; set it to 0 (= take the tokenizer\'s) or larger.')
-  model_cfg = ModelConfig.from_config(config.model)
-  write_config(config, workdir)
 
-  mesh = shd.make_mesh(config)
-  rules = shd.rules_from_config(config)
-  check_batch_sizes(config, mesh, rules)
-  tx, schedule = opt_lib.make_optimizer(config.train)
-  setup = step_lib.make_setup(config, mesh, tx, schedule)
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state['params']))
-  _log(f'{model_cfg.arch}: {n_params / 1e6:.2f}M parameters, vocab {model_cfg.vocab_size}; mesh '
-       f'{dict(mesh.shape)} on {mesh.devices.size} {jax.devices()[0].platform} device(s), '
-       f'{jax.process_count()} process(es)')
-  for note in shd.describe_unsharded(setup.abstract_state['params'], mesh, rules)[:8]:
-    _log(f'  replicated (mesh does not divide it): {note}')
-
-  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-  restored = checkpointer.restore(setup.abstract_state)
-  data_state = None
-  if restored is not None:
-    state, data_state, start = restored
-    _log(f'resumed from checkpoint step {start} in {ckpt_lib.checkpoint_dir(workdir)}')
-    _truncate_metrics(workdir, start)
-  else:
-    state, start = step_lib.init_state(config, setup), 0
-
-  layout = shd.data_layout(mesh, rules, config.train.batch_size)
-  train_iter = data_lib.make_train_iterator(config, tokenizer, workdir, layout=layout)
-  if data_state is not None:
-    train_iter.set_state(data_state)
-  train_step = step_lib.make_train_step(config, setup)
-  steps_per_call = int(config.train.get('steps_per_call', 1))
-  multi_step = step_lib.make_train_step(config, setup, steps_per_call) if steps_per_call > 1 else None
-  eval_step = step_lib.make_eval_step(config, setup)
-
-  train = config.train
-  num_steps = train.num_steps
-  src_len = config.data.src_seq_len if model_cfg.arch == 'encoder_decoder' else None
-  step_flops = flops_lib.train_flops_per_step(model_cfg, train.batch_size, config.data.seq_len, src_len)
-  peak = flops_lib.peak_flops_total(mesh.devices.flat, model_cfg.dtype)
-  tokens_per_step = train.batch_size * config.data.seq_len
-  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-  stop = _StopFlag()
-  stop.install()
-  config_dict = json.loads(config_to_json(config))
-
-  def save(step_now: int) -> None:
-    checkpointer.save(step_now, state, data_state=train_iter.get_state(), config=config_dict)
-
+def _train(trainer: Trainer, stop: _StopFlag, stop_after_steps: int | None) -> dict[str, Any]:
+  """The loop: train calls; train rows every train.log_every; eval every train.eval_every; checkpoints every
+  checkpoint.every_steps, at the end, and at a stop (signal or stop_after_steps)."""
+  train, every_ckpt = trainer.config.train, trainer.config.checkpoint.every_steps
   last_train: dict[str, Any] = {}
   last_eval: dict[str, Any] | None = None
-  last_saved = start if restored is not None else -1
-  pending: list[tuple[int, dict]] = []  # (steps in the call, its metrics; stacked [n] when n > 1)
-  compiled: set[int] = set()
-  window_start, window_steps = time.perf_counter(), 0
-  eval_enabled = True
-  step = start
-  if start >= num_steps:
-    _log(f'already at step {start} >= train.num_steps={num_steps}; nothing to train.')
-  try:
-    while step < num_steps:
-      # train.steps_per_call = k > 1: k steps per jitted call, in chunks aligned to multiples of k (so the log /
-      # eval / checkpoint steps, multiples of k, are reached exactly); single steps where a chunk would not fit: to
-      # align after resuming at another step, before num_steps, or before stop_after_steps.
-      n = 1
-      if (multi_step is not None and step % steps_per_call == 0 and step + steps_per_call <= num_steps
-          and (stop_after_steps is None or step + steps_per_call <= stop_after_steps)):
-        n = steps_per_call
-      if n == 1:
-        batch = next(train_iter)
-        state, metrics = train_step(state, shd.shard_batch(batch, mesh, rules, layout))
-      else:
-        batches = [next(train_iter) for _ in range(n)]
-        stacked = {key: np.stack([np.asarray(b[key]) for b in batches]) for key in batches[0]}
-        state, metrics = multi_step(state, shd.shard_batch(stacked, mesh, rules, layout, stacked=True))
-      step += n
-      pending.append((n, metrics))
-      window_steps += n
-      if n not in compiled:  # exclude each program's first call (compilation) from the throughput
-        compiled.add(n)
-        jax.block_until_ready(metrics)
-        window_start, window_steps = time.perf_counter(), 0
-      is_last = step == num_steps
-      if step % train.log_every == 0 or is_last:
-        fetched = []
-        for n_call, m in jax.device_get(pending):  # one metrics dict per step
-          fetched += [m] if n_call == 1 else [{key: v[i] for key, v in m.items()} for i in range(n_call)]
-        pending = []
-        elapsed = time.perf_counter() - window_start
-        sec_per_step = elapsed / window_steps if window_steps else float('nan')
-        tokens = sum(float(m['tokens']) for m in fetched)
-        last_train = {
-            'train_loss': float(np.mean([m['loss'] for m in fetched])),
-            'train_accuracy': float(np.mean([m['accuracy'] for m in fetched])),
-            'learning_rate': float(fetched[-1]['learning_rate']),
-            'grad_norm': float(fetched[-1]['grad_norm']),
-            'tokens_per_sec': tokens_per_step / sec_per_step if window_steps else None,
-            'target_tokens_per_sec': tokens / len(fetched) / sec_per_step if window_steps else None,
-            'step_time': sec_per_step if window_steps else None,
-            'mfu': flops_lib.mfu(step_flops, sec_per_step, peak) if window_steps else None,
-        }
-        if train.z_loss or train.label_smoothing:
-          last_train['train_objective'] = float(np.mean([m['objective'] for m in fetched]))
-        writer.write(step, last_train)
-        rate = last_train['tokens_per_sec']
-        mfu = last_train['mfu']
-        _log(f'step {step}/{num_steps} | loss {last_train["train_loss"]:.4f} | lr {last_train["learning_rate"]:.2e} '
-             f'| gnorm {last_train["grad_norm"]:.3f} | '
-             + (f'{_fmt_rate(rate)} tok/s | ' if rate else '')
-             + (f'mfu {100 * mfu:.2f}% | ' if mfu is not None else '')
-             + (f'ETA {_fmt_eta((num_steps - step) * sec_per_step)}' if window_steps else 'ETA ?'))
-        window_start, window_steps = time.perf_counter(), 0
-      stopping = stop.requested if jax.process_count() == 1 else (
-          (step % train.log_every == 0 or is_last) and stop.any_process())
-      stopping = stopping or (stop_after_steps is not None and step >= stop_after_steps and not is_last)
-      if eval_enabled and (step % train.eval_every == 0 or is_last) and not stopping:
-        try:
-          last_eval = evaluate(state, eval_step, config, tokenizer, workdir, mesh, rules)
-        except (FileNotFoundError, KeyError) as e:
-          _log(f'evaluation disabled: {e}')
-          eval_enabled, last_eval = False, None
-        if last_eval is not None:
-          writer.write(step, last_eval)
-          _log(f'eval at step {step}: loss {last_eval["eval_loss"]:.4f} | perplexity '
-               f'{last_eval["eval_perplexity"]:.3f} | accuracy {last_eval["eval_accuracy"]:.4f}')
-        window_start, window_steps = time.perf_counter(), 0
-      if step % config.checkpoint.every_steps == 0 or is_last or stopping:
-        save(step)
-        last_saved = step
-        window_start, window_steps = time.perf_counter(), 0
-      if stopping:
-        _log(f'{"SIGTERM" if stop.requested else "stop_after_steps"}: saved checkpoint at step {step}; exiting.')
-        break
-    if last_saved != step and step > 0:
-      save(step)
-  finally:
-    stop.uninstall()
-    checkpointer.close()
-    writer.close()
-    if hasattr(train_iter, 'close'):
-      train_iter.close()
-  return {'step': step, 'stopped_early': step < num_steps, **last_train, **(last_eval or {})}
+  step, stopped_by = trainer.start, None
+  if step >= train.num_steps:
+    _log(f'already at step {step} >= train.num_steps={train.num_steps}; nothing to train.')
+  while step < train.num_steps:
+    n = trainer.call_size(step, stop_after_steps)
+    trainer.train_call(step, n)
+    step += n
+    is_last = step == train.num_steps
+    log_step = step % train.log_every == 0 or is_last
+    if log_step:
+      last_train = trainer.log.flush(step)
+    # a signal may reach one process first; in multi-process runs they agree at log steps (a collective)
+    stopping = stop.requested is not None if jax.process_count() == 1 else (log_step and stop.any_process())
+    if stopping:
+      stopped_by = stop.requested or 'SIGTERM'
+    elif stop_after_steps is not None and step >= stop_after_steps and not is_last:
+      stopping, stopped_by = True, 'stop_after_steps'
+    if (step % train.eval_every == 0 or is_last) and not stopping:
+      try:
+        last_eval = trainer.evaluate(step)
+      except user_errors.UserError:
+        trainer.save(step)  # the step's work is kept; the error is reported after the checkpoint
+        raise
+    if step % every_ckpt == 0 or is_last or stopping:
+      trainer.save(step)
+    if stopping:
+      _log(f'{stopped_by}: saved checkpoint at step {step}; exiting.')
+      break
+  if trainer.last_saved != step and step > 0:
+    trainer.save(step)
+  return {'step': step, 'stopped_early': step < train.num_steps, 'stopped_by': stopped_by, **last_train,
+          **(last_eval or {})}

@@ -256,27 +256,3 @@ def make_train_step(config, setup: TrainSetup, steps_per_call: int = 1) -> Calla
       return jitted[keys](state, batch)
 
   return train_step
-
-
-def make_eval_step(config, setup: TrainSetup) -> Callable[[dict, Batch], dict]:
-  """(state, batch) -> the token-weighted metric sums of the batch (deterministic forward pass)."""
-  graphdef = setup.graphdef
-
-  def step_fn(params, rest, batch):
-    model = merge_model(graphdef, params, rest)
-    _, metrics = compute_loss(model, batch, config, deterministic=True)
-    return metrics
-
-  jitted = {}
-
-  def eval_step(state, batch):
-    keys = tuple(sorted(batch))
-    if keys not in jitted:
-      batch_sh = {key: shd.batch_sharding(setup.mesh, setup.rules, batch[key].ndim) for key in keys}
-      jitted[keys] = jax.jit(
-          step_fn, in_shardings=(setup.state_shardings['params'], setup.state_shardings['rngs'], batch_sh),
-          out_shardings=setup.replicated)
-    with shd.mesh_context(setup.mesh, setup.rules):
-      return jitted[keys](state['params'], state['rngs'], batch)
-
-  return eval_step

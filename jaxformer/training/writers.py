@@ -7,10 +7,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from typing import Any, Mapping
 
 
 def _clean(value: Any) -> Any:
+  """JSON-safe scalars: ints stay ints, NaN/inf become None."""
+  if isinstance(value, int) and not isinstance(value, bool):
+    return value
   try:
     value = float(value)
   except (TypeError, ValueError):
@@ -21,7 +25,6 @@ def _clean(value: Any) -> Any:
 def _import_summary_writer():
   """tensorboardX.SummaryWriter without tensorboardX's optional `import torch` (seconds of start-up for nothing:
   we only log scalars). If torch is already imported it is left alone."""
-  import sys
   if 'tensorboardX' in sys.modules or 'torch' in sys.modules:
     from tensorboardX import SummaryWriter
     return SummaryWriter

@@ -1,0 +1,150 @@
+"""What train.py and eval.py share: recipe loading, misspelt --config.* keys as one clear line, quiet logging, and
+the boundary where a user error (bad config, data, checkpoint, workdir) becomes one line on stderr.
+
+This module imports only light packages at the top: train.py --help must stay fast, so jax and the rest of
+jaxformer are imported when a command actually runs (see `train` and `evaluate`).
+"""
+from __future__ import annotations
+
+import difflib
+import logging as std_logging
+import importlib.util
+import os
+import sys
+from typing import Any, Callable, NoReturn, Sequence
+
+import ml_collections
+from absl import flags, logging
+
+from jaxformer.user_errors import USER_ERROR_EXIT, UserError, file_system_error
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """Loads a recipe like config_flags does: `path[:arg]`, calling get_config() (or get_config(arg))."""
+  path, _, arg = path.partition(':')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'--config={path}: no such file; recipes live in configs/ (e.g. configs/gpt_tiny.py).')
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  if repo not in sys.path:
+    sys.path.insert(0, repo)
+  spec = importlib.util.spec_from_file_location('_jaxformer_recipe', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def leaf_keys(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
+  keys = []
+  for key, value in config.items():
+    full = f'{prefix}{key}'
+    keys.append(full)
+    if isinstance(value, ml_collections.ConfigDict):
+      keys += leaf_keys(value, full + '.')
+  return keys
+
+
+def unknown_override(config: ml_collections.ConfigDict, argv: Sequence[str], flag: str = 'config') -> str | None:
+  """The error line for the first --config.<key>=... whose key is not in `config`, or None if all exist."""
+  keys = leaf_keys(config)
+  known = set(keys)
+  for arg in argv[1:]:
+    if not arg.startswith(f'--{flag}.'):
+      continue
+    key = arg[len(flag) + 3:].split('=', 1)[0]
+    if key in known:
+      continue
+    parent, _, leaf = key.rpartition('.')
+    if parent in known or not parent:  # a wrong last component: compare with its siblings
+      siblings = [k for k in keys if k.rpartition('.')[0] == parent]
+      close = difflib.get_close_matches(leaf, [k.rpartition('.')[2] for k in siblings], n=3, cutoff=0.5)
+      close = [f'{parent}.{c}' if parent else c for c in close]
+    else:  # a wrong section: compare whole keys of the same depth
+      siblings = [k for k in keys if '.' not in k]
+      close = difflib.get_close_matches(key, [k for k in keys if k.count('.') == key.count('.')], n=3, cutoff=0.6)
+    if close:
+      hint = f'did you mean {" or ".join(f"--{flag}.{c}" for c in close)}?'
+    else:
+      hint = f'valid keys here: {", ".join(siblings[:24])}'
+    return f'unknown config key --{flag}.{key}; {hint}'
+  return None
+
+
+def check_overrides(argv: Sequence[str], flag: str = 'config') -> None:
+  """Exits with status 2 and one line on stderr when a --config.<key> override names no key of the recipe."""
+  path = None
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg.startswith(f'--{flag}='):
+      path = arg.split('=', 1)[1]
+    elif arg == f'--{flag}' and i + 1 < len(argv):
+      path = argv[i + 1]
+  if path is None:
+    return
+  try:
+    config = load_config_file(path)
+  except FileNotFoundError as e:
+    fail(UserError(str(e)))
+  message = unknown_override(config, argv, flag)
+  if message:
+    fail(UserError(message))
+
+
+def explicit_overrides(argv: Sequence[str], flag: str = 'config') -> list[str]:
+  """The dotted keys given as --config.<key>=... on the command line (eval.py: these win over the saved config)."""
+  return [arg[len(flag) + 3:].split('=', 1)[0] for arg in argv[1:] if arg.startswith(f'--{flag}.')]
+
+
+def quiet_logging() -> None:
+  """Library noise off unless --verbosity was given: absl at WARNING (orbax logs every file it writes/reads at
+  INFO; our data warnings stay visible), orbax's warning that a read-only manager is read-only dropped (checkpoints
+  are listed and evaluated read-only on purpose), TFDS's "Downloading and preparing" (nothing is downloaded) and
+  TensorFlow/TensorStore C++ logs below ERROR. Our own messages are printed, not logged, so they still show."""
+  if flags.FLAGS['verbosity'].present:
+    return
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  std_logging.getLogger('tensorflow_datasets').setLevel(std_logging.ERROR)
+  logging.set_verbosity(logging.WARNING)
+  logging.get_absl_handler().addFilter(
+      lambda record: 'read only' not in (m := record.getMessage()) and 'read_only=True' not in m)
+
+
+def fail(error: UserError) -> NoReturn:
+  """Prints a user error as `error: <message>` (+ `hint: <hint>`) on stderr and exits with status 2."""
+  print(f'error: {error}', file=sys.stderr, flush=True)
+  if error.hint:
+    print(f'hint: {error.hint}', file=sys.stderr, flush=True)
+  sys.exit(USER_ERROR_EXIT)
+
+
+def guarded(fn: Callable[[], Any]) -> Any:
+  """Runs fn behind the user-error boundary: a UserError, a file-system OSError (disk full, permissions) or a
+  missing file is one line and exit status 2; anything else is a bug and keeps its traceback."""
+  try:
+    return fn()
+  except UserError as e:
+    fail(e)
+  except FileNotFoundError as e:
+    fail(UserError(str(e)))
+  except OSError as e:
+    user_error = file_system_error(e)
+    if user_error is None:
+      raise
+    fail(user_error)
+  except KeyboardInterrupt:  # Ctrl-C before training installed its handler (or a second one): nothing to save
+    print('interrupted.', file=sys.stderr, flush=True)
+    sys.exit(130)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """train.py's one call: jaxformer.training.run behind the user-error boundary. Ctrl-C saves a checkpoint (like
+  SIGTERM) and then exits with status 130."""
+  from jaxformer import training  # late: keeps train.py --help fast
+  result = guarded(lambda: training.run(config, workdir))
+  if result.get('stopped_by') == 'SIGINT':
+    sys.exit(130)
+  return result
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, argv: Sequence[str], **kwargs: Any) -> dict[str, Any]:
+  """eval.py's one call: jaxformer.evaluation.run behind the user-error boundary; argv gives the overrides."""
+  from jaxformer import evaluation  # late: keeps eval.py --help fast
+  return guarded(lambda: evaluation.run(config, workdir, overrides=explicit_overrides(argv), **kwargs))
