@@ -53,7 +53,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ----------------------------------------------------------------- data
   data = config.data = ml_collections.ConfigDict()
-  # builtin:lm | builtin:numbers | text:<path or glob> | parallel:<prefix> | tfds:<name>[/<config>]
+  # builtin:lm | builtin:numbers | text:<path or glob> | parallel:<prefix> | jsonl:<path or glob> |
+  # tfds:<name>[/<config>]
   data.source = 'builtin:lm'
   data.data_dir = ''  # where TFDS datasets live or are built; '' = <workdir>/data
   data.tokenizer = 'char'  # char | byte | sentencepiece
@@ -65,6 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
   # text: sources: file = each file is one document (nanoGPT; long ones are cut at line ends into ~2k-char
   # examples), one file split 90/10 by characters | line = one example per non-empty line, split 90/10 by lines
   data.text_unit = 'file'
+  # jsonl: sources (instruction data): the fields of each line's JSON object holding the prompt and the response
+  data.prompt_key = 'prompt'
+  data.response_key = 'response'
   data.seq_len = 128  # tokens per row: LM rows, or the decoder (target) side of seq2seq
   data.src_seq_len = 128  # encoder (source) side of seq2seq
   data.pack = True  # pack several examples into one row (segment_ids keep them apart)
@@ -72,6 +76,12 @@ def get_config() -> ml_collections.ConfigDict:
   # random_windows = i.i.d. windows of the whole tokenized split, as nanoGPT (LM archs, data that fits in memory)
   data.sampling = 'streams'
   data.mask_rate = 0.15  # encoder_only masked-LM: fraction of tokens chosen (80/10/10 mask/random/keep)
+  # encoder_decoder on text examples: split_middle = source/target at the middle word | prefix_lm = at a random
+  # token | span_corruption = T5's denoising (random spans -> sentinels taken from the end of the vocabulary)
+  data.objective = 'split_middle'
+  data.noise_density = 0.15  # span_corruption: fraction of tokens noised
+  data.mean_noise_span_length = 3.0  # span_corruption: mean length of a noised span
+  data.num_sentinels = 100  # span_corruption: sentinel ids reserved at the end of the vocabulary (T5: 100)
   data.train_split = 'train'
   data.eval_split = 'validation'
   data.test_split = 'test'
