@@ -220,3 +220,21 @@ def test_eval_json_holds_null_for_non_finite_values(tmp_path, capsys):
   assert json.loads(path.read_text())['loss'] is None
   with pytest.raises(ValueError):  # strict JSON: a NaN that slipped through is a bug, not a silent 'NaN'
     evaluation._write_json(str(path), {'loss': float('nan')})
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 600 kB tmpfs (needs root and mount rights; skipped elsewhere: the simulated ENOSPC test covers the path)."""
+  mount = tmp_path / 'disk'
+  mount.mkdir()
+  if os.geteuid() != 0 or subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=600k', 'tmpfs', str(mount)],
+                                         capture_output=True).returncode:
+    pytest.skip('cannot mount a small tmpfs here')
+  yield mount
+  subprocess.run(['umount', str(mount)], check=True)
+
+
+def test_real_disk_full_during_checkpointing_is_one_line(small_disk):
+  proc = cli(train_args(small_disk / 'run', '--config.checkpoint.every_steps=1', '--config.checkpoint.keep=100',
+                        '--config.checkpoint.async_save=True', num_steps=40))
+  assert_user_error(proc, 'no space left', 'free some space')
