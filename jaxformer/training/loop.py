@@ -322,7 +322,7 @@ class Trainer:
     else:
       resume = f'no checkpoint was saved; start again with a lower learning rate (now {lr:g})'
     return user_errors.NonFiniteError(f'training diverged: loss or gradient norm not finite ({what}); stopped '
-                                      f'without saving it.', hint=resume + ' (or set train.skip_bad_steps=True).')
+                                      f'without saving it.', hint=resume + '.')
 
   def evaluate(self, step: int) -> dict[str, float]:
     row = self.evaluator.training_row(self.state['params'], self.state['rngs'])
