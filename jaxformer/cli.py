@@ -103,10 +103,10 @@ def explicit_overrides(argv: Sequence[str], flag: str = 'config') -> list[str]:
 
 
 def quiet_logging() -> None:
-  """Library noise off unless --verbosity was given: absl at WARNING (orbax logs every file it writes/reads at
-  INFO; our data warnings stay visible), orbax's records dropped (its failures, logged with tracebacks, reach the
-  user as our one-line errors; its "read only" warnings describe what we asked for), TFDS's "Downloading and preparing" (nothing is downloaded) and
-  TensorFlow/TensorStore C++ logs below ERROR. Our own messages are printed, not logged, so they still show."""
+  """Library noise off unless --verbosity was given: absl at WARNING (our data warnings stay visible); orbax's
+  records dropped (it logs every file at INFO, its failures with tracebacks: those reach the user as our one-line
+  errors, and its "read only" warnings describe what we asked for); TFDS's "Downloading and preparing" (nothing
+  is downloaded) and TensorFlow/TensorStore C++ logs below ERROR. Our own messages are printed, so they show."""
   if flags.FLAGS['verbosity'].present:
     return
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')

@@ -56,8 +56,9 @@ def test_train_py_misspelt_eval_split_fails_at_start_up(tmp_path):
 
 
 def test_unknown_recipe_variant_is_one_line(tmp_path):
-  out = subprocess.run([sys.executable, 'train.py', '--config=configs/shakespeare_char.py:tpu', f'--workdir={tmp_path}'],
-                       cwd=REPO, capture_output=True, text=True, timeout=120)
+  out = subprocess.run(
+      [sys.executable, 'train.py', '--config=configs/shakespeare_char.py:tpu', f'--workdir={tmp_path}'],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
   lines = [line for line in out.stderr.splitlines() if line.strip()]
   assert out.returncode == 2 and len(lines) == 1 and 'Traceback' not in out.stderr, out.stderr
   assert "unknown shakespeare_char variant 'tpu'; use one of: cpu, gpu" in lines[0]

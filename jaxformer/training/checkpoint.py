@@ -270,7 +270,8 @@ class Checkpointer:
     steps = sorted(self.manager.all_steps(), reverse=True)
     if step is not None:
       if step not in steps:
-        raise CheckpointError(f'no checkpoint for step {step} in {checkpoint_dir(self.workdir)} (have: {sorted(steps)}).')
+        raise CheckpointError(
+            f'no checkpoint for step {step} in {checkpoint_dir(self.workdir)} (have: {sorted(steps)}).')
       steps = [step]
     if not steps:
       return None
