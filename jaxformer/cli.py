@@ -129,8 +129,16 @@ def fail(error: UserError) -> NoReturn:
   sys.exit(USER_ERROR_EXIT)
 
 
-# TensorStore (orbax's array writer) reports file-system failures as ValueErrors with a status code in the text.
+# TensorStore (orbax's array writer) reports file-system failures as ValueErrors (or wrapped): a status code and the
+# errno in the text ('... No space left on device [os_error_code='28']').
 _TENSORSTORE_STATUS = {'RESOURCE_EXHAUSTED': errno.ENOSPC, 'PERMISSION_DENIED': errno.EACCES}
+
+
+def _tensorstore_errno(text: str) -> int | None:
+  code = re.search(r"os_error_code='?(\d+)", text)
+  if code:
+    return int(code.group(1))
+  return next((n for status, n in _TENSORSTORE_STATUS.items() if text.startswith(status + ':')), None)
 
 
 def _file_system_cause(e: BaseException) -> UserError | None:
@@ -140,11 +148,11 @@ def _file_system_cause(e: BaseException) -> UserError | None:
     seen.add(id(e))
     if isinstance(e, OSError) and (user_error := file_system_error(e)) is not None:
       return user_error
-    text = str(e)
-    for status, code in _TENSORSTORE_STATUS.items():
-      match = re.match(rf'{status}: Error (?:writing|opening|reading) local file "([^"]+)"', text)
-      if match:
-        return file_system_error(OSError(code, os.strerror(code), match.group(1)))
+    if not isinstance(e, OSError) and (code := _tensorstore_errno(str(e))) is not None:
+      path = re.search(r'"(/[^"]+)"', str(e))
+      user_error = file_system_error(OSError(code, os.strerror(code), path.group(1) if path else None))
+      if user_error is not None:
+        return user_error
     e = e.__cause__ or e.__context__
   return None
 
