@@ -7,9 +7,11 @@ jaxformer are imported when a command actually runs (see `train` and `evaluate`)
 from __future__ import annotations
 
 import difflib
+import errno
 import logging as std_logging
 import importlib.util
 import os
+import re
 import sys
 from typing import Any, Callable, NoReturn, Sequence
 
@@ -30,7 +32,12 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   spec = importlib.util.spec_from_file_location('_jaxformer_recipe', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  if not arg:
+    return module.get_config()
+  try:
+    return module.get_config(arg)
+  except ValueError as e:  # the recipe rejects the variant (configs/default.apply_variant): the user's input
+    raise UserError(f'--config={path}:{arg}: {e}') from None
 
 
 def leaf_keys(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
@@ -81,6 +88,8 @@ def check_overrides(argv: Sequence[str], flag: str = 'config') -> None:
     return
   try:
     config = load_config_file(path)
+  except UserError as e:
+    fail(e)
   except FileNotFoundError as e:
     fail(UserError(str(e)))
   message = unknown_override(config, argv, flag)
@@ -94,17 +103,22 @@ def explicit_overrides(argv: Sequence[str], flag: str = 'config') -> list[str]:
 
 
 def quiet_logging() -> None:
-  """Library noise off unless --verbosity was given: absl at WARNING (orbax logs every file it writes/reads at
-  INFO; our data warnings stay visible), orbax's warning that a read-only manager is read-only dropped (checkpoints
-  are listed and evaluated read-only on purpose), TFDS's "Downloading and preparing" (nothing is downloaded) and
-  TensorFlow/TensorStore C++ logs below ERROR. Our own messages are printed, not logged, so they still show."""
+  """Library noise off unless --verbosity was given: absl at WARNING (our data warnings stay visible); orbax's
+  records dropped (it logs every file at INFO, its failures with tracebacks: those reach the user as our one-line
+  errors, and its "read only" warnings describe what we asked for); TFDS's "Downloading and preparing" (nothing
+  is downloaded) and TensorFlow/TensorStore C++ logs below ERROR. Our own messages are printed, so they show."""
   if flags.FLAGS['verbosity'].present:
     return
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   std_logging.getLogger('tensorflow_datasets').setLevel(std_logging.ERROR)
   logging.set_verbosity(logging.WARNING)
-  logging.get_absl_handler().addFilter(
-      lambda record: 'read only' not in (m := record.getMessage()) and 'read_only=True' not in m)
+  logging.get_absl_handler().addFilter(_not_library_noise)
+
+
+def _not_library_noise(record: std_logging.LogRecord) -> bool:
+  """False for orbax's records (its failures reach the user as our one-line errors; its read-only warnings
+  describe what we asked for)."""
+  return f'{os.sep}orbax{os.sep}' not in record.pathname
 
 
 def fail(error: UserError) -> NoReturn:
@@ -113,6 +127,34 @@ def fail(error: UserError) -> NoReturn:
   if error.hint:
     print(f'hint: {error.hint}', file=sys.stderr, flush=True)
   sys.exit(USER_ERROR_EXIT)
+
+
+# TensorStore (orbax's array writer) reports file-system failures as ValueErrors (or wrapped): a status code and the
+# errno in the text ('... No space left on device [os_error_code='28']').
+_TENSORSTORE_STATUS = {'RESOURCE_EXHAUSTED': errno.ENOSPC, 'PERMISSION_DENIED': errno.EACCES}
+
+
+def _tensorstore_errno(text: str) -> int | None:
+  code = re.search(r"os_error_code='?(\d+)", text)
+  if code:
+    return int(code.group(1))
+  return next((n for status, n in _TENSORSTORE_STATUS.items() if text.startswith(status + ':')), None)
+
+
+def _file_system_cause(e: BaseException) -> UserError | None:
+  """The UserError for a full disk / permission problem anywhere in e's chain of causes, else None."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and (user_error := file_system_error(e)) is not None:
+      return user_error
+    if not isinstance(e, OSError) and (code := _tensorstore_errno(str(e))) is not None:
+      path = re.search(r'"(/[^"]+)"', str(e))
+      user_error = file_system_error(OSError(code, os.strerror(code), path.group(1) if path else None))
+      if user_error is not None:
+        return user_error
+    e = e.__cause__ or e.__context__
+  return None
 
 
 def guarded(fn: Callable[[], Any]) -> Any:
@@ -124,8 +166,8 @@ def guarded(fn: Callable[[], Any]) -> Any:
     fail(e)
   except FileNotFoundError as e:
     fail(UserError(str(e)))
-  except OSError as e:
-    user_error = file_system_error(e)
+  except Exception as e:  # noqa: BLE001 - re-raised unless the file system caused it (orbax wraps its OSErrors)
+    user_error = _file_system_cause(e)
     if user_error is None:
       raise
     fail(user_error)

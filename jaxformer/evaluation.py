@@ -311,8 +311,11 @@ def _write_json(path: str, obj: dict) -> None:
 def _read_lines(path: str) -> list[str]:
   if not os.path.isfile(path):
     raise EvalError(f'--input={path}: no such file.')
-  with open(path, encoding='utf-8') as f:
-    lines = [line.rstrip('\n') for line in f]
+  try:
+    with open(path, encoding='utf-8') as f:
+      lines = [line.rstrip('\n') for line in f]
+  except UnicodeDecodeError as e:
+    raise EvalError(f'--input={path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8.') from None
   if not any(line.strip() for line in lines):
     raise EvalError(f'--input={path} is empty; give a file with one source sentence per line.')
   return lines

@@ -112,8 +112,9 @@ def checked_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 
 def check_saved_run(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """A workdir with checkpoints holds one model: a config whose model section differs is refused before
-  anything is written (WorkdirError naming the keys)."""
+  """A workdir with checkpoints holds one model: a config whose model section (or optimizer state layout:
+  train.optimizer, train.skip_bad_steps) differs is refused before anything is written (WorkdirError naming the
+  keys)."""
   step = ckpt_lib.latest_step(workdir)
   saved = ckpt_lib.saved_config(workdir, step) if step is not None else None
   if not saved:
@@ -126,6 +127,10 @@ def check_saved_run(config: ml_collections.ConfigDict, workdir: str) -> None:
     old = saved_model[key]
     if (list(old) if isinstance(old, (list, tuple)) else old) != (list(value) if isinstance(value, tuple) else value):
       differ.append(f'model.{key}={old!r} there, {value!r} here')
+  for key in ('optimizer', 'skip_bad_steps'):  # they decide the optimizer state's layout in the checkpoint
+    old, new = saved.get('train', {}).get(key, False if key == 'skip_bad_steps' else None), config.train.get(key)
+    if old is not None and old != new:
+      differ.append(f'train.{key}={old!r} there, {new!r} here')
   if differ:
     raise WorkdirError(
         f'--workdir={workdir} holds checkpoints of another model ({"; ".join(differ[:3])}); use a new --workdir, '

@@ -220,3 +220,59 @@ def test_eval_json_holds_null_for_non_finite_values(tmp_path, capsys):
   assert json.loads(path.read_text())['loss'] is None
   with pytest.raises(ValueError):  # strict JSON: a NaN that slipped through is a bug, not a silent 'NaN'
     evaluation._write_json(str(path), {'loss': float('nan')})
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 600 kB tmpfs (needs root and mount rights; skipped elsewhere: the simulated ENOSPC test covers the path)."""
+  mount = tmp_path / 'disk'
+  mount.mkdir()
+  if os.geteuid() != 0 or subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=600k', 'tmpfs', str(mount)],
+                                         capture_output=True).returncode:
+    pytest.skip('cannot mount a small tmpfs here')
+  yield mount
+  subprocess.run(['umount', str(mount)], check=True)
+
+
+def test_real_disk_full_during_checkpointing_is_one_line(small_disk):
+  proc = cli(train_args(small_disk / 'run', '--config.checkpoint.every_steps=1', '--config.checkpoint.keep=100',
+                        '--config.checkpoint.async_save=True', num_steps=40))
+  assert_user_error(proc, 'no space left', 'free some space')
+
+
+# ------------------------------------------------------------------------------ in-process: the loop's own rules
+def _tiny(**train):
+  from tests.test_train import tiny
+  return tiny('gpt_tiny', **train)
+
+
+def test_an_error_at_an_eval_step_is_raised_after_that_steps_checkpoint(tmp_path, monkeypatch):
+  from jaxformer import data, evaluation
+  from jaxformer.training import checkpoint, run
+
+  def broken(self, params, rest):
+    raise data.DataError('validation text broke')
+  monkeypatch.setattr(evaluation.Evaluator, 'training_row', broken)
+  with pytest.raises(data.DataError, match='validation text broke'):
+    run(_tiny(num_steps=6, eval_every=3), str(tmp_path))
+  assert checkpoint.all_steps(str(tmp_path)) == [3]  # checkpoint.every_steps=1000: saved because eval failed
+
+
+def test_skip_bad_steps_keeps_parameters_finite_until_max_bad_steps(tmp_path):
+  import numpy as np
+  from flax import nnx
+  from jax import tree
+  from jaxformer import sharding as shd
+  from jaxformer.training import checkpoint, run
+  from jaxformer.user_errors import NonFiniteError
+  config = _tiny(num_steps=30, learning_rate=1e9, max_bad_steps=3, skip_bad_steps=True, log_every=1)
+  config.checkpoint.every_steps = 1
+  with pytest.raises(NonFiniteError, match=r'3 non-finite step\(s\) in a row'):  # not "parameters ... not finite"
+    run(config, str(tmp_path))
+  model, step = checkpoint.restore_model(str(tmp_path), config, shd.make_mesh(config))
+  params = tree.leaves(nnx.state(model, nnx.Param))
+  assert step >= 1 and all(np.isfinite(np.asarray(x)).all() for x in params)
+  # resuming with skip_bad_steps flipped would not fit the saved optimizer state: refused up front
+  config.train.skip_bad_steps = False
+  with pytest.raises(Exception, match=r'train.skip_bad_steps=True there, False here'):
+    run(config, str(tmp_path))

@@ -18,6 +18,11 @@ DIR/checkpoints_unreadable/ (never deleted; they would otherwise collide with th
 says so in one line. If no step restores, it stops with one line naming the folder and the error; nothing moves
 (that is usually a changed model config, not corruption). Evaluation (restore_model) follows the same policy
 (restore_newest) but only reads: it skips unreadable steps and moves nothing.
+
+Integrity: when a save has finished, the sha256 of each of its files goes to DIR/checkpoint_checksums/<step>.json;
+restore checks them first, so a corrupt checkpoint (flipped bytes orbax would read without complaint, a missing
+file) counts as unreadable and is never loaded. Steps without a record (saved before checksums existed, or by a
+run killed right after the save) are restored unchecked.
 """
 from __future__ import annotations
 
@@ -265,7 +270,8 @@ class Checkpointer:
     steps = sorted(self.manager.all_steps(), reverse=True)
     if step is not None:
       if step not in steps:
-        raise CheckpointError(f'no checkpoint for step {step} in {checkpoint_dir(self.workdir)} (have: {sorted(steps)}).')
+        raise CheckpointError(
+            f'no checkpoint for step {step} in {checkpoint_dir(self.workdir)} (have: {sorted(steps)}).')
       steps = [step]
     if not steps:
       return None

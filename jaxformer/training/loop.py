@@ -1,10 +1,24 @@
 """run(config, workdir): init or resume, train, evaluate, log, checkpoint.
 
-The hot loop only dispatches: metrics stay on the devices until a log step fetches them (one host sync per
-train.log_every steps), so the host runs ahead of the accelerator and the data pipeline overlaps with compute.
+The hot loop only dispatches: metrics stay on the devices until a log step fetches them, and the only per-call
+sync is the NaN guard reading the *previous* call's loss and gradient norm, so the host stays one call ahead of
+the accelerator and the data pipeline overlaps with compute.
+
+Faults (see jaxformer.user_errors; train.py prints them as one line, exit status 2):
+  - train.max_bad_steps steps in a row with a non-finite loss or gradient norm stop the run (NonFiniteError naming
+    the step and the last good checkpoint); a checkpoint is never saved from non-finite parameters or optimizer
+    state, so the good ones are never rotated out. train.skip_bad_steps=True skips non-finite updates instead
+    (optax.apply_if_finite) until max_bad_steps of them in a row.
+  - one run per workdir (DIR/train.lock, jaxformer.training.lock); a workdir whose checkpoints hold another model
+    is refused before anything is written.
+  - SIGTERM and SIGINT (Ctrl-C) save a checkpoint at the current step and return (train.py exits 0 / 130); a
+    second Ctrl-C ends the process at once.
+  - an error at an evaluation step is raised after that step's checkpoint is saved.
+  - a run without checkpoints starts a fresh metrics.jsonl (an old one is kept as metrics.<time>.jsonl.old).
 
 DIR/metrics.jsonl rows (also TensorBoard scalars in DIR/tensorboard/):
-  train rows, every train.log_every steps and at the end: step, train_loss (token-weighted cross-entropy, mean over
+  train rows, every train.log_every steps and at the end (a fresh run's first row also has num_params and
+    num_trainable_params): step, train_loss (token-weighted cross-entropy, mean over
     the steps since the last row), train_accuracy, learning_rate and grad_norm (of the last step; the norm is
     before clipping), tokens_per_sec (batch_size x seq_len positions per step, padding included: the target side
     for encoder_decoder), target_tokens_per_sec (tokens that carry loss), step_time (s), mfu (model FLOPs
@@ -307,7 +321,7 @@ class Trainer:
     else:
       resume = f'no checkpoint was saved; start again with a lower learning rate (now {lr:g})'
     return user_errors.NonFiniteError(f'training diverged: loss or gradient norm not finite ({what}); stopped '
-                                      f'without saving it.', hint=resume + ' (or set train.skip_bad_steps=True).')
+                                      f'without saving it.', hint=resume + '.')
 
   def evaluate(self, step: int) -> dict[str, float]:
     row = self.evaluator.training_row(self.state['params'], self.state['rngs'])
