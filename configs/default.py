@@ -75,6 +75,9 @@ def get_config() -> ml_collections.ConfigDict:
   # training rows: streams = each row reads shuffled examples in order (any size of data, any arch) |
   # random_windows = i.i.d. windows of the whole tokenized split, as nanoGPT (LM archs, data that fits in memory)
   data.sampling = 'streams'
+  # char tokenizer: characters absent from the training split become <unk>; their share per split is logged at
+  # start-up, and above this fraction the run stops there (before step 1). -1 = never stop.
+  data.max_unk_fraction = -1.0
   data.mask_rate = 0.15  # encoder_only masked-LM: fraction of tokens chosen (80/10/10 mask/random/keep)
   # encoder_decoder on text examples: split_middle = source/target at the middle word | prefix_lm = at a random
   # token | span_corruption = T5's denoising (random spans -> sentinels taken from the end of the vocabulary)
@@ -149,6 +152,10 @@ def get_config() -> ml_collections.ConfigDict:
   decode.eos_id = 2  # decoding stops at this token (jaxformer tokenizers: 2; T5: 1, GPT-2: 50256)
   decode.start_id = 1  # the decoder's first token when there is no prompt (BOS; T5: 0)
   decode.batch_size = 32
+  # sacrebleu tokenizer: '' = by data.tgt_lang (zh -> zh, ja -> ja-mecab if installed, else 13a) | 13a | intl |
+  # zh | char | none
+  decode.bleu_tokenize = ''
+  decode.bleu_max_ngram = 4  # BLEU's n-gram order (4 = standard; another value is marked in the signature)
   return config
 
 

@@ -11,6 +11,7 @@ import ml_collections
 
 from jaxformer import data as data_lib
 from jaxformer import decoding
+from jaxformer import metrics
 from jaxformer.errors import ConfigError, check_choice, check_fraction, check_positive
 from jaxformer.model.config import ModelConfig, validate_model
 from jaxformer.training import optimizer
@@ -89,3 +90,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'decode.top_p={decode.top_p!r} must be in (0, 1]; 1.0 turns nucleus sampling off.')
   if decode.temperature < 0:
     raise ConfigError(f'decode.temperature={decode.temperature!r} must be >= 0 (0 = greedy).')
+  if decode.get('bleu_tokenize', '') not in metrics.BLEU_TOKENIZE_CHOICES:
+    raise ConfigError(f'decode.bleu_tokenize={decode.bleu_tokenize!r} is not valid; use one of '
+                      f'{", ".join(c for c in metrics.BLEU_TOKENIZE_CHOICES if c)}, or \'\' to follow data.tgt_lang.')
+  check_positive('decode.bleu_max_ngram', decode.get('bleu_max_ngram', 4))

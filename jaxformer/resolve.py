@@ -14,6 +14,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import ml_collections
 from jax.sharding import Mesh
 
@@ -175,6 +176,9 @@ def resolve(config: ml_collections.ConfigDict, workdir: str, *, training: bool,
     splits = [config.data[key] for key in TRAINING_SPLITS] if training else []
   check_splits(config, source, splits)
   tokenizer = data_lib.get_tokenizer(config, workdir, source=source)
+  unknown = data_lib.unknown_characters(config, tokenizer, source, splits)  # may raise: data.max_unk_fraction
+  if unknown and jax.process_index() == 0:
+    print(unknown, flush=True)
   fill_vocab_size(config, tokenizer)
   model = ModelConfig.from_config(config.model)
   mesh = shd.make_mesh(config)

@@ -57,3 +57,4 @@ from jaxformer.data.tokenizers import SentencePieceTokenizer
 from jaxformer.data.tokenizers import Tokenizer
 from jaxformer.data.tokenizers import tokenizer_dir
 from jaxformer.data.tokenizers import TOKENIZERS
+from jaxformer.data.tokenizers import unknown_characters

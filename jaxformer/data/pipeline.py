@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import collections
 import copy
-import logging
 import queue
 import threading
 from typing import Any, Iterator
@@ -42,7 +41,7 @@ from jaxformer.data.errors import DataError
 from jaxformer.data.layout import DataLayout
 from jaxformer.data.rows import Rows, Stream, Task, as_pair, make_task
 from jaxformer.data.sources import Source, Split, get_source
-from jaxformer.data.tokenizers import MAX_UNK_FRACTION, Tokenizer
+from jaxformer.data.tokenizers import Tokenizer
 
 STATE_VERSION = 1
 CACHE_TOKENS = 1 << 25  # tokenized training examples kept in memory (~32M tokens): small datasets are read once
@@ -401,32 +400,6 @@ class EvalIterator:
     return {k: v[first:first + n] for k, v in batch.items()}
 
 
-def _check_coverage(tokenizer: Tokenizer, split: Split, spec: str, name: str, limit: int = 20000) -> None:
-  """A char vocabulary (from train) must cover the eval text: a few unseen characters are UNK, many are an error."""
-  if getattr(tokenizer, 'kind', '') != 'char':
-    return
-  checked = tokenizer.__dict__.setdefault('_coverage_checked', set())
-  key = (spec, name, len(split))
-  if key in checked:
-    return  # evaluation runs many times during training; the answer does not change
-  texts = []
-  for e in split.read(range(min(limit, len(split)))):
-    texts.extend(e if isinstance(e, tuple) else (e,))
-  missing, total, counts = tokenizer.uncovered(texts)
-  if not missing:
-    checked.add(key)
-    return
-  top = ''.join(c for c, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:10])
-  if missing > MAX_UNK_FRACTION * total:
-    raise DataError(
-        f'data.tokenizer=char (vocabulary from the training split) does not cover split {name!r} of '
-        f'data.source={spec!r}: {missing} of {total} characters are unseen (e.g. {top!r}); use data.tokenizer=byte '
-        'or sentencepiece.')
-  logging.warning('%d of %d characters of split %r are not in the char vocabulary and become UNK: %r', missing,
-                  total, name, top)
-  checked.add(key)
-
-
 def make_eval_iterator(config: Any, tokenizer: Tokenizer, workdir: str, split: str, *, layout: DataLayout,
                        source: Source | None = None) -> EvalIterator:
   """Finite, deterministic, one pass over `split`: this host's slice of each batch of `layout.batch_size` rows."""
@@ -434,7 +407,6 @@ def make_eval_iterator(config: Any, tokenizer: Tokenizer, workdir: str, split: s
   task = make_task(config, tokenizer, train=False)
   source = source or get_source(config, workdir)
   data = source.split(split)
-  _check_coverage(tokenizer, data, source.spec, split)
   return EvalIterator(task, data, layout)
 
 
