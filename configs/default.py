@@ -15,7 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- model
   model = config.model = ml_collections.ConfigDict()
   model.arch = 'decoder_only'  # encoder_only | decoder_only | encoder_decoder
-  model.position = 'learned'  # sinusoidal | rope | learned
+  model.position = 'learned'  # sinusoidal | rope | learned | relative (T5's bucketed bias on attention logits)
   model.norm = 'layer'  # layer | rms
   model.norm_position = 'pre'  # pre | post
   model.mlp = 'gelu'  # gelu (tanh) | relu | swiglu | gelu_exact (erf, BERT) | geglu (gated tanh gelu, T5 v1.1)
@@ -47,11 +47,14 @@ def get_config() -> ml_collections.ConfigDict:
   model.type_vocab_size = 0  # token-type (segment) embeddings; BERT: 2; 0 = none (token_type_ids default to 0)
   model.embed_norm = False  # norm (model.norm) over token + type + position embeddings before the blocks (BERT)
   model.output_bias = False  # a bias [vocab] added to the logits (BERT's MLM decoder bias)
+  model.relative_num_buckets = 32  # position=relative: buckets of key - query distance (T5: 32)
+  model.relative_max_distance = 128  # position=relative: distances past this share the last bucket (T5: 128)
   model.output_scale = 1.0  # multiplies the final hidden states before the output projection; T5 v1.0: d_model**-0.5
 
   # ----------------------------------------------------------------- data
   data = config.data = ml_collections.ConfigDict()
-  # builtin:lm | builtin:numbers | text:<path or glob> | parallel:<prefix> | tfds:<name>[/<config>]
+  # builtin:lm | builtin:numbers | text:<path or glob> | parallel:<prefix> | jsonl:<path or glob> |
+  # tfds:<name>[/<config>]
   data.source = 'builtin:lm'
   data.data_dir = ''  # where TFDS datasets live or are built; '' = <workdir>/data
   data.tokenizer = 'char'  # char | byte | sentencepiece
@@ -63,6 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
   # text: sources: file = each file is one document (nanoGPT; long ones are cut at line ends into ~2k-char
   # examples), one file split 90/10 by characters | line = one example per non-empty line, split 90/10 by lines
   data.text_unit = 'file'
+  # jsonl: sources (instruction data): the fields of each line's JSON object holding the prompt and the response
+  data.prompt_key = 'prompt'
+  data.response_key = 'response'
   data.seq_len = 128  # tokens per row: LM rows, or the decoder (target) side of seq2seq
   data.src_seq_len = 128  # encoder (source) side of seq2seq
   data.pack = True  # pack several examples into one row (segment_ids keep them apart)
@@ -73,6 +79,12 @@ def get_config() -> ml_collections.ConfigDict:
   # start-up, and above this fraction the run stops there (before step 1). -1 = never stop.
   data.max_unk_fraction = -1.0
   data.mask_rate = 0.15  # encoder_only masked-LM: fraction of tokens chosen (80/10/10 mask/random/keep)
+  # encoder_decoder on text examples: split_middle = source/target at the middle word | prefix_lm = at a random
+  # token | span_corruption = T5's denoising (random spans -> sentinels taken from the end of the vocabulary)
+  data.objective = 'split_middle'
+  data.noise_density = 0.15  # span_corruption: fraction of tokens noised
+  data.mean_noise_span_length = 3.0  # span_corruption: mean length of a noised span
+  data.num_sentinels = 100  # span_corruption: sentinel ids reserved at the end of the vocabulary (T5: 100)
   data.train_split = 'train'
   data.eval_split = 'validation'
   data.test_split = 'test'
@@ -101,6 +113,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.eval_every = 200
   train.eval_steps = 20  # batches per evaluation; -1 = the whole split
   train.eval_batch_size = 0  # 0 = train.batch_size
+  train.max_bad_steps = 3  # stop after this many steps in a row with a non-finite loss or gradient norm
+  train.skip_bad_steps = False  # True: a step with a non-finite gradient leaves params / optimizer state unchanged
 
   # ----------------------------------------------------------- checkpoint
   checkpoint = config.checkpoint = ml_collections.ConfigDict()

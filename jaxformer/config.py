@@ -30,8 +30,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if ':' not in str(data.source) or kind not in data_lib.SOURCES:
     raise ConfigError(
         f'data.source={data.source!r} is not a valid source; use builtin:<name>, text:<path or glob>, '
-        'parallel:<prefix> or tfds:<name>[/<config>].')
+        'parallel:<prefix>, jsonl:<path or glob> or tfds:<name>[/<config>].')
   check_choice('data.tokenizer', data.tokenizer, data_lib.TOKENIZERS)
+  check_choice('data.objective', data.get('objective', 'split_middle'), data_lib.OBJECTIVES)
   sampling = data.get('sampling', 'streams')  # configs saved before the key existed read as streams
   check_choice('data.sampling', sampling, data_lib.SAMPLINGS)
   if sampling == 'random_windows' and config.model.arch == 'encoder_decoder':

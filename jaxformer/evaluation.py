@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -40,12 +41,13 @@ from jaxformer import sharding as shd
 from jaxformer.resolve import Resolved, resolve
 from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import step as step_lib
+from jaxformer.user_errors import UserError
 
 MODES = ('score', 'generate', 'translate')
 REQUEST_SECTIONS = ('decode', 'mesh')  # taken from the request, never from the checkpoint
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
   """A request eval cannot serve. The message is one line naming the file/flag and the fix."""
 
 
@@ -294,13 +296,22 @@ def format_table(results: dict[str, Any]) -> str:
   return '\n'.join([line] + [f'{k.ljust(width)} | {v}' for k, v in rows] + [line])
 
 
+def finite_or_null(results: dict[str, Any]) -> dict[str, Any]:
+  """Non-finite floats -> None (strict JSON has no NaN/Infinity), with one line naming them."""
+  bad = [k for k, v in results.items() if isinstance(v, float) and not math.isfinite(v)]
+  if bad:
+    _log(f'WARNING: {", ".join(bad)} not finite (NaN/inf), written as null: the checkpoint\'s parameters have '
+         'probably diverged; evaluate an earlier --checkpoint_step.')
+  return {k: None if k in bad else v for k, v in results.items()}
+
+
 def _write_json(path: str, obj: dict) -> None:
   if jax.process_index() != 0:
     return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, default=float)
+    json.dump(obj, f, indent=2, default=float, allow_nan=False)
     f.write('\n')
   os.replace(tmp, path)
 
@@ -308,8 +319,11 @@ def _write_json(path: str, obj: dict) -> None:
 def _read_lines(path: str) -> list[str]:
   if not os.path.isfile(path):
     raise EvalError(f'--input={path}: no such file.')
-  with open(path, encoding='utf-8') as f:
-    lines = [line.rstrip('\n') for line in f]
+  try:
+    with open(path, encoding='utf-8') as f:
+      lines = [line.rstrip('\n') for line in f]
+  except UnicodeDecodeError as e:
+    raise EvalError(f'--input={path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8.') from None
   if not any(line.strip() for line in lines):
     raise EvalError(f'--input={path} is empty; give a file with one source sentence per line.')
   return lines
@@ -400,6 +414,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int
   _log(f'evaluation of {workdir} (step {r.step}, split {name}):')
   _log(format_table({k: v for k, v in results.items() if k != 'decode'}))
   path = output or os.path.join(workdir, 'eval.json')
+  results = finite_or_null(results)
   _write_json(path, results)
   _log(f'wrote {path}')
   return results

@@ -27,6 +27,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from jaxformer.data.errors import DataError
+from jaxformer.data.objectives import sentinels_needed
 from jaxformer.data.sources import Source, get_source
 from jaxformer.special_tokens import BOS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, UNK_ID
 
@@ -57,7 +58,38 @@ class Tokenizer:
     ids = [int(i) for i in np.asarray(ids).reshape(-1)]
     if EOS_ID in ids:
       ids = ids[:ids.index(EOS_ID)]
-    return self._decode([i for i in ids if i not in (PAD_ID, BOS_ID)])
+    ids = [i for i in ids if i not in (PAD_ID, BOS_ID)]
+    if not self.num_sentinels:
+      return self._decode(ids)
+    # Sentinels render as T5 writes them; the runs of other ids between them decode as usual.
+    first_sentinel, out, run = self.vocab_size - self.num_sentinels, [], []
+    for i in ids + [-1]:
+      if i >= first_sentinel or i == -1:
+        out.append(self._decode(run) if run else '')
+        run = []
+        if i != -1:
+          out.append(f'<extra_id_{self.vocab_size - 1 - i}>')
+      else:
+        run.append(i)
+    return ''.join(out)
+
+  # Span corruption (T5) replaces noise spans by sentinel ids taken from the END of the vocabulary:
+  # <extra_id_0> = vocab_size - 1, <extra_id_1> = vocab_size - 2, ... reserve_sentinels(n) adds n such ids.
+  num_sentinels = 0
+
+  def reserve_sentinels(self, n: int) -> None:
+    """Appends n sentinel ids to the vocabulary (once, right after the tokenizer is built or loaded)."""
+    if self.num_sentinels:
+      raise DataError(f'{self!r} already has {self.num_sentinels} sentinel ids.')
+    self.vocab_size = self.vocab_size + int(n)
+    self.num_sentinels = int(n)
+
+  def sentinel_ids(self, n: int) -> list[int]:
+    """The ids of <extra_id_0> .. <extra_id_{n-1}> (descending from vocab_size - 1)."""
+    if n > self.num_sentinels:
+      raise DataError(f'span corruption needs {n} sentinel ids but the tokenizer has {self.num_sentinels}; raise '
+                      'data.num_sentinels (and use a new workdir: the vocabulary changes).')
+    return [self.vocab_size - 1 - k for k in range(n)]
 
   def _decode(self, ids: list[int]) -> str:
     raise NotImplementedError
@@ -327,7 +359,10 @@ def load_tokenizer(directory: str) -> Tokenizer:
     meta = json.load(f)
   kind = meta['kind']
   if kind in TOKENIZERS:
-    return TOKENIZERS[kind].load(directory)
+    tokenizer = TOKENIZERS[kind].load(directory)
+    if meta.get('num_sentinels'):
+      tokenizer.reserve_sentinels(meta['num_sentinels'])
+    return tokenizer
   raise DataError(f'{directory}/tokenizer.json names an unknown tokenizer {kind!r}; delete the folder to rebuild.')
 
 
@@ -336,6 +371,7 @@ def get_tokenizer(config: Any, workdir: str, *, source: Source | None = None) ->
   kind = str(config.data.tokenizer)
   if kind not in TOKENIZERS:
     raise DataError(f'data.tokenizer={kind!r} is not valid; use {", ".join(TOKENIZERS)}.')
+  sentinels = sentinels_needed(config)
   directory = tokenizer_dir(workdir)
   meta_path = os.path.join(directory, 'tokenizer.json')
   if os.path.exists(meta_path):
@@ -350,6 +386,10 @@ def get_tokenizer(config: Any, workdir: str, *, source: Source | None = None) ->
       logging.warning('Reusing the cached sentencepiece tokenizer in %s (vocab %s, %s) although the config asks for '
                       'vocab %s, %s.', directory, meta.get('requested_vocab_size'), meta.get('spm_model_type'),
                       config.data.vocab_size, config.data.spm_model_type)
+    if int(meta.get('num_sentinels', 0)) != sentinels:
+      raise DataError(
+          f'{directory} holds a tokenizer with {meta.get("num_sentinels", 0)} sentinel ids but this config needs '
+          f'{sentinels} (data.objective={config.data.get("objective", "split_middle")}); use a new workdir.')
     return load_tokenizer(directory)
 
   if kind == 'byte':
@@ -362,9 +402,13 @@ def get_tokenizer(config: Any, workdir: str, *, source: Source | None = None) ->
     else:
       tokenizer = SentencePieceTokenizer.train(texts, int(config.data.vocab_size), str(config.data.spm_model_type))
   tokenizer.save(directory)
+  if sentinels:
+    tokenizer.reserve_sentinels(sentinels)
   meta = {'kind': kind, 'vocab_size': tokenizer.vocab_size, 'source': str(config.data.source),
           'train_split': str(config.data.train_split), 'requested_vocab_size': int(config.data.vocab_size),
           'spm_model_type': str(config.data.spm_model_type)}
+  if sentinels:
+    meta['num_sentinels'] = sentinels
   _atomic_write(meta_path, json.dumps(meta, indent=1).encode())
   logging.info('Built %s tokenizer (vocab_size %d) in %s', kind, tokenizer.vocab_size, directory)
   return tokenizer
