@@ -147,7 +147,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
         f'data.source={data.source!r} is not a valid source; use builtin:<name>, text:<path or glob>, '
         'parallel:<prefix> or tfds:<name>[/<config>].')
-  _choice('data.tokenizer', data.tokenizer, TOKENIZERS)
+  if not str(data.tokenizer).startswith('hf:'):  # hf:<dir> = a Hugging Face tokenizer.json (data/hf_tokenizer.py)
+    _choice('data.tokenizer', data.tokenizer, TOKENIZERS)
   sampling = data.get('sampling', 'streams')  # configs saved before the key existed read as streams
   _choice('data.sampling', sampling, SAMPLINGS)
   if sampling == 'random_windows' and config.model.arch == 'encoder_decoder':

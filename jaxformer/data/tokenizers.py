@@ -253,6 +253,9 @@ def load_tokenizer(directory: str) -> Tokenizer:
 def get_tokenizer(config: Any, workdir: str, *, source: Source | None = None) -> Tokenizer:
   """The workdir's cached tokenizer, or a new one built from the training split (and cached)."""
   kind = str(config.data.tokenizer)
+  if kind.startswith('hf:'):
+    from jaxformer.data.hf_tokenizer import HFTokenizer  # not at the top: it subclasses Tokenizer, defined here
+    return HFTokenizer.from_spec(kind)
   if kind not in ('char', 'byte', 'sentencepiece'):
     raise DataError(f'data.tokenizer={kind!r} is not valid; use char, byte or sentencepiece.')
   directory = tokenizer_dir(workdir)

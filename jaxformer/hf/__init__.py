@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from jaxformer.config import ConfigError, ModelConfig, validate_model
+from jaxformer.data.tokenizers import BOS_ID, EOS_ID, PAD_ID
 from jaxformer.hf import families, weights
 from jaxformer.hf.families import FAMILIES
 from jaxformer.model import build_model
@@ -144,7 +145,7 @@ def load_params(directory: str, model_config: Any) -> dict[str, np.ndarray]:
   return out
 
 
-def with_params(graphdef, abstract_params, params: dict[str, np.ndarray]):
+def with_params(abstract_params, params: dict[str, np.ndarray]):
   """nnx.State like `abstract_params` holding `params` (cast to each parameter's dtype; placed on its sharding
   when the abstract leaf has one)."""
   leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
@@ -164,7 +165,7 @@ def load(directory: str, model_config: Any = None) -> tuple[ml_collections.Confi
   params = load_params(directory, section)
   graphdef, abstract_params, _ = _abstract(section)
   rest = jax.jit(lambda: nnx.split(build_model(section, rngs=nnx.Rngs(params=0, dropout=1)), nnx.Param, ...)[2])()
-  return section, nnx.merge(graphdef, with_params(graphdef, abstract_params, params), rest)
+  return section, nnx.merge(graphdef, with_params(abstract_params, params), rest)
 
 
 def model_params(model: nnx.Module) -> dict[str, np.ndarray]:
@@ -176,8 +177,8 @@ def model_params(model: nnx.Module) -> dict[str, np.ndarray]:
 def save(model: nnx.Module, model_config: Any, directory: str, *, token_ids: dict[str, int] | None = None) -> str:
   """Writes config.json + model.safetensors for the Hugging Face family that expresses `model_config`.
 
-  token_ids: bos_token_id / eos_token_id / pad_token_id (and decoder_start_token_id) for config.json, e.g. the
-  tokenizer's. Returns the model_type written.
+  token_ids: bos_token_id / eos_token_id / pad_token_id (and decoder_start_token_id) for config.json, e.g. an
+  hf: tokenizer's; None = jaxformer's own tokenizers' ids (pad 0, bos 1, eos 2). Returns the model_type written.
   """
   cfg = ModelConfig.from_config(model_config)
   family = families.for_model(cfg)
@@ -190,8 +191,12 @@ def save(model: nnx.Module, model_config: Any, directory: str, *, token_ids: dic
   if left:
     raise ConfigError(f'model parameter(s) {", ".join(left[:3])} have no place in a {family.model_types[0]} '
                       'checkpoint.')
+  if token_ids is None:
+    token_ids = {'pad_token_id': PAD_ID, 'bos_token_id': BOS_ID, 'eos_token_id': EOS_ID}
+    if cfg.arch == 'encoder_decoder':
+      token_ids['decoder_start_token_id'] = BOS_ID  # jaxformer's decoders start from bos
   config = {'architectures': [family.architecture], 'model_type': family.model_types[0], **family.hf_config(cfg),
-            **(token_ids or {})}
+            **token_ids}
   os.makedirs(directory, exist_ok=True)
   weights.write_file(os.path.join(directory, weights.WEIGHTS_NAME), tensors, metadata={'format': 'pt'})
   index = os.path.join(directory, weights.INDEX_NAME)

@@ -71,6 +71,15 @@ def conv_heads_out(hf: str, ours: str, heads: int, head_dim: int) -> Rule:
   return Rule(hf, (ours,), lambda w: (w.reshape(heads, head_dim, -1),), lambda w: w.reshape(heads * head_dim, -1))
 
 
+def zeros(hf: str, shape: tuple[int, ...]) -> Rule:
+  """A Hugging Face tensor we have no parameter for: written as zeros, and read only if it is all zeros."""
+  def to_ours(w):
+    if np.any(np.asarray(w, np.float32) != 0):
+      raise ConfigError(f'{hf} is not zero, and jaxformer\'s model has no parameter for it.')
+    return ()
+  return Rule(hf, (), to_ours, lambda: np.zeros(shape, np.float32))
+
+
 def norm(hf_prefix: str, ours_prefix: str, bias: bool = True) -> list[Rule]:
   """LayerNorm / RMSNorm: weight <-> scale (and bias)."""
   return [same(f'{hf_prefix}.weight', f'{ours_prefix}.scale')] + (
@@ -115,6 +124,11 @@ def _want(cfg: ModelConfig, **expected: Any) -> list[str]:
 NEUTRAL: dict[str, Any] = {'pad_id': 0, 'head_dim': -1, 'attention_scale': True, 'output_scale': 1.0,
                             'token_types': 0, 'embed_norm': False, 'qkv_bias': False, 'relative_buckets': 32,
                             'relative_max_distance': 128}
+
+
+def _head_dim(head_dim: int, d_model: int, heads: int) -> int:
+  """model.head_dim: -1 (= d_model // num_heads) unless the checkpoint's differs."""
+  return -1 if head_dim * heads == d_model else head_dim
 
 
 def _common(cfg: ModelConfig) -> dict[str, Any]:
@@ -289,7 +303,7 @@ class T5(Family):
     return dict(arch='encoder_decoder', position='relative', norm='rms', norm_position='pre', mlp=self.MLPS[ff],
                 num_layers=hf['num_layers'], num_decoder_layers=_get(hf, 'num_decoder_layers', 'num_layers'),
                 num_heads=hf['num_heads'], num_kv_heads=-1, d_model=hf['d_model'], d_ff=hf['d_ff'],
-                head_dim=hf['d_kv'], vocab_size=hf['vocab_size'], max_len=hf.get('n_positions', 512),
+                head_dim=_head_dim(hf['d_kv'], hf['d_model'], hf['num_heads']), vocab_size=hf['vocab_size'], max_len=hf.get('n_positions', 512),
                 dropout=hf.get('dropout_rate', 0.1), attention_dropout=hf.get('dropout_rate', 0.1), use_bias=False,
                 tie_embeddings=tied, norm_eps=hf.get('layer_norm_epsilon', 1e-6),
                 init_std=hf.get('initializer_factor', 1.0) * hf['d_model'] ** -0.5,
@@ -376,7 +390,8 @@ class Llama(Family):
     return dict(arch='decoder_only', position='rope', norm='rms', norm_position='pre', mlp='swiglu',
                 num_layers=hf['num_hidden_layers'], num_heads=heads,
                 num_kv_heads=_get(hf, 'num_key_value_heads', default=heads), d_model=hf['hidden_size'],
-                d_ff=hf['intermediate_size'], head_dim=_get(hf, 'head_dim', default=hf['hidden_size'] // heads),
+                d_ff=hf['intermediate_size'],
+                head_dim=_head_dim(_get(hf, 'head_dim', default=hf['hidden_size'] // heads), hf['hidden_size'], heads),
                 vocab_size=hf['vocab_size'], max_len=max_len, dropout=0.0,
                 attention_dropout=hf.get('attention_dropout', 0.0), use_bias=mlp_bias,
                 qkv_bias=qkv_bias and not mlp_bias, tie_embeddings=hf.get('tie_word_embeddings', False),
@@ -413,8 +428,8 @@ class Llama(Family):
                 linear(f'{hf}.mlp.gate_proj.weight', f'{ours}.mlp.wi_gate'),
                 linear(f'{hf}.mlp.up_proj.weight', f'{ours}.mlp.wi'),
                 linear(f'{hf}.mlp.down_proj.weight', f'{ours}.mlp.wo')]
-      if cfg.use_bias:
-        rules += [same(f'{hf}.self_attn.o_proj.bias', f'{ours}.attn.out_bias'),
+      if cfg.use_bias:  # Llama's mlp_bias also gives the gate a bias; jaxformer's SwiGLU gate has none
+        rules += [same(f'{hf}.self_attn.o_proj.bias', f'{ours}.attn.out_bias'), zeros(f'{hf}.mlp.gate_proj.bias', (cfg.d_ff,)),
                   same(f'{hf}.mlp.up_proj.bias', f'{ours}.mlp.wi_bias'),
                   same(f'{hf}.mlp.down_proj.bias', f'{ours}.mlp.wo_bias')]
     return rules

@@ -72,7 +72,7 @@ def check_overrides(argv: Sequence[str], flag: str = 'config') -> None:
     return
   try:
     config = load_config_file(path)
-  except FileNotFoundError as e:
+  except (FileNotFoundError, ValueError) as e:  # ValueError: a recipe's get_config rejects its argument
     sys.exit(f'error: {e}')
   message = unknown_override(config, argv, flag)
   if message:
