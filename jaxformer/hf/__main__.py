@@ -34,7 +34,7 @@ def export(workdir: str, output: str, step: int | None = None) -> str:
   if saved is None:
     raise ConfigError(f'--workdir={workdir} has no config.json; point it at a directory train.py wrote.')
   config = ml_collections.ConfigDict(saved)
-  config.mesh.update(data=1, fsdp=1, tensor=1)  # one device holds the whole model while it is written
+  config.mesh.update(data=-1, fsdp=1, tensor=1)  # whatever devices this machine has, each with the whole model
   model, _ = ckpt_lib.restore_model(workdir, config, shd.make_mesh(config), step=step)
   spec = str(config.data.get('tokenizer', ''))
   tokenizer = HFTokenizer.from_spec(spec) if spec.startswith(hf.PREFIX) else None

@@ -138,6 +138,7 @@ def _common(cfg: ModelConfig) -> dict[str, Any]:
 class Family:
   """Base: a Hugging Face family. `model_types` are the config.json model_type values it reads."""
   model_types: tuple[str, ...] = ()
+  arch = ''  # our model.arch
   architecture = ''  # the class transformers' AutoModelFor... builds (config.json "architectures")
 
   def model_section(self, hf: dict) -> dict[str, Any]:
@@ -175,6 +176,7 @@ def _t5_attention(cfg: ModelConfig, hf: str, ours: str) -> list[Rule]:
 
 class GPT2(Family):
   model_types = ('gpt2',)
+  arch = 'decoder_only'
   architecture = 'GPT2LMHeadModel'
   prefix = 'transformer.'
   ignored = ('.attn.bias', '.attn.masked_bias', 'lm_head.weight')
@@ -231,6 +233,7 @@ class GPT2(Family):
 class Bert(Family):
   """BertForMaskedLM (BertForPreTraining / BertModel checkpoints load too: their other heads are ignored)."""
   model_types = ('bert',)
+  arch = 'encoder_only'
   architecture = 'BertForMaskedLM'
   prefix = 'bert.'
   ignored = ('position_ids', 'bert.pooler.', 'cls.seq_relationship.', 'cls.predictions.decoder.')
@@ -289,6 +292,7 @@ class Bert(Family):
 class T5(Family):
   """T5ForConditionalGeneration: v1.0 (relu, tied, output rescale d_model**-0.5) and v1.1 (gated-gelu, untied)."""
   model_types = ('t5',)
+  arch = 'encoder_decoder'
   architecture = 'T5ForConditionalGeneration'
   ignored = ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight')
   MLPS = {'relu': 'relu', 'gated-gelu': 'geglu', 'gated-silu': 'swiglu', 'gelu': 'gelu', 'gelu_new': 'gelu'}
@@ -362,6 +366,7 @@ class T5(Family):
 class Llama(Family):
   """LlamaForCausalLM, and the families with its layout: Mistral, Qwen2 (bias on q/k/v only)."""
   model_types = ('llama', 'mistral', 'qwen2')
+  arch = 'decoder_only'
   architecture = 'LlamaForCausalLM'
   prefix = 'model.'
   ignored = ('rotary_emb.inv_freq', 'lm_head.weight')
@@ -448,8 +453,8 @@ def for_model_type(model_type: str, where: str) -> Family:
 
 def for_model(cfg: ModelConfig) -> Family:
   """The family that can express `cfg`, or a ConfigError naming the settings that have no counterpart."""
-  candidates = [(cls(), cls().mismatches(cfg)) for cls in FAMILY_CLASSES]
-  family, bad = min(candidates, key=lambda c: len(c[1]))
+  candidates = [(cls(), cls().mismatches(cfg)) for cls in FAMILY_CLASSES if cls.arch == cfg.arch]
+  family, bad = min(candidates, key=lambda c: len(c[1]))  # the first family of the arch wins a tie
   if bad:
     raise ConfigError(f'this model has no Hugging Face counterpart: the closest family, {family.model_types[0]}, '
                       f'needs {"; ".join(bad)}.')
