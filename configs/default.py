@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.position = 'learned'  # sinusoidal | rope | learned
   model.norm = 'layer'  # layer | rms
   model.norm_position = 'pre'  # pre | post
-  model.mlp = 'gelu'  # gelu | relu | swiglu
+  model.mlp = 'gelu'  # gelu (tanh) | relu | swiglu | gelu_exact (erf, BERT) | geglu (gated tanh gelu, T5 v1.1)
   model.num_layers = 2  # encoder depth, or decoder depth for decoder_only
   model.num_decoder_layers = -1  # encoder_decoder only; -1 = num_layers
   model.num_heads = 4
@@ -38,6 +38,16 @@ def get_config() -> ml_collections.ConfigDict:
   model.attention_impl = 'auto'  # auto (cudnn flash on GPU for 16-bit inputs, else xla) | xla | cudnn | reference
   model.remat = 'none'  # none | block: rematerialise each block in the backward pass
   model.init_std = 0.02
+  model.head_dim = -1  # per-head width; -1 = d_model // num_heads (T5's d_kv may differ)
+  model.attention_scale = -1.0  # query-key logit scale; -1 = head_dim ** -0.5; T5: 1.0 (no scaling)
+  model.qkv_bias = False  # biases on the query/key/value projections even when use_bias=False (Qwen2)
+  # the token id that means padding when no segment ids are given (and in decoding); -1 = none: every id is a
+  # real token (GPT-2 / Llama checkpoints, whose id 0 is a word). T5's decoder start token (its pad id) stays real.
+  model.pad_id = 0
+  model.type_vocab_size = 0  # token-type (segment) embeddings; BERT: 2; 0 = none (token_type_ids default to 0)
+  model.embed_norm = False  # norm (model.norm) over token + type + position embeddings before the blocks (BERT)
+  model.output_bias = False  # a bias [vocab] added to the logits (BERT's MLM decoder bias)
+  model.output_scale = 1.0  # multiplies the final hidden states before the output projection; T5 v1.0: d_model**-0.5
 
   # ----------------------------------------------------------------- data
   data = config.data = ml_collections.ConfigDict()
@@ -124,6 +134,8 @@ def get_config() -> ml_collections.ConfigDict:
   decode.top_k = 0  # 0 = off
   decode.top_p = 1.0  # 1.0 = off
   decode.max_len = 64  # new tokens to generate
+  decode.eos_id = 2  # decoding stops at this token (jaxformer tokenizers: 2; T5: 1, GPT-2: 50256)
+  decode.start_id = 1  # the decoder's first token when there is no prompt (BOS; T5: 0)
   decode.batch_size = 32
   return config
 

@@ -29,13 +29,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
+from jax.experimental import multihost_utils
 
-PAD_ID = 0
-BOS_ID = 1
-EOS_ID = 2
+from jaxformer.special_tokens import BOS_ID, EOS_ID, PAD_ID
+
 NEG_INF = -1.0e7  # finite, so sums of "impossible" scores never turn into nan
-METHODS = ('greedy', 'beam', 'sample')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +48,7 @@ class DecodeSettings:
   top_p: float = 1.0
   max_len: int = 64
   eos_id: int = EOS_ID
+  start_id: int = BOS_ID  # the first decoder token when no prompt is given (T5 starts from its pad id, 0)
 
   @classmethod
   def from_config(cls, decode: Any, **overrides: Any) -> DecodeSettings:
@@ -56,7 +56,7 @@ class DecodeSettings:
     values = {f.name: decode[f.name] for f in dataclasses.fields(cls) if f.name in decode}
     values.update(overrides)
     settings = cls(**values)
-    if settings.method not in METHODS:
+    if settings.method not in METHODS:  # the registry at the end of this file
       raise ValueError(f'decode.method={settings.method!r} is not one of {", ".join(METHODS)}.')
     return settings
 
@@ -66,7 +66,7 @@ class DecodeSettings:
     if self.method == 'beam':
       return dataclasses.replace(self, temperature=default.temperature, top_k=default.top_k, top_p=default.top_p)
     if self.method == 'greedy' or self.temperature == 0:
-      return DecodeSettings(method='greedy', max_len=self.max_len, eos_id=self.eos_id)
+      return DecodeSettings(method='greedy', max_len=self.max_len, eos_id=self.eos_id, start_id=self.start_id)
     return dataclasses.replace(self, beam_size=default.beam_size, length_penalty=default.length_penalty)
 
 
@@ -141,6 +141,29 @@ def _new_tokens(seqs, prompt_lengths, max_new):
   return jnp.take_along_axis(seqs, jnp.broadcast_to(idx, seqs.shape[:-1] + (max_new,)), axis=-1)
 
 
+@struct.dataclass
+class SamplingState:
+  """The while-loop carry of greedy / sampling. Buffers span the whole [B, prompt + new] width."""
+  index: jax.Array  # int32 scalar: the position the next token is written to
+  seqs: jax.Array  # [B, total] prompt and generated tokens
+  logits: jax.Array  # [B, V] float32 logits for position `index`
+  cache: Any  # the model's decoding cache
+  done: jax.Array  # [B] bool: the row emitted EOS or used its budget
+
+
+@struct.dataclass
+class BeamState:
+  """The while-loop carry of beam search: `beam` alive and `beam` finished hypotheses per row."""
+  index: jax.Array  # int32 scalar: the position the next token is written to
+  live_seqs: jax.Array  # [B, K, total]
+  live_logprobs: jax.Array  # [B, K] sum of token log-probs, best first; NEG_INF for empty slots
+  finished_seqs: jax.Array  # [B, K, total]
+  finished_scores: jax.Array  # [B, K] length-penalised scores, best first
+  finished_flags: jax.Array  # [B, K] bool: the slot holds a finished hypothesis
+  logits: jax.Array  # [B, K, V] float32 logits for position `index`
+  cache: Any  # the model's cache, batch leading with row b's beams at b * K + k
+
+
 @functools.partial(jax.jit, static_argnames=('graphdef', 'settings', 'prefill_len'))
 def _sample_or_greedy(graphdef, state, prompt, prompt_lengths, src_tokens, rng, *, settings: DecodeSettings,
                       prefill_len: int):
@@ -152,28 +175,27 @@ def _sample_or_greedy(graphdef, state, prompt, prompt_lengths, src_tokens, rng, 
   logits, cache = _start(model, prompt, src_tokens, total, prefill_len)
   greedy = settings.method == 'greedy' or settings.temperature == 0
 
-  def cond(carry):
-    index, _, _, _, done = carry
-    return (index < total) & ~jnp.all(done)
+  def cond(s: SamplingState):
+    return (s.index < total) & ~jnp.all(s.done)
 
-  def body(carry):
-    index, seqs, logits, cache, done = carry
+  def body(s: SamplingState) -> SamplingState:
     if greedy:
-      token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+      token = jnp.argmax(s.logits, axis=-1).astype(jnp.int32)
     else:
-      token = sample_logits(jax.random.fold_in(rng, index), logits, temperature=settings.temperature,
+      token = sample_logits(jax.random.fold_in(rng, s.index), s.logits, temperature=settings.temperature,
                             top_k=settings.top_k, top_p=settings.top_p)
-    forced, forced_token = _forced(seqs, prompt_lengths, index, max_new)
+    forced, forced_token = _forced(s.seqs, prompt_lengths, s.index, max_new)
     token = jnp.where(forced, forced_token, token)
-    token = jnp.where(done, PAD_ID, token)
-    seqs = jax.lax.dynamic_update_index_in_dim(seqs, token, index, axis=1)
-    done = done | ((token == settings.eos_id) & ~forced) | (index + 1 >= prompt_lengths + max_new)
-    logits, cache = model.decode_step(token[:, None], cache)
-    return index + 1, seqs, logits[:, 0].astype(jnp.float32), cache, done
+    token = jnp.where(s.done, PAD_ID, token)
+    seqs = jax.lax.dynamic_update_index_in_dim(s.seqs, token, s.index, axis=1)
+    done = s.done | ((token == settings.eos_id) & ~forced) | (s.index + 1 >= prompt_lengths + max_new)
+    logits, cache = model.decode_step(token[:, None], s.cache)
+    return SamplingState(index=s.index + 1, seqs=seqs, logits=logits[:, 0].astype(jnp.float32), cache=cache,
+                         done=done)
 
-  done = jnp.zeros((batch,), bool)
-  _, seqs, _, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(prefill_len), seqs, logits, cache, done))
-  return _new_tokens(seqs, prompt_lengths, max_new)
+  start = SamplingState(index=jnp.int32(prefill_len), seqs=seqs, logits=logits, cache=cache,
+                        done=jnp.zeros((batch,), bool))
+  return _new_tokens(jax.lax.while_loop(cond, body, start).seqs, prompt_lengths, max_new)
 
 
 def _gather_beams(x, beam_indices):
@@ -212,12 +234,12 @@ def _beam_search(graphdef, state, prompt, prompt_lengths, src_tokens, *, setting
     worst_finished = jnp.where(jnp.all(finished_flags, axis=1), jnp.min(finished_scores, axis=1), NEG_INF)
     return (generated >= max_new) | (~in_prompt & (worst_finished > best_alive))
 
-  def cond(carry):
-    index, _, live_logprobs, _, finished_scores, finished_flags, _, _ = carry
-    return (index < total) & ~jnp.all(finished_rows(index, live_logprobs, finished_scores, finished_flags))
+  def cond(s: BeamState):
+    return (s.index < total) & ~jnp.all(finished_rows(s.index, s.live_logprobs, s.finished_scores,
+                                                      s.finished_flags))
 
-  def body(carry):
-    index, live_seqs, live_logprobs, finished_seqs, finished_scores, finished_flags, logits, cache = carry
+  def body(s: BeamState) -> BeamState:
+    index, live_seqs, live_logprobs, logits = s.index, s.live_seqs, s.live_logprobs, s.logits
     log_probs = jax.nn.log_softmax(logits, axis=-1)  # [B, K, V]
     forced, forced_token = _forced(live_seqs[:, 0], prompt_lengths, index, max_new)
     forced_lp = jnp.where(jnp.arange(vocab) == forced_token[:, None], 0.0, NEG_INF)[:, None, :]
@@ -243,27 +265,29 @@ def _beam_search(graphdef, state, prompt, prompt_lengths, src_tokens, *, setting
     # Finished: merge the old finished beams with the ones that just ended, keep the best `beam` scores.
     length = (index - prompt_lengths + 1)[:, None]
     new_scores = jnp.where(ended, top_logprobs / brevity_penalty(length, alpha), NEG_INF)
-    all_seqs = jnp.concatenate([finished_seqs, top_seqs], axis=1)
-    all_scores = jnp.concatenate([finished_scores, new_scores], axis=1)
-    all_flags = jnp.concatenate([finished_flags, ended], axis=1)
+    all_seqs = jnp.concatenate([s.finished_seqs, top_seqs], axis=1)
+    all_scores = jnp.concatenate([s.finished_scores, new_scores], axis=1)
+    all_flags = jnp.concatenate([s.finished_flags, ended], axis=1)
     finished_scores, keep = jax.lax.top_k(all_scores, beam)
     finished_seqs, finished_flags = _gather_beams(all_seqs, keep), _gather_beams(all_flags, keep)
 
     flat_parents = (jnp.arange(batch)[:, None] * beam + parents).reshape(-1)
-    cache = jax.tree.map(lambda x: x[flat_parents] if x.ndim else x, cache)
+    cache = jax.tree.map(lambda x: x[flat_parents] if x.ndim else x, s.cache)
     logits, cache = model.decode_step(tokens.reshape(batch * beam, 1), cache)
     logits = logits[:, 0].astype(jnp.float32).reshape(batch, beam, vocab)
-    return (index + 1, new_live_seqs, alive_logprobs, finished_seqs, finished_scores, finished_flags, logits, cache)
+    return BeamState(index=index + 1, live_seqs=new_live_seqs, live_logprobs=alive_logprobs,
+                     finished_seqs=finished_seqs, finished_scores=finished_scores, finished_flags=finished_flags,
+                     logits=logits, cache=cache)
 
-  carry = (jnp.int32(prefill_len), live_seqs, live_logprobs, finished_seqs, finished_scores, finished_flags,
-           logits, cache)
-  _, live_seqs, live_logprobs, finished_seqs, finished_scores, finished_flags, _, _ = jax.lax.while_loop(
-      cond, body, carry)
+  start = BeamState(index=jnp.int32(prefill_len), live_seqs=live_seqs, live_logprobs=live_logprobs,
+                    finished_seqs=finished_seqs, finished_scores=finished_scores, finished_flags=finished_flags,
+                    logits=logits, cache=cache)
+  end = jax.lax.while_loop(cond, body, start)
   # A row where nothing ended returns its alive beams (they hit the length budget), scored the same way.
-  any_finished = jnp.any(finished_flags, axis=1)
-  live_scores = live_logprobs / brevity_penalty(max_new, alpha)
-  seqs = jnp.where(any_finished[:, None, None], finished_seqs, live_seqs)
-  scores = jnp.where(any_finished[:, None], finished_scores, live_scores)
+  any_finished = jnp.any(end.finished_flags, axis=1)
+  live_scores = end.live_logprobs / brevity_penalty(max_new, alpha)
+  seqs = jnp.where(any_finished[:, None, None], end.finished_seqs, end.live_seqs)
+  scores = jnp.where(any_finished[:, None], end.finished_scores, live_scores)
   return _new_tokens(seqs, prompt_lengths, max_new), scores
 
 
@@ -289,11 +313,11 @@ def _greedy_without_cache(graphdef, state, prompt, prompt_lengths, src_tokens, *
 
 
 # ----------------------------------------------------------------------------------------------- public API
-def _prepare(prompt, prompt_lengths, src_tokens, prefill_len=None):
+def _prepare(prompt, prompt_lengths, src_tokens, prefill_len=None, start_id=BOS_ID):
   if prompt is None:
     if src_tokens is None:
       raise ValueError('decoder_only decoding needs a prompt (at least BOS per row).')
-    prompt = np.full((np.shape(src_tokens)[0], 1), BOS_ID, np.int32)
+    prompt = np.full((np.shape(src_tokens)[0], 1), start_id, np.int32)
   if prompt_lengths is None:
     prompt_lengths = np.full((np.shape(prompt)[0],), np.shape(prompt)[1], np.int32)
   # The prefill length is a shape, so it must be concrete: the shortest prompt.
@@ -307,9 +331,9 @@ def _prepare(prompt, prompt_lengths, src_tokens, prefill_len=None):
 
 
 def greedy(model: nnx.Module, prompt: Any = None, *, max_new_tokens: int, prompt_lengths: Any = None,
-           src_tokens: Any = None, eos_id: int = EOS_ID) -> jax.Array:
+           src_tokens: Any = None, eos_id: int = EOS_ID, start_id: int = BOS_ID) -> jax.Array:
   """Argmax decoding -> new tokens [B, max_new_tokens], 0 after EOS (EOS itself is kept)."""
-  settings = DecodeSettings(method='greedy', max_len=max_new_tokens, eos_id=eos_id)
+  settings = DecodeSettings(method='greedy', max_len=max_new_tokens, eos_id=eos_id, start_id=start_id)
   return sample(model, prompt, None, settings=settings, prompt_lengths=prompt_lengths, src_tokens=src_tokens)
 
 
@@ -322,7 +346,7 @@ def sample(model: nnx.Module, prompt: Any, rng: jax.Array | None, *, settings: D
   if settings.method == 'beam':
     raise ValueError('decode.method=beam: call beam_search (or decode, which dispatches on the method).')
   graphdef, state = nnx.split(model)
-  prompt, lengths, src, prefill_len = _prepare(prompt, prompt_lengths, src_tokens, prefill_len)
+  prompt, lengths, src, prefill_len = _prepare(prompt, prompt_lengths, src_tokens, prefill_len, settings.start_id)
   if settings.method == 'sample' and settings.temperature > 0 and rng is None:
     raise ValueError('sampling needs an explicit PRNG key (rng=jax.random.key(seed)).')
   if rng is None:
@@ -335,17 +359,17 @@ def beam_search(model: nnx.Module, prompt: Any = None, *, settings: DecodeSettin
                 src_tokens: Any = None, prefill_len: int | None = None) -> tuple[jax.Array, jax.Array]:
   """-> (new tokens [B, beam, max_len], length-penalised scores [B, beam]), best beam first."""
   graphdef, state = nnx.split(model)
-  prompt, lengths, src, prefill_len = _prepare(prompt, prompt_lengths, src_tokens, prefill_len)
+  prompt, lengths, src, prefill_len = _prepare(prompt, prompt_lengths, src_tokens, prefill_len, settings.start_id)
   settings = dataclasses.replace(settings, method='beam').canonical()
   return _beam_search(graphdef, state, prompt, lengths, src, settings=settings, prefill_len=prefill_len)
 
 
 def greedy_without_cache(model: nnx.Module, prompt: Any = None, *, max_new_tokens: int, prompt_lengths: Any = None,
-                         src_tokens: Any = None, eos_id: int = EOS_ID) -> jax.Array:
+                         src_tokens: Any = None, eos_id: int = EOS_ID, start_id: int = BOS_ID) -> jax.Array:
   """The baseline the KV cache beats: a full forward pass over the whole [B, P + N] buffer for every new token
   (and the encoder again each step for encoder_decoder). Same output as `greedy`."""
   graphdef, state = nnx.split(model)
-  prompt, lengths, src, prefill_len = _prepare(prompt, prompt_lengths, src_tokens)
+  prompt, lengths, src, prefill_len = _prepare(prompt, prompt_lengths, src_tokens, start_id=start_id)
   return _greedy_without_cache(graphdef, state, prompt, lengths, src, max_new=max_new_tokens,
                                prefill_len=prefill_len, eos_id=eos_id)
 
@@ -365,7 +389,7 @@ def decode(model: nnx.Module, settings: DecodeSettings, prompt: Any = None, *, p
   src_np = None if src_tokens is None else np.asarray(src_tokens, np.int32)
   batch = (prompt_np if prompt_np is not None else src_np).shape[0]
   if prompt_np is None:
-    prompt_np = np.full((batch, 1), BOS_ID, np.int32)
+    prompt_np = np.full((batch, 1), settings.start_id, np.int32)
   lengths_np = (np.full((batch,), prompt_np.shape[1], np.int32) if prompt_lengths is None
                 else np.asarray(prompt_lengths, np.int32))
   if model_max_len is None:  # jaxformer models carry their ModelConfig
@@ -383,7 +407,7 @@ def decode(model: nnx.Module, settings: DecodeSettings, prompt: Any = None, *, p
     if padded != batch:  # dummy rows: a BOS prompt (and an empty source), thrown away afterwards
       extra = padded - batch
       prompt_np = np.concatenate([prompt_np, np.full((extra, prompt_np.shape[1]), 0, np.int32)])
-      prompt_np[batch:, 0] = BOS_ID
+      prompt_np[batch:, 0] = settings.start_id
       lengths_np = np.concatenate([lengths_np, np.ones((extra,), np.int32)])
       if src_np is not None:
         src_np = np.concatenate([src_np, np.zeros((extra, src_np.shape[1]), np.int32)])
@@ -395,15 +419,9 @@ def decode(model: nnx.Module, settings: DecodeSettings, prompt: Any = None, *, p
     prompt_in, src_in, lengths_in = prompt_np, src_np, lengths_np
   # lengths_np stays on the host for the prefill length; the device copy is what goes into the jit.
   prefill_len = int(lengths_np.min())
-  if settings.method == 'beam':
-    tokens, _ = beam_search(model, prompt_in, settings=settings, prompt_lengths=lengths_in, src_tokens=src_in,
-                            prefill_len=prefill_len)
-    tokens = tokens[:, 0]
-  else:
-    tokens = sample(model, prompt_in, rng, settings=settings, prompt_lengths=lengths_in, src_tokens=src_in,
-                    prefill_len=prefill_len)
+  tokens = METHODS[settings.method](model, prompt_in, rng, settings=settings, prompt_lengths=lengths_in,
+                                    src_tokens=src_in, prefill_len=prefill_len)
   if not tokens.is_fully_addressable:  # multi-host: every host gets the whole batch back
-    from jax.experimental import multihost_utils
     tokens = multihost_utils.process_allgather(tokens, tiled=True)
   return np.asarray(jax.device_get(tokens))[:batch]
 
@@ -414,3 +432,15 @@ def _batch_shards(sharding: jax.sharding.Sharding) -> int:
     axes = sharding.spec[0] if isinstance(sharding.spec[0], tuple) else (sharding.spec[0],)
     return int(np.prod([sharding.mesh.shape[a] for a in axes]))
   return 1
+
+
+def _best_beam(model: nnx.Module, prompt: Any, rng: jax.Array | None, **kwargs: Any) -> jax.Array:
+  return beam_search(model, prompt, **kwargs)[0][:, 0]
+
+
+def _sampled(model: nnx.Module, prompt: Any, rng: jax.Array | None, **kwargs: Any) -> jax.Array:
+  return sample(model, prompt, rng, **kwargs)
+
+
+# decode.method -> (model, prompt, rng, *, settings, prompt_lengths, src_tokens, prefill_len) -> new tokens [B, N].
+METHODS: dict[str, Any] = {'greedy': _sampled, 'beam': _best_beam, 'sample': _sampled}

@@ -27,9 +27,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from jaxformer.data.sources import DataError, Source, get_source
+from jaxformer.special_tokens import BOS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, UNK_ID
 
-PAD_ID, BOS_ID, EOS_ID, UNK_ID, MASK_ID = 0, 1, 2, 3, 4
-NUM_SPECIAL = 5
 MAX_UNK_FRACTION = 1e-3
 MAX_TOKENIZER_EXAMPLES = 1_000_000  # examples of the training split read to build a vocabulary (evenly strided)
 _SPM_MAX_SENTENCE_BYTES = 16384

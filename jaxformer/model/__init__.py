@@ -7,11 +7,14 @@
   logits, cache = model.decode_step(tokens, cache)            # pure: prefill [B, T], then [B, 1]
 
 Files, bottom up: layers.py (params with logical axis names, norms, MLPs, embeddings), positions.py
-(sinusoidal / learned / rope), attention.py (kernels + Attention), transformer.py (Block, Stack, the three models).
+(sinusoidal / learned / rope), attention.py (kernels + Attention), transformer.py (Block, Stack, the three models),
+config.py (ModelConfig, validation against the registries above, build_model).
 """
 from jaxformer.model.attention import Attention, dot_product_attention, reference_attention
+from jaxformer.model.config import ModelConfig, build_model, validate_model
 from jaxformer.model.transformer import (ARCHS, Block, DecoderOnly, EncoderDecoder, EncoderOnly, Stack,
-                                         attention_mask, build_model, count_params)
+                                         attention_mask, count_params)
 
-__all__ = ['ARCHS', 'Attention', 'Block', 'DecoderOnly', 'EncoderDecoder', 'EncoderOnly', 'Stack',
-           'attention_mask', 'build_model', 'count_params', 'dot_product_attention', 'reference_attention']
+__all__ = ['ARCHS', 'Attention', 'Block', 'DecoderOnly', 'EncoderDecoder', 'EncoderOnly', 'ModelConfig', 'Stack',
+           'attention_mask', 'build_model', 'count_params', 'dot_product_attention', 'reference_attention',
+           'validate_model']

@@ -1,10 +1,12 @@
 """Building blocks below attention: parameters with logical axis names, norms, MLPs, the token embedding.
 
-Each choice in the config (`model.norm`, `model.mlp`) is one entry in a small registry here, so adding a variant
-is one class or function plus one dict entry.
+Each choice in the config (`model.norm`, `model.mlp`, `model.dtype`) is one entry in a registry here (NORMS, MLPS,
+DTYPES), which is also what config validation accepts, so adding a variant is one class or function plus one entry.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -18,6 +20,8 @@ Initializer = Callable[[jax.Array, tuple[int, ...], Any], Array]
 def normal(std: float) -> Initializer:
   return jax.nn.initializers.normal(std)
 
+
+DTYPES: dict[str, Any] = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 zeros: Initializer = jax.nn.initializers.zeros
 ones: Initializer = jax.nn.initializers.ones
@@ -71,13 +75,21 @@ NORMS: dict[str, type[nnx.Module]] = {'layer': LayerNorm, 'rms': RMSNorm}
 
 
 # -------------------------------------------------------------------------------------------------- mlp
-ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    'gelu': jax.nn.gelu,  # tanh approximation, as GPT-2 / BERT
-    'relu': jax.nn.relu,
-    'swiglu': jax.nn.silu,  # gated: silu(x W_gate) * (x W_up)
-}
-GATED = ('swiglu',)
+@dataclasses.dataclass(frozen=True)
+class MLPKind:
+  """One `model.mlp` choice. gated: a second input projection `wi_gate`, h = activation(x W_gate) * (x W_in)
+  (Shazeer 2020); it changes the parameter count, so flops.py and the masked-LM head ask this flag."""
+  activation: Callable[[Array], Array]
+  gated: bool = False
 
+
+MLPS: dict[str, MLPKind] = {
+    'gelu': MLPKind(jax.nn.gelu),  # tanh approximation: GPT-2 ('gelu_new' in Hugging Face)
+    'relu': MLPKind(jax.nn.relu),  # T5 v1.0
+    'swiglu': MLPKind(jax.nn.silu, gated=True),  # silu(x W_gate) * (x W_in): Llama
+    'gelu_exact': MLPKind(functools.partial(jax.nn.gelu, approximate=False)),  # erf GELU: BERT ('gelu' in HF)
+    'geglu': MLPKind(jax.nn.gelu, gated=True),  # tanh GELU, gated: T5 v1.1 ('gated-gelu')
+}
 
 
 def matmul(x: Array, w: Array, *, transpose_w: bool = False, out_dtype=None) -> Array:
@@ -94,6 +106,7 @@ def matmul(x: Array, w: Array, *, transpose_w: bool = False, out_dtype=None) -> 
   out_shape = w.shape[:1] if transpose_w else w.shape[1:]
   return y.reshape(*x.shape[:-1], *out_shape)
 
+
 class MLP(nnx.Module):
   """Position-wise feed-forward: d_model -> d_ff -> d_model, optionally gated (SwiGLU)."""
 
@@ -101,9 +114,10 @@ class MLP(nnx.Module):
     """out_std: init std of the output projection (GPT-2 scales it down by sqrt(residual sublayers))."""
     d, f, pdt, std = cfg.d_model, cfg.d_ff, jnp.dtype(cfg.param_dtype), cfg.init_std
     out_std = std if out_std is None else out_std
-    self.activation, self.dtype = ACTIVATIONS[cfg.mlp], jnp.dtype(cfg.dtype)
+    kind = MLPS[cfg.mlp]
+    self.activation, self.dtype = kind.activation, jnp.dtype(cfg.dtype)
     self.wi = param(rngs, normal(std), (d, f), ('embed', 'mlp'), pdt)
-    self.wi_gate = param(rngs, normal(std), (d, f), ('embed', 'mlp'), pdt) if cfg.mlp in GATED else None
+    self.wi_gate = param(rngs, normal(std), (d, f), ('embed', 'mlp'), pdt) if kind.gated else None
     self.wo = param(rngs, normal(out_std), (f, d), ('mlp', 'embed'), pdt)
     self.wi_bias = param(rngs, zeros, (f,), ('mlp',), pdt) if cfg.use_bias else None
     self.wo_bias = param(rngs, zeros, (d,), ('embed',), pdt) if cfg.use_bias else None

@@ -86,4 +86,4 @@ class Rope(nnx.Module):
     return rope(positions, self.head_dim, self.base)
 
 
-POSITIONS: dict[str, type[nnx.Module]] = {'sinusoidal': Sinusoidal, 'learned': Learned, 'rope': Rope}
+POSITIONS: dict[str, type[nnx.Module]] = {'sinusoidal': Sinusoidal, 'rope': Rope, 'learned': Learned}

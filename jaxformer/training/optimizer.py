@@ -12,6 +12,18 @@ import jax.numpy as jnp
 import optax
 
 
+# train.schedule: the learning rate after warmup. Each gets (step, lr, min_lr, t, warmup) with step the float
+# update count and t the fraction of the post-warmup steps done, in [0, 1].
+Decay = Callable[[jax.Array, float, float, jax.Array, int], jax.Array]
+SCHEDULES: dict[str, Decay] = {
+    'cosine': lambda step, lr, min_lr, t, warmup: min_lr + (lr - min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * t)),
+    'linear': lambda step, lr, min_lr, t, warmup: lr + (min_lr - lr) * t,
+    'constant': lambda step, lr, min_lr, t, warmup: jnp.asarray(lr, jnp.float32),
+    'rsqrt': lambda step, lr, min_lr, t, warmup: lr * jax.lax.rsqrt(jnp.maximum(step + 1.0, max(warmup, 1))
+                                                                    / max(warmup, 1)),
+}
+
+
 def make_schedule(train) -> Callable[[jax.Array], jax.Array]:
   """Linear warmup to train.learning_rate over warmup_steps, then cosine / linear / constant / rsqrt.
 
@@ -19,22 +31,16 @@ def make_schedule(train) -> Callable[[jax.Array], jax.Array]:
   linear decay to train.min_learning_rate at train.num_steps; rsqrt is lr * sqrt(warmup / step) after warmup.
   """
   lr, min_lr = float(train.learning_rate), float(train.min_learning_rate)
-  warmup, total, kind = int(train.warmup_steps), int(train.num_steps), train.schedule
+  warmup, total = int(train.warmup_steps), int(train.num_steps)
+  if train.schedule not in SCHEDULES:
+    raise ValueError(f'train.schedule={train.schedule!r} is not one of {", ".join(SCHEDULES)}.')
+  decay = SCHEDULES[train.schedule]
 
   def schedule(count):
     step = jnp.asarray(count, jnp.float32)
     warm = lr * jnp.minimum(1.0, (step + 1.0) / max(warmup, 1))
     t = jnp.clip((step - warmup) / max(total - warmup, 1), 0.0, 1.0)
-    if kind == 'cosine':
-      decayed = min_lr + (lr - min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
-    elif kind == 'linear':
-      decayed = lr + (min_lr - lr) * t
-    elif kind == 'constant':
-      decayed = jnp.asarray(lr, jnp.float32)
-    elif kind == 'rsqrt':
-      decayed = lr * jax.lax.rsqrt(jnp.maximum(step + 1.0, max(warmup, 1)) / max(warmup, 1))
-    else:
-      raise ValueError(f'train.schedule={kind!r} is not one of cosine, linear, constant, rsqrt.')
+    decayed = decay(step, lr, min_lr, t, warmup)
     return jnp.where(step < warmup, warm, decayed) if warmup else decayed
 
   return schedule
@@ -66,32 +72,43 @@ def decay_mask_fn(exclude: str | Sequence[str]) -> Callable[[Any], Any]:
   return mask
 
 
+def _adamw(train, schedule, mask, wd: float) -> list[optax.GradientTransformation]:
+  return [optax.adamw(schedule, b1=train.b1, b2=train.b2, eps=train.eps, weight_decay=wd, mask=mask)]
+
+
+def _adafactor(train, schedule, mask, wd: float) -> list[optax.GradientTransformation]:
+  """optax.adafactor's pieces in AdamW's order: factored second moments (the memory saving), update clipping at
+  RMS 1, optional momentum (b1 > 0), then weight decay *before* the learning rate, so decay is lr * wd * param as in
+  AdamW (optax.adafactor adds it after the learning rate, an absolute rate). No parameter-scaled steps:
+  train.learning_rate is the same absolute step size for every optimizer."""
+  parts = [optax.scale_by_factored_rms(), optax.clip_by_block_rms(1.0)]
+  if train.b1 > 0:
+    parts.append(optax.ema(train.b1, debias=False))
+  if wd:
+    parts.append(optax.add_decayed_weights(wd, mask=mask))
+  parts.append(optax.scale_by_learning_rate(schedule))
+  return parts
+
+
+def _sgd(train, schedule, mask, wd: float) -> list[optax.GradientTransformation]:
+  parts = [optax.add_decayed_weights(wd, mask=mask)] if wd else []
+  parts.append(optax.sgd(schedule, momentum=train.b1 if train.b1 > 0 else None))
+  return parts
+
+
+# train.optimizer: (train config, schedule, weight-decay mask, weight decay) -> the update transforms after clipping.
+OPTIMIZERS: dict[str, Callable[..., list[optax.GradientTransformation]]] = {
+    'adamw': _adamw, 'adafactor': _adafactor, 'sgd': _sgd}
+
+
 def make_optimizer(train) -> tuple[optax.GradientTransformation, Callable[[jax.Array], jax.Array]]:
   """(tx, schedule). Clipping by global norm comes first, so it sees the raw (accumulated) gradient."""
+  if train.optimizer not in OPTIMIZERS:
+    raise ValueError(f'train.optimizer={train.optimizer!r} is not one of {", ".join(OPTIMIZERS)}.')
   schedule = make_schedule(train)
   mask = decay_mask_fn(train.weight_decay_exclude)
-  wd = float(train.weight_decay)
   parts = []
   if train.grad_clip_norm and train.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(float(train.grad_clip_norm)))
-  if train.optimizer == 'adamw':
-    parts.append(optax.adamw(schedule, b1=train.b1, b2=train.b2, eps=train.eps, weight_decay=wd, mask=mask))
-  elif train.optimizer == 'adafactor':
-    # optax.adafactor's pieces in AdamW's order: factored second moments (the memory saving), update clipping at
-    # RMS 1, optional momentum (b1 > 0), then weight decay *before* the learning rate, so decay is lr * wd * param
-    # as in AdamW (optax.adafactor adds it after the learning rate, an absolute rate). No parameter-scaled steps:
-    # train.learning_rate is the same absolute step size for every optimizer.
-    parts.append(optax.scale_by_factored_rms())
-    parts.append(optax.clip_by_block_rms(1.0))
-    if train.b1 > 0:
-      parts.append(optax.ema(train.b1, debias=False))
-    if wd:
-      parts.append(optax.add_decayed_weights(wd, mask=mask))
-    parts.append(optax.scale_by_learning_rate(schedule))
-  elif train.optimizer == 'sgd':
-    if wd:
-      parts.append(optax.add_decayed_weights(wd, mask=mask))
-    parts.append(optax.sgd(schedule, momentum=train.b1 if train.b1 > 0 else None))
-  else:
-    raise ValueError(f'train.optimizer={train.optimizer!r} is not one of adamw, adafactor, sgd.')
+  parts += OPTIMIZERS[train.optimizer](train, schedule, mask, float(train.weight_decay))
   return optax.chain(*parts), schedule
