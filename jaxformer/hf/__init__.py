@@ -76,7 +76,8 @@ def model_section(directory: str) -> ml_collections.ConfigDict:
     if key not in fields and value != families.NEUTRAL[key]:
       raise ConfigError(f'{directory} ({hf_config["model_type"]}) needs model.{key}={value!r}, which this jaxformer '
                         'model library does not have yet.')
-  section = {**{k: v for k, v in _RUNTIME_DEFAULTS.items() if k in fields},
+  defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING}
+  section = {**defaults, **{k: v for k, v in _RUNTIME_DEFAULTS.items() if k in fields},
              **{k: v for k, v in values.items() if k in fields}}
   unset = sorted(fields - set(section))
   if unset:

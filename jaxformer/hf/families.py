@@ -113,7 +113,7 @@ def _want(cfg: ModelConfig, **expected: Any) -> list[str]:
   out = []
   for key, allowed in expected.items():
     allowed = allowed if isinstance(allowed, tuple) else (allowed,)
-    value = getattr(cfg, key, NEUTRAL.get(key))
+    value = getattr(cfg, key)
     if value not in allowed:
       out.append(f'model.{key}={value!r} (needs {" or ".join(repr(a) for a in allowed)})')
   return out
@@ -121,9 +121,9 @@ def _want(cfg: ModelConfig, **expected: Any) -> list[str]:
 
 # Model keys the importer may set that older model sections lack, with the value that means "off" (today's
 # behaviour). A family that needs another value from a jaxformer without the key is an error, never ignored.
-NEUTRAL: dict[str, Any] = {'pad_id': 0, 'head_dim': -1, 'attention_scale': True, 'output_scale': 1.0,
-                            'token_types': 0, 'embed_norm': False, 'qkv_bias': False, 'relative_buckets': 32,
-                            'relative_max_distance': 128}
+NEUTRAL: dict[str, Any] = {'pad_id': 0, 'head_dim': -1, 'attention_scale': -1.0, 'output_scale': 1.0,
+                           'type_vocab_size': 0, 'embed_norm': False, 'output_bias': False, 'qkv_bias': False,
+                           'relative_buckets': None, 'relative_max_distance': None}
 
 
 def _head_dim(head_dim: int, d_model: int, heads: int) -> int:
@@ -194,20 +194,20 @@ class GPT2(Family):
                 attention_dropout=hf.get('attn_pdrop', 0.1), use_bias=True,
                 tie_embeddings=hf.get('tie_word_embeddings', True), norm_eps=hf.get('layer_norm_epsilon', 1e-5),
                 init_std=hf.get('initializer_range', 0.02), pad_id=-1,
-                attention_scale=hf.get('scale_attn_weights', True))
+                attention_scale=-1.0 if hf.get('scale_attn_weights', True) else 1.0)
 
   def mismatches(self, cfg: ModelConfig) -> list[str]:
     return _want(cfg, arch='decoder_only', position='learned', norm='layer', norm_position='pre',
                  mlp=tuple(_ACTIVATION_NAMES), use_bias=True, num_kv_heads=cfg.num_heads,
-                 head_dim=(-1, cfg.d_model // cfg.num_heads), qkv_bias=False, output_scale=1.0, token_types=0,
-                 embed_norm=False)
+                 head_dim=cfg.d_model // cfg.num_heads, attention_scale=(-1.0, 1.0), output_scale=1.0,
+                 type_vocab_size=0, embed_norm=False, output_bias=False)
 
   def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
     return {**_common(cfg), 'n_embd': cfg.d_model, 'n_layer': cfg.num_layers, 'n_head': cfg.num_heads,
             'n_inner': cfg.d_ff, 'n_positions': cfg.max_len, 'activation_function': _ACTIVATION_NAMES[cfg.mlp],
             'resid_pdrop': cfg.dropout, 'embd_pdrop': cfg.dropout, 'attn_pdrop': cfg.attention_dropout,
             'layer_norm_epsilon': cfg.norm_eps, 'tie_word_embeddings': cfg.tie_embeddings,
-            'scale_attn_weights': getattr(cfg, 'attention_scale', True)}
+            'scale_attn_weights': cfg.attention_scale == -1.0}
 
   def tensors(self, cfg: ModelConfig) -> list[Rule]:
     n, h = cfg.num_heads, cfg.head_dim
@@ -237,6 +237,7 @@ class Bert(Family):
   architecture = 'BertForMaskedLM'
   prefix = 'bert.'
   ignored = ('position_ids', 'bert.pooler.', 'cls.seq_relationship.', 'cls.predictions.decoder.')
+  NO_TYPES = 2  # type_vocab_size written for a model without token types (all-zero table)
 
   def model_section(self, hf: dict) -> dict[str, Any]:
     if hf.get('position_embedding_type', 'absolute') != 'absolute':
@@ -249,31 +250,36 @@ class Bert(Family):
                 dropout=hf.get('hidden_dropout_prob', 0.1),
                 attention_dropout=hf.get('attention_probs_dropout_prob', 0.1), use_bias=True, tie_embeddings=True,
                 norm_eps=hf.get('layer_norm_eps', 1e-12), init_std=hf.get('initializer_range', 0.02),
-                pad_id=_get(hf, 'pad_token_id', default=0), token_types=hf.get('type_vocab_size', 2),
-                embed_norm=True)
+                pad_id=_get(hf, 'pad_token_id', default=0), type_vocab_size=hf.get('type_vocab_size', 2),
+                embed_norm=True, output_bias=True)
 
   def mismatches(self, cfg: ModelConfig) -> list[str]:
     return _want(cfg, arch='encoder_only', position='learned', norm='layer', norm_position='post',
                  mlp=tuple(_ACTIVATION_NAMES), use_bias=True, tie_embeddings=True, num_kv_heads=cfg.num_heads,
-                 head_dim=(-1, cfg.d_model // cfg.num_heads), qkv_bias=False, output_scale=1.0, embed_norm=True)
+                 head_dim=cfg.d_model // cfg.num_heads, attention_scale=-1.0, output_scale=1.0, embed_norm=True)
 
   def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
     return {**_common(cfg), 'hidden_size': cfg.d_model, 'num_hidden_layers': cfg.num_layers,
             'num_attention_heads': cfg.num_heads, 'intermediate_size': cfg.d_ff,
             'max_position_embeddings': cfg.max_len, 'hidden_act': _ACTIVATION_NAMES[cfg.mlp],
             'hidden_dropout_prob': cfg.dropout, 'attention_probs_dropout_prob': cfg.attention_dropout,
-            'layer_norm_eps': cfg.norm_eps, 'type_vocab_size': getattr(cfg, 'token_types', 0),
-            'pad_token_id': getattr(cfg, 'pad_id', 0), 'tie_word_embeddings': True}
+            'layer_norm_eps': cfg.norm_eps, 'type_vocab_size': cfg.type_vocab_size or self.NO_TYPES,
+            'pad_token_id': max(cfg.pad_id, 0), 'tie_word_embeddings': True}
 
   def tensors(self, cfg: ModelConfig) -> list[Rule]:
     e = 'bert.embeddings'
     rules = [same(f'{e}.word_embeddings.weight', 'embed.embedding'),
              same(f'{e}.position_embeddings.weight', 'encoder.positions.embedding'),
-             same(f'{e}.token_type_embeddings.weight', 'embed.token_type'), *norm(f'{e}.LayerNorm', 'embed_norm'),
+             *norm(f'{e}.LayerNorm', 'encoder.embed_norm'),
              linear('cls.predictions.transform.dense.weight', 'head.kernel'),
              same('cls.predictions.transform.dense.bias', 'head.bias'),
-             *norm('cls.predictions.transform.LayerNorm', 'head.norm'),
-             same('cls.predictions.bias', 'head.output_bias')]
+             *norm('cls.predictions.transform.LayerNorm', 'head.norm')]
+    # A jaxformer BERT without token types / output bias is saved with zeros there (the same logits).
+    types = f'{e}.token_type_embeddings.weight'
+    rules.append(same(types, 'token_type_embedding') if cfg.type_vocab_size else
+                 zeros(types, (self.NO_TYPES, cfg.d_model)))
+    rules.append(same('cls.predictions.bias', 'output_bias') if cfg.output_bias else
+                 zeros('cls.predictions.bias', (cfg.vocab_size,)))
     for i in range(cfg.num_layers):
       hf, ours = f'bert.encoder.layer.{i}', f'encoder.blocks.{i}'
       a = f'{hf}.attention'
@@ -311,7 +317,7 @@ class T5(Family):
                 dropout=hf.get('dropout_rate', 0.1), attention_dropout=hf.get('dropout_rate', 0.1), use_bias=False,
                 tie_embeddings=tied, norm_eps=hf.get('layer_norm_epsilon', 1e-6),
                 init_std=hf.get('initializer_factor', 1.0) * hf['d_model'] ** -0.5,
-                pad_id=_get(hf, 'pad_token_id', default=0), attention_scale=False,
+                pad_id=_get(hf, 'pad_token_id', default=0), attention_scale=1.0,
                 output_scale=hf['d_model'] ** -0.5 if rescale else 1.0,
                 relative_buckets=hf.get('relative_attention_num_buckets', 32),
                 relative_max_distance=hf.get('relative_attention_max_distance', 128))
@@ -319,20 +325,20 @@ class T5(Family):
   def mismatches(self, cfg: ModelConfig) -> list[str]:
     rescale = (cfg.d_model ** -0.5, 1.0)
     return _want(cfg, arch='encoder_decoder', position='relative', norm='rms', norm_position='pre',
-                 mlp=tuple(self._MLP_NAMES), use_bias=False, num_kv_heads=cfg.num_heads, attention_scale=False,
-                 output_scale=rescale, qkv_bias=False, token_types=0, embed_norm=False)
+                 mlp=tuple(self._MLP_NAMES), use_bias=False, num_kv_heads=cfg.num_heads, attention_scale=1.0,
+                 output_scale=rescale, qkv_bias=False, type_vocab_size=0, embed_norm=False, output_bias=False)
 
   def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
     out = {**_common(cfg), 'd_model': cfg.d_model, 'd_kv': cfg.head_dim, 'd_ff': cfg.d_ff,
            'num_layers': cfg.num_layers, 'num_decoder_layers': cfg.num_decoder_layers, 'num_heads': cfg.num_heads,
            'feed_forward_proj': self._MLP_NAMES[cfg.mlp], 'dropout_rate': cfg.dropout,
            'layer_norm_epsilon': cfg.norm_eps, 'tie_word_embeddings': cfg.tie_embeddings,
-           'scale_decoder_outputs': getattr(cfg, 'output_scale', 1.0) != 1.0,
+           'scale_decoder_outputs': cfg.output_scale != 1.0,
            'relative_attention_num_buckets': getattr(cfg, 'relative_buckets', 32),
            'relative_attention_max_distance': getattr(cfg, 'relative_max_distance', 128), 'n_positions': cfg.max_len,
-           'pad_token_id': getattr(cfg, 'pad_id', 0), 'decoder_start_token_id': getattr(cfg, 'pad_id', 0),
+           'pad_token_id': max(cfg.pad_id, 0), 'decoder_start_token_id': max(cfg.pad_id, 0),
            'is_encoder_decoder': True, 'initializer_factor': 1.0}
-    if getattr(cfg, 'output_scale', 1.0) != 1.0 and not cfg.tie_embeddings:
+    if cfg.output_scale != 1.0 and not cfg.tie_embeddings:
       raise ConfigError('model.output_scale with tie_embeddings=False has no T5 counterpart (transformers rescales '
                         'only tied T5 models).')
     return out
@@ -405,10 +411,10 @@ class Llama(Family):
 
   def mismatches(self, cfg: ModelConfig) -> list[str]:
     return _want(cfg, arch='decoder_only', position='rope', norm='rms', norm_position='pre', mlp='swiglu',
-                 output_scale=1.0, token_types=0, embed_norm=False, attention_scale=True)
+                 output_scale=1.0, type_vocab_size=0, embed_norm=False, output_bias=False, attention_scale=-1.0)
 
   def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
-    qwen = getattr(cfg, 'qkv_bias', False) and not cfg.use_bias
+    qwen = cfg.qkv_bias and not cfg.use_bias
     out = {**_common(cfg), 'hidden_size': cfg.d_model, 'intermediate_size': cfg.d_ff,
            'num_hidden_layers': cfg.num_layers, 'num_attention_heads': cfg.num_heads,
            'num_key_value_heads': cfg.num_kv_heads, 'head_dim': cfg.head_dim, 'hidden_act': 'silu',
@@ -422,7 +428,7 @@ class Llama(Family):
     rules = [same('model.embed_tokens.weight', 'embed.embedding'), *norm('model.norm', 'decoder.final_norm', False)]
     if not cfg.tie_embeddings:
       rules.append(linear('lm_head.weight', 'unembed.kernel'))
-    qkv_bias = cfg.use_bias or getattr(cfg, 'qkv_bias', False)
+    qkv_bias = cfg.use_bias or cfg.qkv_bias
     for i in range(cfg.num_layers):
       hf, ours = f'model.layers.{i}', f'decoder.blocks.{i}'
       a = f'{hf}.self_attn'
