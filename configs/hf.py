@@ -27,4 +27,11 @@ def get_config(directory: str = ''):
   config.train.update(batch_size=8, num_steps=1000, learning_rate=1e-4 if t5 else 5e-5, schedule='linear',
                       warmup_steps=50, weight_decay=0.01, log_every=10, eval_every=200, eval_steps=20)
   config.decode.update(method='greedy', max_len=min(64, config.model.max_len))
+  ids = hf.read_config(directory)
+  eos = ids.get('eos_token_id')
+  start = ids.get('decoder_start_token_id') if t5 else ids.get('bos_token_id')
+  if eos is not None:
+    config.decode.eos_id = int(eos[0] if isinstance(eos, list) else eos)
+  if start is not None:
+    config.decode.start_id = int(start)
   return config

@@ -325,6 +325,16 @@ def test_hf_recipe_builds_the_whole_config(tmp_path):
   assert config.data.seq_len <= config.model.max_len and config.train.learning_rate <= 1e-4
 
 
+@pytest.mark.parametrize('name,eos,start', [('gpt2', 300, 300), ('t5_v1_1', 1, 0), ('llama', 2, 1)])
+def test_hf_recipe_decodes_with_the_checkpoints_ids(name, eos, start):
+  from configs import hf as hf_recipe  # pylint: disable=g-import-not-at-top  (configs/hf.py, not jaxformer.hf)
+  if _missing_feature(name):
+    pytest.xfail(_missing_feature(name))
+  config = hf_recipe.get_config(str(FIXTURES / name))
+  validate(config)
+  assert (config.decode.eos_id, config.decode.start_id) == (eos, start)
+
+
 def test_init_from_takes_only_the_parameters(tmp_path):
   from jaxformer import sharding as shd  # pylint: disable=g-import-not-at-top
   from jaxformer.training import init_from, optimizer, step as step_lib  # pylint: disable=g-import-not-at-top
@@ -361,3 +371,55 @@ def test_init_from_with_contradicting_override_is_one_line(tmp_path):
   with pytest.raises(ConfigError, match=r'checkpoint.init_from=hf:.*k_proj.weight has shape \(16, 32\)') as e:
     init_from.load_model(config, shd.make_mesh(config))
   assert '\n' not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------ the CLI, end to end
+def _train(workdir, config, *args) -> None:
+  out = subprocess.run([sys.executable, 'train.py', f'--config={config}', f'--workdir={workdir}',
+                        '--config.train.num_steps=2',
+                        '--config.train.log_every=1', '--config.train.eval_every=2', '--config.train.eval_steps=1',
+                        '--config.checkpoint.every_steps=2', '--config.checkpoint.async_save=False',
+                        '--config.train.batch_size=8', '--config.data.seq_len=16', *args],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+
+
+def _export(workdir, output) -> str:
+  out = subprocess.run([sys.executable, '-m', 'jaxformer.hf', 'export', f'--workdir={workdir}', f'--output={output}'],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out.stdout
+
+
+def test_export_cli_writes_the_newest_checkpoint(tmp_path):
+  from jaxformer import sharding as shd  # pylint: disable=g-import-not-at-top
+  from jaxformer.training import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  run, out = tmp_path / 'run', tmp_path / 'hf'
+  _train(run, 'configs/gpt_tiny.py', '--config.model.d_model=32', '--config.model.d_ff=48')
+  assert 'wrote llama checkpoint' in _export(run, out)
+  config = ml_collections.ConfigDict(ckpt_lib.saved_config(str(run)))
+  model, step = ckpt_lib.restore_model(str(run), config, shd.make_mesh(config))
+  assert step == 2
+  exported = hf.load_params(str(out), config.model)
+  trained = hf.model_params(model)
+  assert exported.keys() == trained.keys() and all(np.array_equal(exported[k], trained[k]) for k in trained)
+  hf_config = json.loads((out / 'config.json').read_text())
+  assert (hf_config['bos_token_id'], hf_config['eos_token_id'], hf_config['pad_token_id']) == (1, 2, 0)
+
+
+@pytest.mark.xfail(strict=True, reason='needs the init_from hook in training/loop.py (STATUS-hf.md; the lead wires '
+                   'it): the run starts from random parameters until then')
+def test_fine_tune_from_hf_then_export_round_trips(tmp_path, shared_data):
+  """train.py --config=configs/hf.py:DIR starts from DIR's weights (learning rate 0: they stay), and the export
+  gives back DIR's tensors and tokenizer."""
+  fixture = FIXTURES / 'llama'
+  run, out = tmp_path / 'run', tmp_path / 'hf'
+  _train(run, f'configs/hf.py:{fixture}', '--config.train.learning_rate=0',
+         f'--config.data.source=text:{shared_data / "tinyshakespeare" / "input.txt"}')
+  _export(run, out)
+  original, exported = weights.read_dir(str(fixture)), weights.read_dir(str(out))
+  assert exported.keys() == original.keys()
+  assert all(np.array_equal(exported[k], original[k]) for k in original)
+  assert (out / 'tokenizer.json').read_bytes() == (fixture / 'tokenizer.json').read_bytes()
+  hf_config = json.loads((out / 'config.json').read_text())
+  assert (hf_config['bos_token_id'], hf_config['eos_token_id']) == (1, 2)

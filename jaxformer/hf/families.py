@@ -123,7 +123,7 @@ def _want(cfg: ModelConfig, **expected: Any) -> list[str]:
 # behaviour). A family that needs another value from a jaxformer without the key is an error, never ignored.
 NEUTRAL: dict[str, Any] = {'pad_id': 0, 'head_dim': -1, 'attention_scale': -1.0, 'output_scale': 1.0,
                            'type_vocab_size': 0, 'embed_norm': False, 'output_bias': False, 'qkv_bias': False,
-                           'relative_buckets': None, 'relative_max_distance': None}
+                           'relative_num_buckets': 32, 'relative_max_distance': 128}
 
 
 def _head_dim(head_dim: int, d_model: int, heads: int) -> int:
@@ -319,7 +319,7 @@ class T5(Family):
                 init_std=hf.get('initializer_factor', 1.0) * hf['d_model'] ** -0.5,
                 pad_id=_get(hf, 'pad_token_id', default=0), attention_scale=1.0,
                 output_scale=hf['d_model'] ** -0.5 if rescale else 1.0,
-                relative_buckets=hf.get('relative_attention_num_buckets', 32),
+                relative_num_buckets=hf.get('relative_attention_num_buckets', 32),
                 relative_max_distance=hf.get('relative_attention_max_distance', 128))
 
   def mismatches(self, cfg: ModelConfig) -> list[str]:
@@ -334,8 +334,8 @@ class T5(Family):
            'feed_forward_proj': self._MLP_NAMES[cfg.mlp], 'dropout_rate': cfg.dropout,
            'layer_norm_epsilon': cfg.norm_eps, 'tie_word_embeddings': cfg.tie_embeddings,
            'scale_decoder_outputs': cfg.output_scale != 1.0,
-           'relative_attention_num_buckets': getattr(cfg, 'relative_buckets', 32),
-           'relative_attention_max_distance': getattr(cfg, 'relative_max_distance', 128), 'n_positions': cfg.max_len,
+           'relative_attention_num_buckets': cfg.relative_num_buckets,
+           'relative_attention_max_distance': cfg.relative_max_distance, 'n_positions': cfg.max_len,
            'pad_token_id': max(cfg.pad_id, 0), 'decoder_start_token_id': max(cfg.pad_id, 0),
            'is_encoder_decoder': True, 'initializer_factor': 1.0}
     if cfg.output_scale != 1.0 and not cfg.tie_embeddings:
@@ -346,8 +346,8 @@ class T5(Family):
   def tensors(self, cfg: ModelConfig) -> list[Rule]:
     rules = [same('shared.weight', 'embed.embedding'), *norm('encoder.final_layer_norm', 'encoder.final_norm', False),
              *norm('decoder.final_layer_norm', 'decoder.final_norm', False),
-             same('encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight', 'encoder.positions.bias'),
-             same('decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight', 'decoder.positions.bias')]
+             same('encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight', 'encoder.positions.embedding'),
+             same('decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight', 'decoder.positions.embedding')]
     if not cfg.tie_embeddings:
       rules.append(linear('lm_head.weight', 'unembed.kernel'))
     for stack, layers in (('encoder', cfg.num_layers), ('decoder', cfg.num_decoder_layers)):
