@@ -15,7 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- model
   model = config.model = ml_collections.ConfigDict()
   model.arch = 'decoder_only'  # encoder_only | decoder_only | encoder_decoder
-  model.position = 'learned'  # sinusoidal | rope | learned
+  model.position = 'learned'  # sinusoidal | rope | learned | relative (T5's bucketed bias on attention logits)
   model.norm = 'layer'  # layer | rms
   model.norm_position = 'pre'  # pre | post
   model.mlp = 'gelu'  # gelu (tanh) | relu | swiglu | gelu_exact (erf, BERT) | geglu (gated tanh gelu, T5 v1.1)
@@ -47,6 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.type_vocab_size = 0  # token-type (segment) embeddings; BERT: 2; 0 = none (token_type_ids default to 0)
   model.embed_norm = False  # norm (model.norm) over token + type + position embeddings before the blocks (BERT)
   model.output_bias = False  # a bias [vocab] added to the logits (BERT's MLM decoder bias)
+  model.relative_num_buckets = 32  # position=relative: buckets of key - query distance (T5: 32)
+  model.relative_max_distance = 128  # position=relative: distances past this share the last bucket (T5: 128)
   model.output_scale = 1.0  # multiplies the final hidden states before the output projection; T5 v1.0: d_model**-0.5
 
   # ----------------------------------------------------------------- data

@@ -79,17 +79,6 @@ def test_qkv_bias_without_output_bias():
   assert model.decoder.blocks[0].mlp.wi_bias is None  # the MLP stays bias-free
 
 
-def test_head_dim_decouples_d_model_from_heads():
-  """d_model=16 with 3 heads is valid once head_dim is explicit; decoding still matches the full forward."""
-  model = build_model(tiny_config(num_heads=3, num_kv_heads=1, head_dim=4, position='rope'), rngs=nnx.Rngs(0))
-  tokens = jnp.array([[1, 7, 9, 11, 5, 6]])
-  full = model(tokens)
-  cache = model.init_cache(1, 8)
-  step, cache = model.decode_step(tokens[:, :4], cache)
-  step2, _ = model.decode_step(tokens[:, 4:], cache)
-  np.testing.assert_allclose(jnp.concatenate([step, step2], 1), full, atol=1e-5)
-
-
 # ------------------------------------------------------------------------------------------ MLP choices
 def _gelu_tanh(x):
   return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
@@ -137,27 +126,20 @@ def test_t5_decoder_start_token_zero_is_attended():
   model = build_model(tiny_config('encoder_decoder', pad_id=0), rngs=nnx.Rngs(0))
   src, tgt = jnp.array([[5, 6, 7, 0]]), jnp.array([[0, 8, 9]])
   expected = model(src, tgt, src_segment_ids=jnp.array([[1, 1, 1, 0]]), tgt_segment_ids=jnp.ones_like(tgt))
-  np.testing.assert_allclose(model(src, tgt), expected, atol=1e-6)
-  cache = model.init_cache(1, 4, src_tokens=src)
-  stepped, _ = model.decode_step(tgt, cache)
-  np.testing.assert_allclose(stepped, expected, atol=1e-5)
+  np.testing.assert_allclose(model(src, tgt), expected, atol=1e-6)  # decoding from 0: test_t5_v1_0_tied_rescaled_relu
 
 
-@pytest.mark.parametrize('arch', ['decoder_only', 'encoder_decoder'])
-def test_greedy_decoding_with_token_zero(arch):
-  """Decoding agrees with re-running the full forward: GPT-2-style prompts containing 0 (pad_id=-1) and T5
-  decoding from start token 0 (pad_id=0)."""
+def test_greedy_decoding_with_token_zero():
+  """Decoding agrees with re-running the full forward for GPT-2-style prompts containing 0 (pad_id=-1), including
+  rows of different lengths (the longer prompt is fed through the loop). T5 decoding from start token 0:
+  test_t5_v1_0_tied_rescaled_relu."""
   from jaxformer import decoding
   from test_decoding import full_forward_greedy
-  model = build_model(tiny_config(arch, pad_id=-1 if arch == 'decoder_only' else 0), rngs=nnx.Rngs(3))
-  steps = 5
-  if arch == 'decoder_only':
-    prompts, src = [[1, 0, 7], [0, 9, 0]], None
-    got = decoding.greedy(model, jnp.array(prompts), max_new_tokens=steps)
-  else:
-    prompts, src = [[0], [0]], jnp.array([[5, 6, 7, 0], [9, 10, 0, 0]])
-    got = decoding.greedy(model, src_tokens=src, max_new_tokens=steps, start_id=0)
-  np.testing.assert_array_equal(got, full_forward_greedy(model, prompts, steps, src=src))
+  model = build_model(tiny_config(pad_id=-1), rngs=nnx.Rngs(3))
+  prompts = [[1, 0, 7], [0, 9]]
+  tokens, lengths = decoding.pad_prompts(prompts)
+  got = decoding.greedy(model, tokens, prompt_lengths=lengths, max_new_tokens=5)
+  np.testing.assert_array_equal(got, full_forward_greedy(model, prompts, 5))
 
 
 # ---------------------------------------------------------------------- a plain reference of the whole model
@@ -246,3 +228,95 @@ def test_output_scale_and_untied_bias_for_decoders():
   np.testing.assert_allclose(model(tokens), ref_logits(model, model.config, h), atol=1e-4, rtol=1e-4)
   cache = model.init_cache(1, 4)
   np.testing.assert_allclose(model.decode_step(tokens, cache)[0], model(tokens), atol=1e-5)
+
+
+# ------------------------------------------------------------------------- T5 relative position bias
+def t5_bucket(relative, bidirectional, num_buckets, max_distance):
+  """The T5 paper's bucketing, one pair at a time in float64."""
+  bucket = 0
+  if bidirectional:
+    num_buckets //= 2
+    bucket += num_buckets if relative > 0 else 0
+    distance = abs(relative)
+  else:
+    distance = max(-relative, 0)
+  exact = num_buckets // 2
+  if distance < exact:
+    return bucket + distance
+  large = exact + int(math.log(distance / exact) / math.log(max_distance / exact) * (num_buckets - exact))
+  return bucket + min(large, num_buckets - 1)
+
+
+@pytest.mark.parametrize('bidirectional', [True, False])
+def test_relative_buckets_match_the_t5_definition(bidirectional):
+  from jaxformer.model import positions
+  relative = np.arange(-300, 301)
+  got = positions.relative_bucket(relative, bidirectional=bidirectional, num_buckets=32, max_distance=128)
+  expected = [t5_bucket(int(r), bidirectional, 32, 128) for r in relative]
+  np.testing.assert_array_equal(got, expected)
+  assert got.min() == 0 and got.max() == 31  # every bucket is used (causal: all for keys at or before the query)
+
+
+def _t5_config(**overrides):
+  """T5 v1.1-like: relative bias, RMSNorm, no biases, unscaled attention, gated GELU, head_dim != d_model/heads."""
+  values = dict(position='relative', norm='rms', mlp='geglu', use_bias=False, attention_scale=1.0, head_dim=6,
+                num_kv_heads=4, relative_num_buckets=8, relative_max_distance=12, tie_embeddings=False)
+  return tiny_config('encoder_decoder', **{**values, **overrides})
+
+
+def _ref_bias(table, q_pos, k_pos, bidirectional, cfg):
+  """[B,N,T,S] from the table [buckets, N] by the per-pair definition."""
+  q_pos, k_pos = np.asarray(q_pos), np.asarray(k_pos)
+  out = np.zeros((q_pos.shape[0], table.shape[1], q_pos.shape[1], k_pos.shape[1]))
+  for b in range(q_pos.shape[0]):
+    for t in range(q_pos.shape[1]):
+      for s in range(k_pos.shape[1]):
+        rel = int(k_pos[b, s] - q_pos[b, t])
+        out[b, :, t, s] = table[t5_bucket(rel, bidirectional, cfg.relative_num_buckets, cfg.relative_max_distance)]
+  return out
+
+
+def test_t5_against_reference_with_packing_and_decoding():
+  """Both stacks against the plain reference (encoder bidirectional buckets, decoder causal buckets, no bias on
+  cross-attention), on packed rows whose positions restart per segment; then the KV cache gives the same logits."""
+  model = build_model(_t5_config(), rngs=nnx.Rngs(0))
+  cfg = model.config
+  for stack in (model.encoder, model.decoder):
+    assert stack.positions.embedding.shape == (8, 4)
+    assert stack.final_norm is not None
+  src = jnp.array([[3, 4, 5, 6, 7, 8, 9, 10], [5, 6, 7, 8, 0, 0, 0, 0]])
+  src_seg = jnp.array([[1, 1, 1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 0, 0, 0, 0]])
+  src_pos = jnp.array([[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 0, 0, 0]])
+  tgt = jnp.array([[0, 11, 12, 0, 13, 14], [0, 15, 16, 17, 18, 19]])
+  tgt_seg = jnp.array([[1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 1]])
+  tgt_pos = jnp.array([[0, 1, 2, 0, 1, 2], [0, 1, 2, 3, 4, 5]])
+  got = model(src, tgt, src_positions=src_pos, src_segment_ids=src_seg, tgt_positions=tgt_pos,
+              tgt_segment_ids=tgt_seg)
+  emb = np.asarray(model.embed.embedding[...])
+  enc_table, dec_table = (np.asarray(s.positions.embedding[...]) for s in (model.encoder, model.decoder))
+  encoded = ref_stack(model.encoder, cfg, emb[src], attention_mask(src_seg, src_seg, causal=False),
+                      bias=_ref_bias(enc_table, src_pos, src_pos, True, cfg))
+  h = ref_stack(model.decoder, cfg, emb[tgt], attention_mask(tgt_seg, tgt_seg, causal=True),
+                bias=_ref_bias(dec_table, tgt_pos, tgt_pos, False, cfg), encoded=encoded,
+                cross_mask=attention_mask(tgt_seg, src_seg, causal=False))
+  np.testing.assert_allclose(got, ref_logits(model, cfg, h), atol=2e-4, rtol=1e-4)
+
+  # decoding: one unpacked row per batch entry, the prefix then one token at a time against the cache
+  src1, tgt1 = src[1:], tgt[1:]
+  full = model(src1, tgt1)
+  cache = model.init_cache(1, 8, src_tokens=src1)
+  steps = [model.decode_step(tgt1[:, :3], cache)]
+  for i in range(3, 6):
+    steps.append(model.decode_step(tgt1[:, i:i + 1], steps[-1][1]))
+  np.testing.assert_allclose(jnp.concatenate([s[0] for s in steps], 1), full, atol=1e-5)
+
+
+def test_t5_v1_0_tied_rescaled_relu():
+  """T5 v1.0: relu MLP, tied embeddings with the d_model**-0.5 logit rescale; decoding from start token 0
+  agrees with the full forward."""
+  from jaxformer import decoding
+  from test_decoding import full_forward_greedy
+  model = build_model(_t5_config(mlp='relu', tie_embeddings=True, output_scale=16 ** -0.5), rngs=nnx.Rngs(1))
+  src = jnp.array([[5, 6, 7, 8, 9, 0], [10, 11, 12, 0, 0, 0]])
+  got = decoding.greedy(model, src_tokens=src, max_new_tokens=6, start_id=0)
+  np.testing.assert_array_equal(got, full_forward_greedy(model, [[0], [0]], 6, src=src))

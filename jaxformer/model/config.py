@@ -52,6 +52,8 @@ class ModelConfig:
   type_vocab_size: int = 0  # token-type (segment A/B) embeddings, BERT: 2; 0 = none
   embed_norm: bool = False  # a norm over the summed embeddings before the first block (BERT)
   output_bias: bool = False  # a bias [vocab] on the output logits (BERT's MLM decoder bias)
+  relative_num_buckets: int = 32  # position=relative (T5): buckets of key - query distance per stack
+  relative_max_distance: int = 128  # position=relative: distances beyond this share the last bucket
   output_scale: float = 1.0  # hidden states are multiplied by this before the output projection (T5 v1.0 tied:
                              # d_model ** -0.5)
 
@@ -118,6 +120,13 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
   if scale != -1 and not scale > 0:
     raise ConfigError(f'model.attention_scale={scale!r} must be > 0, or -1 for head_dim ** -0.5.')
   check_positive('model.type_vocab_size', _get(model, 'type_vocab_size'), allow_zero=True)
+  if model.position == 'relative':
+    buckets, distance = _get(model, 'relative_num_buckets'), _get(model, 'relative_max_distance')
+    if not isinstance(buckets, int) or buckets < 4:
+      raise ConfigError(f'model.relative_num_buckets={buckets!r} must be an integer >= 4 (T5: 32).')
+    if not isinstance(distance, int) or distance <= buckets // 2:
+      raise ConfigError(f'model.relative_max_distance={distance!r} must be an integer > relative_num_buckets / 2 '
+                        f'= {buckets // 2} (T5: 128).')
   pad_id = _get(model, 'pad_id')
   if not isinstance(pad_id, int) or pad_id < -1:
     raise ConfigError(f'model.pad_id={pad_id!r} must be a token id >= 0, or -1 for no padding token.')

@@ -81,14 +81,15 @@ class Block(nnx.Module):
     x = x + self.dropout(y, deterministic=deterministic)
     return x if self.pre_norm else norm(x)
 
-  def __call__(self, x: Array, mask: Array, *, rope=None, causal: bool = False, encoded: Array | None = None,
+  def __call__(self, x: Array, mask: Array, *, rope=None, bias: Array | None = None, causal: bool = False,
+               encoded: Array | None = None,
                cross_kv: tuple[Array, Array] | None = None, cross_mask: Array | None = None,
                cache: dict | None = None, cache_index: Array | None = None,
                deterministic: bool = True) -> tuple[Array, dict | None]:
     """x [B,T,D] -> (x, updated self-attention cache or None). Cross-attention reads `cross_kv` when given
     (decoding), else projects `encoded`."""
-    y, cache = self.attn(self._in(self.attn_norm, x), mask, rope=rope, cache=cache, cache_index=cache_index,
-                         causal=causal, deterministic=deterministic)
+    y, cache = self.attn(self._in(self.attn_norm, x), mask, rope=rope, bias=bias, cache=cache,
+                         cache_index=cache_index, causal=causal, deterministic=deterministic)
     x = self._out(self.attn_norm, x, y, deterministic)
     if self.cross_attn is not None:
       kv = cross_kv if cross_kv is not None else self.cross_attn.kv(encoded)
@@ -98,14 +99,14 @@ class Block(nnx.Module):
     return x, cache
 
 
-def _block_forward(block: Block, x, mask, rope, encoded, cross_mask, causal: bool, deterministic: bool):
-  return block(x, mask, rope=rope, causal=causal, encoded=encoded, cross_mask=cross_mask,
+def _block_forward(block: Block, x, mask, rope, bias, encoded, cross_mask, causal: bool, deterministic: bool):
+  return block(x, mask, rope=rope, bias=bias, causal=causal, encoded=encoded, cross_mask=cross_mask,
                deterministic=deterministic)[0]
 
 
 # model.remat: how the backward pass gets a block's activations. none = stored by the forward pass; block =
 # recomputed from the block's input (memory for compute). Decoding (with a cache) never rematerialises.
-REMATS = {'none': None, 'block': nnx.remat(_block_forward, static_argnums=(6, 7))}
+REMATS = {'none': None, 'block': nnx.remat(_block_forward, static_argnums=(7, 8))}
 
 
 class Stack(nnx.Module):
@@ -131,13 +132,17 @@ class Stack(nnx.Module):
       x = self.embed_norm(x)
     x = self.dropout(x, deterministic=deterministic)
     rope = self.positions.rotary(positions)
+    # relative position bias [B,N,T,S]: once per stack, shared by every layer. With a cache, key slot s holds
+    # position s (decoding writes each token at its position).
+    k_positions = positions if cache is None else jnp.arange(cache[0]['k'].shape[1], dtype=jnp.int32)[None]
+    bias = self.positions.bias(positions, k_positions, bidirectional=not self.causal)
     new_cache = []
     remat_forward = REMATS[self.remat] if cache is None else None
     for i, block in enumerate(self.blocks):
       if remat_forward is not None:
-        x = remat_forward(block, x, mask, rope, encoded, cross_mask, self.causal, deterministic)
+        x = remat_forward(block, x, mask, rope, bias, encoded, cross_mask, self.causal, deterministic)
         continue
-      x, layer_cache = block(x, mask, rope=rope, causal=self.causal, encoded=encoded,
+      x, layer_cache = block(x, mask, rope=rope, bias=bias, causal=self.causal, encoded=encoded,
                              cross_kv=None if cross_kv is None else cross_kv[i], cross_mask=cross_mask,
                              cache=None if cache is None else cache[i], cache_index=cache_index,
                              deterministic=deterministic)
