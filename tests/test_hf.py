@@ -7,8 +7,6 @@ tests/fixtures/hf/check_export.py (max |logits diff|: gpt_tiny-like decoder -> L
 GPT2LMHeadModel 2e-6, untied Llama with biases 3e-6, and every fixture imported then re-saved: bert 4e-6, gpt2 3e-6,
 llama 6e-6, qwen2 6e-6, t5 v1.0 2e-6, t5 v1.1 4e-5).
 
-A fixture whose family needs a model feature the model library does not have yet is an xfail (strict) naming the
-feature; it turns into a normal test as soon as the feature exists.
 """
 import json
 import os
@@ -41,36 +39,6 @@ TOKENIZERS = ('gpt2', 'bert', 't5_v1_0', 'llama', 'qwen2')
 def expected(name: str) -> dict:
   with open(FIXTURES / name / 'expected.json', encoding='utf-8') as f:
     return json.load(f)
-
-
-def _missing_feature(name: str) -> str | None:
-  try:
-    hf.model_section(str(FIXTURES / name))
-  except ConfigError as e:
-    if 'does not have yet' in str(e):
-      return str(e)
-    raise
-  return None
-
-
-def fixtures(names):
-  """pytest params; xfail(strict) for a fixture that needs a model feature this model library lacks."""
-  params = []
-  for name in names:
-    why = _missing_feature(name)
-    params.append(pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=why, raises=ConfigError))
-                  if why else name)
-  return params
-
-
-def section_or_xfail(directory) -> ml_collections.ConfigDict:
-  """hf.model_section, or an xfail naming the model feature this model library lacks (e.g. model.pad_id)."""
-  try:
-    return hf.model_section(str(directory))
-  except ConfigError as e:
-    if 'does not have yet' in str(e):
-      pytest.xfail(str(e))
-    raise
 
 
 _LOADED = {}
@@ -109,7 +77,7 @@ def logits_of(model, section, e: dict) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ import: logits
-@pytest.mark.parametrize('name', fixtures(MODELS))
+@pytest.mark.parametrize('name', MODELS)
 def test_imported_logits_equal_transformers(name):
   """The default call (token id 0 included: a real token for GPT-2 / Llama, T5's decoder start) gives
   transformers' logits; BERT / T5 source padding (attention_mask 0) is compared where transformers attends."""
@@ -147,7 +115,7 @@ _DECODER_PAD = pytest.mark.xfail(strict=True, reason='decoding masks a generated
 
 
 @pytest.mark.parametrize('name', [p if p != 't5_v1_1' else pytest.param(p, marks=_DECODER_PAD)
-                                  for p in fixtures(DECODERS)])
+                                  for p in DECODERS])
 def test_greedy_decoding_equals_transformers_generate(name):
   section, model = load(name)
   e = expected(name)['generate']
@@ -238,13 +206,13 @@ def test_save_then_load_is_identity(overrides, tmp_path):
   assert all(np.array_equal(before[k], after[k]) for k in before)
   ids = jnp.asarray(np.random.default_rng(0).integers(1, 53, size=(2, 9)))
   np.testing.assert_array_equal(np.asarray(loaded(ids)), np.asarray(model(ids)))
-  loaded_section = section_or_xfail(tmp_path)  # config.json reads back as the same model
+  loaded_section = hf.model_section(str(tmp_path))  # config.json reads back as the same model
   for key in ('arch', 'position', 'norm', 'mlp', 'd_model', 'd_ff', 'num_heads', 'num_kv_heads', 'num_layers',
               'vocab_size', 'max_len', 'use_bias', 'tie_embeddings', 'norm_eps', 'rope_base'):
     assert loaded_section[key] == section[key], key
 
 
-@pytest.mark.parametrize('name', fixtures(('gpt2', 'bert', 't5_v1_0', 't5_v1_1', 'llama', 'qwen2')))
+@pytest.mark.parametrize('name', MODELS)
 def test_imported_fixture_saves_back_unchanged(name, tmp_path):
   section, model = load(name)
   assert hf.save(model, section, str(tmp_path)) == hf.read_config(str(FIXTURES / name))['model_type']
@@ -266,6 +234,10 @@ def test_no_counterpart_is_one_line_naming_the_setting(overrides, setting):
 
 
 # ------------------------------------------------------------------------------------------------- errors
+# CLI subprocesses run on one CPU device (not conftest's 8 virtual ones): a tiny model compiles faster there.
+ONE_DEVICE = {**os.environ, 'XLA_FLAGS': os.environ.get('XLA_FLAGS', '').replace(
+    '--xla_force_host_platform_device_count=8', '').strip()}
+
 def _hf_dir(tmp_path, model_type='llama', with_weights=True) -> pathlib.Path:
   section = tiny_section()
   hf.save(random_model(section), section, str(tmp_path))
@@ -313,7 +285,8 @@ def test_train_py_with_a_bad_hf_directory_is_one_line(case, message, tmp_path):
   elif case == 'unsupported':
     _hf_dir(directory, 'gpt_neox')
   out = subprocess.run([sys.executable, 'train.py', f'--config=configs/hf.py:{directory}',
-                        f'--workdir={tmp_path / "run"}'], cwd=REPO, capture_output=True, text=True, timeout=300)
+                        f'--workdir={tmp_path / "run"}'], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env=ONE_DEVICE)
   lines = [line for line in out.stderr.splitlines() if line.strip()]
   assert out.returncode != 0 and len(lines) == 1, out.stderr
   assert message in lines[0]
@@ -323,7 +296,7 @@ def _train_py_error(directory, workdir, *overrides) -> str:
   quick = ['--config.train.num_steps=1', '--config.train.eval_every=1', '--config.train.eval_steps=1',
            '--config.data.seq_len=16']  # should it train after all (the test then fails), only briefly
   out = subprocess.run([sys.executable, 'train.py', f'--config=configs/hf.py:{directory}', f'--workdir={workdir}',
-                        *quick, *overrides], cwd=REPO, capture_output=True, text=True, timeout=300)
+                        *quick, *overrides], cwd=REPO, capture_output=True, text=True, timeout=300, env=ONE_DEVICE)
   lines = [line for line in out.stderr.splitlines() if line.strip()]
   assert out.returncode != 0 and len(lines) == 1, out.stderr[-3000:]
   return lines[0]
@@ -351,7 +324,6 @@ def test_hf_recipe_builds_the_whole_config(tmp_path):
   sys.path.insert(0, str(REPO))
   from configs import hf as hf_recipe  # pylint: disable=g-import-not-at-top  (configs/hf.py, not jaxformer.hf)
   directory = _hf_dir(tmp_path / 'ckpt')
-  section_or_xfail(directory)
   config = hf_recipe.get_config(str(directory))
   validate(config)
   assert config.data.tokenizer == config.checkpoint.init_from == f'hf:{directory}'
@@ -362,8 +334,6 @@ def test_hf_recipe_builds_the_whole_config(tmp_path):
 @pytest.mark.parametrize('name,eos,start', [('gpt2', 300, 300), ('t5_v1_1', 1, 0), ('llama', 2, 1)])
 def test_hf_recipe_decodes_with_the_checkpoints_ids(name, eos, start):
   from configs import hf as hf_recipe  # pylint: disable=g-import-not-at-top  (configs/hf.py, not jaxformer.hf)
-  if _missing_feature(name):
-    pytest.xfail(_missing_feature(name))
   config = hf_recipe.get_config(str(FIXTURES / name))
   validate(config)
   assert (config.decode.eos_id, config.decode.start_id) == (eos, start)
@@ -413,14 +383,14 @@ def _train(workdir, config, *args) -> None:
                         '--config.train.num_steps=2',
                         '--config.train.log_every=1', '--config.train.eval_every=2', '--config.train.eval_steps=1',
                         '--config.checkpoint.every_steps=2', '--config.checkpoint.async_save=False',
-                        '--config.train.batch_size=8', '--config.data.seq_len=16', *args],
-                       cwd=REPO, capture_output=True, text=True, timeout=600)
+                        '--config.train.batch_size=4', '--config.data.seq_len=16', *args],
+                       cwd=REPO, capture_output=True, text=True, timeout=600, env=ONE_DEVICE)
   assert out.returncode == 0, out.stderr[-3000:]
 
 
 def _export(workdir, output) -> str:
   out = subprocess.run([sys.executable, '-m', 'jaxformer.hf', 'export', f'--workdir={workdir}', f'--output={output}'],
-                       cwd=REPO, capture_output=True, text=True, timeout=600)
+                       cwd=REPO, capture_output=True, text=True, timeout=600, env=ONE_DEVICE)
   assert out.returncode == 0, out.stderr[-3000:]
   return out.stdout
 

@@ -24,7 +24,8 @@ import numpy as np
 from flax import nnx
 
 from jaxformer.config import ConfigError, ModelConfig, validate_model
-from jaxformer.data.tokenizers import BOS_ID, EOS_ID, PAD_ID
+from jaxformer.special_tokens import BOS_ID, EOS_ID, PAD_ID
+from jaxformer.data.hf_tokenizer import PREFIX  # 'hf:', also for checkpoint.init_from
 from jaxformer.hf import families, weights
 from jaxformer.hf.families import FAMILIES
 from jaxformer.model import build_model
@@ -32,7 +33,6 @@ from jaxformer.model import build_model
 __all__ = ['FAMILIES', 'load', 'load_params', 'model_section', 'read_config', 'save']
 
 CONFIG_NAME = 'config.json'
-PREFIX = 'hf:'  # data.tokenizer / checkpoint.init_from values that name a Hugging Face directory
 # Model keys no Hugging Face config.json decides: jaxformer's defaults (float32 parameters and compute).
 _RUNTIME_DEFAULTS = {'dtype': 'float32', 'param_dtype': 'float32', 'attention_impl': 'auto', 'remat': 'none',
                      'num_decoder_layers': -1, 'rope_base': 10000.0, 'init_std': 0.02}
@@ -71,15 +71,15 @@ def model_section(directory: str) -> ml_collections.ConfigDict:
     raise ConfigError(f'{directory}: {e}') from None
   except KeyError as e:
     raise ConfigError(f'{directory}/{CONFIG_NAME} lacks {e.args[0]!r}, which {hf_config["model_type"]} needs.') from None
-  fields = {f.name for f in dataclasses.fields(ModelConfig)}
-  for key, value in values.items():
-    if key not in fields and value != families.NEUTRAL[key]:
-      raise ConfigError(f'{directory} ({hf_config["model_type"]}) needs model.{key}={value!r}, which this jaxformer '
-                        'model library does not have yet.')
-  defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING}
-  section = {**defaults, **{k: v for k, v in _RUNTIME_DEFAULTS.items() if k in fields},
-             **{k: v for k, v in values.items() if k in fields}}
-  unset = sorted(fields - set(section))
+  fields = dataclasses.fields(ModelConfig)
+  unknown = sorted(set(values) - {f.name for f in fields})
+  if unknown:
+    raise ConfigError(f'jaxformer.hf sets model.{", model.".join(unknown)}, which the model library does not have '
+                      '(families.py and ModelConfig disagree).')
+  # Keys config.json does not decide: ModelConfig's defaults, then jaxformer's runtime defaults, then the family's.
+  section = {**{f.name: f.default for f in fields if f.default is not dataclasses.MISSING}, **_RUNTIME_DEFAULTS,
+             **values}
+  unset = sorted({f.name for f in fields} - set(section))
   if unset:
     raise ConfigError(f'jaxformer.hf sets no value for model.{", model.".join(unset)}; add it to families.py.')
   section = ml_collections.ConfigDict(section)

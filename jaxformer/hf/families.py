@@ -119,13 +119,6 @@ def _want(cfg: ModelConfig, **expected: Any) -> list[str]:
   return out
 
 
-# Model keys the importer may set that older model sections lack, with the value that means "off" (today's
-# behaviour). A family that needs another value from a jaxformer without the key is an error, never ignored.
-NEUTRAL: dict[str, Any] = {'pad_id': 0, 'head_dim': -1, 'attention_scale': -1.0, 'output_scale': 1.0,
-                           'type_vocab_size': 0, 'embed_norm': False, 'output_bias': False, 'qkv_bias': False,
-                           'relative_num_buckets': 32, 'relative_max_distance': 128}
-
-
 def _head_dim(head_dim: int, d_model: int, heads: int) -> int:
   """model.head_dim: -1 (= d_model // num_heads) unless the checkpoint's differs."""
   return -1 if head_dim * heads == d_model else head_dim

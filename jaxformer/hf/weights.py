@@ -16,7 +16,7 @@ import struct
 import ml_dtypes
 import numpy as np
 
-from jaxformer.config import ConfigError
+from jaxformer.errors import ConfigError
 
 WEIGHTS_NAME = 'model.safetensors'
 INDEX_NAME = 'model.safetensors.index.json'
