@@ -10,6 +10,8 @@ section comes from config.json (jaxformer.hf.model_section), data.tokenizer=hf:D
 Fine-tuning defaults: AdamW at 5e-5 (1e-4 for T5, as its papers fine-tune higher), linear decay after a short
 warmup, weight decay 0.01, sequence lengths within the model's positions.
 """
+import os
+
 from configs import default
 from jaxformer import hf
 
@@ -17,6 +19,7 @@ from jaxformer import hf
 def get_config(directory: str = ''):
   if not directory:
     raise ValueError('configs/hf.py needs a checkpoint directory: --config=configs/hf.py:path/to/checkpoint.')
+  directory = os.path.abspath(os.path.expanduser(directory))  # the saved config must work from any directory
   config = default.get_config()
   config.model = hf.model_section(directory)
   config.data.tokenizer = hf.PREFIX + directory

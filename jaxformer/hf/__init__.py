@@ -70,7 +70,8 @@ def model_section(directory: str) -> ml_collections.ConfigDict:
   except ConfigError as e:
     raise ConfigError(f'{directory}: {e}') from None
   except KeyError as e:
-    raise ConfigError(f'{directory}/{CONFIG_NAME} lacks {e.args[0]!r}, which {hf_config["model_type"]} needs.') from None
+    raise ConfigError(f'{directory}/{CONFIG_NAME} lacks {e.args[0]!r}, which {hf_config["model_type"]} '
+                      'needs.') from None
   fields = dataclasses.fields(ModelConfig)
   unknown = sorted(set(values) - {f.name for f in fields})
   if unknown:

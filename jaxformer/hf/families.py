@@ -306,7 +306,8 @@ class T5(Family):
     return dict(arch='encoder_decoder', position='relative', norm='rms', norm_position='pre', mlp=self.MLPS[ff],
                 num_layers=hf['num_layers'], num_decoder_layers=_get(hf, 'num_decoder_layers', 'num_layers'),
                 num_heads=hf['num_heads'], num_kv_heads=-1, d_model=hf['d_model'], d_ff=hf['d_ff'],
-                head_dim=_head_dim(hf['d_kv'], hf['d_model'], hf['num_heads']), vocab_size=hf['vocab_size'], max_len=hf.get('n_positions', 512),
+                head_dim=_head_dim(hf['d_kv'], hf['d_model'], hf['num_heads']), vocab_size=hf['vocab_size'],
+                max_len=hf.get('n_positions', 512),
                 dropout=hf.get('dropout_rate', 0.1), attention_dropout=hf.get('dropout_rate', 0.1), use_bias=False,
                 tie_embeddings=tied, norm_eps=hf.get('layer_norm_epsilon', 1e-6),
                 init_std=hf.get('initializer_factor', 1.0) * hf['d_model'] ** -0.5,
@@ -339,8 +340,8 @@ class T5(Family):
   def tensors(self, cfg: ModelConfig) -> list[Rule]:
     rules = [same('shared.weight', 'embed.embedding'), *norm('encoder.final_layer_norm', 'encoder.final_norm', False),
              *norm('decoder.final_layer_norm', 'decoder.final_norm', False),
-             same('encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight', 'encoder.positions.embedding'),
-             same('decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight', 'decoder.positions.embedding')]
+             *(same(f'{s}.block.0.layer.0.SelfAttention.relative_attention_bias.weight', f'{s}.positions.embedding')
+               for s in ('encoder', 'decoder'))]  # T5 keeps the table in block 0; every layer of the stack uses it
     if not cfg.tie_embeddings:
       rules.append(linear('lm_head.weight', 'unembed.kernel'))
     for stack, layers in (('encoder', cfg.num_layers), ('decoder', cfg.num_decoder_layers)):
@@ -355,10 +356,12 @@ class T5(Family):
           ff = 2
         dense = f'{hf}.{ff}.DenseReluDense'
         if cfg.mlp in ('geglu', 'swiglu'):
-          rules += [linear(f'{dense}.wi_0.weight', f'{ours}.mlp.wi_gate'), linear(f'{dense}.wi_1.weight', f'{ours}.mlp.wi')]
+          rules += [linear(f'{dense}.wi_0.weight', f'{ours}.mlp.wi_gate'),
+                    linear(f'{dense}.wi_1.weight', f'{ours}.mlp.wi')]
         else:
           rules.append(linear(f'{dense}.wi.weight', f'{ours}.mlp.wi'))
-        rules += [linear(f'{dense}.wo.weight', f'{ours}.mlp.wo'), *norm(f'{hf}.{ff}.layer_norm', f'{ours}.mlp_norm', False)]
+        rules += [linear(f'{dense}.wo.weight', f'{ours}.mlp.wo'),
+                  *norm(f'{hf}.{ff}.layer_norm', f'{ours}.mlp_norm', False)]
     return rules
 
 
@@ -433,7 +436,8 @@ class Llama(Family):
                 linear(f'{hf}.mlp.up_proj.weight', f'{ours}.mlp.wi'),
                 linear(f'{hf}.mlp.down_proj.weight', f'{ours}.mlp.wo')]
       if cfg.use_bias:  # Llama's mlp_bias also gives the gate a bias; jaxformer's SwiGLU gate has none
-        rules += [same(f'{hf}.self_attn.o_proj.bias', f'{ours}.attn.out_bias'), zeros(f'{hf}.mlp.gate_proj.bias', (cfg.d_ff,)),
+        rules += [same(f'{hf}.self_attn.o_proj.bias', f'{ours}.attn.out_bias'),
+                  zeros(f'{hf}.mlp.gate_proj.bias', (cfg.d_ff,)),
                   same(f'{hf}.mlp.up_proj.bias', f'{ours}.mlp.wi_bias'),
                   same(f'{hf}.mlp.down_proj.bias', f'{ours}.mlp.wo_bias')]
     return rules

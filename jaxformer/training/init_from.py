@@ -39,7 +39,8 @@ def initial_params(config: Any, abstract_params: Any, mesh: jax.sharding.Mesh):
       raise ConfigError(f'checkpoint.init_from={source}: {e}') from None
     return hf.with_params(abstract_params, params)
   if not os.path.isdir(ckpt_lib.checkpoint_dir(source)):
-    raise ConfigError(f'checkpoint.init_from={source!r}: no jaxformer checkpoints in {ckpt_lib.checkpoint_dir(source)}; '
+    raise ConfigError(f'checkpoint.init_from={source!r}: no jaxformer checkpoints in '
+                      f'{ckpt_lib.checkpoint_dir(source)}; '
                       'give a training workdir, or hf:<dir> for a Hugging Face checkpoint.')
   model, _ = ckpt_lib.restore_model(source, config, mesh)
   return jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), nnx.state(model, nnx.Param), abstract_params)
