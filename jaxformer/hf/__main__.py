@@ -9,15 +9,15 @@ used an hf:<dir> tokenizer its files are copied too and its special ids go into 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 import ml_collections
 
-from jaxformer import hf, sharding as shd
+from jaxformer import cli, hf, sharding as shd
 from jaxformer.config import ConfigError
 from jaxformer.data.hf_tokenizer import NONE, HFTokenizer
 from jaxformer.training import checkpoint as ckpt_lib
+from jaxformer.user_errors import UserError
 
 
 def token_ids(tokenizer: HFTokenizer, arch: str) -> dict[str, int]:
@@ -56,11 +56,11 @@ def main(argv: list[str]) -> None:
   p.add_argument('--output', required=True, help='the Hugging Face directory to write')
   p.add_argument('--checkpoint_step', type=int, default=None, help='default: the newest checkpoint')
   args = parser.parse_args(argv)
-  logging.getLogger('absl').setLevel(logging.WARNING)
+  cli.quiet_logging()
   try:
-    model_type = export(args.workdir, args.output, args.checkpoint_step)
-  except (ConfigError, ckpt_lib.CheckpointError, ValueError) as e:
-    sys.exit(f'error: {e}')
+    model_type = cli.guarded(lambda: export(args.workdir, args.output, args.checkpoint_step))
+  except ValueError as e:  # a setting without a Hugging Face counterpart (families.py raises ValueError)
+    cli.fail(UserError(str(e)))
   print(f'wrote {model_type} checkpoint to {args.output}')
 
 

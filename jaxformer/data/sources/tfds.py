@@ -6,6 +6,8 @@ sources (text:, parallel:) convert their files with, so every source is read thr
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -216,7 +218,8 @@ def build_array_record(name: str, data_dir: str, features: Sequence[str],
   with open(os.path.join(data_dir, name, 'empty_splits.json'), 'w') as f:
     json.dump(empty, f)
   builder = _Builder(data_dir=data_dir, file_format='array_record')
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints "Downloading and preparing": nothing is downloaded
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
 
 
 def open_array_record(spec: str, kind: str, name: str, data_dir: str, keys: tuple[str, ...],
