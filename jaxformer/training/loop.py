@@ -185,7 +185,8 @@ class Trainer:
     self.setup = step_lib.make_setup(config, r.mesh, tx, schedule)
     self._describe()
     self.checkpointer = ckpt_lib.Checkpointer(r.workdir, keep=config.checkpoint.keep,
-                                              async_save=config.checkpoint.async_save)
+                                              async_save=config.checkpoint.async_save,
+                                              **step_lib.checkpoint_params(config, self.setup))
     restored = self.checkpointer.restore(self.setup.abstract_state)
     data_state = None
     if restored is not None:

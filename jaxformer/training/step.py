@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxformer import peft as peft_lib
 from jaxformer import sharding as shd
+from jaxformer.peft import base as peft_base
 from jaxformer.data.rows import model_inputs
 
 Batch = Mapping[str, jax.Array]
@@ -159,9 +160,33 @@ def make_setup(config, mesh: Mesh, tx: optax.GradientTransformation, schedule) -
 
 
 def init_state(config, setup: TrainSetup) -> dict:
-  """The train state created directly sharded: each device computes only its shards (jit + out_shardings)."""
+  """The train state created directly sharded: each device computes only its shards (jit + out_shardings).
+  A PEFT run's base parameters come from checkpoint.init_from (peft/base.py)."""
   with shd.mesh_context(setup.mesh, setup.rules):
-    return jax.jit(functools.partial(_init_state, config, setup.tx), out_shardings=setup.state_shardings)()
+    state = jax.jit(functools.partial(_init_state, config, setup.tx), out_shardings=setup.state_shardings)()
+  if peft_lib.is_active(config):
+    state['params'] = peft_base.with_base(config, state['params'], setup.abstract_state['params'])
+  return state
+
+
+def initial_params(config, abstract_params: nnx.State, mesh: Mesh, rules: tuple) -> nnx.State:
+  """Every parameter as a fresh run starts, placed on `abstract_params`' shardings: the seed's initialisation, with
+  a PEFT run's base replaced by checkpoint.init_from's (what completes a PEFT checkpoint's trainable params)."""
+  shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
+  with shd.mesh_context(mesh, rules):
+    params = jax.jit(lambda: split_model(build_model(config))[1], out_shardings=shardings)()
+  return peft_base.with_base(config, params, abstract_params) if peft_lib.is_active(config) else params
+
+
+def checkpoint_params(config, setup: TrainSetup) -> dict[str, Any]:
+  """Checkpointer arguments: a PEFT run stores only its trainable parameters and restores the rest from its base
+  (the seed or checkpoint.init_from); any other run stores them all ({})."""
+  if not peft_lib.is_active(config):
+    return {}
+  abstract = setup.abstract_state['params']
+  complete = lambda trained: nnx.merge_state(  # noqa: E731
+      peft_lib.split(initial_params(config, abstract, setup.mesh, setup.rules), config)[1], trained)
+  return {'params_filter': peft_lib.trainable_filter(config), 'complete_params': complete}
 
 
 def merge_model(graphdef, params, rest) -> nnx.Module:
