@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, Callable
 
 import jax
@@ -84,6 +85,11 @@ def validate(config: Any) -> None:
   method = METHODS[peft.method]
   if method.validate is not None:
     method.validate(peft, config.model)
+  base = str((config.get('checkpoint') or {}).get('init_from', '') or '')
+  if peft.method != 'none' and base and not base.startswith('hf:') and not os.path.isdir(
+      os.path.join(os.path.expanduser(base), 'checkpoints')):
+    raise ConfigError(f'checkpoint.init_from={base!r}: no jaxformer checkpoints in {os.path.join(base, "checkpoints")}; '
+                      'give the workdir of a finished training run (the base this PEFT run adapts).')
   if _extra_words(peft) and peft.method == 'none':
     raise ConfigError(f'peft.train_extra={peft.train_extra!r} only applies with a PEFT method (peft.method=none '
                       'already trains everything); set peft.method or drop train_extra.')
