@@ -86,10 +86,10 @@ def validate(config: Any) -> None:
   if method.validate is not None:
     method.validate(peft, config.model)
   base = str((config.get('checkpoint') or {}).get('init_from', '') or '')
-  if peft.method != 'none' and base and not base.startswith('hf:') and not os.path.isdir(
+  if base and not base.startswith('hf:') and not os.path.isdir(
       os.path.join(os.path.expanduser(base), 'checkpoints')):
     raise ConfigError(f'checkpoint.init_from={base!r}: no jaxformer checkpoints in {os.path.join(base, "checkpoints")}; '
-                      'give the workdir of a finished training run (the base this PEFT run adapts).')
+                      'give the workdir of a finished training run (the model to start from).')
   if _extra_words(peft) and peft.method == 'none':
     raise ConfigError(f'peft.train_extra={peft.train_extra!r} only applies with a PEFT method (peft.method=none '
                       'already trains everything); set peft.method or drop train_extra.')

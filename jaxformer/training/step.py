@@ -161,11 +161,11 @@ def make_setup(config, mesh: Mesh, tx: optax.GradientTransformation, schedule) -
 
 def init_state(config, setup: TrainSetup) -> dict:
   """The train state created directly sharded: each device computes only its shards (jit + out_shardings).
-  A PEFT run's base parameters come from checkpoint.init_from (peft/base.py)."""
+  The base model's parameters come from checkpoint.init_from when it is set (peft/base.py; a PEFT method's own
+  parameters stay freshly initialised)."""
   with shd.mesh_context(setup.mesh, setup.rules):
     state = jax.jit(functools.partial(_init_state, config, setup.tx), out_shardings=setup.state_shardings)()
-  if peft_lib.is_active(config):
-    state['params'] = peft_base.with_base(config, state['params'], setup.abstract_state['params'])
+  state['params'] = peft_base.with_base(config, state['params'], setup.abstract_state['params'])
   return state
 
 
