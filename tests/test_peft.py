@@ -151,6 +151,20 @@ def test_trainable_counts_equal_the_formulas():
   assert peft.count_params(abstract, none_cfg) == (total, total)
 
 
+@pytest.mark.parametrize('arch', ['encoder_only', 'encoder_decoder'])
+def test_prompt_on_the_encoder_side_keeps_shapes_and_changes_logits(arch):
+  config = peft_config('prompt', arch=arch, num_prompt_tokens=3)
+  logits = np.asarray(logits_of(model_of(config), arch))
+  base_logits = np.asarray(logits_of(model_of(base_part(config)), arch))
+  assert logits.shape == base_logits.shape and not np.allclose(logits, base_logits)
+
+
+def test_prompt_decoder_only_does_not_decode():
+  model = model_of(peft_config('prompt', num_prompt_tokens=3))
+  with pytest.raises(ConfigError, match='does not decode'):
+    model.decode_step(jnp.ones((1, 2), jnp.int32), model.init_cache(1, 8))
+
+
 def test_prompt_tokens_are_seen_and_dropped():
   config = peft_config('prompt', num_prompt_tokens=4)
   model = model_of(config)

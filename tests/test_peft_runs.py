@@ -83,6 +83,11 @@ def test_lora_run_stores_only_what_trains_resumes_exactly_and_evaluates_on_its_b
   results = evaluation.run(config, str(straight), bleu=False)
   assert results['loss'] == pytest.approx(logged['eval_loss'], rel=1e-6)
 
+  # decoding reads the same base + adapter
+  config.decode.update(method='greedy', max_len=4)
+  generated = evaluation.run(config, str(straight), mode='generate', prompt='ab')
+  assert len(generated['outputs']) == 1 and len(generated['outputs'][0]) > 0
+
   # merged export = plain base-model parameters
   model, _ = ckpt_lib.restore_model(str(straight), ml_collections.ConfigDict(saved),
                                     shd.make_mesh(ml_collections.ConfigDict(saved)))

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from jaxformer.errors import check_positive
+from jaxformer.errors import ConfigError, check_positive
 from jaxformer.model import layers
 from jaxformer.peft.params import PromptParam, new_param
 
@@ -39,7 +39,7 @@ class SoftPrompt(nnx.Module):
   def prepend(self, x: Array, positions: Array, mask: Array, *, decoding: bool) -> tuple[Array, Array, Array]:
     """x [B,T,D], positions [B,T], mask [B|1,1,T,T] -> the same with the n prompt tokens first."""
     if decoding:
-      raise NotImplementedError('peft.method=prompt does not decode a decoder_only model (the prompt is not in the '
+      raise ConfigError('peft.method=prompt does not decode a decoder_only model (the prompt is not in the '
                                 'KV cache); score it with eval.py, or use peft.method=lora / adapter to generate.')
     b, t, d = x.shape
     n = self.length
