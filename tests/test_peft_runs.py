@@ -77,6 +77,13 @@ def test_lora_run_stores_only_what_trains_resumes_exactly_and_evaluates_on_its_b
   for key, value in base_params.items():
     np.testing.assert_array_equal(adapted[key], value, err_msg=key)
   assert any(np.abs(v).max() > 0 for k, v in adapted.items() if k.endswith('/b'))
+  first = read_metrics(str(straight))[0]  # the parameter counts, LoRA on q,k,v,out: rank x (in + out) each
+  m = config.model
+  h = m.d_model // m.num_heads
+  kv = m.num_heads if m.num_kv_heads == -1 else m.num_kv_heads
+  assert first['num_params'] == sum(v.size for v in adapted.values())
+  assert first['num_trainable_params'] == config.peft.rank * (
+      (m.d_model + m.num_heads * h) + 2 * (m.d_model + kv * h) + (m.num_heads * h + m.d_model))
 
   # eval.py's score equals the eval_loss training logged (same base + adapter)
   logged = [r for r in read_metrics(str(straight)) if 'eval_loss' in r][-1]
