@@ -12,6 +12,7 @@ import ml_collections
 from jaxformer import data as data_lib
 from jaxformer import decoding
 from jaxformer import metrics
+from jaxformer import peft
 from jaxformer.errors import ConfigError, check_choice, check_fraction, check_positive
 from jaxformer.model.config import ModelConfig, validate_model
 from jaxformer.training import optimizer
@@ -24,6 +25,7 @@ DISTRIBUTED = ('auto', 'on', 'off')
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks the whole config before anything expensive happens."""
   validate_model(config.model)
+  peft.validate(config)
   data, train, mesh, decode = config.data, config.train, config.mesh, config.decode
 
   kind = str(data.source).split(':', 1)[0]

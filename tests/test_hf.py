@@ -337,7 +337,7 @@ def test_hf_recipe_decodes_with_the_checkpoints_ids(name, eos, start):
 
 def test_init_from_takes_only_the_parameters(tmp_path):
   from jaxformer import sharding as shd  # pylint: disable=g-import-not-at-top
-  from jaxformer.training import init_from, optimizer, step as step_lib  # pylint: disable=g-import-not-at-top
+  from jaxformer.training import optimizer, step as step_lib  # pylint: disable=g-import-not-at-top
   section = tiny_section()
   pretrained = random_model(section)
   hf.save(pretrained, section, str(tmp_path / 'ckpt'))
@@ -348,8 +348,7 @@ def test_init_from_takes_only_the_parameters(tmp_path):
   mesh = shd.make_mesh(config)
   tx, schedule = optimizer.make_optimizer(config.train)
   setup = step_lib.make_setup(config, mesh, tx, schedule)
-  fresh = step_lib.init_state(config, setup)
-  state = init_from.apply(config, setup, fresh)
+  state = step_lib.init_state(config, setup)  # a fresh start reads checkpoint.init_from's parameters
   got = {hf._path(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(state['params'])[0]}
   want = hf.model_params(pretrained)
   assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)

@@ -12,11 +12,14 @@ import argparse
 import sys
 
 import ml_collections
+from flax import nnx
 
 from jaxformer import cli, hf, sharding as shd
+from jaxformer import peft as peft_lib
 from jaxformer.config import ConfigError
 from jaxformer.data.hf_tokenizer import NONE, HFTokenizer
 from jaxformer.training import checkpoint as ckpt_lib
+from jaxformer.training import step as step_lib
 from jaxformer.user_errors import UserError
 
 
@@ -36,6 +39,11 @@ def export(workdir: str, output: str, step: int | None = None) -> str:
   config = ml_collections.ConfigDict(saved)
   config.mesh.update(data=-1, fsdp=1, tensor=1)  # whatever devices this machine has, each with the whole model
   model, _ = ckpt_lib.restore_model(workdir, config, shd.make_mesh(config), step=step)
+  if peft_lib.is_active(config):  # a LoRA / BitFit run: the base model with the trained parameters folded in
+    merged = peft_lib.merge(model, config)
+    config.peft.method = 'none'
+    model = step_lib.build_model(config)
+    nnx.update(model, merged)
   spec = str(config.data.get('tokenizer', ''))
   tokenizer = HFTokenizer.from_spec(spec) if spec.startswith(hf.PREFIX) else None
   model_type = hf.save(model, config.model, output,
