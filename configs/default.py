@@ -36,7 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.dtype = 'float32'  # compute dtype: float32 | bfloat16 | float16
   model.param_dtype = 'float32'  # storage dtype of parameters (the optimizer's master copy)
   model.attention_impl = 'auto'  # auto (cudnn flash on GPU for 16-bit inputs, else xla) | xla | cudnn | reference
-  model.remat = 'none'  # none | block: rematerialise each block in the backward pass
+  model.remat = 'none'  # none | dots | projections | block | full: what the backward pass recomputes (model/remat.py)
+  model.scan_layers = False  # one block body with parameters stacked along 'layers', run by lax.scan (model/scan.py)
   model.init_std = 0.02
 
   # ----------------------------------------------------------------- data
@@ -110,6 +111,7 @@ def get_config() -> ml_collections.ConfigDict:
       ('heads', 'tensor'),
       ('kv_heads', 'tensor'),
       ('kv', None),
+      ('layers', None),  # the stacked layer axis of model.scan_layers
   )
   mesh.distributed = 'auto'  # auto (initialize jax.distributed when the environment says so) | on | off
 

@@ -1,7 +1,7 @@
 """The model section of the config: validation against the model's registries, the resolved ModelConfig, and
 build_model (config -> model).
 
-Every choice is checked against the registry that implements it (ARCHS, NORM_POSITIONS and REMATS in
+Every choice is checked against the registry that implements it (ARCHS, NORM_POSITIONS and REMATS (remat.py) in
 transformer.py, POSITIONS in positions.py, NORMS, MLPS and DTYPES in layers.py, IMPLEMENTATIONS in attention.py),
 so a new entry there is accepted here with no second list to update.
 """
@@ -44,6 +44,7 @@ class ModelConfig:
   attention_impl: str
   remat: str
   init_std: float
+  scan_layers: bool = False
 
   @property
   def head_dim(self) -> int:

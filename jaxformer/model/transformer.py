@@ -17,8 +17,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxformer.model import layers, positions as positions_lib
+from jaxformer import logical
+from jaxformer.model import layers, positions as positions_lib, remat as remat_lib, scan
 from jaxformer.model.attention import Attention
+from jaxformer.model.remat import REMATS  # noqa: F401 - model.remat's registry, validated as transformer.REMATS
 
 if TYPE_CHECKING:  # annotations only: jaxformer.model.config imports this module for its registries
   from jaxformer.model.config import ModelConfig
@@ -90,11 +92,6 @@ def _block_forward(block: Block, x, mask, rope, encoded, cross_mask, causal: boo
                deterministic=deterministic)[0]
 
 
-# model.remat: how the backward pass gets a block's activations. none = stored by the forward pass; block =
-# recomputed from the block's input (memory for compute). Decoding (with a cache) never rematerialises.
-REMATS = {'none': None, 'block': nnx.remat(_block_forward, static_argnums=(6, 7))}
-
-
 class Stack(nnx.Module):
   """Positions + `num_layers` blocks (+ final norm for pre-LN). The encoder, and both kinds of decoder."""
 
@@ -104,7 +101,11 @@ class Stack(nnx.Module):
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
     # GPT-2 init: each residual branch's output projection gets std / sqrt(number of residual sublayers).
     out_std = cfg.init_std / math.sqrt(num_layers * (3 if cross else 2))
-    self.blocks = nnx.List([Block(cfg, cross=cross, out_std=out_std, rngs=rngs) for _ in range(num_layers)])
+    make_block = lambda rngs: Block(cfg, cross=cross, out_std=out_std, rngs=rngs)
+    if cfg.scan_layers:  # one block body, variables stacked along 'layers' (scan.py)
+      self.blocks = scan.ScannedBlocks(make_block, num_layers, rngs=rngs)
+    else:
+      self.blocks = nnx.List([make_block(rngs) for _ in range(num_layers)])
     self.final_norm = layers.NORMS[cfg.norm](cfg, rngs=rngs) if cfg.norm_position == 'pre' else None
 
   def __call__(self, x: Array, positions: Array, mask: Array, *, encoded: Array | None = None,
@@ -112,21 +113,47 @@ class Stack(nnx.Module):
                cache_index: Array | None = None, deterministic: bool = True) -> tuple[Array, tuple | None]:
     """x: token embeddings [B,T,D] -> hidden states [B,T,D] (and the updated per-layer caches)."""
     x = self.dropout(self.positions.add(x, positions), deterministic=deterministic)
+    x = logical.constrain(x, logical.HIDDEN)
     rope = self.positions.rotary(positions)
+    if self.scanned:
+      x, new_cache = self.blocks(x, mask=mask, rope=rope, causal=self.causal, encoded=encoded, cross_kv=cross_kv,
+                                 cross_mask=cross_mask, cache=cache, cache_index=cache_index,
+                                 deterministic=deterministic, remat=self.remat)
+      return (x if self.final_norm is None else self.final_norm(x)), new_cache
     new_cache = []
-    remat_forward = REMATS[self.remat] if cache is None else None
+    remat = REMATS[self.remat] if cache is None else None
     for i, block in enumerate(self.blocks):
-      if remat_forward is not None:
-        x = remat_forward(block, x, mask, rope, encoded, cross_mask, self.causal, deterministic)
+      if remat is not None:
+        x = nnx.remat(_block_forward, static_argnums=(6, 7), policy=remat.policy)(
+            block, x, mask, rope, encoded, cross_mask, self.causal, deterministic)
+        x = logical.constrain(x, logical.HIDDEN)
         continue
       x, layer_cache = block(x, mask, rope=rope, causal=self.causal, encoded=encoded,
                              cross_kv=None if cross_kv is None else cross_kv[i], cross_mask=cross_mask,
                              cache=None if cache is None else cache[i], cache_index=cache_index,
                              deterministic=deterministic)
+      x = logical.constrain(x, logical.HIDDEN)
       new_cache.append(layer_cache)
     if self.final_norm is not None:
       x = self.final_norm(x)
     return x, (tuple(new_cache) if cache is not None else None)
+
+  @property
+  def scanned(self) -> bool:
+    return isinstance(self.blocks, scan.ScannedBlocks)
+
+  def empty_cache(self, shape: tuple[int, ...], dtype: Any) -> Any:
+    """Zero self-attention keys/values [B,S,K,H] per layer: a tuple of {'k','v'}, or stacked [B,L,S,K,H]."""
+    if self.scanned:
+      return self.blocks.empty_cache(shape, dtype)
+    return tuple({'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)} for _ in self.blocks)
+
+  def cross_cache(self, encoded: Array) -> Any:
+    """Every layer's cross-attention keys/values of `encoded`: a tuple of {'k','v'}, or stacked [B,L,S,K,H]."""
+    if self.scanned:
+      k, v = self.blocks.stacked(lambda block: block.cross_attn.kv(encoded))
+      return {'k': k, 'v': v}
+    return tuple(dict(zip(('k', 'v'), block.cross_attn.kv(encoded))) for block in self.blocks)
 
 
 # ----------------------------------------------------------------------------------------------- heads
@@ -161,7 +188,8 @@ class _Model(nnx.Module):
 
   def logits(self, h: Array) -> Array:
     """Hidden states -> float32 logits [B,T,V]."""
-    return self.embed.attend(h) if self.unembed is None else self.unembed(h)
+    logits = self.embed.attend(h) if self.unembed is None else self.unembed(h)
+    return logical.constrain(logits, logical.LOGITS)
 
   def _empty_cache(self, stack: Stack, batch_size: int, max_len: int) -> dict[str, Any]:
     cfg = self.config
@@ -169,9 +197,8 @@ class _Model(nnx.Module):
       raise ValueError(f'init_cache max_len={max_len} exceeds model.max_len={cfg.max_len}; raise model.max_len '
                        'or decode fewer tokens.')
     shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
-    zeros = lambda: jnp.zeros(shape, jnp.dtype(cfg.dtype))
     return {'index': jnp.zeros((batch_size,), jnp.int32), 'valid': jnp.zeros((batch_size, max_len), bool),
-            'self': tuple({'k': zeros(), 'v': zeros()} for _ in stack.blocks)}
+            'self': stack.empty_cache(shape, jnp.dtype(cfg.dtype))}
 
   def _decode(self, stack: Stack, tokens: Array, cache: dict[str, Any], **cross) -> tuple[Array, dict[str, Any]]:
     """Runs T new tokens through `stack` against the cache; positions continue from cache['index']."""
@@ -224,7 +251,8 @@ class DecoderOnly(_Model):
 
   def init_cache(self, batch_size: int, max_len: int, *, encoded: Array | None = None,
                  src_tokens: Array | None = None) -> dict[str, Any]:
-    """{'index' [B], 'valid' [B,L] (key slots holding a real token), 'self': per layer {'k','v'} [B,L,K,H]}."""
+    """{'index' [B], 'valid' [B,L] (key slots holding a real token), 'self': per layer {'k','v'} [B,L,K,H]}
+    (model.scan_layers: 'self' is one {'k','v'} [B,layers,L,K,H]; batch leads every leaf either way)."""
     return self._empty_cache(self.decoder, batch_size, max_len)
 
   def decode_step(self, tokens: Array, cache: dict[str, Any]) -> tuple[Array, dict[str, Any]]:
@@ -268,15 +296,12 @@ class EncoderDecoder(_Model):
     if encoded is None:
       encoded = self.encode(src_tokens)
     cache = self._empty_cache(self.decoder, batch_size, max_len)
-    cross = []
-    for block in self.decoder.blocks:
-      k, v = block.cross_attn.kv(encoded)
-      cross.append({'k': k, 'v': v})
-    return {**cache, 'cross': tuple(cross), 'src_valid': src_tokens != 0}
+    return {**cache, 'cross': self.decoder.cross_cache(encoded), 'src_valid': src_tokens != 0}
 
   def decode_step(self, tokens: Array, cache: dict[str, Any]) -> tuple[Array, dict[str, Any]]:
     cross_mask = ((tokens != 0)[:, :, None] & cache['src_valid'][:, None, :])[:, None]
-    cross_kv = tuple((c['k'], c['v']) for c in cache['cross'])
+    cross = cache['cross']
+    cross_kv = (cross['k'], cross['v']) if self.decoder.scanned else tuple((c['k'], c['v']) for c in cross)
     return self._decode(self.decoder, tokens, cache, cross_kv=cross_kv, cross_mask=cross_mask)
 
 
