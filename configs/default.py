@@ -89,6 +89,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.eval_every = 200
   train.eval_steps = 20  # batches per evaluation; -1 = the whole split
   train.eval_batch_size = 0  # 0 = train.batch_size
+  # JAX's persistent compilation cache (reruns / resumes skip compiling); '' = off (jaxformer/compilation_cache.py)
+  train.compilation_cache_dir = '~/.cache/jaxformer/jax_cache'
 
   # ----------------------------------------------------------- checkpoint
   checkpoint = config.checkpoint = ml_collections.ConfigDict()

@@ -15,7 +15,7 @@ from typing import Any
 import ml_collections
 from jax.sharding import Mesh
 
-from jaxformer import data as data_lib
+from jaxformer import compilation_cache, data as data_lib
 from jaxformer import sharding as shd
 from jaxformer.config import ConfigError, ModelConfig, validate
 from jaxformer.training import host_memory
@@ -83,6 +83,7 @@ def resolve(config: ml_collections.ConfigDict, workdir: str, *, training: bool,
   host_memory.keep_freed_memory()  # XLA:CPU's per-call temp buffers: no page faults every step
   shd.maybe_initialize_distributed(config)  # before anything touches a device
   validate(config)
+  compilation_cache.enable(config.train.get('compilation_cache_dir', compilation_cache.DEFAULT_DIR))  # before compiling
   workdir = os.path.abspath(workdir)
   source = data_lib.get_source(config, workdir)
   if splits is None:
