@@ -15,10 +15,10 @@ def get_config() -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- model
   model = config.model = ml_collections.ConfigDict()
   model.arch = 'decoder_only'  # encoder_only | decoder_only | encoder_decoder
-  model.position = 'learned'  # sinusoidal | rope | learned
+  model.position = 'learned'  # sinusoidal | rope | learned | relative (T5's bucketed bias on attention logits)
   model.norm = 'layer'  # layer | rms
   model.norm_position = 'pre'  # pre | post
-  model.mlp = 'gelu'  # gelu | relu | swiglu
+  model.mlp = 'gelu'  # gelu (tanh) | relu | swiglu | gelu_exact (erf, BERT) | geglu (gated tanh gelu, T5 v1.1)
   model.num_layers = 2  # encoder depth, or decoder depth for decoder_only
   model.num_decoder_layers = -1  # encoder_decoder only; -1 = num_layers
   model.num_heads = 4
@@ -39,10 +39,23 @@ def get_config() -> ml_collections.ConfigDict:
   model.remat = 'none'  # none | dots | projections | block | full: what the backward pass recomputes (model/remat.py)
   model.scan_layers = False  # one block body with parameters stacked along 'layers', run by lax.scan (model/scan.py)
   model.init_std = 0.02
+  model.head_dim = -1  # per-head width; -1 = d_model // num_heads (T5's d_kv may differ)
+  model.attention_scale = -1.0  # query-key logit scale; -1 = head_dim ** -0.5; T5: 1.0 (no scaling)
+  model.qkv_bias = False  # biases on the query/key/value projections even when use_bias=False (Qwen2)
+  # the token id that means padding when no segment ids are given (and in decoding); -1 = none: every id is a
+  # real token (GPT-2 / Llama checkpoints, whose id 0 is a word). T5's decoder start token (its pad id) stays real.
+  model.pad_id = 0
+  model.type_vocab_size = 0  # token-type (segment) embeddings; BERT: 2; 0 = none (token_type_ids default to 0)
+  model.embed_norm = False  # norm (model.norm) over token + type + position embeddings before the blocks (BERT)
+  model.output_bias = False  # a bias [vocab] added to the logits (BERT's MLM decoder bias)
+  model.relative_num_buckets = 32  # position=relative: buckets of key - query distance (T5: 32)
+  model.relative_max_distance = 128  # position=relative: distances past this share the last bucket (T5: 128)
+  model.output_scale = 1.0  # multiplies the final hidden states before the output projection; T5 v1.0: d_model**-0.5
 
   # ----------------------------------------------------------------- data
   data = config.data = ml_collections.ConfigDict()
-  # builtin:lm | builtin:numbers | text:<path or glob> | parallel:<prefix> | tfds:<name>[/<config>]
+  # builtin:lm | builtin:numbers | text:<path or glob> | parallel:<prefix> | jsonl:<path or glob> |
+  # tfds:<name>[/<config>]
   data.source = 'builtin:lm'
   data.data_dir = ''  # where TFDS datasets live or are built; '' = <workdir>/data
   data.tokenizer = 'char'  # char | byte | sentencepiece
@@ -54,13 +67,25 @@ def get_config() -> ml_collections.ConfigDict:
   # text: sources: file = each file is one document (nanoGPT; long ones are cut at line ends into ~2k-char
   # examples), one file split 90/10 by characters | line = one example per non-empty line, split 90/10 by lines
   data.text_unit = 'file'
+  # jsonl: sources (instruction data): the fields of each line's JSON object holding the prompt and the response
+  data.prompt_key = 'prompt'
+  data.response_key = 'response'
   data.seq_len = 128  # tokens per row: LM rows, or the decoder (target) side of seq2seq
   data.src_seq_len = 128  # encoder (source) side of seq2seq
   data.pack = True  # pack several examples into one row (segment_ids keep them apart)
   # training rows: streams = each row reads shuffled examples in order (any size of data, any arch) |
   # random_windows = i.i.d. windows of the whole tokenized split, as nanoGPT (LM archs, data that fits in memory)
   data.sampling = 'streams'
+  # char tokenizer: characters absent from the training split become <unk>; their share per split is logged at
+  # start-up, and above this fraction the run stops there (before step 1). -1 = never stop.
+  data.max_unk_fraction = -1.0
   data.mask_rate = 0.15  # encoder_only masked-LM: fraction of tokens chosen (80/10/10 mask/random/keep)
+  # encoder_decoder on text examples: split_middle = source/target at the middle word | prefix_lm = at a random
+  # token | span_corruption = T5's denoising (random spans -> sentinels taken from the end of the vocabulary)
+  data.objective = 'split_middle'
+  data.noise_density = 0.15  # span_corruption: fraction of tokens noised
+  data.mean_noise_span_length = 3.0  # span_corruption: mean length of a noised span
+  data.num_sentinels = 100  # span_corruption: sentinel ids reserved at the end of the vocabulary (T5: 100)
   data.train_split = 'train'
   data.eval_split = 'validation'
   data.test_split = 'test'
@@ -89,6 +114,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.eval_every = 200
   train.eval_steps = 20  # batches per evaluation; -1 = the whole split
   train.eval_batch_size = 0  # 0 = train.batch_size
+  train.max_bad_steps = 3  # stop after this many steps in a row with a non-finite loss or gradient norm
+  train.skip_bad_steps = False  # True: a step with a non-finite gradient leaves params / optimizer state unchanged
   # JAX's persistent compilation cache (reruns / resumes skip compiling); '' = off (jaxformer/compilation_cache.py)
   train.compilation_cache_dir = '~/.cache/jaxformer/jax_cache'
 
@@ -126,7 +153,13 @@ def get_config() -> ml_collections.ConfigDict:
   decode.top_k = 0  # 0 = off
   decode.top_p = 1.0  # 1.0 = off
   decode.max_len = 64  # new tokens to generate
+  decode.eos_id = 2  # decoding stops at this token (jaxformer tokenizers: 2; T5: 1, GPT-2: 50256)
+  decode.start_id = 1  # the decoder's first token when there is no prompt (BOS; T5: 0)
   decode.batch_size = 32
+  # sacrebleu tokenizer: '' = by data.tgt_lang (zh -> zh, ja -> ja-mecab if installed, else 13a) | 13a | intl |
+  # zh | char | none
+  decode.bleu_tokenize = ''
+  decode.bleu_max_ngram = 4  # BLEU's n-gram order (4 = standard; another value is marked in the signature)
   return config
 
 

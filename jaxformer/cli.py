@@ -7,13 +7,18 @@ jaxformer are imported when a command actually runs (see `train` and `evaluate`)
 from __future__ import annotations
 
 import difflib
+import errno
+import logging as std_logging
 import importlib.util
 import os
+import re
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 import ml_collections
 from absl import flags, logging
+
+from jaxformer.user_errors import USER_ERROR_EXIT, UserError, file_system_error
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
@@ -27,7 +32,12 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   spec = importlib.util.spec_from_file_location('_jaxformer_recipe', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  if not arg:
+    return module.get_config()
+  try:
+    return module.get_config(arg)
+  except ValueError as e:  # the recipe rejects the variant (configs/default.apply_variant): the user's input
+    raise UserError(f'--config={path}:{arg}: {e}') from None
 
 
 def leaf_keys(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
@@ -67,7 +77,7 @@ def unknown_override(config: ml_collections.ConfigDict, argv: Sequence[str], fla
 
 
 def check_overrides(argv: Sequence[str], flag: str = 'config') -> None:
-  """Exits with status 1 and one line on stderr when a --config.<key> override names no key of the recipe."""
+  """Exits with status 2 and one line on stderr when a --config.<key> override names no key of the recipe."""
   path = None
   for i, arg in enumerate(argv[1:], start=1):
     if arg.startswith(f'--{flag}='):
@@ -78,11 +88,13 @@ def check_overrides(argv: Sequence[str], flag: str = 'config') -> None:
     return
   try:
     config = load_config_file(path)
+  except UserError as e:
+    fail(e)
   except FileNotFoundError as e:
-    sys.exit(f'error: {e}')
+    fail(UserError(str(e)))
   message = unknown_override(config, argv, flag)
   if message:
-    sys.exit(f'error: {message}')
+    fail(UserError(message))
 
 
 def explicit_overrides(argv: Sequence[str], flag: str = 'config') -> list[str]:
@@ -90,41 +102,88 @@ def explicit_overrides(argv: Sequence[str], flag: str = 'config') -> list[str]:
   return [arg[len(flag) + 3:].split('=', 1)[0] for arg in argv[1:] if arg.startswith(f'--{flag}.')]
 
 
-def quiet_logging(*, read_only: bool = False) -> None:
-  """absl WARNING unless --verbosity was given: orbax logs every file it writes/reads at INFO. read_only (eval):
-  also drop orbax's warning that a read-only manager is read-only (eval opens checkpoints read-only on purpose)."""
+def quiet_logging() -> None:
+  """Library noise off unless --verbosity was given: absl at WARNING (our data warnings stay visible); orbax's
+  records dropped (it logs every file at INFO, its failures with tracebacks: those reach the user as our one-line
+  errors, and its "read only" warnings describe what we asked for); TFDS's "Downloading and preparing" (nothing
+  is downloaded) and TensorFlow/TensorStore C++ logs below ERROR. Our own messages are printed, so they show."""
   if flags.FLAGS['verbosity'].present:
     return
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  std_logging.getLogger('tensorflow_datasets').setLevel(std_logging.ERROR)
   logging.set_verbosity(logging.WARNING)
-  if read_only:
-    logging.get_absl_handler().addFilter(
-        lambda record: 'read only' not in (m := record.getMessage()) and 'read_only=True' not in m)
+  logging.get_absl_handler().addFilter(_not_library_noise)
 
 
-def user_errors() -> dict[type, str]:
-  """Exception type -> the prefix of its one-line message. Internal bugs are not listed: they keep tracebacks."""
-  from jaxformer.config import ConfigError  # late: heavy imports (jax) only once a command runs
-  from jaxformer.data import DataError
-  from jaxformer.evaluation import EvalError
-  from jaxformer.training.checkpoint import CheckpointError
-  return {ConfigError: 'config error', CheckpointError: 'checkpoint error', EvalError: 'error', DataError: 'error',
-          FileNotFoundError: 'error'}
+def _not_library_noise(record: std_logging.LogRecord) -> bool:
+  """False for orbax's records (its failures reach the user as our one-line errors; its read-only warnings
+  describe what we asked for)."""
+  return f'{os.sep}orbax{os.sep}' not in record.pathname
+
+
+def fail(error: UserError) -> NoReturn:
+  """Prints a user error as `error: <message>` (+ `hint: <hint>`) on stderr and exits with status 2."""
+  print(f'error: {error}', file=sys.stderr, flush=True)
+  if error.hint:
+    print(f'hint: {error.hint}', file=sys.stderr, flush=True)
+  sys.exit(USER_ERROR_EXIT)
+
+
+# TensorStore (orbax's array writer) reports file-system failures as ValueErrors (or wrapped): a status code and the
+# errno in the text ('... No space left on device [os_error_code='28']').
+_TENSORSTORE_STATUS = {'RESOURCE_EXHAUSTED': errno.ENOSPC, 'PERMISSION_DENIED': errno.EACCES}
+
+
+def _tensorstore_errno(text: str) -> int | None:
+  code = re.search(r"os_error_code='?(\d+)", text)
+  if code:
+    return int(code.group(1))
+  return next((n for status, n in _TENSORSTORE_STATUS.items() if text.startswith(status + ':')), None)
+
+
+def _file_system_cause(e: BaseException) -> UserError | None:
+  """The UserError for a full disk / permission problem anywhere in e's chain of causes, else None."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and (user_error := file_system_error(e)) is not None:
+      return user_error
+    if not isinstance(e, OSError) and (code := _tensorstore_errno(str(e))) is not None:
+      path = re.search(r'"(/[^"]+)"', str(e))
+      user_error = file_system_error(OSError(code, os.strerror(code), path.group(1) if path else None))
+      if user_error is not None:
+        return user_error
+    e = e.__cause__ or e.__context__
+  return None
 
 
 def guarded(fn: Callable[[], Any]) -> Any:
-  """Runs fn; a user error exits with one line on stderr (its message), anything else propagates."""
-  errors = user_errors()
+  """Runs fn behind the user-error boundary: a UserError, a file-system OSError (disk full, permissions) or a
+  missing file is one line and exit status 2; anything else is a bug and keeps its traceback."""
   try:
     return fn()
-  except tuple(errors) as e:
-    prefix = next(p for t, p in errors.items() if isinstance(e, t))
-    sys.exit(f'{prefix}: {e}')
+  except UserError as e:
+    fail(e)
+  except FileNotFoundError as e:
+    fail(UserError(str(e)))
+  except Exception as e:  # noqa: BLE001 - re-raised unless the file system caused it (orbax wraps its OSErrors)
+    user_error = _file_system_cause(e)
+    if user_error is None:
+      raise
+    fail(user_error)
+  except KeyboardInterrupt:  # Ctrl-C before training installed its handler (or a second one): nothing to save
+    print('interrupted.', file=sys.stderr, flush=True)
+    sys.exit(130)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """train.py's one call: jaxformer.training.run behind the user-error boundary."""
+  """train.py's one call: jaxformer.training.run behind the user-error boundary. Ctrl-C saves a checkpoint (like
+  SIGTERM) and then exits with status 130."""
   from jaxformer import training  # late: keeps train.py --help fast
-  return guarded(lambda: training.run(config, workdir))
+  result = guarded(lambda: training.run(config, workdir))
+  if result.get('stopped_by') == 'SIGINT':
+    sys.exit(130)
+  return result
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, argv: Sequence[str], **kwargs: Any) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import ml_collections
 
 from jaxformer import data as data_lib
 from jaxformer import decoding
+from jaxformer import metrics
 from jaxformer.errors import ConfigError, check_choice, check_fraction, check_positive
 from jaxformer.model.config import ModelConfig, validate_model
 from jaxformer.training import optimizer
@@ -29,8 +30,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if ':' not in str(data.source) or kind not in data_lib.SOURCES:
     raise ConfigError(
         f'data.source={data.source!r} is not a valid source; use builtin:<name>, text:<path or glob>, '
-        'parallel:<prefix> or tfds:<name>[/<config>].')
+        'parallel:<prefix>, jsonl:<path or glob> or tfds:<name>[/<config>].')
   check_choice('data.tokenizer', data.tokenizer, data_lib.TOKENIZERS)
+  check_choice('data.objective', data.get('objective', 'split_middle'), data_lib.OBJECTIVES)
   sampling = data.get('sampling', 'streams')  # configs saved before the key existed read as streams
   check_choice('data.sampling', sampling, data_lib.SAMPLINGS)
   if sampling == 'random_windows' and config.model.arch == 'encoder_decoder':
@@ -81,7 +83,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check_positive('decode.beam_size', decode.beam_size)
   check_positive('decode.max_len', decode.max_len)
   check_positive('decode.top_k', decode.top_k, allow_zero=True)
+  for key in ('eos_id', 'start_id'):
+    if key in decode:  # configs saved before the keys existed use the jaxformer tokenizers' ids
+      check_positive(f'decode.{key}', decode[key], allow_zero=True)
   if not 0.0 < decode.top_p <= 1.0:
     raise ConfigError(f'decode.top_p={decode.top_p!r} must be in (0, 1]; 1.0 turns nucleus sampling off.')
   if decode.temperature < 0:
     raise ConfigError(f'decode.temperature={decode.temperature!r} must be >= 0 (0 = greedy).')
+  if decode.get('bleu_tokenize', '') not in metrics.BLEU_TOKENIZE_CHOICES:
+    raise ConfigError(f'decode.bleu_tokenize={decode.bleu_tokenize!r} is not valid; use one of '
+                      f'{", ".join(c for c in metrics.BLEU_TOKENIZE_CHOICES if c)}, or \'\' to follow data.tgt_lang.')
+  check_positive('decode.bleu_max_ngram', decode.get('bleu_max_ngram', 4))

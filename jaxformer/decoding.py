@@ -48,6 +48,7 @@ class DecodeSettings:
   top_p: float = 1.0
   max_len: int = 64
   eos_id: int = EOS_ID
+  start_id: int = BOS_ID  # the first decoder token when no prompt is given (T5 starts from its pad id, 0)
 
   @classmethod
   def from_config(cls, decode: Any, **overrides: Any) -> DecodeSettings:
@@ -65,7 +66,7 @@ class DecodeSettings:
     if self.method == 'beam':
       return dataclasses.replace(self, temperature=default.temperature, top_k=default.top_k, top_p=default.top_p)
     if self.method == 'greedy' or self.temperature == 0:
-      return DecodeSettings(method='greedy', max_len=self.max_len, eos_id=self.eos_id)
+      return DecodeSettings(method='greedy', max_len=self.max_len, eos_id=self.eos_id, start_id=self.start_id)
     return dataclasses.replace(self, beam_size=default.beam_size, length_penalty=default.length_penalty)
 
 
@@ -312,11 +313,11 @@ def _greedy_without_cache(graphdef, state, prompt, prompt_lengths, src_tokens, *
 
 
 # ----------------------------------------------------------------------------------------------- public API
-def _prepare(prompt, prompt_lengths, src_tokens, prefill_len=None):
+def _prepare(prompt, prompt_lengths, src_tokens, prefill_len=None, start_id=BOS_ID):
   if prompt is None:
     if src_tokens is None:
       raise ValueError('decoder_only decoding needs a prompt (at least BOS per row).')
-    prompt = np.full((np.shape(src_tokens)[0], 1), BOS_ID, np.int32)
+    prompt = np.full((np.shape(src_tokens)[0], 1), start_id, np.int32)
   if prompt_lengths is None:
     prompt_lengths = np.full((np.shape(prompt)[0],), np.shape(prompt)[1], np.int32)
   # The prefill length is a shape, so it must be concrete: the shortest prompt.
@@ -330,9 +331,9 @@ def _prepare(prompt, prompt_lengths, src_tokens, prefill_len=None):
 
 
 def greedy(model: nnx.Module, prompt: Any = None, *, max_new_tokens: int, prompt_lengths: Any = None,
-           src_tokens: Any = None, eos_id: int = EOS_ID) -> jax.Array:
+           src_tokens: Any = None, eos_id: int = EOS_ID, start_id: int = BOS_ID) -> jax.Array:
   """Argmax decoding -> new tokens [B, max_new_tokens], 0 after EOS (EOS itself is kept)."""
-  settings = DecodeSettings(method='greedy', max_len=max_new_tokens, eos_id=eos_id)
+  settings = DecodeSettings(method='greedy', max_len=max_new_tokens, eos_id=eos_id, start_id=start_id)
   return sample(model, prompt, None, settings=settings, prompt_lengths=prompt_lengths, src_tokens=src_tokens)
 
 
@@ -345,7 +346,7 @@ def sample(model: nnx.Module, prompt: Any, rng: jax.Array | None, *, settings: D
   if settings.method == 'beam':
     raise ValueError('decode.method=beam: call beam_search (or decode, which dispatches on the method).')
   graphdef, state = nnx.split(model)
-  prompt, lengths, src, prefill_len = _prepare(prompt, prompt_lengths, src_tokens, prefill_len)
+  prompt, lengths, src, prefill_len = _prepare(prompt, prompt_lengths, src_tokens, prefill_len, settings.start_id)
   if settings.method == 'sample' and settings.temperature > 0 and rng is None:
     raise ValueError('sampling needs an explicit PRNG key (rng=jax.random.key(seed)).')
   if rng is None:
@@ -358,17 +359,17 @@ def beam_search(model: nnx.Module, prompt: Any = None, *, settings: DecodeSettin
                 src_tokens: Any = None, prefill_len: int | None = None) -> tuple[jax.Array, jax.Array]:
   """-> (new tokens [B, beam, max_len], length-penalised scores [B, beam]), best beam first."""
   graphdef, state = nnx.split(model)
-  prompt, lengths, src, prefill_len = _prepare(prompt, prompt_lengths, src_tokens, prefill_len)
+  prompt, lengths, src, prefill_len = _prepare(prompt, prompt_lengths, src_tokens, prefill_len, settings.start_id)
   settings = dataclasses.replace(settings, method='beam').canonical()
   return _beam_search(graphdef, state, prompt, lengths, src, settings=settings, prefill_len=prefill_len)
 
 
 def greedy_without_cache(model: nnx.Module, prompt: Any = None, *, max_new_tokens: int, prompt_lengths: Any = None,
-                         src_tokens: Any = None, eos_id: int = EOS_ID) -> jax.Array:
+                         src_tokens: Any = None, eos_id: int = EOS_ID, start_id: int = BOS_ID) -> jax.Array:
   """The baseline the KV cache beats: a full forward pass over the whole [B, P + N] buffer for every new token
   (and the encoder again each step for encoder_decoder). Same output as `greedy`."""
   graphdef, state = nnx.split(model)
-  prompt, lengths, src, prefill_len = _prepare(prompt, prompt_lengths, src_tokens)
+  prompt, lengths, src, prefill_len = _prepare(prompt, prompt_lengths, src_tokens, start_id=start_id)
   return _greedy_without_cache(graphdef, state, prompt, lengths, src, max_new=max_new_tokens,
                                prefill_len=prefill_len, eos_id=eos_id)
 
@@ -388,7 +389,7 @@ def decode(model: nnx.Module, settings: DecodeSettings, prompt: Any = None, *, p
   src_np = None if src_tokens is None else np.asarray(src_tokens, np.int32)
   batch = (prompt_np if prompt_np is not None else src_np).shape[0]
   if prompt_np is None:
-    prompt_np = np.full((batch, 1), BOS_ID, np.int32)
+    prompt_np = np.full((batch, 1), settings.start_id, np.int32)
   lengths_np = (np.full((batch,), prompt_np.shape[1], np.int32) if prompt_lengths is None
                 else np.asarray(prompt_lengths, np.int32))
   if model_max_len is None:  # jaxformer models carry their ModelConfig
@@ -406,7 +407,7 @@ def decode(model: nnx.Module, settings: DecodeSettings, prompt: Any = None, *, p
     if padded != batch:  # dummy rows: a BOS prompt (and an empty source), thrown away afterwards
       extra = padded - batch
       prompt_np = np.concatenate([prompt_np, np.full((extra, prompt_np.shape[1]), 0, np.int32)])
-      prompt_np[batch:, 0] = BOS_ID
+      prompt_np[batch:, 0] = settings.start_id
       lengths_np = np.concatenate([lengths_np, np.ones((extra,), np.int32)])
       if src_np is not None:
         src_np = np.concatenate([src_np, np.zeros((extra, src_np.shape[1]), np.int32)])

@@ -8,8 +8,10 @@ from __future__ import annotations
 import difflib
 from typing import Any, Iterable
 
+from jaxformer.user_errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
   """A config value that cannot work. The message names the key and the fix."""
 
 

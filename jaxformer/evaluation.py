@@ -1,8 +1,10 @@
 """run(config, workdir): restore a checkpoint that train.py wrote, score a split, decode, write the results.
 
 Modes
-  score      loss / perplexity (and masked-token accuracy for encoder_only) on a split with the training code's
-             own `compute_loss`; encoder_decoder also translates the split and reports sacrebleu BLEU.
+  score      loss / perplexity, bits per byte / character (decoder_only, encoder_decoder) and masked-token
+             accuracy (encoder_only) on a split with the training code's own `compute_loss`; encoder_decoder also
+             translates the split and reports sacrebleu BLEU (tokenized for the target language;
+             decode.bleu_tokenize overrides) and chrF.
   generate   decoder_only: continue a text prompt.
   translate  encoder_decoder: translate the lines of a file.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -38,12 +41,13 @@ from jaxformer import sharding as shd
 from jaxformer.resolve import Resolved, resolve
 from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import step as step_lib
+from jaxformer.user_errors import UserError
 
 MODES = ('score', 'generate', 'translate')
 REQUEST_SECTIONS = ('decode', 'mesh')  # taken from the request, never from the checkpoint
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
   """A request eval cannot serve. The message is one line naming the file/flag and the fix."""
 
 
@@ -128,9 +132,9 @@ def _jitted_eval_step(graphdef: Any, config_text: str, mesh: Any):
   another checkpoint of the same model in this process (or at the next eval step) reuses the compiled step."""
   config = ml_collections.ConfigDict(json.loads(config_text))
 
-  def sums(params, rest, batch):
+  def sums(params, rest, batch, length_tables):
     _, metrics = step_lib.compute_loss(step_lib.merge_model(graphdef, params, rest), batch, config,
-                                       deterministic=True)
+                                       deterministic=True, length_tables=length_tables)
     return metrics
 
   return jax.jit(sums, out_shardings=NamedSharding(mesh, PartitionSpec()))
@@ -159,6 +163,9 @@ class Evaluator:
     self.r = r
     self.split = split
     self._step = _jitted_eval_step(graphdef, config_json(r.config), r.mesh)
+    # bytes / characters per token id, for bits per byte / character (None for encoder_only)
+    tables = metrics_lib.length_tables(r.tokenizer, r.config.model.arch)
+    self._tables = jax.device_put(tables, NamedSharding(r.mesh, PartitionSpec())) if tables else None
 
   def accumulate(self, params: Any, rest: Any) -> metrics_lib.MetricAccumulator:
     """Token-weighted metric sums over the split's eval batches (global: the jit spans the mesh, so no
@@ -166,17 +173,20 @@ class Evaluator:
     acc = metrics_lib.MetricAccumulator()
     with shd.mesh_context(self.r.mesh, self.r.rules):
       for batch in eval_batches(self.r, self.split):
-        acc.add(self._step(params, rest, batch))
+        acc.add(self._step(params, rest, batch, self._tables))
     if acc.weight_sum <= 0:
       raise data_lib.DataError(f'split {self.split!r} of data.source={self.r.config.data.source!r} produced no '
                                'target tokens to score.')
     return acc
 
   def training_row(self, params: Any, rest: Any) -> dict[str, float]:
-    """The eval row of DIR/metrics.jsonl: eval_loss, eval_perplexity, eval_accuracy, eval_tokens."""
+    """The eval row of DIR/metrics.jsonl: eval_loss, eval_perplexity, eval_accuracy, eval_tokens, and
+    eval_bits_per_byte / eval_bits_per_char (decoder_only, encoder_decoder)."""
     out = self.accumulate(params, rest).result(with_accuracy=True)
-    return {'eval_loss': out['loss'], 'eval_perplexity': out['perplexity'], 'eval_accuracy': out['accuracy'],
-            'eval_tokens': float(out['num_tokens'])}
+    row = {'eval_loss': out['loss'], 'eval_perplexity': out['perplexity'], 'eval_accuracy': out['accuracy'],
+           'eval_tokens': float(out['num_tokens'])}
+    row.update({f'eval_{key}': out[key] for key in ('bits_per_byte', 'bits_per_char') if key in out})
+    return row
 
 
 # ------------------------------------------------------------------------------------------- restoring a model
@@ -286,13 +296,22 @@ def format_table(results: dict[str, Any]) -> str:
   return '\n'.join([line] + [f'{k.ljust(width)} | {v}' for k, v in rows] + [line])
 
 
+def finite_or_null(results: dict[str, Any]) -> dict[str, Any]:
+  """Non-finite floats -> None (strict JSON has no NaN/Infinity), with one line naming them."""
+  bad = [k for k, v in results.items() if isinstance(v, float) and not math.isfinite(v)]
+  if bad:
+    _log(f'WARNING: {", ".join(bad)} not finite (NaN/inf), written as null: the checkpoint\'s parameters have '
+         'probably diverged; evaluate an earlier --checkpoint_step.')
+  return {k: None if k in bad else v for k, v in results.items()}
+
+
 def _write_json(path: str, obj: dict) -> None:
   if jax.process_index() != 0:
     return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, default=float)
+    json.dump(obj, f, indent=2, default=float, allow_nan=False)
     f.write('\n')
   os.replace(tmp, path)
 
@@ -300,8 +319,11 @@ def _write_json(path: str, obj: dict) -> None:
 def _read_lines(path: str) -> list[str]:
   if not os.path.isfile(path):
     raise EvalError(f'--input={path}: no such file.')
-  with open(path, encoding='utf-8') as f:
-    lines = [line.rstrip('\n') for line in f]
+  try:
+    with open(path, encoding='utf-8') as f:
+      lines = [line.rstrip('\n') for line in f]
+  except UnicodeDecodeError as e:
+    raise EvalError(f'--input={path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8.') from None
   if not any(line.strip() for line in lines):
     raise EvalError(f'--input={path} is empty; give a file with one source sentence per line.')
   return lines
@@ -376,9 +398,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int
     if limit >= 0:  # the examples the loss covered (exactly so when rows are unpacked: one example per row)
       pairs = pairs[:limit * r.resolved.eval_batch_size]
     hyps = translate_texts(r, [s for s, _ in pairs])
-    b = metrics_lib.bleu(hyps, [t for _, t in pairs], src_lang='', tgt_lang='')
-    results.update(bleu=b['bleu'], sacrebleu_signature=b['sacrebleu_signature'],
-                   direction=translation_direction(r.config), bleu_examples=len(pairs),
+    refs = [t for _, t in pairs]
+    direction = translation_direction(r.config)
+    b = metrics_lib.bleu(hyps, refs, tgt_lang=direction.split('->')[-1],
+                         tokenize=str(r.config.decode.get('bleu_tokenize', '')),
+                         max_ngram_order=int(r.config.decode.get('bleu_max_ngram', metrics_lib.BLEU_MAX_NGRAM_ORDER)))
+    if 'bleu_note' in b:
+      _log(b['bleu_note'])
+    results.update(bleu=b['bleu'], sacrebleu_signature=b['sacrebleu_signature'], **metrics_lib.chrf(hyps, refs),
+                   direction=direction, bleu_examples=len(pairs),
                    decode=dataclasses.asdict(decode_settings(r.config)))
     for (src, ref), hyp in list(zip(pairs, hyps))[:3]:
       _log(f'  src: {src}\n  ref: {ref}\n  hyp: {hyp}')
@@ -386,6 +414,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int
   _log(f'evaluation of {workdir} (step {r.step}, split {name}):')
   _log(format_table({k: v for k, v in results.items() if k != 'decode'}))
   path = output or os.path.join(workdir, 'eval.json')
+  results = finite_or_null(results)
   _write_json(path, results)
   _log(f'wrote {path}')
   return results

@@ -2,7 +2,7 @@
 
 Formula (PaLM, appendix B): training FLOPs = 6 * N * tokens + attention, where N counts the weights of every
 matrix multiply a token goes through (attention projections, MLP, the output/logits projection; embedding *lookups*
-cost nothing and are not counted) and attention adds 12 * layers * d_model * context per token (QK^T and AV,
+cost nothing and are not counted) and attention adds 12 * layers * heads * head_dim * context per token (QK^T and AV,
 2 FLOPs per multiply-add, x3 for forward + backward). Causal masking is not discounted, as in PaLM/MaxText.
 encoder_decoder counts both stacks over their own lengths: the encoder over src_seq_len tokens, the decoder over
 seq_len tokens, cross-attention over src_seq_len keys, and the cross-attention key/value projections over the
@@ -56,18 +56,19 @@ def _mlp_weights(cfg: ModelConfig) -> int:
 def train_flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int, src_seq_len: int | None = None) -> float:
   """Model FLOPs of one training step (forward + backward) on a [batch_size, seq_len] batch."""
   d, vocab = cfg.d_model, cfg.vocab_size
+  qk = cfg.num_heads * cfg.head_dim  # width of QK^T and AV (= d_model unless model.head_dim is set)
   attn, mlp = _attn_weights(cfg), _mlp_weights(cfg)
   logits = d * vocab
   if cfg.arch == 'encoder_decoder':
     src = src_seq_len or seq_len
     kv = 2 * d * cfg.num_kv_heads * cfg.head_dim
-    enc_per_token = 6 * cfg.num_layers * (attn + mlp) + 12 * cfg.num_layers * d * src
+    enc_per_token = 6 * cfg.num_layers * (attn + mlp) + 12 * cfg.num_layers * qk * src
     enc_per_token += 6 * cfg.num_decoder_layers * kv  # cross-attention keys/values of the encoder output
     dec_per_token = (6 * cfg.num_decoder_layers * (attn + (attn - kv) + mlp) + 6 * logits
-                     + 12 * cfg.num_decoder_layers * d * (seq_len + src))
+                     + 12 * cfg.num_decoder_layers * qk * (seq_len + src))
     return float(batch_size * (src * enc_per_token + seq_len * dec_per_token))
   layers = cfg.num_layers
-  per_token = 6 * layers * (attn + mlp) + 6 * logits + 12 * layers * d * seq_len
+  per_token = 6 * layers * (attn + mlp) + 6 * logits + 12 * layers * qk * seq_len
   if cfg.arch == 'encoder_only':
     per_token += 6 * d * d  # the masked-LM head's dense transform
   return float(batch_size * seq_len * per_token)

@@ -8,17 +8,22 @@ one-line error at start-up rather than a surprise at the first evaluation.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import ml_collections
 from jax.sharding import Mesh
 
 from jaxformer import compilation_cache, data as data_lib
 from jaxformer import sharding as shd
 from jaxformer.config import ConfigError, ModelConfig, validate
+from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import host_memory
+from jaxformer.user_errors import WorkdirError
 
 TRAINING_SPLITS = ('train_split', 'eval_split')  # the data.* keys a training run reads
 
@@ -72,24 +77,109 @@ def check_splits(config: ml_collections.ConfigDict, source: data_lib.Source, spl
     source.split(str(name))
 
 
-def resolve(config: ml_collections.ConfigDict, workdir: str, *, training: bool,
-            splits: Sequence[str] | None = None) -> Resolved:
-  """Validates `config` once and fills in what it leaves to the run (see the module docstring).
+def _number(key: str, value: Any, *, low: float, high: float = math.inf, low_open: bool = False,
+            high_open: bool = False) -> None:
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+  ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+  if not ok:
+    interval = f'{"(" if low_open else "["}{low:g}, {high:g}{")" if high_open else "]"}'
+    raise ConfigError(f'{key}={value!r} must be a number in {interval}.')
 
-  training: also check the training batch layout. splits: split names to check (default for training: the
-  data.train_split and data.eval_split). Builds (and caches in the workdir) the tokenizer when there is none.
-  """
-  config = ml_collections.ConfigDict(config.to_dict())  # a private, unlocked copy we may fill in
+
+def check_train_values(config: ml_collections.ConfigDict) -> None:
+  """Ranges config.validate does not cover: optimizer numbers, loss terms, the bad-step guard."""
+  train = config.train
+  _number('train.learning_rate', train.learning_rate, low=0, low_open=True)
+  _number('train.min_learning_rate', train.min_learning_rate, low=0, high=train.learning_rate)
+  _number('train.weight_decay', train.weight_decay, low=0)
+  for key in ('b1', 'b2'):
+    _number(f'train.{key}', train[key], low=0, high=1, high_open=True)
+  _number('train.eps', train.eps, low=0)
+  _number('train.grad_clip_norm', train.grad_clip_norm, low=0)
+  _number('train.z_loss', train.z_loss, low=0)
+  max_bad = train.get('max_bad_steps', 1)
+  if not isinstance(max_bad, int) or max_bad < 1:
+    raise ConfigError(f'train.max_bad_steps={max_bad!r} must be a positive integer.')
+
+
+def checked_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A private, unlocked copy of `config`, validated (once) on a process ready to touch devices."""
+  config = ml_collections.ConfigDict(config.to_dict())
   host_memory.keep_freed_memory()  # XLA:CPU's per-call temp buffers: no page faults every step
   shd.maybe_initialize_distributed(config)  # before anything touches a device
   validate(config)
-  compilation_cache.enable(config.train.get('compilation_cache_dir', compilation_cache.DEFAULT_DIR))  # before compiling
+  compilation_cache.enable(config.train.get('compilation_cache_dir', compilation_cache.DEFAULT_DIR))  # pre-compile
+  check_train_values(config)
+  return config
+
+
+def check_saved_run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """A workdir with checkpoints holds one model: a config whose model section (or optimizer state layout:
+  train.optimizer, train.skip_bad_steps) differs is refused before anything is written (WorkdirError naming the
+  keys)."""
+  step = ckpt_lib.latest_step(workdir)
+  saved = ckpt_lib.saved_config(workdir, step) if step is not None else None
+  if not saved:
+    return
+  saved_model = saved.get('model', {})
+  differ = []
+  for key, value in config.model.items():
+    if key not in saved_model or (key == 'vocab_size' and not value):
+      continue
+    old = saved_model[key]
+    if (list(old) if isinstance(old, (list, tuple)) else old) != (list(value) if isinstance(value, tuple) else value):
+      differ.append(f'model.{key}={old!r} there, {value!r} here')
+  for key in ('optimizer', 'skip_bad_steps'):  # they decide the optimizer state's layout in the checkpoint
+    old, new = saved.get('train', {}).get(key, False if key == 'skip_bad_steps' else None), config.train.get(key)
+    if old is not None and old != new:
+      differ.append(f'train.{key}={old!r} there, {new!r} here')
+  if differ:
+    raise WorkdirError(
+        f'--workdir={workdir} holds checkpoints of another model ({"; ".join(differ[:3])}); use a new --workdir, '
+        'or the model settings it was trained with to resume.')
+
+
+def check_tokenizer_cache(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """The cached tokenizer must come from this run's data (the source and settings it records in tokenizer.json)."""
+  path = os.path.join(data_lib.tokenizer_dir(workdir), 'tokenizer.json')
+  if not os.path.isfile(path):
+    return
+  with open(path, encoding='utf-8') as f:
+    meta = json.load(f)
+  if meta.get('kind') == 'byte' or meta.get('kind') != config.data.tokenizer:
+    return  # bytes need no data; a different kind gets get_tokenizer's own error
+  wanted = {'source': str(config.data.source), 'train_split': str(config.data.train_split)}
+  if meta.get('kind') == 'sentencepiece':
+    wanted.update(requested_vocab_size=int(config.data.vocab_size), spm_model_type=str(config.data.spm_model_type))
+  differ = [f'{k}={meta[k]!r}' for k, v in wanted.items() if k in meta and meta[k] != v]
+  if differ:
+    raise data_lib.DataError(
+        f'the cached tokenizer in {os.path.dirname(path)} was built with data.{", data.".join(differ)}, which this '
+        f'config changes; use a new --workdir, or delete {os.path.dirname(path)} to rebuild it (only if the '
+        'workdir has no checkpoints you want to resume).')
+
+
+def resolve(config: ml_collections.ConfigDict, workdir: str, *, training: bool,
+            splits: Sequence[str] | None = None, checked: bool = False) -> Resolved:
+  """Validates `config` once and fills in what it leaves to the run (see the module docstring).
+
+  training: also check the training batch layout and that the cached tokenizer fits the data. splits: split
+  names to check (default for training: the data.train_split and data.eval_split). checked: `config` came from
+  checked_config already. Builds (and caches in the workdir) the tokenizer when there is none.
+  """
+  if not checked:
+    config = checked_config(config)
   workdir = os.path.abspath(workdir)
+  if training:
+    check_tokenizer_cache(config, workdir)
   source = data_lib.get_source(config, workdir)
   if splits is None:
     splits = [config.data[key] for key in TRAINING_SPLITS] if training else []
   check_splits(config, source, splits)
   tokenizer = data_lib.get_tokenizer(config, workdir, source=source)
+  unknown = data_lib.unknown_characters(config, tokenizer, source, splits)  # may raise: data.max_unk_fraction
+  if unknown and jax.process_index() == 0:
+    print(unknown, flush=True)
   fill_vocab_size(config, tokenizer)
   model = ModelConfig.from_config(config.model)
   mesh = shd.make_mesh(config)

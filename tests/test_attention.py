@@ -17,16 +17,18 @@ def qkv(b=2, t=6, s=6, n=4, k=2, h=8, seed=0, dtype=jnp.float32):
           jax.random.normal(keys[2], (b, s, k, h), dtype))
 
 
-def naive_attention(q, k, v, mask):
+def naive_attention(q, k, v, mask, bias=None, scale=None):
   """Loops over batch and heads with numpy: the textbook formula, independent of both implementations."""
   q, k, v, mask = map(np.asarray, (q, k, v, jnp.broadcast_to(mask, (q.shape[0], q.shape[2], q.shape[1],
                                                                       k.shape[1]))))
   b, t, n, h = q.shape
   group = n // k.shape[2]
+  bias = np.zeros(mask.shape) if bias is None else np.broadcast_to(np.asarray(bias), mask.shape)
+  scale = 1 / np.sqrt(h) if scale is None else scale
   out = np.zeros_like(q, dtype=np.float64)
   for bi in range(b):
     for ni in range(n):
-      scores = q[bi, :, ni] @ k[bi, :, ni // group].T / np.sqrt(h)
+      scores = q[bi, :, ni] @ k[bi, :, ni // group].T * scale + bias[bi, ni]
       for ti in range(t):
         allowed = mask[bi, ni, ti]
         if not allowed.any():
@@ -46,6 +48,20 @@ def packed_masks(t=6, s=6):
       'cross': attention_mask(seg_q, seg_k, causal=False),
       'per_head': jax.random.bernoulli(jax.random.key(3), 0.7, (2, 4, t, s)),
   }
+
+
+@pytest.mark.parametrize('bias_heads', [4, 1])
+@pytest.mark.parametrize('kv_heads', [4, 1])
+def test_additive_bias_and_scale(kv_heads, bias_heads):
+  """T5: a [B|1, N|1, T, S] bias on unscaled logits, through every implementation and with padding rows."""
+  q, k, v = qkv(k=kv_heads)
+  bias = jax.random.normal(jax.random.key(7), (1, bias_heads, 6, 6))
+  mask = packed_masks()['causal_packed']
+  expected = naive_attention(q, k, v, mask, bias=bias, scale=1.0)
+  np.testing.assert_allclose(reference_attention(q, k, v, mask, bias=bias, scale=1.0), expected, atol=1e-5)
+  for impl in ('xla', 'auto', 'reference'):
+    out = dot_product_attention(q, k, v, mask, implementation=impl, bias=bias, scale=1.0)
+    np.testing.assert_allclose(out, expected, atol=1e-5, err_msg=impl)
 
 
 @pytest.mark.parametrize('mask_name', list(packed_masks()))

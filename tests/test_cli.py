@@ -1,4 +1,5 @@
 """train.py's command line: misspelt --config.* keys are one clear line naming the key and the nearest keys."""
+import errno
 import os
 import subprocess
 import sys
@@ -53,3 +54,29 @@ def test_train_py_misspelt_eval_split_fails_at_start_up(tmp_path):
   assert "split 'valdation' does not exist" in lines[0] and 'data.eval_split' in lines[0], lines[0]
   assert not os.path.exists(os.path.join(tmp_path, 'checkpoints'))
   assert not os.path.exists(os.path.join(tmp_path, 'metrics.jsonl'))
+
+
+def test_unknown_recipe_variant_is_one_line(tmp_path):
+  out = subprocess.run(
+      [sys.executable, 'train.py', '--config=configs/shakespeare_char.py:tpu', f'--workdir={tmp_path}'],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  lines = [line for line in out.stderr.splitlines() if line.strip()]
+  assert out.returncode == 2 and len(lines) == 1 and 'Traceback' not in out.stderr, out.stderr
+  assert "unknown shakespeare_char variant 'tpu'; use one of: cpu, gpu" in lines[0]
+
+
+def test_file_system_failures_are_recognised_through_wrappers():
+  """orbax surfaces a full disk as an OSError in the cause chain or as TensorStore's ValueError text."""
+  tensorstore = ValueError('RESOURCE_EXHAUSTED: Error writing local file "/w/checkpoints/2.orbax-checkpoint-tmp/d/af": '
+                           "Failed to write 8972 bytes to file 7: No space left on device [os_error_code='28']")
+  assert str(cli._file_system_cause(tensorstore)).startswith(
+      'no space left on the device writing /w/checkpoints/2.orbax-checkpoint-tmp/d/af')
+  try:
+    try:
+      raise PermissionError(13, 'Permission denied', '/w/metrics.jsonl')
+    except OSError as e:
+      raise RuntimeError('save failed') from e
+  except RuntimeError as wrapped:
+    assert 'permission denied writing /w/metrics.jsonl' in str(cli._file_system_cause(wrapped))
+  assert cli._file_system_cause(ValueError('shapes (3,) and (4,) do not match')) is None  # a bug stays a bug
+  assert cli._file_system_cause(OSError(errno.EBADF, 'Bad file descriptor')) is None

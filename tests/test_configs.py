@@ -12,7 +12,7 @@ from test_model import tiny_config
     ('position', 'alibi', 'model.position.*sinusoidal, rope, learned'),
     ('norm', 'batch', 'model.norm.*layer, rms'),
     ('norm_position', 'middle', 'model.norm_position.*pre, post'),
-    ('mlp', 'geglu', 'model.mlp.*gelu, relu, swiglu'),
+    ('mlp', 'reglu', 'model.mlp.*gelu, relu, swiglu'),
     ('dtype', 'float8', 'model.dtype.*float32, bfloat16, float16'),
     ('attention_impl', 'flash', 'model.attention_impl.*auto, xla, cudnn, reference'),
     ('remat', 'everything', 'model.remat.*none, dots, projections, block, full'),

@@ -8,6 +8,7 @@ import pytest
 import sacrebleu
 
 from jaxformer import metrics
+from jaxformer.data import ByteTokenizer
 
 
 def test_uniform_model_perplexity_equals_vocab_size():
@@ -88,3 +89,113 @@ def test_bleu_equals_sacrebleu_on_fixed_strings():
   assert metrics.bleu(refs, refs)['bleu'] == pytest.approx(100.0)
   with pytest.raises(ValueError, match='one hypothesis per reference'):
     metrics.bleu(hyps[:2], refs)
+
+
+# ------------------------------------------------------------------------------ BLEU per language, chrF
+ZH_HYPS = ['我今天很高兴去学校。', '他喜欢吃苹果和香蕉。', '天气很好，我们去公园散步吧。']
+ZH_REFS = ['我今天很高兴去上学。', '他喜欢吃苹果和橘子。', '天气很好，我们去公园散步。']
+
+
+def test_chinese_bleu_uses_the_zh_tokenizer_and_equals_sacrebleu():
+  out = metrics.bleu(ZH_HYPS, ZH_REFS, src_lang='en', tgt_lang='zh')
+  expected = sacrebleu.corpus_bleu(ZH_HYPS, [ZH_REFS], tokenize='zh').score
+  assert out['bleu'] == pytest.approx(expected, abs=1e-9)
+  assert '|tok:zh|' in out['sacrebleu_signature']
+  # 13a sees each Chinese sentence as one or two 'words': near-identical sentences score ~0.
+  wrong = sacrebleu.corpus_bleu(ZH_HYPS, [ZH_REFS], tokenize='13a').score
+  assert wrong < 10 and out['bleu'] > 50
+  assert metrics.bleu(ZH_HYPS, ZH_REFS, tgt_lang='zh-TW')['bleu'] == pytest.approx(expected, abs=1e-9)
+
+
+def test_bleu_tokenizer_choice_follows_the_target_language_and_the_override():
+  assert metrics.bleu_tokenizer('zh') == ('zh', '')
+  assert metrics.bleu_tokenizer('zh_CN') == ('zh', '')
+  assert metrics.bleu_tokenizer('de') == ('13a', '')
+  assert metrics.bleu_tokenizer('') == ('13a', '')
+  assert metrics.bleu_tokenizer('zh', 'char') == ('char', '')
+  assert metrics.bleu_tokenizer('de', 'intl') == ('intl', '')
+  try:
+    sacrebleu.BLEU(tokenize='ja-mecab')
+    has_mecab = True
+  except RuntimeError:
+    has_mecab = False
+  name, note = metrics.bleu_tokenizer('ja')
+  if has_mecab:
+    assert (name, note) == ('ja-mecab', '')
+  else:
+    assert name == '13a' and 'sacrebleu[ja]' in note and '\n' not in note
+  with pytest.raises(ValueError, match='decode.bleu_tokenize'):
+    metrics.bleu_tokenizer('zh', 'zh2')
+
+
+def test_bleu_override_and_ngram_order_show_in_the_signature():
+  hyps = ['the cat sat on the mat .', 'a dog runs in the park']
+  refs = ['the cat sat on a mat .', 'the dog runs in a park']
+  out = metrics.bleu(hyps, refs, tgt_lang='zh', tokenize='13a', max_ngram_order=2)
+  expected = sacrebleu.metrics.BLEU(tokenize='13a', max_ngram_order=2).corpus_score(hyps, [refs]).score
+  assert out['bleu'] == pytest.approx(expected, abs=1e-9)
+  assert out['bleu'] != pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)  # BLEU-2 is not BLEU-4
+  assert '|tok:13a|' in out['sacrebleu_signature'] and out['sacrebleu_signature'].endswith('|ngram:2')
+  assert 'ngram' not in metrics.bleu(hyps, refs)['sacrebleu_signature']
+
+
+def test_chrf_equals_sacrebleu():
+  out = metrics.chrf(ZH_HYPS, ZH_REFS)
+  expected = sacrebleu.metrics.CHRF().corpus_score(ZH_HYPS, [ZH_REFS])
+  assert out['chrf'] == pytest.approx(expected.score, abs=1e-9) and 0 < out['chrf'] < 100
+  assert out['chrf_signature'].startswith('nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no|version:')
+  assert metrics.chrf(ZH_REFS, ZH_REFS)['chrf'] == pytest.approx(100.0)
+  with pytest.raises(ValueError, match='one hypothesis per reference'):
+    metrics.chrf(ZH_HYPS[:1], ZH_REFS)
+
+
+# ------------------------------------------------------------------------ bits per byte / per character
+def test_uniform_model_over_bytes_has_exactly_8_bits_per_byte():
+  tok = ByteTokenizer()
+  text = 'Chinese 中文 and ASCII, emoji \U0001F600.\n'
+  targets = jnp.asarray(tok.encode(text) + [0] * 5)[None]  # trailing padding carries no weight
+  logits = jnp.full((1, targets.shape[1], tok.vocab_size), -1e9, jnp.float32).at[..., 5:].set(0.0)
+  acc = metrics.MetricAccumulator()
+  acc.add(metrics.token_metrics(logits, targets, length_tables=metrics.length_tables(tok)))
+  out = acc.result()
+  assert out['num_bytes'] == len(text.encode()) and out['num_chars'] == len(text)
+  assert out['bits_per_byte'] == pytest.approx(8.0, rel=1e-6)
+  assert out['bits_per_char'] == pytest.approx(8.0 * len(text.encode()) / len(text), rel=1e-6)
+  assert out['perplexity'] == pytest.approx(256.0, rel=1e-5)
+
+
+def test_bits_per_char_aggregates_exactly_across_uneven_batches():
+  tok = ByteTokenizer()
+  texts = ['a', '中文字', 'héllo wörld', '', '\U0001F600 ok', 'x' * 9, 'ü']  # 1-4 bytes per character
+  width = max(len(t.encode()) for t in texts)
+  targets = np.zeros((len(texts), width), np.int32)
+  for row, t in enumerate(texts):
+    targets[row, :len(t.encode())] = tok.encode(t)
+  rng = np.random.default_rng(2)
+  logits = rng.normal(size=targets.shape + (tok.vocab_size,)).astype(np.float32) * 2
+  nll = -np.take_along_axis(np.asarray(jax.nn.log_softmax(jnp.asarray(logits))), targets[..., None], -1)[..., 0]
+  total_bits = nll[targets != 0].astype(np.float64).sum() / math.log(2)
+  ref_bpc = total_bits / sum(len(t) for t in texts)
+  ref_bpb = total_bits / sum(len(t.encode()) for t in texts)
+
+  tables = metrics.length_tables(tok)
+  acc, per_batch = metrics.MetricAccumulator(), []
+  for start, stop in [(0, 1), (1, 2), (2, 5), (5, 7)]:  # uneven batches; one holds an empty text
+    sums = metrics.token_metrics(jnp.asarray(logits[start:stop]), jnp.asarray(targets[start:stop]),
+                                 length_tables=tables)
+    acc.add(sums)
+    per_batch.append(float(sums['loss_sum']) / math.log(2) / float(sums['char_sum']))
+  out = acc.result()
+  assert out['bits_per_char'] == pytest.approx(ref_bpc, rel=1e-6)
+  assert out['bits_per_byte'] == pytest.approx(ref_bpb, rel=1e-6)
+  assert abs(np.mean(per_batch) - ref_bpc) > 1e-2  # averaging per-batch values would be a different number
+  a, b = metrics.MetricAccumulator(), metrics.MetricAccumulator()
+  a.add(metrics.token_metrics(jnp.asarray(logits[:3]), jnp.asarray(targets[:3]), length_tables=tables))
+  b.add(metrics.token_metrics(jnp.asarray(logits[3:]), jnp.asarray(targets[3:]), length_tables=tables))
+  assert a.merge(b).result()['bits_per_char'] == pytest.approx(ref_bpc, rel=1e-6)
+
+
+def test_no_length_tables_means_no_bits_keys():
+  out_keys = metrics.MetricAccumulator(loss_sum=3.0, weight_sum=2.0).result().keys()
+  assert 'bits_per_byte' not in out_keys and 'bits_per_char' not in out_keys
+  assert metrics.length_tables(ByteTokenizer(), 'encoder_only') is None

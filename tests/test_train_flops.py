@@ -43,6 +43,23 @@ def test_encoder_decoder_counts_both_stacks():
   assert flops.train_flops_per_step(cfg, b, length, 2 * length) > flops.train_flops_per_step(cfg, b, length, length)
 
 
+def test_hf_features_flops():
+  """T5 v1.1 / Qwen2-style: explicit head_dim (heads * head_dim != d_model), a gated GELU MLP, q/k/v biases and a
+  relative position table. Lookups (embeddings, the relative bias table) are no matmuls."""
+  config = t5_tiny.get_config()
+  config.model.update(vocab_size=40, tie_embeddings=False, head_dim=24, mlp='geglu', qkv_bias=True,
+                      position='relative', relative_num_buckets=8, relative_max_distance=16)
+  cfg = ModelConfig.from_config(config.model)
+  abstract = nnx.eval_shape(lambda: step.build_model(config))
+  flat = jax.tree_util.tree_flatten_with_path(nnx.state(abstract, nnx.Param))[0]
+  n = sum(int(np.prod(x.shape)) for path, x in flat if x.ndim >= 2 and not any(
+      word in jax.tree_util.keystr(path) for word in ('bias', 'positions', "'embed'")))
+  b, length = 2, 16
+  attention = 12 * cfg.num_heads * cfg.head_dim * length * (cfg.num_layers + 2 * cfg.num_decoder_layers)
+  assert cfg.num_heads * cfg.head_dim != cfg.d_model
+  assert flops.train_flops_per_step(cfg, b, length, length) == pytest.approx(b * length * (6 * n + attention))
+
+
 def test_peak_table_and_mfu():
   dev = lambda kind: types.SimpleNamespace(platform='gpu', device_kind=kind, process_index=0)
   assert flops.peak_flops_per_device(dev('NVIDIA H100 80GB HBM3')) == 989e12

@@ -3,9 +3,12 @@
   errors.py      DataError (a ValueError; DataFileNotFoundError is also a FileNotFoundError): one line naming the
                  file or config key and the fix
   sources/       where examples come from: SOURCES (kind -> factory) over base.py's Source/Split interface;
-                 builtin.py (synthetic), local.py (text:, parallel:), tfds.py (tfds: and the ArrayRecord writer)
+                 builtin.py (synthetic), local.py (text:, parallel:, jsonl:), tfds.py (tfds: and the ArrayRecord
+                 writer)
   tokenizers.py  TOKENIZERS (char, byte, sentencepiece) and the workdir cache
   rows.py        TASKS (model.arch -> Task): examples -> items -> batch rows; batch keys = the model's arguments
+  objectives.py  OBJECTIVES (data.objective): how encoder_decoder reads text (split_middle, prefix_lm,
+                 span_corruption)
   layout.py      DataLayout: which rows of each global batch this host loads
   pipeline.py    SAMPLINGS (streams, random_windows), the train / eval iterators, state_for_host
 
@@ -26,6 +29,7 @@ where <data_dir> is data.data_dir, or <workdir>/data when that is ''. tfds: sour
 from jaxformer.data.errors import DataError
 from jaxformer.data.errors import DataFileNotFoundError
 from jaxformer.data.layout import DataLayout
+from jaxformer.data.objectives import OBJECTIVES
 from jaxformer.data.pipeline import EvalIterator
 from jaxformer.data.pipeline import load_text_pairs
 from jaxformer.data.pipeline import make_eval_iterator
@@ -41,6 +45,7 @@ from jaxformer.data.rows import TASKS
 from jaxformer.data.sources import builtin_lm_entropy
 from jaxformer.data.sources import data_dir_for
 from jaxformer.data.sources import get_source
+from jaxformer.data.sources import Instruction
 from jaxformer.data.sources import number_to_words
 from jaxformer.data.sources import Source
 from jaxformer.data.sources import SOURCES
@@ -52,3 +57,4 @@ from jaxformer.data.tokenizers import SentencePieceTokenizer
 from jaxformer.data.tokenizers import Tokenizer
 from jaxformer.data.tokenizers import tokenizer_dir
 from jaxformer.data.tokenizers import TOKENIZERS
+from jaxformer.data.tokenizers import unknown_characters

@@ -1,7 +1,8 @@
 """The data package's errors: one line naming the file or config key and the fix (never a traceback)."""
+from jaxformer.user_errors import UserError
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
   """A data problem (source, split, file, tokenizer). The message is one line naming the file or key and the fix."""
 
 

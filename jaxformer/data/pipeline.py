@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import collections
 import copy
-import logging
 import queue
 import threading
 from typing import Any, Iterator
@@ -42,7 +41,7 @@ from jaxformer.data.errors import DataError
 from jaxformer.data.layout import DataLayout
 from jaxformer.data.rows import Rows, Stream, Task, as_pair, make_task
 from jaxformer.data.sources import Source, Split, get_source
-from jaxformer.data.tokenizers import MAX_UNK_FRACTION, Tokenizer
+from jaxformer.data.tokenizers import Tokenizer
 
 STATE_VERSION = 1
 CACHE_TOKENS = 1 << 25  # tokenized training examples kept in memory (~32M tokens): small datasets are read once
@@ -120,7 +119,8 @@ class _StreamProducer(_Producer):
     return self._perms[epoch]
 
   def example_index(self, stream_row: int, k: int) -> int:
-    """The split index read by global stream `stream_row` as its k-th example."""
+    """The split index read by global stream `stream_row` as its k-th example (global position
+    stream_row + k * batch_size, which also seeds the example's random objective)."""
     g = stream_row + k * self.layout.batch_size
     return int(self._perm(g // self.n)[g % self.n])
 
@@ -131,20 +131,26 @@ class _StreamProducer(_Producer):
     for j in streams:
       s = self.streams[j]
       for k in range(s.buffered_upto, s.buffered_upto + count):
-        want.append((j, self.example_index(self.layout.first_row + j, k)))
+        position = self.layout.first_row + j + k * self.layout.batch_size
+        want.append((j, position, self.example_index(self.layout.first_row + j, k)))
       s.buffered_upto += count
-    missing = sorted({index for _, index in want if index not in self._cache})
-    fresh = dict(zip(missing, self.task.items(self.split.read(missing)))) if missing else {}
-    sizes = [self.task.size(it) for it in fresh.values()]
-    if sizes:
-      self._mean_size = 0.9 * self._mean_size + 0.1 * float(np.mean(sizes))
-    for index, item in fresh.items():
+    missing = sorted({index for _, _, index in want if index not in self._cache})
+    fresh = dict(zip(missing, self.task.tokenize(self.split.read(missing)))) if missing else {}
+    random_items = self.task.random_items
+    if not random_items:  # an item does not depend on its position: build it once and cache it
+      fresh = {index: self.task.item(piece, 0) for index, piece in fresh.items()}
+    for index, piece in fresh.items():
       if self._cached_tokens >= CACHE_TOKENS:
         break
-      self._cache[index] = item
-      self._cached_tokens += self.task.size(item) + 8
-    for j, index in want:
-      self.streams[j].buffer.append(self._cache[index] if index in self._cache else fresh[index])
+      self._cache[index] = piece
+      self._cached_tokens += _num_tokens(piece) + 8
+    sizes = []
+    for j, position, index in want:
+      item = self._cache[index] if index in self._cache else fresh[index]
+      item = self.task.item(item, position) if random_items else item
+      self.streams[j].buffer.append(item)
+      sizes.append(self.task.size(item))
+    self._mean_size = 0.9 * self._mean_size + 0.1 * float(np.mean(sizes))
 
   def _refill_one(self, stream: Stream) -> bool:
     self._refill([self.streams.index(stream)])
@@ -193,8 +199,8 @@ class _WindowProducer(_Producer):
     n = len(split)
     pieces, total = [], 0
     for start in range(0, n, 4096):
-      for item in self.task.items(split.read(range(start, min(n, start + 4096)))):
-        pieces.append(self.task.window_sequence(item))
+      for piece in self.task.tokenize(split.read(range(start, min(n, start + 4096)))):
+        pieces.append(self.task.window_sequence(piece))
         total += len(pieces[-1])
       if total > MAX_WINDOW_TOKENS:
         raise DataError(f'data.sampling=random_windows holds the tokenized training split in memory, and it is over '
@@ -219,6 +225,16 @@ class _WindowProducer(_Producer):
     self._check_state(state, ('version', 'seed', 'batch_size', 'num_tokens'),
                       'data.sampling, seed, train.batch_size and training split')
     self.step = int(state['step'])
+
+
+def _num_tokens(piece: Any) -> int:
+  """Token ids held by a tokenized example (arrays, possibly nested in tuples)."""
+  if isinstance(piece, np.ndarray):
+    return piece.size
+  if isinstance(piece, tuple):
+    return sum(_num_tokens(p) for p in piece)
+  tokens = getattr(piece, 'tokens', None)  # rows._ObjectivePiece
+  return 0 if tokens is None else _num_tokens(tokens)
 
 
 SAMPLINGS: dict[str, type[_Producer]] = {p.sampling: p for p in (_StreamProducer, _WindowProducer)}
@@ -355,7 +371,7 @@ class EvalIterator:
     if start >= self.n:
       return False
     stop = min(self.n, start + 1024)
-    stream.buffer.extend(self.task.items(self.split.read(range(start, stop))))
+    stream.buffer.extend(self.task.items(self.split.read(range(start, stop)), range(start, stop)))
     stream.buffered_upto = stop
     return True
 
@@ -384,32 +400,6 @@ class EvalIterator:
     return {k: v[first:first + n] for k, v in batch.items()}
 
 
-def _check_coverage(tokenizer: Tokenizer, split: Split, spec: str, name: str, limit: int = 20000) -> None:
-  """A char vocabulary (from train) must cover the eval text: a few unseen characters are UNK, many are an error."""
-  if getattr(tokenizer, 'kind', '') != 'char':
-    return
-  checked = tokenizer.__dict__.setdefault('_coverage_checked', set())
-  key = (spec, name, len(split))
-  if key in checked:
-    return  # evaluation runs many times during training; the answer does not change
-  texts = []
-  for e in split.read(range(min(limit, len(split)))):
-    texts.extend(e if isinstance(e, tuple) else (e,))
-  missing, total, counts = tokenizer.uncovered(texts)
-  if not missing:
-    checked.add(key)
-    return
-  top = ''.join(c for c, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:10])
-  if missing > MAX_UNK_FRACTION * total:
-    raise DataError(
-        f'data.tokenizer=char (vocabulary from the training split) does not cover split {name!r} of '
-        f'data.source={spec!r}: {missing} of {total} characters are unseen (e.g. {top!r}); use data.tokenizer=byte '
-        'or sentencepiece.')
-  logging.warning('%d of %d characters of split %r are not in the char vocabulary and become UNK: %r', missing,
-                  total, name, top)
-  checked.add(key)
-
-
 def make_eval_iterator(config: Any, tokenizer: Tokenizer, workdir: str, split: str, *, layout: DataLayout,
                        source: Source | None = None) -> EvalIterator:
   """Finite, deterministic, one pass over `split`: this host's slice of each batch of `layout.batch_size` rows."""
@@ -417,7 +407,6 @@ def make_eval_iterator(config: Any, tokenizer: Tokenizer, workdir: str, split: s
   task = make_task(config, tokenizer, train=False)
   source = source or get_source(config, workdir)
   data = source.split(split)
-  _check_coverage(tokenizer, data, source.spec, split)
   return EvalIterator(task, data, layout)
 
 

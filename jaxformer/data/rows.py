@@ -16,10 +16,12 @@ document within a row and 0 on padding; positions restart at 0 per segment; a ta
   encoder_only rows hold the whole sequence. With data.pack, documents are concatenated into rows of data.seq_len
   and a document that does not fit is split: the rest starts the next row of the same stream (new segment,
   positions from 0), so training rows are always full, and no token is lost or repeated. Without data.pack a row
-  holds one piece of one document, padded.
+  holds one piece of one document, padded. decoder_only reads an Instruction (jsonl:) as BOS + prompt + response
+  + EOS with the prompt's targets 0: only the response (and its EOS) is scored and counted.
 * encoder_decoder: a pair becomes encoder tokens + EOS, decoder tokens BOS + target, targets target + EOS (a text
-  source is split into pairs at its middle word). Training drops pairs longer than data.src_seq_len / data.seq_len
-  (evaluation truncates them instead, so every example is scored). data.pack puts several whole pairs in a row with
+  example becomes a pair by data.objective: split_middle, prefix_lm or T5's span_corruption, objectives.py).
+  Training drops pairs longer than data.src_seq_len / data.seq_len (evaluation truncates them instead, so every
+  example is scored). data.pack puts several whole pairs in a row with
   matching segment ids on both sides; otherwise one pair per row.
 * encoder_only masking (data.mask_rate of the non-special tokens; of those 80% -> MASK, 10% -> a random real
   token, 10% unchanged) draws from the rng the iterator passes (seeded from seed + step for training, from the
@@ -33,6 +35,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from jaxformer.data.errors import DataError
+from jaxformer.data.objectives import OBJECTIVES, objective_name, split_at_middle_word
+from jaxformer.data.sources import Instruction
 from jaxformer.data.tokenizers import BOS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, Tokenizer
 
 LABEL_KEYS = ('targets',)  # batch keys that are not model inputs
@@ -47,16 +51,9 @@ def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- examples
 
 
-def _halves(text: str) -> tuple[str, str]:
-  """A text example as a (source, target) pair: split at the middle word."""
-  words = text.split(' ')
-  k = max(1, len(words) // 2) if len(words) > 1 else 0
-  return ' '.join(words[:k]), ' '.join(words[k:])
-
-
 def as_pair(example: Any) -> tuple[str, str]:
   """A (source, target) pair from a pair or a text example (split at its middle word)."""
-  return example if isinstance(example, tuple) else _halves(example)
+  return tuple(example) if isinstance(example, tuple) else split_at_middle_word(example)
 
 
 def _as_text(example: Any) -> str:
@@ -131,12 +128,30 @@ def _segments_of_windows(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # ------------------------------------------------------------------------------------------------- tasks
 
+_EVAL_SEED = 0x5EED  # evaluation's random objectives: the same for every run, whatever config.seed
+_OBJECTIVE_SALT = 0x0B7E
+
+
+class _ObjectivePiece:
+  """A text example's cached tokens in an encoder_decoder stream, still to be made a pair by the objective."""
+
+  __slots__ = ('tokens',)
+
+  def __init__(self, tokens: Any):
+    self.tokens = tokens
+
 
 class Task:
   """How one architecture turns examples into batch rows (see the module doc). `train` selects training's
-  handling of over-long examples (dropped) over evaluation's (truncated)."""
+  handling of over-long examples (dropped) over evaluation's (truncated), and the seed of random objectives.
+
+  An example goes through two steps: tokenize() (batched) and item(piece, position). When random_items, item()
+  draws from a generator seeded by the example's position in the stream, so the random part is fresh each epoch
+  yet exactly reproducible on resume, and the iterators cache pieces; otherwise they cache the items.
+  """
 
   name = ''
+  random_items = False
 
   def __init__(self, config: Any, tokenizer: Tokenizer, train: bool):
     self.tokenizer = tokenizer
@@ -145,10 +160,18 @@ class Task:
     self.pack = bool(config.data.pack)
     self.mask_rate = float(config.data.mask_rate)
     self.train = train
+    self.seed = int(config.seed) if train else _EVAL_SEED
 
-  def items(self, examples: Sequence[Any]) -> list[Any]:
-    """Tokenized items, one per example (None: dropped from training)."""
+  def tokenize(self, examples: Sequence[Any]) -> list[Any]:
+    """One cacheable piece (token arrays) per example."""
     raise NotImplementedError
+
+  def item(self, piece: Any, position: int) -> Any:
+    """The item rows are filled from (None: dropped from training); `position` seeds any random choice."""
+    raise NotImplementedError
+
+  def items(self, examples: Sequence[Any], positions: Sequence[int]) -> list[Any]:
+    return [self.item(piece, p) for piece, p in zip(self.tokenize(examples), positions)]
 
   @staticmethod
   def size(item: Any) -> int:
@@ -171,8 +194,8 @@ class Task:
   # random_windows (pipeline.py): None = this architecture has no token-stream windows.
   window_length: int | None = None
 
-  def window_sequence(self, item: Any) -> np.ndarray:
-    """An item as BOS .. EOS, the piece of the token stream windows are cut from."""
+  def window_sequence(self, piece: Any) -> np.ndarray:
+    """A tokenized example as BOS .. EOS, the piece of the token stream windows are cut from."""
     raise NotImplementedError
 
   def window_rows(self, windows: np.ndarray) -> Rows:
@@ -181,16 +204,15 @@ class Task:
 
 
 class _LanguageModelTask(Task):
-  """decoder_only and encoder_only: items are aligned (tokens, targets) arrays, packed along the row."""
+  """decoder_only and encoder_only: pieces are BOS + tokens + EOS; items are aligned (tokens, targets) arrays,
+  packed along the row."""
 
-  def items(self, examples: Sequence[Any]) -> list[Any]:
-    out = []
-    for t in self.tokenizer.encode_batch([_as_text(e) for e in examples]):
-      out.append(self._item(np.concatenate([[BOS_ID], t, [EOS_ID]]).astype(np.int32)))
-    return out
+  def tokenize(self, examples):
+    return [np.concatenate([[BOS_ID], t, [EOS_ID]]).astype(np.int32)
+            for t in self.tokenizer.encode_batch([_as_text(e) for e in examples])]
 
-  def _item(self, seq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    raise NotImplementedError
+  def window_sequence(self, piece):
+    return piece
 
   @staticmethod
   def size(item: Any) -> int:
@@ -222,19 +244,35 @@ class _LanguageModelTask(Task):
 
 
 class DecoderOnlyTask(_LanguageModelTask):
-  """Next-token prediction: tokens = BOS + text, targets = text + EOS."""
+  """Next-token prediction: tokens = BOS + text, targets = text + EOS. An Instruction is BOS + prompt + response +
+  EOS (the prompt is followed directly by the response: put any template or separator into the prompt) whose
+  prompt targets are 0, so only the response and its EOS are scored and counted."""
 
   name = 'decoder_only'
 
-  def _item(self, seq):
-    return seq[:-1], seq[1:]
+  def tokenize(self, examples):
+    if not any(isinstance(e, Instruction) for e in examples):
+      return super().tokenize(examples)
+    prompts = self.tokenizer.encode_batch([e.prompt for e in examples])
+    responses = self.tokenizer.encode_batch([e.response for e in examples])
+    return [(np.concatenate([[BOS_ID], p, r, [EOS_ID]]).astype(np.int32), len(p)) for p, r in zip(prompts, responses)]
+
+  def item(self, piece, position):
+    del position
+    if isinstance(piece, tuple):  # an Instruction: (sequence, prompt length)
+      seq, prompt = piece
+      return seq[:-1], np.concatenate([np.zeros(prompt, np.int32), seq[1 + prompt:]])
+    return piece[:-1], piece[1:]
+
+  def window_sequence(self, piece):
+    if isinstance(piece, tuple):
+      raise DataError('data.sampling=random_windows cuts windows out of one token stream, which would score the '
+                      'prompts of a jsonl: (instruction) source; use data.sampling=streams.')
+    return piece
 
   @property
   def window_length(self) -> int:
     return self.seq_len + 1
-
-  def window_sequence(self, item):
-    return np.concatenate([item[0], item[1][-1:]])
 
   def window_rows(self, windows):
     tokens, targets = windows[:, :-1], np.where(windows[:, 1:] == BOS_ID, 0, windows[:, 1:])  # EOS -> BOS: unscored
@@ -248,8 +286,9 @@ class EncoderOnlyTask(_LanguageModelTask):
 
   name = 'encoder_only'
 
-  def _item(self, seq):
-    return seq, seq
+  def item(self, piece, position):
+    del position
+    return piece, piece
 
   def finish(self, batch, rng, global_rows=None, first_row=0):
     return mask_tokens(batch, rng(), self.mask_rate, self.tokenizer.vocab_size, global_rows=global_rows,
@@ -259,9 +298,6 @@ class EncoderOnlyTask(_LanguageModelTask):
   def window_length(self) -> int:
     return self.seq_len
 
-  def window_sequence(self, item):
-    return item[0]
-
   def window_rows(self, windows):
     segment_ids, positions = _segments_of_windows(windows)
     tokens = np.ascontiguousarray(windows, np.int32)
@@ -269,26 +305,38 @@ class EncoderOnlyTask(_LanguageModelTask):
 
 
 class EncoderDecoderTask(Task):
-  """Sequence to sequence: items are (encoder tokens + EOS, BOS + target, target + EOS); whole pairs per row."""
+  """Sequence to sequence: items are (encoder tokens + EOS, BOS + target, target + EOS); whole pairs per row.
+  Pair examples are used as they are; text examples become pairs by data.objective (objectives.py)."""
 
   name = 'encoder_decoder'
 
-  def items(self, examples: Sequence[Any]) -> list[Any]:
-    pairs = [as_pair(e) for e in examples]
-    srcs = self.tokenizer.encode_batch([p[0] for p in pairs])
-    tgts = self.tokenizer.encode_batch([p[1] for p in pairs])
-    out = []
-    for s, t in zip(srcs, tgts):
-      enc = np.concatenate([s, [EOS_ID]]).astype(np.int32)
-      dec = np.concatenate([[BOS_ID], t, [EOS_ID]]).astype(np.int32)
-      if len(enc) > self.src_seq_len or len(dec) - 1 > self.seq_len:
-        if self.train:
-          out.append(None)  # too long: dropped from training
-          continue
-        enc = np.concatenate([enc[:self.src_seq_len - 1], [EOS_ID]]).astype(np.int32)
-        dec = dec[:self.seq_len + 1]
-      out.append((enc, dec[:-1], dec[1:]))
-    return out
+  def __init__(self, config, tokenizer, train):
+    super().__init__(config, tokenizer, train)
+    self.objective = OBJECTIVES[objective_name(config)](config, tokenizer, self.src_seq_len - 1, self.seq_len - 1)
+    self.random_items = self.objective.random
+
+  def tokenize(self, examples):
+    """A pair example -> (source ids, target ids); a text example -> what the objective caches (a numpy array)."""
+    pairs = [e for e in examples if isinstance(e, tuple)]
+    texts = [e for e in examples if not isinstance(e, tuple)]
+    out_pairs = iter(zip(self.tokenizer.encode_batch([p[0] for p in pairs]),
+                         self.tokenizer.encode_batch([p[1] for p in pairs])))
+    out_texts = iter(self.objective.tokenize(texts))
+    return [next(out_pairs) if isinstance(e, tuple) else _ObjectivePiece(next(out_texts)) for e in examples]
+
+  def item(self, piece, position):
+    if isinstance(piece, _ObjectivePiece):
+      rng = np.random.default_rng([self.seed, _OBJECTIVE_SALT, position])
+      piece = self.objective.pair(piece.tokens, rng)
+    src, tgt = piece
+    enc = np.concatenate([src, [EOS_ID]]).astype(np.int32)
+    dec = np.concatenate([[BOS_ID], tgt, [EOS_ID]]).astype(np.int32)
+    if len(enc) > self.src_seq_len or len(dec) - 1 > self.seq_len:
+      if self.train:
+        return None  # too long: dropped from training
+      enc = np.concatenate([enc[:self.src_seq_len - 1], [EOS_ID]]).astype(np.int32)
+      dec = dec[:self.seq_len + 1]
+    return enc, dec[:-1], dec[1:]
 
   @staticmethod
   def size(item: Any) -> int:
@@ -340,4 +388,5 @@ def make_task(config: Any, tokenizer: Tokenizer, *, train: bool) -> Task:
   arch = str(config.model.arch)
   if arch not in TASKS:
     raise DataError(f'model.arch={arch!r} is not valid; use {", ".join(TASKS)}.')
+  objective_name(config)  # data.objective is valid and applies to this arch
   return TASKS[arch](config, tokenizer, train)

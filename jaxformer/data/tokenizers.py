@@ -2,10 +2,9 @@
 
 Ids 0 pad, 1 bos, 2 eos, 3 unk, 4 mask are reserved by every tokenizer; real symbols start at 5.
 
-  char           vocabulary = the characters of the TRAINING split (plus '\\n' and ' '), sorted; anything else is
-                 UNK. Eval text with unseen characters: a few are tolerated (they become UNK, logged); if more
-                 than MAX_UNK_FRACTION of a split's characters are unseen the eval iterator raises DataError
-                 (use byte or sentencepiece for such data).
+  char           vocabulary = the characters of the TRAINING split (plus '\\n' and ' '), sorted; any other character
+                 becomes <unk> (id 3). `unknown_characters` reports the rate per split once at start-up, and
+                 fails then, never mid-run, when it exceeds data.max_unk_fraction (off by default).
   byte           the UTF-8 bytes (+5): covers everything, vocab_size 261.
   sentencepiece  unigram or BPE (data.spm_model_type) trained on the training split with data.vocab_size,
                  character_coverage=1.0 and byte_fallback, identity normalisation and no whitespace folding, so
@@ -17,6 +16,7 @@ and eval, so ids never change for a workdir.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -27,10 +27,11 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from jaxformer.data.errors import DataError
+from jaxformer.data.objectives import sentinels_needed
 from jaxformer.data.sources import Source, get_source
 from jaxformer.special_tokens import BOS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, UNK_ID
 
-MAX_UNK_FRACTION = 1e-3
+UNK_SAMPLE_EXAMPLES = 20000  # examples of a split (evenly strided) the unknown-character rate is measured on
 MAX_TOKENIZER_EXAMPLES = 1_000_000  # examples of the training split read to build a vocabulary (evenly strided)
 _SPM_MAX_SENTENCE_BYTES = 16384
 TOKENIZER_DIR = 'tokenizer'
@@ -57,13 +58,65 @@ class Tokenizer:
     ids = [int(i) for i in np.asarray(ids).reshape(-1)]
     if EOS_ID in ids:
       ids = ids[:ids.index(EOS_ID)]
-    return self._decode([i for i in ids if i not in (PAD_ID, BOS_ID)])
+    ids = [i for i in ids if i not in (PAD_ID, BOS_ID)]
+    if not self.num_sentinels:
+      return self._decode(ids)
+    # Sentinels render as T5 writes them; the runs of other ids between them decode as usual.
+    first_sentinel, out, run = self.vocab_size - self.num_sentinels, [], []
+    for i in ids + [-1]:
+      if i >= first_sentinel or i == -1:
+        out.append(self._decode(run) if run else '')
+        run = []
+        if i != -1:
+          out.append(f'<extra_id_{self.vocab_size - 1 - i}>')
+      else:
+        run.append(i)
+    return ''.join(out)
+
+  # Span corruption (T5) replaces noise spans by sentinel ids taken from the END of the vocabulary:
+  # <extra_id_0> = vocab_size - 1, <extra_id_1> = vocab_size - 2, ... reserve_sentinels(n) adds n such ids.
+  num_sentinels = 0
+
+  def reserve_sentinels(self, n: int) -> None:
+    """Appends n sentinel ids to the vocabulary (once, right after the tokenizer is built or loaded)."""
+    if self.num_sentinels:
+      raise DataError(f'{self!r} already has {self.num_sentinels} sentinel ids.')
+    self.vocab_size = self.vocab_size + int(n)
+    self.num_sentinels = int(n)
+
+  def sentinel_ids(self, n: int) -> list[int]:
+    """The ids of <extra_id_0> .. <extra_id_{n-1}> (descending from vocab_size - 1)."""
+    if n > self.num_sentinels:
+      raise DataError(f'span corruption needs {n} sentinel ids but the tokenizer has {self.num_sentinels}; raise '
+                      'data.num_sentinels (and use a new workdir: the vocabulary changes).')
+    return [self.vocab_size - 1 - k for k in range(n)]
 
   def _decode(self, ids: list[int]) -> str:
     raise NotImplementedError
 
   def save(self, directory: str) -> None:
     raise NotImplementedError
+
+  def token_utf8(self) -> list[bytes]:
+    """The UTF-8 bytes each id contributes to decoded text, one entry per id (b'' for the special ids).
+
+    This default decodes each id on its own, which is exact only when ids decode independently (not for a piece
+    holding part of a character, or whose leading space depends on its neighbours); the tokenizers here override
+    it with exact tables."""
+    return [self.decode([i]).encode('utf-8') for i in range(self.vocab_size)]
+
+  @functools.cached_property
+  def token_bytes(self) -> np.ndarray:
+    """int32 [vocab_size]: UTF-8 bytes each id decodes to (0 for specials); the denominator of bits per byte."""
+    return np.asarray([len(b) for b in self.token_utf8()], np.int32)
+
+  @functools.cached_property
+  def token_chars(self) -> np.ndarray:
+    """int32 [vocab_size]: the bytes of each id that start a character (not 0b10xxxxxx continuation bytes).
+
+    Summed over a token sequence whose text is valid UTF-8 this is exactly its number of Unicode characters, also
+    when a character is split across byte tokens (byte tokenizer, sentencepiece byte fallback)."""
+    return np.asarray([sum((c & 0xC0) != 0x80 for c in b) for b in self.token_utf8()], np.int32)
 
   def __repr__(self) -> str:
     return f'{type(self).__name__}(vocab_size={self.vocab_size})'
@@ -101,6 +154,10 @@ class CharTokenizer(Tokenizer):
     n = len(self._id_to_char)
     return ''.join(self._id_to_char[i] if 0 <= i < n else self.UNK_TEXT for i in ids)
 
+  def token_utf8(self) -> list[bytes]:
+    """<unk> decodes to UNK_TEXT (one character, 3 bytes); pad/bos/eos/<mask> to nothing."""
+    return [b'', b'', b'', self.UNK_TEXT.encode(), b''] + [c.encode('utf-8') for c in self.chars]
+
   def uncovered(self, texts: Iterable[str]) -> tuple[int, int, dict[str, int]]:
     """(unseen characters, all characters, counts of the unseen ones) over texts."""
     total, missing, counts = 0, 0, {}
@@ -134,6 +191,9 @@ class ByteTokenizer(Tokenizer):
 
   def _decode(self, ids: list[int]) -> str:
     return bytes(i - NUM_SPECIAL for i in ids if NUM_SPECIAL <= i < NUM_SPECIAL + 256).decode('utf-8', 'replace')
+
+  def token_utf8(self) -> list[bytes]:
+    return [b''] * NUM_SPECIAL + [bytes([b]) for b in range(256)]
 
   def save(self, directory: str) -> None:
     del directory
@@ -206,6 +266,23 @@ class SentencePieceTokenizer(Tokenizer):
   def _decode(self, ids: list[int]) -> str:
     return self._sp.decode([i for i in ids if 0 <= i < self.vocab_size and i != MASK_ID])
 
+  def token_utf8(self) -> list[bytes]:
+    """A piece's text with '\u2581' as a space; a byte-fallback piece <0xNN> is that byte; control/unk pieces b''.
+
+    sentencepiece's dummy prefix (the '\u2581' it puts before each encoded text, dropped again by decode) is
+    counted, so byte/char sums exceed the decoded text by one per encoded example (under 0.1% for examples of a
+    few thousand characters)."""
+    out = []
+    for i in range(self.vocab_size):
+      piece = self._sp.id_to_piece(i)
+      if self._sp.is_control(i) or self._sp.is_unknown(i):
+        out.append(b'')
+      elif self._sp.is_byte(i):
+        out.append(bytes([int(piece[3:5], 16)]))
+      else:
+        out.append(piece.replace('\u2581', ' ').encode('utf-8'))
+    return out
+
   def save(self, directory: str) -> None:
     _atomic_write(os.path.join(directory, 'spm.model'), self._proto)
 
@@ -244,6 +321,34 @@ def training_texts(source: Source, split: str, limit: int = MAX_TOKENIZER_EXAMPL
         yield example
 
 
+def unknown_characters(config: Any, tokenizer: Tokenizer, source: Source, splits: Sequence[str]) -> str:
+  """Char tokenizer: the share of each split's characters that become <unk>, as one line to log ('' otherwise).
+
+  Raises DataError (one line) when a split's share exceeds data.max_unk_fraction (a value < 0 turns the check
+  off). Call it once at start-up, before any step: an unseen character never stops a run midway. Splits the
+  source lacks are skipped (their absence is reported where they are read).
+  """
+  if not isinstance(tokenizer, CharTokenizer):
+    return ''
+  limit = float(config.data.get('max_unk_fraction', -1.0))
+  parts = []
+  for name in dict.fromkeys(str(s) for s in splits):
+    try:
+      texts = list(training_texts(source, name, UNK_SAMPLE_EXAMPLES))
+    except DataError:
+      continue
+    missing, total, counts = tokenizer.uncovered(texts)
+    fraction = missing / max(total, 1)
+    top = ''.join(c for c, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:10])
+    parts.append(f'{name} {missing} of {total} ({100 * fraction:.3f}%' + (f', e.g. {top!r})' if top else ')'))
+    if 0 <= limit < fraction:
+      raise DataError(
+          f'{missing} of {total} characters ({100 * fraction:.3f}%) of split {name!r} are not in the char vocabulary '
+          f'of the training split, above data.max_unk_fraction={limit:g}; use data.tokenizer=byte or sentencepiece, '
+          'or raise data.max_unk_fraction.')
+  return 'characters outside the char vocabulary (-> <unk>): ' + '; '.join(parts) if parts else ''
+
+
 def tokenizer_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(os.path.expanduser(workdir)), TOKENIZER_DIR)
 
@@ -254,7 +359,10 @@ def load_tokenizer(directory: str) -> Tokenizer:
     meta = json.load(f)
   kind = meta['kind']
   if kind in TOKENIZERS:
-    return TOKENIZERS[kind].load(directory)
+    tokenizer = TOKENIZERS[kind].load(directory)
+    if meta.get('num_sentinels'):
+      tokenizer.reserve_sentinels(meta['num_sentinels'])
+    return tokenizer
   raise DataError(f'{directory}/tokenizer.json names an unknown tokenizer {kind!r}; delete the folder to rebuild.')
 
 
@@ -263,6 +371,7 @@ def get_tokenizer(config: Any, workdir: str, *, source: Source | None = None) ->
   kind = str(config.data.tokenizer)
   if kind not in TOKENIZERS:
     raise DataError(f'data.tokenizer={kind!r} is not valid; use {", ".join(TOKENIZERS)}.')
+  sentinels = sentinels_needed(config)
   directory = tokenizer_dir(workdir)
   meta_path = os.path.join(directory, 'tokenizer.json')
   if os.path.exists(meta_path):
@@ -277,6 +386,10 @@ def get_tokenizer(config: Any, workdir: str, *, source: Source | None = None) ->
       logging.warning('Reusing the cached sentencepiece tokenizer in %s (vocab %s, %s) although the config asks for '
                       'vocab %s, %s.', directory, meta.get('requested_vocab_size'), meta.get('spm_model_type'),
                       config.data.vocab_size, config.data.spm_model_type)
+    if int(meta.get('num_sentinels', 0)) != sentinels:
+      raise DataError(
+          f'{directory} holds a tokenizer with {meta.get("num_sentinels", 0)} sentinel ids but this config needs '
+          f'{sentinels} (data.objective={config.data.get("objective", "split_middle")}); use a new workdir.')
     return load_tokenizer(directory)
 
   if kind == 'byte':
@@ -289,9 +402,13 @@ def get_tokenizer(config: Any, workdir: str, *, source: Source | None = None) ->
     else:
       tokenizer = SentencePieceTokenizer.train(texts, int(config.data.vocab_size), str(config.data.spm_model_type))
   tokenizer.save(directory)
+  if sentinels:
+    tokenizer.reserve_sentinels(sentinels)
   meta = {'kind': kind, 'vocab_size': tokenizer.vocab_size, 'source': str(config.data.source),
           'train_split': str(config.data.train_split), 'requested_vocab_size': int(config.data.vocab_size),
           'spm_model_type': str(config.data.spm_model_type)}
+  if sentinels:
+    meta['num_sentinels'] = sentinels
   _atomic_write(meta_path, json.dumps(meta, indent=1).encode())
   logging.info('Built %s tokenizer (vocab_size %d) in %s', kind, tokenizer.vocab_size, directory)
   return tokenizer

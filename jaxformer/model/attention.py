@@ -18,15 +18,21 @@ Array = jax.Array
 
 
 def reference_attention(q: Array, k: Array, v: Array, mask: Array | None,
-                        dropout: Callable[[Array], Array] | None = None) -> Array:
+                        dropout: Callable[[Array], Array] | None = None, *, bias: Array | None = None,
+                        scale: float | None = None) -> Array:
   """Plain-jnp attention: the oracle for tests, and the path that can drop attention probabilities.
 
-  Query rows with no allowed key (padding) return zeros.
+  bias: float, broadcastable to [B,N,T,S], added to the scaled logits (T5's relative positions). scale: the logit
+  scale, None = 1 / sqrt(head_dim). Query rows with no allowed key (padding) return zeros.
   """
   b, t, n, h = q.shape
   kv_heads = k.shape[2]
   qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
-  logits = jnp.einsum('btkgh,bskh->bkgts', qg, k, preferred_element_type=jnp.float32) / math.sqrt(h)
+  logits = jnp.einsum('btkgh,bskh->bkgts', qg, k, preferred_element_type=jnp.float32)
+  logits = logits / math.sqrt(h) if scale is None else logits * scale
+  if bias is not None:
+    bias = jnp.broadcast_to(bias, (b, bias.shape[1], t, k.shape[1])).astype(jnp.float32)
+    logits = logits + (bias[:, :, None] if bias.shape[1] == 1 else bias.reshape(b, kv_heads, n // kv_heads, t, -1))
   if mask is not None:
     mask = _grouped_mask(mask, b, n, kv_heads, t, k.shape[1])
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
@@ -52,37 +58,43 @@ def _grouped_mask(mask: Array, b: int, n: int, kv_heads: int, t: int, s: int) ->
 IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'reference')
 
 
-def resolve_implementation(implementation: str, dtype: Any, head_dim: int, q_len: int, kv_len: int) -> str:
+def resolve_implementation(implementation: str, dtype: Any, head_dim: int, q_len: int, kv_len: int,
+                           has_bias: bool = False) -> str:
   """'auto' -> 'cudnn' where the cuDNN flash kernel accepts the call (GPU, 16-bit, head_dim % 8 == 0 and <= 128,
-  even lengths since we pass a mask), else 'xla'. Decided at trace time, so it costs nothing per step."""
+  even lengths since we pass a mask, no additive bias: a trained bias needs its gradient, which the kernel only
+  gives for some bias shapes), else 'xla'. Decided at trace time, so it costs nothing per step."""
   if implementation != 'auto':
     return implementation
   ok = (jax.default_backend() == 'gpu' and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-        and head_dim % 8 == 0 and head_dim <= 128 and q_len % 2 == 0 and kv_len % 2 == 0)
+        and head_dim % 8 == 0 and head_dim <= 128 and q_len % 2 == 0 and kv_len % 2 == 0 and not has_bias)
   return 'cudnn' if ok else 'xla'
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, *, implementation: str = 'xla',
-                          is_causal: bool = False) -> Array:
-  """`jax.nn.dot_product_attention` with the mask semantics of `reference_attention`.
+                          is_causal: bool = False, bias: Array | None = None, scale: float | None = None) -> Array:
+  """`jax.nn.dot_product_attention` with the mask semantics of `reference_attention` (and its bias / scale).
 
   `is_causal` is a hint (the mask must already hold the causal part): the cuDNN kernel then skips the masked
   upper triangle. Rows with no allowed key give zeros (jax would return the mean of v there).
   """
   if implementation == 'reference':
-    return reference_attention(q, k, v, mask)
+    return reference_attention(q, k, v, mask, bias=bias, scale=scale)
   requested = implementation
-  implementation = resolve_implementation(implementation, q.dtype, q.shape[-1], q.shape[1], k.shape[1])
+  implementation = resolve_implementation(implementation, q.dtype, q.shape[-1], q.shape[1], k.shape[1],
+                                          has_bias=bias is not None)
+  full = lambda x: jnp.broadcast_to(x, (q.shape[0], x.shape[1], q.shape[1], k.shape[1]))  # noqa: E731
   if mask is not None:  # cuDNN wants the mask at full [T, S] size (it becomes an additive bias)
-    mask = jnp.broadcast_to(mask, (q.shape[0], mask.shape[1], q.shape[1], k.shape[1]))
+    mask = full(mask)
+  if bias is not None:
+    bias = full(bias).astype(q.dtype)
   try:
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation,
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=implementation,
                                        is_causal=is_causal and implementation == 'cudnn')
   except (NotImplementedError, ValueError, RuntimeError):
     if requested != 'auto' or implementation == 'xla':
       raise
     # 'auto' picked cuDNN but this GPU / cuDNN version / shape is not supported (checked at trace time).
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='xla')
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation='xla')
   if mask is None:
     return out
   row_has_key = jnp.any(mask, axis=-1)  # [B, N|1, T]
@@ -100,6 +112,7 @@ class Attention(nnx.Module):
     """out_std: init std of the output projection (GPT-2 scales it down by sqrt(residual sublayers))."""
     d, n, kvh, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self.num_heads, self.num_kv_heads, self.head_dim = n, kvh, h
+    self.scale = None if cfg.attention_scale == -1 else float(cfg.attention_scale)  # None: 1 / sqrt(head_dim)
     self.dtype = jnp.dtype(cfg.dtype)
     self.implementation = cfg.attention_impl
     pdt, std = jnp.dtype(cfg.param_dtype), cfg.init_std
@@ -108,11 +121,12 @@ class Attention(nnx.Module):
     self.key = layers.param(rngs, layers.normal(std), (d, kvh, h), ('embed', 'kv_heads', 'kv'), pdt)
     self.value = layers.param(rngs, layers.normal(std), (d, kvh, h), ('embed', 'kv_heads', 'kv'), pdt)
     self.out = layers.param(rngs, layers.normal(out_std), (n, h, d), ('heads', 'kv', 'embed'), pdt)
-    bias = lambda shape, names: layers.param(rngs, layers.zeros, shape, names, pdt) if cfg.use_bias else None
-    self.query_bias = bias((n, h), ('heads', 'kv'))
-    self.key_bias = bias((kvh, h), ('kv_heads', 'kv'))
-    self.value_bias = bias((kvh, h), ('kv_heads', 'kv'))
-    self.out_bias = bias((d,), ('embed',))
+    bias = lambda shape, names, on: layers.param(rngs, layers.zeros, shape, names, pdt) if on else None
+    qkv_bias = cfg.use_bias or cfg.qkv_bias
+    self.query_bias = bias((n, h), ('heads', 'kv'), qkv_bias)
+    self.key_bias = bias((kvh, h), ('kv_heads', 'kv'), qkv_bias)
+    self.value_bias = bias((kvh, h), ('kv_heads', 'kv'), qkv_bias)
+    self.out_bias = bias((d,), ('embed',), cfg.use_bias)
     self.attention_dropout = nnx.Dropout(cfg.attention_dropout, rngs=rngs)
 
   def _project(self, x: Array, kernel: nnx.Param, bias: nnx.Param | None) -> Array:
@@ -125,9 +139,10 @@ class Attention(nnx.Module):
     return self._project(x, self.key, self.key_bias), self._project(x, self.value, self.value_bias)
 
   def __call__(self, x: Array, mask: Array | None, *, kv: tuple[Array, Array] | None = None,
-               rope: tuple[Array, Array] | None = None, cache: dict | None = None, cache_index: Array | None = None,
-               causal: bool = False, deterministic: bool = True) -> tuple[Array, dict | None]:
-    """x [B,T,D] -> ([B,T,D], updated cache or None)."""
+               rope: tuple[Array, Array] | None = None, bias: Array | None = None, cache: dict | None = None,
+               cache_index: Array | None = None, causal: bool = False,
+               deterministic: bool = True) -> tuple[Array, dict | None]:
+    """x [B,T,D] -> ([B,T,D], updated cache or None). bias: added to the logits, [B|1, N, T, S]."""
     x = x.astype(self.dtype)
     q = self._project(x, self.query, self.query_bias)
     k, v = self.kv(x) if kv is None else kv
@@ -138,12 +153,14 @@ class Attention(nnx.Module):
       k, v = write(cache['k'], k, cache_index), write(cache['v'], v, cache_index)
       cache = {'k': k, 'v': v}
     if not deterministic and self.attention_dropout.rate > 0:
-      out = reference_attention(q, k, v, mask, dropout=lambda p: self.attention_dropout(p, deterministic=False))
+      out = reference_attention(q, k, v, mask, dropout=lambda p: self.attention_dropout(p, deterministic=False),
+                                bias=bias, scale=self.scale)
     else:
       implementation = self.implementation
       if cache is not None and implementation != 'reference':
         implementation = 'xla'  # decoding: a few queries against a long cache; flash kernels gain nothing here
-      out = dot_product_attention(q, k, v, mask, implementation=implementation, is_causal=causal)
+      out = dot_product_attention(q, k, v, mask, implementation=implementation, is_causal=causal, bias=bias,
+                                  scale=self.scale)
     w = self.out[...].astype(self.dtype)  # [N,H,D]
     y = layers.matmul(out.reshape(*out.shape[:-2], -1), w.reshape(-1, w.shape[-1]))
     if self.out_bias is not None:

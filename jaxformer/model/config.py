@@ -44,23 +44,39 @@ class ModelConfig:
   attention_impl: str
   remat: str
   init_std: float
+  # Keys added later have defaults, so configs saved before they existed still load (with the old behaviour).
+  head_dim: int = -1  # per-head width; -1 = d_model // num_heads (T5 and some Llamas set it apart)
+  attention_scale: float = -1.0  # query-key logit scale; -1 = head_dim ** -0.5, T5 uses 1.0 (no scaling)
+  qkv_bias: bool = False  # biases on the query/key/value projections even when use_bias is off (Qwen2)
+  pad_id: int = 0  # the padding token of default segment ids and decoding; -1 = none (GPT-2, Llama: 0 is a token)
+  type_vocab_size: int = 0  # token-type (segment A/B) embeddings, BERT: 2; 0 = none
+  embed_norm: bool = False  # a norm over the summed embeddings before the first block (BERT)
+  output_bias: bool = False  # a bias [vocab] on the output logits (BERT's MLM decoder bias)
+  relative_num_buckets: int = 32  # position=relative (T5): buckets of key - query distance per stack
+  relative_max_distance: int = 128  # position=relative: distances beyond this share the last bucket
+  output_scale: float = 1.0  # hidden states are multiplied by this before the output projection (T5 v1.0 tied:
+                             # d_model ** -0.5)
   scan_layers: bool = False
 
-  @property
-  def head_dim(self) -> int:
-    return self.d_model // self.num_heads
+  def __post_init__(self):
+    resolved = {'num_kv_heads': self.num_heads, 'num_decoder_layers': self.num_layers,
+                'head_dim': self.d_model // self.num_heads}
+    for name, value in resolved.items():
+      if getattr(self, name) == -1:
+        object.__setattr__(self, name, value)
 
   @classmethod
   def from_config(cls, model: ml_collections.ConfigDict | ModelConfig) -> ModelConfig:
     if isinstance(model, ModelConfig):
       return model
     validate_model(model)
-    values = {f.name: model[f.name] for f in dataclasses.fields(cls)}
-    if values['num_kv_heads'] == -1:
-      values['num_kv_heads'] = values['num_heads']
-    if values['num_decoder_layers'] == -1:
-      values['num_decoder_layers'] = values['num_layers']
-    return cls(**values)
+    return cls(**{f.name: _get(model, f.name) for f in dataclasses.fields(cls)})
+
+
+def _get(model: ml_collections.ConfigDict, key: str) -> Any:
+  """model[key], or ModelConfig's default for a key the (older, saved) config does not have."""
+  default = _DEFAULTS.get(key, dataclasses.MISSING)
+  return model[key] if default is dataclasses.MISSING else model.get(key, default)
 
 
 def validate_model(model: ml_collections.ConfigDict) -> None:
@@ -79,10 +95,14 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
   if model.num_decoder_layers != -1:
     check_positive('model.num_decoder_layers', model.num_decoder_layers)
   check_positive('model.vocab_size', model.vocab_size, allow_zero=True)
-  if model.d_model % model.num_heads:
+  head_dim = _get(model, 'head_dim')
+  if head_dim != -1:
+    check_positive('model.head_dim', head_dim)
+  elif model.d_model % model.num_heads:
     raise ConfigError(
         f'model.d_model={model.d_model} is not divisible by model.num_heads={model.num_heads}; '
-        f'pick num_heads from the divisors of d_model (e.g. {_divisors_near(model.d_model, model.num_heads)}).')
+        f'pick num_heads from the divisors of d_model (e.g. {_divisors_near(model.d_model, model.num_heads)}), '
+        'or set model.head_dim.')
   kv = model.num_heads if model.num_kv_heads == -1 else model.num_kv_heads
   if not isinstance(kv, int) or kv <= 0:
     raise ConfigError(f'model.num_kv_heads={model.num_kv_heads!r} must be a positive integer, or -1 for num_heads.')
@@ -90,12 +110,32 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
     raise ConfigError(
         f'model.num_heads={model.num_heads} is not divisible by model.num_kv_heads={kv}; grouped-query attention '
         f'needs num_kv_heads to divide num_heads (e.g. {_divisors_near(model.num_heads, kv)}).')
-  if model.position == 'rope' and (model.d_model // model.num_heads) % 2:
+  if model.position == 'rope' and head_dim != -1 and head_dim % 2:
+    raise ConfigError(f'model.position=rope needs an even head dimension, but model.head_dim={head_dim}; '
+                      'change model.head_dim.')
+  if model.position == 'rope' and head_dim == -1 and (model.d_model // model.num_heads) % 2:
     raise ConfigError(
         f'model.position=rope needs an even head dimension, but d_model/num_heads = '
         f'{model.d_model}/{model.num_heads} = {model.d_model // model.num_heads}; change d_model or num_heads.')
+  scale = _get(model, 'attention_scale')
+  if scale != -1 and not scale > 0:
+    raise ConfigError(f'model.attention_scale={scale!r} must be > 0, or -1 for head_dim ** -0.5.')
+  check_positive('model.type_vocab_size', _get(model, 'type_vocab_size'), allow_zero=True)
+  if model.position == 'relative':
+    buckets, distance = _get(model, 'relative_num_buckets'), _get(model, 'relative_max_distance')
+    if not isinstance(buckets, int) or buckets < 4:
+      raise ConfigError(f'model.relative_num_buckets={buckets!r} must be an integer >= 4 (T5: 32).')
+    if not isinstance(distance, int) or distance <= buckets // 2:
+      raise ConfigError(f'model.relative_max_distance={distance!r} must be an integer > relative_num_buckets / 2 '
+                        f'= {buckets // 2} (T5: 128).')
+  pad_id = _get(model, 'pad_id')
+  if not isinstance(pad_id, int) or pad_id < -1:
+    raise ConfigError(f'model.pad_id={pad_id!r} must be a token id >= 0, or -1 for no padding token.')
   check_fraction('model.dropout', model.dropout)
   check_fraction('model.attention_dropout', model.attention_dropout)
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING}
 
 
 def _divisors_near(n: int, target: int) -> int:

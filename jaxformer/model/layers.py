@@ -6,6 +6,7 @@ DTYPES), which is also what config validation accepts, so adding a variant is on
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -85,9 +86,11 @@ class MLPKind:
 
 
 MLPS: dict[str, MLPKind] = {
-    'gelu': MLPKind(jax.nn.gelu),  # tanh approximation, as GPT-2 / BERT
-    'relu': MLPKind(jax.nn.relu),
-    'swiglu': MLPKind(jax.nn.silu, gated=True),  # silu(x W_gate) * (x W_in)
+    'gelu': MLPKind(jax.nn.gelu),  # tanh approximation: GPT-2 ('gelu_new' in Hugging Face)
+    'relu': MLPKind(jax.nn.relu),  # T5 v1.0
+    'swiglu': MLPKind(jax.nn.silu, gated=True),  # silu(x W_gate) * (x W_in): Llama
+    'gelu_exact': MLPKind(functools.partial(jax.nn.gelu, approximate=False)),  # erf GELU: BERT ('gelu' in HF)
+    'geglu': MLPKind(jax.nn.gelu, gated=True),  # tanh GELU, gated: T5 v1.1 ('gated-gelu')
 }
 
 

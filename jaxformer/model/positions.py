@@ -1,7 +1,8 @@
-"""Position encodings. Each is a module with two hooks, so a stack treats them alike:
+"""Position encodings. Each is a module with three hooks, so a stack treats them alike:
 
   add(x, positions) -> the token embeddings x [B,T,D] with absolute positions added (or x unchanged);
-  rotary(positions) -> (cos, sin) applied to queries and keys in self-attention, or None.
+  rotary(positions) -> (cos, sin) applied to queries and keys in self-attention, or None;
+  bias(q_positions, k_positions, bidirectional=) -> float32 [B,N,T,S] added to self-attention logits, or None.
 
 Positions come from the caller (packed rows restart at 0; decoding continues from the cache index), never from
 the row index. Adding an encoding is one class plus one entry in POSITIONS.
@@ -58,6 +59,9 @@ class Sinusoidal(nnx.Module):
   def rotary(self, positions: Array) -> tuple[Array, Array] | None:
     return None
 
+  def bias(self, q_positions: Array, k_positions: Array, *, bidirectional: bool) -> Array | None:
+    return None
+
 
 class Learned(nnx.Module):
   """Learned absolute positions [max_len, embed] (GPT-2 / BERT)."""
@@ -70,6 +74,9 @@ class Learned(nnx.Module):
     return x + jnp.take(self.embedding[...], positions, axis=0).astype(x.dtype)
 
   def rotary(self, positions: Array) -> tuple[Array, Array] | None:
+    return None
+
+  def bias(self, q_positions: Array, k_positions: Array, *, bidirectional: bool) -> Array | None:
     return None
 
 
@@ -85,5 +92,63 @@ class Rope(nnx.Module):
   def rotary(self, positions: Array) -> tuple[Array, Array] | None:
     return rope(positions, self.head_dim, self.base)
 
+  def bias(self, q_positions: Array, k_positions: Array, *, bidirectional: bool) -> Array | None:
+    return None
 
-POSITIONS: dict[str, type[nnx.Module]] = {'sinusoidal': Sinusoidal, 'rope': Rope, 'learned': Learned}
+
+def relative_bucket(relative: np.ndarray, *, bidirectional: bool, num_buckets: int, max_distance: int) -> np.ndarray:
+  """T5's bucket of each relative position (key position - query position), integer array in, same shape out.
+
+  Bidirectional (encoder): half the buckets for keys after the query. Causal (decoder): only keys at or before the
+  query have buckets (later ones share bucket 0, and the mask removes them). Within a direction, distances below
+  half its buckets get one bucket each; the rest are log-spaced up to max_distance, beyond which all share the
+  last bucket. float32 as in the reference implementations, so the buckets agree with theirs exactly.
+  """
+  relative = np.asarray(relative, np.int64)
+  buckets = np.zeros_like(relative)
+  if bidirectional:
+    num_buckets //= 2
+    buckets += (relative > 0) * num_buckets
+    distance = np.abs(relative)
+  else:
+    distance = -np.minimum(relative, 0)
+  max_exact = num_buckets // 2
+  f32 = np.float32
+  log_ratio = (np.log(np.maximum(distance, max_exact).astype(f32) / f32(max_exact))
+               / f32(np.log(max_distance / max_exact)))
+  large = np.minimum(max_exact + (log_ratio * f32(num_buckets - max_exact)).astype(np.int64), num_buckets - 1)
+  return buckets + np.where(distance < max_exact, distance, large)
+
+
+class Relative(nnx.Module):
+  """T5's relative position bias: one learned scalar per (bucket of key - query position, head), added to the
+  self-attention logits of every layer of the stack (computed once per stack, as T5 shares layer 0's table).
+
+  Param `embedding` [relative_num_buckets, num_heads] (Hugging Face: block 0's relative_attention_bias.weight).
+  """
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    self.num_buckets, self.max_distance, self.max_len = (cfg.relative_num_buckets, cfg.relative_max_distance,
+                                                         cfg.max_len)
+    self.embedding = layers.param(rngs, layers.normal(cfg.init_std), (cfg.relative_num_buckets, cfg.num_heads),
+                                  (None, 'heads'), jnp.dtype(cfg.param_dtype))
+
+  def add(self, x: Array, positions: Array) -> Array:
+    return x
+
+  def rotary(self, positions: Array) -> tuple[Array, Array] | None:
+    return None
+
+  def bias(self, q_positions: Array, k_positions: Array, *, bidirectional: bool) -> Array | None:
+    """q_positions [B,T], k_positions [B|1,S] -> float32 [B,N,T,S]."""
+    span = self.max_len - 1  # positions lie in [0, max_len), so key - query lies in [-span, span]
+    table = relative_bucket(np.arange(-span, span + 1), bidirectional=bidirectional, num_buckets=self.num_buckets,
+                            max_distance=self.max_distance)
+    relative = jnp.clip(k_positions[:, None, :] - q_positions[:, :, None], -span, span) + span  # [B,T,S]
+    buckets = jnp.asarray(table, jnp.int32)[relative]
+    values = jnp.take(self.embedding[...].astype(jnp.float32), buckets, axis=0)  # [B,T,S,N]
+    return jnp.transpose(values, (0, 3, 1, 2))
+
+
+POSITIONS: dict[str, type[nnx.Module]] = {'sinusoidal': Sinusoidal, 'rope': Rope, 'learned': Learned,
+                                          'relative': Relative}

@@ -5,8 +5,10 @@
   EncoderDecoder = Embed -> Stack(bidirectional) ==encoded==> Stack(causal, cross-attention) -> logits
 
 Masks are built once per call from segment ids (0 = padding; equal non-zero ids may attend, which also keeps
-packed documents apart) and shared by every layer. Decoding is pure: `decode_step(tokens, cache)` returns new
-logits and a new cache; the module itself is never mutated.
+packed documents apart) and shared by every layer. Without segment ids, a token is padding iff it equals
+model.pad_id (-1: no token is padding, as GPT-2 / Llama, whose id 0 is a real token); the first decoder token of
+encoder_decoder is always real, because T5 starts the decoder with its pad id. Decoding is pure:
+`decode_step(tokens, cache)` returns new logits and a new cache; the module itself is never mutated.
 """
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer import logical
-from jaxformer.model import layers, positions as positions_lib, remat as remat_lib, scan
+from jaxformer.model import layers, positions as positions_lib, scan
 from jaxformer.model.attention import Attention
-from jaxformer.model.remat import REMATS  # noqa: F401 - model.remat's registry, validated as transformer.REMATS
+from jaxformer.model.remat import REMATS  # model.remat's registry (remat.py), validated as transformer.REMATS
 
 if TYPE_CHECKING:  # annotations only: jaxformer.model.config imports this module for its registries
   from jaxformer.model.config import ModelConfig
@@ -38,9 +40,20 @@ def attention_mask(q_segments: Array, kv_segments: Array, *, causal: bool) -> Ar
   return mask[:, None]
 
 
-def _defaults(tokens: Array, segment_ids: Array | None, positions: Array | None) -> tuple[Array, Array]:
+def real_tokens(tokens: Array, pad_id: int) -> Array:
+  """bool, True where a token is not padding (pad_id -1: every token is real)."""
+  return jnp.ones(tokens.shape, bool) if pad_id < 0 else tokens != pad_id
+
+
+def _defaults(tokens: Array, segment_ids: Array | None, positions: Array | None, pad_id: int, *,
+              start_is_real: bool = False) -> tuple[Array, Array]:
+  """Default segment ids (1 = real, 0 = padding) and positions (0, 1, ...) of an unpacked batch.
+  start_is_real: column 0 is real even if it is the pad id (T5's decoder start token)."""
   if segment_ids is None:
-    segment_ids = (tokens != 0).astype(jnp.int32)
+    real = real_tokens(tokens, pad_id)
+    if start_is_real:
+      real = real.at[:, 0].set(True)
+    segment_ids = real.astype(jnp.int32)
   if positions is None:
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
   return segment_ids, positions
@@ -70,14 +83,15 @@ class Block(nnx.Module):
     x = x + self.dropout(y, deterministic=deterministic)
     return x if self.pre_norm else norm(x)
 
-  def __call__(self, x: Array, mask: Array, *, rope=None, causal: bool = False, encoded: Array | None = None,
+  def __call__(self, x: Array, mask: Array, *, rope=None, bias: Array | None = None, causal: bool = False,
+               encoded: Array | None = None,
                cross_kv: tuple[Array, Array] | None = None, cross_mask: Array | None = None,
                cache: dict | None = None, cache_index: Array | None = None,
                deterministic: bool = True) -> tuple[Array, dict | None]:
     """x [B,T,D] -> (x, updated self-attention cache or None). Cross-attention reads `cross_kv` when given
     (decoding), else projects `encoded`."""
-    y, cache = self.attn(self._in(self.attn_norm, x), mask, rope=rope, cache=cache, cache_index=cache_index,
-                         causal=causal, deterministic=deterministic)
+    y, cache = self.attn(self._in(self.attn_norm, x), mask, rope=rope, bias=bias, cache=cache,
+                         cache_index=cache_index, causal=causal, deterministic=deterministic)
     x = self._out(self.attn_norm, x, y, deterministic)
     if self.cross_attn is not None:
       kv = cross_kv if cross_kv is not None else self.cross_attn.kv(encoded)
@@ -87,17 +101,19 @@ class Block(nnx.Module):
     return x, cache
 
 
-def _block_forward(block: Block, x, mask, rope, encoded, cross_mask, causal: bool, deterministic: bool):
-  return block(x, mask, rope=rope, causal=causal, encoded=encoded, cross_mask=cross_mask,
+def _block_forward(block: Block, x, mask, rope, bias, encoded, cross_mask, causal: bool, deterministic: bool):
+  return block(x, mask, rope=rope, bias=bias, causal=causal, encoded=encoded, cross_mask=cross_mask,
                deterministic=deterministic)[0]
 
 
 class Stack(nnx.Module):
-  """Positions + `num_layers` blocks (+ final norm for pre-LN). The encoder, and both kinds of decoder."""
+  """Positions [+ embedding norm] + `num_layers` blocks (+ final norm for pre-LN). The encoder, and both kinds of
+  decoder. The embedding norm (model.embed_norm, BERT) normalises token + type + position embeddings."""
 
   def __init__(self, cfg: ModelConfig, num_layers: int, *, causal: bool, cross: bool, rngs: nnx.Rngs):
     self.causal, self.remat = causal, cfg.remat
     self.positions = positions_lib.POSITIONS[cfg.position](cfg, rngs=rngs)
+    self.embed_norm = layers.NORMS[cfg.norm](cfg, rngs=rngs) if cfg.embed_norm else None
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
     # GPT-2 init: each residual branch's output projection gets std / sqrt(number of residual sublayers).
     out_std = cfg.init_std / math.sqrt(num_layers * (3 if cross else 2))
@@ -112,23 +128,29 @@ class Stack(nnx.Module):
                cross_mask: Array | None = None, cross_kv: tuple | None = None, cache: tuple | None = None,
                cache_index: Array | None = None, deterministic: bool = True) -> tuple[Array, tuple | None]:
     """x: token embeddings [B,T,D] -> hidden states [B,T,D] (and the updated per-layer caches)."""
-    x = self.dropout(self.positions.add(x, positions), deterministic=deterministic)
-    x = logical.constrain(x, logical.HIDDEN)
+    x = self.positions.add(x, positions)
+    if self.embed_norm is not None:
+      x = self.embed_norm(x)
+    x = logical.constrain(self.dropout(x, deterministic=deterministic), logical.HIDDEN)
     rope = self.positions.rotary(positions)
+    # relative position bias [B,N,T,S]: once per stack, shared by every layer. With a cache, key slot s holds
+    # position s (decoding writes each token at its position).
+    k_positions = positions if cache is None else jnp.arange(self._cache_len(cache), dtype=jnp.int32)[None]
+    bias = self.positions.bias(positions, k_positions, bidirectional=not self.causal)
     if self.scanned:
-      x, new_cache = self.blocks(x, mask=mask, rope=rope, causal=self.causal, encoded=encoded, cross_kv=cross_kv,
-                                 cross_mask=cross_mask, cache=cache, cache_index=cache_index,
+      x, new_cache = self.blocks(x, mask=mask, rope=rope, bias=bias, causal=self.causal, encoded=encoded,
+                                 cross_kv=cross_kv, cross_mask=cross_mask, cache=cache, cache_index=cache_index,
                                  deterministic=deterministic, remat=self.remat)
       return (x if self.final_norm is None else self.final_norm(x)), new_cache
     new_cache = []
     remat = REMATS[self.remat] if cache is None else None
     for i, block in enumerate(self.blocks):
       if remat is not None:
-        x = nnx.remat(_block_forward, static_argnums=(6, 7), policy=remat.policy)(
-            block, x, mask, rope, encoded, cross_mask, self.causal, deterministic)
+        x = nnx.remat(_block_forward, static_argnums=(7, 8), policy=remat.policy)(
+            block, x, mask, rope, bias, encoded, cross_mask, self.causal, deterministic)
         x = logical.constrain(x, logical.HIDDEN)
         continue
-      x, layer_cache = block(x, mask, rope=rope, causal=self.causal, encoded=encoded,
+      x, layer_cache = block(x, mask, rope=rope, bias=bias, causal=self.causal, encoded=encoded,
                              cross_kv=None if cross_kv is None else cross_kv[i], cross_mask=cross_mask,
                              cache=None if cache is None else cache[i], cache_index=cache_index,
                              deterministic=deterministic)
@@ -141,6 +163,10 @@ class Stack(nnx.Module):
   @property
   def scanned(self) -> bool:
     return isinstance(self.blocks, scan.ScannedBlocks)
+
+  def _cache_len(self, cache: Any) -> int:
+    k = cache['k'] if self.scanned else cache[0]['k']
+    return k.shape[scan.CACHE_LAYER_AXIS + 1 if self.scanned else 1]
 
   def empty_cache(self, shape: tuple[int, ...], dtype: Any) -> Any:
     """Zero self-attention keys/values [B,S,K,H] per layer: a tuple of {'k','v'}, or stacked [B,L,S,K,H]."""
@@ -179,16 +205,34 @@ class MaskedLMHead(nnx.Module):
 
 # ---------------------------------------------------------------------------------------------- models
 class _Model(nnx.Module):
-  """What the three families share: config, token embedding, output projection, decoding bookkeeping."""
+  """What the three families share: config, token (+ token-type) embedding, output projection, decoding
+  bookkeeping."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.config = cfg
+    pdt = jnp.dtype(cfg.param_dtype)
     self.embed = layers.Embed(cfg, rngs=rngs)
+    self.token_type_embedding = (  # BERT's segment A/B embedding [type_vocab_size, D], added to every token
+        layers.param(rngs, layers.normal(cfg.init_std), (cfg.type_vocab_size, cfg.d_model), (None, 'embed'), pdt)
+        if cfg.type_vocab_size else None)
     self.unembed = None if cfg.tie_embeddings else layers.Unembed(cfg, rngs=rngs)
+    self.output_bias = layers.param(rngs, layers.zeros, (cfg.vocab_size,), ('vocab',), pdt) if cfg.output_bias else None
+
+  def embed_tokens(self, tokens: Array, token_type_ids: Array | None = None) -> Array:
+    """Token embeddings [B,T,D], plus the token-type embedding (type 0 where token_type_ids is None)."""
+    x = self.embed(tokens)
+    if self.token_type_embedding is None:
+      return x
+    table = self.token_type_embedding[...]
+    types = jnp.take(table, token_type_ids, axis=0) if token_type_ids is not None else table[0]
+    return x + types.astype(x.dtype)
 
   def logits(self, h: Array) -> Array:
-    """Hidden states -> float32 logits [B,T,V]."""
+    """Hidden states -> float32 logits [B,T,V] (h scaled by model.output_scale first: T5 v1.0's d_model**-0.5)."""
+    if self.config.output_scale != 1.0:
+      h = h * self.config.output_scale
     logits = self.embed.attend(h) if self.unembed is None else self.unembed(h)
+    logits = logits if self.output_bias is None else logits + self.output_bias[...].astype(jnp.float32)
     return logical.constrain(logits, logical.LOGITS)
 
   def _empty_cache(self, stack: Stack, batch_size: int, max_len: int) -> dict[str, Any]:
@@ -200,17 +244,25 @@ class _Model(nnx.Module):
     return {'index': jnp.zeros((batch_size,), jnp.int32), 'valid': jnp.zeros((batch_size, max_len), bool),
             'self': stack.empty_cache(shape, jnp.dtype(cfg.dtype))}
 
-  def _decode(self, stack: Stack, tokens: Array, cache: dict[str, Any], **cross) -> tuple[Array, dict[str, Any]]:
-    """Runs T new tokens through `stack` against the cache; positions continue from cache['index']."""
+  def _decode(self, stack: Stack, tokens: Array, cache: dict[str, Any], *, start_is_real: bool = False,
+              cross_kv: tuple | None = None) -> tuple[Array, dict[str, Any]]:
+    """Runs T new tokens through `stack` against the cache; positions continue from cache['index'].
+    start_is_real: the token at position 0 is real even if it is the pad id. cross_kv: per-layer encoder
+    keys/values (their padding is cache['src_valid'])."""
     index = cache['index']
     t, max_len = tokens.shape[1], cache['valid'].shape[1]
     positions = index[:, None] + jnp.arange(t, dtype=jnp.int32)  # [B,T]
-    real = tokens != 0
+    real = real_tokens(tokens, self.config.pad_id)
+    if start_is_real:
+      real = real | (positions == 0)
+    cross = {}
+    if cross_kv is not None:
+      cross = {'cross_kv': cross_kv, 'cross_mask': (real[:, :, None] & cache['src_valid'][:, None, :])[:, None]}
     write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=0))
     valid = write(cache['valid'], real, index)
     mask = ((jnp.arange(max_len)[None, None, :] <= positions[:, :, None]) & valid[:, None, :]
             & real[:, :, None])[:, None]
-    h, new_self = stack(self.embed(tokens), positions, mask, cache=cache['self'], cache_index=index, **cross)
+    h, new_self = stack(self.embed_tokens(tokens), positions, mask, cache=cache['self'], cache_index=index, **cross)
     return self.logits(h), {**cache, 'index': index + t, 'valid': valid, 'self': new_self}
 
 
@@ -223,10 +275,10 @@ class EncoderOnly(_Model):
     self.head = MaskedLMHead(cfg, rngs=rngs)
 
   def __call__(self, tokens: Array, *, positions: Array | None = None, segment_ids: Array | None = None,
-               deterministic: bool = True) -> Array:
-    segment_ids, positions = _defaults(tokens, segment_ids, positions)
+               token_type_ids: Array | None = None, deterministic: bool = True) -> Array:
+    segment_ids, positions = _defaults(tokens, segment_ids, positions, self.config.pad_id)
     mask = attention_mask(segment_ids, segment_ids, causal=False)
-    h, _ = self.encoder(self.embed(tokens), positions, mask, deterministic=deterministic)
+    h, _ = self.encoder(self.embed_tokens(tokens, token_type_ids), positions, mask, deterministic=deterministic)
     return self.logits(self.head(h))
 
   def init_cache(self, *args, **kwargs):
@@ -243,10 +295,10 @@ class DecoderOnly(_Model):
     self.decoder = Stack(cfg, cfg.num_layers, causal=True, cross=False, rngs=rngs)
 
   def __call__(self, tokens: Array, *, positions: Array | None = None, segment_ids: Array | None = None,
-               deterministic: bool = True) -> Array:
-    segment_ids, positions = _defaults(tokens, segment_ids, positions)
+               token_type_ids: Array | None = None, deterministic: bool = True) -> Array:
+    segment_ids, positions = _defaults(tokens, segment_ids, positions, self.config.pad_id)
     mask = attention_mask(segment_ids, segment_ids, causal=True)
-    h, _ = self.decoder(self.embed(tokens), positions, mask, deterministic=deterministic)
+    h, _ = self.decoder(self.embed_tokens(tokens, token_type_ids), positions, mask, deterministic=deterministic)
     return self.logits(h)
 
   def init_cache(self, batch_size: int, max_len: int, *, encoded: Array | None = None,
@@ -270,18 +322,20 @@ class EncoderDecoder(_Model):
   def encode(self, src_tokens: Array, *, src_positions: Array | None = None, src_segment_ids: Array | None = None,
              deterministic: bool = True) -> Array:
     """[B,S] source tokens -> encoder output [B,S,D]."""
-    src_segment_ids, src_positions = _defaults(src_tokens, src_segment_ids, src_positions)
+    src_segment_ids, src_positions = _defaults(src_tokens, src_segment_ids, src_positions, self.config.pad_id)
     mask = attention_mask(src_segment_ids, src_segment_ids, causal=False)
-    return self.encoder(self.embed(src_tokens), src_positions, mask, deterministic=deterministic)[0]
+    return self.encoder(self.embed_tokens(src_tokens), src_positions, mask, deterministic=deterministic)[0]
 
   def __call__(self, src_tokens: Array, tgt_tokens: Array, *, src_positions: Array | None = None,
                src_segment_ids: Array | None = None, tgt_positions: Array | None = None,
                tgt_segment_ids: Array | None = None, deterministic: bool = True) -> Array:
-    src_segment_ids, src_positions = _defaults(src_tokens, src_segment_ids, src_positions)
-    tgt_segment_ids, tgt_positions = _defaults(tgt_tokens, tgt_segment_ids, tgt_positions)
+    pad_id = self.config.pad_id
+    src_segment_ids, src_positions = _defaults(src_tokens, src_segment_ids, src_positions, pad_id)
+    tgt_segment_ids, tgt_positions = _defaults(tgt_tokens, tgt_segment_ids, tgt_positions, pad_id,
+                                               start_is_real=True)
     encoded = self.encode(src_tokens, src_positions=src_positions, src_segment_ids=src_segment_ids,
                           deterministic=deterministic)
-    h, _ = self.decoder(self.embed(tgt_tokens), tgt_positions,
+    h, _ = self.decoder(self.embed_tokens(tgt_tokens), tgt_positions,
                         attention_mask(tgt_segment_ids, tgt_segment_ids, causal=True), encoded=encoded,
                         cross_mask=attention_mask(tgt_segment_ids, src_segment_ids, causal=False),
                         deterministic=deterministic)
@@ -289,20 +343,20 @@ class EncoderDecoder(_Model):
 
   def init_cache(self, batch_size: int, max_len: int, *, encoded: Array | None = None,
                  src_tokens: Array | None = None) -> dict[str, Any]:
-    """Adds to the decoder-only cache 'cross': per layer {'k','v'} [B,S,K,H] and 'src_valid' [B,S]."""
+    """Adds to the decoder-only cache 'cross': per layer {'k','v'} [B,S,K,H] (scan_layers: one {'k','v'}
+    [B,layers,S,K,H]) and 'src_valid' [B,S]."""
     if src_tokens is None:
       raise ValueError('encoder_decoder init_cache needs src_tokens (for the source padding mask), and '
                        'optionally encoded = model.encode(src_tokens).')
     if encoded is None:
       encoded = self.encode(src_tokens)
     cache = self._empty_cache(self.decoder, batch_size, max_len)
-    return {**cache, 'cross': self.decoder.cross_cache(encoded), 'src_valid': src_tokens != 0}
+    return {**cache, 'cross': self.decoder.cross_cache(encoded), 'src_valid': real_tokens(src_tokens, self.config.pad_id)}
 
   def decode_step(self, tokens: Array, cache: dict[str, Any]) -> tuple[Array, dict[str, Any]]:
-    cross_mask = ((tokens != 0)[:, :, None] & cache['src_valid'][:, None, :])[:, None]
     cross = cache['cross']
     cross_kv = (cross['k'], cross['v']) if self.decoder.scanned else tuple((c['k'], c['v']) for c in cross)
-    return self._decode(self.decoder, tokens, cache, cross_kv=cross_kv, cross_mask=cross_mask)
+    return self._decode(self.decoder, tokens, cache, start_is_real=True, cross_kv=cross_kv)
 
 
 # model.arch

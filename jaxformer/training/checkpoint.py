@@ -18,9 +18,15 @@ DIR/checkpoints_unreadable/ (never deleted; they would otherwise collide with th
 says so in one line. If no step restores, it stops with one line naming the folder and the error; nothing moves
 (that is usually a changed model config, not corruption). Evaluation (restore_model) follows the same policy
 (restore_newest) but only reads: it skips unreadable steps and moves nothing.
+
+Integrity: when a save has finished, the sha256 of each of its files goes to DIR/checkpoint_checksums/<step>.json;
+restore checks them first, so a corrupt checkpoint (flipped bytes orbax would read without complaint, a missing
+file) counts as unreadable and is never loaded. Steps without a record (saved before checksums existed, or by a
+run killed right after the save) are restored unchecked.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -37,12 +43,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxformer import sharding as shd
 from jaxformer.data import state_for_host
 from jaxformer.training import step as step_lib
+from jaxformer.user_errors import UserError
 
 CHECKPOINT_DIR = 'checkpoints'
 UNREADABLE_DIR = 'checkpoints_unreadable'
+CHECKSUM_DIR = 'checkpoint_checksums'  # <step>.json: sha256 of every file of DIR/checkpoints/<step>/
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
   """A checkpoint that cannot be used. The message names the folder and what to do."""
 
 
@@ -76,6 +84,48 @@ def data_to_keys(tree: Any, abstract: Any) -> Any:
       return jax.random.wrap_key_data(x, impl=getattr(a.dtype, '_impl', None))
     return x
   return jax.tree.map(one, tree, abstract)
+
+
+# ------------------------------------------------------------------------------------------------- checksums
+def _checksum_path(workdir: str, step: int) -> str:
+  return os.path.join(os.path.abspath(workdir), CHECKSUM_DIR, f'{int(step)}.json')
+
+
+def _file_digests(step_dir: str) -> dict[str, str]:
+  digests = {}
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, 'rb') as f:
+        digests[os.path.relpath(path, step_dir)] = hashlib.file_digest(f, 'sha256').hexdigest()
+  return dict(sorted(digests.items()))
+
+
+def record_checksums(workdir: str, step: int) -> None:
+  """Writes DIR/checkpoint_checksums/<step>.json for a finished save (process 0)."""
+  if jax.process_index() != 0:
+    return
+  path = _checksum_path(workdir, step)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(_file_digests(os.path.join(checkpoint_dir(workdir), str(step))), f, indent=0)
+  os.replace(tmp, path)
+
+
+def verify_checksums(workdir: str, step: int) -> str | None:
+  """None if the step's files match their recorded checksums (or none were recorded: a checkpoint from before
+  checksums, or one whose run died right after the save), else what differs."""
+  path = _checksum_path(workdir, step)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    expected = json.load(f)
+  actual = _file_digests(os.path.join(checkpoint_dir(workdir), str(step)))
+  for name, digest in expected.items():
+    if actual.get(name) != digest:
+      return f'checksum mismatch in {name}' if name in actual else f'{name} is missing'
+  return None
 
 
 # ------------------------------------------------------------------------------------------------ multi-host
@@ -119,18 +169,23 @@ def latest_step(workdir: str) -> int | None:
 
 
 def restore_newest(manager: ocp.CheckpointManager, steps: list[int], args: ocp.args.Composite,
-                   workdir: str) -> tuple[Any, int, list[int]]:
+                   workdir: str) -> tuple[Any, int, list[tuple[int, str]]]:
   """The fallback policy (training and evaluation): restore the newest of `steps` that restores.
 
   Returns (restored items, step, the newer steps that failed); the caller reports and moves those. Raises one
   CheckpointError when none restores (usually a changed model config, not corruption: nothing is moved)."""
   failed: list[tuple[int, str]] = []
   for s in sorted(steps, reverse=True):
+    corrupt = verify_checksums(workdir, s)
+    if corrupt:
+      logging.info('checkpoint step %d in %s is corrupt (%s)', s, checkpoint_dir(workdir), corrupt)
+      failed.append((s, corrupt))
+      continue
     try:
-      return manager.restore(s, args=args), s, [f for f, _ in failed]
+      return manager.restore(s, args=args), s, failed
     except Exception as e:  # noqa: BLE001 - any failure means "this step is unusable", reported by the caller
       msg = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:300]
-      logging.warning('checkpoint step %d in %s could not be restored (%s)', s, checkpoint_dir(workdir), msg)
+      logging.info('checkpoint step %d in %s could not be restored (%s)', s, checkpoint_dir(workdir), msg)
       failed.append((s, msg))
   bad = ', '.join(str(f) for f, _ in failed)
   raise CheckpointError(
@@ -138,11 +193,12 @@ def restore_newest(manager: ocp.CheckpointManager, steps: list[int], args: ocp.a
       'if the model config changed, use a new --workdir.')
 
 
-def report_fallback(workdir: str, failed: list[int], used: int, moved_to: str | None) -> None:
-  """One line saying which unreadable steps were skipped (and where they went)."""
+def report_fallback(workdir: str, failed: list[tuple[int, str]], used: int, moved_to: str | None) -> None:
+  """One line saying which unreadable or corrupt steps were skipped (and where they went)."""
   if failed and jax.process_index() == 0:
-    print(f'WARNING: checkpoint step(s) {failed} in {checkpoint_dir(workdir)} are unreadable; using step {used}'
-          + (f', moved them to {moved_to}.' if moved_to else '.'), flush=True)
+    print(f'WARNING: checkpoint step(s) {[f for f, _ in failed]} in {checkpoint_dir(workdir)} are unreadable or '
+          f'corrupt ({failed[0][1]}); using step {used}' + (f', moved them to {moved_to}.' if moved_to else '.'),
+          flush=True)
 
 
 def _restore_args(abstract_state: dict) -> dict:
@@ -164,10 +220,12 @@ class Checkpointer:
     self.keep = keep
     self.async_save = async_save
     self.manager = _manager(workdir, keep=keep, async_save=async_save)
+    self._unrecorded: list[int] = []  # steps saved by this run whose checksums are not written yet
 
   def save(self, step: int, state: dict, *, data_state: Any = None, config: Any = None) -> bool:
     """Starts saving (asynchronously when enabled; arrays are copied off the devices before this returns, so the
     caller may donate them right away). Collective: every process calls it."""
+    self._record_finished()
     states = _gather_json(data_state)
     extra = keys_to_data({'step': state['step'], 'rngs': state['rngs']})
     args = ocp.args.Composite(
@@ -177,13 +235,32 @@ class Checkpointer:
         data=ocp.args.JsonSave({'process_count': len(states), 'states': states}),
         config=ocp.args.JsonSave(config if config is not None else {}),
     )
-    return self.manager.save(int(step), args=args, force=True)
+    saved = self.manager.save(int(step), args=args, force=True)
+    self._unrecorded.append(int(step))
+    if not self.async_save:
+      self._record_finished()
+    return saved
 
-  def wait(self) -> None:
+  def _record_finished(self) -> None:
+    """Waits for the pending save, then records the checksums of the steps this run saved and drops those of
+    steps orbax has rotated out."""
+    if not self._unrecorded:
+      return
     self.manager.wait_until_finished()
+    present = set(self.manager.all_steps())
+    for s in self._unrecorded:
+      if s in present:
+        record_checksums(self.workdir, s)
+    self._unrecorded = []
+    folder = os.path.join(os.path.abspath(self.workdir), CHECKSUM_DIR)
+    if jax.process_index() == 0 and os.path.isdir(folder):
+      for name in os.listdir(folder):
+        if name.endswith('.json') and name[:-5].isdigit() and int(name[:-5]) not in present:
+          os.remove(os.path.join(folder, name))
 
   def close(self) -> None:
     self.manager.wait_until_finished()
+    self._record_finished()
     self.manager.close()
 
   def restore(self, abstract_state: dict, *, step: int | None = None,
@@ -193,7 +270,8 @@ class Checkpointer:
     steps = sorted(self.manager.all_steps(), reverse=True)
     if step is not None:
       if step not in steps:
-        raise CheckpointError(f'no checkpoint for step {step} in {checkpoint_dir(self.workdir)} (have: {sorted(steps)}).')
+        raise CheckpointError(
+            f'no checkpoint for step {step} in {checkpoint_dir(self.workdir)} (have: {sorted(steps)}).')
       steps = [step]
     if not steps:
       return None
@@ -213,7 +291,7 @@ class Checkpointer:
                       'restarts from its beginning.', s, len(states), jax.process_count())
     report_fallback(self.workdir, failed, s, self._unreadable_dir if move_unreadable else None)
     if failed and move_unreadable:
-      self._move_aside(failed)
+      self._move_aside([f for f, _ in failed])
     return state, data_state, s
 
   @property
@@ -230,6 +308,8 @@ class Checkpointer:
         src = os.path.join(checkpoint_dir(self.workdir), str(s))
         if os.path.exists(src):
           shutil.move(src, os.path.join(target, str(s)))
+        if os.path.exists(_checksum_path(self.workdir, s)):
+          shutil.move(_checksum_path(self.workdir, s), os.path.join(target, f'{s}.checksums.json'))
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices('jaxformer_move_unreadable')

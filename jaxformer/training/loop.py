@@ -1,17 +1,32 @@
 """run(config, workdir): init or resume, train, evaluate, log, checkpoint.
 
-The hot loop only dispatches: metrics stay on the devices until a log step fetches them (one host sync per
-train.log_every steps), so the host runs ahead of the accelerator and the data pipeline overlaps with compute.
+The hot loop only dispatches: metrics stay on the devices until a log step fetches them, and the only per-call
+sync is the NaN guard reading the *previous* call's loss and gradient norm, so the host stays one call ahead of
+the accelerator and the data pipeline overlaps with compute.
+
+Faults (see jaxformer.user_errors; train.py prints them as one line, exit status 2):
+  - train.max_bad_steps steps in a row with a non-finite loss or gradient norm stop the run (NonFiniteError naming
+    the step and the last good checkpoint); a checkpoint is never saved from non-finite parameters or optimizer
+    state, so the good ones are never rotated out. train.skip_bad_steps=True skips non-finite updates instead
+    (optax.apply_if_finite) until max_bad_steps of them in a row.
+  - one run per workdir (DIR/train.lock, jaxformer.training.lock); a workdir whose checkpoints hold another model
+    is refused before anything is written.
+  - SIGTERM and SIGINT (Ctrl-C) save a checkpoint at the current step and return (train.py exits 0 / 130); a
+    second Ctrl-C ends the process at once.
+  - an error at an evaluation step is raised after that step's checkpoint is saved.
+  - a run without checkpoints starts a fresh metrics.jsonl (an old one is kept as metrics.<time>.jsonl.old).
 
 DIR/metrics.jsonl rows (also TensorBoard scalars in DIR/tensorboard/):
-  train rows, every train.log_every steps and at the end: step, train_loss (token-weighted cross-entropy, mean over
+  train rows, every train.log_every steps and at the end (a fresh run's first row also has num_params and
+    num_trainable_params): step, train_loss (token-weighted cross-entropy, mean over
     the steps since the last row), train_accuracy, learning_rate and grad_norm (of the last step; the norm is
     before clipping), tokens_per_sec (batch_size x seq_len positions per step, padding included: the target side
     for encoder_decoder), target_tokens_per_sec (tokens that carry loss), step_time (s), mfu (model FLOPs
     utilisation, jaxformer.flops; None when the device's peak is unknown); train_objective when label smoothing
     or z-loss make the optimised objective differ from the cross-entropy.
   eval rows, every train.eval_every steps and at the end: step, eval_loss, eval_perplexity, eval_accuracy,
-    eval_tokens.
+    eval_tokens; eval_bits_per_byte and eval_bits_per_char (decoder_only / encoder_decoder: the eval NLL in bits
+    per UTF-8 byte / character of the scored target text, comparable across tokenizers).
 The first step (compilation) is excluded from throughput, and so is time spent evaluating and checkpointing.
 
 train.steps_per_call = k > 1 runs k steps per jitted call on k stacked batches (validate() requires log_every,
@@ -30,17 +45,21 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from jaxformer import data as data_lib
 from jaxformer import evaluation as eval_lib
 from jaxformer import flops as flops_lib
 from jaxformer import resolve as resolve_lib  # a module, not its names: resolve -> training -> loop is a cycle
 from jaxformer import sharding as shd
+from jaxformer import user_errors
 from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import optimizer as opt_lib
 from jaxformer.training import step as step_lib
+from jaxformer.training.lock import WorkdirLock
 from jaxformer.training.writers import MetricWriter
 
 
@@ -62,32 +81,39 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 class _StopFlag:
-  """Set by SIGTERM (preemption): the loop saves a checkpoint at the current step and returns normally."""
+  """Set by SIGTERM (preemption) or SIGINT (Ctrl-C): the loop saves a checkpoint at the current step and returns.
+  A second Ctrl-C gets the default action: the process ends at once (even inside a long XLA call)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.requested: str | None = None  # the signal's name once one arrived
+    self._previous: dict[int, Any] = {}
 
   def install(self) -> None:
     if threading.current_thread() is not threading.main_thread():
       return
-    self._previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, self._handle)
+    for sig in self.SIGNALS:
+      self._previous[sig] = signal.getsignal(sig)
+      signal.signal(sig, self._handle)
 
   def _handle(self, signum, frame) -> None:  # noqa: ARG002
-    self.requested = True
+    self.requested = signal.Signals(signum).name
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, signal.SIG_DFL)
+      _log('Ctrl-C: saving a checkpoint at the end of this step, then exiting (press Ctrl-C again to abort now).')
 
   def uninstall(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
+    self._previous = {}
 
   def any_process(self) -> bool:
-    """Whether any process got the signal (collective in multi-process runs)."""
+    """Whether any process got a signal (collective in multi-process runs)."""
     if jax.process_count() == 1:
-      return self.requested
+      return self.requested is not None
     from jax.experimental import multihost_utils  # only multi-process runs need it
-    flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
+    flags = multihost_utils.process_allgather(np.array([self.requested is not None], np.int32))
     return bool(np.max(flags))
 
 
@@ -97,6 +123,15 @@ def _fmt_eta(seconds: float) -> str:
 
 def _fmt_rate(x: float) -> str:
   return f'{x / 1e6:.2f}M' if x >= 1e6 else f'{x / 1e3:.1f}k' if x >= 1e3 else f'{x:.0f}'
+
+
+def _fresh_metrics(workdir: str) -> None:
+  """A run without checkpoints starts a new metrics.jsonl; an old one is kept aside as metrics.<time>.jsonl.old."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if jax.process_index() == 0 and os.path.exists(path):
+    aside = os.path.join(workdir, f'metrics.{time.strftime("%Y%m%d-%H%M%S")}.jsonl.old')
+    os.replace(path, aside)
+    _log(f'note: no checkpoint to resume from; moved the old metrics.jsonl to {aside}')
 
 
 def _truncate_metrics(workdir: str, step: int) -> None:
@@ -128,6 +163,7 @@ class TrainLog:
     self.writer = writer
     self.pending: list[tuple[int, dict]] = []  # (steps in the call, its metrics; stacked [n] when n > 1)
     self.compiled: set[int] = set()
+    self.first_row_extra: dict[str, Any] = {}  # added to this run's first train row (a fresh run: num_params)
     self.restart_clock()
 
   def restart_clock(self) -> None:
@@ -162,7 +198,8 @@ class TrainLog:
     }
     if self.with_objective:
       row['train_objective'] = float(np.mean([m['objective'] for m in fetched]))
-    self.writer.write(step, row)
+    self.writer.write(step, {**self.first_row_extra, **row})
+    self.first_row_extra = {}
     rate, mfu = row['tokens_per_sec'], row['mfu']
     _log(f'step {step}/{self.num_steps} | loss {row["train_loss"]:.4f} | lr {row["learning_rate"]:.2e} '
          f'| gnorm {row["grad_norm"]:.3f} | '
@@ -173,6 +210,14 @@ class TrainLog:
     return row
 
 
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
+
+
+_all_finite_jit = jax.jit(_all_finite)
+
+
 class Trainer:
   """One training run on one workdir: the state (fresh or resumed), its data, its jitted steps, evaluation and
   checkpointing. `run` drives it; each method is one thing the loop does."""
@@ -181,12 +226,18 @@ class Trainer:
     self.r = r
     config = r.config
     self.config, self.workdir = config, r.workdir
+    self.max_bad_steps = int(config.train.max_bad_steps)
     tx, schedule = opt_lib.make_optimizer(config.train)
+    if config.train.skip_bad_steps:  # a non-finite gradient leaves params and optimizer state as they were
+      tx = optax.apply_if_finite(tx, max_consecutive_errors=2 ** 30)  # our bad-step guard decides when to stop
     self.setup = step_lib.make_setup(config, r.mesh, tx, schedule)
+    self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.setup.abstract_state['params']))
     self._describe()
     self.checkpointer = ckpt_lib.Checkpointer(r.workdir, keep=config.checkpoint.keep,
                                               async_save=config.checkpoint.async_save)
     restored = self.checkpointer.restore(self.setup.abstract_state)
+    self.writer = MetricWriter(r.workdir, enabled=jax.process_index() == 0)
+    self.log = TrainLog(r, self.writer)
     data_state = None
     if restored is not None:
       self.state, data_state, self.start = restored
@@ -194,6 +245,8 @@ class Trainer:
       _truncate_metrics(r.workdir, self.start)
     else:
       self.state, self.start = step_lib.init_state(config, self.setup), 0
+      _fresh_metrics(r.workdir)
+      self.log.first_row_extra = {'num_params': self.num_params, 'num_trainable_params': self.num_params}
     self.last_saved = self.start if restored is not None else -1
     self.layout = shd.data_layout(r.mesh, r.rules, config.train.batch_size)
     self.train_iter = data_lib.make_train_iterator(config, r.tokenizer, r.workdir, layout=self.layout,
@@ -205,16 +258,15 @@ class Trainer:
     self.multi_step = (step_lib.make_train_step(config, self.setup, self.steps_per_call)
                        if self.steps_per_call > 1 else None)
     self.evaluator = eval_lib.Evaluator(r, self.setup.graphdef, config.data.eval_split)
-    self.writer = MetricWriter(r.workdir, enabled=jax.process_index() == 0)
-    self.log = TrainLog(r, self.writer)
     self.config_dict = json.loads(eval_lib.config_json(config))
+    self.unchecked: list[tuple[int, int, dict]] = []  # (first step, steps, metrics) not yet checked for NaN/inf
+    self.bad_steps, self.first_bad = 0, None
 
   def _describe(self) -> None:
     mesh, params = self.r.mesh, self.setup.abstract_state['params']
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    _log(f'{self.r.model.arch}: {n_params / 1e6:.2f}M parameters, vocab {self.r.model.vocab_size}; mesh '
-         f'{dict(mesh.shape)} on {mesh.devices.size} {jax.devices()[0].platform} device(s), '
-         f'{jax.process_count()} process(es)')
+    _log(f'{self.r.model.arch}: {self.num_params / 1e6:.2f}M parameters ({self.num_params:,} trainable), vocab '
+         f'{self.r.model.vocab_size}; mesh {dict(mesh.shape)} on {mesh.devices.size} {jax.devices()[0].platform} '
+         f'device(s), {jax.process_count()} process(es)')
     for note in shd.describe_unsharded(params, mesh, self.r.rules)[:8]:
       _log(f'  replicated (mesh does not divide it): {note}')
 
@@ -227,8 +279,9 @@ class Trainer:
                                                                            stop_after_steps)
     return k if self.multi_step is not None and step % k == 0 and step + k <= end else 1
 
-  def train_call(self, n: int) -> None:
-    """Runs n steps (one jitted call) and queues their metrics for the next train row."""
+  def train_call(self, step: int, n: int) -> None:
+    """Runs steps step+1 .. step+n (one jitted call), queues their metrics for the next train row and checks the
+    previous call's for NaN/inf (one call behind, so the host still runs ahead of the devices)."""
     mesh, rules = self.r.mesh, self.r.rules
     if n == 1:
       batch = shd.shard_batch(next(self.train_iter), mesh, rules, self.layout)
@@ -239,16 +292,52 @@ class Trainer:
       self.state, metrics = self.multi_step(self.state, shd.shard_batch(stacked, mesh, rules, self.layout,
                                                                         stacked=True))
     self.log.add(n, metrics)
+    self.unchecked.append((step + 1, n, metrics))
+    self.check_finite(keep_last=True)
+
+  def check_finite(self, keep_last: bool = False) -> None:
+    """Counts consecutive steps whose loss or gradient norm is not finite; raises NonFiniteError at
+    train.max_bad_steps of them."""
+    todo = self.unchecked[:-1] if keep_last else self.unchecked
+    self.unchecked = self.unchecked[len(todo):]
+    for first, n, metrics in todo:
+      loss, gnorm = jax.device_get((metrics['loss'], metrics['grad_norm']))
+      finite = np.isfinite(np.reshape(loss, (-1,))) & np.isfinite(np.reshape(gnorm, (-1,)))
+      for i, ok in enumerate(finite):
+        if ok:
+          self.bad_steps, self.first_bad = 0, None
+          continue
+        self.bad_steps += 1
+        self.first_bad = first + i if self.first_bad is None else self.first_bad
+        if self.bad_steps >= self.max_bad_steps:
+          raise self._non_finite(f'{self.bad_steps} non-finite step(s) in a row from step {self.first_bad}, '
+                                 f'train.max_bad_steps={self.max_bad_steps}')
+
+  def _non_finite(self, what: str) -> user_errors.NonFiniteError:
+    good = sorted(self.checkpointer.manager.all_steps())
+    lr = float(self.config.train.learning_rate)
+    if good:
+      resume = (f'the last good checkpoint is step {good[-1]}; resume from it with a lower learning rate, e.g. '
+                f'--config.train.learning_rate={lr / 10:g}')
+    else:
+      resume = f'no checkpoint was saved; start again with a lower learning rate (now {lr:g})'
+    return user_errors.NonFiniteError(f'training diverged: loss or gradient norm not finite ({what}); stopped '
+                                      f'without saving it.', hint=resume + '.')
 
   def evaluate(self, step: int) -> dict[str, float]:
     row = self.evaluator.training_row(self.state['params'], self.state['rngs'])
     self.writer.write(step, row)
     _log(f'eval at step {step}: loss {row["eval_loss"]:.4f} | perplexity {row["eval_perplexity"]:.3f} | '
-         f'accuracy {row["eval_accuracy"]:.4f}')
+         f'accuracy {row["eval_accuracy"]:.4f}'
+         + (f' | bits/char {row["eval_bits_per_char"]:.4f}' if 'eval_bits_per_char' in row else ''))
     self.log.restart_clock()
     return row
 
   def save(self, step: int) -> None:
+    """Saves a checkpoint, never one whose parameters or optimizer state are not finite (NonFiniteError)."""
+    self.check_finite()
+    if not bool(_all_finite_jit({'params': self.state['params'], 'opt_state': self.state['opt_state']})):
+      raise self._non_finite(f'the parameters at step {step} are not finite')
     self.checkpointer.save(step, self.state, data_state=self.train_iter.get_state(), config=self.config_dict)
     self.last_saved = step
     self.log.restart_clock()
@@ -261,43 +350,65 @@ class Trainer:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: int | None = None) -> dict[str, Any]:
-  """Trains config on workdir (resuming from its newest checkpoint) and returns the last train/eval metrics.
+  """Trains config on workdir (resuming from its newest checkpoint) and returns the last train/eval metrics, plus
+  'stopped_by' (SIGTERM, SIGINT, stop_after_steps or None).
 
   stop_after_steps (for tests and tools): behave as if preempted once that step is reached: save and return.
+  One run per workdir (a lock); the workdir's saved run must match the config before anything is written.
   """
-  r = resolve_lib.resolve(config, workdir, training=True)
-  write_config(r.config, r.workdir)
-  trainer = Trainer(r)
-  train, every_ckpt = r.config.train, r.config.checkpoint.every_steps
-  stop = _StopFlag()
-  stop.install()
+  config = resolve_lib.checked_config(config)
+  workdir = os.path.abspath(workdir)
+  with WorkdirLock(workdir, enabled=jax.process_index() == 0):
+    resolve_lib.check_saved_run(config, workdir)
+    r = resolve_lib.resolve(config, workdir, training=True, checked=True)
+    write_config(r.config, r.workdir)
+    stop = _StopFlag()
+    stop.install()
+    try:
+      trainer = Trainer(r)
+      try:
+        return _train(trainer, stop, stop_after_steps)
+      finally:
+        trainer.close()
+    finally:
+      stop.uninstall()
+
+
+def _train(trainer: Trainer, stop: _StopFlag, stop_after_steps: int | None) -> dict[str, Any]:
+  """The loop: train calls; train rows every train.log_every; eval every train.eval_every; checkpoints every
+  checkpoint.every_steps, at the end, and at a stop (signal or stop_after_steps)."""
+  train, every_ckpt = trainer.config.train, trainer.config.checkpoint.every_steps
   last_train: dict[str, Any] = {}
   last_eval: dict[str, Any] | None = None
-  step = trainer.start
+  step, stopped_by = trainer.start, None
   if step >= train.num_steps:
     _log(f'already at step {step} >= train.num_steps={train.num_steps}; nothing to train.')
-  try:
-    while step < train.num_steps:
-      n = trainer.call_size(step, stop_after_steps)
-      trainer.train_call(n)
-      step += n
-      is_last = step == train.num_steps
-      log_step = step % train.log_every == 0 or is_last
-      if log_step:
-        last_train = trainer.log.flush(step)
-      # SIGTERM: one process may get it first; in multi-process runs they agree at log steps (a collective)
-      stopping = stop.requested if jax.process_count() == 1 else (log_step and stop.any_process())
-      stopping = stopping or (stop_after_steps is not None and step >= stop_after_steps and not is_last)
-      if (step % train.eval_every == 0 or is_last) and not stopping:
+  while step < train.num_steps:
+    n = trainer.call_size(step, stop_after_steps)
+    trainer.train_call(step, n)
+    step += n
+    is_last = step == train.num_steps
+    log_step = step % train.log_every == 0 or is_last
+    if log_step:
+      last_train = trainer.log.flush(step)
+    # a signal may reach one process first; in multi-process runs they agree at log steps (a collective)
+    stopping = stop.requested is not None if jax.process_count() == 1 else (log_step and stop.any_process())
+    if stopping:
+      stopped_by = stop.requested or 'SIGTERM'
+    elif stop_after_steps is not None and step >= stop_after_steps and not is_last:
+      stopping, stopped_by = True, 'stop_after_steps'
+    if (step % train.eval_every == 0 or is_last) and not stopping:
+      try:
         last_eval = trainer.evaluate(step)
-      if step % every_ckpt == 0 or is_last or stopping:
-        trainer.save(step)
-      if stopping:
-        _log(f'{"SIGTERM" if stop.requested else "stop_after_steps"}: saved checkpoint at step {step}; exiting.')
-        break
-    if trainer.last_saved != step and step > 0:
+      except user_errors.UserError:
+        trainer.save(step)  # the step's work is kept; the error is reported after the checkpoint
+        raise
+    if step % every_ckpt == 0 or is_last or stopping:
       trainer.save(step)
-  finally:
-    stop.uninstall()
-    trainer.close()
-  return {'step': step, 'stopped_early': step < train.num_steps, **last_train, **(last_eval or {})}
+    if stopping:
+      _log(f'{stopped_by}: saved checkpoint at step {step}; exiting.')
+      break
+  if trainer.last_saved != step and step > 0:
+    trainer.save(step)
+  return {'step': step, 'stopped_early': step < train.num_steps, 'stopped_by': stopped_by, **last_train,
+          **(last_eval or {})}

@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxformer import metrics as metrics_lib
 from jaxformer import sharding as shd
 from jaxformer.data.rows import model_inputs
 
@@ -64,12 +65,14 @@ def token_weights(targets: jax.Array) -> jax.Array:
   return (targets != 0).astype(jnp.float32)
 
 
-def loss_sums(model: nnx.Module, batch: Batch, config, *, deterministic: bool) -> tuple[jax.Array, dict]:
+def loss_sums(model: nnx.Module, batch: Batch, config, *, deterministic: bool,
+              length_tables: Mapping[str, jax.Array] | None = None) -> tuple[jax.Array, dict]:
   """(objective_sum, metrics) with token-weighted sums, so micro-batches and hosts aggregate exactly.
 
   The same code serves all architectures: the data pipeline already puts next tokens (decoder_only), the original
   tokens at the masked positions (encoder_only) or the shifted target (encoder_decoder) in `targets`, and a
-  token counts exactly when its target is not padding.
+  token counts exactly when its target is not padding. length_tables (metrics.length_tables(tokenizer)) adds
+  byte_sum / char_sum, the text the weighted targets decode to (for bits per byte / character).
   """
   logits = model_logits(model, batch, deterministic=deterministic)
   targets = batch['targets']
@@ -82,14 +85,17 @@ def loss_sums(model: nnx.Module, batch: Batch, config, *, deterministic: bool) -
       'loss_sum': jnp.sum(ce * weights),
       'weight_sum': jnp.sum(weights),
       'correct_sum': jnp.sum(correct * weights),
+      **metrics_lib.length_sums(targets, weights, length_tables),
   }
   return jnp.sum(objective * weights), metrics
 
 
-def compute_loss(model: nnx.Module, batch: Batch, config, *, deterministic: bool) -> tuple[jax.Array, dict]:
+def compute_loss(model: nnx.Module, batch: Batch, config, *, deterministic: bool,
+                 length_tables: Mapping[str, jax.Array] | None = None) -> tuple[jax.Array, dict]:
   """(loss, metrics): loss = the token-weighted mean objective of this batch; metrics holds the float32 sums
-  loss_sum (plain cross-entropy), weight_sum (target tokens) and correct_sum (argmax hits) for exact aggregation."""
-  objective_sum, metrics = loss_sums(model, batch, config, deterministic=deterministic)
+  loss_sum (plain cross-entropy), weight_sum (target tokens) and correct_sum (argmax hits) for exact aggregation,
+  and byte_sum / char_sum when length_tables are given."""
+  objective_sum, metrics = loss_sums(model, batch, config, deterministic=deterministic, length_tables=length_tables)
   return objective_sum / jnp.maximum(metrics['weight_sum'], 1.0), metrics
 
 

@@ -12,6 +12,9 @@ from typing import Any, Mapping
 
 
 def _clean(value: Any) -> Any:
+  """JSON-safe scalars: ints stay ints, NaN/inf become None."""
+  if isinstance(value, int) and not isinstance(value, bool):
+    return value
   try:
     value = float(value)
   except (TypeError, ValueError):

@@ -3,6 +3,7 @@
   builtin:lm | builtin:numbers   SYNTHETIC data generated in-process        (sources/builtin.py)
   text:<path or glob>            local text files, LM documents             (sources/local.py)
   parallel:<prefix>              local line-aligned translation files       (sources/local.py)
+  jsonl:<path or glob>           local prompt/response instruction data     (sources/local.py)
   tfds:<name>[/<config>]         a prepared TFDS ArrayRecord dataset        (sources/tfds.py)
 
 A factory is `(spec, arg, config, data_dir) -> Source` (sources/base.py); adding a source is one module with a
@@ -14,7 +15,7 @@ from typing import Any
 
 from jaxformer.data.errors import DataError, DataFileNotFoundError
 from jaxformer.data.sources import builtin, local, tfds
-from jaxformer.data.sources.base import (Example, ListSplit, Source, SourceFactory, Split, SPLIT_ALIASES,
+from jaxformer.data.sources.base import (Example, Instruction, ListSplit, Source, SourceFactory, Split, SPLIT_ALIASES,
                                          data_dir_for)
 from jaxformer.data.sources.builtin import (NUMBER_SPLITS, SyntheticLanguage, builtin_lm_entropy, number_to_words,
                                             synthetic_language)
@@ -25,6 +26,7 @@ SOURCES: dict[str, SourceFactory] = {
     'builtin': builtin.make_source,
     'text': local.make_text_source,
     'parallel': local.make_parallel_source,
+    'jsonl': local.make_jsonl_source,
     'tfds': tfds.make_source,
 }
 
@@ -38,5 +40,5 @@ def get_source(config: Any, workdir: str) -> Source:
   if kind not in SOURCES:
     raise DataError(
         f'data.source={spec!r} is not a valid source; use builtin:lm, builtin:numbers, text:<path or glob>, '
-        'parallel:<prefix> or tfds:<name>[/<config>].')
+        'parallel:<prefix>, jsonl:<path or glob> or tfds:<name>[/<config>].')
   return SOURCES[kind](spec, arg, config, data_dir_for(config, workdir))

@@ -1,17 +1,25 @@
 """The interface every source implements: a `Source` of named `Split`s, each a random-access list of examples.
 
-An example is a `str` (a text source) or a `(source, target)` pair of `str` (a translation source). The pipeline
-only ever sees this interface, so shuffling, per-host sharding and exact resumption are the same code for all
-sources.
+An example is a `str` (a text source, kind 'text'), a `(source, target)` pair of `str` (a translation source,
+kind 'pairs') or an `Instruction(prompt, response)` (kind 'instructions'; also a pair, so encoder_decoder reads it
+as one, while decoder_only scores only its response). The pipeline only ever sees this interface, so shuffling,
+per-host sharding and exact resumption are the same code for all sources.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from jaxformer.data.errors import DataError
 
-Example = Any  # str | tuple[str, str]
+Example = Any  # str | tuple[str, str] | Instruction
+
+
+class Instruction(NamedTuple):
+  """An instruction example: the model is trained to produce `response` after `prompt`."""
+  prompt: str
+  response: str
+
 
 # How a split name finds its files (local sources) after the exact name.
 SPLIT_ALIASES = {
@@ -48,9 +56,11 @@ class ListSplit(Split):
 
 
 class Source:
-  """A data source: `kind` is 'text' (LM documents) or 'pairs' ((source, target) translation pairs).
+  """A data source: `kind` is 'text' (LM documents), 'pairs' ((source, target) translation pairs) or
+  'instructions' (Instruction examples).
 
-  `splits` maps a split name to a Split or to a zero-argument callable making it on first use.
+  `splits` maps a split name to a Split or to a zero-argument callable making it on first use; `description` is
+  a human-readable name for logs.
   """
 
   def __init__(self, spec: str, kind: str, splits: dict[str, Split | Callable[[], Split]], description: str = ''):
@@ -58,10 +68,6 @@ class Source:
     self.kind = kind
     self._splits = splits
     self.description = description
-
-  @property
-  def split_names(self) -> list[str]:
-    return list(self._splits)
 
   def split(self, name: str) -> Split:
     if name not in self._splits:

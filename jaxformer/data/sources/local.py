@@ -1,4 +1,4 @@
-"""Local files: text:<path or glob> (LM documents) and parallel:<prefix> (line-aligned translation pairs).
+"""Local files: text: (LM documents), parallel: (line-aligned translation pairs), jsonl: (instruction data).
 
   text:<path or glob>      data.text_unit='file' (default): each file is one document (nanoGPT's view of
                            tinyshakespeare); a long document is cut at line ends into examples of about
@@ -13,10 +13,15 @@
                            aliases in SPLIT_ALIASES (validation -> val, valid, dev); then a unique `<alias>*` glob,
                            so `test` finds Multi30k's `test_2016_flickr`. Set data.eval_split/test_split to an exact
                            stem (e.g. test_2017_flickr) to pick another.
+  jsonl:<path or glob>     instruction data: one JSON object per line with a prompt and a response field
+                           (data.prompt_key / data.response_key); blank lines are skipped, any other line that is
+                           not such an object is an error naming file:line. Splits as for text (`{split}` in the
+                           path, or the first 90% / last 10% of the examples).
 
-Both are converted ONCE into a TFDS ArrayRecord dataset named `jaxformer_text_<hash>` / `jaxformer_parallel_<hash>`
-in the data dir (the hash covers the resolved file paths, sizes and mtimes, the split mapping and the languages,
-so changed files give a new dataset) and then read like any TFDS dataset (sources/tfds.py).
+All three are converted ONCE into a TFDS ArrayRecord dataset named `jaxformer_text_<hash>` /
+`jaxformer_parallel_<hash>` / `jaxformer_jsonl_<hash>` in the data dir (the hash covers the resolved file paths,
+sizes and mtimes, the split mapping and the languages or field names, so changed files give a new dataset) and
+then read like any TFDS dataset (sources/tfds.py).
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ import gzip
 import hashlib
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from jaxformer.data.errors import DataError, DataFileNotFoundError
 from jaxformer.data.sources.base import Source, config_splits, split_candidates
@@ -141,30 +146,34 @@ def _text_examples(paths: Sequence[str], unit: str) -> list[str]:
   return [c for p in paths for c in chunks(read_file(p))]
 
 
-def _fraction_splits(spec: str, paths: list[str], unit: str) -> dict[str, Any]:
-  """train / validation factories for a path without {split}: the first / last 10% (see the module doc)."""
-  if unit == 'file' and len(paths) == 1:
-    def part(train: bool):
-      def make():
-        text = read_file(paths[0])
-        if not text.strip():
-          raise DataError(f'data.source={spec!r}: {paths[0]} holds no text; check the file.')
-        cut = int(len(text) * TEXT_SPLIT_FRACTION)
-        return chunks(text[:cut] if train else text[cut:])
-      return make
-  else:
-    cache = []
+def _fraction_splits(spec: str, paths: list[str], read: Callable[[Sequence[str]], list[Any]]) -> dict[str, Any]:
+  """train / validation factories for a path without {split}: the first 90% / last 10% of the examples `read`
+  gets from the files (read once, on first use)."""
+  cache = []
 
-    def part(train: bool):
-      def make():
-        if not cache:
-          cache.append(_text_examples(paths, unit))
-          if not cache[0]:
-            raise DataError(f'data.source={spec!r}: {", ".join(paths[:3])} holds no non-empty text; check it.')
-        ex = cache[0]
-        cut = max(1, int(len(ex) * TEXT_SPLIT_FRACTION))
-        return ex[:cut] if train else ex[cut:]
-      return make
+  def part(train: bool):
+    def make():
+      if not cache:
+        cache.append(read(paths))
+        if not cache[0]:
+          raise DataError(f'data.source={spec!r}: {", ".join(paths[:3])} holds no non-empty text; check it.')
+      ex = cache[0]
+      cut = max(1, int(len(ex) * TEXT_SPLIT_FRACTION))
+      return ex[:cut] if train else ex[cut:]
+    return make
+  return {'train': part(True), 'validation': part(False)}
+
+
+def _character_splits(spec: str, path: str) -> dict[str, Any]:
+  """One file, text_unit=file: the first 90% / last 10% of its characters (exactly nanoGPT's Shakespeare split)."""
+  def part(train: bool):
+    def make():
+      text = read_file(path)
+      if not text.strip():
+        raise DataError(f'data.source={spec!r}: {path} holds no text; check the file.')
+      cut = int(len(text) * TEXT_SPLIT_FRACTION)
+      return chunks(text[:cut] if train else text[cut:])
+    return make
   return {'train': part(True), 'validation': part(False)}
 
 
@@ -179,7 +188,10 @@ def make_text_source(spec: str, pattern: str, config: Any, data_dir: str) -> Sou
   else:
     paths = expand(spec, pattern)
     ids = {'all': [file_id(p) for p in paths], 'fraction': TEXT_SPLIT_FRACTION}
-    generators = _fraction_splits(spec, paths, unit)
+    if unit == 'file' and len(paths) == 1:
+      generators = _character_splits(spec, paths[0])
+    else:
+      generators = _fraction_splits(spec, paths, functools.partial(_text_examples, unit=unit))
   name = 'jaxformer_text_' + fingerprint([FORMAT, 'text', unit, TEXT_CHUNK_CHARS, ids])
   description = f'text source {spec} (text_unit={unit})'
   build_array_record(name, data_dir, ('text',),
@@ -238,3 +250,50 @@ def make_parallel_source(spec: str, prefix: str, config: Any, data_dir: str) -> 
   description = f'parallel source {spec} ({src}->{tgt})'
   build_array_record(name, data_dir, (src, tgt), {s: reader(ps) for s, ps in files.items()}, description)
   return open_array_record(spec, 'pairs', name, data_dir, (src, tgt), description)
+
+
+# ----------------------------------------------------------------------------------------------------- jsonl:
+
+
+def _instructions(paths: Sequence[str], prompt_key: str, response_key: str) -> list[tuple[str, str]]:
+  """(prompt, response) of every non-blank line; DataError naming file:line for a line that is not such an object."""
+  out = []
+  for path in paths:
+    for number, line in enumerate(read_lines(path), start=1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f'{path}:{number}: not valid JSON ({e.msg}); each line must be one JSON object with '
+                        f'{prompt_key!r} and {response_key!r} fields.') from None
+      if not isinstance(record, dict):
+        raise DataError(f'{path}:{number}: a JSON {type(record).__name__}, not an object; each line must be one '
+                        f'JSON object with {prompt_key!r} and {response_key!r} fields.')
+      for key, setting in ((prompt_key, 'data.prompt_key'), (response_key, 'data.response_key')):
+        if key not in record:
+          raise DataError(f'{path}:{number}: no {key!r} field (the line has: {", ".join(map(str, record)) or "none"}); '
+                          f'add it, or set {setting} to the field that holds it.')
+        if not isinstance(record[key], str):
+          raise DataError(f'{path}:{number}: field {key!r} is a JSON {type(record[key]).__name__}, not a string.')
+      out.append((record[prompt_key], record[response_key]))
+  return out
+
+
+def make_jsonl_source(spec: str, pattern: str, config: Any, data_dir: str) -> Source:
+  keys = (str(config.data.get('prompt_key', 'prompt')), str(config.data.get('response_key', 'response')))
+  read = functools.partial(_instructions, prompt_key=keys[0], response_key=keys[1])
+  if '{split}' in pattern:
+    files = files_per_split(spec, pattern, config)
+    ids = {s: [file_id(p) for p in ps] for s, ps in files.items()}
+    generators = {s: functools.partial(read, ps) for s, ps in files.items()}
+  else:
+    paths = expand(spec, pattern)
+    ids = {'all': [file_id(p) for p in paths], 'fraction': TEXT_SPLIT_FRACTION}
+    generators = _fraction_splits(spec, paths, read)
+  name = 'jaxformer_jsonl_' + fingerprint([FORMAT, 'jsonl', keys, ids])
+  description = f'jsonl source {spec} ({keys[0]} -> {keys[1]})'
+  features = ('prompt', 'response')
+  records = {s: (lambda make=make: (dict(zip(features, ex)) for ex in make())) for s, make in generators.items()}
+  build_array_record(name, data_dir, features, records, description)
+  return open_array_record(spec, 'instructions', name, data_dir, features, description)

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from jaxformer.data.errors import DataError
-from jaxformer.data.sources.base import Example, ListSplit, Source, Split
+from jaxformer.data.sources.base import Example, Instruction, ListSplit, Source, Split
 
 BUILDER_VERSION = '1.0.0'
 
@@ -30,13 +30,17 @@ def import_tfds():
   return tfds
 
 
+# How the text features of a record (in `keys` order) become an example, per source kind.
+_EXAMPLE = {'text': lambda values: values[0], 'pairs': tuple, 'instructions': lambda values: Instruction(*values)}
+
+
 class TfdsSplit(Split):
   """A split of a TFDS ArrayRecord data source; decodes bytes features to str."""
 
   def __init__(self, name: str, data_source: Any, kind: str, keys: tuple[str, ...]):
     self.name = name
     self._ds = data_source
-    self._kind = kind
+    self._example = _EXAMPLE[kind]
     self._keys = keys
     self._len = len(data_source)
     self._fast = None  # None: not tried yet; False: the records are not plain text features
@@ -54,15 +58,12 @@ class TfdsSplit(Split):
       try:
         values = [_parse_text_features(r, self._keys) for r in raw.__getitems__(indices)]
         self._fast = True
-        return [v[0] for v in values] if self._kind == 'text' else [tuple(v) for v in values]
+        return [self._example(v) for v in values]
       except Exception:  # pylint: disable=broad-except
         if self._fast:
           raise
         self._fast = False
-    records = self._ds.__getitems__(indices)
-    if self._kind == 'text':
-      return [_to_str(r[self._keys[0]]) for r in records]
-    return [(_to_str(r[self._keys[0]]), _to_str(r[self._keys[1]])) for r in records]
+    return [self._example([_to_str(r[key]) for key in self._keys]) for r in self._ds.__getitems__(indices)]
 
 
 def _parse_text_features(record: bytes, keys: tuple[str, ...]) -> list[str]:
@@ -164,7 +165,8 @@ def make_source(spec: str, name: str, config: Any, data_dir: str) -> Source:
   sources, info = open_tfds(spec, name, data_dir)
   kind, keys = _tfds_kind(spec, info.features, config)
   splits = {str(k): TfdsSplit(str(k), v, kind, keys) for k, v in sources.items()}
-  return Source(spec, kind, _SlicedSplits(splits, name, data_dir, kind, keys), description=f'TFDS {name} from {data_dir}')
+  return Source(spec, kind, _SlicedSplits(splits, name, data_dir, kind, keys),
+                description=f'TFDS {name} from {data_dir}')
 
 
 # ------------------------------------------------------------------------- writing local files as ArrayRecord
