@@ -13,8 +13,9 @@ from jaxformer.model import build_model, layout_convert
 from jaxformer.training import checkpoint, optimizer, step
 from test_model import L, tiny_config, tokens
 
-# (arch, position, norm_position): every arch, pre- and post-LN, GQA (rope: 1 kv head, learned: 2 of 4 heads)
-CASES = [('encoder_only', 'learned', 'post'), ('decoder_only', 'rope', 'pre'), ('encoder_decoder', 'sinusoidal', 'post')]
+# (arch, position, norm_position): every arch, pre- and post-LN, GQA (rope: 1 kv head, learned: 2 of 4 heads), T5's
+# relative position bias (computed once per stack, shared by the scanned layers)
+CASES = [('encoder_only', 'learned', 'post'), ('decoder_only', 'rope', 'pre'), ('encoder_decoder', 'relative', 'post')]
 ATOL = 2e-5
 
 
@@ -65,7 +66,7 @@ def test_scanned_decoding_equals_unrolled_with_every_method():
 
 def test_scanned_kv_cache_equals_unrolled_encoder_decoder():
   """Prefill + two cached steps: self-attention cache and cross-attention keys/values stacked along layers."""
-  unrolled, scanned = pair('encoder_decoder', 'sinusoidal', 'post')
+  unrolled, scanned = pair('encoder_decoder', 'relative', 'post')
   src, tgt = inputs('encoder_decoder', seed=2)
   caches = [m.init_cache(2, L, src_tokens=src) for m in (unrolled, scanned)]
   assert caches[1]['self']['k'].shape[:2] == caches[1]['cross']['k'].shape[:2] == (2, 2)  # [B, layers, ...]
