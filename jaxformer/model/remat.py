@@ -11,8 +11,8 @@ is always kept. From most memory / least compute to least memory / most compute:
   projections  keep the matmul outputs without batch dimensions (q/k/v/out projections, MLP in/out), recompute
                attention scores and softmax too (MaxText's 'minimal'): drops the [B,N,T,T] tensors, the biggest
                saving at long sequence lengths, for the cost of recomputing attention.
-  block        keep only each block's input and recompute the whole block in the backward pass (~1 extra forward
-               pass, ~+30% step time; activation memory ~ layers x one [B,T,D] tensor). The historical 'block'.
+  block        keep only each block's input and recompute the whole block in the backward pass (one extra forward
+               pass of the blocks: ~+1/3 of their FLOPs; activation memory ~ layers x one [B,T,D] tensor).
   full         the same policy as block, under MaxText's name for it.
 
 Decoding (a KV cache is given) never rematerialises. Use `benchmarks/remat_memory.py` to see the peak memory of
