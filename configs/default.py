@@ -42,8 +42,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.head_dim = -1  # per-head width; -1 = d_model // num_heads (T5's d_kv may differ)
   model.attention_scale = -1.0  # query-key logit scale; -1 = head_dim ** -0.5; T5: 1.0 (no scaling)
   model.qkv_bias = False  # biases on the query/key/value projections even when use_bias=False (Qwen2)
-  # the token id that means padding when no segment ids are given (and in decoding); -1 = none: every id is a
-  # real token (GPT-2 / Llama checkpoints, whose id 0 is a word). T5's decoder start token (its pad id) stays real.
+  # the token id that means padding when no segment ids are given (and in decoding's source); -1 = none: every id
+  # is a real token (GPT-2 / Llama, whose id 0 is a word). Decoder tokens fed by decoding are always real.
   model.pad_id = 0
   model.type_vocab_size = 0  # token-type (segment) embeddings; BERT: 2; 0 = none (token_type_ids default to 0)
   model.embed_norm = False  # norm (model.norm) over token + type + position embeddings before the blocks (BERT)

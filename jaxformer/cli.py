@@ -32,12 +32,7 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   spec = importlib.util.spec_from_file_location('_jaxformer_recipe', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  if not arg:
-    return module.get_config()
-  try:
-    return module.get_config(arg)
-  except ValueError as e:  # the recipe rejects the variant (configs/default.apply_variant): the user's input
-    raise UserError(f'--config={path}:{arg}: {e}') from None
+  return module.get_config(arg) if arg else module.get_config()
 
 
 def leaf_keys(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
@@ -88,10 +83,10 @@ def check_overrides(argv: Sequence[str], flag: str = 'config') -> None:
     return
   try:
     config = load_config_file(path)
-  except UserError as e:
-    fail(e)
   except FileNotFoundError as e:
     fail(UserError(str(e)))
+  except ValueError as e:  # the recipe rejects its argument (configs/default.apply_variant): the user's input
+    fail(UserError(f'--config={path}: {e}'))
   message = unknown_override(config, argv, flag)
   if message:
     fail(UserError(message))

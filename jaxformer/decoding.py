@@ -6,8 +6,12 @@ encoder_decoder (its keys/values live in the cache). The model is split with `nn
 jit *arguments*: sharded parameters stay sharded, and new weights do not recompile.
 
 The model contract (see jaxformer/model): `init_cache(batch, max_len, *, encoded=None, src_tokens=None)`,
-`decode_step(tokens [B, T], cache) -> (logits [B, T, V], cache)` (pure; positions continue from the cache),
-`encode(src_tokens) -> [B, S, D]` for encoder_decoder.
+`decode_step(tokens [B, T], cache, *, valid=None) -> (logits [B, T, V], cache)` (pure; positions continue from
+the cache; valid [B, T] bool says which tokens are real), `encode(src_tokens) -> [B, S, D]` for encoder_decoder.
+
+Every token fed to the decoder is real, whatever its id: prompt tokens, and generated ones even if they equal the
+pad id (a T5 model can generate its pad id 0 and then attends to it, as in Hugging Face's generate). Only the
+padding written after a row is done is not; the source keeps the model's pad_id mask.
 
 Prompts of different lengths are right-padded with 0 and passed with their lengths. The prefill covers the
 shortest prompt; longer prompts are fed one token per step with their own tokens forced (t5x-style), so every row
@@ -122,7 +126,7 @@ def _start(model, prompt, src_tokens, total_len: int, prefill_len: int):
     cache = model.init_cache(batch, total_len, encoded=encoded, src_tokens=src_tokens)
   else:
     cache = model.init_cache(batch, total_len)
-  logits, cache = model.decode_step(prompt[:, :prefill_len], cache)
+  logits, cache = model.decode_step(prompt[:, :prefill_len], cache, valid=jnp.ones((batch, prefill_len), bool))
   return logits[:, -1].astype(jnp.float32), cache
 
 
@@ -189,7 +193,7 @@ def _sample_or_greedy(graphdef, state, prompt, prompt_lengths, src_tokens, rng, 
     token = jnp.where(s.done, PAD_ID, token)
     seqs = jax.lax.dynamic_update_index_in_dim(s.seqs, token, s.index, axis=1)
     done = s.done | ((token == settings.eos_id) & ~forced) | (s.index + 1 >= prompt_lengths + max_new)
-    logits, cache = model.decode_step(token[:, None], s.cache)
+    logits, cache = model.decode_step(token[:, None], s.cache, valid=~s.done[:, None])
     return SamplingState(index=s.index + 1, seqs=seqs, logits=logits[:, 0].astype(jnp.float32), cache=cache,
                          done=done)
 
@@ -273,7 +277,8 @@ def _beam_search(graphdef, state, prompt, prompt_lengths, src_tokens, *, setting
 
     flat_parents = (jnp.arange(batch)[:, None] * beam + parents).reshape(-1)
     cache = jax.tree.map(lambda x: x[flat_parents] if x.ndim else x, s.cache)
-    logits, cache = model.decode_step(tokens.reshape(batch * beam, 1), cache)
+    logits, cache = model.decode_step(tokens.reshape(batch * beam, 1), cache,
+                                      valid=jnp.ones((batch * beam, 1), bool))
     logits = logits[:, 0].astype(jnp.float32).reshape(batch, beam, vocab)
     return BeamState(index=index + 1, live_seqs=new_live_seqs, live_logprobs=alive_logprobs,
                      finished_seqs=finished_seqs, finished_scores=finished_scores, finished_flags=finished_flags,
@@ -301,7 +306,11 @@ def _greedy_without_cache(graphdef, state, prompt, prompt_lengths, src_tokens, *
 
   def body(index, carry):
     seqs, done = carry
-    logits = model(src_tokens, seqs) if src_tokens is not None else model(seqs)  # the whole buffer, every step
+    real = jnp.ones_like(seqs)  # every decoder token is real (the buffer after `index` is the future: causal)
+    if src_tokens is not None:  # the whole buffer, every step
+      logits = model(src_tokens, seqs, tgt_segment_ids=real)
+    else:
+      logits = model(seqs, segment_ids=real)
     token = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, index - 1, axis=1, keepdims=False), axis=-1)
     forced, forced_token = _forced(seqs, prompt_lengths, index, max_new)
     token = jnp.where(done, PAD_ID, jnp.where(forced, forced_token, token).astype(jnp.int32))

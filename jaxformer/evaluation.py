@@ -220,7 +220,7 @@ def restore(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step:
   saved = ckpt_lib.saved_config(workdir, checkpoint_step if checkpoint_step is not None else steps[-1])
   config = resolve_config(config, saved, workdir, overrides)
   r = resolve(config, workdir, training=False, splits=[split_name(config, split)] if split else [])
-  model, step = ckpt_lib.restore_model(workdir, r.config, r.mesh, step=checkpoint_step)
+  model, step = ckpt_lib.restore_model(workdir, r.config, r.mesh, step=checkpoint_step, model_config=r.model)
   return Restored(r, model, step)
 
 

@@ -48,3 +48,31 @@ def test_data_sampling_is_checked_before_training():
   config.model.arch = 'encoder_decoder'
   with pytest.raises(ConfigError, match='random_windows.*encoder_decoder; use data.sampling=streams'):
     validate(config)
+
+
+@pytest.mark.parametrize('key,value,expected', [
+    ('head_dim', 0, r'model.head_dim=0 must be a positive integer'),
+    ('attention_scale', 0.0, r'model.attention_scale=0.0 must be > 0, or -1'),
+    ('pad_id', -2, r'model.pad_id=-2 must be a token id >= 0, or -1 for no padding token'),
+    ('type_vocab_size', -1, r'model.type_vocab_size=-1 must be a non-negative integer'),
+    ('relative_num_buckets', 2, r'model.relative_num_buckets=2 must be an integer >= 4'),
+    ('relative_max_distance', 8, r'model.relative_max_distance=8 must be an integer > relative_num_buckets / 2 = 16'),
+])
+def test_hf_feature_values_are_checked(key, value, expected):
+  from jaxformer.model import validate_model
+  with pytest.raises(ConfigError, match=expected):
+    validate_model(tiny_config(position='relative', **{key: value}))
+
+
+def test_head_dim_lifts_the_divisibility_rule_and_saved_configs_without_new_keys_load():
+  from configs import default
+  from jaxformer.config import ModelConfig, validate
+  assert ModelConfig.from_config(tiny_config(num_heads=3, num_kv_heads=1, head_dim=8)).head_dim == 8
+  config = default.get_config()  # a config saved before the Hugging Face features: their keys are missing
+  for key in ('head_dim', 'attention_scale', 'qkv_bias', 'pad_id', 'type_vocab_size', 'embed_norm', 'output_bias',
+              'output_scale', 'relative_num_buckets', 'relative_max_distance'):
+    del config.model[key]
+  del config.decode['eos_id'], config.decode['start_id']
+  validate(config)
+  cfg = ModelConfig.from_config(config.model)
+  assert (cfg.head_dim, cfg.pad_id, cfg.attention_scale, cfg.output_scale) == (32, 0, -1.0, 1.0)

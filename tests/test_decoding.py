@@ -42,7 +42,7 @@ class Bigram(nnx.Module):
       out = out + self.src_bias[...][src0][:, None]
     return out
 
-  def decode_step(self, tokens, cache):
+  def decode_step(self, tokens, cache, *, valid=None):
     return self._logits(tokens, cache.get('src0')), dict(cache, index=cache['index'] + tokens.shape[1])
 
   def __call__(self, *args, **kwargs):
@@ -130,9 +130,9 @@ def test_beam_search_and_greedy_stop_early_once_the_result_is_settled():
   calls = []
 
   class Counting(Bigram):
-    def decode_step(self, tokens, cache):
+    def decode_step(self, tokens, cache, *, valid=None):
       jax.debug.callback(lambda: calls.append(1))
-      return super().decode_step(tokens, cache)
+      return super().decode_step(tokens, cache, valid=valid)
 
   model = Counting(trap_table())
   settings = decoding.DecodeSettings(method='beam', beam_size=2, length_penalty=0.0, max_len=50)
@@ -306,8 +306,10 @@ def make_forward(model):
 
   @jax.jit
   def forward(state, tokens, src):
+    """Every decoder token is real, whatever its id (decoding's rule, as Hugging Face's generate)."""
     m = nnx.merge(graphdef, state)
-    return m(src, tokens) if src is not None else m(tokens)
+    real = jnp.ones_like(tokens)
+    return m(src, tokens, tgt_segment_ids=real) if src is not None else m(tokens, segment_ids=real)
 
   return lambda tokens, src=None: np.asarray(forward(state, jnp.asarray(tokens), src))
 

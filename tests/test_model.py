@@ -261,12 +261,13 @@ def test_reference_and_xla_attention_give_the_same_model():
   np.testing.assert_allclose(a, b, atol=ATOL)
 
 
-def test_remat_gives_the_same_loss_and_gradients():
+@pytest.mark.parametrize('position', ['rope', 'relative'])  # relative: the shared bias goes through the remat
+def test_remat_gives_the_same_loss_and_gradients(position):
   rng = np.random.default_rng(6)
   src, tgt = tokens(rng, 2, L), tokens(rng, 2, L)
 
   def loss_and_grads(remat):
-    model = build_model(tiny_config('encoder_decoder', 'rope', remat=remat, dropout=0.1), rngs=nnx.Rngs(0))
+    model = build_model(tiny_config('encoder_decoder', position, remat=remat, dropout=0.1), rngs=nnx.Rngs(0))
     loss = lambda m: jnp.mean(jax.nn.log_softmax(m(src, tgt, deterministic=False))[..., 5])
     return nnx.jit(nnx.value_and_grad(loss))(model)
 

@@ -320,3 +320,20 @@ def test_t5_v1_0_tied_rescaled_relu():
   src = jnp.array([[5, 6, 7, 8, 9, 0], [10, 11, 12, 0, 0, 0]])
   got = decoding.greedy(model, src_tokens=src, max_new_tokens=6, start_id=0)
   np.testing.assert_array_equal(got, full_forward_greedy(model, [[0], [0]], 6, src=src))
+
+
+def test_every_decoder_token_is_real_in_decoding():
+  """T5 (pad_id=0) attends to a decoder token 0 after the start, as Hugging Face's generate does for a generated
+  pad id: decoder prompts with an inner 0 (fed through the same loop step as generated tokens, the longer row one
+  token at a time) decode exactly as the full forward over all-real decoder tokens."""
+  from jaxformer import decoding
+  from test_decoding import full_forward_greedy
+  model = build_model(_t5_config(mlp='relu'), rngs=nnx.Rngs(1))
+  src = jnp.array([[5, 6, 7, 8, 9, 0], [10, 11, 12, 0, 0, 0]])
+  prompts = [[0, 13, 0, 14], [0, 0]]
+  tokens, lengths = decoding.pad_prompts(prompts)
+  got = decoding.greedy(model, tokens, prompt_lengths=lengths, src_tokens=src, max_new_tokens=3)
+  np.testing.assert_array_equal(got, full_forward_greedy(model, prompts, 3, src=src))
+  tgt = jnp.array(prompts[:1])  # masking the inner 0 (the default for a forward call) would give other logits
+  assert np.abs(np.asarray(model(src[:1], tgt)) - np.asarray(model(src[:1], tgt, tgt_segment_ids=jnp.ones_like(tgt)))
+                ).max() > 1e-4

@@ -48,7 +48,7 @@ class ModelConfig:
   head_dim: int = -1  # per-head width; -1 = d_model // num_heads (T5 and some Llamas set it apart)
   attention_scale: float = -1.0  # query-key logit scale; -1 = head_dim ** -0.5, T5 uses 1.0 (no scaling)
   qkv_bias: bool = False  # biases on the query/key/value projections even when use_bias is off (Qwen2)
-  pad_id: int = 0  # the padding token of default segment ids and decoding; -1 = none (GPT-2, Llama: 0 is a token)
+  pad_id: int = 0  # the padding token of default segment ids (and decoding's source); -1 = none (GPT-2, Llama)
   type_vocab_size: int = 0  # token-type (segment A/B) embeddings, BERT: 2; 0 = none
   embed_norm: bool = False  # a norm over the summed embeddings before the first block (BERT)
   output_bias: bool = False  # a bias [vocab] on the output logits (BERT's MLM decoder bias)

@@ -244,17 +244,19 @@ class _Model(nnx.Module):
     return {'index': jnp.zeros((batch_size,), jnp.int32), 'valid': jnp.zeros((batch_size, max_len), bool),
             'self': stack.empty_cache(shape, jnp.dtype(cfg.dtype))}
 
-  def _decode(self, stack: Stack, tokens: Array, cache: dict[str, Any], *, start_is_real: bool = False,
-              cross_kv: tuple | None = None) -> tuple[Array, dict[str, Any]]:
+  def _decode(self, stack: Stack, tokens: Array, cache: dict[str, Any], valid: Array | None, *,
+              start_is_real: bool = False, cross_kv: tuple | None = None) -> tuple[Array, dict[str, Any]]:
     """Runs T new tokens through `stack` against the cache; positions continue from cache['index'].
-    start_is_real: the token at position 0 is real even if it is the pad id. cross_kv: per-layer encoder
-    keys/values (their padding is cache['src_valid'])."""
+    valid [B,T]: which tokens are real; None = those that are not model.pad_id (and, with start_is_real, the token
+    at position 0). cross_kv: per-layer encoder keys/values (their padding is cache['src_valid'])."""
     index = cache['index']
     t, max_len = tokens.shape[1], cache['valid'].shape[1]
     positions = index[:, None] + jnp.arange(t, dtype=jnp.int32)  # [B,T]
-    real = real_tokens(tokens, self.config.pad_id)
-    if start_is_real:
-      real = real | (positions == 0)
+    if valid is None:
+      real = real_tokens(tokens, self.config.pad_id)
+      real = real | (positions == 0) if start_is_real else real
+    else:
+      real = jnp.asarray(valid, bool)
     cross = {}
     if cross_kv is not None:
       cross = {'cross_kv': cross_kv, 'cross_mask': (real[:, :, None] & cache['src_valid'][:, None, :])[:, None]}
@@ -307,8 +309,10 @@ class DecoderOnly(_Model):
     (model.scan_layers: 'self' is one {'k','v'} [B,layers,L,K,H]; batch leads every leaf either way)."""
     return self._empty_cache(self.decoder, batch_size, max_len)
 
-  def decode_step(self, tokens: Array, cache: dict[str, Any]) -> tuple[Array, dict[str, Any]]:
-    return self._decode(self.decoder, tokens, cache)
+  def decode_step(self, tokens: Array, cache: dict[str, Any], *,
+                  valid: Array | None = None) -> tuple[Array, dict[str, Any]]:
+    """tokens [B,T] -> (logits [B,T,V], cache). valid [B,T] bool: real tokens (default: not model.pad_id)."""
+    return self._decode(self.decoder, tokens, cache, valid)
 
 
 class EncoderDecoder(_Model):
@@ -351,12 +355,16 @@ class EncoderDecoder(_Model):
     if encoded is None:
       encoded = self.encode(src_tokens)
     cache = self._empty_cache(self.decoder, batch_size, max_len)
-    return {**cache, 'cross': self.decoder.cross_cache(encoded), 'src_valid': real_tokens(src_tokens, self.config.pad_id)}
+    return {**cache, 'cross': self.decoder.cross_cache(encoded),
+            'src_valid': real_tokens(src_tokens, self.config.pad_id)}
 
-  def decode_step(self, tokens: Array, cache: dict[str, Any]) -> tuple[Array, dict[str, Any]]:
+  def decode_step(self, tokens: Array, cache: dict[str, Any], *,
+                  valid: Array | None = None) -> tuple[Array, dict[str, Any]]:
+    """tokens [B,T] -> (logits [B,T,V], cache). valid [B,T] bool: real tokens (default: not model.pad_id, and
+    position 0 always: T5's start token is its pad id)."""
     cross = cache['cross']
     cross_kv = (cross['k'], cross['v']) if self.decoder.scanned else tuple((c['k'], c['v']) for c in cross)
-    return self._decode(self.decoder, tokens, cache, start_is_real=True, cross_kv=cross_kv)
+    return self._decode(self.decoder, tokens, cache, valid, start_is_real=True, cross_kv=cross_kv)
 
 
 # model.arch

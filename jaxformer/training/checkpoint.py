@@ -332,10 +332,12 @@ def saved_config(workdir: str, step: int | None = None) -> dict | None:
     return json.load(f)
 
 
-def restore_model(workdir: str, config, mesh, step: int | None = None) -> tuple[nnx.Module, int]:
+def restore_model(workdir: str, config, mesh, step: int | None = None,
+                  model_config: Any = None) -> tuple[nnx.Module, int]:
   """(model, step): the parameters of `step` (default: the newest readable one) sharded onto `mesh`.
 
   `config` is the run's config; model.vocab_size 0 is read from DIR/config.json. Only the params item is read.
+  model_config: the run's ModelConfig when the caller has one (jaxformer.resolve builds it once).
   """
   config = ml_collections.ConfigDict(config.to_dict() if hasattr(config, 'to_dict') else config)
   if not config.model.vocab_size:
@@ -346,7 +348,7 @@ def restore_model(workdir: str, config, mesh, step: int | None = None) -> tuple[
                             'pass the config the run was trained with.')
     config.model.vocab_size = int(vocab)
   rules = shd.rules_from_config(config)
-  abstract_model = nnx.eval_shape(lambda: step_lib.build_model(config))
+  abstract_model = nnx.eval_shape(lambda: step_lib.build_model(config, model_config=model_config))
   graphdef, abs_params, abs_rest = step_lib.split_model(abstract_model)
   params_sh = shd.state_shardings(abs_params, mesh, rules)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_params, params_sh)
@@ -365,6 +367,6 @@ def restore_model(workdir: str, config, mesh, step: int | None = None) -> tuple[
   params = restored['params']
   replicated = NamedSharding(mesh, PartitionSpec())
   with shd.mesh_context(mesh, rules):
-    rest = jax.jit(lambda: step_lib.split_model(step_lib.build_model(config))[2],
+    rest = jax.jit(lambda: step_lib.split_model(step_lib.build_model(config, model_config=model_config))[2],
                    out_shardings=jax.tree.map(lambda _: replicated, abs_rest))()
   return nnx.merge(graphdef, params, rest), int(s)

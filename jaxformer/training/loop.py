@@ -230,7 +230,7 @@ class Trainer:
     tx, schedule = opt_lib.make_optimizer(config.train)
     if config.train.skip_bad_steps:  # a non-finite gradient leaves params and optimizer state as they were
       tx = optax.apply_if_finite(tx, max_consecutive_errors=2 ** 30)  # our bad-step guard decides when to stop
-    self.setup = step_lib.make_setup(config, r.mesh, tx, schedule)
+    self.setup = step_lib.make_setup(config, r.mesh, tx, schedule, model_config=r.model)
     self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.setup.abstract_state['params']))
     self._describe()
     self.checkpointer = ckpt_lib.Checkpointer(r.workdir, keep=config.checkpoint.keep,

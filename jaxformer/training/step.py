@@ -100,14 +100,15 @@ def compute_loss(model: nnx.Module, batch: Batch, config, *, deterministic: bool
 
 
 # ------------------------------------------------------------------------------------------------ train state
-def build_model(config, *, seed: int | None = None) -> nnx.Module:
+def build_model(config, *, seed: int | None = None, model_config: Any = None) -> nnx.Module:
   """The model with its `params` and `dropout` rng streams seeded from config.seed. Variables are created
   unsharded (eager sharding off): shardings are applied by the jitted init's out_shardings instead, which also
-  copes with dimensions the mesh cannot divide."""
+  copes with dimensions the mesh cannot divide. model_config: the run's ModelConfig when it has one (resolve
+  builds it once), else config.model."""
   from jaxformer.model import build_model as _build  # late import: the model package is optional for the tools
   seed = int(config.seed if seed is None else seed)
   with nnx.use_eager_sharding(False):
-    return _build(config.model, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+    return _build(config.model if model_config is None else model_config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
 
 
 def split_model(model: nnx.Module):
@@ -125,24 +126,25 @@ class TrainSetup:
   rules: tuple
   abstract_state: Any  # ShapeDtypeStruct tree (with .sharding) of the train state
   state_shardings: Any
+  model_config: Any = None  # the ModelConfig the model is built from (None: config.model)
 
   @property
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, PartitionSpec())
 
 
-def _init_state(config, tx) -> dict:
-  model = build_model(config)
+def _init_state(config, tx, model_config=None) -> dict:
+  model = build_model(config, model_config=model_config)
   _, params, rest = split_model(model)
   return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params), 'rngs': rest}
 
 
-def make_setup(config, mesh: Mesh, tx: optax.GradientTransformation, schedule) -> TrainSetup:
+def make_setup(config, mesh: Mesh, tx: optax.GradientTransformation, schedule, model_config: Any = None) -> TrainSetup:
   """Shapes and shardings of the train state, computed without allocating it (nnx.eval_shape / jax.eval_shape)."""
   rules = shd.rules_from_config(config)
-  abstract_model = nnx.eval_shape(lambda: build_model(config))
+  abstract_model = nnx.eval_shape(lambda: build_model(config, model_config=model_config))
   graphdef, abs_params, abs_rest = split_model(abstract_model)
-  abs_state = jax.eval_shape(functools.partial(_init_state, config, tx))
+  abs_state = jax.eval_shape(functools.partial(_init_state, config, tx, model_config))
   replicated = NamedSharding(mesh, PartitionSpec())
   params_sh = shd.state_shardings(abs_params, mesh, rules)
   shardings = {
@@ -152,13 +154,14 @@ def make_setup(config, mesh: Mesh, tx: optax.GradientTransformation, schedule) -
       'rngs': jax.tree.map(lambda _: replicated, abs_state['rngs']),
   }
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, shardings)
-  return TrainSetup(graphdef, tx, schedule, mesh, rules, abstract, shardings)
+  return TrainSetup(graphdef, tx, schedule, mesh, rules, abstract, shardings, model_config)
 
 
 def init_state(config, setup: TrainSetup) -> dict:
   """The train state created directly sharded: each device computes only its shards (jit + out_shardings)."""
   with shd.mesh_context(setup.mesh, setup.rules):
-    return jax.jit(functools.partial(_init_state, config, setup.tx), out_shardings=setup.state_shardings)()
+    return jax.jit(functools.partial(_init_state, config, setup.tx, setup.model_config),
+                   out_shardings=setup.state_shardings)()
 
 
 def merge_model(graphdef, params, rest) -> nnx.Module:
