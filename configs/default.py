@@ -124,6 +124,8 @@ def get_config() -> ml_collections.ConfigDict:
   checkpoint.every_steps = 500
   checkpoint.keep = 3
   checkpoint.async_save = True
+  # Start from pretrained parameters (step, optimizer and data start fresh): '' | hf:<dir> | a jaxformer workdir
+  checkpoint.init_from = ''
 
   # ----------------------------------------------------------------- mesh
   mesh = config.mesh = ml_collections.ConfigDict()

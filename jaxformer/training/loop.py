@@ -57,6 +57,7 @@ from jaxformer import resolve as resolve_lib  # a module, not its names: resolve
 from jaxformer import sharding as shd
 from jaxformer import user_errors
 from jaxformer.training import checkpoint as ckpt_lib
+from jaxformer.training import init_from
 from jaxformer.training import optimizer as opt_lib
 from jaxformer.training import step as step_lib
 from jaxformer.training.lock import WorkdirLock
@@ -245,6 +246,8 @@ class Trainer:
       _truncate_metrics(r.workdir, self.start)
     else:
       self.state, self.start = step_lib.init_state(config, self.setup), 0
+      if init_from.spec(config):  # a fresh run may start from pretrained parameters (step/optimizer/data fresh)
+        self.state = init_from.apply(config, self.setup, self.state)
       _fresh_metrics(r.workdir)
       self.log.first_row_extra = {'num_params': self.num_params, 'num_trainable_params': self.num_params}
     self.last_saved = self.start if restored is not None else -1
