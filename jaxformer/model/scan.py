@@ -72,8 +72,8 @@ class ScannedBlocks(nnx.Module):
           c, i, CACHE_LAYER_AXIS, keepdims=False), tree)
       x, layer_cache, layer_rest = layer(x, layer_params, layer_rest, at(stacked), at(cross_kv))
       if stacked is not None:
-        stacked = jax.tree.map(lambda c, u: jax.lax.dynamic_update_index_in_dim(c, u.astype(c.dtype), i,
-                                                                                 CACHE_LAYER_AXIS), stacked, layer_cache)
+        put = lambda c, u: jax.lax.dynamic_update_index_in_dim(c, u.astype(c.dtype), i, CACHE_LAYER_AXIS)
+        stacked = jax.tree.map(put, stacked, layer_cache)
       return (x, stacked), layer_rest
 
     (x, cache), rest = jax.lax.scan(body, (x, cache), (params, rest, jnp.arange(self.num_layers)))
