@@ -36,7 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.dtype = 'float32'  # compute dtype: float32 | bfloat16 | float16
   model.param_dtype = 'float32'  # storage dtype of parameters (the optimizer's master copy)
   model.attention_impl = 'auto'  # auto (cudnn flash on GPU for 16-bit inputs, else xla) | xla | cudnn | reference
-  model.remat = 'none'  # none | block: rematerialise each block in the backward pass
+  model.remat = 'none'  # none | dots | projections | block | full: what the backward pass recomputes (model/remat.py)
+  model.scan_layers = False  # one block body with parameters stacked along 'layers', run by lax.scan (model/scan.py)
   model.init_std = 0.02
   model.head_dim = -1  # per-head width; -1 = d_model // num_heads (T5's d_kv may differ)
   model.attention_scale = -1.0  # query-key logit scale; -1 = head_dim ** -0.5; T5: 1.0 (no scaling)
@@ -115,6 +116,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.eval_batch_size = 0  # 0 = train.batch_size
   train.max_bad_steps = 3  # stop after this many steps in a row with a non-finite loss or gradient norm
   train.skip_bad_steps = False  # True: a step with a non-finite gradient leaves params / optimizer state unchanged
+  # JAX's persistent compilation cache (reruns / resumes skip compiling); '' = off (jaxformer/compilation_cache.py)
+  train.compilation_cache_dir = '~/.cache/jaxformer/jax_cache'
 
   # ----------------------------------------------------------------- peft
   # Parameter-efficient fine-tuning (jaxformer/peft): which parameters train. Start from a pretrained model with
@@ -152,6 +155,7 @@ def get_config() -> ml_collections.ConfigDict:
       ('heads', 'tensor'),
       ('kv_heads', 'tensor'),
       ('kv', None),
+      ('layers', None),  # the stacked layer axis of model.scan_layers
   )
   mesh.distributed = 'auto'  # auto (initialize jax.distributed when the environment says so) | on | off
 

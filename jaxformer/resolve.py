@@ -18,7 +18,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from jaxformer import data as data_lib
+from jaxformer import compilation_cache, data as data_lib
 from jaxformer import sharding as shd
 from jaxformer.config import ConfigError, ModelConfig, validate
 from jaxformer.training import checkpoint as ckpt_lib
@@ -108,6 +108,7 @@ def checked_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   host_memory.keep_freed_memory()  # XLA:CPU's per-call temp buffers: no page faults every step
   shd.maybe_initialize_distributed(config)  # before anything touches a device
   validate(config)
+  compilation_cache.enable(config.train.get('compilation_cache_dir', compilation_cache.DEFAULT_DIR))  # pre-compile
   check_train_values(config)
   return config
 

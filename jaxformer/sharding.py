@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxformer.config import ConfigError
 from jaxformer.data.layout import DataLayout
+from jaxformer.logical import logical_to_spec  # defined there: the model constrains activations with it too
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 Rules = Sequence[tuple[str, Any]]
@@ -145,33 +146,6 @@ def mesh_context(mesh: Mesh, rules: Rules) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------------ logical -> mesh
-def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
-                    rules: Rules) -> PartitionSpec:
-  """PartitionSpec for an array with logical axis `names`.
-
-  Each mesh axis is used at most once (first dimension wins). If a dimension is not divisible by the product of
-  its mesh axes, trailing axes are dropped until it is (possibly to none: replicated).
-  """
-  if not names:
-    return PartitionSpec()
-  if len(names) != len(shape):
-    raise ValueError(f'logical axes {tuple(names)} do not match the array shape {tuple(shape)}.')
-  table = dict(rules)
-  used: set[str] = set()
-  spec = []
-  for name, size in zip(names, shape):
-    axes = table.get(name) if name is not None else None
-    if axes is None:
-      spec.append(None)
-      continue
-    axes = tuple(a for a in (axes if isinstance(axes, tuple) else (axes,)) if a not in used)
-    while axes and size % math.prod(mesh.shape[a] for a in axes):
-      axes = axes[:-1]
-    used.update(axes)
-    spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-  return PartitionSpec(*spec)
-
-
 def logical_to_sharding(names: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
                         rules: Rules) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))

@@ -15,7 +15,7 @@ from test_model import tiny_config
     ('mlp', 'reglu', 'model.mlp.*gelu, relu, swiglu'),
     ('dtype', 'float8', 'model.dtype.*float32, bfloat16, float16'),
     ('attention_impl', 'flash', 'model.attention_impl.*auto, xla, cudnn, reference'),
-    ('remat', 'full', 'model.remat.*none, block'),
+    ('remat', 'everything', 'model.remat.*none, dots, projections, block, full'),
 ])
 def test_unknown_choice_lists_the_valid_ones(key, value, expected):
   with pytest.raises(ConfigError, match=expected):

@@ -1,7 +1,7 @@
 """The model section of the config: validation against the model's registries, the resolved ModelConfig, and
 build_model (config -> model).
 
-Every choice is checked against the registry that implements it (ARCHS, NORM_POSITIONS and REMATS in
+Every choice is checked against the registry that implements it (ARCHS, NORM_POSITIONS and REMATS (remat.py) in
 transformer.py, POSITIONS in positions.py, NORMS, MLPS and DTYPES in layers.py, IMPLEMENTATIONS in attention.py),
 so a new entry there is accepted here with no second list to update.
 """
@@ -56,6 +56,7 @@ class ModelConfig:
   relative_max_distance: int = 128  # position=relative: distances beyond this share the last bucket
   output_scale: float = 1.0  # hidden states are multiplied by this before the output projection (T5 v1.0 tied:
                              # d_model ** -0.5)
+  scan_layers: bool = False
 
   def __post_init__(self):
     resolved = {'num_kv_heads': self.num_heads, 'num_decoder_layers': self.num_layers,

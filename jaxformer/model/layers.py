@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxformer import logical
+
 Array = jax.Array
 Initializer = Callable[[jax.Array, tuple[int, ...], Any], Array]
 
@@ -166,7 +168,10 @@ class Embed(nnx.Module):
                            jnp.dtype(cfg.param_dtype))
 
   def __call__(self, tokens: Array) -> Array:
-    return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+    # The lookup reads the table gathered over its 'embed' shards (FSDP), so the result can take the batch
+    # sharding; gathering from an embed-sharded table makes XLA replicate everything (logical.constrain).
+    table = logical.constrain(self.embedding[...], ('vocab', None))
+    return jnp.take(table, tokens, axis=0).astype(self.dtype)
 
   def attend(self, x: Array) -> Array:
     return matmul(x.astype(self.dtype), self.embedding[...].astype(self.dtype), transpose_w=True,

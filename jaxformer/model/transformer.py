@@ -19,8 +19,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxformer.model import layers, positions as positions_lib
+from jaxformer import logical
+from jaxformer.model import layers, positions as positions_lib, scan
 from jaxformer.model.attention import Attention
+from jaxformer.model.remat import REMATS  # model.remat's registry (remat.py), validated as transformer.REMATS
 
 if TYPE_CHECKING:  # annotations only: jaxformer.model.config imports this module for its registries
   from jaxformer.model.config import ModelConfig
@@ -104,11 +106,6 @@ def _block_forward(block: Block, x, mask, rope, bias, encoded, cross_mask, causa
                deterministic=deterministic)[0]
 
 
-# model.remat: how the backward pass gets a block's activations. none = stored by the forward pass; block =
-# recomputed from the block's input (memory for compute). Decoding (with a cache) never rematerialises.
-REMATS = {'none': None, 'block': nnx.remat(_block_forward, static_argnums=(7, 8))}
-
-
 class Stack(nnx.Module):
   """Positions [+ embedding norm] + `num_layers` blocks (+ final norm for pre-LN). The encoder, and both kinds of
   decoder. The embedding norm (model.embed_norm, BERT) normalises token + type + position embeddings."""
@@ -120,7 +117,11 @@ class Stack(nnx.Module):
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
     # GPT-2 init: each residual branch's output projection gets std / sqrt(number of residual sublayers).
     out_std = cfg.init_std / math.sqrt(num_layers * (3 if cross else 2))
-    self.blocks = nnx.List([Block(cfg, cross=cross, out_std=out_std, rngs=rngs) for _ in range(num_layers)])
+    make_block = lambda rngs: Block(cfg, cross=cross, out_std=out_std, rngs=rngs)
+    if cfg.scan_layers:  # one block body, variables stacked along 'layers' (scan.py)
+      self.blocks = scan.ScannedBlocks(make_block, num_layers, rngs=rngs)
+    else:
+      self.blocks = nnx.List([make_block(rngs) for _ in range(num_layers)])
     self.final_norm = layers.NORMS[cfg.norm](cfg, rngs=rngs) if cfg.norm_position == 'pre' else None
 
   def __call__(self, x: Array, positions: Array, mask: Array, *, encoded: Array | None = None,
@@ -133,28 +134,57 @@ class Stack(nnx.Module):
     x = self.positions.add(x, positions)
     if self.embed_norm is not None:
       x = self.embed_norm(x)
-    x = self.dropout(x, deterministic=deterministic)
+    x = logical.constrain(self.dropout(x, deterministic=deterministic), logical.HIDDEN)
     rope = self.positions.rotary(positions)
     # relative position bias [B,N,T,S]: once per stack, shared by every layer. With a cache, key slot s holds
     # position s (decoding writes each token at its position).
-    k_positions = positions if cache is None else jnp.arange(cache[0]['k'].shape[1], dtype=jnp.int32)[None]
+    k_positions = positions if cache is None else jnp.arange(self._cache_len(cache), dtype=jnp.int32)[None]
     bias = self.positions.bias(positions, k_positions, bidirectional=not self.causal)
+    if self.scanned:
+      x, new_cache = self.blocks(x, mask=mask, rope=rope, bias=bias, causal=self.causal, encoded=encoded,
+                                 cross_kv=cross_kv, cross_mask=cross_mask, cache=cache, cache_index=cache_index,
+                                 deterministic=deterministic, remat=self.remat)
+      return (x if self.final_norm is None else self.final_norm(x)), new_cache
     new_cache = []
-    remat_forward = REMATS[self.remat] if cache is None else None
+    remat = REMATS[self.remat] if cache is None else None
     for i, block in enumerate(self.blocks):
-      if remat_forward is not None:
-        x = remat_forward(block, x, mask, rope, bias, encoded, cross_mask, self.causal, deterministic)
+      if remat is not None:
+        x = nnx.remat(_block_forward, static_argnums=(7, 8), policy=remat.policy)(
+            block, x, mask, rope, bias, encoded, cross_mask, self.causal, deterministic)
+        x = logical.constrain(x, logical.HIDDEN)
         continue
       x, layer_cache = block(x, mask, rope=rope, bias=bias, causal=self.causal, encoded=encoded,
                              cross_kv=None if cross_kv is None else cross_kv[i], cross_mask=cross_mask,
                              cache=None if cache is None else cache[i], cache_index=cache_index,
                              deterministic=deterministic)
+      x = logical.constrain(x, logical.HIDDEN)
       new_cache.append(layer_cache)
     if self.final_norm is not None:
       x = self.final_norm(x)
     if prompt is not None:
       x = prompt.strip(x)
     return x, (tuple(new_cache) if cache is not None else None)
+
+  @property
+  def scanned(self) -> bool:
+    return isinstance(self.blocks, scan.ScannedBlocks)
+
+  def _cache_len(self, cache: Any) -> int:
+    k = cache['k'] if self.scanned else cache[0]['k']
+    return k.shape[scan.CACHE_LAYER_AXIS + 1 if self.scanned else 1]
+
+  def empty_cache(self, shape: tuple[int, ...], dtype: Any) -> Any:
+    """Zero self-attention keys/values [B,S,K,H] per layer: a tuple of {'k','v'}, or stacked [B,L,S,K,H]."""
+    if self.scanned:
+      return self.blocks.empty_cache(shape, dtype)
+    return tuple({'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)} for _ in self.blocks)
+
+  def cross_cache(self, encoded: Array) -> Any:
+    """Every layer's cross-attention keys/values of `encoded`: a tuple of {'k','v'}, or stacked [B,L,S,K,H]."""
+    if self.scanned:
+      k, v = self.blocks.stacked(lambda block: block.cross_attn.kv(encoded))
+      return {'k': k, 'v': v}
+    return tuple(dict(zip(('k', 'v'), block.cross_attn.kv(encoded))) for block in self.blocks)
 
 
 # ----------------------------------------------------------------------------------------------- heads
@@ -207,7 +237,8 @@ class _Model(nnx.Module):
     if self.config.output_scale != 1.0:
       h = h * self.config.output_scale
     logits = self.embed.attend(h) if self.unembed is None else self.unembed(h)
-    return logits if self.output_bias is None else logits + self.output_bias[...].astype(jnp.float32)
+    logits = logits if self.output_bias is None else logits + self.output_bias[...].astype(jnp.float32)
+    return logical.constrain(logits, logical.LOGITS)
 
   def _empty_cache(self, stack: Stack, batch_size: int, max_len: int) -> dict[str, Any]:
     cfg = self.config
@@ -215,9 +246,8 @@ class _Model(nnx.Module):
       raise ValueError(f'init_cache max_len={max_len} exceeds model.max_len={cfg.max_len}; raise model.max_len '
                        'or decode fewer tokens.')
     shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
-    zeros = lambda: jnp.zeros(shape, jnp.dtype(cfg.dtype))
     return {'index': jnp.zeros((batch_size,), jnp.int32), 'valid': jnp.zeros((batch_size, max_len), bool),
-            'self': tuple({'k': zeros(), 'v': zeros()} for _ in stack.blocks)}
+            'self': stack.empty_cache(shape, jnp.dtype(cfg.dtype))}
 
   def _decode(self, stack: Stack, tokens: Array, cache: dict[str, Any], valid: Array | None, *,
               start_is_real: bool = False, cross_kv: tuple | None = None) -> tuple[Array, dict[str, Any]]:
@@ -280,7 +310,8 @@ class DecoderOnly(_Model):
 
   def init_cache(self, batch_size: int, max_len: int, *, encoded: Array | None = None,
                  src_tokens: Array | None = None) -> dict[str, Any]:
-    """{'index' [B], 'valid' [B,L] (key slots holding a real token), 'self': per layer {'k','v'} [B,L,K,H]}."""
+    """{'index' [B], 'valid' [B,L] (key slots holding a real token), 'self': per layer {'k','v'} [B,L,K,H]}
+    (model.scan_layers: 'self' is one {'k','v'} [B,layers,L,K,H]; batch leads every leaf either way)."""
     return self._empty_cache(self.decoder, batch_size, max_len)
 
   def decode_step(self, tokens: Array, cache: dict[str, Any], *,
@@ -321,24 +352,23 @@ class EncoderDecoder(_Model):
 
   def init_cache(self, batch_size: int, max_len: int, *, encoded: Array | None = None,
                  src_tokens: Array | None = None) -> dict[str, Any]:
-    """Adds to the decoder-only cache 'cross': per layer {'k','v'} [B,S,K,H] and 'src_valid' [B,S]."""
+    """Adds to the decoder-only cache 'cross': per layer {'k','v'} [B,S,K,H] (scan_layers: one {'k','v'}
+    [B,layers,S,K,H]) and 'src_valid' [B,S]."""
     if src_tokens is None:
       raise ValueError('encoder_decoder init_cache needs src_tokens (for the source padding mask), and '
                        'optionally encoded = model.encode(src_tokens).')
     if encoded is None:
       encoded = self.encode(src_tokens)
     cache = self._empty_cache(self.decoder, batch_size, max_len)
-    cross = []
-    for block in self.decoder.blocks:
-      k, v = block.cross_attn.kv(encoded)
-      cross.append({'k': k, 'v': v})
-    return {**cache, 'cross': tuple(cross), 'src_valid': real_tokens(src_tokens, self.config.pad_id)}
+    return {**cache, 'cross': self.decoder.cross_cache(encoded),
+            'src_valid': real_tokens(src_tokens, self.config.pad_id)}
 
   def decode_step(self, tokens: Array, cache: dict[str, Any], *,
                   valid: Array | None = None) -> tuple[Array, dict[str, Any]]:
     """tokens [B,T] -> (logits [B,T,V], cache). valid [B,T] bool: real tokens (default: not model.pad_id, and
     position 0 always: T5's start token is its pad id)."""
-    cross_kv = tuple((c['k'], c['v']) for c in cache['cross'])
+    cross = cache['cross']
+    cross_kv = (cross['k'], cross['v']) if self.decoder.scanned else tuple((c['k'], c['v']) for c in cross)
     return self._decode(self.decoder, tokens, cache, valid, start_is_real=True, cross_kv=cross_kv)
 
 

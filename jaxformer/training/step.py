@@ -284,7 +284,7 @@ def make_train_step(config, setup: TrainSetup, steps_per_call: int = 1) -> Calla
   fn = step_fn if n_steps == 1 else multi_step_fn
   jitted = {}
 
-  def train_step(state, batch):
+  def jitted_for(batch):
     keys = tuple(sorted(batch))
     if keys not in jitted:
       if n_steps == 1:
@@ -297,7 +297,19 @@ def make_train_step(config, setup: TrainSetup, steps_per_call: int = 1) -> Calla
         batch_sh = {key: shd.stacked_batch_sharding(setup.mesh, setup.rules, batch[key].ndim) for key in keys}
       jitted[keys] = jax.jit(fn, in_shardings=(setup.state_shardings, batch_sh),
                              out_shardings=(setup.state_shardings, setup.replicated), donate_argnums=(0,))
-    with shd.mesh_context(setup.mesh, setup.rules):
-      return jitted[keys](state, batch)
+    return jitted[keys]
 
+  def train_step(state, batch):
+    fn = jitted_for(batch)
+    with shd.mesh_context(setup.mesh, setup.rules):
+      return fn(state, batch)
+
+  def lower(state, batch):
+    """The step lowered for (abstract) state and batch, e.g. setup.abstract_state and ShapeDtypeStructs: compile
+    it and read .memory_analysis() or time the compilation without allocating or running anything."""
+    fn = jitted_for(batch)
+    with shd.mesh_context(setup.mesh, setup.rules):
+      return fn.lower(state, batch)
+
+  train_step.lower = lower
   return train_step

@@ -1,0 +1,92 @@
+"""Scanned layers (model.scan_layers): one block body, its parameters stacked along a leading 'layers' axis.
+
+An unrolled stack puts every layer into the compiled program, so compile time grows with depth; a scanned stack
+traces and compiles one layer and runs it `num_layers` times with jax.lax.scan (MaxText / t5x `scan_layers`).
+The numerics are those of the unrolled stack given the same parameters (layout_convert.py moves parameters and
+checkpoints between the two layouts).
+
+Layout:
+  parameters   every Block variable gets a leading axis of size num_layers; its logical axis names get a leading
+               'layers' (config.mesh.logical_axis_rules maps it, unsharded by default).
+  rng streams  stacked too (nnx.split_rngs at construction): each layer draws its own dropout masks.
+  KV cache     {'k', 'v'} [B, L, S, K, H]: batch stays the leading axis of every cache leaf (decoding reorders
+               beams along it), layers second. The whole cache is the scan's carry and each layer reads and writes
+               its slice, so decoding never copies the cache per layer into a stacked output.
+
+The block itself is reused unchanged: ScannedBlocks takes the factory that builds one Block. Inputs shared by all
+layers (masks, rotary tables, encoder output, any per-stack bias) are passed through as keyword arguments.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxformer import logical
+from jaxformer.model import remat as remat_lib
+
+Array = jax.Array
+LAYERS = 'layers'  # the logical axis name of the stacked layer dimension
+CACHE_LAYER_AXIS = 1  # cache leaves are [B, L, ...]
+
+
+class ScannedBlocks(nnx.Module):
+  """`num_layers` blocks as one module with stacked variables, applied with jax.lax.scan."""
+
+  def __init__(self, make_block: Callable[[nnx.Rngs], nnx.Module], num_layers: int, *, rngs: nnx.Rngs):
+    self.num_layers = num_layers
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS})
+    def make(rngs: nnx.Rngs) -> nnx.Module:
+      return make_block(rngs)
+
+    self.layers = make(rngs)
+
+  def _split(self):
+    return nnx.split(self.layers, nnx.Param, ...)
+
+  def __call__(self, x: Array, *, cache: dict | None = None, cross_kv: tuple[Array, Array] | None = None,
+               remat: str = 'none', **shared: Any) -> tuple[Array, dict | None]:
+    """x [B,T,D] through every layer -> (x, the updated stacked cache or None).
+
+    cache: {'k','v'} [B,L,S,K,H] (decoding); cross_kv: (k, v) [B,L,S,K,H], the cross-attention keys/values of
+    every layer (decoding an encoder_decoder); shared: the Block's other keyword arguments, the same for each
+    layer. remat: a model.remat name (ignored when decoding, as in the unrolled stack)."""
+    graphdef, params, rest = self._split()
+
+    def layer(x, layer_params, layer_rest, layer_cache, layer_cross):
+      block = nnx.merge(graphdef, layer_params, layer_rest)
+      x, layer_cache = block(x, cache=layer_cache, cross_kv=layer_cross, **shared)
+      return logical.constrain(x, logical.HIDDEN), layer_cache, nnx.state(block, nnx.Not(nnx.Param))
+
+    if cache is None:
+      layer = remat_lib.checkpoint(layer, remat)
+
+    def body(carry, xs):
+      x, stacked = carry
+      layer_params, layer_rest, i = xs
+      at = lambda tree: None if tree is None else jax.tree.map(lambda c: jax.lax.dynamic_index_in_dim(
+          c, i, CACHE_LAYER_AXIS, keepdims=False), tree)
+      x, layer_cache, layer_rest = layer(x, layer_params, layer_rest, at(stacked), at(cross_kv))
+      if stacked is not None:
+        put = lambda c, u: jax.lax.dynamic_update_index_in_dim(c, u.astype(c.dtype), i, CACHE_LAYER_AXIS)
+        stacked = jax.tree.map(put, stacked, layer_cache)
+      return (x, stacked), layer_rest
+
+    (x, cache), rest = jax.lax.scan(body, (x, cache), (params, rest, jnp.arange(self.num_layers)))
+    if not shared.get('deterministic', True):  # only dropout draws from the rng streams (their counts advanced);
+      nnx.update(self.layers, rest)  # decoding loops hold the module in an outer trace, where it must not change
+    return x, cache
+
+  def stacked(self, per_layer: Callable[[nnx.Module], Any]) -> Any:
+    """per_layer(block) for every layer, stacked along CACHE_LAYER_AXIS (e.g. cross-attention keys/values)."""
+    graphdef, params, rest = self._split()
+    return jax.vmap(lambda p, r: per_layer(nnx.merge(graphdef, p, r)), out_axes=CACHE_LAYER_AXIS)(params, rest)
+
+  def empty_cache(self, shape: tuple[int, ...], dtype: Any) -> dict[str, Array]:
+    """Zero self-attention keys/values for every layer: shape [B,S,K,H] -> {'k','v'} [B,L,S,K,H]."""
+    stacked = (shape[0], self.num_layers) + tuple(shape[1:])
+    return {'k': jnp.zeros(stacked, dtype), 'v': jnp.zeros(stacked, dtype)}
