@@ -1,0 +1,37 @@
+"""Small things from issue 13: packaging, the built-in numbers splits, eval.py's output names, translate's blank
+and long lines, generate's out-of-vocabulary prompt characters, TFDS temporary directories."""
+import pathlib
+import re
+import tomllib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# distribution name -> import name, where they differ
+IMPORT_NAME = {'orbax-checkpoint': 'orbax', 'tensorflow-datasets': 'tensorflow_datasets', 'ml-collections':
+               'ml_collections', 'absl-py': 'absl', 'array-record': 'array_record'}
+# declared but never imported by our code, with the reason
+RUNTIME_ONLY = {'array-record': 'TFDS reads prepared datasets (array_record files) through it'}
+
+
+def _pyproject():
+  return tomllib.loads((REPO / 'pyproject.toml').read_text())
+
+
+def _requirement_name(spec):
+  return re.split(r'[<>=!~\[; ]', spec, maxsplit=1)[0]
+
+
+def test_every_dependency_is_imported():
+  sources = '\n'.join(p.read_text() for p in [*REPO.glob('*.py'), *(REPO / 'jaxformer').rglob('*.py')])
+  for spec in _pyproject()['project']['dependencies']:
+    name = _requirement_name(spec)
+    if name in RUNTIME_ONLY:
+      continue
+    module = IMPORT_NAME.get(name, name)
+    assert re.search(rf'^\s*(import|from) {re.escape(module)}\b', sources, re.M), f'{name} is declared but unused'
+
+
+def test_tensorboard_is_an_optional_extra():
+  project = _pyproject()['project']
+  assert any(_requirement_name(s) == 'tensorboard' for s in project['optional-dependencies']['tensorboard'])
+  assert not any(_requirement_name(s) == 'tensorboard' for s in project['dependencies'])
+  assert not any(_requirement_name(s) == 'tensorboard' for s in project['optional-dependencies']['test'])
