@@ -4,6 +4,9 @@ import pathlib
 import re
 import tomllib
 
+from jaxformer.data import tokenizers
+from jaxformer.data.sources import builtin
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # distribution name -> import name, where they differ
 IMPORT_NAME = {'orbax-checkpoint': 'orbax', 'tensorflow-datasets': 'tensorflow_datasets', 'ml-collections':
@@ -35,3 +38,17 @@ def test_tensorboard_is_an_optional_extra():
   assert any(_requirement_name(s) == 'tensorboard' for s in project['optional-dependencies']['tensorboard'])
   assert not any(_requirement_name(s) == 'tensorboard' for s in project['dependencies'])
   assert not any(_requirement_name(s) == 'tensorboard' for s in project['optional-dependencies']['test'])
+
+
+def test_numbers_splits_use_only_training_characters():
+  """A char vocabulary built on builtin:numbers' training split covers validation and test (no <unk>); the splits
+  stay disjoint and full-sized."""
+  source = builtin.make_source('builtin:numbers', 'numbers', None, '')
+  vocab = tokenizers.CharTokenizer.build(tokenizers.training_texts(source, 'train'))
+  seen = set()
+  for split, size in builtin.NUMBER_SPLITS.items():
+    pairs = source.split(split).read(range(len(source.split(split))))
+    assert len(pairs) == size and not seen & {digits for digits, _ in pairs}
+    seen |= {digits for digits, _ in pairs}
+    missing, _, counts = vocab.uncovered([text for pair in pairs for text in pair])
+    assert missing == 0, (split, counts)
