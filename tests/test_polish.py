@@ -2,10 +2,15 @@
 and long lines, generate's out-of-vocabulary prompt characters, TFDS temporary directories."""
 import pathlib
 import re
+import tempfile
 import tomllib
 
+import pytest
+
 from jaxformer.data import tokenizers
+from jaxformer.data.errors import DataError
 from jaxformer.data.sources import builtin
+from jaxformer.data.sources import tfds as tfds_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # distribution name -> import name, where they differ
@@ -52,3 +57,16 @@ def test_numbers_splits_use_only_training_characters():
     seen |= {digits for digits, _ in pairs}
     missing, _, counts = vocab.uncovered([text for pair in pairs for text in pair])
     assert missing == 0, (split, counts)
+
+
+def test_tfds_leaves_no_empty_tempdirs(tmp_path, monkeypatch):
+  """Converting a local file and asking for an unprepared TFDS dataset leave no tmp*tfds directory behind."""
+  scratch = tmp_path / 'tmp'
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, 'tempdir', str(scratch))
+  data_dir = str(tmp_path / 'data')
+  tfds_lib.build_array_record('polish_probe', data_dir, ('text',), {'train': lambda: [{'text': 'ab'}]}, 'probe')
+  assert tfds_lib.is_prepared(data_dir, 'polish_probe')
+  with pytest.raises(DataError, match='not prepared'):
+    tfds_lib.open_tfds('tfds:mnist', 'mnist', data_dir)
+  assert list(scratch.iterdir()) == []
