@@ -116,11 +116,26 @@ def get_config() -> ml_collections.ConfigDict:
   train.max_bad_steps = 3  # stop after this many steps in a row with a non-finite loss or gradient norm
   train.skip_bad_steps = False  # True: a step with a non-finite gradient leaves params / optimizer state unchanged
 
+  # ----------------------------------------------------------------- peft
+  # Parameter-efficient fine-tuning (jaxformer/peft): which parameters train. Start from a pretrained model with
+  # checkpoint.init_from; a PEFT run's checkpoints hold only what trains (+ its optimizer state).
+  peft = config.peft = ml_collections.ConfigDict()
+  peft.method = 'none'  # none (full fine-tuning) | lora | bitfit | adapter | prompt
+  peft.targets = 'attention'  # lora: attention (query,key,value,out) | mlp (wi,wi_gate,wo) | all | a comma list
+  peft.rank = 8  # lora rank r
+  peft.alpha = 16.0  # lora scale alpha / r
+  peft.dropout = 0.0  # lora: dropout on the update's input
+  peft.adapter_dim = 64  # adapter: bottleneck width
+  peft.num_prompt_tokens = 20  # prompt: soft tokens prepended to the (encoder) input
+  peft.train_extra = ''  # also train parameters whose path contains one of these words, e.g. 'norm,bias,head'
+
   # ----------------------------------------------------------- checkpoint
   checkpoint = config.checkpoint = ml_collections.ConfigDict()
   checkpoint.every_steps = 500
   checkpoint.keep = 3
   checkpoint.async_save = True
+  # Start from pretrained parameters (step, optimizer and data start fresh): '' | hf:<dir> | a jaxformer workdir
+  checkpoint.init_from = ''
 
   # ----------------------------------------------------------------- mesh
   mesh = config.mesh = ml_collections.ConfigDict()

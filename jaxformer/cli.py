@@ -108,6 +108,7 @@ def quiet_logging() -> None:
   std_logging.getLogger('tensorflow_datasets').setLevel(std_logging.ERROR)
   logging.set_verbosity(logging.WARNING)
   logging.get_absl_handler().addFilter(_not_library_noise)
+  std_logging.getLogger('absl').addFilter(_not_library_noise)  # also when absl's handler is not installed
 
 
 def _not_library_noise(record: std_logging.LogRecord) -> bool:

@@ -12,6 +12,7 @@ import ml_collections
 from jaxformer import data as data_lib
 from jaxformer import decoding
 from jaxformer import metrics
+from jaxformer import peft
 from jaxformer.errors import ConfigError, check_choice, check_fraction, check_positive
 from jaxformer.model.config import ModelConfig, validate_model
 from jaxformer.training import optimizer
@@ -24,6 +25,7 @@ DISTRIBUTED = ('auto', 'on', 'off')
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks the whole config before anything expensive happens."""
   validate_model(config.model)
+  peft.validate(config)
   data, train, mesh, decode = config.data, config.train, config.mesh, config.decode
 
   kind = str(data.source).split(':', 1)[0]
@@ -31,7 +33,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
         f'data.source={data.source!r} is not a valid source; use builtin:<name>, text:<path or glob>, '
         'parallel:<prefix>, jsonl:<path or glob> or tfds:<name>[/<config>].')
-  check_choice('data.tokenizer', data.tokenizer, data_lib.TOKENIZERS)
+  tokenizer_kind, _, tokenizer_arg = str(data.tokenizer).partition(':')  # hf:<dir> names a pretrained tokenizer
+  check_choice('data.tokenizer', tokenizer_kind, data_lib.TOKENIZERS)
+  if data_lib.TOKENIZERS[tokenizer_kind].pretrained != bool(tokenizer_arg):
+    raise ConfigError(f'data.tokenizer={data.tokenizer!r}: ' + (
+        f'use {tokenizer_kind}:<directory> (a tokenizer.json directory)' if not tokenizer_arg else
+        f'{tokenizer_kind} is trained on the data and takes no argument; use data.tokenizer={tokenizer_kind}') + '.')
   check_choice('data.objective', data.get('objective', 'split_middle'), data_lib.OBJECTIVES)
   sampling = data.get('sampling', 'streams')  # configs saved before the key existed read as streams
   check_choice('data.sampling', sampling, data_lib.SAMPLINGS)

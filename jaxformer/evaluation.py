@@ -42,6 +42,7 @@ from jaxformer import metrics as metrics_lib
 from jaxformer import sharding as shd
 from jaxformer.resolve import Resolved, resolve
 from jaxformer.training import checkpoint as ckpt_lib
+from jaxformer.training import init_from
 from jaxformer.training import step as step_lib
 from jaxformer.user_errors import UserError
 
@@ -216,9 +217,14 @@ def restore(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step:
   """Resolves the config against the checkpoint and restores the model onto this machine's mesh.
   split: a split name to check at start-up (the one `score` will read)."""
   workdir = os.path.abspath(workdir)
+  steps = ckpt_lib.all_steps(workdir) if os.path.isdir(workdir) else []
+  if not steps and init_from.spec(config) and checkpoint_step is None:
+    # Nothing trained here yet: evaluate the weights checkpoint.init_from names (e.g. a pretrained hf:<dir>).
+    r = resolve(ml_collections.ConfigDict(config.to_dict()), workdir, training=False,
+                splits=[split_name(config, split)] if split else [])
+    return Restored(r, init_from.load_model(r.config, r.mesh), 0)
   if not os.path.isdir(workdir):
     raise EvalError(f'--workdir={workdir} does not exist; point it at a directory train.py wrote.')
-  steps = ckpt_lib.all_steps(workdir)
   if not steps:
     raise EvalError(f'no checkpoint in {ckpt_lib.checkpoint_dir(workdir)}; train first (python train.py '
                     f'--config=... --workdir={workdir}).')

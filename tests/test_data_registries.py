@@ -16,7 +16,7 @@ def _config(**data_values):
 @pytest.mark.parametrize('key, registry', [('tokenizer', data.TOKENIZERS), ('sampling', data.SAMPLINGS)])
 def test_config_accepts_exactly_the_data_registries(key, registry):
   for name in registry:
-    config_lib.validate(_config(**{key: name}))
+    config_lib.validate(_config(**{key: f'{name}:some/dir' if getattr(registry[name], 'pretrained', False) else name}))
   with pytest.raises(config_lib.ConfigError) as e:
     config_lib.validate(_config(**{key: 'no_such_choice'}))
   assert f'use one of: {", ".join(registry)}.' in str(e.value)

@@ -15,7 +15,7 @@ from jaxformer.data.sources import tfds as tfds_lib
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # distribution name -> import name, where they differ
 IMPORT_NAME = {'orbax-checkpoint': 'orbax', 'tensorflow-datasets': 'tensorflow_datasets', 'ml-collections':
-               'ml_collections', 'absl-py': 'absl', 'array-record': 'array_record'}
+               'ml_collections', 'absl-py': 'absl', 'array-record': 'array_record', 'ml-dtypes': 'ml_dtypes'}
 # declared but never imported by our code, with the reason
 RUNTIME_ONLY = {'array-record': 'TFDS reads prepared datasets (array_record files) through it'}
 

@@ -58,3 +58,6 @@ from jaxformer.data.tokenizers import Tokenizer
 from jaxformer.data.tokenizers import tokenizer_dir
 from jaxformer.data.tokenizers import TOKENIZERS
 from jaxformer.data.tokenizers import unknown_characters
+from jaxformer.data.hf_tokenizer import HFTokenizer
+
+TOKENIZERS['hf'] = HFTokenizer  # registered here, not in tokenizers.py: it subclasses tokenizers.Tokenizer

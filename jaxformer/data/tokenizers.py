@@ -41,6 +41,7 @@ class Tokenizer:
   """Shared interface. `encode` adds no bos/eos; `decode` drops pad/bos and stops at eos."""
 
   kind = ''
+  pretrained = False  # True: named with its files (`<kind>:<dir>`) and loaded from them, never trained on the data
   pad_id, bos_id, eos_id, unk_id, mask_id = PAD_ID, BOS_ID, EOS_ID, UNK_ID, MASK_ID
   vocab_size: int
 
@@ -369,8 +370,11 @@ def load_tokenizer(directory: str) -> Tokenizer:
 def get_tokenizer(config: Any, workdir: str, *, source: Source | None = None) -> Tokenizer:
   """The workdir's cached tokenizer, or a new one built from the training split (and cached)."""
   kind = str(config.data.tokenizer)
-  if kind not in TOKENIZERS:
+  name, _, _ = kind.partition(':')
+  if name not in TOKENIZERS:
     raise DataError(f'data.tokenizer={kind!r} is not valid; use {", ".join(TOKENIZERS)}.')
+  if TOKENIZERS[name].pretrained:  # e.g. hf:<dir>: read from its own directory, never trained or cached here
+    return TOKENIZERS[name].from_spec(kind)
   sentinels = sentinels_needed(config)
   directory = tokenizer_dir(workdir)
   meta_path = os.path.join(directory, 'tokenizer.json')

@@ -131,7 +131,8 @@ class Attention(nnx.Module):
 
   def _project(self, x: Array, kernel: nnx.Param, bias: nnx.Param | None) -> Array:
     y = layers.matmul(x, kernel[...].astype(self.dtype))  # [B,T,D] @ [D,N,H] -> [B,T,N,H]
-    return y if bias is None else y + bias[...].astype(self.dtype)
+    y = y if bias is None else y + bias[...].astype(self.dtype)
+    return layers.lora_update(self, kernel, x, y)
 
   def kv(self, x: Array) -> tuple[Array, Array]:
     """Keys and values [B,S,K,H] of `x` (the encoder output, for cross-attention)."""
@@ -162,7 +163,8 @@ class Attention(nnx.Module):
       out = dot_product_attention(q, k, v, mask, implementation=implementation, is_causal=causal, bias=bias,
                                   scale=self.scale)
     w = self.out[...].astype(self.dtype)  # [N,H,D]
-    y = layers.matmul(out.reshape(*out.shape[:-2], -1), w.reshape(-1, w.shape[-1]))
+    out = out.reshape(*out.shape[:-2], -1)
+    y = layers.matmul(out, w.reshape(-1, w.shape[-1]))
     if self.out_bias is not None:
       y = y + self.out_bias[...].astype(self.dtype)
-    return y, cache
+    return layers.adapter_update(self, layers.lora_update(self, self.out, out, y)), cache

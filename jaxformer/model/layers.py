@@ -92,6 +92,25 @@ MLPS: dict[str, MLPKind] = {
 }
 
 
+# ------------------------------------------------------------------------------------------------- PEFT hooks
+# jaxformer/peft attaches modules to built layers (`lora`: {kernel attribute name: update}, `adapter`); without
+# them these return y unchanged, so a model without PEFT is untouched.
+def lora_update(module: nnx.Module, kernel: nnx.Param, x: Array, y: Array) -> Array:
+  """y = x @ kernel (+ bias), plus the LoRA update of `kernel` when one is attached to `module`."""
+  lora = getattr(module, 'lora', None)
+  if lora is not None:
+    for name, update in lora.items():
+      if getattr(module, name) is kernel:
+        return y + update(x).astype(y.dtype)
+  return y
+
+
+def adapter_update(module: nnx.Module, y: Array) -> Array:
+  """The sublayer output y through the adapter attached to `module`, if any."""
+  adapter = getattr(module, 'adapter', None)
+  return y if adapter is None else adapter(y)
+
+
 def matmul(x: Array, w: Array, *, transpose_w: bool = False, out_dtype=None) -> Array:
   """x [..., K] @ w [K, ...] (or w [N, K] with transpose_w) as ONE 2-D matmul over the flattened rows.
 
@@ -124,16 +143,17 @@ class MLP(nnx.Module):
 
   def _dense(self, x: Array, kernel: nnx.Param, bias: nnx.Param | None) -> Array:
     y = matmul(x, kernel[...].astype(self.dtype))
-    return y if bias is None else y + bias[...].astype(self.dtype)
+    y = y if bias is None else y + bias[...].astype(self.dtype)
+    return lora_update(self, kernel, x, y)
 
   def __call__(self, x: Array) -> Array:
     x = x.astype(self.dtype)
     h = self._dense(x, self.wi, self.wi_bias)
     if self.wi_gate is not None:
-      h = self.activation(matmul(x, self.wi_gate[...].astype(self.dtype))) * h
+      h = self.activation(lora_update(self, self.wi_gate, x, matmul(x, self.wi_gate[...].astype(self.dtype)))) * h
     else:
       h = self.activation(h)
-    return self._dense(h, self.wo, self.wo_bias)
+    return adapter_update(self, self._dense(h, self.wo, self.wo_bias))
 
 
 # ------------------------------------------------------------------------------------------- embeddings

@@ -127,6 +127,9 @@ class Stack(nnx.Module):
                cross_mask: Array | None = None, cross_kv: tuple | None = None, cache: tuple | None = None,
                cache_index: Array | None = None, deterministic: bool = True) -> tuple[Array, tuple | None]:
     """x: token embeddings [B,T,D] -> hidden states [B,T,D] (and the updated per-layer caches)."""
+    prompt = getattr(self, 'prompt', None)  # prompt tuning (jaxformer/peft/prompt.py) attaches one
+    if prompt is not None:
+      x, positions, mask = prompt.prepend(x, positions, mask, decoding=cache is not None)
     x = self.positions.add(x, positions)
     if self.embed_norm is not None:
       x = self.embed_norm(x)
@@ -149,6 +152,8 @@ class Stack(nnx.Module):
       new_cache.append(layer_cache)
     if self.final_norm is not None:
       x = self.final_norm(x)
+    if prompt is not None:
+      x = prompt.strip(x)
     return x, (tuple(new_cache) if cache is not None else None)
 
 

@@ -31,7 +31,7 @@ import json
 import logging
 import os
 import shutil
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -40,6 +40,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxformer import peft as peft_lib
 from jaxformer import sharding as shd
 from jaxformer.data import state_for_host
 from jaxformer.training import step as step_lib
@@ -215,8 +216,12 @@ def _restore_args(abstract_state: dict) -> dict:
 class Checkpointer:
   """Saves and restores the train state of one workdir (a thin layer over orbax's CheckpointManager)."""
 
-  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, params_filter: Any = None,
+               complete_params: Callable[[Any], Any] | None = None):
+    """params_filter: an nnx filter of the parameters to store (a PEFT run: only what trains; None = all), and
+    complete_params(restored) -> all the parameters (the run's base supplies the rest); see step.checkpoint_params."""
     self.workdir = workdir
+    self.params_filter, self.complete_params = params_filter, complete_params
     self.keep = keep
     self.async_save = async_save
     self.manager = _manager(workdir, keep=keep, async_save=async_save)
@@ -229,7 +234,7 @@ class Checkpointer:
     states = _gather_json(data_state)
     extra = keys_to_data({'step': state['step'], 'rngs': state['rngs']})
     args = ocp.args.Composite(
-        params=ocp.args.StandardSave(state['params']),
+        params=ocp.args.StandardSave(self._stored(state['params'])),
         opt_state=ocp.args.StandardSave(state['opt_state']),
         extra=ocp.args.StandardSave(extra),
         data=ocp.args.JsonSave({'process_count': len(states), 'states': states}),
@@ -275,12 +280,14 @@ class Checkpointer:
       steps = [step]
     if not steps:
       return None
+    abstract_state = {**abstract_state, 'params': self._stored(abstract_state['params'])}
     restored, s, failed = restore_newest(self.manager, steps, ocp.args.Composite(**_restore_args(abstract_state)),
                                          self.workdir)
     extra = restored['extra']
+    params = restored['params']
     state = {
         'step': extra['step'],
-        'params': restored['params'],
+        'params': params if self.complete_params is None else self.complete_params(params),
         'opt_state': restored['opt_state'],
         'rngs': data_to_keys(extra['rngs'], abstract_state['rngs']),
     }
@@ -293,6 +300,9 @@ class Checkpointer:
     if failed and move_unreadable:
       self._move_aside([f for f, _ in failed])
     return state, data_state, s
+
+  def _stored(self, params: Any) -> Any:
+    return params if self.params_filter is None else nnx.split_state(params, self.params_filter, ...)[0]
 
   @property
   def _unreadable_dir(self) -> str:
@@ -352,6 +362,8 @@ def restore_model(workdir: str, config, mesh, step: int | None = None,
   graphdef, abs_params, abs_rest = step_lib.split_model(abstract_model)
   params_sh = shd.state_shardings(abs_params, mesh, rules)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_params, params_sh)
+  peft_run = peft_lib.is_active(config)  # its checkpoints hold only the trained params; the base is re-read
+  stored = peft_lib.trainable(target, config) if peft_run else target
   if not os.path.isdir(checkpoint_dir(workdir)):
     raise CheckpointError(f'no checkpoints in {checkpoint_dir(workdir)}; train first (python train.py ...).')
   manager = _manager(workdir, read_only=True)
@@ -359,12 +371,14 @@ def restore_model(workdir: str, config, mesh, step: int | None = None,
     steps = manager.all_steps() if step is None else [step]
     if not steps:
       raise CheckpointError(f'no checkpoints in {checkpoint_dir(workdir)}; train first (python train.py ...).')
-    restored, s, failed = restore_newest(manager, steps, ocp.args.Composite(params=ocp.args.StandardRestore(target)),
+    restored, s, failed = restore_newest(manager, steps, ocp.args.Composite(params=ocp.args.StandardRestore(stored)),
                                          workdir)
   finally:
     manager.close()
   report_fallback(workdir, failed, s, None)  # evaluation reads only: it moves nothing
   params = restored['params']
+  if peft_run:
+    params = nnx.merge_state(peft_lib.split(step_lib.initial_params(config, target, mesh, rules), config)[1], params)
   replicated = NamedSharding(mesh, PartitionSpec())
   with shd.mesh_context(mesh, rules):
     rest = jax.jit(lambda: step_lib.split_model(step_lib.build_model(config, model_config=model_config))[2],

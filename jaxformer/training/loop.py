@@ -53,6 +53,7 @@ import optax
 from jaxformer import data as data_lib
 from jaxformer import evaluation as eval_lib
 from jaxformer import flops as flops_lib
+from jaxformer import peft as peft_lib
 from jaxformer import resolve as resolve_lib  # a module, not its names: resolve -> training -> loop is a cycle
 from jaxformer import sharding as shd
 from jaxformer import user_errors
@@ -231,10 +232,11 @@ class Trainer:
     if config.train.skip_bad_steps:  # a non-finite gradient leaves params and optimizer state as they were
       tx = optax.apply_if_finite(tx, max_consecutive_errors=2 ** 30)  # our bad-step guard decides when to stop
     self.setup = step_lib.make_setup(config, r.mesh, tx, schedule, model_config=r.model)
-    self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.setup.abstract_state['params']))
+    self.num_params, self.num_trainable_params = peft_lib.count_params(self.setup.abstract_state['params'], config)
     self._describe()
     self.checkpointer = ckpt_lib.Checkpointer(r.workdir, keep=config.checkpoint.keep,
-                                              async_save=config.checkpoint.async_save)
+                                              async_save=config.checkpoint.async_save,
+                                              **step_lib.checkpoint_params(config, self.setup))
     restored = self.checkpointer.restore(self.setup.abstract_state)
     self.writer = MetricWriter(r.workdir, enabled=jax.process_index() == 0)
     self.log = TrainLog(r, self.writer)
@@ -246,7 +248,7 @@ class Trainer:
     else:
       self.state, self.start = step_lib.init_state(config, self.setup), 0
       _fresh_metrics(r.workdir)
-      self.log.first_row_extra = {'num_params': self.num_params, 'num_trainable_params': self.num_params}
+      self.log.first_row_extra = {'num_params': self.num_params, 'num_trainable_params': self.num_trainable_params}
     self.last_saved = self.start if restored is not None else -1
     self.layout = shd.data_layout(r.mesh, r.rules, config.train.batch_size)
     self.train_iter = data_lib.make_train_iterator(config, r.tokenizer, r.workdir, layout=self.layout,
@@ -264,7 +266,7 @@ class Trainer:
 
   def _describe(self) -> None:
     mesh, params = self.r.mesh, self.setup.abstract_state['params']
-    _log(f'{self.r.model.arch}: {self.num_params / 1e6:.2f}M parameters ({self.num_params:,} trainable), vocab '
+    _log(f'{self.r.model.arch}: {self.num_params / 1e6:.2f}M parameters ({self.num_trainable_params:,} trainable), vocab '
          f'{self.r.model.vocab_size}; mesh {dict(mesh.shape)} on {mesh.devices.size} {jax.devices()[0].platform} '
          f'device(s), {jax.process_count()} process(es)')
     for note in shd.describe_unsharded(params, mesh, self.r.rules)[:8]:

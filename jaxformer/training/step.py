@@ -3,6 +3,9 @@
 The train state is a plain dict pytree, so jit, orbax and the sharding helpers all see the same thing:
   {'step': int32 scalar, 'params': nnx.State of nnx.Param, 'opt_state': optax state, 'rngs': nnx.State of the
    model's non-parameter variables (its rng streams: key + count)}
+With a PEFT method (config.peft) 'params' still holds every parameter, but the step differentiates and updates
+only the trainable split (peft.split) and 'opt_state' covers only that split: frozen parameters get no gradient,
+no optimizer state and no weight decay.
 and the model's static structure is the `graphdef`. A step merges graphdef + state into a module, runs it, and
 splits the updated state back out (the functional NNX pattern), so the state can be donated and sharded with
 explicit in/out shardings.
@@ -21,7 +24,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxformer import metrics as metrics_lib
+from jaxformer import peft as peft_lib
 from jaxformer import sharding as shd
+from jaxformer.peft import base as peft_base
 from jaxformer.data.rows import model_inputs
 
 Batch = Mapping[str, jax.Array]
@@ -103,12 +108,14 @@ def compute_loss(model: nnx.Module, batch: Batch, config, *, deterministic: bool
 def build_model(config, *, seed: int | None = None, model_config: Any = None) -> nnx.Module:
   """The model with its `params` and `dropout` rng streams seeded from config.seed. Variables are created
   unsharded (eager sharding off): shardings are applied by the jitted init's out_shardings instead, which also
-  copes with dimensions the mesh cannot divide. model_config: the run's ModelConfig when it has one (resolve
-  builds it once), else config.model."""
+  copes with dimensions the mesh cannot divide. The PEFT method's modules (config.peft) are attached after the
+  base model is built, from rng streams of their own, so the base parameters do not depend on the method."""
   from jaxformer.model import build_model as _build  # late import: the model package is optional for the tools
   seed = int(config.seed if seed is None else seed)
   with nnx.use_eager_sharding(False):
-    return _build(config.model if model_config is None else model_config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+    model = _build(config.model if model_config is None else model_config,
+                   rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+    return peft_lib.attach(model, config, nnx.Rngs(params=seed + 2, dropout=seed + 3))
 
 
 def split_model(model: nnx.Module):
@@ -126,7 +133,7 @@ class TrainSetup:
   rules: tuple
   abstract_state: Any  # ShapeDtypeStruct tree (with .sharding) of the train state
   state_shardings: Any
-  model_config: Any = None  # the ModelConfig the model is built from (None: config.model)
+  model_config: Any = None  # the ModelConfig the model is built from (None: config.model; resolve builds it once)
 
   @property
   def replicated(self) -> NamedSharding:
@@ -136,7 +143,8 @@ class TrainSetup:
 def _init_state(config, tx, model_config=None) -> dict:
   model = build_model(config, model_config=model_config)
   _, params, rest = split_model(model)
-  return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params), 'rngs': rest}
+  return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(peft_lib.trainable(params, config)),
+          'rngs': rest}
 
 
 def make_setup(config, mesh: Mesh, tx: optax.GradientTransformation, schedule, model_config: Any = None) -> TrainSetup:
@@ -147,10 +155,12 @@ def make_setup(config, mesh: Mesh, tx: optax.GradientTransformation, schedule, m
   abs_state = jax.eval_shape(functools.partial(_init_state, config, tx, model_config))
   replicated = NamedSharding(mesh, PartitionSpec())
   params_sh = shd.state_shardings(abs_params, mesh, rules)
+  peft_lib.check_trainable(abs_params, config)
   shardings = {
       'step': replicated,
       'params': params_sh,
-      'opt_state': shd.opt_state_shardings(abs_state['opt_state'], abs_params, params_sh, mesh),
+      'opt_state': shd.opt_state_shardings(abs_state['opt_state'], peft_lib.trainable(abs_params, config),
+                                           peft_lib.trainable(params_sh, config), mesh),
       'rngs': jax.tree.map(lambda _: replicated, abs_state['rngs']),
   }
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, shardings)
@@ -158,10 +168,34 @@ def make_setup(config, mesh: Mesh, tx: optax.GradientTransformation, schedule, m
 
 
 def init_state(config, setup: TrainSetup) -> dict:
-  """The train state created directly sharded: each device computes only its shards (jit + out_shardings)."""
+  """The train state created directly sharded: each device computes only its shards (jit + out_shardings).
+  The base model's parameters come from checkpoint.init_from when it is set (peft/base.py; a PEFT method's own
+  parameters stay freshly initialised)."""
   with shd.mesh_context(setup.mesh, setup.rules):
-    return jax.jit(functools.partial(_init_state, config, setup.tx, setup.model_config),
-                   out_shardings=setup.state_shardings)()
+    state = jax.jit(functools.partial(_init_state, config, setup.tx, setup.model_config),
+                    out_shardings=setup.state_shardings)()
+  state['params'] = peft_base.with_base(config, state['params'], setup.abstract_state['params'])
+  return state
+
+
+def initial_params(config, abstract_params: nnx.State, mesh: Mesh, rules: tuple) -> nnx.State:
+  """Every parameter as a fresh run starts, placed on `abstract_params`' shardings: the seed's initialisation, with
+  a PEFT run's base replaced by checkpoint.init_from's (what completes a PEFT checkpoint's trainable params)."""
+  shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
+  with shd.mesh_context(mesh, rules):
+    params = jax.jit(lambda: split_model(build_model(config))[1], out_shardings=shardings)()
+  return peft_base.with_base(config, params, abstract_params) if peft_lib.is_active(config) else params
+
+
+def checkpoint_params(config, setup: TrainSetup) -> dict[str, Any]:
+  """Checkpointer arguments: a PEFT run stores only its trainable parameters and restores the rest from its base
+  (the seed or checkpoint.init_from); any other run stores them all ({})."""
+  if not peft_lib.is_active(config):
+    return {}
+  abstract = setup.abstract_state['params']
+  complete = lambda trained: nnx.merge_state(  # noqa: E731
+      peft_lib.split(initial_params(config, abstract, setup.mesh, setup.rules), config)[1], trained)
+  return {'params_filter': peft_lib.trainable_filter(config), 'complete_params': complete}
 
 
 def merge_model(graphdef, params, rest) -> nnx.Module:
@@ -200,9 +234,10 @@ def make_train_step(config, setup: TrainSetup, steps_per_call: int = 1) -> Calla
   if n_steps < 1:
     raise ValueError(f'steps_per_call={steps_per_call!r} must be a positive integer')
 
-  def grads_of(params, rest, batch, denom):
-    def loss_fn(p):
-      model = merge_model(graphdef, p, rest)
+  def grads_of(params, frozen, rest, batch, denom):
+    def loss_fn(p):  # p: the trainable params; the frozen ones are an input, so they get no gradient
+      model = merge_model(graphdef, nnx.merge_state(frozen, p), rest)
+      peft_lib.set_training(model, True)
       objective_sum, metrics = loss_sums(model, batch, config, deterministic=False)
       _, _, new_rest = split_model(model)
       # Scaled by the whole batch's token count here, not after: the gradient comes out already normalised
@@ -213,24 +248,25 @@ def make_train_step(config, setup: TrainSetup, steps_per_call: int = 1) -> Calla
     return grads, metrics, new_rest
 
   def step_fn(state, batch):
-    params, rest = state['params'], state['rngs']
+    params, frozen = peft_lib.split(state['params'], config)
+    rest = state['rngs']
     # The weights depend on the targets alone, so the batch's token count is known before the forward pass.
     denom = jnp.maximum(jnp.sum(token_weights(batch['targets'])), 1.0)
     if k == 1:
-      grads, metrics, rest = grads_of(params, rest, batch, denom)
+      grads, metrics, rest = grads_of(params, frozen, rest, batch, denom)
     else:
       micro = split_microbatches(batch, k)
 
       def body(carry, mb):
         g_acc, m_acc, r = carry
-        g, m, r = grads_of(params, r, mb, denom)
+        g, m, r = grads_of(params, frozen, r, mb, denom)
         return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, m_acc, m), r), None
 
       zeros_g = jax.tree.map(jnp.zeros_like, params)
       zeros_m = {key: jnp.zeros((), jnp.float32) for key in ('loss_sum', 'weight_sum', 'correct_sum', 'objective_sum')}
       (grads, metrics, rest), _ = jax.lax.scan(body, (zeros_g, zeros_m, rest), micro)
     updates, opt_state = tx.update(grads, state['opt_state'], params)
-    new_params = optax.apply_updates(params, updates)
+    new_params = nnx.merge_state(frozen, optax.apply_updates(params, updates))
     out = {
         'loss': metrics['loss_sum'] / denom,
         'objective': metrics['objective_sum'] / denom,

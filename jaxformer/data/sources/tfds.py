@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import io
 import json
 import logging
 import os
@@ -234,7 +235,8 @@ def build_array_record(name: str, data_dir: str, features: Sequence[str],
   os.makedirs(os.path.join(data_dir, name), exist_ok=True)
   with open(os.path.join(data_dir, name, 'empty_splits.json'), 'w') as f:
     json.dump(empty, f)
-  with _no_stray_tfds_tempdirs():
+  # TFDS prints "Downloading and preparing": nothing is downloaded
+  with _no_stray_tfds_tempdirs(), contextlib.redirect_stdout(io.StringIO()):
     builder = _Builder(data_dir=data_dir, file_format='array_record')
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
 

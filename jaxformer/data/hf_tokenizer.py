@@ -1,0 +1,155 @@
+"""`data.tokenizer=hf:<dir>`: a Hugging Face directory's tokenizer.json through the `tokenizers` library (Rust).
+
+It tokenizes as `transformers.AutoTokenizer.from_pretrained(dir)` does (checked against ids transformers produced,
+tests/fixtures/hf): tokenizer.json holds the normalizer, pre-tokenizer, model and post-processor; tokenizer_config.json
+(and special_tokens_map.json) name the special tokens, and an explicit add_bos_token / add_eos_token there rebuilds
+the post-processor as transformers does.
+
+The special ids are the tokenizer's own, not jaxformer's 0-4: GPT-2 has eos = bos = <|endoftext|> and no pad;
+BERT has no bos/eos, so [CLS] / [SEP] stand in; T5 has pad 0 and eos 1 and no bos; a missing token is -1.
+`encode` adds no special tokens (the Tokenizer contract); `encode_with_specials` adds exactly what transformers
+adds by default (`prefix_ids` + ids + `suffix_ids`: nothing for GPT-2, [CLS] .. [SEP] for BERT, .. </s> for T5,
+<s> .. for Llama).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import tokenizers
+
+from jaxformer.data.tokenizers import DataError, Tokenizer
+
+PREFIX = 'hf:'
+FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json')
+CACHE_SUBDIR = 'hf'  # <workdir>/tokenizer/hf/: the copy a run keeps (its tokenizer.json is jaxformer's own metadata)
+NONE = -1  # the id of a special token the tokenizer does not have
+_CLEANUP = ((' .', '.'), (' ?', '?'), (' !', '!'), (' ,', ','), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+            (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))  # transformers' clean_up_tokenization
+
+
+def _read_json(path: str) -> dict[str, Any]:
+  if not os.path.isfile(path):
+    return {}
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
+
+
+def _content(token: Any) -> str | None:
+  """A special token as tokenizer_config.json writes it: a string, or an AddedToken dict {'content': ...}."""
+  return token.get('content') if isinstance(token, dict) else token
+
+
+class HFTokenizer(Tokenizer):
+  """The tokenizer of a Hugging Face checkpoint directory (tokenizer.json required)."""
+
+  kind = 'hf'
+  pretrained = True
+
+  def __init__(self, directory: str):
+    path = os.path.join(directory, 'tokenizer.json')
+    if not os.path.isdir(directory):
+      raise DataError(f'data.tokenizer=hf:{directory}: no such directory.')
+    if not os.path.isfile(path):
+      found = [f for f in ('vocab.txt', 'vocab.json', 'spiece.model', 'tokenizer.model') if
+               os.path.isfile(os.path.join(directory, f))]
+      hint = (f' (it has {", ".join(found)}: save it once with transformers\' fast tokenizer, which writes '
+              'tokenizer.json)' if found else '')
+      raise DataError(f'data.tokenizer=hf:{directory}: the directory has no tokenizer.json{hint}.')
+    self.directory = directory
+    self._tok = tokenizers.Tokenizer.from_file(path)
+    self._tok.no_padding()
+    self._tok.no_truncation()
+    config = {**_read_json(os.path.join(directory, 'special_tokens_map.json')),
+              **_read_json(os.path.join(directory, 'tokenizer_config.json'))}
+    self._special = {name: self._id(_content(config.get(f'{name}_token')))
+                     for name in ('pad', 'bos', 'eos', 'unk', 'mask', 'cls', 'sep')}
+    if 'add_bos_token' in config or 'add_eos_token' in config:  # transformers then rebuilds the post-processor
+      self._template(bool(config.get('add_bos_token')), bool(config.get('add_eos_token')),
+                     _content(config.get('bos_token')), _content(config.get('eos_token')))
+    self._cleanup = (bool(config.get('clean_up_tokenization_spaces', False))
+                     and type(self._tok.model).__name__ != 'BPE')  # transformers 5 never cleans up BPE output
+    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    s = self._special
+    self.pad_id, self.unk_id, self.mask_id = s['pad'], s['unk'], s['mask']
+    self.bos_id = s['bos'] if s['bos'] != NONE else s['cls']
+    self.eos_id = s['eos'] if s['eos'] != NONE else s['sep']
+    self.prefix_ids, self.suffix_ids = self._framing()
+
+  def _id(self, token: str | None) -> int:
+    if token is None:
+      return NONE
+    i = self._tok.token_to_id(token)
+    return NONE if i is None else int(i)
+
+  def _template(self, add_bos: bool, add_eos: bool, bos: str | None, eos: str | None) -> None:
+    """transformers' update_post_processor: '<bos>:0 $A:0 <eos>:0' with the flags given."""
+    add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
+    single = ' '.join(([f'{bos}:0'] if add_bos else []) + ['$A:0'] + ([f'{eos}:0'] if add_eos else []))
+    pair = single + ' ' + ' '.join(([f'{bos}:1'] if add_bos else []) + ['$B:1'] + ([f'{eos}:1'] if add_eos else []))
+    special = [(t, self._id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
+    self._tok.post_processor = tokenizers.processors.TemplateProcessing(single=single, pair=pair,
+                                                                        special_tokens=special)
+
+  def _framing(self) -> tuple[list[int], list[int]]:
+    """The ids the post-processor puts before and after a text's own ids."""
+    probe = 'a b'
+    plain = self._tok.encode(probe, add_special_tokens=False).ids
+    full = self._tok.encode(probe).ids
+    for start in range(len(full) - len(plain) + 1):
+      if full[start:start + len(plain)] == plain:
+        return full[:start], full[start + len(plain):]
+    raise DataError(f'{self.directory}/tokenizer.json: its post-processor changes the text\'s own ids; jaxformer '
+                    'cannot tell which ids it adds.')
+
+  @classmethod
+  def from_spec(cls, spec: str) -> HFTokenizer:
+    """'hf:<dir>' (the data.tokenizer value) -> the tokenizer."""
+    return cls(os.path.expanduser(spec[len(PREFIX):] if spec.startswith(PREFIX) else spec))
+
+  # ------------------------------------------------------------------------------------------- Tokenizer API
+  def encode_array(self, text: str) -> np.ndarray:
+    return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    return [np.asarray(e.ids, np.int32) for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+  def encode_with_specials(self, text: str) -> list[int]:
+    """Exactly `AutoTokenizer.from_pretrained(dir)(text)['input_ids']`."""
+    return self._tok.encode(text).ids
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Stops at eos; special tokens are dropped (transformers' decode(..., skip_special_tokens=True))."""
+    ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+    if self.eos_id != NONE and self.eos_id in ids:
+      ids = ids[:ids.index(self.eos_id)]
+    return self._decode([i for i in ids if 0 <= i < self.vocab_size])
+
+  def _decode(self, ids: list[int]) -> str:
+    text = self._tok.decode(ids, skip_special_tokens=True)
+    if self._cleanup:
+      for old, new in _CLEANUP:
+        text = text.replace(old, new)
+    return text
+
+  def save_files(self, directory: str) -> None:
+    """Copies the Hugging Face files (tokenizer.json, tokenizer_config.json, ...) into `directory`."""
+    os.makedirs(directory, exist_ok=True)
+    for name in FILES:
+      src, dst = os.path.join(self.directory, name), os.path.join(directory, name)
+      if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(dst):
+        shutil.copyfile(src, dst)
+
+  def save(self, directory: str) -> None:
+    """Into a run's tokenizer cache (<workdir>/tokenizer): the files go to its hf/ subdirectory."""
+    self.save_files(os.path.join(directory, CACHE_SUBDIR))
+
+  @classmethod
+  def load(cls, directory: str) -> HFTokenizer:
+    return cls(os.path.join(directory, CACHE_SUBDIR))
+
+  def __repr__(self) -> str:
+    return f'HFTokenizer({self.directory!r}, vocab_size={self.vocab_size})'

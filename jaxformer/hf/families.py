@@ -1,0 +1,464 @@
+"""Each Hugging Face model family, once: its config.json <-> our model section, and its tensor names <-> our params.
+
+A family is one class with three methods, registered in FAMILIES under the `model_type`s it reads:
+
+  model_section(hf)  config.json (dict) -> {model key: value} (every key of the model section)
+  hf_config(cfg)     ModelConfig -> config.json (dict); the inverse for the keys both sides have
+  tensors(cfg)       [Rule]: which Hugging Face tensor holds which of our parameters, and how its layout differs
+  mismatches(cfg)    the settings of `cfg` this family cannot express (empty = it can be saved as this family)
+
+Layouts (checked against transformers' modeling_*.py): torch's nn.Linear stores [out, in]; GPT-2's Conv1D stores
+[in, out] with q, k, v fused in one [D, 3D] matrix; our attention kernels are query/key/value [D, heads, head_dim]
+and out [heads, head_dim, D], MLP kernels [in, out], the untied output projection [D, V], embeddings [V, D].
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import numpy as np
+
+from jaxformer.config import ConfigError, ModelConfig
+
+# ------------------------------------------------------------------------------------------------- layouts
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """One Hugging Face tensor `hf` <-> our parameters `ours` (paths like 'decoder.blocks.0.attn.query')."""
+  hf: str
+  ours: tuple[str, ...]
+  to_ours: Callable[[np.ndarray], tuple[np.ndarray, ...]]
+  to_hf: Callable[..., np.ndarray]
+
+
+def same(hf: str, ours: str) -> Rule:
+  return Rule(hf, (ours,), lambda w: (w,), lambda w: w)
+
+
+def linear(hf: str, ours: str) -> Rule:
+  """nn.Linear [out, in] <-> our kernel [in, out] (also lm_head [V, D] <-> unembed [D, V])."""
+  return Rule(hf, (ours,), lambda w: (w.T,), lambda w: w.T)
+
+
+def heads_in(hf: str, ours: str, heads: int, head_dim: int) -> Rule:
+  """q/k/v nn.Linear [heads * head_dim, D] <-> [D, heads, head_dim]."""
+  return Rule(hf, (ours,), lambda w: (w.T.reshape(-1, heads, head_dim),), lambda w: w.reshape(w.shape[0], -1).T)
+
+
+def heads_out(hf: str, ours: str, heads: int, head_dim: int) -> Rule:
+  """o nn.Linear [D, heads * head_dim] <-> [heads, head_dim, D]."""
+  return Rule(hf, (ours,), lambda w: (w.T.reshape(heads, head_dim, -1),), lambda w: w.reshape(heads * head_dim, -1).T)
+
+
+def heads_bias(hf: str, ours: str, heads: int, head_dim: int) -> Rule:
+  """q/k/v bias [heads * head_dim] <-> [heads, head_dim]."""
+  return Rule(hf, (ours,), lambda b: (b.reshape(heads, head_dim),), lambda b: b.reshape(-1))
+
+
+def fused_qkv(hf: str, ours: tuple[str, str, str], heads: int, head_dim: int) -> Rule:
+  """GPT-2's Conv1D c_attn: weight [D, 3 * heads * head_dim] (or bias [3 * heads * head_dim]) <-> q, k, v."""
+  def to_ours(w):
+    return tuple(part.reshape(*part.shape[:-1], heads, head_dim) for part in np.split(w, 3, axis=-1))
+
+  def to_hf(*parts):
+    return np.concatenate([p.reshape(*p.shape[:-2], -1) for p in parts], axis=-1)
+  return Rule(hf, ours, to_ours, to_hf)
+
+
+def conv_heads_out(hf: str, ours: str, heads: int, head_dim: int) -> Rule:
+  """GPT-2's Conv1D c_proj [heads * head_dim, D] <-> [heads, head_dim, D]."""
+  return Rule(hf, (ours,), lambda w: (w.reshape(heads, head_dim, -1),), lambda w: w.reshape(heads * head_dim, -1))
+
+
+def zeros(hf: str, shape: tuple[int, ...]) -> Rule:
+  """A Hugging Face tensor we have no parameter for: written as zeros, and read only if it is all zeros."""
+  def to_ours(w):
+    if np.any(np.asarray(w, np.float32) != 0):
+      raise ConfigError(f'{hf} is not zero, and jaxformer\'s model has no parameter for it.')
+    return ()
+  return Rule(hf, (), to_ours, lambda: np.zeros(shape, np.float32))
+
+
+def norm(hf_prefix: str, ours_prefix: str, bias: bool = True) -> list[Rule]:
+  """LayerNorm / RMSNorm: weight <-> scale (and bias)."""
+  return [same(f'{hf_prefix}.weight', f'{ours_prefix}.scale')] + (
+      [same(f'{hf_prefix}.bias', f'{ours_prefix}.bias')] if bias else [])
+
+
+# ------------------------------------------------------------------------------------------------ families
+# Hugging Face activation names -> model.mlp (gelu is the tanh approximation, gelu_exact the erf form).
+ACTIVATIONS = {'gelu_new': 'gelu', 'gelu_pytorch_tanh': 'gelu', 'gelu_fast': 'gelu', 'gelu': 'gelu_exact',
+               'relu': 'relu'}
+_ACTIVATION_NAMES = {'gelu': 'gelu_new', 'gelu_exact': 'gelu', 'relu': 'relu'}  # inverse, for saving
+
+
+def _get(hf: dict, *keys: str, default: Any = None) -> Any:
+  """The first of `keys` that config.json has (families renamed keys over the years)."""
+  for key in keys:
+    if hf.get(key) is not None:
+      return hf[key]
+  return default
+
+
+def _activation(model_type: str, name: str) -> str:
+  if name not in ACTIVATIONS:
+    raise ConfigError(f'{model_type} activation {name!r} has no jaxformer counterpart; supported: '
+                      f'{", ".join(ACTIVATIONS)}.')
+  return ACTIVATIONS[name]
+
+
+def _want(cfg: ModelConfig, **expected: Any) -> list[str]:
+  """'model.key=value (needs a, b)' for each key of cfg whose value is not one of the expected ones."""
+  out = []
+  for key, allowed in expected.items():
+    allowed = allowed if isinstance(allowed, tuple) else (allowed,)
+    value = getattr(cfg, key)
+    if value not in allowed:
+      out.append(f'model.{key}={value!r} (needs {" or ".join(repr(a) for a in allowed)})')
+  return out
+
+
+def _head_dim(head_dim: int, d_model: int, heads: int) -> int:
+  """model.head_dim: -1 (= d_model // num_heads) unless the checkpoint's differs."""
+  return -1 if head_dim * heads == d_model else head_dim
+
+
+def _common(cfg: ModelConfig) -> dict[str, Any]:
+  return {'vocab_size': cfg.vocab_size, 'initializer_range': cfg.init_std, 'dtype': cfg.param_dtype}
+
+
+class Family:
+  """Base: a Hugging Face family. `model_types` are the config.json model_type values it reads."""
+  model_types: tuple[str, ...] = ()
+  arch = ''  # our model.arch
+  architecture = ''  # the class transformers' AutoModelFor... builds (config.json "architectures")
+
+  def model_section(self, hf: dict) -> dict[str, Any]:
+    raise NotImplementedError
+
+  def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
+    raise NotImplementedError
+
+  def tensors(self, cfg: ModelConfig) -> list[Rule]:
+    raise NotImplementedError
+
+  def mismatches(self, cfg: ModelConfig) -> list[str]:
+    raise NotImplementedError
+
+  # Tensors a checkpoint may hold that the model does not use (buffers, tied copies, other heads).
+  ignored: tuple[str, ...] = ()
+  # The base-model prefix some checkpoints (saved from the bare model class) lack.
+  prefix = ''
+
+
+def _attention_rules(cfg: ModelConfig, ours: str, q: str, k: str, v: str, o: str, bias: bool) -> list[Rule]:
+  """q, k, v, o as separate nn.Linear layers (BERT, T5, Llama); `bias` = q/k/v biases."""
+  n, kv, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  rules = [heads_in(f'{q}.weight', f'{ours}.query', n, h), heads_in(f'{k}.weight', f'{ours}.key', kv, h),
+           heads_in(f'{v}.weight', f'{ours}.value', kv, h), heads_out(f'{o}.weight', f'{ours}.out', n, h)]
+  if bias:
+    rules += [heads_bias(f'{q}.bias', f'{ours}.query_bias', n, h), heads_bias(f'{k}.bias', f'{ours}.key_bias', kv, h),
+              heads_bias(f'{v}.bias', f'{ours}.value_bias', kv, h)]
+  return rules
+
+
+def _t5_attention(cfg: ModelConfig, hf: str, ours: str) -> list[Rule]:
+  return _attention_rules(cfg, ours, f'{hf}.q', f'{hf}.k', f'{hf}.v', f'{hf}.o', bias=False)
+
+
+class GPT2(Family):
+  model_types = ('gpt2',)
+  arch = 'decoder_only'
+  architecture = 'GPT2LMHeadModel'
+  prefix = 'transformer.'
+  ignored = ('.attn.bias', '.attn.masked_bias', 'lm_head.weight')
+
+  def model_section(self, hf: dict) -> dict[str, Any]:
+    if hf.get('scale_attn_by_inverse_layer_idx'):
+      raise ConfigError('gpt2 scale_attn_by_inverse_layer_idx=true has no jaxformer counterpart.')
+    if hf.get('add_cross_attention'):
+      raise ConfigError('gpt2 add_cross_attention=true (an encoder-decoder GPT-2) is not supported.')
+    d = hf['n_embd']
+    return dict(arch='decoder_only', position='learned', norm='layer', norm_position='pre',
+                mlp=_activation('gpt2', hf.get('activation_function', 'gelu_new')), num_layers=hf['n_layer'],
+                num_heads=hf['n_head'], num_kv_heads=-1, d_model=d, d_ff=_get(hf, 'n_inner', default=4 * d),
+                vocab_size=hf['vocab_size'], max_len=hf['n_positions'], dropout=hf.get('resid_pdrop', 0.1),
+                attention_dropout=hf.get('attn_pdrop', 0.1), use_bias=True,
+                tie_embeddings=hf.get('tie_word_embeddings', True), norm_eps=hf.get('layer_norm_epsilon', 1e-5),
+                init_std=hf.get('initializer_range', 0.02), pad_id=-1,
+                attention_scale=-1.0 if hf.get('scale_attn_weights', True) else 1.0)
+
+  def mismatches(self, cfg: ModelConfig) -> list[str]:
+    return _want(cfg, arch='decoder_only', position='learned', norm='layer', norm_position='pre',
+                 mlp=tuple(_ACTIVATION_NAMES), use_bias=True, num_kv_heads=cfg.num_heads,
+                 head_dim=cfg.d_model // cfg.num_heads, attention_scale=(-1.0, 1.0), output_scale=1.0,
+                 type_vocab_size=0, embed_norm=False, output_bias=False)
+
+  def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
+    return {**_common(cfg), 'n_embd': cfg.d_model, 'n_layer': cfg.num_layers, 'n_head': cfg.num_heads,
+            'n_inner': cfg.d_ff, 'n_positions': cfg.max_len, 'activation_function': _ACTIVATION_NAMES[cfg.mlp],
+            'resid_pdrop': cfg.dropout, 'embd_pdrop': cfg.dropout, 'attn_pdrop': cfg.attention_dropout,
+            'layer_norm_epsilon': cfg.norm_eps, 'tie_word_embeddings': cfg.tie_embeddings,
+            'scale_attn_weights': cfg.attention_scale == -1.0}
+
+  def tensors(self, cfg: ModelConfig) -> list[Rule]:
+    n, h = cfg.num_heads, cfg.head_dim
+    rules = [same('transformer.wte.weight', 'embed.embedding'),
+             same('transformer.wpe.weight', 'decoder.positions.embedding'),
+             *norm('transformer.ln_f', 'decoder.final_norm')]
+    if not cfg.tie_embeddings:
+      rules.append(linear('lm_head.weight', 'unembed.kernel'))
+    for i in range(cfg.num_layers):
+      hf, ours = f'transformer.h.{i}', f'decoder.blocks.{i}'
+      qkv = tuple(f'{ours}.attn.{p}' for p in ('query', 'key', 'value'))
+      rules += [*norm(f'{hf}.ln_1', f'{ours}.attn_norm'), *norm(f'{hf}.ln_2', f'{ours}.mlp_norm'),
+                fused_qkv(f'{hf}.attn.c_attn.weight', qkv, n, h),
+                fused_qkv(f'{hf}.attn.c_attn.bias', tuple(p + '_bias' for p in qkv), n, h),
+                conv_heads_out(f'{hf}.attn.c_proj.weight', f'{ours}.attn.out', n, h),
+                same(f'{hf}.attn.c_proj.bias', f'{ours}.attn.out_bias'),
+                same(f'{hf}.mlp.c_fc.weight', f'{ours}.mlp.wi'), same(f'{hf}.mlp.c_fc.bias', f'{ours}.mlp.wi_bias'),
+                same(f'{hf}.mlp.c_proj.weight', f'{ours}.mlp.wo'),
+                same(f'{hf}.mlp.c_proj.bias', f'{ours}.mlp.wo_bias')]
+    return rules
+
+
+class Bert(Family):
+  """BertForMaskedLM (BertForPreTraining / BertModel checkpoints load too: their other heads are ignored)."""
+  model_types = ('bert',)
+  arch = 'encoder_only'
+  architecture = 'BertForMaskedLM'
+  prefix = 'bert.'
+  ignored = ('position_ids', 'bert.pooler.', 'cls.seq_relationship.', 'cls.predictions.decoder.')
+  NO_TYPES = 2  # type_vocab_size written for a model without token types (all-zero table)
+
+  def model_section(self, hf: dict) -> dict[str, Any]:
+    if hf.get('position_embedding_type', 'absolute') != 'absolute':
+      raise ConfigError(f'bert position_embedding_type={hf["position_embedding_type"]!r} is not supported '
+                        '(only absolute).')
+    return dict(arch='encoder_only', position='learned', norm='layer', norm_position='post',
+                mlp=_activation('bert', hf.get('hidden_act', 'gelu')), num_layers=hf['num_hidden_layers'],
+                num_heads=hf['num_attention_heads'], num_kv_heads=-1, d_model=hf['hidden_size'],
+                d_ff=hf['intermediate_size'], vocab_size=hf['vocab_size'], max_len=hf['max_position_embeddings'],
+                dropout=hf.get('hidden_dropout_prob', 0.1),
+                attention_dropout=hf.get('attention_probs_dropout_prob', 0.1), use_bias=True, tie_embeddings=True,
+                norm_eps=hf.get('layer_norm_eps', 1e-12), init_std=hf.get('initializer_range', 0.02),
+                pad_id=_get(hf, 'pad_token_id', default=0), type_vocab_size=hf.get('type_vocab_size', 2),
+                embed_norm=True, output_bias=True)
+
+  def mismatches(self, cfg: ModelConfig) -> list[str]:
+    return _want(cfg, arch='encoder_only', position='learned', norm='layer', norm_position='post',
+                 mlp=tuple(_ACTIVATION_NAMES), use_bias=True, tie_embeddings=True, num_kv_heads=cfg.num_heads,
+                 head_dim=cfg.d_model // cfg.num_heads, attention_scale=-1.0, output_scale=1.0, embed_norm=True)
+
+  def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
+    return {**_common(cfg), 'hidden_size': cfg.d_model, 'num_hidden_layers': cfg.num_layers,
+            'num_attention_heads': cfg.num_heads, 'intermediate_size': cfg.d_ff,
+            'max_position_embeddings': cfg.max_len, 'hidden_act': _ACTIVATION_NAMES[cfg.mlp],
+            'hidden_dropout_prob': cfg.dropout, 'attention_probs_dropout_prob': cfg.attention_dropout,
+            'layer_norm_eps': cfg.norm_eps, 'type_vocab_size': cfg.type_vocab_size or self.NO_TYPES,
+            'pad_token_id': max(cfg.pad_id, 0), 'tie_word_embeddings': True}
+
+  def tensors(self, cfg: ModelConfig) -> list[Rule]:
+    e = 'bert.embeddings'
+    rules = [same(f'{e}.word_embeddings.weight', 'embed.embedding'),
+             same(f'{e}.position_embeddings.weight', 'encoder.positions.embedding'),
+             *norm(f'{e}.LayerNorm', 'encoder.embed_norm'),
+             linear('cls.predictions.transform.dense.weight', 'head.kernel'),
+             same('cls.predictions.transform.dense.bias', 'head.bias'),
+             *norm('cls.predictions.transform.LayerNorm', 'head.norm')]
+    # A jaxformer BERT without token types / output bias is saved with zeros there (the same logits).
+    types = f'{e}.token_type_embeddings.weight'
+    rules.append(same(types, 'token_type_embedding') if cfg.type_vocab_size else
+                 zeros(types, (self.NO_TYPES, cfg.d_model)))
+    rules.append(same('cls.predictions.bias', 'output_bias') if cfg.output_bias else
+                 zeros('cls.predictions.bias', (cfg.vocab_size,)))
+    for i in range(cfg.num_layers):
+      hf, ours = f'bert.encoder.layer.{i}', f'encoder.blocks.{i}'
+      a = f'{hf}.attention'
+      rules += [*_attention_rules(cfg, f'{ours}.attn', f'{a}.self.query', f'{a}.self.key', f'{a}.self.value',
+                                  f'{a}.output.dense', bias=True),
+                same(f'{hf}.attention.output.dense.bias', f'{ours}.attn.out_bias'),
+                *norm(f'{hf}.attention.output.LayerNorm', f'{ours}.attn_norm'),
+                linear(f'{hf}.intermediate.dense.weight', f'{ours}.mlp.wi'),
+                same(f'{hf}.intermediate.dense.bias', f'{ours}.mlp.wi_bias'),
+                linear(f'{hf}.output.dense.weight', f'{ours}.mlp.wo'),
+                same(f'{hf}.output.dense.bias', f'{ours}.mlp.wo_bias'),
+                *norm(f'{hf}.output.LayerNorm', f'{ours}.mlp_norm')]
+    return rules
+
+
+class T5(Family):
+  """T5ForConditionalGeneration: v1.0 (relu, tied, output rescale d_model**-0.5) and v1.1 (gated-gelu, untied)."""
+  model_types = ('t5',)
+  arch = 'encoder_decoder'
+  architecture = 'T5ForConditionalGeneration'
+  ignored = ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight')
+  MLPS = {'relu': 'relu', 'gated-gelu': 'geglu', 'gated-silu': 'swiglu', 'gelu': 'gelu', 'gelu_new': 'gelu'}
+  _MLP_NAMES = {'relu': 'relu', 'geglu': 'gated-gelu', 'swiglu': 'gated-silu', 'gelu': 'gelu_new'}
+
+  def model_section(self, hf: dict) -> dict[str, Any]:
+    ff = hf.get('feed_forward_proj', 'relu')
+    if ff not in self.MLPS:
+      raise ConfigError(f't5 feed_forward_proj={ff!r} has no jaxformer counterpart; supported: {", ".join(self.MLPS)}.')
+    tied = hf.get('tie_word_embeddings', True)
+    rescale = hf.get('scale_decoder_outputs', tied)  # transformers 5 names it; older configs: rescale iff tied
+    return dict(arch='encoder_decoder', position='relative', norm='rms', norm_position='pre', mlp=self.MLPS[ff],
+                num_layers=hf['num_layers'], num_decoder_layers=_get(hf, 'num_decoder_layers', 'num_layers'),
+                num_heads=hf['num_heads'], num_kv_heads=-1, d_model=hf['d_model'], d_ff=hf['d_ff'],
+                head_dim=_head_dim(hf['d_kv'], hf['d_model'], hf['num_heads']), vocab_size=hf['vocab_size'],
+                max_len=hf.get('n_positions', 512),
+                dropout=hf.get('dropout_rate', 0.1), attention_dropout=hf.get('dropout_rate', 0.1), use_bias=False,
+                tie_embeddings=tied, norm_eps=hf.get('layer_norm_epsilon', 1e-6),
+                init_std=hf.get('initializer_factor', 1.0) * hf['d_model'] ** -0.5,
+                pad_id=_get(hf, 'pad_token_id', default=0), attention_scale=1.0,
+                output_scale=hf['d_model'] ** -0.5 if rescale else 1.0,
+                relative_num_buckets=hf.get('relative_attention_num_buckets', 32),
+                relative_max_distance=hf.get('relative_attention_max_distance', 128))
+
+  def mismatches(self, cfg: ModelConfig) -> list[str]:
+    rescale = (cfg.d_model ** -0.5, 1.0)
+    return _want(cfg, arch='encoder_decoder', position='relative', norm='rms', norm_position='pre',
+                 mlp=tuple(self._MLP_NAMES), use_bias=False, num_kv_heads=cfg.num_heads, attention_scale=1.0,
+                 output_scale=rescale, qkv_bias=False, type_vocab_size=0, embed_norm=False, output_bias=False)
+
+  def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
+    out = {**_common(cfg), 'd_model': cfg.d_model, 'd_kv': cfg.head_dim, 'd_ff': cfg.d_ff,
+           'num_layers': cfg.num_layers, 'num_decoder_layers': cfg.num_decoder_layers, 'num_heads': cfg.num_heads,
+           'feed_forward_proj': self._MLP_NAMES[cfg.mlp], 'dropout_rate': cfg.dropout,
+           'layer_norm_epsilon': cfg.norm_eps, 'tie_word_embeddings': cfg.tie_embeddings,
+           'scale_decoder_outputs': cfg.output_scale != 1.0,
+           'relative_attention_num_buckets': cfg.relative_num_buckets,
+           'relative_attention_max_distance': cfg.relative_max_distance, 'n_positions': cfg.max_len,
+           'pad_token_id': max(cfg.pad_id, 0), 'decoder_start_token_id': max(cfg.pad_id, 0),
+           'is_encoder_decoder': True, 'initializer_factor': 1.0}
+    if cfg.output_scale != 1.0 and not cfg.tie_embeddings:
+      raise ConfigError('model.output_scale with tie_embeddings=False has no T5 counterpart (transformers rescales '
+                        'only tied T5 models).')
+    return out
+
+  def tensors(self, cfg: ModelConfig) -> list[Rule]:
+    rules = [same('shared.weight', 'embed.embedding'), *norm('encoder.final_layer_norm', 'encoder.final_norm', False),
+             *norm('decoder.final_layer_norm', 'decoder.final_norm', False),
+             *(same(f'{s}.block.0.layer.0.SelfAttention.relative_attention_bias.weight', f'{s}.positions.embedding')
+               for s in ('encoder', 'decoder'))]  # T5 keeps the table in block 0; every layer of the stack uses it
+    if not cfg.tie_embeddings:
+      rules.append(linear('lm_head.weight', 'unembed.kernel'))
+    for stack, layers in (('encoder', cfg.num_layers), ('decoder', cfg.num_decoder_layers)):
+      for i in range(layers):
+        hf, ours = f'{stack}.block.{i}.layer', f'{stack}.blocks.{i}'
+        rules += [*_t5_attention(cfg, f'{hf}.0.SelfAttention', f'{ours}.attn'),
+                  *norm(f'{hf}.0.layer_norm', f'{ours}.attn_norm', False)]
+        ff = 1
+        if stack == 'decoder':
+          rules += [*_t5_attention(cfg, f'{hf}.1.EncDecAttention', f'{ours}.cross_attn'),
+                    *norm(f'{hf}.1.layer_norm', f'{ours}.cross_norm', False)]
+          ff = 2
+        dense = f'{hf}.{ff}.DenseReluDense'
+        if cfg.mlp in ('geglu', 'swiglu'):
+          rules += [linear(f'{dense}.wi_0.weight', f'{ours}.mlp.wi_gate'),
+                    linear(f'{dense}.wi_1.weight', f'{ours}.mlp.wi')]
+        else:
+          rules.append(linear(f'{dense}.wi.weight', f'{ours}.mlp.wi'))
+        rules += [linear(f'{dense}.wo.weight', f'{ours}.mlp.wo'),
+                  *norm(f'{hf}.{ff}.layer_norm', f'{ours}.mlp_norm', False)]
+    return rules
+
+
+class Llama(Family):
+  """LlamaForCausalLM, and the families with its layout: Mistral, Qwen2 (bias on q/k/v only)."""
+  model_types = ('llama', 'mistral', 'qwen2')
+  arch = 'decoder_only'
+  architecture = 'LlamaForCausalLM'
+  prefix = 'model.'
+  ignored = ('rotary_emb.inv_freq', 'lm_head.weight')
+
+  def model_section(self, hf: dict) -> dict[str, Any]:
+    model_type = hf['model_type']
+    rope = dict(hf.get('rope_parameters') or {})
+    scaling = hf.get('rope_scaling') or {}
+    rope_type = rope.get('rope_type', scaling.get('rope_type', scaling.get('type', 'default')))
+    if rope_type != 'default':
+      raise ConfigError(f'{model_type} rope_type={rope_type!r} (RoPE scaling) has no jaxformer counterpart; only '
+                        'default RoPE is supported.')
+    if hf.get('partial_rotary_factor', 1.0) != 1.0:
+      raise ConfigError(f'{model_type} partial_rotary_factor={hf["partial_rotary_factor"]} is not supported.')
+    if hf.get('hidden_act', 'silu') != 'silu':
+      raise ConfigError(f'{model_type} hidden_act={hf["hidden_act"]!r} is not supported (only silu = SwiGLU).')
+    qkv_bias = model_type == 'qwen2' or bool(hf.get('attention_bias'))
+    mlp_bias = bool(hf.get('mlp_bias'))
+    if hf.get('attention_bias') and not mlp_bias:  # Llama's attention_bias also covers o_proj
+      raise ConfigError(f'{model_type} attention_bias=true without mlp_bias has no jaxformer counterpart.')
+    heads = hf['num_attention_heads']
+    max_len = hf.get('max_position_embeddings', 2048)
+    window = hf.get('sliding_window') if hf.get('use_sliding_window', model_type == 'mistral') else None
+    if window:  # attention is exact up to the window; longer sequences would need sliding-window attention
+      max_len = min(max_len, int(window))
+    return dict(arch='decoder_only', position='rope', norm='rms', norm_position='pre', mlp='swiglu',
+                num_layers=hf['num_hidden_layers'], num_heads=heads,
+                num_kv_heads=_get(hf, 'num_key_value_heads', default=heads), d_model=hf['hidden_size'],
+                d_ff=hf['intermediate_size'],
+                head_dim=_head_dim(_get(hf, 'head_dim', default=hf['hidden_size'] // heads), hf['hidden_size'], heads),
+                vocab_size=hf['vocab_size'], max_len=max_len, dropout=0.0,
+                attention_dropout=hf.get('attention_dropout', 0.0), use_bias=mlp_bias,
+                qkv_bias=qkv_bias and not mlp_bias, tie_embeddings=hf.get('tie_word_embeddings', False),
+                norm_eps=hf.get('rms_norm_eps', 1e-6), rope_base=rope.get('rope_theta', hf.get('rope_theta', 1e4)),
+                init_std=hf.get('initializer_range', 0.02), pad_id=-1)
+
+  def mismatches(self, cfg: ModelConfig) -> list[str]:
+    return _want(cfg, arch='decoder_only', position='rope', norm='rms', norm_position='pre', mlp='swiglu',
+                 output_scale=1.0, type_vocab_size=0, embed_norm=False, output_bias=False, attention_scale=-1.0)
+
+  def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
+    qwen = cfg.qkv_bias and not cfg.use_bias
+    out = {**_common(cfg), 'hidden_size': cfg.d_model, 'intermediate_size': cfg.d_ff,
+           'num_hidden_layers': cfg.num_layers, 'num_attention_heads': cfg.num_heads,
+           'num_key_value_heads': cfg.num_kv_heads, 'head_dim': cfg.head_dim, 'hidden_act': 'silu',
+           'max_position_embeddings': cfg.max_len, 'rms_norm_eps': cfg.norm_eps, 'rope_theta': cfg.rope_base,
+           'attention_dropout': cfg.attention_dropout, 'tie_word_embeddings': cfg.tie_embeddings}
+    if qwen:
+      return {**out, 'model_type': 'qwen2', 'architectures': ['Qwen2ForCausalLM'], 'use_sliding_window': False}
+    return {**out, 'attention_bias': cfg.use_bias, 'mlp_bias': cfg.use_bias}
+
+  def tensors(self, cfg: ModelConfig) -> list[Rule]:
+    rules = [same('model.embed_tokens.weight', 'embed.embedding'), *norm('model.norm', 'decoder.final_norm', False)]
+    if not cfg.tie_embeddings:
+      rules.append(linear('lm_head.weight', 'unembed.kernel'))
+    qkv_bias = cfg.use_bias or cfg.qkv_bias
+    for i in range(cfg.num_layers):
+      hf, ours = f'model.layers.{i}', f'decoder.blocks.{i}'
+      a = f'{hf}.self_attn'
+      rules += [*_attention_rules(cfg, f'{ours}.attn', f'{a}.q_proj', f'{a}.k_proj', f'{a}.v_proj', f'{a}.o_proj',
+                                  bias=qkv_bias),
+                *norm(f'{hf}.input_layernorm', f'{ours}.attn_norm', False),
+                *norm(f'{hf}.post_attention_layernorm', f'{ours}.mlp_norm', False),
+                linear(f'{hf}.mlp.gate_proj.weight', f'{ours}.mlp.wi_gate'),
+                linear(f'{hf}.mlp.up_proj.weight', f'{ours}.mlp.wi'),
+                linear(f'{hf}.mlp.down_proj.weight', f'{ours}.mlp.wo')]
+      if cfg.use_bias:  # Llama's mlp_bias also gives the gate a bias; jaxformer's SwiGLU gate has none
+        rules += [same(f'{hf}.self_attn.o_proj.bias', f'{ours}.attn.out_bias'),
+                  zeros(f'{hf}.mlp.gate_proj.bias', (cfg.d_ff,)),
+                  same(f'{hf}.mlp.up_proj.bias', f'{ours}.mlp.wi_bias'),
+                  same(f'{hf}.mlp.down_proj.bias', f'{ours}.mlp.wo_bias')]
+    return rules
+
+
+FAMILY_CLASSES = (GPT2, Bert, T5, Llama)
+FAMILIES: dict[str, Family] = {t: cls() for cls in FAMILY_CLASSES for t in cls.model_types}
+
+
+def for_model_type(model_type: str, where: str) -> Family:
+  if model_type not in FAMILIES:
+    raise ConfigError(f'{where}: model_type {model_type!r} is not supported; jaxformer reads '
+                      f'{", ".join(FAMILIES)}.')
+  return FAMILIES[model_type]
+
+
+def for_model(cfg: ModelConfig) -> Family:
+  """The family that can express `cfg`, or a ConfigError naming the settings that have no counterpart."""
+  candidates = [(cls(), cls().mismatches(cfg)) for cls in FAMILY_CLASSES if cls.arch == cfg.arch]
+  family, bad = min(candidates, key=lambda c: len(c[1]))  # the first family of the arch wins a tie
+  if bad:
+    raise ConfigError(f'this model has no Hugging Face counterpart: the closest family, {family.model_types[0]}, '
+                      f'needs {"; ".join(bad)}.')
+  return family

@@ -1,0 +1,120 @@
+"""LoRA (Hu et al. 2021): y = x W + (alpha / rank) * dropout(x) A B on the projections named by peft.targets.
+
+A [*in, rank] is small and random (uniform in +-1/sqrt(fan_in), as the reference implementation), B [rank, *out] is
+zero, so step 0 is the base model exactly. The factors carry the logical axis names of their base kernel's input /
+output dimensions (the rank dimension is unnamed: replicated), so the mesh rules shard them like the kernel.
+The model calls them through layers.lora_update (Attention and MLP projections).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from jaxformer.errors import ConfigError, check_fraction, check_positive
+from jaxformer.model import attention as attention_lib
+from jaxformer.model import layers
+from jaxformer.peft.params import LoRAParam, new_param, sharding_names
+
+Array = jax.Array
+
+# peft.targets groups -> projection names (attribute names of the kernels in Attention / MLP); a comma list of
+# projection names (or the q, k, v, o aliases) picks them one by one.
+ATTENTION = ('query', 'key', 'value', 'out')
+MLP = ('wi', 'wi_gate', 'wo')
+TARGET_GROUPS = {'attention': ATTENTION, 'mlp': MLP, 'all': ATTENTION + MLP}
+ALIASES = {'q': 'query', 'k': 'key', 'v': 'value', 'o': 'out'}
+INPUT_DIMS = {'out': 2}  # the output projection [heads, head_dim, embed] reads both head axes; the others one
+
+
+def target_names(targets: str) -> tuple[str, ...]:
+  """peft.targets -> projection names; a ConfigError for an unknown name."""
+  names: list[str] = []
+  for word in (w.strip().lower() for w in str(targets).split(',') if w.strip()):
+    group = TARGET_GROUPS.get(word)
+    if group is None:
+      name = ALIASES.get(word, word)
+      if name not in ATTENTION + MLP:
+        raise ConfigError(f'peft.targets={targets!r}: unknown target {word!r}; use attention, mlp, all, or a comma '
+                          f'list of {", ".join(ATTENTION + MLP)} (aliases q,k,v,o).')
+      group = (name,)
+    names += [n for n in group if n not in names]
+  if not names:
+    raise ConfigError(f'peft.targets={targets!r} names no projection; use attention, mlp, all or a comma list.')
+  return tuple(names)
+
+
+def validate(peft: ml_collections.ConfigDict, model: Any) -> None:
+  check_positive('peft.rank', peft.rank)
+  if not isinstance(peft.rank, int):
+    raise ConfigError(f'peft.rank={peft.rank!r} must be a positive integer.')
+  check_fraction('peft.dropout', peft.dropout)
+  if not peft.alpha > 0:
+    raise ConfigError(f'peft.alpha={peft.alpha!r} must be > 0 (the update is scaled by alpha / rank).')
+  names = target_names(peft.targets)
+  if names == ('wi_gate',) and model.mlp not in ('swiglu', 'geglu'):
+    raise ConfigError(f'peft.targets=wi_gate: model.mlp={model.mlp} has no gate projection; use wi, wo or mlp.')
+
+
+class LoRA(nnx.Module):
+  """The low-rank update of one kernel of shape [*in, *out] (in = its first `in_dims` dimensions)."""
+
+  def __init__(self, kernel: nnx.Param, in_dims: int, peft: ml_collections.ConfigDict, dtype: Any, *,
+               rngs: nnx.Rngs):
+    shape, names = tuple(kernel.get_value().shape), sharding_names(kernel)
+    rank, fan_in = int(peft.rank), math.prod(shape[:in_dims])
+    bound = 1.0 / math.sqrt(fan_in)
+    uniform = lambda key, s, dt: jax.random.uniform(key, s, dt, -bound, bound)  # noqa: E731
+    pdt = kernel.get_value().dtype
+    self.rank, self.scale, self.dtype = rank, float(peft.alpha) / rank, jnp.dtype(dtype)
+    self.out_shape = shape[in_dims:]
+    self.a = new_param(LoRAParam, rngs, uniform, shape[:in_dims] + (rank,), names[:in_dims] + (None,), pdt)
+    self.b = new_param(LoRAParam, rngs, layers.zeros, (rank,) + self.out_shape, (None,) + names[in_dims:], pdt)
+    self.dropout = nnx.Dropout(float(peft.dropout), deterministic=True, rngs=rngs)
+
+  def __call__(self, x: Array) -> Array:
+    """x [..., prod(in)] -> the update [..., *out] (in the compute dtype)."""
+    x = x.astype(self.dtype)
+    if self.dropout.rate > 0:
+      x = self.dropout(x)
+    h = layers.matmul(x, self.a[...].astype(self.dtype).reshape(-1, self.rank))
+    y = layers.matmul(h, self.b[...].astype(self.dtype).reshape(self.rank, -1)) * jnp.asarray(self.scale, self.dtype)
+    return y.reshape(*x.shape[:-1], *self.out_shape)
+
+
+def attach(model: nnx.Module, peft: ml_collections.ConfigDict, rngs: nnx.Rngs) -> None:
+  """Gives every Attention (self and cross) and MLP a `lora` dict {projection name: LoRA} for the targets."""
+  names = target_names(peft.targets)
+  for _, module in list(nnx.iter_modules(model)):
+    if isinstance(module, attention_lib.Attention):
+      wanted = [n for n in names if n in ATTENTION]
+    elif isinstance(module, layers.MLP):
+      wanted = [n for n in names if n in MLP and getattr(module, n, None) is not None]
+    else:
+      continue
+    if wanted:
+      module.lora = nnx.Dict({n: LoRA(getattr(module, n), INPUT_DIMS.get(n, 1), peft, module.dtype, rngs=rngs)
+                              for n in wanted})
+
+
+def merge(params: nnx.State, peft: ml_collections.ConfigDict) -> nnx.State:
+  """The base params with every LoRA update folded in: W + (alpha/rank) * A B (in float32, cast back to W's dtype)."""
+  scale = float(peft.alpha) / int(peft.rank)
+  flat = dict(nnx.to_flat_state(params))
+  merged = {path: v for path, v in flat.items() if not isinstance(v, LoRAParam)}
+  for path, a in flat.items():
+    if not (isinstance(a, LoRAParam) and path[-1] == 'a'):
+      continue
+    b = flat[path[:-1] + ('b',)]
+    kernel_path = path[:-3] + (path[-2],)  # (..., 'lora', name, 'a') -> (..., name)
+    w = merged[kernel_path]
+    a2 = a.get_value().astype(jnp.float32)
+    rank = a2.shape[-1]
+    delta = a2.reshape(-1, rank) @ b.get_value().astype(jnp.float32).reshape(rank, -1)
+    value = w.get_value()
+    merged[kernel_path] = w.replace((value.astype(jnp.float32) + scale * delta.reshape(value.shape)).astype(value.dtype))
+  return nnx.from_flat_state(merged)
