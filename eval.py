@@ -7,7 +7,7 @@
 
 The architecture (model section) comes from the checkpoint's saved config; data/train settings too, so the loss
 matches training's eval_loss for the same step (use --config.train.eval_steps=-1 for the whole split).
-Results go to DIR/eval.json unless --output says otherwise.
+score results go to DIR/eval_<split>_step<N>.json and DIR/eval.json (the latest) unless --output says otherwise.
 """
 import sys
 
@@ -21,8 +21,9 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'The directory train.py wrote (c
 _STEP = flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint step to evaluate (default: the newest).')
 _SPLIT = flags.DEFINE_string('split', 'validation', 'validation (data.eval_split), test (data.test_split) or a '
                              'split name.')
-_OUTPUT = flags.DEFINE_string('output', None, 'score: the JSON file (default DIR/eval.json); translate: the output '
-                              'text file (default: print); generate: optional JSON file.')
+_OUTPUT = flags.DEFINE_string('output', None, 'score: the JSON file (default DIR/eval_<split>_step<N>.json, also '
+                              'copied to DIR/eval.json); translate: the output text file (default: print); generate: '
+                              'optional JSON file.')
 _MODE = flags.DEFINE_enum('mode', 'score', ['score', 'generate', 'translate'], 'What to do.')
 _PROMPT = flags.DEFINE_multi_string('prompt', None, 'generate: prompt text (repeat the flag for several).')
 _INPUT = flags.DEFINE_string('input', None, 'translate: a text file with one source sentence per line.')

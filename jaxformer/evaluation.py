@@ -23,6 +23,8 @@ import functools
 import json
 import math
 import os
+import re
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -55,6 +57,12 @@ class EvalError(UserError, ValueError):
 def _log(msg: str) -> None:
   if jax.process_index() == 0:
     print(msg, flush=True)
+
+
+def _warn(msg: str) -> None:
+  """A warning on stderr, so printed translations / generations on stdout stay clean to redirect."""
+  if jax.process_index() == 0:
+    print(f'WARNING: {msg}', file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ the config
@@ -272,13 +280,30 @@ def _decode_batches(r: Restored, *, prompts: Sequence[Sequence[int]] | None = No
   return out
 
 
-def translate_texts(r: Restored, texts: Sequence[str]) -> list[str]:
-  sources = [data_lib.encode_source(r.tokenizer, t, r.config.data.src_seq_len) for t in texts]
-  return [r.tokenizer.decode(ids) for ids in _decode_batches(r, sources=sources)]
+def translate_texts(r: Restored, texts: Sequence[str]) -> tuple[list[str], int]:
+  """-> (one translation per text, how many texts were cut to data.src_seq_len tokens). A blank text gets a blank
+  translation without decoding, so a file's translations stay aligned with its lines."""
+  tok, src_len = r.tokenizer, r.config.data.src_seq_len
+  todo = [i for i, t in enumerate(texts) if t.strip()]
+  sources = [data_lib.encode_source(tok, texts[i], src_len) for i in todo]
+  cut = sum(len(ids) < len(tok.encode(texts[i])) + 1 for i, ids in zip(todo, sources))  # + 1: the EOS
+  out = [''] * len(texts)
+  for i, ids in zip(todo, _decode_batches(r, sources=sources) if todo else []):
+    out[i] = tok.decode(ids)
+  return out, cut
+
+
+def characters_outside_vocabulary(tokenizer: data_lib.Tokenizer, text: str) -> list[str]:
+  """The distinct characters of `text` (in order) the tokenizer encodes as <unk>."""
+  return [c for c in dict.fromkeys(text) if tokenizer.unk_id in tokenizer.encode(c)]
 
 
 def generate_texts(r: Restored, prompts: Sequence[str]) -> list[str]:
   tok = r.tokenizer
+  unknown = characters_outside_vocabulary(tok, ''.join(prompts))
+  if unknown:
+    _warn(f'--prompt characters not in the tokenizer\'s vocabulary (each becomes <unk>, unseen in training): '
+          f'{" ".join(map(repr, unknown))}')
   ids = [[tok.bos_id] + tok.encode(p) for p in prompts]
   longest = max(len(i) for i in ids)
   if longest >= r.config.model.max_len:
@@ -309,6 +334,15 @@ def finite_or_null(results: dict[str, Any]) -> dict[str, Any]:
     _log(f'WARNING: {", ".join(bad)} not finite (NaN/inf), written as null: the checkpoint\'s parameters have '
          'probably diverged; evaluate an earlier --checkpoint_step.')
   return {k: None if k in bad else v for k, v in results.items()}
+
+
+LATEST_OUTPUT = 'eval.json'  # score without --output: also a copy of the latest results here
+
+
+def default_output(workdir: str, split: str, step: int) -> str:
+  """score's results file without --output: DIR/eval_<split>_step<N>.json, so evaluating another split or step
+  keeps the earlier results (characters other than letters, digits, '.', '-' and '_' in a split name -> '_')."""
+  return os.path.join(workdir, f'eval_{re.sub(r"[^A-Za-z0-9._-]", "_", split)}_step{step}.json')
 
 
 def _write_json(path: str, obj: dict) -> None:
@@ -342,7 +376,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int
         bleu: bool = True, overrides: Iterable[str] | None = None) -> dict[str, Any]:
   """Evaluates the checkpoint in workdir; returns the results dict (also printed, and written as JSON).
 
-  score: writes {step, split, num_tokens, loss, perplexity, ...} to `output` (default DIR/eval.json);
+  score: writes {step, split, num_tokens, loss, perplexity, ...} to `output` (default
+  DIR/eval_<split>_step<N>.json, copied to DIR/eval.json: the latest);
   encoder_decoder adds bleu, sacrebleu_signature, direction (over the same examples the loss covers, or the
   whole split with train.eval_steps=-1; bleu=False skips decoding). generate: `prompt` text(s) -> printed
   continuations. translate: the lines of `input_path` -> printed, or written one per line to `output`.
@@ -382,7 +417,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int
   if mode == 'translate':
     if arch != 'encoder_decoder':
       raise EvalError(f'--mode=translate needs an encoder_decoder checkpoint; {workdir} holds {arch}.')
-    texts = translate_texts(r, lines)
+    texts, cut = translate_texts(r, lines)
+    if cut:
+      _warn(f'{cut} of {len(lines)} lines of {input_path} are longer than data.src_seq_len='
+            f'{r.config.data.src_seq_len} tokens (EOS included) and were cut to that length before translating.')
     if output:
       if jax.process_index() == 0:
         with open(output, 'w', encoding='utf-8') as f:
@@ -403,7 +441,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int
     limit = int(r.config.train.eval_steps)
     if limit >= 0:  # the examples the loss covered (exactly so when rows are unpacked: one example per row)
       pairs = pairs[:limit * r.resolved.eval_batch_size]
-    hyps = translate_texts(r, [s for s, _ in pairs])
+    hyps, _ = translate_texts(r, [s for s, _ in pairs])  # cut exactly as training cut them
     refs = [t for _, t in pairs]
     direction = translation_direction(r.config)
     b = metrics_lib.bleu(hyps, refs, tgt_lang=direction.split('->')[-1],
@@ -419,8 +457,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int
   results['seconds'] = round(time.perf_counter() - start, 2)
   _log(f'evaluation of {workdir} (step {r.step}, split {name}):')
   _log(format_table({k: v for k, v in results.items() if k != 'decode'}))
-  path = output or os.path.join(workdir, 'eval.json')
   results = finite_or_null(results)
-  _write_json(path, results)
-  _log(f'wrote {path}')
+  if output:
+    _write_json(output, results)
+    _log(f'wrote {output}')
+  else:
+    path = default_output(workdir, name, r.step)
+    _write_json(path, results)
+    _write_json(os.path.join(workdir, LATEST_OUTPUT), results)
+    _log(f'wrote {path} (and {os.path.join(workdir, LATEST_OUTPUT)}, the latest evaluation)')
   return results

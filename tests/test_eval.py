@@ -167,3 +167,51 @@ def test_errors_are_one_clear_line(trained, tmp_path):
     assert proc.returncode != 0
     assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr
     assert 'Traceback' not in proc.stderr
+
+
+def test_score_keeps_each_split_and_step(trained, capsys):
+  """Without --output, results go to DIR/eval_<split>_step<N>.json, and DIR/eval.json is the latest of them."""
+  workdir = trained('gpt_tiny')
+  config = recipe_config('gpt_tiny')
+  first = evaluation.run(config, str(workdir), split='test', checkpoint_step=2)
+  assert f'wrote {workdir / "eval_test_step2.json"} (and {workdir / "eval.json"}' in capsys.readouterr().out
+  second = evaluation.run(config, str(workdir))
+  assert json.loads((workdir / 'eval_test_step2.json').read_text()) == first
+  assert json.loads((workdir / 'eval_validation_step4.json').read_text()) == second
+  assert json.loads((workdir / 'eval.json').read_text()) == second and first['loss'] != second['loss']
+
+
+def eval_cli(*args):
+  return subprocess.run([sys.executable, 'eval.py', *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def warnings_of(proc):
+  assert proc.returncode == 0 and 'Traceback' not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+  return [line for line in proc.stderr.splitlines() if line.startswith('WARNING')]
+
+
+def test_translate_cli_keeps_blank_lines_and_reports_cut_ones(trained, tmp_path):
+  workdir = trained('t5_tiny')
+  src, hyp = tmp_path / 'src.txt', tmp_path / 'hyp.txt'
+  long_line = '7' * (2 * TINY['t5_tiny']['data.src_seq_len'])
+  src.write_text(f'12\n\n{long_line}\n5\n')
+  proc = eval_cli('--config=configs/t5_tiny.py', f'--workdir={workdir}', '--mode=translate', f'--input={src}',
+                  f'--output={hyp}', '--config.decode.max_len=10')
+  (warning,) = warnings_of(proc)
+  assert f'1 of 4 lines of {src}' in warning and 'data.src_seq_len=12' in warning
+  lines = hyp.read_text().split('\n')
+  assert len(lines) == 5 and lines[1] == '' and lines[4] == ''  # 4 lines, each ending in '\n'
+  # The other lines are translated as they would be alone.
+  config = recipe_config('t5_tiny', **{'decode.max_len': 10})
+  alone = tmp_path / 'alone.txt'
+  alone.write_text('12\n5\n')
+  assert evaluation.run(config, str(workdir), mode='translate', input_path=str(alone))['outputs'] == [lines[0],
+                                                                                                        lines[3]]
+
+
+def test_generate_cli_names_prompt_characters_outside_the_vocabulary(trained):
+  proc = eval_cli('--config=configs/gpt_tiny.py', f'--workdir={trained("gpt_tiny")}', '--mode=generate',
+                  '--prompt=kaQ€a', '--config.decode.max_len=4')
+  (warning,) = warnings_of(proc)
+  assert "'Q' '€'" in warning and 'vocabulary' in warning
+  assert proc.stdout.startswith('kaQ€a')

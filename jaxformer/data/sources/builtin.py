@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -155,20 +155,37 @@ def number_to_words(n: int) -> str:
   raise AssertionError(n)
 
 
+def _characters(values: Iterable[int]) -> set[str]:
+  """The characters of the (digits, words) pairs of `values`."""
+  return set().union(*(str(v) + number_to_words(v) for v in map(int, values)))
+
+
 @functools.cache
 def _numbers() -> dict[str, np.ndarray]:
-  """SYNTHETIC: distinct numbers below 10**6, digit counts 1..6 roughly equally likely; test, validation, train."""
+  """SYNTHETIC: distinct numbers below 10**6, digit counts 1..6 roughly equally likely; test, validation, train.
+
+  A validation/test number whose pair has a character the training pairs lack (only 0: the 'z' of 'zero') is
+  replaced by the next unused number, so a char vocabulary built on training covers every split; the training
+  split is the plain draw.
+  """
   rng = np.random.default_rng(_NUMBERS_SEED)
   total = sum(NUMBER_SPLITS.values())
   digits = rng.integers(1, 7, size=4 * total)
   low = np.where(digits == 1, 0, 10 ** (digits - 1))
   values = low + (rng.random(4 * total) * (10**digits - low)).astype(np.int64)
   _, first = np.unique(values, return_index=True)
-  values = values[np.sort(first)][:total]
+  values = values[np.sort(first)]
   out, start = {}, 0
   for split in ('test', 'validation', 'train'):
-    out[split] = values[start:start + NUMBER_SPLITS[split]]
+    out[split] = values[start:start + NUMBER_SPLITS[split]].copy()
     start += NUMBER_SPLITS[split]
+  train_chars = _characters(out['train'])
+  spare = iter(values[total:])
+  for split in ('test', 'validation'):
+    for i, value in enumerate(out[split]):
+      while not _characters([value]) <= train_chars:
+        value = next(spare)
+      out[split][i] = value
   return out
 
 

@@ -7,10 +7,12 @@ sources (text:, parallel:) convert their files with, so every source is read thr
 from __future__ import annotations
 
 import contextlib
+import glob
 import io
 import json
 import logging
 import os
+import tempfile
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -30,6 +32,21 @@ def import_tfds():
   except Exception:  # pylint: disable=broad-except
     pass
   return tfds
+
+
+@contextlib.contextmanager
+def _no_stray_tfds_tempdirs():
+  """Removes the empty tempfile.mkdtemp('tfds') directories TFDS made meanwhile: constructing a builder for a
+  dataset not prepared yet makes one for GCS metadata and never removes it (DatasetInfo.initialize_from_bucket;
+  GCS is disabled, so it stays empty) -- one /tmp/tmp*tfds per local-file conversion or unprepared TFDS name."""
+  pattern = os.path.join(tempfile.gettempdir(), 'tmp*tfds')
+  before = set(glob.glob(pattern))
+  try:
+    yield
+  finally:
+    for path in set(glob.glob(pattern)) - before:
+      with contextlib.suppress(OSError):  # not empty (not ours to remove) or already gone
+        os.rmdir(path)
 
 
 # How the text features of a record (in `keys` order) become an example, per source kind.
@@ -96,7 +113,8 @@ def open_tfds(spec: str, name: str, data_dir: str) -> tuple[Any, Any]:
   tfds = import_tfds()
   base = name.split('/')[0].split(':')[0]
   try:
-    sources = tfds.data_source(name, data_dir=data_dir, download=False, try_gcs=False)
+    with _no_stray_tfds_tempdirs():
+      sources = tfds.data_source(name, data_dir=data_dir, download=False, try_gcs=False)
   except tfds.core.registered.DatasetNotFoundError:
     raise DataError(
         f'data.source={spec!r}: TFDS dataset {base!r} is unknown and not prepared in data_dir {data_dir} '
@@ -217,8 +235,9 @@ def build_array_record(name: str, data_dir: str, features: Sequence[str],
   os.makedirs(os.path.join(data_dir, name), exist_ok=True)
   with open(os.path.join(data_dir, name, 'empty_splits.json'), 'w') as f:
     json.dump(empty, f)
-  builder = _Builder(data_dir=data_dir, file_format='array_record')
-  with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints "Downloading and preparing": nothing is downloaded
+  # TFDS prints "Downloading and preparing": nothing is downloaded
+  with _no_stray_tfds_tempdirs(), contextlib.redirect_stdout(io.StringIO()):
+    builder = _Builder(data_dir=data_dir, file_format='array_record')
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
 
 
