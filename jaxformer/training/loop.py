@@ -90,6 +90,7 @@ class _StopFlag:
   def __init__(self):
     self.requested: str | None = None  # the signal's name once one arrived
     self._previous: dict[int, Any] = {}
+    self._wakeup: tuple[int, int, int] | None = None  # (read fd, write fd, the wakeup fd before ours)
 
   def install(self) -> None:
     if threading.current_thread() is not threading.main_thread():
@@ -97,6 +98,26 @@ class _StopFlag:
     for sig in self.SIGNALS:
       self._previous[sig] = signal.getsignal(sig)
       signal.signal(sig, self._handle)
+    self._watch_second_ctrl_c()
+
+  def _watch_second_ctrl_c(self) -> None:
+    """Python runs signal handlers only between bytecodes, so Ctrl-Cs that arrive inside a long XLA compile wait
+    for it. The interpreter also writes each signal's number to a wakeup fd at once, from C: a thread reading it
+    ends the process at the second SIGINT, wherever the main thread is."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    self._wakeup = (read_fd, write_fd, signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False))
+
+    def watch() -> None:
+      interrupts = 0
+      while data := os.read(read_fd, 64):
+        interrupts += data.count(bytes([signal.SIGINT]))
+        if interrupts >= 2:
+          os.write(2, b'interrupted (second Ctrl-C): exiting without saving.\n')
+          os._exit(130)
+      os.close(read_fd)
+
+    threading.Thread(target=watch, name='second-ctrl-c', daemon=True).start()
 
   def _handle(self, signum, frame) -> None:  # noqa: ARG002
     self.requested = signal.Signals(signum).name
@@ -108,6 +129,11 @@ class _StopFlag:
     for sig, previous in self._previous.items():
       signal.signal(sig, previous)
     self._previous = {}
+    if self._wakeup is not None:
+      read_fd, write_fd, previous_fd = self._wakeup
+      signal.set_wakeup_fd(previous_fd)
+      os.close(write_fd)  # the watcher reads EOF and ends; it closes nothing itself
+      self._wakeup = None
 
   def any_process(self) -> bool:
     """Whether any process got a signal (collective in multi-process runs)."""
