@@ -78,7 +78,7 @@ class HFTokenizer(Tokenizer):
     self.pad_id, self.unk_id, self.mask_id = s['pad'], s['unk'], s['mask']
     self.bos_id = s['bos'] if s['bos'] != NONE else s['cls']
     self.eos_id = s['eos'] if s['eos'] != NONE else s['sep']
-    self.prefix_ids, self.suffix_ids = (tuple(x) for x in self._framing())
+    self.prefix_ids, self.suffix_ids = self._framing()
     # transformers starts a decoder from config.json's decoder_start_token_id (T5: its pad id 0)
     start = _read_json(os.path.join(directory, 'config.json')).get('decoder_start_token_id')
     self.decoder_start_id = int(start) if isinstance(start, int) else (self.pad_id if self.pad_id != NONE

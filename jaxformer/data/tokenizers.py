@@ -47,8 +47,8 @@ class Tokenizer:
 
   # How texts are framed as model sequences: the one rule every row builder, prompt and source uses (rows.py,
   # evaluation.py). A Hugging Face tokenizer (hf_tokenizer.py) overrides the attributes with its own.
-  prefix_ids: tuple[int, ...] = (BOS_ID,)  # put before a text's ids
-  suffix_ids: tuple[int, ...] = (EOS_ID,)  # put after them
+  prefix_ids: list[int] = [BOS_ID]  # put before a text's ids (read-only)
+  suffix_ids: list[int] = [EOS_ID]  # put after them (read-only)
   decoder_start_id = BOS_ID  # an encoder_decoder target sequence starts with it (decode.start_id must agree)
   # The target value of a position that is not scored (padding, a prompt, an unmasked token). jaxformer's pad id
   # 0 is never a real target; a tokenizer whose id 0 is a real token (GPT-2's '!', Llama's <unk>) uses -1.
@@ -61,7 +61,7 @@ class Tokenizer:
   def document(self, ids: Sequence[int]) -> np.ndarray:
     """A language-model document (decoder_only / encoder_only): prefix + ids + suffix; when the framing adds
     nothing (GPT-2), eos ends the document, as GPT-2 separates documents with <|endoftext|>."""
-    end = self.suffix_ids if self.prefix_ids or self.suffix_ids or self.eos_id < 0 else (self.eos_id,)
+    end = self.suffix_ids if self.prefix_ids or self.suffix_ids or self.eos_id < 0 else [self.eos_id]
     return self._join(self.prefix_ids, ids, end)
 
   def source(self, ids: Sequence[int], max_len: int | None = None) -> np.ndarray:
