@@ -19,6 +19,7 @@ from configs import default
 from configs import hf as hf_recipe
 from jaxformer import data as D
 from jaxformer import evaluation, hf, metrics
+from jaxformer.data import sources
 from jaxformer.data.rows import model_inputs
 from jaxformer.data.tokenizers import unscored_target
 from jaxformer.training import step as step_lib
@@ -40,8 +41,8 @@ def _config(name: str, tmp_path: pathlib.Path, lines: list[str], **data):
   for split in ('train', 'validation'):
     (tmp_path / f'{split}.txt').write_text(''.join(line + '\n' for line in lines), encoding='utf-8')
   config = hf_recipe.get_config(str(FIXTURES / name))
-  config.data.update(source=f'text:{tmp_path}/{{split}}.txt', text_unit='line', seq_len=24, pack=False,
-                     prefetch=0, **data)
+  config.data.update({'source': f'text:{tmp_path}/{{split}}.txt', 'text_unit': 'line', 'seq_len': 24, 'pack': False,
+                      'prefetch': 0, **data})
   return config
 
 
@@ -126,3 +127,57 @@ def test_train_py_first_loss_is_the_pretrained_models_loss_on_the_same_rows(name
 def test_generate_cuts_at_decode_eos_and_keeps_a_real_id_0():
   assert evaluation._until([5, 0, 300, 0, 0], 300) == [5, 0]
   assert evaluation._until([0, 0, 7], 300) == [0, 0, 7]
+
+
+def _list_source(kind: str, examples: list):
+  return sources.Source('builtin:test', kind, {s: sources.ListSplit(s, examples) for s in ('train', 'validation')})
+
+
+def test_random_windows_find_gpt2_documents_by_position_not_by_a_bos_id(tmp_path):
+  config = _config('gpt2', tmp_path, [], sampling='random_windows', seq_len=12)
+  config.train.batch_size = 8
+  tok = D.get_tokenizer(config, str(tmp_path))
+  source = _list_source('text', ['Hello world!', 'a!b !', 'café naïve', 'Hi!'] * 3)
+  batch = next(D.make_train_iterator(config, tok, str(tmp_path), layout=D.DataLayout(8), source=source))
+  seg, tokens, targets, pos = batch['segment_ids'], batch['tokens'], batch['targets'], batch['positions']
+  new = seg[:, 1:] != seg[:, :-1]  # a document starts at column j + 1
+  assert new.any()
+  assert np.all(tokens[:, :-1][new] == tok.eos_id)  # ... right after <|endoftext|> (GPT-2 has no BOS)
+  assert np.all(pos[:, 1:][new] == 0) and np.all(targets[:, :-1][new] == -1)  # not predicted across documents
+  assert np.all(targets[:, :-1][~new] == tokens[:, 1:][~new])  # every other next token is scored, id 0 included
+
+
+def test_bert_masking_uses_its_mask_id_and_never_masks_cls_sep(tmp_path):
+  config = _config('bert', tmp_path, [], mask_rate=0.5, seq_len=16)
+  tok = D.get_tokenizer(config, str(tmp_path))
+  texts = ['Hello world!', 'café naïve', 'hear me speak.'] * 4  # each fits a row
+  source = _list_source('text', texts)
+  batch = next(D.make_eval_iterator(config, tok, str(tmp_path), 'train', layout=D.DataLayout(12), source=source))
+  original = np.zeros_like(batch['tokens'])
+  for r, text in enumerate(texts):
+    doc = tok.encode_with_specials(text)  # [CLS] .. [SEP], as transformers frames it
+    assert len(doc) <= 16
+    original[r, :len(doc)] = doc
+  chosen = batch['targets'] >= 0
+  assert chosen.sum() > 10
+  np.testing.assert_array_equal(batch['targets'][chosen], original[chosen])
+  assert not np.isin(original[chosen], [tok.bos_id, tok.eos_id, tok.pad_id]).any()  # [CLS] [SEP] [PAD]
+  masked = batch['tokens'] == tok.mask_id
+  assert masked.sum() > 0.5 * chosen.sum() and np.all(chosen[masked])
+  np.testing.assert_array_equal(batch['tokens'][~chosen], original[~chosen])
+  assert np.all(batch['targets'][~chosen] == -1)
+
+
+def test_t5_pairs_are_framed_as_transformers_labels(tmp_path):
+  config = _config('t5_v1_0', tmp_path, [], seq_len=16, src_seq_len=16)
+  tok = D.get_tokenizer(config, str(tmp_path))
+  pairs = [('Hello world!', 'café naïve'), ('Hi!', 'a b')]
+  source = _list_source('parallel', pairs)
+  batch = next(D.make_eval_iterator(config, tok, str(tmp_path), 'train', layout=D.DataLayout(2), source=source))
+  for r, (src, tgt) in enumerate(pairs):
+    enc, labels = tok.encode_with_specials(src), tok.encode_with_specials(tgt)  # T5: ids + </s>
+    assert enc[-1] == labels[-1] == 1
+    np.testing.assert_array_equal(batch['src_tokens'][r, :len(enc)], enc)
+    np.testing.assert_array_equal(batch['targets'][r, :len(labels)], labels)
+    np.testing.assert_array_equal(batch['tgt_tokens'][r, :len(labels)], [0] + labels[:-1])  # decoder_start = pad 0
+    assert D.encode_source(tok, src, 16) == enc
