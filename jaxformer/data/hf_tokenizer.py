@@ -9,7 +9,9 @@ The special ids are the tokenizer's own, not jaxformer's 0-4: GPT-2 has eos = bo
 BERT has no bos/eos, so [CLS] / [SEP] stand in; T5 has pad 0 and eos 1 and no bos; a missing token is -1.
 `encode` adds no special tokens (the Tokenizer contract); `encode_with_specials` adds exactly what transformers
 adds by default (`prefix_ids` + ids + `suffix_ids`: nothing for GPT-2, [CLS] .. [SEP] for BERT, .. </s> for T5,
-<s> .. for Llama).
+<s> .. for Llama). The row builders use the same framing (Tokenizer.document / source / target: GPT-2's empty
+framing gets <|endoftext|> after each document; T5's decoder starts from config.json's decoder_start_token_id),
+and since id 0 is a real token in many vocabularies, unscored targets are -1 (unscored_target).
 """
 from __future__ import annotations
 

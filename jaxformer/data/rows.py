@@ -9,7 +9,13 @@ Batch keys are the model's argument names, so the step calls `model(**model_inpu
   encoder_decoder               src_tokens, src_positions, src_segment_ids               [rows, data.src_seq_len]
                                 tgt_tokens, tgt_positions, tgt_segment_ids               [rows, data.seq_len]
 and `targets` (LABEL_KEYS) beside them, aligned with the (decoder) tokens. segment_ids are 1, 2, 3.. per
-document within a row and 0 on padding; positions restart at 0 per segment; a target of 0 is never scored.
+document within a row and 0 on padding; positions restart at 0 per segment; a target equal to the tokenizer's
+`unscored_target` (jaxformer's pad id 0; -1 for hf:, whose id 0 is a real token) is never scored.
+
+Framing comes from the tokenizer (Tokenizer.document / source / target, defined once in tokenizers.py): below,
+BOS / EOS are jaxformer's; an hf: tokenizer frames text as transformers does (GPT-2: tokens + <|endoftext|>;
+Llama: <s> + tokens; BERT: [CLS] + tokens + [SEP]; T5: source tokens + </s>, decoder [pad] + target, targets
+target + </s>).
 
 * decoder_only / encoder_only (LM): an example becomes BOS + tokens + EOS (a translation pair becomes
   source + '\\n' + target). decoder_only rows hold tokens = seq[:-1], targets = seq[1:] of each document;
@@ -17,15 +23,16 @@ document within a row and 0 on padding; positions restart at 0 per segment; a ta
   and a document that does not fit is split: the rest starts the next row of the same stream (new segment,
   positions from 0), so training rows are always full, and no token is lost or repeated. Without data.pack a row
   holds one piece of one document, padded. decoder_only reads an Instruction (jsonl:) as BOS + prompt + response
-  + EOS with the prompt's targets 0: only the response (and its EOS) is scored and counted.
+  + EOS with the prompt's targets unscored: only the response (and its EOS) is scored and counted.
 * encoder_decoder: a pair becomes encoder tokens + EOS, decoder tokens BOS + target, targets target + EOS (a text
   example becomes a pair by data.objective: split_middle, prefix_lm or T5's span_corruption, objectives.py).
   Training drops pairs longer than data.src_seq_len / data.seq_len (evaluation truncates them instead, so every
   example is scored). data.pack puts several whole pairs in a row with
   matching segment ids on both sides; otherwise one pair per row.
-* encoder_only masking (data.mask_rate of the non-special tokens; of those 80% -> MASK, 10% -> a random real
-  token, 10% unchanged) draws from the rng the iterator passes (seeded from seed + step for training, from the
-  batch index for evaluation) over the global batch, so every host masks its rows exactly as one host would.
+* encoder_only masking (data.mask_rate of the text tokens, never padding or framing ids; of those 80% -> the
+  tokenizer's mask id, 10% -> a random non-special id, 10% unchanged) draws from the rng the iterator passes
+  (seeded from seed + step for training, from the batch index for evaluation) over the global batch, so every
+  host masks its rows exactly as one host would.
 """
 from __future__ import annotations
 
@@ -249,7 +256,7 @@ class _LanguageModelTask(Task):
 class DecoderOnlyTask(_LanguageModelTask):
   """Next-token prediction: tokens = BOS + text, targets = text + EOS. An Instruction is BOS + prompt + response +
   EOS (the prompt is followed directly by the response: put any template or separator into the prompt) whose
-  prompt targets are 0, so only the response and its EOS are scored and counted."""
+  prompt targets are unscored, so only the response and its EOS are scored and counted."""
 
   name = 'decoder_only'
 

@@ -74,8 +74,9 @@ def loss_sums(model: nnx.Module, batch: Batch, config, *, deterministic: bool,
 
   The same code serves all architectures: the data pipeline already puts next tokens (decoder_only), the original
   tokens at the masked positions (encoder_only) or the shifted target (encoder_decoder) in `targets`, and a
-  token counts exactly when its target is not the tokenizer's unscored marker (token_weights). length_tables (metrics.length_tables(tokenizer)) adds
-  byte_sum / char_sum, the text the weighted targets decode to (for bits per byte / character).
+  token counts exactly when its target is not the tokenizer's unscored marker (token_weights). length_tables
+  (metrics.length_tables(tokenizer)) adds byte_sum / char_sum, the text the weighted targets decode to (for bits
+  per byte / character).
   """
   logits = model_logits(model, batch, deterministic=deterministic)
   targets = batch['targets']
