@@ -181,3 +181,19 @@ def test_t5_pairs_are_framed_as_transformers_labels(tmp_path):
     np.testing.assert_array_equal(batch['targets'][r, :len(labels)], labels)
     np.testing.assert_array_equal(batch['tgt_tokens'][r, :len(labels)], [0] + labels[:-1])  # decoder_start = pad 0
     assert D.encode_source(tok, src, 16) == enc
+
+
+@pytest.mark.parametrize('name', ['gpt2', 'llama'])
+def test_instruction_scores_the_response_and_its_end_only(name, tmp_path):
+  config = _config(name, tmp_path, [])
+  tok = D.get_tokenizer(config, str(tmp_path))
+  prompt, response = 'Hi! Say', ' hello world!'
+  source = _list_source('jsonl', [sources.Instruction(prompt, response)])
+  batch = next(D.make_eval_iterator(config, tok, str(tmp_path), 'train', layout=D.DataLayout(1), source=source))
+  p, r = tok.encode(prompt), tok.encode(response)
+  seq = tok.prefix_ids + p + r + [tok.eos_id]  # GPT-2: no prefix; Llama: <s>; both end in eos (to learn to stop)
+  n = len(seq) - 1
+  np.testing.assert_array_equal(batch['tokens'][0, :n], seq[:-1])
+  scored = batch['targets'][0, :n] >= 0
+  np.testing.assert_array_equal(batch['targets'][0, :n][scored], r + [tok.eos_id])
+  assert not scored[:len(tok.prefix_ids) + len(p) - 1].any()

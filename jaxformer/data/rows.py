@@ -266,7 +266,7 @@ class DecoderOnlyTask(_LanguageModelTask):
     prompts = self.tokenizer.encode_batch([e.prompt for e in examples])
     responses = self.tokenizer.encode_batch([e.response for e in examples])
     prefix = len(self.tokenizer.prefix_ids)  # the targets before the response's first token are not scored
-    return [(self.tokenizer.document(np.concatenate([p, r])), max(0, prefix + len(p) - 1))
+    return [(self.tokenizer.document(np.concatenate([p, r]), ends_in_eos=True), max(0, prefix + len(p) - 1))
             for p, r in zip(prompts, responses)]
 
   def item(self, piece, position):

@@ -58,10 +58,14 @@ class Tokenizer:
   def _join(*parts: Sequence[int]) -> np.ndarray:
     return np.concatenate([np.asarray(p, np.int32).reshape(-1) for p in parts]).astype(np.int32)
 
-  def document(self, ids: Sequence[int]) -> np.ndarray:
+  def document(self, ids: Sequence[int], *, ends_in_eos: bool = False) -> np.ndarray:
     """A language-model document (decoder_only / encoder_only): prefix + ids + suffix; when the framing adds
-    nothing (GPT-2), eos ends the document, as GPT-2 separates documents with <|endoftext|>."""
-    end = self.suffix_ids if self.prefix_ids or self.suffix_ids or self.eos_id < 0 else [self.eos_id]
+    nothing (GPT-2), eos ends the document, as GPT-2 separates documents with <|endoftext|>. ends_in_eos (an
+    instruction's response, so the model learns to stop): eos is appended when the suffix does not end in it
+    (Llama's framing is <s> + ids)."""
+    end = self.suffix_ids if self.prefix_ids or self.suffix_ids else []
+    if (ends_in_eos or not (self.prefix_ids or self.suffix_ids)) and self.eos_id >= 0 and end[-1:] != [self.eos_id]:
+      end = [*end, self.eos_id]
     return self._join(self.prefix_ids, ids, end)
 
   def source(self, ids: Sequence[int], max_len: int | None = None) -> np.ndarray:
