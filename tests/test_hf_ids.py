@@ -124,9 +124,6 @@ def test_train_py_first_loss_is_the_pretrained_models_loss_on_the_same_rows(name
   assert abs(random - want) > 1e-3  # i.e. the pretrained weights, not a fresh model, made the first step
 
 
-def test_generate_cuts_at_decode_eos_and_keeps_a_real_id_0():
-  assert evaluation._until([5, 0, 300, 0, 0], 300) == [5, 0]
-  assert evaluation._until([0, 0, 7], 300) == [0, 0, 7]
 
 
 def _list_source(kind: str, examples: list):
@@ -197,3 +194,18 @@ def test_instruction_scores_the_response_and_its_end_only(name, tmp_path):
   scored = batch['targets'][0, :n] >= 0
   np.testing.assert_array_equal(batch['targets'][0, :n][scored], r + [tok.eos_id])
   assert not scored[:len(tok.prefix_ids) + len(p) - 1].any()
+
+
+def test_generate_cuts_at_decode_eos_id_not_at_0(tmp_path):
+  """Decoding fills 0 after eos (GPT-2's '!'): eval cuts each row at decode.eos_id instead."""
+  with open(FIXTURES / 'gpt2' / 'expected.json', encoding='utf-8') as f:
+    e = json.load(f)['generate']
+  prompt, new = e['prompt'][0], e['output'][0][len(e['prompt'][0]):]  # transformers' greedy continuation
+  config = hf_recipe.get_config(str(FIXTURES / 'gpt2'))
+  eos = new[5]  # a decode.eos_id other than the tokenizer's: the rows end there, not at the 0s written after it
+  config.decode.update(max_len=len(new), eos_id=eos)
+  r = evaluation.restore(config, str(tmp_path / 'wd'))  # no checkpoint: the pretrained weights (init_from)
+  assert evaluation._decode_batches(r, prompts=[prompt]) == [new[:new.index(eos)]]
+  config.decode.eos_id = 300
+  r = evaluation.restore(config, str(tmp_path / 'wd'))
+  assert evaluation._decode_batches(r, prompts=[prompt]) == [new]
