@@ -63,9 +63,9 @@ class Tokenizer:
     nothing (GPT-2), eos ends the document, as GPT-2 separates documents with <|endoftext|>. ends_in_eos (an
     instruction's response, so the model learns to stop): eos is appended when the suffix does not end in it
     (Llama's framing is <s> + ids)."""
-    end = self.suffix_ids if self.prefix_ids or self.suffix_ids else []
-    if (ends_in_eos or not (self.prefix_ids or self.suffix_ids)) and self.eos_id >= 0 and end[-1:] != [self.eos_id]:
-      end = [*end, self.eos_id]
+    end = list(self.suffix_ids)
+    if (ends_in_eos or not (self.prefix_ids or end)) and self.eos_id >= 0 and end[-1:] != [self.eos_id]:
+      end.append(self.eos_id)
     return self._join(self.prefix_ids, ids, end)
 
   def source(self, ids: Sequence[int], max_len: int | None = None) -> np.ndarray:
