@@ -341,7 +341,8 @@ def _prepare(prompt, prompt_lengths, src_tokens, prefill_len=None, start_id=BOS_
 
 def greedy(model: nnx.Module, prompt: Any = None, *, max_new_tokens: int, prompt_lengths: Any = None,
            src_tokens: Any = None, eos_id: int = EOS_ID, start_id: int = BOS_ID) -> jax.Array:
-  """Argmax decoding -> new tokens [B, max_new_tokens], 0 after EOS (EOS itself is kept)."""
+  """Argmax decoding -> new tokens [B, max_new_tokens], 0 after EOS (EOS itself is kept). 0 can be a real token
+  (GPT-2's '!'): cut a row at its first eos_id, not at 0 (evaluation does)."""
   settings = DecodeSettings(method='greedy', max_len=max_new_tokens, eos_id=eos_id, start_id=start_id)
   return sample(model, prompt, None, settings=settings, prompt_lengths=prompt_lengths, src_tokens=src_tokens)
 

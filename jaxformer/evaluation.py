@@ -256,7 +256,8 @@ def decode_settings(config: ml_collections.ConfigDict) -> decoding.DecodeSetting
 
 def _decode_batches(r: Restored, *, prompts: Sequence[Sequence[int]] | None = None,
                     sources: Sequence[Sequence[int]] | None = None) -> list[list[int]]:
-  """Decodes in batches of decode.batch_size on the mesh (batch over the 'batch' axes) -> token lists."""
+  """Decodes in batches of decode.batch_size on the mesh (batch over the 'batch' axes) -> token lists, each cut
+  before its first decode.eos_id (decoding fills 0 after it, which is a real token for e.g. GPT-2)."""
   config = r.config
   settings = decode_settings(config)
   sharding = shd.batch_sharding(r.mesh, r.rules, 1)
@@ -276,8 +277,12 @@ def _decode_batches(r: Restored, *, prompts: Sequence[Sequence[int]] | None = No
       tokens = decoding.decode(r.model, settings, prompt, prompt_lengths=lengths, src_tokens=src,
                                rng=jax.random.fold_in(rng, start), model_max_len=config.model.max_len,
                                batch_sharding=sharding)
-      out.extend(row.tolist() for row in tokens)
+      out.extend(_until(row.tolist(), settings.eos_id) for row in tokens)
   return out
+
+
+def _until(ids: list[int], eos_id: int) -> list[int]:
+  return ids[:ids.index(eos_id)] if eos_id in ids else ids
 
 
 def translate_texts(r: Restored, texts: Sequence[str]) -> tuple[list[str], int]:
@@ -304,7 +309,7 @@ def generate_texts(r: Restored, prompts: Sequence[str]) -> list[str]:
   if unknown:
     _warn(f'--prompt characters not in the tokenizer\'s vocabulary (each becomes <unk>, unseen in training): '
           f'{" ".join(map(repr, unknown))}')
-  ids = [[tok.bos_id] + tok.encode(p) for p in prompts]
+  ids = [tok.prompt(tok.encode(p)) for p in prompts]
   longest = max(len(i) for i in ids)
   if longest >= r.config.model.max_len:
     raise EvalError(f'--prompt is {longest} tokens (with BOS) but model.max_len={r.config.model.max_len} leaves no '

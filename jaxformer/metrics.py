@@ -35,19 +35,20 @@ BLEU_MAX_NGRAM_ORDER = 4  # sacrebleu's (and every paper's) default
 
 
 def token_metrics(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None,
-                  length_tables: Mapping[str, Any] | None = None) -> dict[str, jax.Array]:
-  """Token-weighted sums of NLL, weight and correct argmax predictions. weights None -> (targets != 0).
+                  length_tables: Mapping[str, Any] | None = None, unscored: int = 0) -> dict[str, jax.Array]:
+  """Token-weighted sums of NLL, weight and correct argmax predictions. weights None -> the targets that are
+  neither negative nor `unscored` (the tokenizer's unscored_target: jaxformer's pad id 0, -1 for hf:).
 
   This is the plain reference (no label smoothing, no z-loss); training's compute_loss returns the same keys.
   For decoder_only the targets are the next tokens, for encoder_decoder the target tokens, for encoder_only
-  the original tokens at the masked positions (0 elsewhere), so in every case padding carries no weight.
+  the original tokens at the masked positions (unscored elsewhere), so in every case padding carries no weight.
   length_tables ({'byte_sum': token_bytes, 'char_sum': token_chars}, see `length_tables`) adds those sums.
   """
   if weights is None:
-    weights = (targets != 0)
+    weights = (targets >= 0) & (targets != unscored)
   weights = weights.astype(jnp.float32)
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  nll = -jnp.take_along_axis(logp, jnp.maximum(targets, 0)[..., None].astype(jnp.int32), axis=-1)[..., 0]
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
   return {
       'loss_sum': jnp.sum(nll * weights),

@@ -9,7 +9,9 @@ The special ids are the tokenizer's own, not jaxformer's 0-4: GPT-2 has eos = bo
 BERT has no bos/eos, so [CLS] / [SEP] stand in; T5 has pad 0 and eos 1 and no bos; a missing token is -1.
 `encode` adds no special tokens (the Tokenizer contract); `encode_with_specials` adds exactly what transformers
 adds by default (`prefix_ids` + ids + `suffix_ids`: nothing for GPT-2, [CLS] .. [SEP] for BERT, .. </s> for T5,
-<s> .. for Llama).
+<s> .. for Llama). The row builders use the same framing (Tokenizer.document / source / target: GPT-2's empty
+framing gets <|endoftext|> after each document; T5's decoder starts from config.json's decoder_start_token_id),
+and since id 0 is a real token in many vocabularies, unscored targets are -1 (unscored_target).
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ class HFTokenizer(Tokenizer):
 
   kind = 'hf'
   pretrained = True
+  unscored_target = NONE  # id 0 is a real token in many vocabularies (GPT-2 '!', Llama <unk>)
 
   def __init__(self, directory: str):
     path = os.path.join(directory, 'tokenizer.json')
@@ -78,6 +81,11 @@ class HFTokenizer(Tokenizer):
     self.bos_id = s['bos'] if s['bos'] != NONE else s['cls']
     self.eos_id = s['eos'] if s['eos'] != NONE else s['sep']
     self.prefix_ids, self.suffix_ids = self._framing()
+    # transformers starts a decoder from config.json's decoder_start_token_id (T5: its pad id 0)
+    start = _read_json(os.path.join(directory, 'config.json')).get('decoder_start_token_id')
+    self.decoder_start_id = int(start) if isinstance(start, int) else (self.pad_id if self.pad_id != NONE
+                                                                       else self.bos_id)
+    self._added_special = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
 
   def _id(self, token: str | None) -> int:
     if token is None:
@@ -116,6 +124,18 @@ class HFTokenizer(Tokenizer):
 
   def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
     return [np.asarray(e.ids, np.int32) for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+  # Framing (see Tokenizer.document): sources and targets framed as transformers frames any text.
+  def source(self, ids: Sequence[int], max_len: int | None = None) -> np.ndarray:
+    return self._join(self.prefix_ids, self._cut(ids, max_len, len(self.prefix_ids) + len(self.suffix_ids)),
+                      self.suffix_ids)
+
+  def target(self, ids: Sequence[int]) -> np.ndarray:
+    return self._join([self.decoder_start_id], self.prefix_ids, ids, self.suffix_ids)
+
+  @property
+  def special_ids(self) -> frozenset[int]:
+    return frozenset(i for i in self._special.values() if i != NONE) | self._added_special | self.framing_ids
 
   def encode_with_specials(self, text: str) -> list[int]:
     """Exactly `AutoTokenizer.from_pretrained(dir)(text)['input_ids']`."""

@@ -19,7 +19,8 @@ data.sampling picks how training rows are drawn (SAMPLINGS):
   - Tokenized training examples are kept in memory up to CACHE_TOKENS, so a small dataset (Multi30k,
     tinyshakespeare) is read and tokenized once; larger ones are re-read each epoch.
 * random_windows (LM archs; nanoGPT's `get_batch`): the whole training split is tokenized once into one token
-  stream (BOS + tokens + EOS per example, in split order) and each row of step s is the window at an offset drawn
+  stream (one document per example, tokenizer.document: BOS + tokens + EOS for jaxformer's tokenizers, in split
+  order) and each row of step s is the window at an offset drawn
   from `default_rng([seed, WINDOW, s])` over the global batch. Windows are i.i.d., so consecutive steps are
   uncorrelated: on tinyshakespeare this trains ~0.025 nats lower than streams in the same 2000 steps
   (benchmarks/RESULTS.md). The state is the step alone, so it resumes under any number of hosts.
@@ -206,6 +207,9 @@ class _WindowProducer(_Producer):
         raise DataError(f'data.sampling=random_windows holds the tokenized training split in memory, and it is over '
                         f'{MAX_WINDOW_TOKENS:,} tokens; use data.sampling=streams for a split this large.')
     self.tokens = np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, np.int32)
+    lengths = np.asarray([len(p) for p in pieces], np.int64)
+    self.starts = np.zeros(len(self.tokens), bool)  # the first token of each document
+    self.starts[(np.cumsum(lengths) - lengths)[lengths > 0]] = True
     if len(self.tokens) <= self.window:
       raise DataError(f'the training split has {len(self.tokens)} tokens, too few for data.sampling=random_windows '
                       f'with data.seq_len={self.task.seq_len}; lower data.seq_len or use more data.')
@@ -214,7 +218,8 @@ class _WindowProducer(_Producer):
     rng = np.random.default_rng([self.seed, _WINDOW_SALT, self.step])
     offsets = rng.integers(0, len(self.tokens) - self.window + 1, size=self.layout.batch_size)
     offsets = offsets[self.layout.first_row:self.layout.first_row + self.layout.rows]
-    return self.task.window_rows(self.tokens[offsets[:, None] + np.arange(self.window)[None, :]])
+    cols = offsets[:, None] + np.arange(self.window)[None, :]
+    return self.task.window_rows(self.tokens[cols], self.starts[cols])
 
   def state(self) -> dict[str, Any]:
     return {'version': STATE_VERSION, 'sampling': self.sampling, 'step': self.step, 'seed': self.seed,

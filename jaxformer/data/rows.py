@@ -9,7 +9,13 @@ Batch keys are the model's argument names, so the step calls `model(**model_inpu
   encoder_decoder               src_tokens, src_positions, src_segment_ids               [rows, data.src_seq_len]
                                 tgt_tokens, tgt_positions, tgt_segment_ids               [rows, data.seq_len]
 and `targets` (LABEL_KEYS) beside them, aligned with the (decoder) tokens. segment_ids are 1, 2, 3.. per
-document within a row and 0 on padding; positions restart at 0 per segment; a target of 0 is never scored.
+document within a row and 0 on padding; positions restart at 0 per segment; a target equal to the tokenizer's
+`unscored_target` (jaxformer's pad id 0; -1 for hf:, whose id 0 is a real token) is never scored.
+
+Framing comes from the tokenizer (Tokenizer.document / source / target, defined once in tokenizers.py): below,
+BOS / EOS are jaxformer's; an hf: tokenizer frames text as transformers does (GPT-2: tokens + <|endoftext|>;
+Llama: <s> + tokens; BERT: [CLS] + tokens + [SEP]; T5: source tokens + </s>, decoder [pad] + target, targets
+target + </s>).
 
 * decoder_only / encoder_only (LM): an example becomes BOS + tokens + EOS (a translation pair becomes
   source + '\\n' + target). decoder_only rows hold tokens = seq[:-1], targets = seq[1:] of each document;
@@ -17,15 +23,16 @@ document within a row and 0 on padding; positions restart at 0 per segment; a ta
   and a document that does not fit is split: the rest starts the next row of the same stream (new segment,
   positions from 0), so training rows are always full, and no token is lost or repeated. Without data.pack a row
   holds one piece of one document, padded. decoder_only reads an Instruction (jsonl:) as BOS + prompt + response
-  + EOS with the prompt's targets 0: only the response (and its EOS) is scored and counted.
+  + EOS with the prompt's targets unscored: only the response (and its EOS) is scored and counted.
 * encoder_decoder: a pair becomes encoder tokens + EOS, decoder tokens BOS + target, targets target + EOS (a text
   example becomes a pair by data.objective: split_middle, prefix_lm or T5's span_corruption, objectives.py).
   Training drops pairs longer than data.src_seq_len / data.seq_len (evaluation truncates them instead, so every
   example is scored). data.pack puts several whole pairs in a row with
   matching segment ids on both sides; otherwise one pair per row.
-* encoder_only masking (data.mask_rate of the non-special tokens; of those 80% -> MASK, 10% -> a random real
-  token, 10% unchanged) draws from the rng the iterator passes (seeded from seed + step for training, from the
-  batch index for evaluation) over the global batch, so every host masks its rows exactly as one host would.
+* encoder_only masking (data.mask_rate of the text tokens, never padding or framing ids; of those 80% -> the
+  tokenizer's mask id, 10% -> a random non-special id, 10% unchanged) draws from the rng the iterator passes
+  (seeded from seed + step for training, from the batch index for evaluation) over the global batch, so every
+  host masks its rows exactly as one host would.
 """
 from __future__ import annotations
 
@@ -37,7 +44,7 @@ import numpy as np
 from jaxformer.data.errors import DataError
 from jaxformer.data.objectives import OBJECTIVES, objective_name, split_at_middle_word
 from jaxformer.data.sources import Instruction
-from jaxformer.data.tokenizers import BOS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, Tokenizer
+from jaxformer.data.tokenizers import Tokenizer
 
 LABEL_KEYS = ('targets',)  # batch keys that are not model inputs
 Rows = dict[str, np.ndarray]
@@ -61,9 +68,8 @@ def _as_text(example: Any) -> str:
 
 
 def encode_source(tokenizer: Tokenizer, text: str, src_seq_len: int) -> list[int]:
-  """Encoder input for a source text exactly as the pipeline builds it: tokens + EOS, truncated to src_seq_len."""
-  ids = tokenizer.encode(text)[:max(0, src_seq_len - 1)]
-  return ids + [EOS_ID]
+  """Encoder input for a source text exactly as the pipeline builds it (tokenizer.source), cut to src_seq_len."""
+  return tokenizer.source(tokenizer.encode_array(text), src_seq_len).tolist()
 
 
 class Stream:
@@ -91,9 +97,10 @@ class Stream:
 Refill = Callable[[Stream], bool]
 
 
-def mask_tokens(batch: Rows, rng: np.random.Generator, mask_rate: float, vocab_size: int, *,
+def mask_tokens(batch: Rows, rng: np.random.Generator, mask_rate: float, tokenizer: Tokenizer, *,
                 global_rows: int | None = None, first_row: int = 0) -> Rows:
-  """BERT masking: chooses mask_rate of the real tokens (not pad/bos/eos); 80% -> MASK, 10% random, 10% kept.
+  """BERT masking: chooses mask_rate of the text tokens (not padding nor the tokenizer's framing ids); 80% ->
+  its mask id, 10% a random id (any but its special ids), 10% kept; targets elsewhere are unscored.
 
   Random numbers are drawn for the whole global batch (global_rows rows) and this host's rows start at
   first_row, so every host masks its rows exactly as a single host would.
@@ -104,24 +111,26 @@ def mask_tokens(batch: Rows, rng: np.random.Generator, mask_rate: float, vocab_s
   rows = slice(first_row, first_row + n)
   u_select = rng.random(shape)[rows]
   u_kind = rng.random(shape)[rows]
-  random_ids = rng.integers(NUM_SPECIAL, max(vocab_size, NUM_SPECIAL + 1), size=shape, dtype=np.int32)[rows]
-  real = (tokens != 0) & (tokens != BOS_ID) & (tokens != EOS_ID)
+  allowed = np.setdiff1d(np.arange(tokenizer.vocab_size), sorted(tokenizer.special_ids)).astype(np.int32)
+  if len(allowed) == 0:
+    allowed = np.arange(tokenizer.vocab_size, dtype=np.int32)
+  random_ids = allowed[rng.integers(0, len(allowed), size=shape, dtype=np.int32)[rows]]
+  real = (batch['segment_ids'] != 0) & ~np.isin(tokens, sorted(tokenizer.framing_ids))
   chosen = real & (u_select < mask_rate)
-  masked = np.where(chosen & (u_kind < 0.8), MASK_ID, tokens)
+  masked = np.where(chosen & (u_kind < 0.8), tokenizer.mask_id, tokens)
   masked = np.where(chosen & (u_kind >= 0.8) & (u_kind < 0.9), random_ids, masked)
   out = dict(batch)
   out['tokens'] = masked.astype(np.int32)
-  out['targets'] = np.where(chosen, tokens, 0).astype(np.int32)
+  out['targets'] = np.where(chosen, tokens, tokenizer.unscored_target).astype(np.int32)
   return out
 
 
-def _segments_of_windows(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """segment_ids and positions of windows cut from a BOS-delimited token stream: a segment per document started
-  (a BOS at or before the token) within the window; positions count from the last document start inside the
-  window, else from the window's first token."""
-  starts = tokens == BOS_ID
+def _segments_of_windows(starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """segment_ids and positions of windows cut from a token stream, `starts` [rows, window] marking the tokens
+  that begin a document: a segment per document started (at or before the token) within the window; positions
+  count from the last document start inside the window, else from the window's first token."""
   segment_ids = 1 + np.cumsum(starts, axis=1) - starts[:, :1]
-  cols = np.arange(tokens.shape[1])[None, :]
+  cols = np.arange(starts.shape[1])[None, :]
   last_start = np.maximum.accumulate(np.where(starts, cols, 0), axis=1)
   return segment_ids.astype(np.int32), (cols - last_start).astype(np.int32)
 
@@ -195,21 +204,21 @@ class Task:
   window_length: int | None = None
 
   def window_sequence(self, piece: Any) -> np.ndarray:
-    """A tokenized example as BOS .. EOS, the piece of the token stream windows are cut from."""
+    """A tokenized example as a whole document (tokenizer.document), the piece of the token stream windows are
+    cut from."""
     raise NotImplementedError
 
-  def window_rows(self, windows: np.ndarray) -> Rows:
-    """[rows, window_length] windows of the token stream -> a batch."""
+  def window_rows(self, windows: np.ndarray, starts: np.ndarray) -> Rows:
+    """[rows, window_length] windows of the token stream -> a batch; `starts` marks the documents' first tokens."""
     raise NotImplementedError
 
 
 class _LanguageModelTask(Task):
-  """decoder_only and encoder_only: pieces are BOS + tokens + EOS; items are aligned (tokens, targets) arrays,
-  packed along the row."""
+  """decoder_only and encoder_only: pieces are documents (tokenizer.document: BOS + tokens + EOS for jaxformer's
+  tokenizers); items are aligned (tokens, targets) arrays, packed along the row."""
 
   def tokenize(self, examples):
-    return [np.concatenate([[BOS_ID], t, [EOS_ID]]).astype(np.int32)
-            for t in self.tokenizer.encode_batch([_as_text(e) for e in examples])]
+    return [self.tokenizer.document(t) for t in self.tokenizer.encode_batch([_as_text(e) for e in examples])]
 
   def window_sequence(self, piece):
     return piece
@@ -219,7 +228,8 @@ class _LanguageModelTask(Task):
     return 0 if item is None else len(item[0])
 
   def empty_rows(self, n: int) -> Rows:
-    return {k: np.zeros((n, self.seq_len), np.int32) for k in ('tokens', 'targets', 'segment_ids', 'positions')}
+    rows = {k: np.zeros((n, self.seq_len), np.int32) for k in ('tokens', 'segment_ids', 'positions')}
+    return dict(rows, targets=np.full((n, self.seq_len), self.tokenizer.unscored_target, np.int32))
 
   def fill_row(self, stream: Stream, rows: Rows, i: int, refill: Refill, max_skips: int) -> None:
     del max_skips  # LM items are never dropped
@@ -246,7 +256,7 @@ class _LanguageModelTask(Task):
 class DecoderOnlyTask(_LanguageModelTask):
   """Next-token prediction: tokens = BOS + text, targets = text + EOS. An Instruction is BOS + prompt + response +
   EOS (the prompt is followed directly by the response: put any template or separator into the prompt) whose
-  prompt targets are 0, so only the response and its EOS are scored and counted."""
+  prompt targets are unscored, so only the response and its EOS are scored and counted."""
 
   name = 'decoder_only'
 
@@ -255,13 +265,16 @@ class DecoderOnlyTask(_LanguageModelTask):
       return super().tokenize(examples)
     prompts = self.tokenizer.encode_batch([e.prompt for e in examples])
     responses = self.tokenizer.encode_batch([e.response for e in examples])
-    return [(np.concatenate([[BOS_ID], p, r, [EOS_ID]]).astype(np.int32), len(p)) for p, r in zip(prompts, responses)]
+    prefix = len(self.tokenizer.prefix_ids)  # the targets before the response's first token are not scored
+    return [(self.tokenizer.document(np.concatenate([p, r]), ends_in_eos=True), max(0, prefix + len(p) - 1))
+            for p, r in zip(prompts, responses)]
 
   def item(self, piece, position):
     del position
-    if isinstance(piece, tuple):  # an Instruction: (sequence, prompt length)
-      seq, prompt = piece
-      return seq[:-1], np.concatenate([np.zeros(prompt, np.int32), seq[1 + prompt:]])
+    if isinstance(piece, tuple):  # an Instruction: (sequence, unscored targets = those of the prompt)
+      seq, unscored = piece
+      return seq[:-1], np.concatenate([np.full(unscored, self.tokenizer.unscored_target, np.int32),
+                                       seq[1 + unscored:]])
     return piece[:-1], piece[1:]
 
   def window_sequence(self, piece):
@@ -274,32 +287,40 @@ class DecoderOnlyTask(_LanguageModelTask):
   def window_length(self) -> int:
     return self.seq_len + 1
 
-  def window_rows(self, windows):
-    tokens, targets = windows[:, :-1], np.where(windows[:, 1:] == BOS_ID, 0, windows[:, 1:])  # EOS -> BOS: unscored
-    segment_ids, positions = _segments_of_windows(tokens)
+  def window_rows(self, windows, starts):
+    # a document's first token is not predicted from the previous document: unscored
+    tokens, targets = windows[:, :-1], np.where(starts[:, 1:], self.tokenizer.unscored_target, windows[:, 1:])
+    segment_ids, positions = _segments_of_windows(starts[:, :-1])
     return {'tokens': np.ascontiguousarray(tokens, np.int32), 'targets': np.ascontiguousarray(targets, np.int32),
             'segment_ids': segment_ids, 'positions': positions}
 
 
 class EncoderOnlyTask(_LanguageModelTask):
-  """Masked-LM: rows hold whole BOS + text + EOS sequences; finish() masks them and sets the targets."""
+  """Masked-LM: rows hold whole documents (BOS + text + EOS; BERT: [CLS] text [SEP]); finish() masks them and
+  sets the targets."""
 
   name = 'encoder_only'
+
+  def __init__(self, config, tokenizer, train):
+    super().__init__(config, tokenizer, train)
+    if tokenizer.mask_id < 0:
+      raise DataError(f'model.arch=encoder_only (masked LM) needs a mask token, and data.tokenizer='
+                      f'{config.data.tokenizer} has none; use a tokenizer with one (BERT\'s [MASK]).')
 
   def item(self, piece, position):
     del position
     return piece, piece
 
   def finish(self, batch, rng, global_rows=None, first_row=0):
-    return mask_tokens(batch, rng(), self.mask_rate, self.tokenizer.vocab_size, global_rows=global_rows,
+    return mask_tokens(batch, rng(), self.mask_rate, self.tokenizer, global_rows=global_rows,
                        first_row=first_row)
 
   @property
   def window_length(self) -> int:
     return self.seq_len
 
-  def window_rows(self, windows):
-    segment_ids, positions = _segments_of_windows(windows)
+  def window_rows(self, windows, starts):
+    segment_ids, positions = _segments_of_windows(starts)
     tokens = np.ascontiguousarray(windows, np.int32)
     return {'tokens': tokens, 'targets': tokens, 'segment_ids': segment_ids, 'positions': positions}
 
@@ -312,7 +333,10 @@ class EncoderDecoderTask(Task):
 
   def __init__(self, config, tokenizer, train):
     super().__init__(config, tokenizer, train)
-    self.objective = OBJECTIVES[objective_name(config)](config, tokenizer, self.src_seq_len - 1, self.seq_len - 1)
+    # the ids framing adds: source (T5 / jaxformer: EOS), target (decoder start .. EOS, one of them not a row token)
+    self.src_extra, self.tgt_extra = len(tokenizer.source([])), len(tokenizer.target([])) - 1
+    self.objective = OBJECTIVES[objective_name(config)](config, tokenizer, self.src_seq_len - self.src_extra,
+                                                        self.seq_len - self.tgt_extra)
     self.random_items = self.objective.random
 
   def tokenize(self, examples):
@@ -329,12 +353,11 @@ class EncoderDecoderTask(Task):
       rng = np.random.default_rng([self.seed, _OBJECTIVE_SALT, position])
       piece = self.objective.pair(piece.tokens, rng)
     src, tgt = piece
-    enc = np.concatenate([src, [EOS_ID]]).astype(np.int32)
-    dec = np.concatenate([[BOS_ID], tgt, [EOS_ID]]).astype(np.int32)
+    enc, dec = self.tokenizer.source(src), self.tokenizer.target(tgt)
     if len(enc) > self.src_seq_len or len(dec) - 1 > self.seq_len:
       if self.train:
         return None  # too long: dropped from training
-      enc = np.concatenate([enc[:self.src_seq_len - 1], [EOS_ID]]).astype(np.int32)
+      enc = self.tokenizer.source(src, self.src_seq_len)
       dec = dec[:self.seq_len + 1]
     return enc, dec[:-1], dec[1:]
 
@@ -346,7 +369,8 @@ class EncoderDecoderTask(Task):
     z = lambda m: np.zeros((n, m), np.int32)
     return {'src_tokens': z(self.src_seq_len), 'src_segment_ids': z(self.src_seq_len),
             'src_positions': z(self.src_seq_len), 'tgt_tokens': z(self.seq_len), 'tgt_segment_ids': z(self.seq_len),
-            'tgt_positions': z(self.seq_len), 'targets': z(self.seq_len)}
+            'tgt_positions': z(self.seq_len),
+            'targets': np.full((n, self.seq_len), self.tokenizer.unscored_target, np.int32)}
 
   def fill_row(self, stream: Stream, rows: Rows, i: int, refill: Refill, max_skips: int) -> None:
     fill, src_fill, seg, skips = 0, 0, 0, 0

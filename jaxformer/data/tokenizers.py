@@ -45,6 +45,58 @@ class Tokenizer:
   pad_id, bos_id, eos_id, unk_id, mask_id = PAD_ID, BOS_ID, EOS_ID, UNK_ID, MASK_ID
   vocab_size: int
 
+  # How texts are framed as model sequences: the one rule every row builder, prompt and source uses (rows.py,
+  # evaluation.py). A Hugging Face tokenizer (hf_tokenizer.py) overrides the attributes with its own.
+  prefix_ids: list[int] = [BOS_ID]  # put before a text's ids (read-only)
+  suffix_ids: list[int] = [EOS_ID]  # put after them (read-only)
+  decoder_start_id = BOS_ID  # an encoder_decoder target sequence starts with it (decode.start_id must agree)
+  # The target value of a position that is not scored (padding, a prompt, an unmasked token). jaxformer's pad id
+  # 0 is never a real target; a tokenizer whose id 0 is a real token (GPT-2's '!', Llama's <unk>) uses -1.
+  unscored_target = PAD_ID
+
+  @staticmethod
+  def _join(*parts: Sequence[int]) -> np.ndarray:
+    return np.concatenate([np.asarray(p, np.int32).reshape(-1) for p in parts]).astype(np.int32)
+
+  def document(self, ids: Sequence[int], *, ends_in_eos: bool = False) -> np.ndarray:
+    """A language-model document (decoder_only / encoder_only): prefix + ids + suffix; when the framing adds
+    nothing (GPT-2), eos ends the document, as GPT-2 separates documents with <|endoftext|>. ends_in_eos (an
+    instruction's response, so the model learns to stop): eos is appended when the suffix does not end in it
+    (Llama's framing is <s> + ids)."""
+    end = list(self.suffix_ids)
+    if (ends_in_eos or not (self.prefix_ids or end)) and self.eos_id >= 0 and end[-1:] != [self.eos_id]:
+      end.append(self.eos_id)
+    return self._join(self.prefix_ids, ids, end)
+
+  def source(self, ids: Sequence[int], max_len: int | None = None) -> np.ndarray:
+    """An encoder input: ids + suffix (jaxformer's encoders read no BOS), the ids cut so it fits max_len."""
+    return self._join(self._cut(ids, max_len, len(self.suffix_ids)), self.suffix_ids)
+
+  def target(self, ids: Sequence[int]) -> np.ndarray:
+    """An encoder_decoder target sequence: decoder_start + ids + suffix (decoder tokens = [:-1], targets = [1:])."""
+    return self._join([self.decoder_start_id], ids, self.suffix_ids)
+
+  def prompt(self, ids: Sequence[int]) -> list[int]:
+    """A decoder_only prompt: a document's beginning (prefix + ids); for an empty text without prefix, bos (else
+    eos: what separates documents)."""
+    out = [*self.prefix_ids, *(int(i) for i in ids)]
+    return out or [self.bos_id if self.bos_id >= 0 else self.eos_id]
+
+  @property
+  def framing_ids(self) -> frozenset[int]:
+    """Ids that frame text rather than being text (pad, bos, eos, prefix, suffix): never masked by MLM."""
+    return frozenset(i for i in (self.pad_id, self.bos_id, self.eos_id, *self.prefix_ids, *self.suffix_ids)
+                     if i >= 0)
+
+  @property
+  def special_ids(self) -> frozenset[int]:
+    """Every special id (never drawn as MLM's random replacement): jaxformer's reserved 0-4."""
+    return frozenset(range(NUM_SPECIAL))
+
+  @staticmethod
+  def _cut(ids: Sequence[int], max_len: int | None, extra: int) -> Sequence[int]:
+    return ids if max_len is None else ids[:max(0, int(max_len) - extra)]
+
   def encode(self, text: str) -> list[int]:
     return self.encode_array(text).tolist()
 
@@ -365,6 +417,13 @@ def load_tokenizer(directory: str) -> Tokenizer:
       tokenizer.reserve_sentinels(meta['num_sentinels'])
     return tokenizer
   raise DataError(f'{directory}/tokenizer.json names an unknown tokenizer {kind!r}; delete the folder to rebuild.')
+
+
+def unscored_target(config: Any) -> int:
+  """The target value the pipeline writes where nothing is scored, for config.data.tokenizer (the loss reads it:
+  training/step.py token_weights)."""
+  name = str((config.get('data') or {}).get('tokenizer', '')).partition(':')[0]
+  return TOKENIZERS[name].unscored_target if name in TOKENIZERS else Tokenizer.unscored_target
 
 
 def get_tokenizer(config: Any, workdir: str, *, source: Source | None = None) -> Tokenizer:

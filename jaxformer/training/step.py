@@ -28,6 +28,7 @@ from jaxformer import peft as peft_lib
 from jaxformer import sharding as shd
 from jaxformer.peft import base as peft_base
 from jaxformer.data.rows import model_inputs
+from jaxformer.data.tokenizers import unscored_target
 
 Batch = Mapping[str, jax.Array]
 
@@ -48,7 +49,8 @@ def token_losses(logits: jax.Array, targets: jax.Array, *, label_smoothing: floa
   """
   logits = logits.astype(jnp.float32)
   lse = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  ids = jnp.maximum(targets, 0).astype(jnp.int32)  # an unscored -1 gathers id 0 (and gets weight 0)
+  target_logit = jnp.take_along_axis(logits, ids[..., None], axis=-1)[..., 0]
   log_p = target_logit - lse
   ce = -log_p
   objective = ce
@@ -65,9 +67,10 @@ def token_losses(logits: jax.Array, targets: jax.Array, *, label_smoothing: floa
   return ce, objective
 
 
-def token_weights(targets: jax.Array) -> jax.Array:
-  """float32 loss weight per target token: 1 where the target is a real token, 0 on padding (id 0)."""
-  return (targets != 0).astype(jnp.float32)
+def token_weights(targets: jax.Array, unscored: int = 0) -> jax.Array:
+  """float32 loss weight per target token: 1 where the target is a real token, 0 where it is `unscored` (the
+  tokenizer's marker, data.tokenizers.unscored_target: jaxformer's pad id 0, or -1 when id 0 is a real token)."""
+  return ((targets >= 0) & (targets != unscored)).astype(jnp.float32)
 
 
 def loss_sums(model: nnx.Module, batch: Batch, config, *, deterministic: bool,
@@ -76,12 +79,13 @@ def loss_sums(model: nnx.Module, batch: Batch, config, *, deterministic: bool,
 
   The same code serves all architectures: the data pipeline already puts next tokens (decoder_only), the original
   tokens at the masked positions (encoder_only) or the shifted target (encoder_decoder) in `targets`, and a
-  token counts exactly when its target is not padding. length_tables (metrics.length_tables(tokenizer)) adds
-  byte_sum / char_sum, the text the weighted targets decode to (for bits per byte / character).
+  token counts exactly when its target is not the tokenizer's unscored marker (token_weights). length_tables
+  (metrics.length_tables(tokenizer)) adds byte_sum / char_sum, the text the weighted targets decode to (for bits
+  per byte / character).
   """
   logits = model_logits(model, batch, deterministic=deterministic)
   targets = batch['targets']
-  weights = token_weights(targets)
+  weights = token_weights(targets, unscored_target(config))
   train = config.train
   ce, objective = token_losses(logits, targets, label_smoothing=float(train.label_smoothing),
                                z_loss=float(train.z_loss))
@@ -251,7 +255,7 @@ def make_train_step(config, setup: TrainSetup, steps_per_call: int = 1) -> Calla
     params, frozen = peft_lib.split(state['params'], config)
     rest = state['rngs']
     # The weights depend on the targets alone, so the batch's token count is known before the forward pass.
-    denom = jnp.maximum(jnp.sum(token_weights(batch['targets'])), 1.0)
+    denom = jnp.maximum(jnp.sum(token_weights(batch['targets'], unscored_target(config))), 1.0)
     if k == 1:
       grads, metrics, rest = grads_of(params, frozen, rest, batch, denom)
     else:
