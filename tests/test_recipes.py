@@ -22,7 +22,13 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 RECIPE_FILES = sorted(p.stem for p in (REPO / 'configs').glob('*.py') if p.stem not in ('__init__', 'default'))
 
 
+# Recipes whose argument is a path rather than a named variant: the committed Hugging Face fixtures.
+PATH_ARGS = {'hf': [str(REPO / 'tests' / 'fixtures' / 'hf' / name) for name in ('gpt2', 'bert', 't5_v1_1', 'llama')]}
+
+
 def _variants(stem):
+  if stem in PATH_ARGS:
+    return PATH_ARGS[stem]
   module = importlib.import_module(f'configs.{stem}')
   return list(getattr(module, 'VARIANTS', {None: None}))
 
@@ -30,12 +36,18 @@ def _variants(stem):
 ALL = [(stem, v) for stem in RECIPE_FILES for v in _variants(stem)]
 
 
+def _id(stem, variant):
+  if stem in PATH_ARGS:
+    return f'{stem}:{pathlib.Path(variant).name}'
+  return f'{stem}:{variant}' if variant else stem
+
+
 def _load(stem, variant):
   path = str(REPO / 'configs' / f'{stem}.py')
   return load_config_file(f'{path}:{variant}' if variant else path)
 
 
-@pytest.mark.parametrize('stem,variant', ALL, ids=[f'{s}:{v}' if v else s for s, v in ALL])
+@pytest.mark.parametrize('stem,variant', ALL, ids=[_id(s, v) for s, v in ALL])
 def test_recipe_loads_validates_and_builds(stem, variant):
   config = _load(stem, variant)
   validate(config)
