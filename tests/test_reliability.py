@@ -129,16 +129,21 @@ def test_flipped_byte_in_newest_checkpoint_falls_back_to_previous(copy):
   assert sorted(os.listdir(copy / 'checkpoints')) == ['4', '6', '8']
 
 
-def test_second_train_py_on_a_workdir_refuses_and_sigint_saves_and_resumes_exactly(trained, tmp_path):
+def test_second_train_py_on_a_workdir_refuses(copy):
+  """A live run's lock (this test process holds it) makes a second train.py refuse, naming the holder."""
+  (copy / 'train.lock').write_text(json.dumps({'host': socket.gethostname(), 'pid': os.getpid()}))
+  assert_user_error(cli(train_args(copy)), 'in use by another train.py', f'pid {os.getpid()}')
+
+
+def test_sigint_saves_and_resumes_exactly(trained, tmp_path):
   workdir = tmp_path / 'run'
-  first = subprocess.Popen(train_args(workdir), cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True)
+  # No compilation cache: the first step compiles for a while, so the Ctrl-C lands before the run is over.
+  first = subprocess.Popen(train_args(workdir, '--config.train.compilation_cache_dir='), cwd=REPO, env=ENV,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     for line in first.stdout:  # the run has installed its handlers and is about to compile the first step
       if 'parameters' in line:
         break
-    second = cli(train_args(workdir))
-    assert_user_error(second, 'in use by another train.py', f'pid {first.pid}')
     first.send_signal(signal.SIGINT)  # lands during compilation / the first steps
     out, err = first.communicate(timeout=300)
   finally:
