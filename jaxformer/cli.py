@@ -122,7 +122,11 @@ def fail(error: UserError) -> NoReturn:
   print(f'error: {error}', file=sys.stderr, flush=True)
   if error.hint:
     print(f'hint: {error.hint}', file=sys.stderr, flush=True)
-  sys.exit(USER_ERROR_EXIT)
+  sys.stdout.flush()
+  # os._exit, not sys.exit: after a fatal user error, background writers (orbax's async save, tensorboardX's atexit
+  # flush) hitting the same cause (e.g. the full disk) would print their own tracebacks on the way out. Finished
+  # checkpoints are already on disk; there is nothing left to write.
+  os._exit(USER_ERROR_EXIT)
 
 
 # TensorStore (orbax's array writer) reports file-system failures as ValueErrors (or wrapped): a status code and the
