@@ -28,6 +28,8 @@ STEP_SCRIPT = textwrap.dedent('''
       config = gpt_tiny.get_config()
       config.model.update(vocab_size=64, d_model=32, num_heads=4, d_ff=64, num_layers=2, max_len=16,
                           tie_embeddings=True, scan_layers=scan_layers)
+      if scan_layers:  # GPT-2's learned positions + biases: the position table is FSDP-sharded like the embedding
+        config.model.update(position='learned', use_bias=True, norm='layer', mlp='gelu')
       config.train.update(batch_size=8, warmup_steps=0, learning_rate=1e-2)
       config.mesh.update(**mesh)
       m = shd.make_mesh(config)

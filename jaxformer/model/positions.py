@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxformer import logical
 from jaxformer.model import layers
 
 Array = jax.Array
@@ -71,7 +72,10 @@ class Learned(nnx.Module):
                                   jnp.dtype(cfg.param_dtype))
 
   def add(self, x: Array, positions: Array) -> Array:
-    return x + jnp.take(self.embedding[...], positions, axis=0).astype(x.dtype)
+    # As the token embedding (layers.Embed): look up in the table gathered over its 'embed' (FSDP) shards, or
+    # XLA replicates the [B,T,D] lookup and its gradient (involuntary full rematerialisation with fsdp > 1).
+    table = logical.constrain(self.embedding[...], (None, None))
+    return x + jnp.take(table, positions, axis=0).astype(x.dtype)
 
   def rotary(self, positions: Array) -> tuple[Array, Array] | None:
     return None
