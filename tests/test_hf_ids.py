@@ -209,3 +209,35 @@ def test_generate_cuts_at_decode_eos_id_not_at_0(tmp_path):
   config.decode.eos_id = 300
   r = evaluation.restore(config, str(tmp_path / 'wd'))
   assert evaluation._decode_batches(r, prompts=[prompt]) == [new]
+
+
+def test_span_corruption_with_a_t5_tokenizer_uses_its_own_sentinels(tmp_path):
+  """T5's <extra_id_k> tokens (looked up by name, not jaxformer's end-of-vocabulary convention) replace the spans,
+  and the source's sentinels filled with the target's spans give back the original text's ids."""
+  lines = [t['text'] for t in _texts('t5_v1_1')] * 4
+  config = _config('t5_v1_1', tmp_path, lines, objective='span_corruption', seq_len=16, src_seq_len=32,
+                   text_unit='file', pack=True)
+  workdir = str(tmp_path / 'wd')
+  tok = D.get_tokenizer(config, workdir)
+  sentinels = {tok._tok.token_to_id(f'<extra_id_{k}>') for k in range(8)}
+  assert None not in sentinels and max(sentinels) < tok.vocab_size
+  original = tok.encode_array('\n'.join(lines) + '\n').tolist()
+  batch = next(D.make_train_iterator(config, tok, workdir))
+  checked = 0
+  for r in range(batch['src_tokens'].shape[0]):
+    for s in range(1, batch['src_segment_ids'][r].max() + 1):
+      src = batch['src_tokens'][r][batch['src_segment_ids'][r] == s].tolist()
+      tgt = batch['targets'][r][batch['tgt_segment_ids'][r] == s].tolist()
+      assert src[-1] == tok.eos_id and tgt[-1] == tok.eos_id
+      used = [t for t in src if t in sentinels]
+      assert used and used == [t for t in tgt if t in sentinels]  # the same sentinels, in the same order
+      spans, current = {}, None
+      for t in tgt[:-1]:
+        if t in sentinels:
+          current = spans.setdefault(t, [])
+        else:
+          current.append(t)
+      filled = [x for t in src[:-1] for x in (spans[t] if t in sentinels else [t])]
+      assert any(original[i:i + len(filled)] == filled for i in range(len(original) - len(filled) + 1))
+      checked += 1
+  assert checked >= 2

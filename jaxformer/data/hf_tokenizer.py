@@ -133,6 +133,17 @@ class HFTokenizer(Tokenizer):
   def target(self, ids: Sequence[int]) -> np.ndarray:
     return self._join([self.decoder_start_id], self.prefix_ids, ids, self.suffix_ids)
 
+  def sentinel_ids(self, n: int) -> list[int]:
+    """T5's own sentinels <extra_id_0> .. <extra_id_{n-1}>, looked up by name (their ids are the checkpoint's: the
+    real T5 vocabulary counts down from 32099, others count up), so span corruption continues T5's pretraining."""
+    ids = [self._id(f'<extra_id_{k}>') for k in range(n)]
+    have = ids.index(NONE) if NONE in ids else n
+    if have < n:
+      raise DataError(f'span corruption needs {n} sentinel tokens (<extra_id_0> ...) but data.tokenizer=hf:'
+                      f'{self.directory} has {have}; use fewer spans per row (a shorter data.src_seq_len, a lower '
+                      'data.noise_density or a longer data.mean_noise_span_length), or data.objective=prefix_lm.')
+    return ids
+
   @property
   def special_ids(self) -> frozenset[int]:
     return frozenset(i for i in self._special.values() if i != NONE) | self._added_special | self.framing_ids
