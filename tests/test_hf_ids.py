@@ -241,3 +241,17 @@ def test_span_corruption_with_a_t5_tokenizer_uses_its_own_sentinels(tmp_path):
       assert any(original[i:i + len(filled)] == filled for i in range(len(original) - len(filled) + 1))
       checked += 1
   assert checked >= 2
+
+
+@pytest.mark.parametrize('name,extra', [('gpt2', 0), ('qwen2', 0), ('llama', 1), ('t5_v1_1', 1), ('bert', 1)])
+def test_byte_and_char_counts_of_hf_tokenizers_match_the_decoded_text(name, extra):
+  """bits per byte / char divide by these: byte-level BPE counts exactly (also pieces holding part of a Chinese
+  character or an emoji); sentencepiece and WordPiece vocabularies count decode's dropped first space (+1)."""
+  from jaxformer.data.hf_tokenizer import HFTokenizer
+  tok = HFTokenizer(str(FIXTURES / name))
+  texts = ['Hello world, this is a test.', 'naïve café ok?'] + (['床前明月光，疑是地上霜。🙂'] if extra == 0 else [])
+  for text in texts:
+    ids = tok.encode_array(text)
+    decoded = tok.decode(ids)
+    assert int(tok.token_bytes[ids].sum()) == len(decoded.encode('utf-8')) + extra, (text, decoded)
+    assert int(tok.token_chars[ids].sum()) == len(decoded) + extra, (text, decoded)

@@ -33,6 +33,19 @@ _CLEANUP = ((' .', '.'), (' ?', '?'), (' !', '!'), (' ,', ','), (" ' ", "'"), ("
             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))  # transformers' clean_up_tokenization
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+  """GPT-2's byte-level alphabet: byte -> the printable character its token strings use for it."""
+  keep = [*range(ord('!'), ord('~') + 1), *range(ord('\xa1'), ord('\xac') + 1), *range(ord('\xae'), 256)]
+  chars, extra = {}, 0
+  for b in range(256):
+    if b in keep:
+      chars[b] = chr(b)
+    else:
+      chars[b] = chr(256 + extra)
+      extra += 1
+  return chars
+
+
 def _read_json(path: str) -> dict[str, Any]:
   if not os.path.isfile(path):
     return {}
@@ -165,6 +178,36 @@ class HFTokenizer(Tokenizer):
       for old, new in _CLEANUP:
         text = text.replace(old, new)
     return text
+
+  def token_utf8(self) -> list[bytes]:
+    """The UTF-8 bytes each id contributes to decoded text (b'' for special tokens): the denominators of bits per
+    byte / char. Byte-level BPE (GPT-2, Qwen2, Llama 3) is exact: each token string maps back to its bytes, also
+    for a piece holding part of a character. sentencepiece-style vocabularies (T5, Llama 2): '\u2581' is a space and
+    a byte-fallback piece <0xNN> that byte. WordPiece (BERT): '##x' is x, any other piece a space + the piece
+    (but . ? ! , when decode's clean-up glues them on).
+    The last two count the space decode drops before the first word: one byte per example too many (as for
+    jaxformer's own sentencepiece tokenizer)."""
+    decoder = self._tok.decoder
+    byte_level = type(decoder).__name__ == 'ByteLevel'
+    wordpiece = type(decoder).__name__ == 'WordPiece'
+    cleanup = self._cleanup or bool(getattr(decoder, 'cleanup', False))
+    to_byte = {c: b for b, c in _bytes_to_unicode().items()}
+    special = self.special_ids
+    out = []
+    for i in range(self.vocab_size):
+      piece = self._tok.id_to_token(i)
+      if piece is None or i in special:
+        out.append(b'')
+      elif byte_level:
+        out.append(bytes(to_byte[c] for c in piece) if all(c in to_byte for c in piece) else piece.encode('utf-8'))
+      elif len(piece) == 6 and piece.startswith('<0x') and piece.endswith('>'):
+        out.append(bytes([int(piece[3:5], 16)]))
+      elif wordpiece:  # decode joins words with spaces, then its clean-up takes them off before . ? ! ,
+        glued = piece.startswith('##') or (cleanup and piece in ('.', '?', '!', ','))
+        out.append((piece[2:] if piece.startswith('##') else piece if glued else ' ' + piece).encode('utf-8'))
+      else:
+        out.append(piece.replace('\u2581', ' ').encode('utf-8'))
+    return out
 
   def save_files(self, directory: str) -> None:
     """Copies the Hugging Face files (tokenizer.json, tokenizer_config.json, ...) into `directory`."""
