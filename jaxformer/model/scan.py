@@ -93,6 +93,12 @@ class ScannedBlocks(nnx.Module):
     graphdef, params, rest = self._split()
     return jax.vmap(lambda p, r: per_layer(nnx.merge(graphdef, p, r)), out_axes=CACHE_LAYER_AXIS)(params, rest)
 
+  def unstacked(self) -> list[nnx.Module]:
+    """Each layer's block as its own module holding copies of that layer's variables: for inspection and reference
+    implementations (changing them does not change this module)."""
+    graphdef, state = nnx.split(self.layers)
+    return [nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state)) for i in range(self.num_layers)]
+
   def empty_cache(self, shape: tuple[int, ...], dtype: Any) -> dict[str, Array]:
     """Zero self-attention keys/values for every layer: shape [B,S,K,H] -> {'k','v'} [B,L,S,K,H]."""
     stacked = (shape[0], self.num_layers) + tuple(shape[1:])
