@@ -90,7 +90,8 @@ def _same(a: Any, b: Any) -> bool:
 def resolve_config(requested: ml_collections.ConfigDict, saved: dict | None, workdir: str,
                    overrides: Iterable[str] | None = None) -> ml_collections.ConfigDict:
   """The config to evaluate with: the saved run config, plus the request's decode/mesh sections and `overrides`
-  (dotted keys the user set explicitly). Raises EvalError when the request contradicts the saved model."""
+  (dotted keys the user set explicitly). Raises EvalError when the request contradicts the saved model;
+  model.scan_layers is a layout, so its override applies (restore_model converts the checkpoint)."""
   overrides = sorted(set(overrides or ()))
   if saved is None:
     _log(f'note: no saved config in {workdir} (config.json); using the requested config as is.')
