@@ -37,7 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.param_dtype = 'float32'  # storage dtype of parameters (the optimizer's master copy)
   model.attention_impl = 'auto'  # auto (cudnn flash on GPU for 16-bit inputs, else xla) | xla | cudnn | reference
   model.remat = 'none'  # none | dots | projections | block | full: what the backward pass recomputes (model/remat.py)
-  model.scan_layers = False  # one block body with parameters stacked along 'layers', run by lax.scan (model/scan.py)
+  model.scan_layers = False  # one block body, parameters stacked along 'layers', run by lax.scan (model/scan.py); the
+  # published shapes (gpt2_small, bert_base, t5_small, transformer_base) turn it on; checkpoints convert on restore
   model.init_std = 0.02
   model.head_dim = -1  # per-head width; -1 = d_model // num_heads (T5's d_kv may differ)
   model.attention_scale = -1.0  # query-key logit scale; -1 = head_dim ** -0.5; T5: 1.0 (no scaling)

@@ -7,7 +7,8 @@ def get_config():
   config = default.get_config()
   config.model.update(arch='encoder_decoder', position='sinusoidal', norm='layer', norm_position='post', mlp='relu',
                       use_bias=True, tie_embeddings=True, num_layers=6, num_decoder_layers=6, num_heads=8,
-                      d_model=512, d_ff=2048, vocab_size=37000, max_len=256, dropout=0.1)
+                      d_model=512, d_ff=2048, vocab_size=37000, max_len=256, dropout=0.1,
+                      scan_layers=True)  # published shapes scan their blocks (README "Scaling up")
   config.data.update(seq_len=256, src_seq_len=256, tokenizer='sentencepiece', vocab_size=37000, pack=False)
   config.train.update(schedule='rsqrt', learning_rate=1e-3, warmup_steps=4000, b1=0.9, b2=0.98, eps=1e-9,
                       label_smoothing=0.1, weight_decay=0.0, batch_size=256)

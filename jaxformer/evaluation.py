@@ -40,6 +40,7 @@ from jaxformer import data as data_lib
 from jaxformer import decoding
 from jaxformer import metrics as metrics_lib
 from jaxformer import sharding as shd
+from jaxformer.model import layout_convert
 from jaxformer.resolve import Resolved, resolve
 from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import init_from
@@ -89,7 +90,8 @@ def _same(a: Any, b: Any) -> bool:
 def resolve_config(requested: ml_collections.ConfigDict, saved: dict | None, workdir: str,
                    overrides: Iterable[str] | None = None) -> ml_collections.ConfigDict:
   """The config to evaluate with: the saved run config, plus the request's decode/mesh sections and `overrides`
-  (dotted keys the user set explicitly). Raises EvalError when the request contradicts the saved model."""
+  (dotted keys the user set explicitly). Raises EvalError when the request contradicts the saved model;
+  model.scan_layers is a layout, so its override applies (restore_model converts the checkpoint)."""
   overrides = sorted(set(overrides or ()))
   if saved is None:
     _log(f'note: no saved config in {workdir} (config.json); using the requested config as is.')
@@ -100,7 +102,10 @@ def resolve_config(requested: ml_collections.ConfigDict, saved: dict | None, wor
     raise EvalError(
         f'the checkpoint in {workdir} is a {saved_model["arch"]} model ({where}: model.arch), but the requested '
         f'config asks for model.arch={requested.model.arch}; use the recipe the run was trained with.')
+  layout = {f'model.{k}' for k in layout_convert.LAYOUT_KEYS}  # applied: the checkpoint converts on restore
   for key in overrides:
+    if key in layout:
+      continue
     if key.startswith('model.') and key[6:] in saved_model and not _same(_get(requested, key), saved_model[key[6:]]):
       raise EvalError(
           f'--config.{key}={_get(requested, key)!r} contradicts the checkpoint ({where}: {key}='
@@ -109,7 +114,7 @@ def resolve_config(requested: ml_collections.ConfigDict, saved: dict | None, wor
   for section in REQUEST_SECTIONS:
     config[section] = ml_collections.ConfigDict(requested[section].to_dict())
   for key in overrides:
-    if key.split('.')[0] not in REQUEST_SECTIONS and not key.startswith('model.'):
+    if key.split('.')[0] not in REQUEST_SECTIONS and (not key.startswith('model.') or key in layout):
       try:
         _set(config, key, _get(requested, key))
       except (KeyError, AttributeError) as e:

@@ -19,8 +19,10 @@ import ml_collections
 from jax.sharding import Mesh
 
 from jaxformer import compilation_cache, data as data_lib
+from jaxformer import peft as peft_lib
 from jaxformer import sharding as shd
 from jaxformer.config import ConfigError, ModelConfig, validate
+from jaxformer.model import layout_convert
 from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import host_memory
 from jaxformer.user_errors import WorkdirError
@@ -116,7 +118,7 @@ def checked_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 def check_saved_run(config: ml_collections.ConfigDict, workdir: str) -> None:
   """A workdir with checkpoints holds one model: a config whose model section (or optimizer state layout:
   train.optimizer, train.skip_bad_steps) differs is refused before anything is written (WorkdirError naming the
-  keys)."""
+  keys). model.scan_layers is a layout, not another model: the checkpoint is converted on restore."""
   step = ckpt_lib.latest_step(workdir)
   saved = ckpt_lib.saved_config(workdir, step) if step is not None else None
   if not saved:
@@ -124,7 +126,7 @@ def check_saved_run(config: ml_collections.ConfigDict, workdir: str) -> None:
   saved_model = saved.get('model', {})
   differ = []
   for key, value in config.model.items():
-    if key not in saved_model or (key == 'vocab_size' and not value):
+    if key not in saved_model or (key == 'vocab_size' and not value) or key in layout_convert.LAYOUT_KEYS:
       continue
     old = saved_model[key]
     if (list(old) if isinstance(old, (list, tuple)) else old) != (list(value) if isinstance(value, tuple) else value):
@@ -133,6 +135,11 @@ def check_saved_run(config: ml_collections.ConfigDict, workdir: str) -> None:
     old, new = saved.get('train', {}).get(key, False if key == 'skip_bad_steps' else None), config.train.get(key)
     if old is not None and old != new:
       differ.append(f'train.{key}={old!r} there, {new!r} here')
+  old_layout, new_layout = bool(saved_model.get('scan_layers', False)), bool(config.model.get('scan_layers', False))
+  if old_layout != new_layout and peft_lib.is_active(config) and not str(config.checkpoint.get('init_from', '')):
+    raise WorkdirError(
+        f'--workdir={workdir} holds a PEFT run whose base is the seed\'s initialisation (checkpoint.init_from=\'\'), '
+        f'which differs between layouts; resume it with model.scan_layers={old_layout}, or use a new --workdir.')
   if differ:
     raise WorkdirError(
         f'--workdir={workdir} holds checkpoints of another model ({"; ".join(differ[:3])}); use a new --workdir, '

@@ -298,7 +298,14 @@ def tiny_model(arch, position='rope', seed=0, **overrides):
   config = default.get_config()
   config.model.update(arch=arch, position=position, num_layers=1, num_heads=2, d_model=32, d_ff=64, vocab_size=17,
                       max_len=24, init_std=0.3, **overrides)
-  return build_model(config.model, rngs=nnx.Rngs(params=seed, dropout=seed))
+  model = build_model(config.model, rngs=nnx.Rngs(params=seed, dropout=seed))
+  if config.model.scan_layers:  # the unrolled model's weights (the seed draws others in the scanned layout), so
+    from jaxformer.model import layout_convert  # properties of these particular weights hold in either layout
+    unrolled = config.model.copy_and_resolve_references()
+    unrolled.scan_layers = False
+    weights = nnx.state(build_model(unrolled, rngs=nnx.Rngs(params=seed, dropout=seed)), nnx.Param)
+    nnx.update(model, layout_convert.convert_state(weights, nnx.state(model, nnx.Param)))
+  return model
 
 
 def make_forward(model):

@@ -27,7 +27,7 @@ from jaxformer.config import ConfigError, validate
 from jaxformer.data import get_tokenizer
 from jaxformer.data.hf_tokenizer import HFTokenizer
 from jaxformer.hf import families, weights
-from jaxformer.model import build_model
+from jaxformer.model import build_model, layout_convert
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = REPO / 'tests' / 'fixtures' / 'hf'
@@ -184,7 +184,7 @@ def test_gpt_tiny_like_model_exports_as_llama(tmp_path):
   assert shapes == want
   # q_proj row h * head_dim + j is head h, dimension j of our query kernel [D, N, H].
   q = weights.read_dir(str(tmp_path))['model.layers.0.self_attn.q_proj.weight']
-  ours = np.asarray(model.decoder.blocks[0].attn.query[...])
+  ours = layout_convert.to_flat_layout(hf.model_params(model), scanned=False)['decoder.blocks.0.attn.query']
   np.testing.assert_array_equal(q[1 * 8 + 3], ours[:, 1, 3])
 
 

@@ -237,8 +237,11 @@ def test_params_carry_logical_axis_names(position):
   model = nnx.eval_shape(lambda: build_model(tiny_config('encoder_decoder', position), rngs=nnx.Rngs(0)))
   seen = set()
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    names = var.get_metadata().get('out_sharding')
-    assert names is not None and len(names) == len(var.shape), (path, names, var.shape)
+    names, shape = var.get_metadata().get('out_sharding'), var.shape
+    assert names is not None and len(names) == len(shape), (path, names, shape)
+    if 'layers' in path:  # model.scan_layers: the stacked layer axis leads (its own rule, unsharded by default)
+      assert names[0] == 'layers', (path, names)
+      names, shape = names[1:], shape[1:]
     assert set(names) <= allowed, (path, names)
     assert len([n for n in names if n]) == len(set(n for n in names if n)), (path, names)
     parent = str(path[-2]).replace('cross_', '')
@@ -247,7 +250,7 @@ def test_params_carry_logical_axis_names(position):
     if key in EXPECTED_NAMES:
       assert tuple(names) == EXPECTED_NAMES[key], (path, names)
       seen.add(key)
-    if len(var.shape) == 1:  # the default train.weight_decay_exclude='norm,bias,embed' must spare these
+    if len(shape) == 1:  # the default train.weight_decay_exclude='norm,bias,embed' must spare these
       assert any(w in str(part) for part in path for w in ('norm', 'bias')), path
   assert {('embed', 'embedding'), ('attn', 'query'), ('attn', 'key'), ('attn', 'out'), ('mlp', 'wi'),
           ('mlp', 'wo'), ('norm', 'scale')} <= seen
@@ -292,9 +295,10 @@ def test_gpt2_style_scaled_residual_init():
                                   init_std=0.02), rngs=nnx.Rngs(0))
   std = lambda params: np.std(np.concatenate([np.ravel(p[...]) for p in params]))
   for stack, sublayers in ((model.encoder, 2 * 4), (model.decoder, 3 * 2)):
-    outs = [b.attn.out for b in stack.blocks] + [b.mlp.wo for b in stack.blocks]
+    blocks = [stack.blocks.layers] if stack.scanned else stack.blocks  # scanned: one block, stacked variables
+    outs = [b.attn.out for b in blocks] + [b.mlp.wo for b in blocks]
     np.testing.assert_allclose(std(outs), 0.02 / np.sqrt(sublayers), rtol=0.05)
-    np.testing.assert_allclose(std([b.attn.query for b in stack.blocks]), 0.02, rtol=0.05)
+    np.testing.assert_allclose(std([b.attn.query for b in blocks]), 0.02, rtol=0.05)
 
 
 def test_jitted_decoding_loop():

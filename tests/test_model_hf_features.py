@@ -14,6 +14,11 @@ from jaxformer.model.config import ModelConfig
 from test_model import tiny_config
 
 
+def blocks_of(stack):
+  """A stack's blocks, one module per layer in either layout (scanned: copies of each layer's slice)."""
+  return stack.blocks.unstacked() if stack.scanned else list(stack.blocks)
+
+
 def randomize(module, names, seed=0):
   """Non-zero values for parameters that start at zero (biases), so the reference checks them."""
   for i, name in enumerate(names):
@@ -76,7 +81,7 @@ def test_qkv_bias_without_output_bias():
   expected = textbook_attention(attn, x, mask, scale=0.5, qkv_bias=True)
   np.testing.assert_allclose(attn(x, mask)[0], expected, atol=1e-5)
   model = build_model(tiny_config(use_bias=False, qkv_bias=True), rngs=nnx.Rngs(0))
-  assert model.decoder.blocks[0].mlp.wi_bias is None  # the MLP stays bias-free
+  assert blocks_of(model.decoder)[0].mlp.wi_bias is None  # the MLP stays bias-free
 
 
 # ------------------------------------------------------------------------------------------ MLP choices
@@ -173,7 +178,7 @@ def ref_stack(stack, cfg, x, mask, *, bias=None, encoded=None, cross_mask=None):
     y = f(ref_norm(norm, x) if pre else x)
     return x + y if pre else ref_norm(norm, x + y)
 
-  for block in stack.blocks:
+  for block in blocks_of(stack):
     x = sublayer(x, block.attn_norm, lambda h: textbook_attention(block.attn, h, mask, bias=bias, **attend))
     if block.cross_attn is not None:
       x = sublayer(x, block.cross_norm,

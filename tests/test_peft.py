@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 from jaxformer import peft
 from jaxformer import sharding as shd
 from jaxformer.config import ConfigError, validate
-from jaxformer.model import layers
+from jaxformer.model import layers, layout_convert
 from jaxformer.peft import lora
 from jaxformer.training import step
 from tests.test_sharding import lm_batch, setup_for, small_config
@@ -114,11 +114,12 @@ def test_merged_lora_weights_give_base_plus_update_logits():
   np.testing.assert_allclose(np.asarray(logits_of(plain, 'decoder_only')),
                              np.asarray(logits_of(adapted, 'decoder_only')), rtol=1e-5, atol=1e-5)
   # the merge is W + (alpha / r) A B for one kernel, by hand
-  f = flat(state['params'])
+  per_layer = lambda tree: layout_convert.to_flat_layout(flat(tree), scanned=False, sep='/')  # noqa: E731
+  f = per_layer(state['params'])
   prefix = 'decoder/blocks/0/attn/'
   a, b, w = f[prefix + 'lora/query/a'], f[prefix + 'lora/query/b'], f[prefix + 'query']
   expected = w + 2.0 * np.einsum('dr,rnh->dnh', a, b)
-  np.testing.assert_allclose(flat(merged)[prefix + 'query'], expected, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(per_layer(merged)[prefix + 'query'], expected, rtol=1e-6, atol=1e-7)
   with pytest.raises(ConfigError, match='adapter'):
     peft.merge(state['params'], peft_config('adapter'))
 
@@ -185,13 +186,18 @@ def test_lora_on_a_mesh_equals_one_device_and_shards_its_factors():
   _, s1, _ = one_step(single, n=2)
   setup, s8, _ = one_step(sharded, n=2)
   a, b = flat(s1['params']), flat(s8['params'])
+  scanned = bool(single.model.scan_layers)
+  # Adam steps are 1e-2; its first steps are about lr * sign(g), so a gradient near 0 moves by up to a step's
+  # share under the sharded scan's other reduction order (one element in 256 by 1.4e-4 with scan_layers)
+  atol = 2e-4 if scanned else 2e-5
   for key in a:
-    np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=2e-5, err_msg=key)  # Adam steps are 1e-2
+    np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=atol, err_msg=key)
   specs = {'/'.join(map(str, p)): v.get_value().sharding.spec for p, v in nnx.to_flat_state(s8['params'])}
-  assert specs['decoder/blocks/0/attn/lora/query/a'] == P('fsdp', None)  # ('embed', rank)
-  assert specs['decoder/blocks/0/attn/lora/query/b'] == P(None, 'tensor', None)  # (rank, 'heads', 'kv')
-  assert specs['decoder/blocks/0/attn/lora/out/a'] == P('tensor', None, None)  # ('heads', 'kv', rank)
-  assert specs['decoder/blocks/0/mlp/lora/wi/b'] == P(None, 'tensor')  # (rank, 'mlp')
+  block, lead = ('decoder/blocks/layers/', (None,)) if scanned else ('decoder/blocks/0/', ())  # 'layers': unsharded
+  assert specs[block + 'attn/lora/query/a'] == P(*lead, 'fsdp', None)  # ('embed', rank)
+  assert specs[block + 'attn/lora/query/b'] == P(*lead, None, 'tensor', None)  # (rank, 'heads', 'kv')
+  assert specs[block + 'attn/lora/out/a'] == P(*lead, 'tensor', None, None)  # ('heads', 'kv', rank)
+  assert specs[block + 'mlp/lora/wi/b'] == P(*lead, None, 'tensor')  # (rank, 'mlp')
 
 
 @pytest.mark.parametrize('key,value,match', [

@@ -58,6 +58,18 @@ def test_recipe_loads_validates_and_builds(stem, variant):
   assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) > 0
 
 
+PUBLISHED_SHAPES = ('gpt2_small', 'bert_base', 't5_small', 'transformer_base')
+
+
+def test_published_shapes_scan_their_layers_and_the_small_recipes_do_not():
+  """model.scan_layers: on for the published shapes (compile time flat in depth), the default (off) elsewhere:
+  the small CPU recipes have 1-6 layers, where the unrolled stack is as fast."""
+  from configs import default
+  off = bool(default.get_config().model.scan_layers)  # False, unless the suite runs with scan_layers forced on
+  for stem, variant in ALL:
+    assert bool(_load(stem, variant).model.scan_layers) is (stem in PUBLISHED_SHAPES or off), _id(stem, variant)
+
+
 def test_unknown_variant_is_one_clear_error():
   for stem in ('shakespeare_char', 'multi30k_en_de', 'multi30k_mlm'):
     with pytest.raises(ValueError, match='unknown .* variant'):

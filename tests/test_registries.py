@@ -62,7 +62,8 @@ def test_a_registered_gated_mlp_is_counted_and_built(monkeypatch):
     cfg = ModelConfig.from_config(config.model)
     counts[mlp] = flops.flops_per_token(cfg, 8)
     model = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
-    assert (model.decoder.blocks[0].mlp.wi_gate is not None) == (mlp == 'fake_glu')
+    block = model.decoder.blocks.layers if model.decoder.scanned else model.decoder.blocks[0]  # either layout
+    assert (block.mlp.wi_gate is not None) == (mlp == 'fake_glu')
   # 6 FLOPs per weight per token for the extra [d_model, d_ff] gate matrix in every layer
   assert counts['fake_glu'] - counts['fake_plain'] == pytest.approx(6 * 2 * 16 * 24)
 

@@ -21,7 +21,7 @@ ATOL = 2e-5
 
 def pair(arch, position, norm_position, **overrides):
   """(unrolled model, scanned model) holding the same parameters (converted from the unrolled one)."""
-  cfg = tiny_config(arch, position, norm_position, num_layers=3, num_decoder_layers=2, **overrides)
+  cfg = tiny_config(arch, position, norm_position, num_layers=3, num_decoder_layers=2, scan_layers=False, **overrides)
   unrolled = build_model(cfg, rngs=nnx.Rngs(params=0, dropout=1))
   cfg.scan_layers = True
   scanned = build_model(cfg, rngs=nnx.Rngs(params=0, dropout=1))

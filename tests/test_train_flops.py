@@ -12,11 +12,17 @@ from jaxformer.config import ModelConfig
 from jaxformer.training import step
 
 
+def _ndim(path, x) -> int:
+  """A parameter's own rank: without the stacked 'layers' axis of model.scan_layers."""
+  return x.ndim - ("'layers'" in jax.tree_util.keystr(path))
+
+
 def _matmul_weights(config):
   """Every weight matrix of the real (abstract) model: parameters of ndim >= 2 that are not biases."""
   abstract = nnx.eval_shape(lambda: step.build_model(config))
   flat = jax.tree_util.tree_flatten_with_path(nnx.state(abstract, nnx.Param))[0]
-  return sum(int(np.prod(x.shape)) for path, x in flat if x.ndim >= 2 and 'bias' not in jax.tree_util.keystr(path))
+  return sum(int(np.prod(x.shape)) for path, x in flat
+             if _ndim(path, x) >= 2 and 'bias' not in jax.tree_util.keystr(path))
 
 
 @pytest.mark.parametrize('module,kv', [(gpt_tiny, 1), (gpt_tiny, 4), (bert_tiny, 4)])
@@ -52,7 +58,7 @@ def test_hf_features_flops():
   cfg = ModelConfig.from_config(config.model)
   abstract = nnx.eval_shape(lambda: step.build_model(config))
   flat = jax.tree_util.tree_flatten_with_path(nnx.state(abstract, nnx.Param))[0]
-  n = sum(int(np.prod(x.shape)) for path, x in flat if x.ndim >= 2 and not any(
+  n = sum(int(np.prod(x.shape)) for path, x in flat if _ndim(path, x) >= 2 and not any(
       word in jax.tree_util.keystr(path) for word in ('bias', 'positions', "'embed'")))
   b, length = 2, 16
   attention = 12 * cfg.num_heads * cfg.head_dim * length * (cfg.num_layers + 2 * cfg.num_decoder_layers)

@@ -8,6 +8,10 @@ class per family). `save` also works for models jaxformer built itself when a fa
 (gpt_tiny's RoPE + RMSNorm + SwiGLU decoder is a Llama); otherwise one ConfigError line names the setting.
 Errors are ConfigError (train.py / eval.py print them as one line): a missing directory, no config.json, no
 weights, an unsupported model_type, shapes that contradict the model section.
+
+Layouts: the tensor mapping (families.py) names the unrolled parameters ('decoder.blocks.3.attn.query'); a
+model.scan_layers=True model is converted at the boundary (layout_convert.to_flat_layout): load stacks the
+per-layer arrays into 'decoder.blocks.layers.*', save unstacks them first.
 """
 from __future__ import annotations
 
@@ -28,14 +32,14 @@ from jaxformer.special_tokens import BOS_ID, EOS_ID, PAD_ID
 from jaxformer.data.hf_tokenizer import PREFIX  # 'hf:', also for checkpoint.init_from
 from jaxformer.hf import families, weights
 from jaxformer.hf.families import FAMILIES
-from jaxformer.model import build_model
+from jaxformer.model import build_model, layout_convert
 
 __all__ = ['FAMILIES', 'load', 'load_params', 'model_section', 'read_config', 'save']
 
 CONFIG_NAME = 'config.json'
 # Model keys no Hugging Face config.json decides: jaxformer's defaults (float32 parameters and compute).
 _RUNTIME_DEFAULTS = {'dtype': 'float32', 'param_dtype': 'float32', 'attention_impl': 'auto', 'remat': 'none',
-                     'num_decoder_layers': -1, 'rope_base': 10000.0, 'init_std': 0.02}
+                     'scan_layers': False, 'num_decoder_layers': -1, 'rope_base': 10000.0, 'init_std': 0.02}
 
 
 def read_config(directory: str) -> dict[str, Any]:
@@ -105,14 +109,15 @@ def _abstract(model_config: Any):
 
 
 def load_params(directory: str, model_config: Any) -> dict[str, np.ndarray]:
-  """{param path: array} of the directory's weights, laid out for `model_config` (our model section).
+  """{param path: array} of the directory's weights, laid out for `model_config` (our model section, either
+  model.scan_layers layout).
 
   Every parameter must come from the checkpoint with the shape the section implies; a mismatch (e.g. a
   --config.model override that contradicts config.json) is one line naming the tensor.
   """
   hf_config, family = _family(directory)
   cfg = ModelConfig.from_config(model_config)
-  _, _, abstract = _abstract(model_config)
+  _, _, abstract = _abstract(dataclasses.replace(cfg, scan_layers=False))  # the names families.py maps
   tensors = weights.read_dir(directory)
   used, out, missing = set(), {}, []
   for rule in family.tensors(cfg):
@@ -144,7 +149,7 @@ def load_params(directory: str, model_config: Any) -> dict[str, np.ndarray]:
   if unused:
     logging.warning('%s: %d tensor(s) not used by the %s model, e.g. %s', directory, len(unused),
                     hf_config['model_type'], ', '.join(sorted(unused)[:5]))
-  return out
+  return layout_convert.to_flat_layout(out, scanned=True) if cfg.scan_layers else out
 
 
 def with_params(abstract_params, params: dict[str, np.ndarray]):
@@ -184,7 +189,7 @@ def save(model: nnx.Module, model_config: Any, directory: str, *, token_ids: dic
   """
   cfg = ModelConfig.from_config(model_config)
   family = families.for_model(cfg)
-  params = model_params(model)
+  params = layout_convert.to_flat_layout(model_params(model), scanned=False)  # a scanned model: per-layer names
   tensors, used = {}, set()
   for rule in family.tensors(cfg):
     tensors[rule.hf] = np.ascontiguousarray(rule.to_hf(*(params[p] for p in rule.ours)))

@@ -5,8 +5,9 @@
 
 Only the 'blocks' subtrees change; everything else passes through. The same rule applies to the optimizer state
 (Adam's mu / nu mirror the parameters) and to the rng streams, so a checkpoint written with one
-model.scan_layers restores into the other: restore it in its saved layout, then `convert_state` it into the
-layout of the model being built (see tests/test_scan.py).
+model.scan_layers restores into the other: training/checkpoint.py restores it in its saved layout, then
+`convert_tree` moves the whole train state (params, optimizer state, rng streams) into the layout of the model
+being built. `to_flat_layout` does the same for {'a.blocks.0.b': array} dicts (jaxformer.hf's parameter names).
 """
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxformer.model.scan import LAYERS
 
 BLOCKS = 'blocks'
+LAYOUT_KEYS = ('scan_layers',)  # model keys that change how parameters are laid out, not the model they describe
 
 
 def _is_unrolled(blocks: Mapping) -> bool:
@@ -52,7 +55,7 @@ def to_layout(tree: Mapping, *, scanned: bool) -> dict:
       out[key] = value
     elif key == BLOCKS and scanned and _is_unrolled(value):
       layers = [value[k] for k in sorted(value, key=int)]
-      out[key] = {LAYERS: jax.tree.map(lambda *xs: jnp.stack(xs), *[to_layout(x, scanned=True) for x in layers])}
+      out[key] = {LAYERS: jax.tree.map(_stack, *[to_layout(x, scanned=True) for x in layers])}
     elif key == BLOCKS and not scanned and _is_scanned(value):
       stacked = value[LAYERS]
       n = len(jax.tree.leaves(stacked)[0])
@@ -81,3 +84,95 @@ def _match_keys(tree: Any, like: Any) -> Any:
     return tree
   by_str = {str(k): k for k in like}
   return {by_str.get(str(k), k): _match_keys(v, like.get(by_str.get(str(k), k))) for k, v in tree.items()}
+
+
+def _stack(*xs: Any) -> Any:
+  """numpy arrays stay on the host (Hugging Face import), anything else is stacked by jax."""
+  return np.stack(xs) if all(isinstance(x, np.ndarray) for x in xs) else jnp.stack(xs)
+
+
+def to_flat_layout(flat: Mapping[str, Any], *, scanned: bool, sep: str = '.') -> dict[str, Any]:
+  """{'decoder.blocks.0.attn.query': array, ...} <-> {'decoder.blocks.layers.attn.query': stacked array, ...}."""
+  nested: dict = {}
+  for name, value in flat.items():
+    *parents, leaf = name.split(sep)
+    node = nested
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = value
+  out: dict[str, Any] = {}
+
+  def walk(node: Mapping, prefix: str) -> None:
+    for key, value in node.items():
+      name = f'{prefix}{key}'
+      walk(value, name + sep) if isinstance(value, Mapping) else out.__setitem__(name, value)
+  walk(to_layout(nested, scanned=scanned), '')
+  return out
+
+
+# ------------------------------------------------------------------------ any pytree (the whole train state)
+def _part(key: Any) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _normalized(path: tuple) -> tuple[tuple[str, ...], str | None]:
+  """(the path's parts with the layer slot after 'blocks' as '*', that slot: a layer index, LAYERS or None)."""
+  parts = tuple(_part(k) for k in path)
+  for j in range(len(parts) - 1):
+    if parts[j] == BLOCKS and (parts[j + 1] == LAYERS or parts[j + 1].isdigit()):
+      return parts[:j + 1] + ('*',) + parts[j + 2:], parts[j + 1]
+  return parts, None
+
+
+def tree_is_scanned(tree: Any) -> bool | None:
+  """The layout of any pytree holding block leaves (a train state, an abstract one, an optimizer state): True /
+  False, None when it has no block leaves."""
+  for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    slot = _normalized(path)[1]
+    if slot is not None:
+      return slot == LAYERS
+  return None
+
+
+def block_filter(like: nnx.State):
+  """An nnx filter matching the variables whose layout-independent path occurs in `like` (any layout): picks, from
+  a state of the other layout, the part `like` is (e.g. a PEFT run's trainable parameters)."""
+  wanted = {_normalized(tuple(path))[0] for path, _ in nnx.to_flat_state(like)}
+  return lambda path, _: _normalized(tuple(path))[0] in wanted
+
+
+def convert_tree(source: Any, target: Any) -> Any:
+  """`source` (any pytree in either layout: a train state, an optimizer state, rng streams) rebuilt with the tree
+  structure of `target` (arrays or ShapeDtypeStructs of the same pytree in the wanted layout): leaves are matched by
+  path, per-layer leaves stacked into scanned ones or scanned ones indexed per layer. jit-able, so the caller can
+  place the result straight onto the target's shardings."""
+  by_path: dict[tuple[str, ...], dict[str | None, Any]] = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(source)[0]:
+    parts, slot = _normalized(path)
+    by_path.setdefault(parts, {})[slot] = leaf
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
+  out = []
+  for path, like in leaves:
+    parts, slot = _normalized(path)
+    have = by_path.get(parts)
+    if have is None:
+      raise KeyError(f'{".".join(parts)} is not in the tree being converted')
+    if slot in have:
+      value = have[slot]
+    elif slot == LAYERS:
+      n = like.shape[0]
+      missing = [i for i in range(n) if str(i) not in have]
+      if missing:
+        raise KeyError(f'{".".join(parts)}: layer {missing[0]} of {n} is not in the tree being converted')
+      value = jnp.stack([have[str(i)] for i in range(n)])
+    elif LAYERS in have:
+      value = have[LAYERS][int(slot)]
+    else:
+      raise KeyError(f'{".".join(parts)} (layer {slot}) is not in the tree being converted')
+    if tuple(value.shape) != tuple(like.shape):
+      raise ValueError(f'{".".join(parts)} has shape {tuple(value.shape)} there, {tuple(like.shape)} here')
+    out.append(value)
+  return jax.tree_util.tree_unflatten(treedef, out)

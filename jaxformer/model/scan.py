@@ -15,10 +15,12 @@ Layout:
 
 The block itself is reused unchanged: ScannedBlocks takes the factory that builds one Block. Inputs shared by all
 layers (masks, rotary tables, encoder output, any per-stack bias) are passed through as keyword arguments.
+Modules added to the blocks later (PEFT's LoRA factors and adapters) are built the same way, by `stack_modules`,
+so each layer gets its own; `stacked_layers(model)` says which modules sit inside a scanned stack.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -32,18 +34,23 @@ LAYERS = 'layers'  # the logical axis name of the stacked layer dimension
 CACHE_LAYER_AXIS = 1  # cache leaves are [B, L, ...]
 
 
+def stack_modules(make: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
+  """`num_layers` modules make(rngs), as one module whose variables are stacked along a leading 'layers' axis (each
+  layer drawn from its own split of the rng streams; the logical axis names get a leading 'layers')."""
+  @nnx.split_rngs(splits=num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS})
+  def build(rngs: nnx.Rngs) -> nnx.Module:
+    return make(rngs)
+
+  return build(rngs)
+
+
 class ScannedBlocks(nnx.Module):
   """`num_layers` blocks as one module with stacked variables, applied with jax.lax.scan."""
 
   def __init__(self, make_block: Callable[[nnx.Rngs], nnx.Module], num_layers: int, *, rngs: nnx.Rngs):
     self.num_layers = num_layers
-
-    @nnx.split_rngs(splits=num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS})
-    def make(rngs: nnx.Rngs) -> nnx.Module:
-      return make_block(rngs)
-
-    self.layers = make(rngs)
+    self.layers = stack_modules(make_block, num_layers, rngs)
 
   def _split(self):
     return nnx.split(self.layers, nnx.Param, ...)
@@ -86,7 +93,25 @@ class ScannedBlocks(nnx.Module):
     graphdef, params, rest = self._split()
     return jax.vmap(lambda p, r: per_layer(nnx.merge(graphdef, p, r)), out_axes=CACHE_LAYER_AXIS)(params, rest)
 
+  def unstacked(self) -> list[nnx.Module]:
+    """Each layer's block as its own module holding copies of that layer's variables: for inspection and reference
+    implementations (changing them does not change this module)."""
+    graphdef, state = nnx.split(self.layers)
+    return [nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state)) for i in range(self.num_layers)]
+
   def empty_cache(self, shape: tuple[int, ...], dtype: Any) -> dict[str, Array]:
     """Zero self-attention keys/values for every layer: shape [B,S,K,H] -> {'k','v'} [B,L,S,K,H]."""
     stacked = (shape[0], self.num_layers) + tuple(shape[1:])
     return {'k': jnp.zeros(stacked, dtype), 'v': jnp.zeros(stacked, dtype)}
+
+
+def stacked_layers(model: nnx.Module) -> Iterator[tuple[nnx.Module, int]]:
+  """(module, num_layers) for every submodule of `model`: num_layers > 0 when its variables carry the stacked
+  'layers' axis (it sits inside a ScannedBlocks), 0 otherwise. What a method adding modules to blocks asks (PEFT)."""
+  inside: dict[int, int] = {}
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, ScannedBlocks):
+      for _, sub in nnx.iter_modules(module.layers):
+        inside[id(sub)] = module.num_layers
+  for _, module in list(nnx.iter_modules(model)):
+    yield module, inside.get(id(module), 0)

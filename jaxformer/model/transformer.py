@@ -144,7 +144,8 @@ class Stack(nnx.Module):
       x, new_cache = self.blocks(x, mask=mask, rope=rope, bias=bias, causal=self.causal, encoded=encoded,
                                  cross_kv=cross_kv, cross_mask=cross_mask, cache=cache, cache_index=cache_index,
                                  deterministic=deterministic, remat=self.remat)
-      return (x if self.final_norm is None else self.final_norm(x)), new_cache
+      x = x if self.final_norm is None else self.final_norm(x)
+      return (x if prompt is None else prompt.strip(x)), new_cache
     new_cache = []
     remat = REMATS[self.remat] if cache is None else None
     for i, block in enumerate(self.blocks):

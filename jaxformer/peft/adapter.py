@@ -11,7 +11,7 @@ import ml_collections
 from flax import nnx
 
 from jaxformer.errors import check_positive
-from jaxformer.model import layers, transformer
+from jaxformer.model import layers, scan, transformer
 from jaxformer.peft.params import AdapterParam, new_param
 
 Array = jax.Array
@@ -41,8 +41,9 @@ class Adapter(nnx.Module):
 def attach(model: nnx.Module, peft: ml_collections.ConfigDict, rngs: nnx.Rngs) -> None:
   """Two adapters per Block: on its self-attention and on its MLP (cross-attention keeps none, as in the paper)."""
   cfg = model.config
-  for _, module in list(nnx.iter_modules(model)):
-    if isinstance(module, transformer.Block):
+  make = lambda r: Adapter(cfg.d_model, int(peft.adapter_dim), std=cfg.init_std, dtype=cfg.dtype,  # noqa: E731
+                           param_dtype=jnp.dtype(cfg.param_dtype), rngs=r)
+  for module, num_layers in list(scan.stacked_layers(model)):
+    if isinstance(module, transformer.Block):  # a scanned stack's one Block: one adapter per layer, stacked
       for sublayer in (module.attn, module.mlp):
-        sublayer.adapter = Adapter(cfg.d_model, int(peft.adapter_dim), std=cfg.init_std, dtype=cfg.dtype,
-                                   param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+        sublayer.adapter = scan.stack_modules(make, num_layers, rngs) if num_layers else make(rngs)

@@ -9,8 +9,6 @@ Every run (PEFT or not) starts from init_from through `with_base`; the loading i
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 from flax import nnx
@@ -18,21 +16,14 @@ from flax import nnx
 from jaxformer import peft as peft_lib
 from jaxformer.errors import ConfigError
 from jaxformer.training import init_from as init_from_lib
-
-
-def _saved_config(workdir: str) -> dict:
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
+from jaxformer.training.saved_config import saved_config
 
 
 def load_base(config: Any, abstract_base: nnx.State) -> nnx.State:
   """checkpoint.init_from's parameters for the base part `abstract_base` (ShapeDtypeStructs carrying .sharding),
   read by training/init_from.py (a jaxformer workdir or hf:<dir>). A PEFT run cannot be another PEFT run's base."""
   source = init_from_lib.spec(config)
-  if not source.startswith('hf:') and peft_lib.is_active(_saved_config(source)):
+  if not source.startswith('hf:') and peft_lib.is_active(saved_config(source) or {}):
     raise ConfigError(f'checkpoint.init_from={source!r} is itself a PEFT run (its checkpoints hold only the adapted '
                       'parameters); start from its base instead, or from a merged export.')
   return init_from_lib.load_params(config, abstract_base)

@@ -17,7 +17,7 @@ from flax import nnx
 
 from jaxformer.errors import ConfigError, check_fraction, check_positive
 from jaxformer.model import attention as attention_lib
-from jaxformer.model import layers
+from jaxformer.model import layers, scan
 from jaxformer.peft.params import LoRAParam, new_param, sharding_names
 
 Array = jax.Array
@@ -61,15 +61,14 @@ def validate(peft: ml_collections.ConfigDict, model: Any) -> None:
 
 
 class LoRA(nnx.Module):
-  """The low-rank update of one kernel of shape [*in, *out] (in = its first `in_dims` dimensions)."""
+  """The low-rank update of one kernel of shape [*in, *out] (in = its first `in_dims` dimensions) whose logical
+  axis names are `names`, stored in `pdt`."""
 
-  def __init__(self, kernel: nnx.Param, in_dims: int, peft: ml_collections.ConfigDict, dtype: Any, *,
-               rngs: nnx.Rngs):
-    shape, names = tuple(kernel.get_value().shape), sharding_names(kernel)
+  def __init__(self, shape: tuple[int, ...], names: tuple[str | None, ...], pdt: Any, in_dims: int,
+               peft: ml_collections.ConfigDict, dtype: Any, *, rngs: nnx.Rngs):
     rank, fan_in = int(peft.rank), math.prod(shape[:in_dims])
     bound = 1.0 / math.sqrt(fan_in)
     uniform = lambda key, s, dt: jax.random.uniform(key, s, dt, -bound, bound)  # noqa: E731
-    pdt = kernel.get_value().dtype
     self.rank, self.scale, self.dtype = rank, float(peft.alpha) / rank, jnp.dtype(dtype)
     self.out_shape = shape[in_dims:]
     self.a = new_param(LoRAParam, rngs, uniform, shape[:in_dims] + (rank,), names[:in_dims] + (None,), pdt)
@@ -86,10 +85,19 @@ class LoRA(nnx.Module):
     return y.reshape(*x.shape[:-1], *self.out_shape)
 
 
+def _lora(kernel: nnx.Param, in_dims: int, peft: ml_collections.ConfigDict, dtype: Any, num_layers: int,
+          rngs: nnx.Rngs) -> LoRA:
+  """The LoRA of `kernel`; of each layer's slice when the kernel is stacked (model.scan_layers: num_layers > 0)."""
+  shape, names, pdt = tuple(kernel.get_value().shape), sharding_names(kernel), kernel.get_value().dtype
+  if not num_layers:
+    return LoRA(shape, names, pdt, in_dims, peft, dtype, rngs=rngs)
+  return scan.stack_modules(lambda r: LoRA(shape[1:], names[1:], pdt, in_dims, peft, dtype, rngs=r), num_layers, rngs)
+
+
 def attach(model: nnx.Module, peft: ml_collections.ConfigDict, rngs: nnx.Rngs) -> None:
   """Gives every Attention (self and cross) and MLP a `lora` dict {projection name: LoRA} for the targets."""
   names = target_names(peft.targets)
-  for _, module in list(nnx.iter_modules(model)):
+  for module, num_layers in list(scan.stacked_layers(model)):
     if isinstance(module, attention_lib.Attention):
       wanted = [n for n in names if n in ATTENTION]
     elif isinstance(module, layers.MLP):
@@ -97,12 +105,13 @@ def attach(model: nnx.Module, peft: ml_collections.ConfigDict, rngs: nnx.Rngs) -
     else:
       continue
     if wanted:
-      module.lora = nnx.Dict({n: LoRA(getattr(module, n), INPUT_DIMS.get(n, 1), peft, module.dtype, rngs=rngs)
-                              for n in wanted})
+      module.lora = nnx.Dict({n: _lora(getattr(module, n), INPUT_DIMS.get(n, 1), peft, module.dtype, num_layers,
+                                       rngs) for n in wanted})
 
 
 def merge(params: nnx.State, peft: ml_collections.ConfigDict) -> nnx.State:
-  """The base params with every LoRA update folded in: W + (alpha/rank) * A B (in float32, cast back to W's dtype)."""
+  """The base params with every LoRA update folded in: W + (alpha/rank) * A B (in float32, cast back to W's dtype).
+  Either layout: stacked factors (model.scan_layers) fold into each layer's slice of the stacked kernel."""
   scale = float(peft.alpha) / int(peft.rank)
   flat = dict(nnx.to_flat_state(params))
   merged = {path: v for path, v in flat.items() if not isinstance(v, LoRAParam)}
@@ -112,9 +121,9 @@ def merge(params: nnx.State, peft: ml_collections.ConfigDict) -> nnx.State:
     b = flat[path[:-1] + ('b',)]
     kernel_path = path[:-3] + (path[-2],)  # (..., 'lora', name, 'a') -> (..., name)
     w = merged[kernel_path]
-    a2 = a.get_value().astype(jnp.float32)
-    rank = a2.shape[-1]
-    delta = a2.reshape(-1, rank) @ b.get_value().astype(jnp.float32).reshape(rank, -1)
-    value = w.get_value()
+    a2, b2, value = a.get_value().astype(jnp.float32), b.get_value().astype(jnp.float32), w.get_value()
+    rank, lead = a2.shape[-1], a2.ndim + b2.ndim - 2 - value.ndim  # lead: the stacked 'layers' axis, if any
+    n = math.prod(a2.shape[:lead])
+    delta = jnp.matmul(a2.reshape(n, -1, rank), b2.reshape(n, rank, -1))
     merged[kernel_path] = w.replace((value.astype(jnp.float32) + scale * delta.reshape(value.shape)).astype(value.dtype))
   return nnx.from_flat_state(merged)

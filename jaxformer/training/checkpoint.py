@@ -11,6 +11,12 @@ Parameters live in their own item so evaluation restores them without touching t
 Arrays are restored with the shardings of the *current* mesh (the abstract target carries them), so a checkpoint
 saved with fsdp=2 restores onto data=8 or onto one device.
 
+Layouts: a checkpoint written with the other model.scan_layers (per-layer 'blocks.<i>' subtrees vs one stacked
+'blocks.layers' subtree) restores too: `restore_in_layout` restores it in the layout it was saved in (read from its
+saved config, else its tree metadata) and converts params, optimizer state (Adam's mu / nu mirror the params) and
+the per-layer rng streams into the layout being built, onto its shardings (layout_convert.convert_tree). Training
+resumes, restore_model (eval.py, export) and checkpoint.init_from all go through it.
+
 Unreadable checkpoints: orbax writes each step into a temporary folder and renames it when complete, so a save cut
 short is never listed. If the newest listed step still fails to restore (files lost or truncated afterwards),
 training falls back to the newest step that does restore, moves the unreadable newer ones to
@@ -43,20 +49,20 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxformer import peft as peft_lib
 from jaxformer import sharding as shd
 from jaxformer.data import state_for_host
+from jaxformer.model import layout_convert
 from jaxformer.training import step as step_lib
+from jaxformer.training.saved_config import CHECKPOINT_DIR, checkpoint_dir, saved_config, saved_scan_layers
 from jaxformer.user_errors import UserError
 
-CHECKPOINT_DIR = 'checkpoints'
+__all__ = ['CHECKPOINT_DIR', 'CheckpointError', 'Checkpointer', 'all_steps', 'checkpoint_dir', 'latest_step',
+           'restore_in_layout', 'restore_model', 'saved_config', 'saved_layout']
+
 UNREADABLE_DIR = 'checkpoints_unreadable'
 CHECKSUM_DIR = 'checkpoint_checksums'  # <step>.json: sha256 of every file of DIR/checkpoints/<step>/
 
 
 class CheckpointError(UserError, RuntimeError):
   """A checkpoint that cannot be used. The message names the folder and what to do."""
-
-
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
 
 
 # --------------------------------------------------------------------------------------------- typed rng keys
@@ -169,12 +175,15 @@ def latest_step(workdir: str) -> int | None:
   return steps[-1] if steps else None
 
 
-def restore_newest(manager: ocp.CheckpointManager, steps: list[int], args: ocp.args.Composite,
+def restore_newest(manager: ocp.CheckpointManager, steps: list[int],
+                   args: ocp.args.Composite | Callable[[int], Any],
                    workdir: str) -> tuple[Any, int, list[tuple[int, str]]]:
   """The fallback policy (training and evaluation): restore the newest of `steps` that restores.
 
+  args: the restore arguments, or restore(step) -> the restored items (e.g. restore_in_layout for that step).
   Returns (restored items, step, the newer steps that failed); the caller reports and moves those. Raises one
   CheckpointError when none restores (usually a changed model config, not corruption: nothing is moved)."""
+  restore = args if callable(args) else lambda s: manager.restore(s, args=args)
   failed: list[tuple[int, str]] = []
   for s in sorted(steps, reverse=True):
     corrupt = verify_checksums(workdir, s)
@@ -183,7 +192,7 @@ def restore_newest(manager: ocp.CheckpointManager, steps: list[int], args: ocp.a
       failed.append((s, corrupt))
       continue
     try:
-      return manager.restore(s, args=args), s, failed
+      return restore(s), s, failed
     except Exception as e:  # noqa: BLE001 - any failure means "this step is unusable", reported by the caller
       msg = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:300]
       logging.info('checkpoint step %d in %s could not be restored (%s)', s, checkpoint_dir(workdir), msg)
@@ -192,6 +201,74 @@ def restore_newest(manager: ocp.CheckpointManager, steps: list[int], args: ocp.a
   raise CheckpointError(
       f'no checkpoint in {checkpoint_dir(workdir)} could be restored (steps {bad}; newest: {failed[0][1]}); '
       'if the model config changed, use a new --workdir.')
+
+
+# ---------------------------------------------------------------------------------------------------- layouts
+def _tree_metadata_layout(workdir: str, step: int) -> bool | None:
+  """The layout orbax's tree metadata of the step's params shows (for checkpoints saved without a model config)."""
+  path = os.path.join(checkpoint_dir(workdir), str(step), 'params')
+  if not os.path.isdir(path):
+    return None
+  absl_logger = logging.getLogger('absl')
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)  # orbax warns that the item has no _CHECKPOINT_METADATA of its own
+  try:
+    tree = ocp.StandardCheckpointer().metadata(path).item_metadata
+    tree = getattr(tree, 'tree', tree)
+  except Exception:  # noqa: BLE001 - unreadable metadata: the restore itself will report the step
+    return None
+  finally:
+    absl_logger.setLevel(level)
+  return layout_convert.is_scanned(tree) if isinstance(tree, dict) else None
+
+
+def saved_layout(workdir: str, step: int) -> bool | None:
+  """Whether checkpoint `step` of `workdir` holds scanned blocks (model.scan_layers=True): from the config saved
+  with it, else from its tree metadata; None when neither tells."""
+  saved = saved_config(workdir, step)
+  if saved and 'model' in saved:
+    return saved_scan_layers(workdir, step)
+  return _tree_metadata_layout(workdir, step)
+
+
+def convert_restored(restored: Any, target: Any) -> Any:
+  """`restored` (a tree of the other layout) in the tree, layout and shardings of `target` (ShapeDtypeStructs
+  carrying .sharding): one jitted stack / slice, so each array lands directly on its target sharding."""
+  shardings = jax.tree.map(lambda a: a.sharding, target)
+  return jax.jit(lambda tree: layout_convert.convert_tree(tree, target), out_shardings=shardings)(restored)
+
+
+def restore_in_layout(restore: Callable[[Any], tuple[Any, Any]], target: Any, saved_scanned: bool | None,
+                      abstract_in: Callable[[bool], Any] | None) -> tuple[Any, Any]:
+  """The one rule for checkpoints written with the other model.scan_layers (training resumes, restore_model,
+  checkpoint.init_from): restore(abstract) -> (tree like `abstract`, anything else) is called with `target` when
+  the checkpoint has target's layout (or says nothing), else with abstract_in(saved_scanned), the same abstract
+  tree built in the saved layout, whose result is then converted into target's layout and shardings."""
+  wanted = layout_convert.tree_is_scanned(target)
+  if abstract_in is None or saved_scanned is None or wanted is None or saved_scanned == wanted:
+    return restore(target)
+  tree, other = restore(abstract_in(saved_scanned))
+  return convert_restored(tree, target), other
+
+
+def abstract_params(config, mesh, model_config: Any = None) -> tuple[Any, nnx.State, nnx.State]:
+  """(graphdef, params as ShapeDtypeStructs on `mesh`'s shardings, the abstract rest) of config's model."""
+  abstract_model = nnx.eval_shape(lambda: step_lib.build_model(config, model_config=model_config))
+  graphdef, abs_params, abs_rest = step_lib.split_model(abstract_model)
+  params_sh = shd.state_shardings(abs_params, mesh, shd.rules_from_config(config))
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_params, params_sh)
+  return graphdef, target, abs_rest
+
+
+def params_in_layout(config, like: nnx.State, scanned: bool, model_config: Any = None) -> nnx.State:
+  """The part of config's model parameters that `like` holds (e.g. a PEFT run's base, or its trainable part), as
+  ShapeDtypeStructs of the `scanned` layout on like's mesh: the abstract target for restoring a checkpoint of
+  that layout (restore_in_layout)."""
+  config, model_config = step_lib.in_layout(config, scanned, model_config)
+  shardings = [x.sharding for x in jax.tree.leaves(like) if isinstance(getattr(x, 'sharding', None), NamedSharding)]
+  mesh = shardings[0].mesh if shardings else shd.make_mesh(config)
+  _, params, _ = abstract_params(config, mesh, model_config)
+  return nnx.split_state(params, layout_convert.block_filter(like), ...)[0]
 
 
 def report_fallback(workdir: str, failed: list[tuple[int, str]], used: int, moved_to: str | None) -> None:
@@ -217,11 +294,15 @@ class Checkpointer:
   """Saves and restores the train state of one workdir (a thin layer over orbax's CheckpointManager)."""
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, params_filter: Any = None,
-               complete_params: Callable[[Any], Any] | None = None):
+               complete_params: Callable[[Any], Any] | None = None,
+               abstract_in_layout: Callable[[bool], dict] | None = None):
     """params_filter: an nnx filter of the parameters to store (a PEFT run: only what trains; None = all), and
-    complete_params(restored) -> all the parameters (the run's base supplies the rest); see step.checkpoint_params."""
+    complete_params(restored) -> all the parameters (the run's base supplies the rest); abstract_in_layout(scanned)
+    -> the run's abstract train state built with model.scan_layers=scanned, so a checkpoint of the other layout
+    restores (None: only checkpoints of the run's own layout do). step.checkpoint_params gives all three."""
     self.workdir = workdir
     self.params_filter, self.complete_params = params_filter, complete_params
+    self.abstract_in_layout = abstract_in_layout
     self.keep = keep
     self.async_save = async_save
     self.manager = _manager(workdir, keep=keep, async_save=async_save)
@@ -280,18 +361,15 @@ class Checkpointer:
       steps = [step]
     if not steps:
       return None
-    abstract_state = {**abstract_state, 'params': self._stored(abstract_state['params'])}
-    restored, s, failed = restore_newest(self.manager, steps, ocp.args.Composite(**_restore_args(abstract_state)),
-                                         self.workdir)
-    extra = restored['extra']
-    params = restored['params']
-    state = {
-        'step': extra['step'],
-        'params': params if self.complete_params is None else self.complete_params(params),
-        'opt_state': restored['opt_state'],
-        'rngs': data_to_keys(extra['rngs'], abstract_state['rngs']),
-    }
-    states = (restored['data'] or {}).get('states') or []
+    target = self._stored_state(abstract_state)
+    in_layout = None if self.abstract_in_layout is None else (
+        lambda scanned: self._stored_state(self.abstract_in_layout(scanned)))
+    one = lambda s: restore_in_layout(  # noqa: E731
+        lambda abstract: self._restore_step(s, abstract), target, saved_layout(self.workdir, s), in_layout)
+    (state, data), s, failed = restore_newest(self.manager, steps, one, self.workdir)
+    if self.complete_params is not None:
+      state['params'] = self.complete_params(state['params'])
+    states = (data or {}).get('states') or []
     data_state = state_for_host(states, jax.process_index(), jax.process_count())
     if data_state is None and states:
       logging.warning('checkpoint step %d was written by %d processes, this run has %d: the data iterator '
@@ -303,6 +381,19 @@ class Checkpointer:
 
   def _stored(self, params: Any) -> Any:
     return params if self.params_filter is None else nnx.split_state(params, self.params_filter, ...)[0]
+
+  def _stored_state(self, abstract_state: dict) -> dict:
+    """The train state's arrays a checkpoint holds: step, the stored params, optimizer state, rng streams."""
+    return {'step': abstract_state['step'], 'params': self._stored(abstract_state['params']),
+            'opt_state': abstract_state['opt_state'], 'rngs': abstract_state['rngs']}
+
+  def _restore_step(self, step: int, abstract: dict) -> tuple[dict, Any]:
+    """(the stored train state of `step`, restored onto `abstract`, its data item)."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(**_restore_args(abstract)))
+    extra = restored['extra']
+    state = {'step': extra['step'], 'params': restored['params'], 'opt_state': restored['opt_state'],
+             'rngs': data_to_keys(extra['rngs'], abstract['rngs'])}
+    return state, restored['data']
 
   @property
   def _unreadable_dir(self) -> str:
@@ -326,28 +417,13 @@ class Checkpointer:
     self.manager = _manager(self.workdir, keep=self.keep, async_save=self.async_save)
 
 
-def saved_config(workdir: str, step: int | None = None) -> dict | None:
-  """The config stored with a checkpoint (falls back to DIR/config.json)."""
-  path = os.path.join(os.path.abspath(workdir), 'config.json')
-  if step is not None:
-    item = os.path.join(checkpoint_dir(workdir), str(step), 'config')
-    for name in ('config', 'metadata') if os.path.isdir(item) else ():
-      candidate = os.path.join(item, name)
-      if os.path.isfile(candidate):
-        path = candidate
-        break
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
 def restore_model(workdir: str, config, mesh, step: int | None = None,
                   model_config: Any = None) -> tuple[nnx.Module, int]:
   """(model, step): the parameters of `step` (default: the newest readable one) sharded onto `mesh`.
 
   `config` is the run's config; model.vocab_size 0 is read from DIR/config.json. Only the params item is read.
-  model_config: the run's ModelConfig when the caller has one (jaxformer.resolve builds it once).
+  model_config: the run's ModelConfig when the caller has one (jaxformer.resolve builds it once). A checkpoint of
+  the other model.scan_layers layout is converted into config's (restore_in_layout).
   """
   config = ml_collections.ConfigDict(config.to_dict() if hasattr(config, 'to_dict') else config)
   if not config.model.vocab_size:
@@ -358,25 +434,27 @@ def restore_model(workdir: str, config, mesh, step: int | None = None,
                             'pass the config the run was trained with.')
     config.model.vocab_size = int(vocab)
   rules = shd.rules_from_config(config)
-  abstract_model = nnx.eval_shape(lambda: step_lib.build_model(config, model_config=model_config))
-  graphdef, abs_params, abs_rest = step_lib.split_model(abstract_model)
-  params_sh = shd.state_shardings(abs_params, mesh, rules)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_params, params_sh)
+  graphdef, target, abs_rest = abstract_params(config, mesh, model_config)
   peft_run = peft_lib.is_active(config)  # its checkpoints hold only the trained params; the base is re-read
   stored = peft_lib.trainable(target, config) if peft_run else target
   if not os.path.isdir(checkpoint_dir(workdir)):
     raise CheckpointError(f'no checkpoints in {checkpoint_dir(workdir)}; train first (python train.py ...).')
   manager = _manager(workdir, read_only=True)
+
+  def restore_params(s: int, abstract: nnx.State) -> tuple[nnx.State, None]:
+    return manager.restore(s, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))['params'], None
+
+  in_layout = lambda scanned: params_in_layout(config, stored, scanned, model_config)  # noqa: E731
   try:
     steps = manager.all_steps() if step is None else [step]
     if not steps:
       raise CheckpointError(f'no checkpoints in {checkpoint_dir(workdir)}; train first (python train.py ...).')
-    restored, s, failed = restore_newest(manager, steps, ocp.args.Composite(params=ocp.args.StandardRestore(stored)),
-                                         workdir)
+    (params, _), s, failed = restore_newest(
+        manager, steps, lambda s: restore_in_layout(lambda abstract: restore_params(s, abstract), stored,
+                                                    saved_layout(workdir, s), in_layout), workdir)
   finally:
     manager.close()
   report_fallback(workdir, failed, s, None)  # evaluation reads only: it moves nothing
-  params = restored['params']
   if peft_run:
     params = nnx.merge_state(peft_lib.split(step_lib.initial_params(config, target, mesh, rules), config)[1], params)
   replicated = NamedSharding(mesh, PartitionSpec())

@@ -6,7 +6,9 @@
 
 Step, optimizer state, RNG and data position start fresh, so the run can use any data source. A run that already
 has checkpoints of its own resumes from them and ignores init_from (step.init_state applies it, through the PEFT
-base rule jaxformer/peft/base.py, only when a run starts from step 0). The run's own `config.model` decides the shapes; a checkpoint that disagrees is one line.
+base rule jaxformer/peft/base.py, only when a run starts from step 0). The run's own `config.model` decides the
+shapes; a checkpoint that disagrees is one line. Either model.scan_layers layout serves either (converted by
+checkpoint.restore_in_layout; Hugging Face weights by jaxformer.hf).
 """
 from __future__ import annotations
 
@@ -42,20 +44,27 @@ def load_params(config: Any, abstract_params: Any) -> Any:
   if not os.path.isdir(directory):
     raise ConfigError(f'checkpoint.init_from={source!r}: no jaxformer checkpoints in {directory}; give a training '
                       'workdir, or hf:<dir> for a Hugging Face checkpoint.')
+  from jaxformer.training import checkpoint as ckpt_lib  # not at the top: checkpoint -> step -> peft.base -> here
   options = ocp.CheckpointManagerOptions(create=False, read_only=True)
   manager = ocp.CheckpointManager(directory, options=options, item_names=('params',))
+
+  def restore(abstract: Any) -> tuple[Any, None]:
+    return manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))['params'], None
+
   try:
     step = manager.latest_step()
     if step is None:
       raise ConfigError(f'checkpoint.init_from={source!r}: no complete checkpoint in {directory}.')
-    try:
-      restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
+    try:  # a base saved with the other model.scan_layers is restored in its layout, then converted
+      params, _ = ckpt_lib.restore_in_layout(
+          restore, abstract_params, ckpt_lib.saved_layout(source, step),
+          lambda scanned: ckpt_lib.params_in_layout(config, abstract_params, scanned))
     except (ValueError, KeyError) as e:
       raise ConfigError(f'checkpoint.init_from={source!r} (step {step}) does not fit this model '
                         f'({str(e).splitlines()[0][:200]}); use the base run\'s model section.') from None
   finally:
     manager.close()
-  return restored['params']
+  return params
 
 
 def initial_params(config: Any, abstract_params: Any, mesh: jax.sharding.Mesh):

@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -191,15 +192,30 @@ def initial_params(config, abstract_params: nnx.State, mesh: Mesh, rules: tuple)
   return peft_base.with_base(config, params, abstract_params) if peft_lib.is_active(config) else params
 
 
+def in_layout(config, scanned: bool, model_config: Any = None) -> tuple[Any, Any]:
+  """(config, model_config) with model.scan_layers=scanned: the same model in the other parameter layout."""
+  config = ml_collections.ConfigDict(config.to_dict() if hasattr(config, 'to_dict') else config)
+  config.model.scan_layers = bool(scanned)
+  if model_config is not None:
+    model_config = dataclasses.replace(model_config, scan_layers=bool(scanned))
+  return config, model_config
+
+
 def checkpoint_params(config, setup: TrainSetup) -> dict[str, Any]:
-  """Checkpointer arguments: a PEFT run stores only its trainable parameters and restores the rest from its base
-  (the seed or checkpoint.init_from); any other run stores them all ({})."""
+  """Checkpointer arguments: the run's abstract train state in either model.scan_layers layout (so a checkpoint
+  of the other layout resumes, converted), and for a PEFT run: store only the trainable parameters and restore
+  the rest from the base (the seed or checkpoint.init_from); any other run stores them all."""
+  def abstract_in_layout(scanned: bool) -> dict:
+    other, model_config = in_layout(config, scanned, setup.model_config)
+    return make_setup(other, setup.mesh, setup.tx, setup.schedule, model_config=model_config).abstract_state
+
   if not peft_lib.is_active(config):
-    return {}
+    return {'abstract_in_layout': abstract_in_layout}
   abstract = setup.abstract_state['params']
   complete = lambda trained: nnx.merge_state(  # noqa: E731
       peft_lib.split(initial_params(config, abstract, setup.mesh, setup.rules), config)[1], trained)
-  return {'params_filter': peft_lib.trainable_filter(config), 'complete_params': complete}
+  return {'params_filter': peft_lib.trainable_filter(config), 'complete_params': complete,
+          'abstract_in_layout': abstract_in_layout}
 
 
 def merge_model(graphdef, params, rest) -> nnx.Module:
