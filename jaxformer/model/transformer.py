@@ -145,31 +145,33 @@ class Stack(nnx.Module):
     # position the token there was written with (cache_positions).
     k_positions = positions if cache is None else self.cache_positions(self._cache_len(cache))[None]
     bias = self.positions.bias(positions, k_positions, bidirectional=not self.causal)
+    strip = prompt if prepended and not keep_prompt else None
     if self.scanned:
       x, new_cache = self.blocks(x, mask=mask, rope=rope, bias=bias, causal=self.causal, encoded=encoded,
                                  cross_kv=cross_kv, cross_mask=cross_mask, cache=cache, cache_index=cache_index,
                                  deterministic=deterministic, remat=self.remat)
-    else:
-      new_cache = []
-      remat = REMATS[self.remat] if cache is None else None
-      for i, block in enumerate(self.blocks):
-        if remat is not None:
-          x = nnx.remat(_block_forward, static_argnums=(7, 8), policy=remat.policy)(
-              block, x, mask, rope, bias, encoded, cross_mask, self.causal, deterministic)
-          x = logical.constrain(x, logical.HIDDEN)
-          continue
-        x, layer_cache = block(x, mask, rope=rope, bias=bias, causal=self.causal, encoded=encoded,
-                               cross_kv=None if cross_kv is None else cross_kv[i], cross_mask=cross_mask,
-                               cache=None if cache is None else cache[i], cache_index=cache_index,
-                               deterministic=deterministic)
+      return self._finish(x, strip), new_cache
+    new_cache = []
+    remat = REMATS[self.remat] if cache is None else None
+    for i, block in enumerate(self.blocks):
+      if remat is not None:
+        x = nnx.remat(_block_forward, static_argnums=(7, 8), policy=remat.policy)(
+            block, x, mask, rope, bias, encoded, cross_mask, self.causal, deterministic)
         x = logical.constrain(x, logical.HIDDEN)
-        new_cache.append(layer_cache)
-      new_cache = tuple(new_cache) if cache is not None else None
+        continue
+      x, layer_cache = block(x, mask, rope=rope, bias=bias, causal=self.causal, encoded=encoded,
+                             cross_kv=None if cross_kv is None else cross_kv[i], cross_mask=cross_mask,
+                             cache=None if cache is None else cache[i], cache_index=cache_index,
+                             deterministic=deterministic)
+      x = logical.constrain(x, logical.HIDDEN)
+      new_cache.append(layer_cache)
+    return self._finish(x, strip), (tuple(new_cache) if cache is not None else None)
+
+  def _finish(self, x: Array, strip: Any) -> Array:
+    """The final norm (pre-LN), then the soft prompt's positions dropped when `strip` is the prompt."""
     if self.final_norm is not None:
       x = self.final_norm(x)
-    if prepended and not keep_prompt:
-      x = prompt.strip(x)
-    return x, new_cache
+    return x if strip is None else strip.strip(x)
 
   @property
   def prompt_length(self) -> int:
