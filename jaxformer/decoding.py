@@ -7,7 +7,8 @@ jit *arguments*: sharded parameters stay sharded, and new weights do not recompi
 
 The model contract (see jaxformer/model): `init_cache(batch, max_len, *, encoded=None, src_tokens=None)`,
 `decode_step(tokens [B, T], cache, *, valid=None) -> (logits [B, T, V], cache)` (pure; positions continue from
-the cache; valid [B, T] bool says which tokens are real), `encode(src_tokens) -> [B, S, D]` for encoder_decoder.
+the cache; valid [B, T] bool says which tokens are real), `encode(src_tokens) -> [B, S, D]` for encoder_decoder
+(S counts a soft prompt's positions with prompt tuning; the model's cache accounts for its prompt itself).
 
 Every token fed to the decoder is real, whatever its id: prompt tokens, and generated ones even if they equal the
 pad id (a T5 model can generate its pad id 0 and then attends to it, as in Hugging Face's generate). Only the

@@ -146,14 +146,23 @@ def check_saved_run(config: ml_collections.ConfigDict, workdir: str) -> None:
         'or the model settings it was trained with to resume.')
 
 
+def inherit_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """checkpoint.init_from=<jaxformer workdir>: this run takes that run's cached tokenizer (when it has none yet),
+  so the ids are the ones the pretrained model knows (data/tokenizers.py `inherit`)."""
+  base = str(config.checkpoint.get('init_from', '') or '')
+  if base and not base.startswith('hf:'):  # every process, as get_tokenizer builds on every one (atomic copy)
+    data_lib.inherit_tokenizer(os.path.expanduser(base), workdir, config)
+
+
 def check_tokenizer_cache(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """The cached tokenizer must come from this run's data (the source and settings it records in tokenizer.json)."""
+  """The cached tokenizer must come from this run's data (the source and settings it records in tokenizer.json),
+  or from checkpoint.init_from's run (inherited: built from the base's data on purpose)."""
   path = os.path.join(data_lib.tokenizer_dir(workdir), 'tokenizer.json')
   if not os.path.isfile(path):
     return
   with open(path, encoding='utf-8') as f:
     meta = json.load(f)
-  if meta.get('kind') == 'byte' or meta.get('kind') != config.data.tokenizer:
+  if meta.get('kind') == 'byte' or meta.get('kind') != config.data.tokenizer or meta.get('inherited_from'):
     return  # bytes need no data; a different kind gets get_tokenizer's own error
   wanted = {'source': str(config.data.source), 'train_split': str(config.data.train_split)}
   if meta.get('kind') == 'sentencepiece':
@@ -172,11 +181,13 @@ def resolve(config: ml_collections.ConfigDict, workdir: str, *, training: bool,
 
   training: also check the training batch layout and that the cached tokenizer fits the data. splits: split
   names to check (default for training: the data.train_split and data.eval_split). checked: `config` came from
-  checked_config already. Builds (and caches in the workdir) the tokenizer when there is none.
+  checked_config already. Builds (and caches in the workdir) the tokenizer when there is none, or copies
+  checkpoint.init_from's when that is a jaxformer run.
   """
   if not checked:
     config = checked_config(config)
   workdir = os.path.abspath(workdir)
+  inherit_tokenizer(config, workdir)
   if training:
     check_tokenizer_cache(config, workdir)
   source = data_lib.get_source(config, workdir)

@@ -160,12 +160,6 @@ def test_prompt_on_the_encoder_side_keeps_shapes_and_changes_logits(arch):
   assert logits.shape == base_logits.shape and not np.allclose(logits, base_logits)
 
 
-def test_prompt_decoder_only_does_not_decode():
-  model = model_of(peft_config('prompt', num_prompt_tokens=3))
-  with pytest.raises(ConfigError, match='does not decode'):
-    model.decode_step(jnp.ones((1, 2), jnp.int32), model.init_cache(1, 8))
-
-
 def test_prompt_tokens_are_seen_and_dropped():
   config = peft_config('prompt', num_prompt_tokens=4)
   model = model_of(config)

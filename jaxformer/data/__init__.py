@@ -52,6 +52,7 @@ from jaxformer.data.sources import SOURCES
 from jaxformer.data.tokenizers import ByteTokenizer
 from jaxformer.data.tokenizers import CharTokenizer
 from jaxformer.data.tokenizers import get_tokenizer
+from jaxformer.data.tokenizers import inherit as inherit_tokenizer
 from jaxformer.data.tokenizers import load_tokenizer
 from jaxformer.data.tokenizers import SentencePieceTokenizer
 from jaxformer.data.tokenizers import Tokenizer

@@ -12,7 +12,10 @@ Ids 0 pad, 1 bos, 2 eos, 3 unk, 4 mask are reserved by every tokenizer; real sym
                  data supports is an error naming data.vocab_size and the largest size that works.
 
 The tokenizer is cached in <workdir>/tokenizer/ (tokenizer.json + chars.json or spm.model) and reused by resume
-and eval, so ids never change for a workdir.
+and eval, so ids never change for a workdir. A run that starts from another jaxformer run's parameters
+(checkpoint.init_from=<workdir>) inherits that run's cached tokenizer instead of building one from its own data
+(`inherit`), so its ids are the ones the pretrained embeddings were trained on; characters the base never saw
+become <unk> (reported at start-up as above).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 from typing import Any, Iterable, Sequence
 
@@ -42,6 +46,7 @@ class Tokenizer:
 
   kind = ''
   pretrained = False  # True: named with its files (`<kind>:<dir>`) and loaded from them, never trained on the data
+  inherited_from = ''  # the checkpoint.init_from workdir whose cached tokenizer this is (`inherit`), if any
   pad_id, bos_id, eos_id, unk_id, mask_id = PAD_ID, BOS_ID, EOS_ID, UNK_ID, MASK_ID
   vocab_size: int
 
@@ -395,11 +400,21 @@ def unknown_characters(config: Any, tokenizer: Tokenizer, source: Source, splits
     top = ''.join(c for c, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:10])
     parts.append(f'{name} {missing} of {total} ({100 * fraction:.3f}%' + (f', e.g. {top!r})' if top else ')'))
     if 0 <= limit < fraction:
+      if tokenizer.inherited_from:
+        raise DataError(
+            f'{missing} of {total} characters ({100 * fraction:.3f}%) of split {name!r} are not in the char '
+            f'vocabulary of checkpoint.init_from={tokenizer.inherited_from} (fine-tuning keeps the base model\'s '
+            f'ids), above data.max_unk_fraction={limit:g}; raise data.max_unk_fraction, or pretrain the base with '
+            'data.tokenizer=byte.')
       raise DataError(
           f'{missing} of {total} characters ({100 * fraction:.3f}%) of split {name!r} are not in the char vocabulary '
           f'of the training split, above data.max_unk_fraction={limit:g}; use data.tokenizer=byte or sentencepiece, '
           'or raise data.max_unk_fraction.')
-  return 'characters outside the char vocabulary (-> <unk>): ' + '; '.join(parts) if parts else ''
+  if not parts:
+    return ''
+  where = (f'the char vocabulary of checkpoint.init_from={tokenizer.inherited_from}' if tokenizer.inherited_from
+           else 'the char vocabulary')
+  return f'characters outside {where} (-> <unk>): ' + '; '.join(parts)
 
 
 def tokenizer_dir(workdir: str) -> str:
@@ -415,8 +430,47 @@ def load_tokenizer(directory: str) -> Tokenizer:
     tokenizer = TOKENIZERS[kind].load(directory)
     if meta.get('num_sentinels'):
       tokenizer.reserve_sentinels(meta['num_sentinels'])
+    tokenizer.inherited_from = meta.get('inherited_from', '')
     return tokenizer
   raise DataError(f'{directory}/tokenizer.json names an unknown tokenizer {kind!r}; delete the folder to rebuild.')
+
+
+def inherit(base_workdir: str, workdir: str, config: Any) -> bool:
+  """Copies the cached tokenizer of `base_workdir` (the run checkpoint.init_from names) into `workdir`, unless
+  `workdir` has one already: a run starting from another run's parameters must keep its ids (a char or
+  sentencepiece vocabulary built from the new data would number the symbols differently). Its tokenizer.json
+  records `inherited_from`. Returns whether there was one to copy. One-line DataError when data.tokenizer names
+  another kind than the base's, or a different number of sentinel ids is needed."""
+  source_dir = tokenizer_dir(base_workdir)
+  meta_path = os.path.join(source_dir, 'tokenizer.json')
+  if not os.path.isfile(meta_path) or os.path.exists(os.path.join(tokenizer_dir(workdir), 'tokenizer.json')):
+    return False
+  with open(meta_path, encoding='utf-8') as f:
+    meta = json.load(f)
+  kind, name = str(config.data.tokenizer), f'checkpoint.init_from={base_workdir}'
+  if meta.get('kind') != kind:
+    raise DataError(f'{name} was trained with data.tokenizer={meta.get("kind")!r} but this run sets '
+                    f'data.tokenizer={kind!r}, whose ids its embeddings never saw; drop the override (the run reuses '
+                    f'the base\'s tokenizer).')
+  if int(meta.get('num_sentinels', 0)) != sentinels_needed(config):
+    raise DataError(f'{name} has a tokenizer with {meta.get("num_sentinels", 0)} sentinel ids but this config needs '
+                    f'{sentinels_needed(config)} (data.objective={config.data.get("objective", "split_middle")}); '
+                    'fine-tune with the base run\'s data.objective.')
+  target = tokenizer_dir(workdir)
+  os.makedirs(os.path.dirname(target), exist_ok=True)
+  staging = tempfile.mkdtemp(prefix='.tokenizer.', dir=os.path.dirname(target))
+  for entry in os.listdir(source_dir):
+    if entry != 'tokenizer.json' and os.path.isfile(os.path.join(source_dir, entry)):
+      shutil.copy2(os.path.join(source_dir, entry), staging)
+  meta['inherited_from'] = os.path.abspath(os.path.expanduser(base_workdir))
+  with open(os.path.join(staging, 'tokenizer.json'), 'w', encoding='utf-8') as f:
+    json.dump(meta, f, indent=1)
+  try:
+    os.rename(staging, target)  # atomic: another process either sees the whole folder or none
+  except OSError:  # someone else put one there first (another host): theirs is the same copy
+    shutil.rmtree(staging, ignore_errors=True)
+  logging.info('Reusing the %s tokenizer of %s (vocab_size %s)', kind, base_workdir, meta.get('vocab_size'))
+  return True
 
 
 def unscored_target(config: Any) -> int:

@@ -126,26 +126,31 @@ class Stack(nnx.Module):
 
   def __call__(self, x: Array, positions: Array, mask: Array, *, encoded: Array | None = None,
                cross_mask: Array | None = None, cross_kv: tuple | None = None, cache: tuple | None = None,
-               cache_index: Array | None = None, deterministic: bool = True) -> tuple[Array, tuple | None]:
-    """x: token embeddings [B,T,D] -> hidden states [B,T,D] (and the updated per-layer caches)."""
+               cache_index: Array | None = None, deterministic: bool = True,
+               keep_prompt: bool = False) -> tuple[Array, tuple | None]:
+    """x: token embeddings [B,T,D] -> hidden states [B,T,D] (and the updated per-layer caches).
+
+    A soft prompt (peft.method=prompt) is prepended without a cache and its outputs dropped unless keep_prompt
+    (the encoder of encoder_decoder: [B, n+T, D]); with a cache it already sits in the first slots (prefill_prompt)."""
     prompt = getattr(self, 'prompt', None)  # prompt tuning (jaxformer/peft/prompt.py) attaches one
-    if prompt is not None:
-      x, positions, mask = prompt.prepend(x, positions, mask, decoding=cache is not None)
+    prepended = prompt is not None and cache is None
+    if prepended:
+      x, positions, mask = prompt.prepend(x, positions, mask, causal=self.causal)
     x = self.positions.add(x, positions)
     if self.embed_norm is not None:
       x = self.embed_norm(x)
     x = logical.constrain(self.dropout(x, deterministic=deterministic), logical.HIDDEN)
     rope = self.positions.rotary(positions)
-    # relative position bias [B,N,T,S]: once per stack, shared by every layer. With a cache, key slot s holds
-    # position s (decoding writes each token at its position).
-    k_positions = positions if cache is None else jnp.arange(self._cache_len(cache), dtype=jnp.int32)[None]
+    # relative position bias [B,N,T,S]: once per stack, shared by every layer. With a cache, key slot s holds the
+    # position the token there was written with (cache_positions).
+    k_positions = positions if cache is None else self.cache_positions(self._cache_len(cache))[None]
     bias = self.positions.bias(positions, k_positions, bidirectional=not self.causal)
+    strip = prompt if prepended and not keep_prompt else None
     if self.scanned:
       x, new_cache = self.blocks(x, mask=mask, rope=rope, bias=bias, causal=self.causal, encoded=encoded,
                                  cross_kv=cross_kv, cross_mask=cross_mask, cache=cache, cache_index=cache_index,
                                  deterministic=deterministic, remat=self.remat)
-      x = x if self.final_norm is None else self.final_norm(x)
-      return (x if prompt is None else prompt.strip(x)), new_cache
+      return self._finish(x, strip), new_cache
     new_cache = []
     remat = REMATS[self.remat] if cache is None else None
     for i, block in enumerate(self.blocks):
@@ -160,11 +165,36 @@ class Stack(nnx.Module):
                              deterministic=deterministic)
       x = logical.constrain(x, logical.HIDDEN)
       new_cache.append(layer_cache)
+    return self._finish(x, strip), (tuple(new_cache) if cache is not None else None)
+
+  def _finish(self, x: Array, strip: Any) -> Array:
+    """The final norm (pre-LN), then the soft prompt's positions dropped when `strip` is the prompt."""
     if self.final_norm is not None:
       x = self.final_norm(x)
-    if prompt is not None:
-      x = prompt.strip(x)
-    return x, (tuple(new_cache) if cache is not None else None)
+    return x if strip is None else strip.strip(x)
+
+  @property
+  def prompt_length(self) -> int:
+    """Soft prompt tokens in front of this stack's input (0 without prompt tuning)."""
+    prompt = getattr(self, 'prompt', None)
+    return 0 if prompt is None else prompt.length
+
+  def cache_positions(self, cache_len: int) -> Array:
+    """The position of each KV-cache slot [cache_len]: slot s holds position s, or with a soft prompt in the first
+    n slots, the prompt's 0..n-1 and then the tokens' 0, 1, ... again (as prompt.prepend numbers them)."""
+    slots = jnp.arange(cache_len, dtype=jnp.int32)
+    n = self.prompt_length
+    return slots if n == 0 else jnp.where(slots < n, slots, slots - n)
+
+  def prefill_prompt(self, cache: Any, batch_size: int, dtype: Any) -> Any:
+    """Writes the soft prompt's keys/values into the first n slots of an empty self-attention cache. The prompt
+    attends only to itself, so this is the same for every row and every input."""
+    prompt, n = self.prompt, self.prompt_length
+    slots = jnp.arange(self._cache_len(cache))
+    mask = (slots[None, :] < n) & (slots[None, :] <= jnp.arange(n)[:, None] if self.causal else True)
+    _, cache = self(prompt.embeddings(batch_size, dtype), prompt.positions(batch_size), mask[None, None],
+                    cache=cache, cache_index=jnp.zeros((batch_size,), jnp.int32))
+    return cache
 
   @property
   def scanned(self) -> bool:
@@ -242,22 +272,30 @@ class _Model(nnx.Module):
     return logical.constrain(logits, logical.LOGITS)
 
   def _empty_cache(self, stack: Stack, batch_size: int, max_len: int) -> dict[str, Any]:
+    """max_len tokens' slots, after the soft prompt's n slots (prefilled) when the stack has one."""
     cfg = self.config
     if max_len > cfg.max_len:
       raise ValueError(f'init_cache max_len={max_len} exceeds model.max_len={cfg.max_len}; raise model.max_len '
                        'or decode fewer tokens.')
-    shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return {'index': jnp.zeros((batch_size,), jnp.int32), 'valid': jnp.zeros((batch_size, max_len), bool),
-            'self': stack.empty_cache(shape, jnp.dtype(cfg.dtype))}
+    n = stack.prompt_length
+    shape = (batch_size, n + max_len, cfg.num_kv_heads, cfg.head_dim)
+    cache = {'index': jnp.zeros((batch_size,), jnp.int32), 'valid': jnp.zeros((batch_size, n + max_len), bool),
+             'self': stack.empty_cache(shape, jnp.dtype(cfg.dtype))}
+    if n:
+      cache = {'index': jnp.full((batch_size,), n, jnp.int32), 'valid': cache['valid'].at[:, :n].set(True),
+               'self': stack.prefill_prompt(cache['self'], batch_size, jnp.dtype(cfg.dtype))}
+    return cache
 
   def _decode(self, stack: Stack, tokens: Array, cache: dict[str, Any], valid: Array | None, *,
               start_is_real: bool = False, cross_kv: tuple | None = None) -> tuple[Array, dict[str, Any]]:
-    """Runs T new tokens through `stack` against the cache; positions continue from cache['index'].
+    """Runs T new tokens through `stack` against the cache, written from key slot cache['index'] on; positions
+    continue from the slot (less the soft prompt's n slots in front, whose tokens count positions from 0 again).
     valid [B,T]: which tokens are real; None = those that are not model.pad_id (and, with start_is_real, the token
     at position 0). cross_kv: per-layer encoder keys/values (their padding is cache['src_valid'])."""
     index = cache['index']
     t, max_len = tokens.shape[1], cache['valid'].shape[1]
-    positions = index[:, None] + jnp.arange(t, dtype=jnp.int32)  # [B,T]
+    slots = index[:, None] + jnp.arange(t, dtype=jnp.int32)  # [B,T]
+    positions = slots - stack.prompt_length
     if valid is None:
       real = real_tokens(tokens, self.config.pad_id)
       real = real | (positions == 0) if start_is_real else real
@@ -268,7 +306,7 @@ class _Model(nnx.Module):
       cross = {'cross_kv': cross_kv, 'cross_mask': (real[:, :, None] & cache['src_valid'][:, None, :])[:, None]}
     write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=0))
     valid = write(cache['valid'], real, index)
-    mask = ((jnp.arange(max_len)[None, None, :] <= positions[:, :, None]) & valid[:, None, :]
+    mask = ((jnp.arange(max_len)[None, None, :] <= slots[:, :, None]) & valid[:, None, :]
             & real[:, :, None])[:, None]
     h, new_self = stack(self.embed_tokens(tokens), positions, mask, cache=cache['self'], cache_index=index, **cross)
     return self.logits(h), {**cache, 'index': index + t, 'valid': valid, 'self': new_self}
@@ -311,8 +349,10 @@ class DecoderOnly(_Model):
 
   def init_cache(self, batch_size: int, max_len: int, *, encoded: Array | None = None,
                  src_tokens: Array | None = None) -> dict[str, Any]:
-    """{'index' [B], 'valid' [B,L] (key slots holding a real token), 'self': per layer {'k','v'} [B,L,K,H]}
-    (model.scan_layers: 'self' is one {'k','v'} [B,layers,L,K,H]; batch leads every leaf either way)."""
+    """{'index' [B] (the next key slot), 'valid' [B,L] (key slots holding a real token), 'self': per layer
+    {'k','v'} [B,L,K,H]} (model.scan_layers: 'self' is one {'k','v'} [B,layers,L,K,H]; batch leads every leaf
+    either way). With a soft prompt (peft.method=prompt) of n tokens, L = n + max_len and the first n slots hold
+    the prompt."""
     return self._empty_cache(self.decoder, batch_size, max_len)
 
   def decode_step(self, tokens: Array, cache: dict[str, Any], *,
@@ -331,10 +371,11 @@ class EncoderDecoder(_Model):
 
   def encode(self, src_tokens: Array, *, src_positions: Array | None = None, src_segment_ids: Array | None = None,
              deterministic: bool = True) -> Array:
-    """[B,S] source tokens -> encoder output [B,S,D]."""
+    """[B,S] source tokens -> encoder output [B,S,D] ([B, n+S, D] with a soft prompt of n tokens in front)."""
     src_segment_ids, src_positions = _defaults(src_tokens, src_segment_ids, src_positions, self.config.pad_id)
     mask = attention_mask(src_segment_ids, src_segment_ids, causal=False)
-    return self.encoder(self.embed_tokens(src_tokens), src_positions, mask, deterministic=deterministic)[0]
+    return self.encoder(self.embed_tokens(src_tokens), src_positions, mask, deterministic=deterministic,
+                        keep_prompt=True)[0]
 
   def __call__(self, src_tokens: Array, tgt_tokens: Array, *, src_positions: Array | None = None,
                src_segment_ids: Array | None = None, tgt_positions: Array | None = None,
@@ -345,24 +386,28 @@ class EncoderDecoder(_Model):
                                                start_is_real=True)
     encoded = self.encode(src_tokens, src_positions=src_positions, src_segment_ids=src_segment_ids,
                           deterministic=deterministic)
+    cross_mask = attention_mask(tgt_segment_ids, src_segment_ids, causal=False)
+    if self.encoder.prompt_length:  # the encoder output starts with the soft prompt's positions
+      cross_mask = self.encoder.prompt.cross_mask(cross_mask, tgt_segment_ids != 0)
     h, _ = self.decoder(self.embed_tokens(tgt_tokens), tgt_positions,
                         attention_mask(tgt_segment_ids, tgt_segment_ids, causal=True), encoded=encoded,
-                        cross_mask=attention_mask(tgt_segment_ids, src_segment_ids, causal=False),
-                        deterministic=deterministic)
+                        cross_mask=cross_mask, deterministic=deterministic)
     return self.logits(h)
 
   def init_cache(self, batch_size: int, max_len: int, *, encoded: Array | None = None,
                  src_tokens: Array | None = None) -> dict[str, Any]:
     """Adds to the decoder-only cache 'cross': per layer {'k','v'} [B,S,K,H] (scan_layers: one {'k','v'}
-    [B,layers,S,K,H]) and 'src_valid' [B,S]."""
+    [B,layers,S,K,H]) and 'src_valid' [B,S] (S counts a soft prompt's positions: encode returns them)."""
     if src_tokens is None:
       raise ValueError('encoder_decoder init_cache needs src_tokens (for the source padding mask), and '
                        'optionally encoded = model.encode(src_tokens).')
     if encoded is None:
       encoded = self.encode(src_tokens)
     cache = self._empty_cache(self.decoder, batch_size, max_len)
-    return {**cache, 'cross': self.decoder.cross_cache(encoded),
-            'src_valid': real_tokens(src_tokens, self.config.pad_id)}
+    src_valid = real_tokens(src_tokens, self.config.pad_id)
+    if self.encoder.prompt_length:  # encode() put the soft prompt's positions first
+      src_valid = self.encoder.prompt.valid(src_valid)
+    return {**cache, 'cross': self.decoder.cross_cache(encoded), 'src_valid': src_valid}
 
   def decode_step(self, tokens: Array, cache: dict[str, Any], *,
                   valid: Array | None = None) -> tuple[Array, dict[str, Any]]:
