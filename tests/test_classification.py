@@ -58,9 +58,9 @@ def classify_config(source, arch='encoder_only', **data):
   config = default.get_config()
   config.model.update(tiny_model_section(arch, num_classes=2, vocab_size=0, max_len=32))
   config.data.update(dict(dict(source=source, seq_len=16, pack=False, prefetch=0), **data))
-  config.train.update(batch_size=16, num_steps=80, learning_rate=3e-3, warmup_steps=5, log_every=40, eval_every=80,
+  config.train.update(batch_size=16, num_steps=50, learning_rate=3e-3, warmup_steps=5, log_every=25, eval_every=50,
                       eval_steps=-1, compilation_cache_dir='')
-  config.checkpoint.update(every_steps=80, async_save=False)
+  config.checkpoint.update(every_steps=50, async_save=False)
   return config
 
 
@@ -198,7 +198,7 @@ def test_loss_is_the_mean_cross_entropy_of_the_real_examples():
 # ------------------------------------------------------------------------------------------------- training
 @pytest.mark.parametrize('arch', ['encoder_only', 'decoder_only'])
 def test_classifier_learns_a_separable_toy_task(arch, tmp_path):
-  """label = 'the text has an x': a tiny model reaches high accuracy in 80 steps; eval.py's macro-F1 is that of
+  """label = 'the text has an x': a tiny model reaches high accuracy in 50 steps; eval.py's macro-F1 is that of
   the model's own predictions on the split."""
   write_jsonl(tmp_path / 'train.jsonl', toy_records(400, 0))
   write_jsonl(tmp_path / 'validation.jsonl', toy_records(64, 1))
