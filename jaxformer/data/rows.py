@@ -29,6 +29,9 @@ target + </s>).
   Training drops pairs longer than data.src_seq_len / data.seq_len (evaluation truncates them instead, so every
   example is scored). data.pack puts several whole pairs in a row with
   matching segment ids on both sides; otherwise one pair per row.
+* model.head=classification (either LM arch; HEAD_TASKS picks its Task over the arch's): one Labelled example per
+  row, padded, never packed; batch keys tokens, positions, segment_ids, token_type_ids and `labels` [rows] (the
+  class id; -1 on padding rows). A text pair is framed the BERT way, [CLS] a [SEP] b [SEP] (ClassificationTask).
 * encoder_only masking (data.mask_rate of the text tokens, never padding or framing ids; of those 80% -> the
   tokenizer's mask id, 10% -> a random non-special id, 10% unchanged) draws from the rng the iterator passes
   (seeded from seed + step for training, from the batch index for evaluation) over the global batch, so every

@@ -4,6 +4,9 @@
   DecoderOnly    = Embed -> Stack(causal) -> logits
   EncoderDecoder = Embed -> Stack(bidirectional) ==encoded==> Stack(causal, cross-attention) -> logits
 
+model.head=classification (heads.py) replaces the per-token output of EncoderOnly / DecoderOnly with a classifier
+over the pooled hidden states: logits [B, num_classes].
+
 Masks are built once per call from segment ids (0 = padding; equal non-zero ids may attend, which also keeps
 packed documents apart) and shared by every layer. Without segment ids, a token is padding iff it equals
 model.pad_id (-1: no token is padding, as GPT-2 / Llama, whose id 0 is a real token); the first decoder token of
