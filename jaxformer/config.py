@@ -54,6 +54,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         'raise model.max_len or lower the data lengths.')
   check_fraction('data.mask_rate', data.mask_rate)
   if config.model.get('head', 'lm') == 'classification':
+    if kind != 'jsonl':
+      raise ConfigError(f'model.head=classification reads labelled examples, which data.source={data.source!r} does '
+                        'not have; use data.source=jsonl:<file or {split} pattern> with text (or text_a / text_b) '
+                        'and label fields.')
     names = data_lib.label_names(config)
     if len(names) > config.model.num_classes:
       raise ConfigError(f'data.label_names has {len(names)} names but model.num_classes={config.model.num_classes}; '

@@ -313,9 +313,15 @@ def test_train_py_bad_labelled_lines_are_one_line(tmp_path, line, message):
 @pytest.mark.parametrize('override,message', [
     ('--config.model.head=classifier', "model.head='classifier' is not a valid choice"),
     ('--config.model.pooling=max', "model.pooling='max' is not a valid choice"),
+    ('--config.model.arch=encoder_decoder', 'model.head=classification is not supported for model.arch=encoder_decoder'),
+    ('--config.data.label_names=a,b,c,d', 'data.label_names has 4 names but model.num_classes=3'),
 ])
 def test_train_py_bad_head_settings_are_one_line(tmp_path, override, message):
   assert message in _train_py(tmp_path, 'jsonl:tests/fixtures/classify/{split}.jsonl', override)
+
+
+def test_train_py_classification_on_unlabelled_data_is_one_line(tmp_path):
+  assert 'model.head=classification reads labelled examples' in _train_py(tmp_path, 'builtin:lm')
 
 
 def test_eval_py_generate_on_a_classifier_is_one_line(tmp_path):
