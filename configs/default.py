@@ -52,6 +52,11 @@ def get_config() -> ml_collections.ConfigDict:
   model.relative_num_buckets = 32  # position=relative: buckets of key - query distance (T5: 32)
   model.relative_max_distance = 128  # position=relative: distances past this share the last bucket (T5: 128)
   model.output_scale = 1.0  # multiplies the final hidden states before the output projection; T5 v1.0: d_model**-0.5
+  # what the model outputs (jaxformer/model/heads.py): lm = per-token logits | classification = one label per row
+  model.head = 'lm'
+  model.num_classes = 0  # head=classification: the number of labels
+  model.pooling = ''  # head=classification: first | mean | last (real token); '' = first (encoder_only) / last
+  model.pooler = False  # head=classification: BERT's pooler (dense + tanh) before the classifier
 
   # ----------------------------------------------------------------- data
   data = config.data = ml_collections.ConfigDict()
@@ -71,6 +76,11 @@ def get_config() -> ml_collections.ConfigDict:
   # jsonl: sources (instruction data): the fields of each line's JSON object holding the prompt and the response
   data.prompt_key = 'prompt'
   data.response_key = 'response'
+  # jsonl: sources with model.head=classification: each line has a text (data.text_key, '' = 'text') or a pair
+  # (data.text_pair_keys) and a label (data.label_key): an int in [0, model.num_classes), or one of data.label_names
+  data.text_pair_keys = 'text_a,text_b'
+  data.label_key = 'label'
+  data.label_names = ''  # comma list: the label strings, in class-id order (e.g. 'negative,positive')
   data.seq_len = 128  # tokens per row: LM rows, or the decoder (target) side of seq2seq
   data.src_seq_len = 128  # encoder (source) side of seq2seq
   data.pack = True  # pack several examples into one row (segment_ids keep them apart)

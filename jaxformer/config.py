@@ -53,6 +53,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f'data.seq_len/src_seq_len={longest} exceeds model.max_len={config.model.max_len}; '
         'raise model.max_len or lower the data lengths.')
   check_fraction('data.mask_rate', data.mask_rate)
+  if config.model.get('head', 'lm') == 'classification':
+    if kind != 'jsonl':
+      raise ConfigError(f'model.head=classification reads labelled examples, which data.source={data.source!r} does '
+                        'not have; use data.source=jsonl:<file or {split} pattern> with text (or text_a / text_b) '
+                        'and label fields.')
+    names = data_lib.label_names(config)
+    if len(names) > config.model.num_classes:
+      raise ConfigError(f'data.label_names has {len(names)} names but model.num_classes={config.model.num_classes}; '
+                        f'set --config.model.num_classes={len(names)}.')
+    if len(set(names)) != len(names):
+      raise ConfigError(f'data.label_names={data.label_names!r} repeats a name; each class needs its own.')
 
   check_choice('train.optimizer', train.optimizer, optimizer.OPTIMIZERS)
   check_choice('train.schedule', train.schedule, optimizer.SCHEDULES)

@@ -4,7 +4,8 @@ Modes
   score      loss / perplexity, bits per byte / character (decoder_only, encoder_decoder) and masked-token
              accuracy (encoder_only) on a split with the training code's own `compute_loss`; encoder_decoder also
              translates the split and reports sacrebleu BLEU (tokenized for the target language;
-             decode.bleu_tokenize overrides) and chrF.
+             decode.bleu_tokenize overrides) and chrF. model.head=classification: num_examples, loss (mean
+             cross-entropy per example), accuracy and macro_f1.
   generate   decoder_only: continue a text prompt.
   translate  encoder_decoder: translate the lines of a file.
 
@@ -148,7 +149,8 @@ def _jitted_eval_step(graphdef: Any, config_text: str, mesh: Any):
 
   def sums(params, rest, batch, length_tables):
     _, metrics = step_lib.compute_loss(step_lib.merge_model(graphdef, params, rest), batch, config,
-                                       deterministic=True, length_tables=length_tables)
+                                       deterministic=True, length_tables=length_tables,
+                                       confusion=step_lib.is_classification(config))
     return metrics
 
   return jax.jit(sums, out_shardings=NamedSharding(mesh, PartitionSpec()))
@@ -177,8 +179,9 @@ class Evaluator:
     self.r = r
     self.split = split
     self._step = _jitted_eval_step(graphdef, config_json(r.config), r.mesh)
-    # bytes / characters per token id, for bits per byte / character (None for encoder_only)
-    tables = metrics_lib.length_tables(r.tokenizer, r.config.model.arch)
+    # bytes / characters per token id, for bits per byte / character (None for encoder_only and classification)
+    self.classification = step_lib.is_classification(r.config)
+    tables = None if self.classification else metrics_lib.length_tables(r.tokenizer, r.config.model.arch)
     self._tables = jax.device_put(tables, NamedSharding(r.mesh, PartitionSpec())) if tables else None
 
   def accumulate(self, params: Any, rest: Any) -> metrics_lib.MetricAccumulator:
@@ -190,13 +193,19 @@ class Evaluator:
         acc.add(self._step(params, rest, batch, self._tables))
     if acc.weight_sum <= 0:
       raise data_lib.DataError(f'split {self.split!r} of data.source={self.r.config.data.source!r} produced no '
-                               'target tokens to score.')
+                               f'{"examples" if self.classification else "target tokens"} to score.')
     return acc
 
   def training_row(self, params: Any, rest: Any) -> dict[str, float]:
     """The eval row of DIR/metrics.jsonl: eval_loss, eval_perplexity, eval_accuracy, eval_tokens, and
-    eval_bits_per_byte / eval_bits_per_char (decoder_only, encoder_decoder)."""
-    out = self.accumulate(params, rest).result(with_accuracy=True)
+    eval_bits_per_byte / eval_bits_per_char (decoder_only, encoder_decoder); model.head=classification: eval_loss,
+    eval_accuracy, eval_macro_f1, eval_examples."""
+    acc = self.accumulate(params, rest)
+    if self.classification:
+      out = acc.classification_result()
+      return {'eval_loss': out['loss'], 'eval_accuracy': out['accuracy'], 'eval_macro_f1': out['macro_f1'],
+              'eval_examples': float(out['num_examples'])}
+    out = acc.result(with_accuracy=True)
     row = {'eval_loss': out['loss'], 'eval_perplexity': out['perplexity'], 'eval_accuracy': out['accuracy'],
            'eval_tokens': float(out['num_tokens'])}
     row.update({f'eval_{key}': out[key] for key in ('bits_per_byte', 'bits_per_char') if key in out})
@@ -248,7 +257,10 @@ def score(r: Restored, split: str) -> tuple[dict[str, Any], int]:
   evaluation computes them (the same Evaluator), so the loss is the eval_loss training logged for the same
   checkpoint and split. Returns (results, number of batches)."""
   graphdef, params, rest = step_lib.split_model(r.model)
-  acc = Evaluator(r.resolved, graphdef, split).accumulate(params, rest)
+  evaluator = Evaluator(r.resolved, graphdef, split)
+  acc = evaluator.accumulate(params, rest)
+  if evaluator.classification:  # num_examples, loss, accuracy, macro_f1
+    return acc.classification_result(), acc.num_batches
   out = acc.result(with_accuracy=True)
   accuracy = out.pop('accuracy')
   out['masked_accuracy' if r.config.model.arch == 'encoder_only' else 'token_accuracy'] = accuracy
@@ -409,6 +421,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int
               split=split if mode == 'score' else None)
   arch = r.config.model.arch
   workdir = os.path.abspath(workdir)
+  head = str(r.config.model.get('head', 'lm'))
+  if mode != 'score' and head != 'lm':
+    raise EvalError(f'--mode={mode} decodes text, but {workdir} holds a model.head={head} model (one label per '
+                    'row); use --mode=score (accuracy and macro-F1 on a split).')
 
   if mode == 'generate':
     if arch != 'decoder_only':
@@ -443,6 +459,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int
 
   name = split_name(r.config, split)
   results: dict[str, Any] = {'step': r.step, 'split': name, 'arch': arch}
+  if head != 'lm':
+    results['head'] = head
   sums, batches = score(r, name)
   results.update(sums)
   results['eval_batches'] = batches

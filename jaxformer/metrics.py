@@ -77,6 +77,34 @@ def length_sums(targets: jax.Array, weights: jax.Array, tables: Mapping[str, Any
           for key, table in tables.items()}
 
 
+def confusion_matrix(labels: jax.Array, predictions: jax.Array, weights: jax.Array, num_classes: int) -> jax.Array:
+  """float32 [C, C]: entry [i, j] = the weight of examples with label i predicted as j (weight 0: not counted)."""
+  one_hot = lambda x: jax.nn.one_hot(jnp.clip(x, 0, num_classes - 1), num_classes, dtype=jnp.float32)  # noqa: E731
+  return jnp.einsum('b,bi,bj->ij', weights.astype(jnp.float32), one_hot(labels), one_hot(predictions))
+
+
+def macro_f1(confusion: Any) -> float:
+  """Macro-averaged F1 of a confusion matrix [labels, predictions]: F1 = 2 TP / (2 TP + FP + FN) per class,
+  averaged over the classes that occur among the labels or the predictions (sklearn's
+  f1_score(average='macro') without `labels=`); nan when there are none."""
+  c = np.asarray(confusion, np.float64)
+  tp = np.diag(c)
+  fp, fn = c.sum(axis=0) - tp, c.sum(axis=1) - tp
+  present = (c.sum(axis=0) + c.sum(axis=1)) > 0
+  if not present.any():
+    return math.nan
+  return float(np.mean(2 * tp[present] / (2 * tp[present] + fp[present] + fn[present])))
+
+
+def macro_f1_score(labels: Sequence[int], predictions: Sequence[int]) -> float:
+  """macro_f1 of label / prediction lists (class ids >= 0)."""
+  labels, predictions = np.asarray(labels, np.int64), np.asarray(predictions, np.int64)
+  n = int(max(labels.max(initial=-1), predictions.max(initial=-1))) + 1
+  c = np.zeros((max(n, 1), max(n, 1)), np.float64)
+  np.add.at(c, (labels, predictions), 1.0)
+  return macro_f1(c)
+
+
 def perplexity(loss_sum: float, weight_sum: float) -> float:
   """exp(token-weighted mean NLL); inf when that overflows. Raises on zero tokens (nothing was scored)."""
   if weight_sum <= 0:
@@ -104,11 +132,16 @@ class MetricAccumulator:
   byte_sum: float = 0.0
   char_sum: float = 0.0
   num_batches: int = 0
+  confusion: np.ndarray | None = None  # model.head=classification: [C, C] counts, summed like the others
 
   def add(self, metrics: Mapping[str, Any]) -> None:
-    values = jax.device_get({k: metrics[k] for k in SUM_KEYS if k in metrics})
+    values = jax.device_get({k: metrics[k] for k in SUM_KEYS + ('confusion',) if k in metrics})
+    confusion = values.pop('confusion', None)
     for key, value in values.items():
       setattr(self, key, getattr(self, key) + float(np.asarray(value, dtype=np.float64)))
+    if confusion is not None:
+      confusion = np.asarray(confusion, np.float64)
+      self.confusion = confusion if self.confusion is None else self.confusion + confusion
     self.num_batches += 1
 
   def merge(self, other: MetricAccumulator) -> MetricAccumulator:
@@ -140,6 +173,13 @@ class MetricAccumulator:
     if with_accuracy:
       out['accuracy'] = self.correct_sum / self.weight_sum
     return out
+
+  def classification_result(self) -> dict[str, float]:
+    """num_examples, loss (mean cross-entropy per example), accuracy and macro_f1 (from the confusion matrix)."""
+    n = self.weight_sum
+    return {'num_examples': int(round(n)), 'loss': self.loss_sum / n if n > 0 else math.nan,
+            'accuracy': self.correct_sum / n if n > 0 else math.nan,
+            'macro_f1': macro_f1(self.confusion) if self.confusion is not None else math.nan}
 
 
 # -------------------------------------------------------------------------------------------- BLEU and chrF

@@ -46,6 +46,8 @@ from jaxformer.data.sources import builtin_lm_entropy
 from jaxformer.data.sources import data_dir_for
 from jaxformer.data.sources import get_source
 from jaxformer.data.sources import Instruction
+from jaxformer.data.sources import Labelled
+from jaxformer.data.sources.local import label_names
 from jaxformer.data.sources import number_to_words
 from jaxformer.data.sources import Source
 from jaxformer.data.sources import SOURCES

@@ -29,6 +29,9 @@ target + </s>).
   Training drops pairs longer than data.src_seq_len / data.seq_len (evaluation truncates them instead, so every
   example is scored). data.pack puts several whole pairs in a row with
   matching segment ids on both sides; otherwise one pair per row.
+* model.head=classification (either LM arch; HEAD_TASKS picks its Task over the arch's): one Labelled example per
+  row, padded, never packed; batch keys tokens, positions, segment_ids, token_type_ids and `labels` [rows] (the
+  class id; -1 on padding rows). A text pair is framed the BERT way, [CLS] a [SEP] b [SEP] (ClassificationTask).
 * encoder_only masking (data.mask_rate of the text tokens, never padding or framing ids; of those 80% -> the
   tokenizer's mask id, 10% -> a random non-special id, 10% unchanged) draws from the rng the iterator passes
   (seeded from seed + step for training, from the batch index for evaluation) over the global batch, so every
@@ -43,10 +46,10 @@ import numpy as np
 
 from jaxformer.data.errors import DataError
 from jaxformer.data.objectives import OBJECTIVES, objective_name, split_at_middle_word
-from jaxformer.data.sources import Instruction
+from jaxformer.data.sources import Instruction, Labelled
 from jaxformer.data.tokenizers import Tokenizer
 
-LABEL_KEYS = ('targets',)  # batch keys that are not model inputs
+LABEL_KEYS = ('targets', 'labels')  # batch keys that are not model inputs
 Rows = dict[str, np.ndarray]
 
 
@@ -404,13 +407,92 @@ class EncoderDecoderTask(Task):
       skips = 0
 
 
+class ClassificationTask(Task):
+  """model.head=classification (encoder_only or decoder_only): one Labelled example per row, never packed, cut to
+  data.seq_len; `labels` [rows] holds its class id (-1 on padding rows, which are never scored).
+
+  A text is framed as a document (tokenizer.document: BERT [CLS] text [SEP], jaxformer BOS text EOS, GPT-2 text
+  <|endoftext|>); a pair as BERT frames one, prefix + a + sep + b + the document's end, where sep is the
+  tokenizer's suffix ([SEP]; jaxformer's EOS) or its eos when the framing adds none. token_type_ids are 0 up to and
+  including the first separator and 1 after it. Too long a pair loses tokens from the longer text first
+  (transformers' longest_first)."""
+
+  name = 'classification'
+
+  def tokenize(self, examples):
+    bad = [e for e in examples if not isinstance(e, Labelled)]
+    if bad:
+      raise DataError('model.head=classification needs labelled examples, and this data.source gives '
+                      f'{type(bad[0]).__name__} ones; use data.source=jsonl:<file> with text (or text_a / text_b) and '
+                      'label fields.')
+    tok = self.tokenizer
+    a_ids = tok.encode_batch([e.text_a for e in examples])
+    pairs = [i for i, e in enumerate(examples) if e.text_b]
+    b_ids = dict(zip(pairs, tok.encode_batch([examples[i].text_b for i in pairs])))
+    prefix = list(tok.prefix_ids)
+    end = list(tok.document([])[len(prefix):])  # what the framing puts after a document's text
+    sep = list(tok.suffix_ids) or ([tok.eos_id] if tok.eos_id >= 0 else [])
+    out = []
+    for i, (e, a) in enumerate(zip(examples, a_ids)):
+      if i not in b_ids:
+        a = a[:max(0, self.seq_len - len(prefix) - len(end))]
+        first, second = prefix + a.tolist() + end, []
+      else:
+        a, b = _longest_first(a.tolist(), b_ids[i].tolist(), self.seq_len - len(prefix) - len(sep) - len(end))
+        first, second = prefix + a + sep, b + end
+      tokens = np.asarray(first + second, np.int32)[:self.seq_len]
+      types = np.asarray([0] * len(first) + [1] * len(second), np.int32)[:self.seq_len]
+      out.append((tokens, types, int(e.label)))
+    return out
+
+  def item(self, piece, position):
+    del position
+    return piece
+
+  @staticmethod
+  def size(item: Any) -> int:
+    return len(item[0])
+
+  def empty_rows(self, n: int) -> Rows:
+    rows = {k: np.zeros((n, self.seq_len), np.int32) for k in ('tokens', 'segment_ids', 'positions', 'token_type_ids')}
+    return dict(rows, labels=np.full((n,), -1, np.int32))
+
+  def fill_row(self, stream: Stream, rows: Rows, i: int, refill: Refill, max_skips: int) -> None:
+    del max_skips
+    if not stream.buffer and not refill(stream):
+      return
+    tokens, types, label = stream.buffer[0]
+    n = len(tokens)
+    rows['tokens'][i, :n] = tokens
+    rows['token_type_ids'][i, :n] = types
+    rows['segment_ids'][i, :n] = 1
+    rows['positions'][i, :n] = np.arange(n, dtype=np.int32)
+    rows['labels'][i] = label
+    stream.pop()
+
+
+def _longest_first(a: list[int], b: list[int], budget: int) -> tuple[list[int], list[int]]:
+  """Cuts tokens off the end of the longer of a and b (a on a tie) until both fit `budget`."""
+  budget = max(0, budget)
+  while len(a) + len(b) > budget:
+    if len(a) >= len(b):
+      a = a[:-1]
+    else:
+      b = b[:-1]
+  return a, b
+
+
 TASKS: dict[str, type[Task]] = {t.name: t for t in (DecoderOnlyTask, EncoderOnlyTask, EncoderDecoderTask)}
+HEAD_TASKS: dict[str, type[Task]] = {'classification': ClassificationTask}  # model.head other than lm: its Task
 
 
 def make_task(config: Any, tokenizer: Tokenizer, *, train: bool) -> Task:
-  """The Task of config.model.arch."""
+  """The Task of config.model.head when it has one (classification), else of config.model.arch."""
   arch = str(config.model.arch)
   if arch not in TASKS:
     raise DataError(f'model.arch={arch!r} is not valid; use {", ".join(TASKS)}.')
+  head = str(config.model.get('head', 'lm'))
+  if head in HEAD_TASKS:
+    return HEAD_TASKS[head](config, tokenizer, train)
   objective_name(config)  # data.objective is valid and applies to this arch
   return TASKS[arch](config, tokenizer, train)

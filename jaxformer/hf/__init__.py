@@ -113,17 +113,19 @@ def load_params(directory: str, model_config: Any) -> dict[str, np.ndarray]:
   model.scan_layers layout).
 
   Every parameter must come from the checkpoint with the shape the section implies; a mismatch (e.g. a
-  --config.model override that contradicts config.json) is one line naming the tensor.
+  --config.model override that contradicts config.json) is one line naming the tensor. The exception are a task
+  head's optional tensors (a BERT checkpoint without a classifier read for model.head=classification): their
+  parameters are left out of the result (with one log line) and keep their fresh initialisation (with_params' fill).
   """
   hf_config, family = _family(directory)
   cfg = ModelConfig.from_config(model_config)
   _, _, abstract = _abstract(dataclasses.replace(cfg, scan_layers=False))  # the names families.py maps
   tensors = weights.read_dir(directory)
-  used, out, missing = set(), {}, []
+  used, out, missing, fresh = set(), {}, [], []
   for rule in family.tensors(cfg):
     name = rule.hf if rule.hf in tensors else rule.hf.removeprefix(family.prefix)
     if name not in tensors:
-      missing.append(rule.hf)
+      (fresh if rule.optional else missing).append(rule)
       continue
     used.add(name)
     unknown = [p for p in rule.ours if p not in abstract]
@@ -140,8 +142,11 @@ def load_params(directory: str, model_config: Any) -> dict[str, np.ndarray]:
       out[path] = value
   if missing:
     raise ConfigError(f'{directory} lacks {len(missing)} tensor(s) the {hf_config["model_type"]} model needs, e.g. '
-                      f'{", ".join(missing[:3])}.')
-  left = sorted(set(abstract) - set(out))
+                      f'{", ".join(rule.hf for rule in missing[:3])}.')
+  if fresh:
+    logging.warning('%s has no %s: model parameter(s) %s start freshly initialised (train them).', directory,
+                    ', '.join(rule.hf for rule in fresh), ', '.join(p for rule in fresh for p in rule.ours))
+  left = sorted(set(abstract) - set(out) - {p for rule in fresh for p in rule.ours})
   if left:
     raise ConfigError(f'jaxformer.hf gives no value to model parameter(s) {", ".join(left[:3])} for '
                       f'{hf_config["model_type"]} (families.py and the model library disagree).')
@@ -152,13 +157,22 @@ def load_params(directory: str, model_config: Any) -> dict[str, np.ndarray]:
   return layout_convert.to_flat_layout(out, scanned=True) if cfg.scan_layers else out
 
 
-def with_params(abstract_params, params: dict[str, np.ndarray]):
+def with_params(abstract_params, params: dict[str, np.ndarray], fill: Any = None):
   """nnx.State like `abstract_params` holding `params` (cast to each parameter's dtype; placed on its sharding
-  when the abstract leaf has one)."""
+  when the abstract leaf has one). A parameter `params` lacks (a fresh task head, see load_params) comes from
+  `fill` (a params State of the same tree), or with fill=None is left out: the State then holds only `params`, for
+  nnx.merge_state over freshly initialised ones."""
   leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
+  if fill is None and any(_path(path) not in params for path, _ in leaves):
+    flat = nnx.to_flat_state(abstract_params)
+    kept = [(path, leaf) for path, leaf in flat if '.'.join(map(str, path)) in params]
+    abstract_params = nnx.from_flat_state(kept)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
+  fill_values = {} if fill is None else {_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(fill)[0]}
   values = []
   for path, leaf in leaves:
-    value = jnp.asarray(params[_path(path)], dtype=leaf.dtype)
+    key = _path(path)
+    value = jnp.asarray(params[key] if key in params else fill_values[key], dtype=leaf.dtype)
     sharding = getattr(leaf, 'sharding', None)
     values.append(jax.device_put(value, sharding) if sharding is not None else value)
   return jax.tree_util.tree_unflatten(treedef, values)
@@ -171,8 +185,9 @@ def load(directory: str, model_config: Any = None) -> tuple[ml_collections.Confi
       dataclasses.asdict(model_config) if isinstance(model_config, ModelConfig) else model_config.to_dict())
   params = load_params(directory, section)
   graphdef, abstract_params, _ = _abstract(section)
-  rest = jax.jit(lambda: nnx.split(build_model(section, rngs=nnx.Rngs(params=0, dropout=1)), nnx.Param, ...)[2])()
-  return section, nnx.merge(graphdef, with_params(abstract_params, params), rest)
+  fresh, rest = jax.jit(lambda: nnx.split(build_model(section, rngs=nnx.Rngs(params=0, dropout=1)), nnx.Param,
+                                          ...)[1:])()
+  return section, nnx.merge(graphdef, with_params(abstract_params, params, fill=fresh), rest)
 
 
 def model_params(model: nnx.Module) -> dict[str, np.ndarray]:

@@ -30,6 +30,9 @@ class Rule:
   ours: tuple[str, ...]
   to_ours: Callable[[np.ndarray], tuple[np.ndarray, ...]]
   to_hf: Callable[..., np.ndarray]
+  # A tensor a checkpoint may lack (a task head: BertForMaskedLM has no pooler / classifier); its parameters then
+  # keep their fresh initialisation, as transformers' "newly initialized" weights do.
+  optional: bool = False
 
 
 def same(hf: str, ours: str) -> Rule:
@@ -193,7 +196,7 @@ class GPT2(Family):
     return _want(cfg, arch='decoder_only', position='learned', norm='layer', norm_position='pre',
                  mlp=tuple(_ACTIVATION_NAMES), use_bias=True, num_kv_heads=cfg.num_heads,
                  head_dim=cfg.d_model // cfg.num_heads, attention_scale=(-1.0, 1.0), output_scale=1.0,
-                 type_vocab_size=0, embed_norm=False, output_bias=False)
+                 type_vocab_size=0, embed_norm=False, output_bias=False, head='lm')
 
   def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
     return {**_common(cfg), 'n_embd': cfg.d_model, 'n_layer': cfg.num_layers, 'n_head': cfg.num_heads,
@@ -224,7 +227,10 @@ class GPT2(Family):
 
 
 class Bert(Family):
-  """BertForMaskedLM (BertForPreTraining / BertModel checkpoints load too: their other heads are ignored)."""
+  """BertForMaskedLM (BertForPreTraining / BertModel checkpoints load too: their other heads are ignored), and
+  BertForSequenceClassification (config.json architectures) as model.head=classification with BERT's pooler: the
+  first token -> pooler (dense + tanh) -> classifier. Any BERT checkpoint can start a classifier
+  (--config.model.head=classification): tensors it lacks (pooler, classifier) start freshly initialised."""
   model_types = ('bert',)
   arch = 'encoder_only'
   architecture = 'BertForMaskedLM'
@@ -244,12 +250,27 @@ class Bert(Family):
                 attention_dropout=hf.get('attention_probs_dropout_prob', 0.1), use_bias=True, tie_embeddings=True,
                 norm_eps=hf.get('layer_norm_eps', 1e-12), init_std=hf.get('initializer_range', 0.02),
                 pad_id=_get(hf, 'pad_token_id', default=0), type_vocab_size=hf.get('type_vocab_size', 2),
-                embed_norm=True, output_bias=True)
+                embed_norm=True, **{'output_bias': True, **self._classification(hf)})
+
+  SEQUENCE_CLASSIFICATION = 'BertForSequenceClassification'
+
+  def _classification(self, hf: dict) -> dict[str, Any]:
+    """The head keys of a BertForSequenceClassification config.json (none for the other BERT classes)."""
+    if self.SEQUENCE_CLASSIFICATION not in (hf.get('architectures') or []):
+      return {}
+    problem = hf.get('problem_type') or 'single_label_classification'
+    num_labels = len(hf['id2label']) if hf.get('id2label') else int(hf.get('num_labels', 2))
+    if problem != 'single_label_classification' or num_labels < 2:
+      raise ConfigError(f'bert {self.SEQUENCE_CLASSIFICATION} with problem_type={problem!r} and {num_labels} '
+                        'label(s) is not supported; jaxformer classifies into one of >= 2 classes.')
+    return dict(head='classification', num_classes=num_labels, pooling='first', pooler=True, output_bias=False)
 
   def mismatches(self, cfg: ModelConfig) -> list[str]:
+    head = _want(cfg, pooling='first', pooler=True) if cfg.head == 'classification' else []  # BERT's own head
     return _want(cfg, arch='encoder_only', position='learned', norm='layer', norm_position='post',
                  mlp=tuple(_ACTIVATION_NAMES), use_bias=True, tie_embeddings=True, num_kv_heads=cfg.num_heads,
-                 head_dim=cfg.d_model // cfg.num_heads, attention_scale=-1.0, output_scale=1.0, embed_norm=True)
+                 head_dim=cfg.d_model // cfg.num_heads, attention_scale=-1.0, output_scale=1.0, embed_norm=True,
+                 head=('lm', 'classification')) + head
 
   def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
     return {**_common(cfg), 'hidden_size': cfg.d_model, 'num_hidden_layers': cfg.num_layers,
@@ -257,22 +278,36 @@ class Bert(Family):
             'max_position_embeddings': cfg.max_len, 'hidden_act': _ACTIVATION_NAMES[cfg.mlp],
             'hidden_dropout_prob': cfg.dropout, 'attention_probs_dropout_prob': cfg.attention_dropout,
             'layer_norm_eps': cfg.norm_eps, 'type_vocab_size': cfg.type_vocab_size or self.NO_TYPES,
-            'pad_token_id': max(cfg.pad_id, 0), 'tie_word_embeddings': True}
+            'pad_token_id': max(cfg.pad_id, 0), 'tie_word_embeddings': True, **self._labels(cfg)}
+
+  def _labels(self, cfg: ModelConfig) -> dict[str, Any]:
+    if cfg.head != 'classification':
+      return {}
+    id2label = {str(i): f'LABEL_{i}' for i in range(cfg.num_classes)}
+    return {'architectures': [self.SEQUENCE_CLASSIFICATION], 'id2label': id2label,
+            'label2id': {v: int(k) for k, v in id2label.items()}, 'problem_type': 'single_label_classification'}
 
   def tensors(self, cfg: ModelConfig) -> list[Rule]:
     e = 'bert.embeddings'
     rules = [same(f'{e}.word_embeddings.weight', 'embed.embedding'),
              same(f'{e}.position_embeddings.weight', 'encoder.positions.embedding'),
-             *norm(f'{e}.LayerNorm', 'encoder.embed_norm'),
-             linear('cls.predictions.transform.dense.weight', 'head.kernel'),
-             same('cls.predictions.transform.dense.bias', 'head.bias'),
-             *norm('cls.predictions.transform.LayerNorm', 'head.norm')]
+             *norm(f'{e}.LayerNorm', 'encoder.embed_norm')]
+    if cfg.head == 'classification':
+      head = [linear('bert.pooler.dense.weight', 'classifier.pooler'), same('bert.pooler.dense.bias',
+              'classifier.pooler_bias')] if cfg.pooler else []
+      head += [linear('classifier.weight', 'classifier.kernel'), same('classifier.bias', 'classifier.bias')]
+      rules += [dataclasses.replace(rule, optional=True) for rule in head]
+    else:
+      rules += [linear('cls.predictions.transform.dense.weight', 'head.kernel'),
+                same('cls.predictions.transform.dense.bias', 'head.bias'),
+                *norm('cls.predictions.transform.LayerNorm', 'head.norm')]
     # A jaxformer BERT without token types / output bias is saved with zeros there (the same logits).
     types = f'{e}.token_type_embeddings.weight'
     rules.append(same(types, 'token_type_embedding') if cfg.type_vocab_size else
                  zeros(types, (self.NO_TYPES, cfg.d_model)))
-    rules.append(same('cls.predictions.bias', 'output_bias') if cfg.output_bias else
-                 zeros('cls.predictions.bias', (cfg.vocab_size,)))
+    if cfg.head == 'lm':
+      rules.append(same('cls.predictions.bias', 'output_bias') if cfg.output_bias else
+                   zeros('cls.predictions.bias', (cfg.vocab_size,)))
     for i in range(cfg.num_layers):
       hf, ours = f'bert.encoder.layer.{i}', f'encoder.blocks.{i}'
       a = f'{hf}.attention'
@@ -320,7 +355,8 @@ class T5(Family):
     rescale = (cfg.d_model ** -0.5, 1.0)
     return _want(cfg, arch='encoder_decoder', position='relative', norm='rms', norm_position='pre',
                  mlp=tuple(self._MLP_NAMES), use_bias=False, num_kv_heads=cfg.num_heads, attention_scale=1.0,
-                 output_scale=rescale, qkv_bias=False, type_vocab_size=0, embed_norm=False, output_bias=False)
+                 output_scale=rescale, qkv_bias=False, type_vocab_size=0, embed_norm=False, output_bias=False,
+                 head='lm')
 
   def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
     out = {**_common(cfg), 'd_model': cfg.d_model, 'd_kv': cfg.head_dim, 'd_ff': cfg.d_ff,
@@ -407,7 +443,8 @@ class Llama(Family):
 
   def mismatches(self, cfg: ModelConfig) -> list[str]:
     return _want(cfg, arch='decoder_only', position='rope', norm='rms', norm_position='pre', mlp='swiglu',
-                 output_scale=1.0, type_vocab_size=0, embed_norm=False, output_bias=False, attention_scale=-1.0)
+                 output_scale=1.0, type_vocab_size=0, embed_norm=False, output_bias=False, attention_scale=-1.0,
+                 head='lm')
 
   def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
     qwen = cfg.qkv_bias and not cfg.use_bias

@@ -2,7 +2,8 @@
 build_model (config -> model).
 
 Every choice is checked against the registry that implements it (ARCHS, NORM_POSITIONS and REMATS (remat.py) in
-transformer.py, POSITIONS in positions.py, NORMS, MLPS and DTYPES in layers.py, IMPLEMENTATIONS in attention.py),
+transformer.py, POSITIONS in positions.py, NORMS, MLPS and DTYPES in layers.py, IMPLEMENTATIONS in attention.py,
+HEADS and POOLINGS in heads.py),
 so a new entry there is accepted here with no second list to update.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import ml_collections
 from flax import nnx
 
 from jaxformer.errors import ConfigError, check_choice, check_fraction, check_positive
-from jaxformer.model import attention, layers, positions, transformer
+from jaxformer.model import attention, heads, layers, positions, transformer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,11 @@ class ModelConfig:
   output_scale: float = 1.0  # hidden states are multiplied by this before the output projection (T5 v1.0 tied:
                              # d_model ** -0.5)
   scan_layers: bool = False
+  head: str = 'lm'  # model.head (heads.HEADS): lm = per-token logits | classification = [B, num_classes]
+  num_classes: int = 0  # head=classification: the number of labels
+  pooling: str = ''  # head=classification (heads.POOLINGS): first | mean | last; '' = first (encoder_only) /
+                     # last (decoder_only)
+  pooler: bool = False  # head=classification: BERT's pooler (dense + tanh) on the pooled vector
 
   def __post_init__(self):
     resolved = {'num_kv_heads': self.num_heads, 'num_decoder_layers': self.num_layers,
@@ -64,6 +70,8 @@ class ModelConfig:
     for name, value in resolved.items():
       if getattr(self, name) == -1:
         object.__setattr__(self, name, value)
+    if not self.pooling:
+      object.__setattr__(self, 'pooling', heads.DEFAULT_POOLING.get(self.arch, 'first'))
 
   @classmethod
   def from_config(cls, model: ml_collections.ConfigDict | ModelConfig) -> ModelConfig:
@@ -133,6 +141,24 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'model.pad_id={pad_id!r} must be a token id >= 0, or -1 for no padding token.')
   check_fraction('model.dropout', model.dropout)
   check_fraction('model.attention_dropout', model.attention_dropout)
+  _validate_head(model)
+
+
+def _validate_head(model: ml_collections.ConfigDict) -> None:
+  head = _get(model, 'head')
+  check_choice('model.head', head, heads.HEADS)
+  pooling = _get(model, 'pooling')
+  if pooling:
+    check_choice('model.pooling', pooling, heads.POOLINGS)
+  if head != 'classification':
+    return
+  if model.arch not in heads.CLASSIFICATION_ARCHS:
+    raise ConfigError(f'model.head=classification is not supported for model.arch={model.arch}; use '
+                      f'{" or ".join(heads.CLASSIFICATION_ARCHS)}.')
+  num_classes = _get(model, 'num_classes')
+  if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+    raise ConfigError(f'model.head=classification needs model.num_classes >= 2 (the number of labels), but it is '
+                      f'{num_classes!r}; set --config.model.num_classes.')
 
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING}

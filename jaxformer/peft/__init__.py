@@ -8,6 +8,9 @@
   peft.train_extra        comma list of path words that also train (e.g. 'norm', 'bias', 'head'), as the BitFit
                           and adapter papers do.
 
+A model.head=classification classifier (paths `classifier.*`: pooler and output layer) always trains, whatever the
+method: it is new or task-specific, as Hugging Face peft's modules_to_save does for sequence classification.
+
 A method is one `Method` in METHODS: `attach` adds its modules to a freshly built model (their parameters are
 PEFTParam subclasses, so one type filter finds them; the base model's own initialisation is untouched), and
 `trains` says which base parameters train as well. The training step differentiates only the trainable split of
@@ -55,6 +58,8 @@ METHODS: dict[str, Method] = {
     'adapter': Method(adapter.attach, _frozen, validate=adapter.validate),
     'prompt': Method(prompt.attach, _frozen, validate=prompt.validate),
 }
+
+CLASSIFIER = 'classifier'  # the model attribute of model.head=classification's head (trains under every method)
 
 DEFAULTS = ml_collections.ConfigDict({'method': 'none', 'targets': 'attention', 'rank': 8, 'alpha': 16.0,
                                       'dropout': 0.0, 'adapter_dim': 64, 'num_prompt_tokens': 20, 'train_extra': ''})
@@ -113,6 +118,8 @@ def trainable_filter(config: Any) -> Callable[[tuple, Any], bool]:
     if isinstance(variable, PEFTParam):
       return True
     words = path_words(path)
+    if words[:1] == [CLASSIFIER]:
+      return True
     return method.trains(words) or any(w in part for part in words for w in extra)
 
   return trains

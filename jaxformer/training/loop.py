@@ -25,7 +25,7 @@ DIR/metrics.jsonl rows (also TensorBoard scalars in DIR/tensorboard/):
     utilisation, jaxformer.flops; None when the device's peak is unknown); train_objective when label smoothing
     or z-loss make the optimised objective differ from the cross-entropy.
   eval rows, every train.eval_every steps and at the end: step, eval_loss, eval_perplexity, eval_accuracy,
-    eval_tokens; eval_bits_per_byte and eval_bits_per_char (decoder_only / encoder_decoder: the eval NLL in bits
+    eval_tokens (model.head=classification: eval_loss, eval_accuracy, eval_macro_f1, eval_examples); eval_bits_per_byte and eval_bits_per_char (decoder_only / encoder_decoder: the eval NLL in bits
     per UTF-8 byte / character of the scored target text, comparable across tokenizers).
 The first step (compilation) is excluded from throughput, and so is time spent evaluating and checkpointing.
 
@@ -355,9 +355,9 @@ class Trainer:
   def evaluate(self, step: int) -> dict[str, float]:
     row = self.evaluator.training_row(self.state['params'], self.state['rngs'])
     self.writer.write(step, row)
-    _log(f'eval at step {step}: loss {row["eval_loss"]:.4f} | perplexity {row["eval_perplexity"]:.3f} | '
-         f'accuracy {row["eval_accuracy"]:.4f}'
-         + (f' | bits/char {row["eval_bits_per_char"]:.4f}' if 'eval_bits_per_char' in row else ''))
+    shown = (('loss', 'eval_loss', '.4f'), ('perplexity', 'eval_perplexity', '.3f'), ('accuracy', 'eval_accuracy', '.4f'),
+             ('macro-F1', 'eval_macro_f1', '.4f'), ('bits/char', 'eval_bits_per_char', '.4f'))
+    _log(f'eval at step {step}: ' + ' | '.join(f'{name} {row[key]:{fmt}}' for name, key, fmt in shown if key in row))
     self.log.restart_clock()
     return row
 

@@ -74,19 +74,33 @@ def token_weights(targets: jax.Array, unscored: int = 0) -> jax.Array:
   return ((targets >= 0) & (targets != unscored)).astype(jnp.float32)
 
 
+def is_classification(config) -> bool:
+  return str(config.model.get('head', 'lm')) == 'classification'
+
+
+def loss_targets(batch: Batch, config) -> tuple[jax.Array, int]:
+  """(what the logits are scored against, its unscored marker): the per-token `targets` and the tokenizer's
+  marker, or for model.head=classification the per-row class ids `labels` [B] and -1 (padding rows)."""
+  if is_classification(config):
+    return batch['labels'], -1
+  return batch['targets'], unscored_target(config)
+
+
 def loss_sums(model: nnx.Module, batch: Batch, config, *, deterministic: bool,
-              length_tables: Mapping[str, jax.Array] | None = None) -> tuple[jax.Array, dict]:
+              length_tables: Mapping[str, jax.Array] | None = None,
+              confusion: bool = False) -> tuple[jax.Array, dict]:
   """(objective_sum, metrics) with token-weighted sums, so micro-batches and hosts aggregate exactly.
 
   The same code serves all architectures: the data pipeline already puts next tokens (decoder_only), the original
   tokens at the masked positions (encoder_only) or the shifted target (encoder_decoder) in `targets`, and a
   token counts exactly when its target is not the tokenizer's unscored marker (token_weights). length_tables
   (metrics.length_tables(tokenizer)) adds byte_sum / char_sum, the text the weighted targets decode to (for bits
-  per byte / character).
+  per byte / character). model.head=classification scores the row logits [B, C] against `labels` [B] the same
+  way (weight_sum counts examples); confusion=True adds its [C, C] confusion matrix (rows: labels), for macro-F1.
   """
   logits = model_logits(model, batch, deterministic=deterministic)
-  targets = batch['targets']
-  weights = token_weights(targets, unscored_target(config))
+  targets, unscored = loss_targets(batch, config)
+  weights = token_weights(targets, unscored)
   train = config.train
   ce, objective = token_losses(logits, targets, label_smoothing=float(train.label_smoothing),
                                z_loss=float(train.z_loss))
@@ -97,15 +111,20 @@ def loss_sums(model: nnx.Module, batch: Batch, config, *, deterministic: bool,
       'correct_sum': jnp.sum(correct * weights),
       **metrics_lib.length_sums(targets, weights, length_tables),
   }
+  if confusion:
+    metrics['confusion'] = metrics_lib.confusion_matrix(targets, jnp.argmax(logits, axis=-1), weights,
+                                                        logits.shape[-1])
   return jnp.sum(objective * weights), metrics
 
 
 def compute_loss(model: nnx.Module, batch: Batch, config, *, deterministic: bool,
-                 length_tables: Mapping[str, jax.Array] | None = None) -> tuple[jax.Array, dict]:
+                 length_tables: Mapping[str, jax.Array] | None = None,
+                 confusion: bool = False) -> tuple[jax.Array, dict]:
   """(loss, metrics): loss = the token-weighted mean objective of this batch; metrics holds the float32 sums
   loss_sum (plain cross-entropy), weight_sum (target tokens) and correct_sum (argmax hits) for exact aggregation,
   and byte_sum / char_sum when length_tables are given."""
-  objective_sum, metrics = loss_sums(model, batch, config, deterministic=deterministic, length_tables=length_tables)
+  objective_sum, metrics = loss_sums(model, batch, config, deterministic=deterministic, length_tables=length_tables,
+                                     confusion=confusion)
   return objective_sum / jnp.maximum(metrics['weight_sum'], 1.0), metrics
 
 
@@ -271,7 +290,7 @@ def make_train_step(config, setup: TrainSetup, steps_per_call: int = 1) -> Calla
     params, frozen = peft_lib.split(state['params'], config)
     rest = state['rngs']
     # The weights depend on the targets alone, so the batch's token count is known before the forward pass.
-    denom = jnp.maximum(jnp.sum(token_weights(batch['targets'], unscored_target(config))), 1.0)
+    denom = jnp.maximum(jnp.sum(token_weights(*loss_targets(batch, config))), 1.0)
     if k == 1:
       grads, metrics, rest = grads_of(params, frozen, rest, batch, denom)
     else:

@@ -3,7 +3,8 @@
   builtin:lm | builtin:numbers   SYNTHETIC data generated in-process        (sources/builtin.py)
   text:<path or glob>            local text files, LM documents             (sources/local.py)
   parallel:<prefix>              local line-aligned translation files       (sources/local.py)
-  jsonl:<path or glob>           local prompt/response instruction data     (sources/local.py)
+  jsonl:<path or glob>           local prompt/response instruction data,    (sources/local.py)
+                                 or labelled texts (model.head=classification)
   tfds:<name>[/<config>]         a prepared TFDS ArrayRecord dataset        (sources/tfds.py)
 
 A factory is `(spec, arg, config, data_dir) -> Source` (sources/base.py); adding a source is one module with a
@@ -15,7 +16,7 @@ from typing import Any
 
 from jaxformer.data.errors import DataError, DataFileNotFoundError
 from jaxformer.data.sources import builtin, local, tfds
-from jaxformer.data.sources.base import (Example, Instruction, ListSplit, Source, SourceFactory, Split, SPLIT_ALIASES,
+from jaxformer.data.sources.base import (Example, Instruction, Labelled, ListSplit, Source, SourceFactory, Split, SPLIT_ALIASES,
                                          data_dir_for)
 from jaxformer.data.sources.builtin import (NUMBER_SPLITS, SyntheticLanguage, builtin_lm_entropy, number_to_words,
                                             synthetic_language)

@@ -1,8 +1,9 @@
 """The interface every source implements: a `Source` of named `Split`s, each a random-access list of examples.
 
 An example is a `str` (a text source, kind 'text'), a `(source, target)` pair of `str` (a translation source,
-kind 'pairs') or an `Instruction(prompt, response)` (kind 'instructions'; also a pair, so encoder_decoder reads it
-as one, while decoder_only scores only its response). The pipeline only ever sees this interface, so shuffling,
+kind 'pairs'), an `Instruction(prompt, response)` (kind 'instructions'; also a pair, so encoder_decoder reads it
+as one, while decoder_only scores only its response) or a `Labelled(text_a, text_b, label)` (kind 'labelled',
+model.head=classification). The pipeline only ever sees this interface, so shuffling,
 per-host sharding and exact resumption are the same code for all sources.
 """
 from __future__ import annotations
@@ -12,13 +13,21 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 from jaxformer.data.errors import DataError
 
-Example = Any  # str | tuple[str, str] | Instruction
+Example = Any  # str | tuple[str, str] | Instruction | Labelled
 
 
 class Instruction(NamedTuple):
   """An instruction example: the model is trained to produce `response` after `prompt`."""
   prompt: str
   response: str
+
+
+class Labelled(NamedTuple):
+  """A classification example (model.head=classification): a text, or a text pair when `text_b` is not empty, and
+  its class id in [0, model.num_classes)."""
+  text_a: str
+  text_b: str
+  label: int
 
 
 # How a split name finds its files (local sources) after the exact name.

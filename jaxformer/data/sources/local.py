@@ -16,7 +16,10 @@
   jsonl:<path or glob>     instruction data: one JSON object per line with a prompt and a response field
                            (data.prompt_key / data.response_key); blank lines are skipped, any other line that is
                            not such an object is an error naming file:line. Splits as for text (`{split}` in the
-                           path, or the first 90% / last 10% of the examples).
+                           path, or the first 90% / last 10% of the examples). With model.head=classification the
+                           lines are labelled texts instead: `text` (data.text_key) or `text_a` + `text_b`
+                           (data.text_pair_keys) and `label` (data.label_key): an integer in
+                           [0, model.num_classes) or one of data.label_names.
 
 All three are converted ONCE into a TFDS ArrayRecord dataset named `jaxformer_text_<hash>` /
 `jaxformer_parallel_<hash>` / `jaxformer_jsonl_<hash>` in the data dir (the hash covers the resolved file paths,
@@ -280,9 +283,93 @@ def _instructions(paths: Sequence[str], prompt_key: str, response_key: str) -> l
   return out
 
 
+def label_names(config: Any) -> list[str]:
+  """data.label_names as a list (the label strings in class-id order; [] = integer labels)."""
+  return [n.strip() for n in str(config.data.get('label_names', '') or '').split(',') if n.strip()]
+
+
+def _classification_keys(config: Any) -> tuple[str, str, str, str]:
+  """(text key, pair key a, pair key b, label key) of a labelled jsonl line."""
+  data = config.data
+  pair = [k.strip() for k in str(data.get('text_pair_keys', 'text_a,text_b')).split(',')]
+  if len(pair) != 2 or not all(pair):
+    raise DataError(f'data.text_pair_keys={data.get("text_pair_keys")!r} must name two fields, e.g. text_a,text_b.')
+  return str(data.get('text_key', '') or 'text'), pair[0], pair[1], str(data.get('label_key', 'label'))
+
+
+def _label(value: Any, where: str, names: Sequence[str], num_classes: int) -> int:
+  """A line's label as a class id in [0, num_classes): an integer, or one of data.label_names."""
+  if isinstance(value, str):
+    if not names:
+      raise DataError(f'{where}: label {value!r} is a string; set data.label_names to the label strings in class-id '
+                      'order (e.g. --config.data.label_names=negative,positive), or use integer labels.')
+    if value not in names:
+      raise DataError(f'{where}: label {value!r} is not one of data.label_names ({", ".join(names)}); fix the line '
+                      'or add the name to data.label_names.')
+    value = names.index(value)
+  elif not isinstance(value, int) or isinstance(value, bool):
+    raise DataError(f'{where}: label {json.dumps(value)} is not an integer class id or a label name.')
+  if not 0 <= value < num_classes:
+    raise DataError(f'{where}: label {value} is outside [0, model.num_classes={num_classes}); fix the line or raise '
+                    'model.num_classes.')
+  return value
+
+
+def _labelled(paths: Sequence[str], config: Any) -> list[tuple[str, str, str]]:
+  """(text_a, text_b ('' for a single text), label id as a string) of every non-blank line of labelled data."""
+  text_key, key_a, key_b, label_key = _classification_keys(config)
+  names, num_classes = label_names(config), int(config.model.get('num_classes', 0))
+  out = []
+  for where, record in _records(paths, f'a {text_key!r} (or {key_a!r} and {key_b!r}) and a {label_key!r} field'):
+    has = lambda: ", ".join(map(str, record)) or "none"  # noqa: E731
+    if text_key in record:
+      texts = (record[text_key], '')
+      fields = (text_key,)
+    elif key_a in record and key_b in record:
+      texts = (record[key_a], record[key_b])
+      fields = (key_a, key_b)
+    else:
+      raise DataError(f'{where}: no {text_key!r} field, nor both {key_a!r} and {key_b!r} (the line has: {has()}); '
+                      'add them, or set data.text_key / data.text_pair_keys to the fields that hold the text.')
+    for key, text in zip(fields, texts):
+      if not isinstance(text, str):
+        raise DataError(f'{where}: field {key!r} is a JSON {type(text).__name__}, not a string.')
+    if label_key not in record:
+      raise DataError(f'{where}: no {label_key!r} field (the line has: {has()}); add it, or set data.label_key to '
+                      'the field that holds the label.')
+    out.append((*texts, str(_label(record[label_key], where, names, num_classes))))
+  return out
+
+
+def _records(paths: Sequence[str], wanted: str):
+  """(file:line, JSON object) of every non-blank line; DataError naming file:line for a line that is not one."""
+  for path in paths:
+    for number, line in enumerate(read_lines(path), start=1):
+      if not line.strip():
+        continue
+      where = f'{path}:{number}'
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f'{where}: not valid JSON ({e.msg}); each line must be one JSON object with {wanted}.') from None
+      if not isinstance(record, dict):
+        raise DataError(f'{where}: a JSON {type(record).__name__}, not an object; each line must be one JSON object '
+                        f'with {wanted}.')
+      yield where, record
+
+
 def make_jsonl_source(spec: str, pattern: str, config: Any, data_dir: str) -> Source:
-  keys = (str(config.data.get('prompt_key', 'prompt')), str(config.data.get('response_key', 'response')))
-  read = functools.partial(_instructions, prompt_key=keys[0], response_key=keys[1])
+  """Instruction data, or labelled texts when model.head=classification."""
+  if str(config.model.get('head', 'lm')) == 'classification':
+    keys = _classification_keys(config) + (','.join(label_names(config)), str(config.model.num_classes))
+    read = functools.partial(_labelled, config=config)
+    kind, features = 'labelled', ('text_a', 'text_b', 'label')
+    description = f'jsonl source {spec} (labelled: {keys[0]} or {keys[1]}+{keys[2]} -> {keys[3]})'
+  else:
+    keys = (str(config.data.get('prompt_key', 'prompt')), str(config.data.get('response_key', 'response')))
+    read = functools.partial(_instructions, prompt_key=keys[0], response_key=keys[1])
+    kind, features = 'instructions', ('prompt', 'response')
+    description = f'jsonl source {spec} ({keys[0]} -> {keys[1]})'
   if '{split}' in pattern:
     files = files_per_split(spec, pattern, config)
     ids = {s: [file_id(p) for p in ps] for s, ps in files.items()}
@@ -291,9 +378,7 @@ def make_jsonl_source(spec: str, pattern: str, config: Any, data_dir: str) -> So
     paths = expand(spec, pattern)
     ids = {'all': [file_id(p) for p in paths], 'fraction': TEXT_SPLIT_FRACTION}
     generators = _fraction_splits(spec, paths, read)
-  name = 'jaxformer_jsonl_' + fingerprint([FORMAT, 'jsonl', keys, ids])
-  description = f'jsonl source {spec} ({keys[0]} -> {keys[1]})'
-  features = ('prompt', 'response')
+  name = 'jaxformer_jsonl_' + fingerprint([FORMAT, 'jsonl', keys, ids] + ([kind] if kind != 'instructions' else []))
   records = {s: (lambda make=make: (dict(zip(features, ex)) for ex in make())) for s, make in generators.items()}
   build_array_record(name, data_dir, features, records, description)
-  return open_array_record(spec, 'instructions', name, data_dir, features, description)
+  return open_array_record(spec, kind, name, data_dir, features, description)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from jaxformer.data.errors import DataError
-from jaxformer.data.sources.base import Example, Instruction, ListSplit, Source, Split
+from jaxformer.data.sources.base import Example, Instruction, Labelled, ListSplit, Source, Split
 
 BUILDER_VERSION = '1.0.0'
 
@@ -50,7 +50,8 @@ def _no_stray_tfds_tempdirs():
 
 
 # How the text features of a record (in `keys` order) become an example, per source kind.
-_EXAMPLE = {'text': lambda values: values[0], 'pairs': tuple, 'instructions': lambda values: Instruction(*values)}
+_EXAMPLE = {'text': lambda values: values[0], 'pairs': tuple, 'instructions': lambda values: Instruction(*values),
+            'labelled': lambda values: Labelled(values[0], values[1], int(values[2]))}
 
 
 class TfdsSplit(Split):
