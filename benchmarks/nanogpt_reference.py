@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import pathlib
 import platform
 import time
@@ -31,7 +32,8 @@ DEFAULT_DATA = pathlib.Path(__file__).resolve().parents[2] / 'shared/data/tinysh
 L, H, D, T, B, STEPS, CHUNK = 4, 4, 128, 64, 12, 2000, 2048
 
 
-def run(text: str, seed: int, sampling: str, threads: int) -> dict:
+def run(text: str, seed: int, sampling: str, threads: int, nanogpt_schedule: str = '') -> dict:
+  """nanogpt_schedule: a folder; when given, also evaluate every 250 steps and checkpoint there as nanoGPT does."""
   import torch
   import torch.nn as nn
   from torch.nn import functional as F
@@ -135,9 +137,23 @@ def run(text: str, seed: int, sampling: str, threads: int) -> dict:
     y = torch.from_numpy(np.stack([d[i + 1:i + 1 + T] for i in ix]))
     return x, y
 
+  def estimate_loss():  # nanoGPT's estimate_loss: eval_iters=20 random batches of each split
+    model.eval()
+    with torch.no_grad():
+      out = {split: float(np.mean([model(*batch(split)).mean().item() for _ in range(20)]))
+             for split in ('train', 'val')}
+    model.train()
+    return out
+
   t0 = time.time()
-  last = []
+  last, best = [], float('inf')
   for it in range(STEPS):
+    if nanogpt_schedule and it % 250 == 0:  # train.py's eval_interval=250 (from iter 0), checkpoint on improvement
+      losses = estimate_loss()
+      if losses['val'] < best:
+        best = losses['val']
+        torch.save({'model': model.state_dict(), 'optimizer': opt.state_dict(), 'iter_num': it},
+                   os.path.join(nanogpt_schedule, 'ckpt.pt'))
     for group in opt.param_groups:
       group['lr'] = lr_at(it)
     loss = model(*batch('train')).mean()
@@ -171,6 +187,9 @@ def main():
   ap.add_argument('--seeds', default='0')
   ap.add_argument('--sampling', default='iid', choices=['iid', 'streams'])
   ap.add_argument('--threads', type=int, default=2)
+  ap.add_argument('--nanogpt_schedule', default='', metavar='DIR',
+                  help="also run nanoGPT's periodic estimate_loss (every 250 steps, 20 batches of train and val) "
+                       'and its checkpoint on improvement (into DIR), for wall-time comparisons')
   args = ap.parse_args()
   import torch
   text = pathlib.Path(args.data).read_text()
@@ -180,7 +199,7 @@ def main():
   print('|---:|---:|---:|---:|---:|')
   rows = []
   for seed in (int(s) for s in args.seeds.split(',')):
-    r = run(text, seed, args.sampling, args.threads)
+    r = run(text, seed, args.sampling, args.threads, args.nanogpt_schedule)
     rows.append(r)
     print(f"| {seed} | {r['val_20_random_batches']:.4f} | {r['val_whole_split']:.4f} | "
           f"{r['train_loss_last_100']:.4f} | {r['ms_per_step']:.1f} |", flush=True)

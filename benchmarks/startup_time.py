@@ -7,9 +7,10 @@ compilation cache (train.compilation_cache_dir), one table.
 
 --full adds the end-to-end table: the whole recipe (2000 steps, its 8 evaluations of the whole validation split
 and 2 checkpoints) with a cold and a warm cache, side by side with nanoGPT's CPU run
-(benchmarks/nanogpt_reference.py, one seed, in the interpreter --torch_python names: torch is no jaxformer
-dependency), each timed from process start to exit. The reference trains and scores once at the end; nanoGPT
-itself also estimates the loss every 250 steps and writes checkpoints, so its real wall time is a little longer.
+(benchmarks/nanogpt_reference.py --nanogpt_schedule: one seed, nanoGPT's estimate_loss every 250 steps and its
+checkpoint on improvement, in the interpreter --torch_python names: torch is no jaxformer dependency), each timed
+from process start to exit. Neither side counts nanoGPT's separate data preparation (prepare.py); jaxformer's run
+includes its own (tokenizer and ArrayRecord conversion into the fresh workdir).
 
 Each run is a fresh `python train.py` process with a new workdir (so no resume, and the tokenizer is rebuilt);
 'cold' starts with an empty cache folder, 'warm' reuses the folder the cold run filled, 'off' sets the cache dir
@@ -54,8 +55,9 @@ def run(cache_dir: str, workdir: str, steps: int | None) -> tuple[float, float]:
 def run_nanogpt(python: str) -> float:
   """Seconds end to end of benchmarks/nanogpt_reference.py (one seed) in interpreter `python`."""
   start = time.perf_counter()
-  proc = subprocess.run([python, 'benchmarks/nanogpt_reference.py', '--seeds=0'], cwd=REPO, capture_output=True,
-                        text=True)
+  with tempfile.TemporaryDirectory() as out:
+    proc = subprocess.run([python, 'benchmarks/nanogpt_reference.py', '--seeds=0', f'--nanogpt_schedule={out}'],
+                          cwd=REPO, capture_output=True, text=True)
   if proc.returncode:
     raise SystemExit(proc.stdout[-2000:] + proc.stderr[-2000:])
   return time.perf_counter() - start
@@ -83,7 +85,7 @@ def main() -> None:
   print('| run | end to end (s) | / nanoGPT |')
   print('|---|---:|---:|')
   nanogpt = run_nanogpt(args.torch_python)
-  print(f'| nanoGPT reference (PyTorch, 2000 steps + one final eval) | {nanogpt:.1f} | 1.00x |', flush=True)
+  print(f'| nanoGPT reference (PyTorch, 2000 steps, 8 estimates + checkpoints, final eval) | {nanogpt:.1f} | 1.00x |', flush=True)
   full_cache = os.path.join(tmp, 'full_cache')
   for name in ('jaxformer, cold cache', 'jaxformer, warm cache'):
     _, total = run(full_cache, os.path.join(tmp, name.split()[-2]), None)

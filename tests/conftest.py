@@ -4,8 +4,8 @@ Must run before jax is imported anywhere, which is why it lives in conftest.py.
 
 JAXFORMER_TEST_SCAN_LAYERS=1 runs the tests with model.scan_layers=True wherever they leave it at its default:
 configs/default.py's value (every recipe and tiny test config starts there) and the one Hugging Face imports get
-(jaxformer.hf's runtime defaults). Tests that set the flag themselves keep their value; train.py / eval.py run as
-subprocesses see the real defaults.
+(jaxformer.hf's runtime defaults), in the test process and in the train.py / eval.py / jaxformer.hf processes
+the CLI tests spawn (tests/scan_layers/sitecustomize.py, via PYTHONPATH). Tests that set the flag keep their value.
 """
 import os
 import pathlib
@@ -21,22 +21,15 @@ SCAN_LAYERS = os.environ.get('JAXFORMER_TEST_SCAN_LAYERS', '') not in ('', '0')
 
 
 def _force_scan_layers() -> None:
-  """model.scan_layers defaults to True for this session (see the module docstring)."""
-  import functools
+  """model.scan_layers defaults to True here and in every process the tests spawn (tests/scan_layers/)."""
+  import sys
 
-  from configs import default
-  from jaxformer import hf
+  hook_dir = str(REPO / 'tests' / 'scan_layers')
+  sys.path.insert(0, hook_dir)
+  os.environ['PYTHONPATH'] = os.pathsep.join(p for p in (hook_dir, os.environ.get('PYTHONPATH', '')) if p)
+  import scan_layers_hook  # pylint: disable=import-outside-toplevel
 
-  get_config = default.get_config
-
-  @functools.wraps(get_config)
-  def scanned_default():
-    config = get_config()
-    config.model.scan_layers = True
-    return config
-
-  default.get_config = scanned_default
-  hf._RUNTIME_DEFAULTS['scan_layers'] = True  # pylint: disable=protected-access
+  scan_layers_hook.install()
 
 
 if SCAN_LAYERS:

@@ -16,7 +16,7 @@ from flax import nnx
 
 from configs import default
 from jaxformer import data as D
-from jaxformer import evaluation, hf, metrics, peft
+from jaxformer import evaluation, hf, metrics, peft, resolve
 from jaxformer import sharding as shd
 from jaxformer.model import build_model, heads
 from jaxformer.training import run, step
@@ -286,6 +286,56 @@ def test_peft_trains_the_classifier_under_every_method():
   names = {'.'.join(map(str, path)) for path, _ in trainable}
   assert {'classifier.kernel', 'classifier.bias', 'classifier.pooler', 'classifier.pooler_bias'} <= names
   assert not any(n.startswith('encoder.') and 'lora' not in n for n in names), names
+
+
+@pytest.fixture(scope='module')
+def masked_lm_run(tmp_path_factory):
+  """A jaxformer masked-LM run (encoder_only, head=lm, char tokenizer) on the toy texts: a base to fine-tune."""
+  tmp = tmp_path_factory.mktemp('mlm_base')
+  for split, seed in (('train', 0), ('validation', 1)):
+    (tmp / f'toy.{split}.txt').write_text(''.join(r['text'] + '\n' for r in toy_records(200, seed)))
+  config = classify_config(f'text:{tmp}/toy.{{split}}.txt', text_unit='line', tokenizer='char')
+  config.model.update(head='lm', num_classes=0)
+  config.train.update(num_steps=5, eval_every=5, eval_steps=1, log_every=5)
+  config.checkpoint.every_steps = 5
+  run(config, str(tmp / 'run'))
+  return str(tmp / 'run'), config
+
+
+def _flat(params):
+  return {'.'.join(map(str, p)): np.asarray(x) for p, x in nnx.to_flat_state(params)}
+
+
+@pytest.mark.parametrize('method', ['none', 'lora'])
+def test_a_classifier_starts_from_a_jaxformer_masked_lm_run(masked_lm_run, method, tmp_path):
+  """checkpoint.init_from=<masked-LM workdir> with model.head=classification: the encoder comes from the base run
+  (bit-identical), its masked-LM head is dropped, the classifier keeps the seed's initialisation; so too under
+  PEFT, and when a classifier without checkpoints of its own is evaluated."""
+  base_dir, base_config = masked_lm_run
+  base = _flat(nnx.state(evaluation.restore(base_config, base_dir).model, nnx.Param))
+  for split, seed in (('train', 2), ('validation', 3)):  # the base's letters, so its char vocabulary fits
+    write_jsonl(tmp_path / f'{split}.jsonl', toy_records(64, seed))
+  config = classify_config(f'jsonl:{tmp_path}/{{split}}.jsonl')
+  config.checkpoint.init_from = base_dir
+  config.peft.method = method
+  config = resolve.resolve(config, str(tmp_path / 'cls'), training=True).config  # vocab: the base's tokenizer
+  _, state = setup_for(config)
+  params = _flat(peft.base_params(state['params']))
+  seed_init = _flat(peft.base_params(nnx.state(step.build_model(config), nnx.Param)))
+  shared = sorted(set(params) & set(base))
+  assert shared and all(k.startswith(('encoder.', 'embed')) or 'embed' in k for k in shared), shared
+  for k in shared:
+    np.testing.assert_array_equal(params[k], base[k], err_msg=k)
+  head = [k for k in params if k.startswith('classifier.')]
+  assert head and not set(head) & set(base)
+  for k in head:  # the seed's initialisation (jitted and sharded vs eager: equal up to float rounding)
+    np.testing.assert_allclose(params[k], seed_init[k], rtol=1e-5, atol=1e-7, err_msg=k)
+  assert set(base) - set(params), 'the base\'s masked-LM head should be left out'
+  if method == 'none':  # eval.py on a workdir with no checkpoints evaluates init_from's model
+    model = evaluation.restore(config, str(tmp_path / 'cls')).model
+    evaluated = _flat(nnx.state(model, nnx.Param))
+    for k in shared + head:
+      np.testing.assert_array_equal(evaluated[k], params[k], err_msg=k)
 
 
 # ------------------------------------------------------------------------------------------------- errors

@@ -9,9 +9,15 @@ has checkpoints of its own resumes from them and ignores init_from (step.init_st
 base rule jaxformer/peft/base.py, only when a run starts from step 0). The run's own `config.model` decides the
 shapes; a checkpoint that disagrees is one line. Either model.scan_layers layout serves either (converted by
 checkpoint.restore_in_layout; Hugging Face weights by jaxformer.hf).
+
+The output head may differ from the base run's (model.head / num_classes / pooling / pooler, HEAD_FIELDS): a
+classifier fine-tuned from a jaxformer masked-LM run takes the encoder and leaves its classifier freshly
+initialised, as it would from a Hugging Face BERT. Only parameters of equal path and shape are taken then; the
+result is a partial State (merged over the fresh initialisation by the caller) and one log line names the rest.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -22,6 +28,9 @@ from flax import nnx
 from jaxformer import hf
 from jaxformer import sharding as shd
 from jaxformer.config import ConfigError
+from jaxformer.training.saved_config import saved_config
+
+HEAD_FIELDS = ('head', 'num_classes', 'pooling', 'pooler')  # what a fine-tune may change about the base model
 
 
 def spec(config: Any) -> str:
@@ -55,16 +64,69 @@ def load_params(config: Any, abstract_params: Any) -> Any:
     step = manager.latest_step()
     if step is None:
       raise ConfigError(f'checkpoint.init_from={source!r}: no complete checkpoint in {directory}.')
+    base_config, target = _base_model_config(config, source, step), abstract_params
+    if base_config is not config:  # another head: restore the base's own tree, keep what this model shares
+      abstract_params = abstract_params_for(base_config, _mesh_of(target))
     try:  # a base saved with the other model.scan_layers is restored in its layout, then converted
       params, _ = ckpt_lib.restore_in_layout(
           restore, abstract_params, ckpt_lib.saved_layout(source, step),
-          lambda scanned: ckpt_lib.params_in_layout(config, abstract_params, scanned))
+          lambda scanned: ckpt_lib.params_in_layout(base_config, abstract_params, scanned))
     except (ValueError, KeyError) as e:
       raise ConfigError(f'checkpoint.init_from={source!r} (step {step}) does not fit this model '
                         f'({str(e).splitlines()[0][:200]}); use the base run\'s model section.') from None
   finally:
     manager.close()
-  return params
+  return params if base_config is config else _shared_part(params, target, source)
+
+
+def _base_model_config(config: Any, source: str, step: int) -> Any:
+  """`config` itself when the base run has this model's head; else a copy with the base's HEAD_FIELDS (and no
+  PEFT modules: a base is never a PEFT run), the model whose tree the base checkpoint holds."""
+  saved = (saved_config(source, step) or {}).get('model') or {}
+  changed = {k: saved[k] for k in HEAD_FIELDS if k in saved and saved[k] != config.model.get(k)}
+  if not changed:
+    return config
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  base = ml_collections.ConfigDict(config.to_dict())
+  base.model.update(changed)
+  if 'peft' in base:
+    base.peft.method = 'none'
+    base.peft.train_extra = ''
+  return base
+
+
+def _mesh_of(abstract_params: Any) -> jax.sharding.Mesh | None:
+  for leaf in jax.tree.leaves(abstract_params):
+    sharding = getattr(leaf, 'sharding', None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      return sharding.mesh
+  return None
+
+
+def _shared_part(params: nnx.State, target: nnx.State, source: str) -> nnx.State:
+  """The parameters of `params` that `target` has with the same shape (a partial State), logging what is not."""
+  wanted = {path: leaf.shape for path, leaf in nnx.to_flat_state(target)}
+  kept = [(path, x) for path, x in nnx.to_flat_state(params) if wanted.get(path) == x.shape]
+  fresh = sorted('.'.join(map(str, p)) for p in set(wanted) - {path for path, _ in kept})
+  unused = sorted('.'.join(map(str, p)) for p, _ in nnx.to_flat_state(params) if p not in dict(kept))
+  logging.warning('checkpoint.init_from=%s has another model head: %d parameter(s) start freshly initialised (%s); '
+                  '%d of the base are not used (%s).', source, len(fresh), _summary(fresh), len(unused),
+                  _summary(unused))
+  return nnx.from_flat_state(kept)
+
+
+def _summary(paths: list[str], limit: int = 4) -> str:
+  return ', '.join(paths[:limit]) + (f', ... ({len(paths) - limit} more)' if len(paths) > limit else '') or 'none'
+
+
+def abstract_params_for(config: Any, mesh: jax.sharding.Mesh | None) -> nnx.State:
+  """The params of config's model as ShapeDtypeStructs, placed by the mesh rules when `mesh` is given."""
+  from jaxformer.training import step as step_lib  # not at the top: step imports this module (fresh starts)
+  _, abstract, _ = step_lib.split_model(nnx.eval_shape(lambda: step_lib.build_model(config)))
+  if mesh is None:
+    return abstract
+  shardings = shd.state_shardings(abstract, mesh, shd.rules_from_config(config))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
 def initial_params(config: Any, abstract_params: Any, mesh: jax.sharding.Mesh):
@@ -76,11 +138,12 @@ def initial_params(config: Any, abstract_params: Any, mesh: jax.sharding.Mesh):
 def load_model(config: Any, mesh: jax.sharding.Mesh) -> nnx.Module:
   """The model init_from names, for evaluating a workdir that has no checkpoints of its own yet."""
   from jaxformer.training import step as step_lib  # not at the top: step imports this module (fresh starts)
-  abstract = nnx.eval_shape(lambda: step_lib.build_model(config))
-  graphdef, abstract_params, _ = step_lib.split_model(abstract)
-  shardings = shd.state_shardings(abstract_params, mesh, shd.rules_from_config(config))
-  abstract_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params,
-                                 shardings)
+  graphdef = step_lib.split_model(nnx.eval_shape(lambda: step_lib.build_model(config)))[0]
+  abstract_params = abstract_params_for(config, mesh)
+  shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
   params = initial_params(config, abstract_params, mesh)
+  if len(nnx.to_flat_state(params)) < len(nnx.to_flat_state(abstract_params)):  # a fresh task head: initialise it
+    fresh = jax.jit(lambda: step_lib.split_model(step_lib.build_model(config))[1], out_shardings=shardings)()
+    params = nnx.merge_state(fresh, params)
   rest = jax.jit(lambda: step_lib.split_model(step_lib.build_model(config))[2])()
   return nnx.merge(graphdef, params, rest)
