@@ -50,7 +50,7 @@ STEP_SCRIPT = textwrap.dedent('''
 
 
 def test_sharded_step_has_no_full_rematerialisation_and_equals_one_device():
-  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu',
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(REPO), os.environ.get('PYTHONPATH', '')))), JAX_PLATFORMS='cpu',
              XLA_FLAGS='--xla_force_host_platform_device_count=8')
   out = subprocess.run([sys.executable, '-c', STEP_SCRIPT], capture_output=True, text=True, env=env, cwd=REPO,
                        timeout=900)

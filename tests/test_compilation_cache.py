@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent('''
 
 
 def run(cache_dir, workdir):
-  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(REPO), os.environ.get('PYTHONPATH', '')))), JAX_PLATFORMS='cpu')
   out = subprocess.run([sys.executable, '-c', SCRIPT, cache_dir, workdir], capture_output=True, text=True,
                        env=env, cwd=REPO, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]

@@ -23,7 +23,8 @@ def _env(devices: int, **extra) -> dict:
   # backend optimisation level 0 halves XLA:CPU compile time, which dominates these tiny runs
   env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0',
              JAX_PLATFORMS='cpu',
-             PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5')
+             PYTHONPATH=os.pathsep.join(filter(None, (REPO, os.environ.get('PYTHONPATH', '')))),
+             JAX_COMPILATION_CACHE_DIR=CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5')
   env.update({k: str(v) for k, v in extra.items()})
   return env
 

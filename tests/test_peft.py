@@ -182,8 +182,9 @@ def test_lora_on_a_mesh_equals_one_device_and_shards_its_factors():
   a, b = flat(s1['params']), flat(s8['params'])
   scanned = bool(single.model.scan_layers)
   # Adam steps are 1e-2; its first steps are about lr * sign(g), so a gradient near 0 moves by up to a step's
-  # share under the sharded scan's other reduction order (one element in 256 by 1.4e-4 with scan_layers)
-  atol = 2e-4 if scanned else 2e-5
+  # share under the sharded scan's other reduction order (one element in 512 by up to 2.1e-4 with scan_layers,
+  # 2% of a step; a sharding bug moves whole factors by steps)
+  atol = 5e-4 if scanned else 2e-5
   for key in a:
     np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=atol, err_msg=key)
   specs = {'/'.join(map(str, p)): v.get_value().sharding.spec for p, v in nnx.to_flat_state(s8['params'])}
