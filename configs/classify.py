@@ -49,17 +49,16 @@ def get_config(directory: str = ''):
 
 
 def _from_run(workdir: str, num_classes: int):
-  """Fine-tune the model of a jaxformer run (checkpoint.init_from=workdir) as a classifier."""
+  """The tiny recipe's data and schedule on the model and tokenizer of a jaxformer run (checkpoint.init_from),
+  at a fine-tuning learning rate."""
   saved = saved_config(workdir) or {}
   if 'model' not in saved:
     raise ValueError(f'configs/classify.py:{workdir}: no config.json there; give a jaxformer training workdir.')
-  config = default.get_config()
+  config = get_config()
   config.model.update({k: v for k, v in saved['model'].items() if k in config.model})
   config.model.update(head='classification', num_classes=num_classes)
   config.data.update({k: v for k, v in saved.get('data', {}).items() if k in ('tokenizer', 'vocab_size')})
-  config.data.update(source=TOY_DATA, label_names=LABEL_NAMES, seq_len=min(64, config.model.max_len), pack=False)
+  config.data.seq_len = min(64, config.model.max_len)
   config.checkpoint.init_from = workdir
-  config.train.update(batch_size=32, num_steps=300, learning_rate=3e-4, warmup_steps=30, log_every=25,
-                      eval_every=100, eval_steps=-1)
-  config.checkpoint.every_steps = 100
+  config.train.learning_rate = 3e-4
   return config

@@ -22,6 +22,7 @@ import os
 from typing import Any
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -86,7 +87,6 @@ def _base_model_config(config: Any, source: str, step: int) -> Any:
   changed = {k: saved[k] for k in HEAD_FIELDS if k in saved and saved[k] != config.model.get(k)}
   if not changed:
     return config
-  import ml_collections  # pylint: disable=import-outside-toplevel
   base = ml_collections.ConfigDict(config.to_dict())
   base.model.update(changed)
   if 'peft' in base:
@@ -106,9 +106,11 @@ def _mesh_of(abstract_params: Any) -> jax.sharding.Mesh | None:
 def _shared_part(params: nnx.State, target: nnx.State, source: str) -> nnx.State:
   """The parameters of `params` that `target` has with the same shape (a partial State), logging what is not."""
   wanted = {path: leaf.shape for path, leaf in nnx.to_flat_state(target)}
-  kept = [(path, x) for path, x in nnx.to_flat_state(params) if wanted.get(path) == x.shape]
-  fresh = sorted('.'.join(map(str, p)) for p in set(wanted) - {path for path, _ in kept})
-  unused = sorted('.'.join(map(str, p)) for p, _ in nnx.to_flat_state(params) if p not in dict(kept))
+  have = list(nnx.to_flat_state(params))
+  kept = [(path, x) for path, x in have if wanted.get(path) == x.shape]
+  kept_paths = {path for path, _ in kept}
+  fresh = sorted('.'.join(map(str, p)) for p in set(wanted) - kept_paths)
+  unused = sorted('.'.join(map(str, p)) for p, _ in have if p not in kept_paths)
   logging.warning('checkpoint.init_from=%s has another model head: %d parameter(s) start freshly initialised (%s); '
                   '%d of the base are not used (%s).', source, len(fresh), _summary(fresh), len(unused),
                   _summary(unused))
