@@ -53,7 +53,7 @@ def _from_run(workdir: str, num_classes: int):
   at a fine-tuning learning rate."""
   saved = saved_config(workdir) or {}
   if 'model' not in saved:
-    raise ValueError(f'configs/classify.py:{workdir}: no config.json there; give a jaxformer training workdir.')
+    raise ValueError(f'no config.json in {workdir}; give a jaxformer training workdir (or a Hugging Face directory).')
   config = get_config()
   config.model.update({k: v for k, v in saved['model'].items() if k in config.model})
   config.model.update(head='classification', num_classes=num_classes)

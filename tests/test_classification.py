@@ -374,6 +374,16 @@ def test_train_py_classification_on_unlabelled_data_is_one_line(tmp_path):
   assert 'model.head=classification reads labelled examples' in _train_py(tmp_path, 'builtin:lm')
 
 
+def test_classify_recipe_on_a_workdir_without_its_config_is_one_line(tmp_path):
+  (tmp_path / 'base' / 'checkpoints').mkdir(parents=True)
+  out = subprocess.run([sys.executable, 'train.py', f'--config=configs/classify.py:{tmp_path / "base"}',
+                        f'--workdir={tmp_path / "run"}'], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env=ONE_DEVICE)
+  lines = [line for line in out.stderr.splitlines() if line.strip()]
+  assert out.returncode == 2 and len(lines) == 1 and 'Traceback' not in out.stderr, out.stderr[-3000:]
+  assert f'no config.json in {tmp_path / "base"}; give a jaxformer training workdir' in lines[0]
+
+
 def test_eval_py_generate_on_a_classifier_is_one_line(tmp_path):
   """No checkpoint needed: checkpoint.init_from=hf:bert_cls is evaluated as it is."""
   out = subprocess.run([sys.executable, 'eval.py', f'--config=configs/classify.py:{BERT_CLS}',
