@@ -13,6 +13,7 @@ import importlib.util
 import os
 import re
 import sys
+import threading
 from typing import Any, Callable, NoReturn, Sequence
 
 import ml_collections
@@ -119,6 +120,10 @@ def _not_library_noise(record: std_logging.LogRecord) -> bool:
 
 def fail(error: UserError) -> NoReturn:
   """Prints a user error as `error: <message>` (+ `hint: <hint>`) on stderr and exits with status 2."""
+  # from here on nothing but these lines: background writers failing for the same cause (orbax's async checkpoint
+  # threads on a full disk) would log or raise tracebacks of their own before os._exit below
+  std_logging.disable(std_logging.CRITICAL)
+  threading.excepthook = lambda args: None
   print(f'error: {error}', file=sys.stderr, flush=True)
   if error.hint:
     print(f'hint: {error.hint}', file=sys.stderr, flush=True)
@@ -157,9 +162,39 @@ def _file_system_cause(e: BaseException) -> UserError | None:
   return None
 
 
+class _HeldThreadErrors:
+  """threading.excepthook while a command runs: an exception in a background thread is held, not printed, until
+  the command ends. A command that fails with a user error drops them (they are the same fault seen from orbax's
+  async writer, e.g. a full disk, and would put tracebacks around the one-line error); any other ending prints
+  them as Python would have."""
+
+  def __init__(self) -> None:
+    self.held: list[Any] = []
+    self.previous = threading.excepthook
+
+  def __call__(self, args: Any) -> None:
+    self.held.append(args)
+
+  def __enter__(self) -> _HeldThreadErrors:
+    threading.excepthook = self
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    if threading.excepthook is self:
+      threading.excepthook = self.previous
+    for args in self.held:
+      self.previous(args)
+
+
 def guarded(fn: Callable[[], Any]) -> Any:
   """Runs fn behind the user-error boundary: a UserError, a file-system OSError (disk full, permissions) or a
-  missing file is one line and exit status 2; anything else is a bug and keeps its traceback."""
+  missing file is one line and exit status 2; anything else is a bug and keeps its traceback. Exceptions in
+  background threads are held until fn ends (`_HeldThreadErrors`)."""
+  with _HeldThreadErrors():
+    return _guarded(fn)
+
+
+def _guarded(fn: Callable[[], Any]) -> Any:
   try:
     return fn()
   except UserError as e:

@@ -80,3 +80,36 @@ def test_file_system_failures_are_recognised_through_wrappers():
     assert 'permission denied writing /w/metrics.jsonl' in str(cli._file_system_cause(wrapped))
   assert cli._file_system_cause(ValueError('shapes (3,) and (4,) do not match')) is None  # a bug stays a bug
   assert cli._file_system_cause(OSError(errno.EBADF, 'Bad file descriptor')) is None
+
+
+_THREAD_THEN = '''
+import threading, sys
+from jaxformer import cli
+from jaxformer.user_errors import UserError
+
+def command():
+  def writer():  # an async checkpoint writer failing for the same cause as the main thread
+    raise RuntimeError('Event loop is closed (background writer)')
+  t = threading.Thread(target=writer)
+  t.start()
+  t.join()
+  if sys.argv[1] == 'user_error':
+    raise UserError('no space left on device under /x', hint='free some space')
+  return 'ok'
+
+print(cli.guarded(command))
+'''
+
+
+@pytest.mark.parametrize('ending', ['user_error', 'success'])
+def test_background_thread_tracebacks_are_held_until_the_command_ends(ending):
+  """A user error is one line even when a background thread raised on the way (the disk-full flake: orbax's async
+  writer); a command that ends normally still shows the thread's traceback, after its own output."""
+  proc = subprocess.run([sys.executable, '-c', _THREAD_THEN, ending], cwd=REPO, capture_output=True, text=True,
+                        timeout=120)
+  if ending == 'user_error':
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ['error: no space left on device under /x', 'hint: free some space'], proc.stderr
+  else:
+    assert proc.returncode == 0 and proc.stdout.strip() == 'ok', proc.stderr
+    assert 'Traceback' in proc.stderr and 'Event loop is closed (background writer)' in proc.stderr
