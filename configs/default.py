@@ -124,6 +124,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.log_every = 10
   train.eval_every = 200
   train.eval_steps = 20  # batches per evaluation; -1 = the whole split
+  # batches of the evaluation at train.num_steps (and of eval.py's): 0 = train.eval_steps, -1 = the whole split
+  train.final_eval_steps = 0
   train.eval_batch_size = 0  # 0 = train.batch_size
   train.max_bad_steps = 3  # stop after this many steps in a row with a non-finite loss or gradient norm
   train.skip_bad_steps = False  # True: a step with a non-finite gradient leaves params / optimizer state unchanged

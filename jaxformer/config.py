@@ -70,6 +70,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ('batch_size', 'num_steps', 'grad_accum_steps', 'log_every', 'eval_every'):
     check_positive(f'train.{key}', train[key])
   check_positive('train.warmup_steps', train.warmup_steps, allow_zero=True)
+  for key, allowed in (('eval_steps', 'a positive number of batches or -1 (the whole split)'),
+                       ('final_eval_steps', 'a positive number of batches, -1 (the whole split) or 0 (= train.eval_steps)')):
+    value = train.get(key, 0)
+    if not isinstance(value, int) or value < -1 or (value == 0 and key == 'eval_steps'):
+      raise ConfigError(f'train.{key}={value!r} must be {allowed}.')
   if train.batch_size % train.grad_accum_steps:
     raise ConfigError(
         f'train.batch_size={train.batch_size} is not divisible by train.grad_accum_steps={train.grad_accum_steps}; '

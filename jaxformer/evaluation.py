@@ -12,9 +12,10 @@ Modes
 Which config is used: the checkpoint's saved config (DIR/checkpoints/<step>/config, else DIR/config.json) is the
 base. Its model section is authoritative; a requested model.arch that contradicts it, or an explicit
 --config.model.* override that does, is an error. Its data and train sections are kept too, so the split is
-tokenized, cut into rows and batched exactly as training's evaluation did (same data.seq_len, train.eval_steps,
-train.eval_batch_size) and `loss` equals the `eval_loss` training logged at that step; explicit overrides of
-those keys win (e.g. --config.train.eval_steps=-1 scores the whole split). The decode and mesh sections come from
+tokenized, cut into rows and batched exactly as training's final evaluation did (same data.seq_len,
+train.final_eval_steps or else train.eval_steps, train.eval_batch_size) and `loss` equals the `eval_loss` training
+logged at its last step; explicit overrides of those keys win (e.g. --config.train.eval_steps=-1 scores the whole
+split). The decode and mesh sections come from
 the request: they describe this evaluation and this machine, not the training run.
 """
 from __future__ import annotations
@@ -120,6 +121,8 @@ def resolve_config(requested: ml_collections.ConfigDict, saved: dict | None, wor
         _set(config, key, _get(requested, key))
       except (KeyError, AttributeError) as e:
         raise EvalError(f'--config.{key}: the saved config in {where} has no such key.') from e
+  if 'train.eval_steps' in overrides and 'train.final_eval_steps' not in overrides and 'final_eval_steps' in config.train:
+    config.train.final_eval_steps = 0  # an explicit eval_steps is what this evaluation scores
   return config
 
 
@@ -156,11 +159,18 @@ def _jitted_eval_step(graphdef: Any, config_text: str, mesh: Any):
   return jax.jit(sums, out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
-def eval_batches(r: Resolved, split: str) -> Iterable[dict[str, jax.Array]]:
-  """The batches an evaluation scores: the first train.eval_steps of `split` (-1: all), placed on the mesh."""
+def eval_steps(config: ml_collections.ConfigDict, *, final: bool) -> int:
+  """How many batches an evaluation scores (-1: the whole split): train.eval_steps for the periodic evaluations;
+  train.final_eval_steps, unless 0, for the one at train.num_steps and for eval.py. A cheap estimate every
+  eval_every steps and the whole split once at the end, as nanoGPT's estimate_loss and a final report do."""
+  final_steps = int(config.train.get('final_eval_steps', 0))
+  return final_steps if final and final_steps != 0 else int(config.train.eval_steps)
+
+
+def eval_batches(r: Resolved, split: str, limit: int) -> Iterable[dict[str, jax.Array]]:
+  """The batches an evaluation scores: the first `limit` of `split` (-1: all), placed on the mesh."""
   layout = shd.data_layout(r.mesh, r.rules, r.eval_batch_size)
   iterator = data_lib.make_eval_iterator(r.config, r.tokenizer, r.workdir, split, layout=layout, source=r.source)
-  limit = int(r.config.train.eval_steps)
   try:
     for i, batch in enumerate(iterator):
       if 0 <= limit <= i:
@@ -184,23 +194,24 @@ class Evaluator:
     tables = None if self.classification else metrics_lib.length_tables(r.tokenizer, r.config.model.arch)
     self._tables = jax.device_put(tables, NamedSharding(r.mesh, PartitionSpec())) if tables else None
 
-  def accumulate(self, params: Any, rest: Any) -> metrics_lib.MetricAccumulator:
+  def accumulate(self, params: Any, rest: Any, *, final: bool = True) -> metrics_lib.MetricAccumulator:
     """Token-weighted metric sums over the split's eval batches (global: the jit spans the mesh, so no
-    merge_hosts). Raises DataError when they hold no target token."""
+    merge_hosts); final=False: a periodic evaluation's (`eval_steps`). Raises DataError when they hold no
+    target token."""
     acc = metrics_lib.MetricAccumulator()
     with shd.mesh_context(self.r.mesh, self.r.rules):
-      for batch in eval_batches(self.r, self.split):
+      for batch in eval_batches(self.r, self.split, eval_steps(self.r.config, final=final)):
         acc.add(self._step(params, rest, batch, self._tables))
     if acc.weight_sum <= 0:
       raise data_lib.DataError(f'split {self.split!r} of data.source={self.r.config.data.source!r} produced no '
                                f'{"examples" if self.classification else "target tokens"} to score.')
     return acc
 
-  def training_row(self, params: Any, rest: Any) -> dict[str, float]:
+  def training_row(self, params: Any, rest: Any, *, final: bool) -> dict[str, float]:
     """The eval row of DIR/metrics.jsonl: eval_loss, eval_perplexity, eval_accuracy, eval_tokens, and
     eval_bits_per_byte / eval_bits_per_char (decoder_only, encoder_decoder); model.head=classification: eval_loss,
-    eval_accuracy, eval_macro_f1, eval_examples."""
-    acc = self.accumulate(params, rest)
+    eval_accuracy, eval_macro_f1, eval_examples. final: the evaluation at train.num_steps."""
+    acc = self.accumulate(params, rest, final=final)
     if self.classification:
       out = acc.classification_result()
       return {'eval_loss': out['loss'], 'eval_accuracy': out['accuracy'], 'eval_macro_f1': out['macro_f1'],
@@ -253,9 +264,9 @@ def restore(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step:
 
 
 def score(r: Restored, split: str) -> tuple[dict[str, Any], int]:
-  """Loss / perplexity / accuracy over train.eval_steps batches of `split` (-1: all), exactly as training's
-  evaluation computes them (the same Evaluator), so the loss is the eval_loss training logged for the same
-  checkpoint and split. Returns (results, number of batches)."""
+  """Loss / perplexity / accuracy over the batches of `split` training's final evaluation scores (eval_steps(...,
+  final=True); -1: all), computed as training computes them (the same Evaluator), so the loss is the eval_loss
+  training logged at its last step. Returns (results, number of batches)."""
   graphdef, params, rest = step_lib.split_model(r.model)
   evaluator = Evaluator(r.resolved, graphdef, split)
   acc = evaluator.accumulate(params, rest)
@@ -466,7 +477,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int
   results['eval_batches'] = batches
   if arch == 'encoder_decoder' and bleu:
     pairs = data_lib.load_text_pairs(r.config, workdir, name, source=r.resolved.source)
-    limit = int(r.config.train.eval_steps)
+    limit = eval_steps(r.config, final=True)
     if limit >= 0:  # the examples the loss covered (exactly so when rows are unpacked: one example per row)
       pairs = pairs[:limit * r.resolved.eval_batch_size]
     hyps, _ = translate_texts(r, [s for s, _ in pairs])  # cut exactly as training cut them

@@ -215,3 +215,22 @@ def test_generate_cli_names_prompt_characters_outside_the_vocabulary(trained):
   (warning,) = warnings_of(proc)
   assert "'Q' '€'" in warning and 'vocabulary' in warning
   assert proc.stdout.startswith('kaQ€a')
+
+
+def test_periodic_evals_estimate_and_the_final_one_scores_train_final_eval_steps(tmp_path):
+  """train.eval_steps batches every eval_every steps, train.final_eval_steps (-1: the whole split) at the last step;
+  eval.py scores like the final evaluation, and an explicit --config.train.eval_steps scores like a periodic one."""
+  from jaxformer import training
+  overrides = {'mesh.data': 1, 'mesh.fsdp': 1, 'mesh.tensor': 1, 'train.eval_steps': 1, 'train.final_eval_steps': -1}
+  config = recipe_config('gpt_tiny', **overrides)
+  training.run(config, str(tmp_path))
+  periodic, final = logged_eval(tmp_path, 2), logged_eval(tmp_path, 4)
+  rows_tokens = config.train.eval_batch_size or config.train.batch_size
+  assert periodic['eval_tokens'] <= rows_tokens * config.data.seq_len < final['eval_tokens']
+  whole = evaluation.run(config, str(tmp_path), bleu=False)  # the saved config's final_eval_steps: the whole split
+  check_against_training(whole, tmp_path, 4)
+  assert whole['eval_batches'] > 1
+  config.train.eval_steps = 1  # as if --config.train.eval_steps=1 on eval.py's command line
+  estimate = evaluation.run(config, str(tmp_path), checkpoint_step=2, overrides=['train.eval_steps'])
+  check_against_training(estimate, tmp_path, 2)
+  assert estimate['eval_batches'] == 1

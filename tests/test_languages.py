@@ -129,7 +129,7 @@ def test_a_data_problem_at_evaluation_stops_the_run_after_that_steps_checkpoint(
   config.train.update(eval_every=2, num_steps=4)
   config.checkpoint.every_steps = 2
 
-  def broken(self, params, rest):
+  def broken(self, params, rest, **kwargs):
     raise data_lib.DataError('the evaluation found a data problem')
 
   monkeypatch.setattr(evaluation.Evaluator, 'training_row', broken)

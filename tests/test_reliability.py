@@ -255,7 +255,7 @@ def test_an_error_at_an_eval_step_is_raised_after_that_steps_checkpoint(tmp_path
   from jaxformer import data, evaluation
   from jaxformer.training import checkpoint, run
 
-  def broken(self, params, rest):
+  def broken(self, params, rest, **kwargs):
     raise data.DataError('validation text broke')
   monkeypatch.setattr(evaluation.Evaluator, 'training_row', broken)
   with pytest.raises(data.DataError, match='validation text broke'):

@@ -24,7 +24,7 @@ DIR/metrics.jsonl rows (also TensorBoard scalars in DIR/tensorboard/):
     for encoder_decoder), target_tokens_per_sec (tokens that carry loss), step_time (s), mfu (model FLOPs
     utilisation, jaxformer.flops; None when the device's peak is unknown); train_objective when label smoothing
     or z-loss make the optimised objective differ from the cross-entropy.
-  eval rows, every train.eval_every steps and at the end: step, eval_loss, eval_perplexity, eval_accuracy,
+  eval rows, every train.eval_every steps (train.eval_steps batches) and at the end (train.final_eval_steps): step, eval_loss, eval_perplexity, eval_accuracy,
     eval_tokens (model.head=classification: eval_loss, eval_accuracy, eval_macro_f1, eval_examples); eval_bits_per_byte and eval_bits_per_char (decoder_only / encoder_decoder: the eval NLL in bits
     per UTF-8 byte / character of the scored target text, comparable across tokenizers).
 The first step (compilation) is excluded from throughput, and so is time spent evaluating and checkpointing.
@@ -352,8 +352,8 @@ class Trainer:
     return user_errors.NonFiniteError(f'training diverged: loss or gradient norm not finite ({what}); stopped '
                                       f'without saving it.', hint=resume + '.')
 
-  def evaluate(self, step: int) -> dict[str, float]:
-    row = self.evaluator.training_row(self.state['params'], self.state['rngs'])
+  def evaluate(self, step: int, *, final: bool) -> dict[str, float]:
+    row = self.evaluator.training_row(self.state['params'], self.state['rngs'], final=final)
     self.writer.write(step, row)
     shown = (('loss', 'eval_loss', '.4f'), ('perplexity', 'eval_perplexity', '.3f'), ('accuracy', 'eval_accuracy', '.4f'),
              ('macro-F1', 'eval_macro_f1', '.4f'), ('bits/char', 'eval_bits_per_char', '.4f'))
@@ -427,7 +427,7 @@ def _train(trainer: Trainer, stop: _StopFlag, stop_after_steps: int | None) -> d
       stopping, stopped_by = True, 'stop_after_steps'
     if (step % train.eval_every == 0 or is_last) and not stopping:
       try:
-        last_eval = trainer.evaluate(step)
+        last_eval = trainer.evaluate(step, final=is_last)
       except user_errors.UserError:
         trainer.save(step)  # the step's work is kept; the error is reported after the checkpoint
         raise
