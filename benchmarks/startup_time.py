@@ -3,10 +3,10 @@ compilation cache (train.compilation_cache_dir), one table.
 
   python benchmarks/startup_time.py                 # 10 steps; cache in a fresh temporary folder
   python benchmarks/startup_time.py --steps=50
-  python benchmarks/startup_time.py --full --torch_python=/path/to/venv-with-torch/bin/python
+  python benchmarks/startup_time.py --full --torch_python=/path/to/venv-with-torch/bin/python [--repeats=3]
 
---full adds the end-to-end table: the whole recipe (2000 steps, its 8 evaluations of the whole validation split
-and 2 checkpoints) with a cold and a warm cache, side by side with nanoGPT's CPU run
+--full adds the end-to-end table: the whole recipe (2000 steps, its 7 two-batch estimates of the validation
+loss, the whole split at step 2000, and 2 checkpoints) with a cold and a warm cache, side by side with nanoGPT's CPU run
 (benchmarks/nanogpt_reference.py --nanogpt_schedule: one seed, nanoGPT's estimate_loss every 250 steps and its
 checkpoint on improvement, in the interpreter --torch_python names: torch is no jaxformer dependency), each timed
 from process start to exit. Neither side counts nanoGPT's separate data preparation (prepare.py); jaxformer's run
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,6 +69,7 @@ def main() -> None:
   parser.add_argument('--steps', type=int, default=10)
   parser.add_argument('--full', action='store_true', help='also the whole recipe end to end vs nanoGPT')
   parser.add_argument('--torch_python', default=sys.executable, help='an interpreter with torch, for --full')
+  parser.add_argument('--repeats', type=int, default=2, help='--full: warm jaxformer / nanoGPT pairs')
   args = parser.parse_args()
   tmp = tempfile.mkdtemp(prefix='jaxformer_startup_')
   cache = os.path.join(tmp, 'cache')
@@ -82,15 +84,23 @@ def main() -> None:
   if not args.full:
     return
   print(f'\nend to end, the whole recipe; load average {os.getloadavg()[0]:.1f}')
-  print('| run | end to end (s) | / nanoGPT |')
-  print('|---|---:|---:|')
-  nanogpt = run_nanogpt(args.torch_python)
-  print(f'| nanoGPT reference (PyTorch, 2000 steps, 8 estimates + checkpoints, final eval) | {nanogpt:.1f} | 1.00x |', flush=True)
+  # nanoGPT and jaxformer alternate (nanoGPT, cold, then --repeats x (warm, nanoGPT)), so a host whose speed drifts
+  # over the minutes this takes drifts both columns alike; the medians are compared
+  nanogpt = [run_nanogpt(args.torch_python)]
   full_cache = os.path.join(tmp, 'full_cache')
-  for name in ('jaxformer, cold cache', 'jaxformer, warm cache'):
-    _, total = run(full_cache, os.path.join(tmp, name.split()[-2]), None)
-    print(f'| {name} (2000 steps, 8 evals, 2 checkpoints) | {total:.1f} | {total / nanogpt:.2f}x |', flush=True)
-
+  cold = run(full_cache, os.path.join(tmp, 'full_cold'), None)[1]
+  warm = []
+  for i in range(args.repeats):
+    warm.append(run(full_cache, os.path.join(tmp, f'full_warm{i}'), None)[1])
+    nanogpt.append(run_nanogpt(args.torch_python))
+  reference = statistics.median(nanogpt)
+  print('| run | end to end (s), each run | median (s) | median / nanoGPT median |')
+  print('|---|---|---:|---:|')
+  for name, times in (('nanoGPT reference (PyTorch; 2000 steps, 9 estimates + checkpoints)', nanogpt),
+                      ('jaxformer, cold cache (2000 steps, 7 estimates + the whole split at the end, 2 checkpoints)', [cold]),
+                      ('jaxformer, warm cache (the same)', warm)):
+    print(f'| {name} | {", ".join(f"{t:.1f}" for t in times)} | {statistics.median(times):.1f} | '
+          f'{statistics.median(times) / reference:.2f}x |')
 
 if __name__ == '__main__':
   main()

@@ -42,6 +42,7 @@ from jaxformer import data as data_lib
 from jaxformer import decoding
 from jaxformer import metrics as metrics_lib
 from jaxformer import sharding as shd
+from jaxformer.model import config as model_config
 from jaxformer.model import layout_convert
 from jaxformer.resolve import Resolved, resolve
 from jaxformer.training import checkpoint as ckpt_lib
@@ -93,7 +94,8 @@ def resolve_config(requested: ml_collections.ConfigDict, saved: dict | None, wor
                    overrides: Iterable[str] | None = None) -> ml_collections.ConfigDict:
   """The config to evaluate with: the saved run config, plus the request's decode/mesh sections and `overrides`
   (dotted keys the user set explicitly). Raises EvalError when the request contradicts the saved model;
-  model.scan_layers is a layout, so its override applies (restore_model converts the checkpoint)."""
+  model.scan_layers is a layout, so its override applies (restore_model converts the checkpoint), and so do those
+  of the execution keys (model.dtype, attention_impl, remat)."""
   overrides = sorted(set(overrides or ()))
   if saved is None:
     _log(f'note: no saved config in {workdir} (config.json); using the requested config as is.')
@@ -104,7 +106,8 @@ def resolve_config(requested: ml_collections.ConfigDict, saved: dict | None, wor
     raise EvalError(
         f'the checkpoint in {workdir} is a {saved_model["arch"]} model ({where}: model.arch), but the requested '
         f'config asks for model.arch={requested.model.arch}; use the recipe the run was trained with.')
-  layout = {f'model.{k}' for k in layout_convert.LAYOUT_KEYS}  # applied: the checkpoint converts on restore
+  # applied: the checkpoint converts on restore (layout), or computes the same function another way (execution)
+  layout = {f'model.{k}' for k in (*layout_convert.LAYOUT_KEYS, *model_config.EXECUTION_KEYS)}
   for key in overrides:
     if key in layout:
       continue

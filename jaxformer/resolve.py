@@ -22,6 +22,7 @@ from jaxformer import compilation_cache, data as data_lib
 from jaxformer import peft as peft_lib
 from jaxformer import sharding as shd
 from jaxformer.config import ConfigError, ModelConfig, validate
+from jaxformer.model import config as model_config
 from jaxformer.model import layout_convert
 from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import host_memory
@@ -118,19 +119,20 @@ def checked_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 def check_saved_run(config: ml_collections.ConfigDict, workdir: str) -> None:
   """A workdir with checkpoints holds one model: a config whose model section (or optimizer state layout:
   train.optimizer, train.skip_bad_steps) differs is refused before anything is written (WorkdirError naming the
-  keys). model.scan_layers is a layout, not another model: the checkpoint is converted on restore."""
+  keys). model.scan_layers is a layout, not another model: the checkpoint is converted on restore; the execution
+  keys (model.dtype, attention_impl, remat: model/config.py EXECUTION_KEYS) may change too (a line says so)."""
   step = ckpt_lib.latest_step(workdir)
   saved = ckpt_lib.saved_config(workdir, step) if step is not None else None
   if not saved:
     return
   saved_model = saved.get('model', {})
-  differ = []
+  differ, changed = [], []
   for key, value in config.model.items():
     if key not in saved_model or (key == 'vocab_size' and not value) or key in layout_convert.LAYOUT_KEYS:
       continue
     old = saved_model[key]
     if (list(old) if isinstance(old, (list, tuple)) else old) != (list(value) if isinstance(value, tuple) else value):
-      differ.append(f'model.{key}={old!r} there, {value!r} here')
+      (changed if key in model_config.EXECUTION_KEYS else differ).append(f'model.{key}={old!r} there, {value!r} here')
   for key in ('optimizer', 'skip_bad_steps'):  # they decide the optimizer state's layout in the checkpoint
     old, new = saved.get('train', {}).get(key, False if key == 'skip_bad_steps' else None), config.train.get(key)
     if old is not None and old != new:
@@ -140,6 +142,10 @@ def check_saved_run(config: ml_collections.ConfigDict, workdir: str) -> None:
     raise WorkdirError(
         f'--workdir={workdir} holds a PEFT run whose base is the seed\'s initialisation (checkpoint.init_from=\'\'), '
         f'which differs between layouts; resume it with model.scan_layers={old_layout}, or use a new --workdir.')
+  if changed and not differ:
+    if jax.process_index() == 0:
+      print(f'note: resuming {workdir} with another execution setting ({"; ".join(changed)}); the parameters are '
+            'the same.', flush=True)
   if differ:
     raise WorkdirError(
         f'--workdir={workdir} holds checkpoints of another model ({"; ".join(differ[:3])}); use a new --workdir, '

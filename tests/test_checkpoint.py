@@ -112,3 +112,24 @@ def test_exact_resume_with_random_windows(reference, tmp_path):
   np.testing.assert_allclose(losses(work, steps), losses(ref, steps), rtol=1e-6, atol=1e-6)
   # the option is not ignored: other batches than the streams run (the module's reference) saw
   assert not np.allclose(losses(ref, steps), losses(reference, steps), rtol=1e-3)
+
+
+def test_resume_may_change_how_the_model_computes(reference, tmp_path, capsys):
+  """model.remat and attention_impl (EXECUTION_KEYS) choose how the same function is computed: a resume with other
+  values is allowed, says so, and continues the reference run's losses; param_dtype (how parameters are stored)
+  is still refused."""
+  from jaxformer.user_errors import WorkdirError
+  workdir = str(tmp_path)
+  run(config(), workdir, stop_after_steps=N)
+  capsys.readouterr()
+  changed = config()
+  changed.model.update(remat='full', attention_impl='reference')
+  run(changed, workdir)
+  assert "note: resuming" in capsys.readouterr().out
+  steps = range(N + 1, 2 * N + 1)
+  np.testing.assert_allclose(losses(workdir, steps), losses(reference, steps), rtol=1e-5, atol=1e-5)
+  stored = config()
+  stored.train.num_steps = 3 * N
+  stored.model.param_dtype = 'bfloat16'
+  with pytest.raises(WorkdirError, match="model.param_dtype='float32' there, 'bfloat16' here"):
+    run(stored, workdir)

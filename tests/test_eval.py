@@ -82,6 +82,11 @@ def test_decoder_only_eval_matches_training_and_generates_on_a_sharded_mesh(trai
   out = workdir / 'latest.json'
   results = evaluation.run(config, str(workdir), output=str(out))
   check_against_training(results, workdir, 4)
+  # how the model computes may differ from training's (model/config.py EXECUTION_KEYS): the same loss
+  other = recipe_config('gpt_tiny', **{'model.attention_impl': 'reference', 'model.remat': 'full'})
+  recomputed = evaluation.run(other, str(workdir), output=str(workdir / 'other.json'),
+                              overrides=['model.attention_impl', 'model.remat'])
+  assert recomputed['loss'] == pytest.approx(results['loss'], rel=1e-5)
   saved = json.loads(out.read_text())
   assert {'step', 'split', 'num_tokens', 'loss', 'perplexity', 'token_accuracy'} <= set(saved)
   assert saved['split'] == 'validation' and saved['loss'] == results['loss']

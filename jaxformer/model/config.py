@@ -18,6 +18,12 @@ from jaxformer.errors import ConfigError, check_choice, check_fraction, check_po
 from jaxformer.model import attention, heads, layers, positions, transformer
 
 
+# Model keys that choose how the model computes (activation dtype, attention kernel, what the backward pass
+# recomputes), not which function it computes or how its parameters are stored: a resume or an evaluation may
+# change them (e.g. a run moved to a GPU resumes with attention_impl=cudnn, or one short of memory with remat=full).
+EXECUTION_KEYS = ('dtype', 'attention_impl', 'remat')
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """The model section with defaults resolved (-1 -> the real value). Hashable, so jit can treat it as static."""
