@@ -145,18 +145,24 @@ class MetricAccumulator:
     self.num_batches += 1
 
   def merge(self, other: MetricAccumulator) -> MetricAccumulator:
+    confusion = [c for c in (self.confusion, other.confusion) if c is not None]
     return MetricAccumulator(*(getattr(self, k) + getattr(other, k) for k in SUM_KEYS),
-                             num_batches=self.num_batches + other.num_batches)
+                             num_batches=self.num_batches + other.num_batches,
+                             confusion=sum(confusion[1:], confusion[0]) if confusion else None)
 
   def merge_hosts(self) -> MetricAccumulator:
-    """Sums the per-host accumulators of all processes (a no-op on one host)."""
+    """Sums the per-host accumulators of all processes (a no-op on one host); the confusion matrix too (every
+    host must have one of the same shape, or none)."""
     if jax.process_count() == 1:
       return self
     from jax.experimental import multihost_utils
-    local = np.array([getattr(self, k) for k in SUM_KEYS] + [self.num_batches], dtype=np.float64)
-    gathered = np.asarray(multihost_utils.process_allgather(local))  # [processes, len(SUM_KEYS) + 1]
+    confusion = [] if self.confusion is None else list(self.confusion.ravel())
+    local = np.array([getattr(self, k) for k in SUM_KEYS] + [self.num_batches] + confusion, dtype=np.float64)
+    gathered = np.asarray(multihost_utils.process_allgather(local))  # [processes, len(SUM_KEYS) + 1 + C * C]
     total = gathered.reshape(-1, local.size).sum(axis=0)
-    return MetricAccumulator(*map(float, total[:len(SUM_KEYS)]), num_batches=int(total[-1]))
+    n = len(SUM_KEYS) + 1
+    return MetricAccumulator(*map(float, total[:len(SUM_KEYS)]), num_batches=int(total[n - 1]),
+                             confusion=total[n:].reshape(self.confusion.shape) if confusion else None)
 
   def result(self, with_accuracy: bool = False) -> dict[str, float]:
     """loss (mean NLL per target token), perplexity, num_tokens; bits_per_byte / bits_per_char (and num_bytes /

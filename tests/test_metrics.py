@@ -199,3 +199,22 @@ def test_no_length_tables_means_no_bits_keys():
   out_keys = metrics.MetricAccumulator(loss_sum=3.0, weight_sum=2.0).result().keys()
   assert 'bits_per_byte' not in out_keys and 'bits_per_char' not in out_keys
   assert metrics.length_tables(ByteTokenizer(), 'encoder_only') is None
+
+
+def test_merged_accumulators_keep_the_confusion_matrix():
+  """Classification sums merged across accumulators (per-host evaluation) give the macro-F1 of all examples."""
+  from jaxformer.metrics import MetricAccumulator, macro_f1_score
+  rng = np.random.default_rng(0)
+  labels, predictions = rng.integers(0, 3, 40), rng.integers(0, 3, 40)
+  parts = []
+  for part in (slice(0, 13), slice(13, 40)):
+    c = np.zeros((3, 3))
+    np.add.at(c, (labels[part], predictions[part]), 1.0)
+    acc = MetricAccumulator()
+    acc.add({'loss_sum': 1.0, 'weight_sum': float(len(labels[part])),
+             'correct_sum': float((labels[part] == predictions[part]).sum()), 'confusion': c})
+    parts.append(acc)
+  merged = parts[0].merge(parts[1]).merge_hosts().classification_result()
+  assert merged['num_examples'] == 40
+  assert merged['macro_f1'] == pytest.approx(macro_f1_score(labels, predictions), rel=1e-12)
+  assert merged['accuracy'] == pytest.approx(float((labels == predictions).mean()))
