@@ -6,7 +6,8 @@ cost nothing and are not counted) and attention adds 12 * layers * heads * head_
 2 FLOPs per multiply-add, x3 for forward + backward). Causal masking is not discounted, as in PaLM/MaxText.
 encoder_decoder counts both stacks over their own lengths: the encoder over src_seq_len tokens, the decoder over
 seq_len tokens, cross-attention over src_seq_len keys, and the cross-attention key/value projections over the
-encoder tokens. The counts are from the config, so they are the same on every backend.
+encoder tokens. model.head=classification has no logits projection: its classifier (and pooler) sees one pooled
+vector per row. The counts are from the config, so they are the same on every backend.
 
 Peaks are dense per-device FLOP/s by device kind and compute dtype. float32 on NVIDIA uses the TF32 figure (XLA's
 default matmul precision there); TPUs run float32 matmuls as bf16 passes by default, so they use the bf16 figure.
@@ -68,6 +69,9 @@ def train_flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int, src_se
                      + 12 * cfg.num_decoder_layers * qk * (seq_len + src))
     return float(batch_size * (src * enc_per_token + seq_len * dec_per_token))
   layers = cfg.num_layers
+  if cfg.head == 'classification':  # no logits: one pooled vector per row through (BERT's pooler and) the classifier
+    per_token = 6 * layers * (attn + mlp) + 12 * layers * qk * seq_len
+    return float(batch_size * (seq_len * per_token + 6 * d * (cfg.num_classes + (d if cfg.pooler else 0))))
   per_token = 6 * layers * (attn + mlp) + 6 * logits + 12 * layers * qk * seq_len
   if cfg.arch == 'encoder_only':
     per_token += 6 * d * d  # the masked-LM head's dense transform

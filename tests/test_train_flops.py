@@ -81,3 +81,19 @@ def test_peak_table_and_mfu():
   assert 1e8 < cpu < 1e14 and flops.peak_flops_total(jax.devices()) == cpu
   assert flops.mfu(1e12, 2.0, 1e12) == pytest.approx(0.5)
   assert flops.mfu(1e12, 2.0, None) is None
+
+
+@pytest.mark.parametrize('module,pooler', [(bert_tiny, True), (gpt_tiny, False)])
+def test_classifier_flops_count_the_head_once_per_row_and_no_logits(module, pooler):
+  config = module.get_config()
+  config.model.update(vocab_size=50, position='rope', head='classification', num_classes=3, pooler=pooler)
+  cfg = ModelConfig.from_config(config.model)
+  abstract = nnx.eval_shape(lambda: step.build_model(config))
+  flat = jax.tree_util.tree_flatten_with_path(nnx.state(abstract, nnx.Param))[0]
+  matrices = [(jax.tree_util.keystr(path), int(np.prod(x.shape))) for path, x in flat
+              if _ndim(path, x) >= 2 and 'bias' not in jax.tree_util.keystr(path)]
+  head = sum(n for name, n in matrices if 'classifier' in name)
+  trunk = sum(n for name, n in matrices if 'classifier' not in name and "'embed'" not in name)  # lookup: free
+  b, length = 3, 16
+  attention = 12 * cfg.num_layers * cfg.d_model * length
+  assert flops.train_flops_per_step(cfg, b, length) == pytest.approx(b * (length * (6 * trunk + attention) + 6 * head))
