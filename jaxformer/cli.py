@@ -19,7 +19,7 @@ from typing import Any, Callable, NoReturn, Sequence
 import ml_collections
 from absl import flags, logging
 
-from jaxformer.user_errors import USER_ERROR_EXIT, UserError, file_system_error
+from jaxformer.errors import USER_ERROR_EXIT, UserError, file_system_error
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:

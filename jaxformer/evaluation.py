@@ -48,7 +48,7 @@ from jaxformer.resolve import Resolved, resolve
 from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import init_from
 from jaxformer.training import step as step_lib
-from jaxformer.user_errors import UserError
+from jaxformer.errors import UserError
 
 MODES = ('score', 'generate', 'translate')
 REQUEST_SECTIONS = ('decode', 'mesh')  # taken from the request, never from the checkpoint

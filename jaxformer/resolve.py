@@ -26,7 +26,7 @@ from jaxformer.model import config as model_config
 from jaxformer.model import layout_convert
 from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import host_memory
-from jaxformer.user_errors import WorkdirError
+from jaxformer.errors import WorkdirError
 
 TRAINING_SPLITS = ('train_split', 'eval_split')  # the data.* keys a training run reads
 

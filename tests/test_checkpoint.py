@@ -118,7 +118,7 @@ def test_resume_may_change_how_the_model_computes(reference, tmp_path, capsys):
   """model.remat and attention_impl (EXECUTION_KEYS) choose how the same function is computed: a resume with other
   values is allowed, says so, and continues the reference run's losses; param_dtype (how parameters are stored)
   is still refused."""
-  from jaxformer.user_errors import WorkdirError
+  from jaxformer.errors import WorkdirError
   workdir = str(tmp_path)
   run(config(), workdir, stop_after_steps=N)
   capsys.readouterr()

@@ -96,7 +96,7 @@ def test_file_system_failures_are_recognised_through_wrappers():
 _THREAD_THEN = '''
 import threading, sys
 from jaxformer import cli
-from jaxformer.user_errors import UserError
+from jaxformer.errors import UserError
 
 def command():
   def writer():  # an async checkpoint writer failing for the same cause as the main thread

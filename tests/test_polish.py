@@ -8,7 +8,7 @@ import tomllib
 import pytest
 
 from jaxformer.data import tokenizers
-from jaxformer.data.errors import DataError
+from jaxformer.errors import DataError
 from jaxformer.data.sources import builtin
 from jaxformer.data.sources import tfds as tfds_lib
 

@@ -269,7 +269,7 @@ def test_skip_bad_steps_keeps_parameters_finite_until_max_bad_steps(tmp_path):
   from jax import tree
   from jaxformer import sharding as shd
   from jaxformer.training import checkpoint, run
-  from jaxformer.user_errors import NonFiniteError
+  from jaxformer.errors import NonFiniteError
   config = _tiny(num_steps=30, learning_rate=1e9, max_bad_steps=3, skip_bad_steps=True, log_every=1)
   config.checkpoint.every_steps = 1
   with pytest.raises(NonFiniteError, match=r'3 non-finite step\(s\) in a row'):  # not "parameters ... not finite"

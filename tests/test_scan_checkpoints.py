@@ -13,7 +13,7 @@ from jaxformer.model import layout_convert
 from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import init_from, run, step as step_lib
 from jaxformer.training.writers import read_metrics
-from jaxformer.user_errors import WorkdirError
+from jaxformer.errors import WorkdirError
 from tests.test_train import tiny
 
 N = 3  # steps before and after the layout changes

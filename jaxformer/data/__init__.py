@@ -1,7 +1,7 @@
 """Input pipelines: sources, tokenizers, row building (packing, windows, MLM masking, seq2seq pairs), iterators.
 
-  errors.py      DataError (a ValueError; DataFileNotFoundError is also a FileNotFoundError): one line naming the
-                 file or config key and the fix
+  (DataError, a ValueError, and DataFileNotFoundError, also a FileNotFoundError, live in jaxformer/errors.py with
+  the rest of the one-line error family; re-exported here)
   sources/       where examples come from: SOURCES (kind -> factory) over base.py's Source/Split interface;
                  builtin.py (synthetic), local.py (text:, parallel:, jsonl:), tfds.py (tfds: and the ArrayRecord
                  writer)
@@ -26,8 +26,8 @@ On disk, in the workdir:
   <data_dir>/<name>/empty_splits.json            splits that were empty at conversion
 where <data_dir> is data.data_dir, or <workdir>/data when that is ''. tfds: sources are read from data_dir too.
 """
-from jaxformer.data.errors import DataError
-from jaxformer.data.errors import DataFileNotFoundError
+from jaxformer.errors import DataError
+from jaxformer.errors import DataFileNotFoundError
 from jaxformer.data.layout import DataLayout
 from jaxformer.data.objectives import OBJECTIVES
 from jaxformer.data.pipeline import EvalIterator

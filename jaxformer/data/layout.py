@@ -5,7 +5,7 @@ import dataclasses
 
 import jax
 
-from jaxformer.data.errors import DataError
+from jaxformer.errors import DataError
 
 
 @dataclasses.dataclass(frozen=True)

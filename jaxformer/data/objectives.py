@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jaxformer.data.errors import DataError
+from jaxformer.errors import DataError
 
 Pair = tuple[np.ndarray, np.ndarray]
 

@@ -38,7 +38,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from jaxformer.data.errors import DataError
+from jaxformer.errors import DataError
 from jaxformer.data.layout import DataLayout
 from jaxformer.data.rows import Rows, Stream, Task, as_pair, make_task
 from jaxformer.data.sources import Source, Split, get_source

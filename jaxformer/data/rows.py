@@ -44,7 +44,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from jaxformer.data.errors import DataError
+from jaxformer.errors import DataError
 from jaxformer.data.objectives import OBJECTIVES, objective_name, split_at_middle_word
 from jaxformer.data.sources import Instruction, Labelled
 from jaxformer.data.tokenizers import Tokenizer

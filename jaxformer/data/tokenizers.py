@@ -30,7 +30,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from jaxformer.data.errors import DataError
+from jaxformer.errors import DataError
 from jaxformer.data.objectives import sentinels_needed
 from jaxformer.data.sources import Source, get_source
 from jaxformer.special_tokens import BOS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, UNK_ID

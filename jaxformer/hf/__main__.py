@@ -20,7 +20,7 @@ from jaxformer.config import ConfigError
 from jaxformer.data.hf_tokenizer import NONE, HFTokenizer
 from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import step as step_lib
-from jaxformer.user_errors import UserError
+from jaxformer.errors import UserError
 
 
 def token_ids(tokenizer: HFTokenizer, arch: str) -> dict[str, int]:

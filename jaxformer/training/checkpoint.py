@@ -52,7 +52,7 @@ from jaxformer.data import state_for_host
 from jaxformer.model import layout_convert
 from jaxformer.training import step as step_lib
 from jaxformer.training.saved_config import CHECKPOINT_DIR, checkpoint_dir, saved_config, saved_scan_layers
-from jaxformer.user_errors import UserError
+from jaxformer.errors import UserError
 
 __all__ = ['CHECKPOINT_DIR', 'CheckpointError', 'Checkpointer', 'all_steps', 'checkpoint_dir', 'latest_step',
            'restore_in_layout', 'restore_model', 'saved_config', 'saved_layout']

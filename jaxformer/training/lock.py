@@ -12,7 +12,7 @@ import os
 import socket
 import time
 
-from jaxformer.user_errors import WorkdirError, file_system_error
+from jaxformer.errors import WorkdirError, file_system_error
 
 LOCK_FILE = 'train.lock'
 

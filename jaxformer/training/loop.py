@@ -4,7 +4,7 @@ The hot loop only dispatches: metrics stay on the devices until a log step fetch
 sync is the NaN guard reading the *previous* call's loss and gradient norm, so the host stays one call ahead of
 the accelerator and the data pipeline overlaps with compute.
 
-Faults (see jaxformer.user_errors; train.py prints them as one line, exit status 2):
+Faults (see jaxformer.errors; train.py prints them as one line, exit status 2):
   - train.max_bad_steps steps in a row with a non-finite loss or gradient norm stop the run (NonFiniteError naming
     the step and the last good checkpoint); a checkpoint is never saved from non-finite parameters or optimizer
     state, so the good ones are never rotated out. train.skip_bad_steps=True skips non-finite updates instead
@@ -56,7 +56,7 @@ from jaxformer import flops as flops_lib
 from jaxformer import peft as peft_lib
 from jaxformer import resolve as resolve_lib  # a module, not its names: resolve -> training -> loop is a cycle
 from jaxformer import sharding as shd
-from jaxformer import user_errors
+from jaxformer import errors
 from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import optimizer as opt_lib
 from jaxformer.training import step as step_lib
@@ -341,7 +341,7 @@ class Trainer:
           raise self._non_finite(f'{self.bad_steps} non-finite step(s) in a row from step {self.first_bad}, '
                                  f'train.max_bad_steps={self.max_bad_steps}')
 
-  def _non_finite(self, what: str) -> user_errors.NonFiniteError:
+  def _non_finite(self, what: str) -> errors.NonFiniteError:
     good = sorted(self.checkpointer.manager.all_steps())
     lr = float(self.config.train.learning_rate)
     if good:
@@ -349,7 +349,7 @@ class Trainer:
                 f'--config.train.learning_rate={lr / 10:g}')
     else:
       resume = f'no checkpoint was saved; start again with a lower learning rate (now {lr:g})'
-    return user_errors.NonFiniteError(f'training diverged: loss or gradient norm not finite ({what}); stopped '
+    return errors.NonFiniteError(f'training diverged: loss or gradient norm not finite ({what}); stopped '
                                       f'without saving it.', hint=resume + '.')
 
   def evaluate(self, step: int, *, final: bool) -> dict[str, float]:
@@ -428,7 +428,7 @@ def _train(trainer: Trainer, stop: _StopFlag, stop_after_steps: int | None) -> d
     if (step % train.eval_every == 0 or is_last) and not stopping:
       try:
         last_eval = trainer.evaluate(step, final=is_last)
-      except user_errors.UserError:
+      except errors.UserError:
         trainer.save(step)  # the step's work is kept; the error is reported after the checkpoint
         raise
     if step % every_ckpt == 0 or is_last or stopping:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jaxformer.data.errors import DataError, DataFileNotFoundError
+from jaxformer.errors import DataError, DataFileNotFoundError
 from jaxformer.data.sources import builtin, local, tfds
 from jaxformer.data.sources.base import (Example, Instruction, Labelled, ListSplit, Source, SourceFactory, Split, SPLIT_ALIASES,
                                          data_dir_for)

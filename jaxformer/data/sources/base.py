@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, NamedTuple, Sequence
 
-from jaxformer.data.errors import DataError
+from jaxformer.errors import DataError
 
 Example = Any  # str | tuple[str, str] | Instruction | Labelled
 

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from jaxformer.data.errors import DataError
+from jaxformer.errors import DataError
 from jaxformer.data.sources.base import Example, ListSplit, Source, Split
 
 DATASETS = ('lm', 'numbers')

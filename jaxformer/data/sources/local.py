@@ -36,7 +36,7 @@ import json
 import os
 from typing import Any, Callable, Sequence
 
-from jaxformer.data.errors import DataError, DataFileNotFoundError
+from jaxformer.errors import DataError, DataFileNotFoundError
 from jaxformer.data.sources.base import Source, config_splits, split_candidates
 from jaxformer.data.sources.tfds import build_array_record, is_prepared, open_array_record
 

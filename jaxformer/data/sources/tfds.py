@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from jaxformer.data.errors import DataError
+from jaxformer.errors import DataError
 from jaxformer.data.sources.base import Example, Instruction, Labelled, ListSplit, Source, Split
 
 BUILDER_VERSION = '1.0.0'
