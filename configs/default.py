@@ -181,8 +181,10 @@ def get_config() -> ml_collections.ConfigDict:
   decode.top_k = 0  # 0 = off
   decode.top_p = 1.0  # 1.0 = off
   decode.max_len = 64  # new tokens to generate
-  decode.eos_id = 2  # decoding stops at this token (jaxformer tokenizers: 2; T5: 1, GPT-2: 50256)
-  decode.start_id = 1  # the decoder's first token when there is no prompt (BOS; T5: 0)
+  decode.eos_id = -1  # decoding stops at this token; -1 = the tokenizer's EOS (jaxformer tokenizers: 2; T5: 1)
+  # the decoder's first token when there is no prompt; -1 = the tokenizer's (encoder_decoder: the token its
+  # targets start with, T5: 0; decoder_only: BOS)
+  decode.start_id = -1
   decode.batch_size = 32
   # sacrebleu tokenizer: '' = by data.tgt_lang (zh -> zh, ja -> ja-mecab if installed, else 13a) | 13a | intl |
   # zh | char | none

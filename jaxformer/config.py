@@ -106,9 +106,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check_positive('decode.beam_size', decode.beam_size)
   check_positive('decode.max_len', decode.max_len)
   check_positive('decode.top_k', decode.top_k, allow_zero=True)
-  for key in ('eos_id', 'start_id'):
-    if key in decode:  # configs saved before the keys existed use the jaxformer tokenizers' ids
-      check_positive(f'decode.{key}', decode[key], allow_zero=True)
+  for key in ('eos_id', 'start_id'):  # configs saved before the keys existed use the jaxformer tokenizers' ids
+    if key in decode and (not isinstance(decode[key], int) or decode[key] < -1):
+      raise ConfigError(f'decode.{key}={decode[key]!r} must be a token id >= 0, or -1 for the tokenizer\'s.')
   if not 0.0 < decode.top_p <= 1.0:
     raise ConfigError(f'decode.top_p={decode.top_p!r} must be in (0, 1]; 1.0 turns nucleus sampling off.')
   if decode.temperature < 0:

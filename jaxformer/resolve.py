@@ -49,6 +49,20 @@ def eval_batch_size(config: ml_collections.ConfigDict) -> int:
   return int(config.train.eval_batch_size or config.train.batch_size)
 
 
+def fill_decode_ids(config: ml_collections.ConfigDict, tokenizer: Any) -> None:
+  """decode.eos_id / start_id -1 -> the tokenizer's: its end-of-sequence id, and the token training put first in
+  every target (encoder_decoder: tokenizer.decoder_start_id, T5's pad 0) or BOS (decoder_only; EOS when there is
+  none, as GPT-2). One source for the ids, so decoding cannot start from another token than training did."""
+  decode = config.decode
+  if decode.get('eos_id', 0) == -1:
+    decode.eos_id = int(tokenizer.eos_id)
+  if decode.get('start_id', 0) == -1:
+    if config.model.arch == 'encoder_decoder':
+      decode.start_id = int(tokenizer.decoder_start_id)
+    else:
+      decode.start_id = int(tokenizer.bos_id if tokenizer.bos_id >= 0 else tokenizer.eos_id)
+
+
 def fill_vocab_size(config: ml_collections.ConfigDict, tokenizer: Any) -> None:
   """model.vocab_size 0 -> the tokenizer's; a smaller one than the tokenizer needs is an error."""
   if not config.model.vocab_size:
@@ -205,6 +219,7 @@ def resolve(config: ml_collections.ConfigDict, workdir: str, *, training: bool,
   if unknown and jax.process_index() == 0:
     print(unknown, flush=True)
   fill_vocab_size(config, tokenizer)
+  fill_decode_ids(config, tokenizer)
   model = ModelConfig.from_config(config.model)
   mesh = shd.make_mesh(config)
   rules = shd.rules_from_config(config)

@@ -255,3 +255,30 @@ def test_byte_and_char_counts_of_hf_tokenizers_match_the_decoded_text(name, extr
     decoded = tok.decode(ids)
     assert int(tok.token_bytes[ids].sum()) == len(decoded.encode('utf-8')) + extra, (text, decoded)
     assert int(tok.token_chars[ids].sum()) == len(decoded) + extra, (text, decoded)
+
+
+@pytest.mark.parametrize('name', ['gpt2', 't5_v1_1', 'llama'])
+def test_decode_ids_minus_one_come_from_the_tokenizer_and_agree_with_the_checkpoint(name, tmp_path):
+  """decode.eos_id / start_id = -1 (configs/default.py) take the tokenizer's ids: the same ones the checkpoint's
+  config names (configs/hf.py reads those), and for encoder_decoder the token training put first in every target."""
+  from jaxformer import resolve
+  config = _config(name, tmp_path, ['Hello world!'])
+  expected = (config.decode.eos_id, config.decode.start_id)  # from the checkpoint's config.json
+  config.decode.update(eos_id=-1, start_id=-1)
+  tok = D.get_tokenizer(config, str(tmp_path))
+  resolve.fill_decode_ids(config, tok)
+  assert (config.decode.eos_id, config.decode.start_id) == expected
+  if config.model.arch == 'encoder_decoder':
+    source = _list_source('parallel', [('Hello world!', 'a b')])
+    batch = next(D.make_eval_iterator(config, tok, str(tmp_path), 'train', layout=D.DataLayout(1), source=source))
+    assert batch['tgt_tokens'][0, 0] == config.decode.start_id
+
+
+def test_decode_ids_of_jaxformer_tokenizers():
+  from jaxformer import resolve
+  config = default.get_config()
+  assert (config.decode.eos_id, config.decode.start_id) == (-1, -1)
+  from jaxformer.data.tokenizers import CharTokenizer
+  tok = CharTokenizer(list('abc'))
+  resolve.fill_decode_ids(config, tok)
+  assert (config.decode.eos_id, config.decode.start_id) == (tok.eos_id, tok.bos_id) == (2, 1)

@@ -54,7 +54,7 @@ class Tokenizer:
   # evaluation.py). A Hugging Face tokenizer (hf_tokenizer.py) overrides the attributes with its own.
   prefix_ids: list[int] = [BOS_ID]  # put before a text's ids (read-only)
   suffix_ids: list[int] = [EOS_ID]  # put after them (read-only)
-  decoder_start_id = BOS_ID  # an encoder_decoder target sequence starts with it (decode.start_id must agree)
+  decoder_start_id = BOS_ID  # an encoder_decoder target sequence starts with it (decode.start_id=-1 takes it)
   # The target value of a position that is not scored (padding, a prompt, an unmasked token). jaxformer's pad id
   # 0 is never a real target; a tokenizer whose id 0 is a real token (GPT-2's '!', Llama's <unk>) uses -1.
   unscored_target = PAD_ID
