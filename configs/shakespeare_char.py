@@ -13,9 +13,9 @@ VARIANTS = {
                 data=dict(seq_len=64),
                 train=dict(batch_size=12, num_steps=2000, learning_rate=1e-3, warmup_steps=100,
                            min_learning_rate=1e-4, eval_every=250, log_every=50,
-                           # every 250 steps an estimate on the validation split's first 2 batches of 128 rows
-                           # (16,384 tokens; nanoGPT's estimate_loss reads 15,360 per split), and at step 2000 the
-                           # whole split (111,594 tokens, 14 batches): the number above (benchmarks/RESULTS.md)
+                           # every 250 steps an estimate on 2 of the validation split's 14 batches of 128 rows,
+                           # spread over it (16,384 tokens; nanoGPT's estimate_loss reads 15,360 per split), and
+                           # at step 2000 the whole split (111,594 tokens): the number above (benchmarks/RESULTS.md)
                            eval_steps=2, final_eval_steps=-1, eval_batch_size=128,
                            # 5 steps per jitted call: ~25% faster per step on CPU (cpu_step_vs_torch.py); a
                            # divisor of log_every, eval_every and checkpoint.every_steps, same math

@@ -239,3 +239,36 @@ def test_periodic_evals_estimate_and_the_final_one_scores_train_final_eval_steps
   estimate = evaluation.run(config, str(tmp_path), checkpoint_step=2, overrides=['train.eval_steps'])
   check_against_training(estimate, tmp_path, 2)
   assert estimate['eval_batches'] == 1
+
+
+def test_spread_picks_evenly_over_the_split():
+  assert evaluation.spread(14, 2) == [3, 10]
+  assert evaluation.spread(10, 5) == [1, 3, 5, 7, 9]
+  assert evaluation.spread(3, -1) == evaluation.spread(3, 7) == [0, 1, 2]
+  assert evaluation.spread(5, 0) == []
+
+
+def test_a_subset_evaluation_scores_batches_spread_over_the_split_built_once(trained, monkeypatch):
+  """train.eval_steps=N scores the N batches `spread` picks (their metric sums exactly), from batches the Evaluator
+  built on its first evaluation: the source is read once however often it evaluates."""
+  from jaxformer import data as data_lib
+  from jaxformer.training import step as step_lib
+  calls = []
+  real = data_lib.make_eval_iterator
+  monkeypatch.setattr(data_lib, 'make_eval_iterator', lambda *a, **k: calls.append(1) or real(*a, **k))
+  workdir = trained('gpt_tiny')
+  config = recipe_config('gpt_tiny', **{'train.eval_steps': -1})
+  restored = evaluation.restore(config, str(workdir), overrides=['train.eval_steps'])
+  graphdef, params, rest = step_lib.split_model(restored.model)
+  evaluator = evaluation.Evaluator(restored.resolved, graphdef, 'validation')
+  whole = evaluator.accumulate(params, rest, final=False)
+  reads = len(calls)
+  assert reads >= 1
+  per_batch = [float(evaluator._step(params, rest, b, evaluator._tables)['loss_sum']) for b in evaluator.batches(-1)]
+  assert len(per_batch) >= 3 and whole.num_batches == len(per_batch)
+  restored.resolved.config.train.eval_steps = 2
+  subset = evaluator.accumulate(params, rest, final=False)
+  assert evaluator.scored == evaluation.spread(len(per_batch), 2) and evaluator.scored != [0, 1]
+  assert subset.loss_sum == pytest.approx(sum(per_batch[i] for i in evaluator.scored), rel=1e-6)
+  assert whole.loss_sum == pytest.approx(sum(per_batch), rel=1e-6)
+  assert len(calls) == reads  # the second and third evaluation read no data
