@@ -272,3 +272,17 @@ def test_a_subset_evaluation_scores_batches_spread_over_the_split_built_once(tra
   assert subset.loss_sum == pytest.approx(sum(per_batch[i] for i in evaluator.scored), rel=1e-6)
   assert whole.loss_sum == pytest.approx(sum(per_batch), rel=1e-6)
   assert len(calls) == reads  # the second and third evaluation read no data
+
+
+def test_a_split_too_large_to_keep_is_streamed_and_n_means_its_first_n(trained, monkeypatch, capsys):
+  from jaxformer.training import step as step_lib
+  monkeypatch.setattr(evaluation, 'MAX_CACHED_EVAL_BYTES', 1)
+  workdir = trained('gpt_tiny')
+  restored = evaluation.restore(recipe_config('gpt_tiny'), str(workdir))  # the saved train.eval_steps=2
+  graphdef, params, rest = step_lib.split_model(restored.model)
+  evaluator = evaluation.Evaluator(restored.resolved, graphdef, 'validation')
+  acc = evaluator.accumulate(params, rest, final=False)
+  assert evaluator.scored == [0, 1] and acc.num_batches == 2
+  assert 'is streamed at each evaluation' in capsys.readouterr().err
+  evaluator.accumulate(params, rest, final=False)
+  assert evaluator.scored == [0, 1] and 'streamed' not in capsys.readouterr().err  # warned once
