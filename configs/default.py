@@ -123,7 +123,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.z_loss = 0.0
   train.log_every = 10
   train.eval_every = 200
-  train.eval_steps = 20  # batches per evaluation; -1 = the whole split
+  train.eval_steps = 20  # batches per evaluation, spread evenly over the split; -1 = the whole split
   # batches of the evaluation at train.num_steps (and of eval.py's): 0 = train.eval_steps, -1 = the whole split
   train.final_eval_steps = 0
   train.eval_batch_size = 0  # 0 = train.batch_size

@@ -170,7 +170,8 @@ def eval_steps(config: ml_collections.ConfigDict, *, final: bool) -> int:
   return final_steps if final and final_steps != 0 else int(config.train.eval_steps)
 
 
-MAX_CACHED_EVAL_BYTES = 1 << 29  # an Evaluator keeps its split's host batches when they fit in this much memory
+MAX_CACHED_EVAL_BYTES = 64 << 20  # an Evaluator keeps its split's host batches when they fit (~3M tokens): a
+# larger split is streamed, so its first evaluation never tokenizes more than this just to find out
 
 
 def spread(total: int, limit: int) -> list[int]:
