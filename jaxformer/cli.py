@@ -124,6 +124,7 @@ def fail(error: UserError) -> NoReturn:
   # threads on a full disk) would log or raise tracebacks of their own before os._exit below
   std_logging.disable(std_logging.CRITICAL)
   threading.excepthook = lambda args: None
+  sys.excepthook = sys.unraisablehook = lambda *args: None
   print(f'error: {error}', file=sys.stderr, flush=True)
   if error.hint:
     print(f'hint: {error.hint}', file=sys.stderr, flush=True)
@@ -162,35 +163,40 @@ def _file_system_cause(e: BaseException) -> UserError | None:
   return None
 
 
-class _HeldThreadErrors:
-  """threading.excepthook while a command runs: an exception in a background thread is held, not printed, until
-  the command ends. A command that fails with a user error drops them (they are the same fault seen from orbax's
-  async writer, e.g. a full disk, and would put tracebacks around the one-line error); any other ending prints
-  them as Python would have."""
+class _HeldBackgroundErrors:
+  """While a command runs, errors that background threads report are held, not printed, until it ends:
+  threading.excepthook (Python threads), sys.excepthook and sys.unraisablehook (what C++ threads calling back into
+  Python report through, e.g. TensorStore's writes for orbax: "call_soon_threadsafe ... Event loop is closed").
+  A command that fails with a user error drops them (the same fault, e.g. a full disk, seen from the async
+  checkpoint writer, which would put tracebacks around the one-line error); any other ending prints them as Python
+  would have. The main thread's own uncaught exception is raised after the hooks are restored, so it prints."""
+
+  _HOOKS = ((threading, 'excepthook'), (sys, 'excepthook'), (sys, 'unraisablehook'))
 
   def __init__(self) -> None:
-    self.held: list[Any] = []
-    self.previous = threading.excepthook
+    self.held: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+    self.previous = [getattr(owner, name) for owner, name in self._HOOKS]
 
-  def __call__(self, args: Any) -> None:
-    self.held.append(args)
+  def _holder(self, previous: Callable[..., Any]) -> Callable[..., None]:
+    return lambda *args: self.held.append((previous, args))
 
-  def __enter__(self) -> _HeldThreadErrors:
-    threading.excepthook = self
+  def __enter__(self) -> _HeldBackgroundErrors:
+    for (owner, name), previous in zip(self._HOOKS, self.previous):
+      setattr(owner, name, self._holder(previous))
     return self
 
   def __exit__(self, *exc: Any) -> None:
-    if threading.excepthook is self:
-      threading.excepthook = self.previous
-    for args in self.held:
-      self.previous(args)
+    for (owner, name), previous in zip(self._HOOKS, self.previous):
+      setattr(owner, name, previous)
+    for hook, args in self.held:
+      hook(*args)
 
 
 def guarded(fn: Callable[[], Any]) -> Any:
   """Runs fn behind the user-error boundary: a UserError, a file-system OSError (disk full, permissions) or a
   missing file is one line and exit status 2; anything else is a bug and keeps its traceback. Exceptions in
-  background threads are held until fn ends (`_HeldThreadErrors`)."""
-  with _HeldThreadErrors():
+  background threads are held until fn ends (`_HeldBackgroundErrors`)."""
+  with _HeldBackgroundErrors():
     return _guarded(fn)
 
 

@@ -101,9 +101,21 @@ from jaxformer.errors import UserError
 def command():
   def writer():  # an async checkpoint writer failing for the same cause as the main thread
     raise RuntimeError('Event loop is closed (background writer)')
-  t = threading.Thread(target=writer)
-  t.start()
-  t.join()
+
+  def native_writer():  # a C++ thread whose Python callback fails: PyErr_Print -> sys.excepthook
+    try:
+      raise RuntimeError('Event loop is closed (native callback)')
+    except RuntimeError:
+      sys.excepthook(*sys.exc_info())
+
+  class Finalizer:  # how the observed one arrives: pybind11 reports a failed callback through sys.unraisablehook
+    def __del__(self):
+      raise RuntimeError('Event loop is closed (unraisable)')
+
+  for target in (writer, native_writer, Finalizer):
+    t = threading.Thread(target=target)
+    t.start()
+    t.join()
   if sys.argv[1] == 'user_error':
     raise UserError('no space left on device under /x', hint='free some space')
   return 'ok'
@@ -123,4 +135,5 @@ def test_background_thread_tracebacks_are_held_until_the_command_ends(ending):
     assert proc.stderr.splitlines() == ['error: no space left on device under /x', 'hint: free some space'], proc.stderr
   else:
     assert proc.returncode == 0 and proc.stdout.strip() == 'ok', proc.stderr
-    assert 'Traceback' in proc.stderr and 'Event loop is closed (background writer)' in proc.stderr
+    assert proc.stderr.count('Traceback') == 3 and 'Event loop is closed (background writer)' in proc.stderr
+    assert 'Event loop is closed (native callback)' in proc.stderr and '(unraisable)' in proc.stderr
