@@ -121,10 +121,9 @@ def _not_library_noise(record: std_logging.LogRecord) -> bool:
 def fail(error: UserError) -> NoReturn:
   """Prints a user error as `error: <message>` (+ `hint: <hint>`) on stderr and exits with status 2."""
   # from here on nothing but these lines: background writers failing for the same cause (orbax's async checkpoint
-  # threads on a full disk) would log or raise tracebacks of their own before os._exit below
+  # threads on a full disk) would log tracebacks of their own before os._exit below; what they raise is held by
+  # `guarded` (_HeldBackgroundErrors) and dropped by os._exit
   std_logging.disable(std_logging.CRITICAL)
-  threading.excepthook = lambda args: None
-  sys.excepthook = sys.unraisablehook = lambda *args: None
   print(f'error: {error}', file=sys.stderr, flush=True)
   if error.hint:
     print(f'hint: {error.hint}', file=sys.stderr, flush=True)

@@ -205,25 +205,20 @@ class Evaluator:
     self._streamed = False  # the split was too large to keep
     self.scored: list[int] = []  # the batch indices the last evaluation scored
 
-  def _iterator(self):
+  def _iterator(self) -> data_lib.EvalIterator:
     return data_lib.make_eval_iterator(self.r.config, self.r.tokenizer, self.r.workdir, self.split,
                                        layout=self._layout, source=self.r.source)
 
   def _fill_cache(self) -> None:
     batches, size = [], 0
-    iterator = self._iterator()
-    try:
-      for batch in iterator:
-        size += sum(v.nbytes for v in batch.values())
-        if size > MAX_CACHED_EVAL_BYTES:
-          self._streamed = True
-          _warn(f'split {self.split!r} is over {MAX_CACHED_EVAL_BYTES >> 20} MiB of batches: it is streamed at each '
-                'evaluation, and train.eval_steps=N scores its first N batches (not N spread over it).')
-          return
-        batches.append(batch)
-    finally:
-      if hasattr(iterator, 'close'):
-        iterator.close()
+    for batch in self._iterator():
+      size += sum(v.nbytes for v in batch.values())
+      if size > MAX_CACHED_EVAL_BYTES:
+        self._streamed = True
+        _warn(f'split {self.split!r} is over {MAX_CACHED_EVAL_BYTES >> 20} MiB of batches: it is streamed at each '
+              'evaluation, and train.eval_steps=N scores its first N batches (not N spread over it).')
+        return
+      batches.append(batch)
     self._cached = batches
 
   def batches(self, limit: int) -> Iterator[dict[str, jax.Array]]:
@@ -236,16 +231,11 @@ class Evaluator:
         self.scored.append(i)
         yield shd.shard_batch(self._cached[i], self.r.mesh, self.r.rules, self._layout)
       return
-    iterator = self._iterator()
-    try:
-      for i, batch in enumerate(iterator):
-        if 0 <= limit <= i:
-          break
-        self.scored.append(i)
-        yield shd.shard_batch(batch, self.r.mesh, self.r.rules, self._layout)
-    finally:
-      if hasattr(iterator, 'close'):
-        iterator.close()
+    for i, batch in enumerate(self._iterator()):
+      if 0 <= limit <= i:
+        break
+      self.scored.append(i)
+      yield shd.shard_batch(batch, self.r.mesh, self.r.rules, self._layout)
 
   def accumulate(self, params: Any, rest: Any, *, final: bool = True) -> metrics_lib.MetricAccumulator:
     """Token-weighted metric sums over the split's eval batches (global: the jit spans the mesh, so no

@@ -145,10 +145,10 @@ class MetricAccumulator:
     self.num_batches += 1
 
   def merge(self, other: MetricAccumulator) -> MetricAccumulator:
-    confusion = [c for c in (self.confusion, other.confusion) if c is not None]
+    confusions = [c for c in (self.confusion, other.confusion) if c is not None]
     return MetricAccumulator(*(getattr(self, k) + getattr(other, k) for k in SUM_KEYS),
                              num_batches=self.num_batches + other.num_batches,
-                             confusion=sum(confusion[1:], confusion[0]) if confusion else None)
+                             confusion=sum(confusions) if confusions else None)
 
   def merge_hosts(self) -> MetricAccumulator:
     """Sums the per-host accumulators of all processes (a no-op on one host); the confusion matrix too (every
@@ -160,9 +160,9 @@ class MetricAccumulator:
     local = np.array([getattr(self, k) for k in SUM_KEYS] + [self.num_batches] + confusion, dtype=np.float64)
     gathered = np.asarray(multihost_utils.process_allgather(local))  # [processes, len(SUM_KEYS) + 1 + C * C]
     total = gathered.reshape(-1, local.size).sum(axis=0)
-    n = len(SUM_KEYS) + 1
-    return MetricAccumulator(*map(float, total[:len(SUM_KEYS)]), num_batches=int(total[n - 1]),
-                             confusion=total[n:].reshape(self.confusion.shape) if confusion else None)
+    k = len(SUM_KEYS)
+    return MetricAccumulator(*map(float, total[:k]), num_batches=int(total[k]),
+                             confusion=total[k + 1:].reshape(self.confusion.shape) if confusion else None)
 
   def result(self, with_accuracy: bool = False) -> dict[str, float]:
     """loss (mean NLL per target token), perplexity, num_tokens; bits_per_byte / bits_per_char (and num_bytes /

@@ -56,15 +56,20 @@ def test_train_py_misspelt_eval_split_fails_at_start_up(tmp_path):
   assert not os.path.exists(os.path.join(tmp_path, 'metrics.jsonl'))
 
 
-def test_bad_final_eval_steps_is_one_line(tmp_path):
+@pytest.mark.parametrize('arg,expected', [
+    ('--config.train.final_eval_steps=-3', 'error: train.final_eval_steps=-3 must be a positive number of batches, '
+                                           '-1 (the whole split) or 0 (= train.eval_steps).'),
+    ('--config.train.eval_steps=0', 'error: train.eval_steps=0 must be a positive number of batches or -1 (the '
+                                    'whole split).'),
+    ('--config.decode.start_id=-2', "error: decode.start_id=-2 must be a token id >= 0, or -1 for the tokenizer's."),
+])
+def test_bad_eval_and_decode_values_are_one_line(tmp_path, arg, expected):
   out = subprocess.run(
-      [sys.executable, 'train.py', '--config=configs/gpt_tiny.py', f'--workdir={tmp_path}',
-       '--config.train.final_eval_steps=-3'], cwd=REPO, capture_output=True, text=True, timeout=120,
-      env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+      [sys.executable, 'train.py', '--config=configs/gpt_tiny.py', f'--workdir={tmp_path}', arg], cwd=REPO,
+      capture_output=True, text=True, timeout=120, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   lines = [line for line in out.stderr.splitlines() if line.strip()]
   assert out.returncode == 2 and len(lines) == 1 and 'Traceback' not in out.stderr, out.stderr
-  assert lines[0] == ('error: train.final_eval_steps=-3 must be a positive number of batches, -1 (the whole split) '
-                      'or 0 (= train.eval_steps).'), lines[0]
+  assert lines[0] == expected, lines[0]
 
 
 def test_unknown_recipe_variant_is_one_line(tmp_path):

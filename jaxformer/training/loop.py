@@ -24,9 +24,11 @@ DIR/metrics.jsonl rows (also TensorBoard scalars in DIR/tensorboard/):
     for encoder_decoder), target_tokens_per_sec (tokens that carry loss), step_time (s), mfu (model FLOPs
     utilisation, jaxformer.flops; None when the device's peak is unknown); train_objective when label smoothing
     or z-loss make the optimised objective differ from the cross-entropy.
-  eval rows, every train.eval_every steps (train.eval_steps batches) and at the end (train.final_eval_steps): step, eval_loss, eval_perplexity, eval_accuracy,
-    eval_tokens (model.head=classification: eval_loss, eval_accuracy, eval_macro_f1, eval_examples); eval_bits_per_byte and eval_bits_per_char (decoder_only / encoder_decoder: the eval NLL in bits
-    per UTF-8 byte / character of the scored target text, comparable across tokenizers).
+  eval rows, every train.eval_every steps (train.eval_steps batches) and at the end (train.final_eval_steps):
+    step, eval_loss, eval_perplexity, eval_accuracy, eval_tokens (model.head=classification: eval_loss,
+    eval_accuracy, eval_macro_f1, eval_examples); eval_bits_per_byte and eval_bits_per_char (decoder_only /
+    encoder_decoder: the eval NLL in bits per UTF-8 byte / character of the scored target text, comparable across
+    tokenizers).
 The first step (compilation) is excluded from throughput, and so is time spent evaluating and checkpointing.
 
 train.steps_per_call = k > 1 runs k steps per jitted call on k stacked batches (validate() requires log_every,
@@ -350,7 +352,7 @@ class Trainer:
     else:
       resume = f'no checkpoint was saved; start again with a lower learning rate (now {lr:g})'
     return errors.NonFiniteError(f'training diverged: loss or gradient norm not finite ({what}); stopped '
-                                      f'without saving it.', hint=resume + '.')
+                                 f'without saving it.', hint=resume + '.')
 
   def evaluate(self, step: int, *, final: bool) -> dict[str, float]:
     row = self.evaluator.training_row(self.state['params'], self.state['rngs'], final=final)
