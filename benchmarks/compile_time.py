@@ -24,13 +24,14 @@ from configs import default  # noqa: E402
 from jaxformer import sharding as shd  # noqa: E402
 from jaxformer.training import optimizer as opt_lib  # noqa: E402
 from jaxformer.training import step as step_lib  # noqa: E402
+from jaxformer.training import state as state_lib
 
 
 def lowered_train_step(config) -> jax.stages.Lowered:
   """The decoder_only train step of `config` lowered for its abstract state and a [batch, seq_len] batch."""
   mesh = shd.make_mesh(config)
   tx, schedule = opt_lib.make_optimizer(config.train)
-  setup = step_lib.make_setup(config, mesh, tx, schedule)
+  setup = state_lib.make_setup(config, mesh, tx, schedule)
   shape = (config.train.batch_size, config.data.seq_len)
   batch = {key: jax.ShapeDtypeStruct(shape, jax.numpy.int32) for key in ('tokens', 'targets')}
   return step_lib.make_train_step(config, setup).lower(setup.abstract_state, batch)

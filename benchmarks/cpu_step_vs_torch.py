@@ -124,10 +124,11 @@ def jaxformer_step_fn(config, steps_per_call=1):
   from jaxformer import sharding as shd
   from jaxformer.training import optimizer as opt_lib
   from jaxformer.training import step as step_lib
+  from jaxformer.training import state as state_lib
   mesh = shd.make_mesh(config)
   tx, schedule = opt_lib.make_optimizer(config.train)
-  setup = step_lib.make_setup(config, mesh, tx, schedule)
-  state = step_lib.init_state(config, setup)
+  setup = state_lib.make_setup(config, mesh, tx, schedule)
+  state = state_lib.initial_state(config, setup)
   train_step = step_lib.make_train_step(config, setup, steps_per_call)
   holder = {'state': state}
 

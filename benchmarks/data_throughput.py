@@ -72,14 +72,15 @@ def time_train_step(config, tokenizer, workdir: str, steps: int) -> dict[str, fl
   from jaxformer import sharding as shd  # pylint: disable=g-import-not-at-top
   from jaxformer.training import optimizer as opt_lib  # pylint: disable=g-import-not-at-top
   from jaxformer.training import step as step_lib  # pylint: disable=g-import-not-at-top
+  from jaxformer.training import state as state_lib
   config = config.copy_and_resolve_references()
   config.model.vocab_size = tokenizer.vocab_size
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
   mesh = shd.make_mesh(config, devices=jax.devices()[:1])
   rules = shd.rules_from_config(config)
   tx, schedule = opt_lib.make_optimizer(config.train)
-  setup = step_lib.make_setup(config, mesh, tx, schedule)
-  state = step_lib.init_state(config, setup)
+  setup = state_lib.make_setup(config, mesh, tx, schedule)
+  state = state_lib.initial_state(config, setup)
   train_step = step_lib.make_train_step(config, setup)
   it = data_lib.make_train_iterator(config, tokenizer, workdir)
   batches = [shd.shard_batch(next(it), mesh, rules) for _ in range(min(steps, 8))]

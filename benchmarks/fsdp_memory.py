@@ -29,6 +29,7 @@ from configs import default  # noqa: E402
 from jaxformer import sharding as shd  # noqa: E402
 from jaxformer.training import optimizer as opt_lib  # noqa: E402
 from jaxformer.training import step as step_lib  # noqa: E402
+from jaxformer.training import state as state_lib
 
 MIB = 2 ** 20
 MESHES = ((8, 1, 1), (4, 2, 1), (2, 4, 1), (1, 8, 1), (4, 1, 2), (2, 2, 2), (1, 4, 2))
@@ -82,7 +83,7 @@ def main() -> None:
     config = small_config(mesh_sizes, args.batch, args.seq_len, args.layout == 'scanned')
     mesh = shd.make_mesh(config)
     tx, schedule = opt_lib.make_optimizer(config.train)
-    setup = step_lib.make_setup(config, mesh, tx, schedule)
+    setup = state_lib.make_setup(config, mesh, tx, schedule)
     nbytes = state_bytes_per_device(setup.abstract_state)
     total = nbytes['params'] + nbytes['opt_state']
     base = base or total

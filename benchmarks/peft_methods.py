@@ -30,13 +30,15 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from configs import shakespeare_char  # noqa: E402
-from jaxformer import evaluation, peft  # noqa: E402
+from jaxformer import peft
+from jaxformer.apps import evaluate as evaluation  # noqa: E402
 from jaxformer import sharding as shd  # noqa: E402
 from jaxformer.resolve import resolve  # noqa: E402
 from jaxformer.training import checkpoint as ckpt_lib  # noqa: E402
 from jaxformer.training import optimizer as opt_lib  # noqa: E402
 from jaxformer.training import step as step_lib  # noqa: E402
-from jaxformer.training import run  # noqa: E402
+from jaxformer.training import state as state_lib
+from jaxformer.apps.train import run  # noqa: E402
 from jaxformer.training.writers import read_metrics  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..', 'shared', 'data')
@@ -82,7 +84,7 @@ def optimizer_bytes(config, workdir: str) -> int:
   """Bytes of the optimizer state a run holds (AdamW: two moments per trainable parameter, plus counters)."""
   r = resolve(config, workdir, training=False)
   tx, schedule = opt_lib.make_optimizer(r.config.train)
-  setup = step_lib.make_setup(r.config, r.mesh, tx, schedule)
+  setup = state_lib.make_setup(r.config, r.mesh, tx, schedule)
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(setup.abstract_state['opt_state']))
 
 
@@ -111,8 +113,8 @@ def main() -> None:
     evals = [r for r in rows if 'eval_loss' in r]
     times = [r['step_time'] for r in rows if r.get('step_time')]
     saved = ml_collections.ConfigDict(json.load(open(os.path.join(workdir, 'config.json'))))
-    model, _ = ckpt_lib.restore_model(workdir, saved, shd.make_mesh(saved))
-    total, trainable = peft.count_params(nnx.state(model, nnx.Param), config)
+    model, _ = state_lib.restore_model(workdir, saved, shd.make_mesh(saved))
+    total, trainable = peft.count_params(nnx.state(model, nnx.Param), config.peft)
     results.append(dict(name=name, lr=lr, eval_loss=evals[-1]['eval_loss'], trainable=trainable, total=total,
                         ckpt=dir_bytes(os.path.join(ckpt_lib.checkpoint_dir(workdir), str(args.adapt_steps))),
                         opt=optimizer_bytes(config, workdir), step_time=float(np.median(times))))

@@ -34,6 +34,7 @@ from jaxformer import sharding as shd  # noqa: E402
 from jaxformer.config import ModelConfig, validate  # noqa: E402
 from jaxformer.training import optimizer as opt_lib  # noqa: E402
 from jaxformer.training import step as step_lib  # noqa: E402
+from jaxformer.training import state as state_lib
 
 
 def _row_configs(on_cpu: bool, dtype: str | None):
@@ -82,8 +83,8 @@ def bench(config, steps: int, warmup: int) -> dict:
   validate(config)
   mesh = shd.make_mesh(config, jax.devices()[:1])
   tx, schedule = opt_lib.make_optimizer(config.train)
-  setup = step_lib.make_setup(config, mesh, tx, schedule)
-  state = step_lib.init_state(config, setup)
+  setup = state_lib.make_setup(config, mesh, tx, schedule)
+  state = state_lib.initial_state(config, setup)
   train_step = step_lib.make_train_step(config, setup)
   rng = np.random.default_rng(0)
   batches = [jax.device_put(_batch(config, rng)) for _ in range(2)]

@@ -217,16 +217,16 @@ def _guarded(fn: Callable[[], Any]) -> Any:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """train.py's one call: jaxformer.training.run behind the user-error boundary. Ctrl-C saves a checkpoint (like
+  """train.py's one call: jaxformer.apps.train.run behind the user-error boundary. Ctrl-C saves a checkpoint (like
   SIGTERM) and then exits with status 130."""
-  from jaxformer import training  # late: keeps train.py --help fast
-  result = guarded(lambda: training.run(config, workdir))
+  from jaxformer.apps import train as train_app  # late: keeps train.py --help fast
+  result = guarded(lambda: train_app.run(config, workdir))
   if result.get('stopped_by') == 'SIGINT':
     sys.exit(130)
   return result
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, argv: Sequence[str], **kwargs: Any) -> dict[str, Any]:
-  """eval.py's one call: jaxformer.evaluation.run behind the user-error boundary; argv gives the overrides."""
-  from jaxformer import evaluation  # late: keeps eval.py --help fast
-  return guarded(lambda: evaluation.run(config, workdir, overrides=explicit_overrides(argv), **kwargs))
+  """eval.py's one call: jaxformer.apps.evaluate.run behind the user-error boundary; argv gives the overrides."""
+  from jaxformer.apps import evaluate as eval_app  # late: keeps eval.py --help fast
+  return guarded(lambda: eval_app.run(config, workdir, overrides=explicit_overrides(argv), **kwargs))

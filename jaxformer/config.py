@@ -11,6 +11,7 @@ import ml_collections
 
 from jaxformer import data as data_lib
 from jaxformer import decoding
+from jaxformer import heads
 from jaxformer import metrics
 from jaxformer import peft
 from jaxformer.errors import ConfigError, check_choice, check_fraction, check_positive
@@ -23,7 +24,7 @@ DISTRIBUTED = ('auto', 'on', 'off')
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks the whole config before anything expensive happens."""
+  """Checks the whole config (every key present: settings.fill) before anything expensive happens."""
   validate_model(config.model)
   peft.validate(config)
   data, train, mesh, decode = config.data, config.train, config.mesh, config.decode
@@ -39,10 +40,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'data.tokenizer={data.tokenizer!r}: ' + (
         f'use {tokenizer_kind}:<directory> (a tokenizer.json directory)' if not tokenizer_arg else
         f'{tokenizer_kind} is trained on the data and takes no argument; use data.tokenizer={tokenizer_kind}') + '.')
-  check_choice('data.objective', data.get('objective', 'split_middle'), data_lib.OBJECTIVES)
-  sampling = data.get('sampling', 'streams')  # configs saved before the key existed read as streams
-  check_choice('data.sampling', sampling, data_lib.SAMPLINGS)
-  if sampling == 'random_windows' and config.model.arch == 'encoder_decoder':
+  check_choice('data.objective', data.objective, data_lib.OBJECTIVES)
+  check_choice('data.sampling', data.sampling, data_lib.SAMPLINGS)
+  if data.sampling == 'random_windows' and config.model.arch == 'encoder_decoder':
     raise ConfigError('data.sampling=random_windows cuts windows from one token stream, which does not apply to '
                       'model.arch=encoder_decoder; use data.sampling=streams.')
   for key in ('seq_len', 'src_seq_len'):
@@ -53,11 +53,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f'data.seq_len/src_seq_len={longest} exceeds model.max_len={config.model.max_len}; '
         'raise model.max_len or lower the data lengths.')
   check_fraction('data.mask_rate', data.mask_rate)
-  if config.model.get('head', 'lm') == 'classification':
-    if kind != 'jsonl':
-      raise ConfigError(f'model.head=classification reads labelled examples, which data.source={data.source!r} does '
-                        'not have; use data.source=jsonl:<file or {split} pattern> with text (or text_a / text_b) '
-                        'and label fields.')
+  examples = heads.head_of(config.model).examples
+  if kind not in data_lib.EXAMPLE_KINDS[examples]:
+    raise ConfigError(f'model.head={config.model.head} reads {examples} examples, which data.source={data.source!r} '
+                      f'does not have; use data.source={data_lib.EXAMPLE_KINDS[examples][0]}:<file or {{split}} '
+                      'pattern> (see README: Data).')
+  if examples == 'labelled':
     names = data_lib.label_names(config)
     if len(names) > config.model.num_classes:
       raise ConfigError(f'data.label_names has {len(names)} names but model.num_classes={config.model.num_classes}; '
@@ -72,7 +73,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check_positive('train.warmup_steps', train.warmup_steps, allow_zero=True)
   for key, allowed in (('eval_steps', 'a positive number of batches or -1 (the whole split)'),
                        ('final_eval_steps', 'a positive number of batches, -1 (the whole split) or 0 (= train.eval_steps)')):
-    value = train.get(key, 0)
+    value = train[key]
     if not isinstance(value, int) or value < -1 or (value == 0 and key == 'eval_steps'):
       raise ConfigError(f'train.{key}={value!r} must be {allowed}.')
   if train.batch_size % train.grad_accum_steps:
@@ -83,7 +84,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   check_positive('checkpoint.every_steps', config.checkpoint.every_steps)
   check_positive('checkpoint.keep', config.checkpoint.keep)
-  k = train.get('steps_per_call', 1)
+  k = train.steps_per_call
   check_positive('train.steps_per_call', k)
   if k > 1:
     bad = [f'{name}={value}' for name, value in (('train.log_every', train.log_every),
@@ -106,14 +107,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check_positive('decode.beam_size', decode.beam_size)
   check_positive('decode.max_len', decode.max_len)
   check_positive('decode.top_k', decode.top_k, allow_zero=True)
-  for key in ('eos_id', 'start_id'):  # configs saved before the keys existed use the jaxformer tokenizers' ids
-    if key in decode and (not isinstance(decode[key], int) or decode[key] < -1):
+  for key in ('eos_id', 'start_id'):
+    if not isinstance(decode[key], int) or decode[key] < -1:
       raise ConfigError(f'decode.{key}={decode[key]!r} must be a token id >= 0, or -1 for the tokenizer\'s.')
   if not 0.0 < decode.top_p <= 1.0:
     raise ConfigError(f'decode.top_p={decode.top_p!r} must be in (0, 1]; 1.0 turns nucleus sampling off.')
   if decode.temperature < 0:
     raise ConfigError(f'decode.temperature={decode.temperature!r} must be >= 0 (0 = greedy).')
-  if decode.get('bleu_tokenize', '') not in metrics.BLEU_TOKENIZE_CHOICES:
+  if decode.bleu_tokenize not in metrics.BLEU_TOKENIZE_CHOICES:
     raise ConfigError(f'decode.bleu_tokenize={decode.bleu_tokenize!r} is not valid; use one of '
                       f'{", ".join(c for c in metrics.BLEU_TOKENIZE_CHOICES if c)}, or \'\' to follow data.tgt_lang.')
-  check_positive('decode.bleu_max_ngram', decode.get('bleu_max_ngram', 4))
+  check_positive('decode.bleu_max_ngram', decode.bleu_max_ngram)

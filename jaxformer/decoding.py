@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx, struct
 from jax.experimental import multihost_utils
 
+from jaxformer import settings as settings_lib
 from jaxformer.special_tokens import BOS_ID, EOS_ID, PAD_ID
 
 NEG_INF = -1.0e7  # finite, so sums of "impossible" scores never turn into nan
@@ -44,35 +45,47 @@ NEG_INF = -1.0e7  # finite, so sums of "impossible" scores never turn into nan
 
 @dataclasses.dataclass(frozen=True)
 class DecodeSettings:
-  """config.decode as a hashable value (a static jit argument). max_len counts new tokens only."""
-  method: str = 'greedy'
-  beam_size: int = 4
-  length_penalty: float = 0.6
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
-  max_len: int = 64
-  eos_id: int = EOS_ID
-  start_id: int = BOS_ID  # the first decoder token when no prompt is given (T5 starts from its pad id, 0)
+  """config.decode's decoding parameters as a hashable value (a static jit argument). max_len counts new tokens
+  only. Every field is given: the run's come from its decode section (one default each, configs/default.py)."""
+  method: str
+  beam_size: int
+  length_penalty: float
+  temperature: float
+  top_k: int
+  top_p: float
+  max_len: int
+  eos_id: int
+  start_id: int  # the first decoder token when no prompt is given (T5 starts from its pad id, 0)
 
   @classmethod
   def from_config(cls, decode: Any, **overrides: Any) -> DecodeSettings:
-    """From config.decode (a ConfigDict or mapping); keyword overrides win."""
-    values = {f.name: decode[f.name] for f in dataclasses.fields(cls) if f.name in decode}
+    """From a decode section (typed settings or a ConfigDict); keyword overrides win."""
+    values = {f.name: getattr(decode, f.name) for f in dataclasses.fields(cls)}
     values.update(overrides)
     settings = cls(**values)
     if settings.method not in METHODS:  # the registry at the end of this file
       raise ValueError(f'decode.method={settings.method!r} is not one of {", ".join(METHODS)}.')
     return settings
 
+  @classmethod
+  def of(cls, **overrides: Any) -> DecodeSettings:
+    """configs/default.py's decode section with `overrides`, its -1 ids read as the jaxformer tokenizers' (EOS,
+    BOS), as resolve reads them for those tokenizers: for calling the decoder outside a run (tools, tests)."""
+    return cls.from_config(settings_lib.default_config().decode, **{'eos_id': EOS_ID, 'start_id': BOS_ID, **overrides})
+
   def canonical(self) -> DecodeSettings:
-    """Resets the fields this method ignores, so e.g. greedy with another top_p reuses the compiled program."""
-    default = DecodeSettings()
+    """Resets the fields this method ignores to IGNORED, so e.g. greedy with another top_p reuses the program."""
     if self.method == 'beam':
-      return dataclasses.replace(self, temperature=default.temperature, top_k=default.top_k, top_p=default.top_p)
+      return dataclasses.replace(self, temperature=IGNORED['temperature'], top_k=IGNORED['top_k'],
+                                 top_p=IGNORED['top_p'])
     if self.method == 'greedy' or self.temperature == 0:
-      return DecodeSettings(method='greedy', max_len=self.max_len, eos_id=self.eos_id, start_id=self.start_id)
-    return dataclasses.replace(self, beam_size=default.beam_size, length_penalty=default.length_penalty)
+      return DecodeSettings(method='greedy', max_len=self.max_len, eos_id=self.eos_id, start_id=self.start_id,
+                            **IGNORED)
+    return dataclasses.replace(self, beam_size=IGNORED['beam_size'], length_penalty=IGNORED['length_penalty'])
+
+
+# what canonical() puts in the fields a method does not read (values that turn each option off)
+IGNORED = {'beam_size': 1, 'length_penalty': 0.0, 'temperature': 1.0, 'top_k': 0, 'top_p': 1.0}
 
 
 def brevity_penalty(length: jax.Array, alpha: float) -> jax.Array:
@@ -344,7 +357,7 @@ def greedy(model: nnx.Module, prompt: Any = None, *, max_new_tokens: int, prompt
            src_tokens: Any = None, eos_id: int = EOS_ID, start_id: int = BOS_ID) -> jax.Array:
   """Argmax decoding -> new tokens [B, max_new_tokens], 0 after EOS (EOS itself is kept). 0 can be a real token
   (GPT-2's '!'): cut a row at its first eos_id, not at 0 (evaluation does)."""
-  settings = DecodeSettings(method='greedy', max_len=max_new_tokens, eos_id=eos_id, start_id=start_id)
+  settings = DecodeSettings(method='greedy', max_len=max_new_tokens, eos_id=eos_id, start_id=start_id, **IGNORED)
   return sample(model, prompt, None, settings=settings, prompt_lengths=prompt_lengths, src_tokens=src_tokens)
 
 

@@ -6,8 +6,8 @@ cost nothing and are not counted) and attention adds 12 * layers * heads * head_
 2 FLOPs per multiply-add, x3 for forward + backward). Causal masking is not discounted, as in PaLM/MaxText.
 encoder_decoder counts both stacks over their own lengths: the encoder over src_seq_len tokens, the decoder over
 seq_len tokens, cross-attention over src_seq_len keys, and the cross-attention key/value projections over the
-encoder tokens. model.head=classification has no logits projection: its classifier (and pooler) sees one pooled
-vector per row. The counts are from the config, so they are the same on every backend.
+encoder tokens. The output layer is counted by the model's head (heads/: output_flops; a classifier sees one pooled
+vector per row, no logits projection). The counts are from the config, so they are the same on every backend.
 
 Peaks are dense per-device FLOP/s by device kind and compute dtype. float32 on NVIDIA uses the TF32 figure (XLA's
 default matmul precision there); TPUs run float32 matmuls as bf16 passes by default, so they use the bf16 figure.
@@ -21,6 +21,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from jaxformer import heads
 from jaxformer.model import layers
 from jaxformer.model.config import ModelConfig
 
@@ -56,26 +57,20 @@ def _mlp_weights(cfg: ModelConfig) -> int:
 
 def train_flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int, src_seq_len: int | None = None) -> float:
   """Model FLOPs of one training step (forward + backward) on a [batch_size, seq_len] batch."""
-  d, vocab = cfg.d_model, cfg.vocab_size
+  d = cfg.d_model
   qk = cfg.num_heads * cfg.head_dim  # width of QK^T and AV (= d_model unless model.head_dim is set)
   attn, mlp = _attn_weights(cfg), _mlp_weights(cfg)
-  logits = d * vocab
   if cfg.arch == 'encoder_decoder':
     src = src_seq_len or seq_len
     kv = 2 * d * cfg.num_kv_heads * cfg.head_dim
     enc_per_token = 6 * cfg.num_layers * (attn + mlp) + 12 * cfg.num_layers * qk * src
     enc_per_token += 6 * cfg.num_decoder_layers * kv  # cross-attention keys/values of the encoder output
-    dec_per_token = (6 * cfg.num_decoder_layers * (attn + (attn - kv) + mlp) + 6 * logits
+    dec_per_token = (6 * cfg.num_decoder_layers * (attn + (attn - kv) + mlp)
                      + 12 * cfg.num_decoder_layers * qk * (seq_len + src))
-    return float(batch_size * (src * enc_per_token + seq_len * dec_per_token))
-  layers = cfg.num_layers
-  if cfg.head == 'classification':  # no logits: one pooled vector per row through (BERT's pooler and) the classifier
-    per_token = 6 * layers * (attn + mlp) + 12 * layers * qk * seq_len
-    return float(batch_size * (seq_len * per_token + 6 * d * (cfg.num_classes + (d if cfg.pooler else 0))))
-  per_token = 6 * layers * (attn + mlp) + 6 * logits + 12 * layers * qk * seq_len
-  if cfg.arch == 'encoder_only':
-    per_token += 6 * d * d  # the masked-LM head's dense transform
-  return float(batch_size * seq_len * per_token)
+    trunk = batch_size * (src * enc_per_token + seq_len * dec_per_token)
+  else:
+    trunk = batch_size * seq_len * (6 * cfg.num_layers * (attn + mlp) + 12 * cfg.num_layers * qk * seq_len)
+  return float(trunk + heads.head_of(cfg).output_flops(cfg, batch_size, seq_len))
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, src_seq_len: int | None = None) -> float:

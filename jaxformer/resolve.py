@@ -1,7 +1,8 @@
-"""resolve(config, workdir): the one place a run's derived settings are filled in and its config is checked.
+"""resolve(config, workdir): the one place a run's config is filled, checked, typed and its derived values set.
 
-train.py and eval.py both start here, so the config is validated once, model.vocab_size is taken from the
-tokenizer once, the eval batch size is worked out once and the ModelConfig is built once. The data source is
+train.py and eval.py both start here, so every key gets its one default (configs/default.py) once, the config is
+validated once, model.vocab_size is taken from the tokenizer once, the eval batch size is worked out once, and the
+library receives typed, frozen settings (jaxformer/settings.py). The data source is
 opened here too and the splits the run will read are checked before step 1, so a misspelt data.eval_split is a
 one-line error at start-up rather than a surprise at the first evaluation.
 """
@@ -19,7 +20,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from jaxformer import compilation_cache, data as data_lib
-from jaxformer import peft as peft_lib
+from jaxformer import settings as settings_lib
 from jaxformer import sharding as shd
 from jaxformer.config import ConfigError, ModelConfig, validate
 from jaxformer.model import config as model_config
@@ -34,8 +35,8 @@ TRAINING_SPLITS = ('train_split', 'eval_split')  # the data.* keys a training ru
 @dataclasses.dataclass(frozen=True)
 class Resolved:
   """Everything a run derives from (config, workdir) before touching parameters."""
-  config: ml_collections.ConfigDict  # a private copy, model.vocab_size filled in
-  model: ModelConfig
+  config: settings_lib.Settings  # every key filled, model.vocab_size and the decode ids set
+  model: ModelConfig  # = config.model
   workdir: str  # absolute
   source: data_lib.Source
   tokenizer: data_lib.Tokenizer
@@ -54,9 +55,9 @@ def fill_decode_ids(config: ml_collections.ConfigDict, tokenizer: Any) -> None:
   every target (encoder_decoder: tokenizer.decoder_start_id, T5's pad 0) or BOS (decoder_only; EOS when there is
   none, as GPT-2). One source for the ids, so decoding cannot start from another token than training did."""
   decode = config.decode
-  if decode.get('eos_id', 0) == -1:
+  if decode.eos_id == -1:
     decode.eos_id = int(tokenizer.eos_id)
-  if decode.get('start_id', 0) == -1:
+  if decode.start_id == -1:
     if config.model.arch == 'encoder_decoder':
       decode.start_id = int(tokenizer.decoder_start_id)
     else:
@@ -114,62 +115,77 @@ def check_train_values(config: ml_collections.ConfigDict) -> None:
   _number('train.eps', train.eps, low=0)
   _number('train.grad_clip_norm', train.grad_clip_norm, low=0)
   _number('train.z_loss', train.z_loss, low=0)
-  max_bad = train.get('max_bad_steps', 1)
+  max_bad = train.max_bad_steps
   if not isinstance(max_bad, int) or max_bad < 1:
     raise ConfigError(f'train.max_bad_steps={max_bad!r} must be a positive integer.')
 
 
 def checked_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A private, unlocked copy of `config`, validated (once) on a process ready to touch devices."""
-  config = ml_collections.ConfigDict(config.to_dict())
+  """A private, unlocked copy of `config` with every key (configs/default.py's values under it), validated (once)
+  on a process ready to touch devices."""
+  config = settings_lib.fill(config)
   host_memory.keep_freed_memory()  # XLA:CPU's per-call temp buffers: no page faults every step
   shd.maybe_initialize_distributed(config)  # before anything touches a device
   validate(config)
-  compilation_cache.enable(config.train.get('compilation_cache_dir', compilation_cache.DEFAULT_DIR))  # pre-compile
+  compilation_cache.enable(config.train.compilation_cache_dir)  # before anything compiles
   check_train_values(config)
   return config
 
 
+Difference = tuple[str, Any, Any]  # (dotted key, the saved run's value, this config's)
+
+
+def saved_run_differences(config: Any, saved: dict) -> tuple[list[Difference], list[Difference]]:
+  """The one comparison of a config with a saved run: (differences that make it another model, execution keys that
+  changed). model.scan_layers is a layout, not another model (the checkpoint converts on restore); model.vocab_size
+  0 means "the tokenizer's"; the execution keys (model.dtype, attention_impl, remat: model/config.py
+  EXECUTION_KEYS) may change; train.optimizer and train.skip_bad_steps decide the optimizer state's layout."""
+  saved = settings_lib.upgrade_saved(saved)
+  differ, changed = [], []
+  for key in saved.model.keys():
+    value, old = getattr(config.model, key), saved.model[key]
+    if (key == 'vocab_size' and not value) or key in layout_convert.LAYOUT_KEYS:
+      continue
+    if (list(old) if isinstance(old, (list, tuple)) else old) != (list(value) if isinstance(value, tuple) else value):
+      (changed if key in model_config.EXECUTION_KEYS else differ).append((f'model.{key}', old, value))
+  for key in ('optimizer', 'skip_bad_steps'):
+    if saved.train[key] != getattr(config.train, key):
+      differ.append((f'train.{key}', saved.train[key], getattr(config.train, key)))
+  return differ, changed
+
+
+def describe(differences: Sequence[Difference]) -> str:
+  return '; '.join(f'{key}={old!r} there, {new!r} here' for key, old, new in differences)
+
+
 def check_saved_run(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """A workdir with checkpoints holds one model: a config whose model section (or optimizer state layout:
-  train.optimizer, train.skip_bad_steps) differs is refused before anything is written (WorkdirError naming the
-  keys). model.scan_layers is a layout, not another model: the checkpoint is converted on restore; the execution
-  keys (model.dtype, attention_impl, remat: model/config.py EXECUTION_KEYS) may change too (a line says so)."""
+  """A workdir with checkpoints holds one model: a config whose model section (or optimizer state layout) differs
+  is refused before anything is written (WorkdirError naming the keys; saved_run_differences). A changed execution
+  key is a note."""
   step = ckpt_lib.latest_step(workdir)
   saved = ckpt_lib.saved_config(workdir, step) if step is not None else None
   if not saved:
     return
-  saved_model = saved.get('model', {})
-  differ, changed = [], []
-  for key, value in config.model.items():
-    if key not in saved_model or (key == 'vocab_size' and not value) or key in layout_convert.LAYOUT_KEYS:
-      continue
-    old = saved_model[key]
-    if (list(old) if isinstance(old, (list, tuple)) else old) != (list(value) if isinstance(value, tuple) else value):
-      (changed if key in model_config.EXECUTION_KEYS else differ).append(f'model.{key}={old!r} there, {value!r} here')
-  for key in ('optimizer', 'skip_bad_steps'):  # they decide the optimizer state's layout in the checkpoint
-    old, new = saved.get('train', {}).get(key, False if key == 'skip_bad_steps' else None), config.train.get(key)
-    if old is not None and old != new:
-      differ.append(f'train.{key}={old!r} there, {new!r} here')
-  old_layout, new_layout = bool(saved_model.get('scan_layers', False)), bool(config.model.get('scan_layers', False))
-  if old_layout != new_layout and peft_lib.is_active(config) and not str(config.checkpoint.get('init_from', '')):
+  differ, changed = saved_run_differences(config, saved)
+  old_layout = bool(settings_lib.upgrade_saved(saved).model.scan_layers)
+  if old_layout != bool(config.model.scan_layers) and config.peft.method != 'none' and not config.checkpoint.init_from:
     raise WorkdirError(
         f'--workdir={workdir} holds a PEFT run whose base is the seed\'s initialisation (checkpoint.init_from=\'\'), '
         f'which differs between layouts; resume it with model.scan_layers={old_layout}, or use a new --workdir.')
   if changed and not differ:
     if jax.process_index() == 0:
-      print(f'note: resuming {workdir} with another execution setting ({"; ".join(changed)}); the parameters are '
+      print(f'note: resuming {workdir} with another execution setting ({describe(changed)}); the parameters are '
             'the same.', flush=True)
   if differ:
     raise WorkdirError(
-        f'--workdir={workdir} holds checkpoints of another model ({"; ".join(differ[:3])}); use a new --workdir, '
+        f'--workdir={workdir} holds checkpoints of another model ({describe(differ[:3])}); use a new --workdir, '
         'or the model settings it was trained with to resume.')
 
 
 def inherit_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> None:
   """checkpoint.init_from=<jaxformer workdir>: this run takes that run's cached tokenizer (when it has none yet),
   so the ids are the ones the pretrained model knows (data/tokenizers.py `inherit`)."""
-  base = str(config.checkpoint.get('init_from', '') or '')
+  base = str(config.checkpoint.init_from)
   if base and not base.startswith('hf:'):  # every process, as get_tokenizer builds on every one (atomic copy)
     data_lib.inherit_tokenizer(os.path.expanduser(base), workdir, config)
 
@@ -210,18 +226,19 @@ def resolve(config: ml_collections.ConfigDict, workdir: str, *, training: bool,
   inherit_tokenizer(config, workdir)
   if training:
     check_tokenizer_cache(config, workdir)
-  source = data_lib.get_source(config, workdir)
+  typed = settings_lib.from_config(config)  # the data library reads typed settings too (vocab_size still 0)
+  source = data_lib.get_source(typed, workdir)
   if splits is None:
     splits = [config.data[key] for key in TRAINING_SPLITS] if training else []
   check_splits(config, source, splits)
-  tokenizer = data_lib.get_tokenizer(config, workdir, source=source)
-  unknown = data_lib.unknown_characters(config, tokenizer, source, splits)  # may raise: data.max_unk_fraction
+  tokenizer = data_lib.get_tokenizer(typed, workdir, source=source)
+  unknown = data_lib.unknown_characters(typed, tokenizer, source, splits)  # may raise: data.max_unk_fraction
   if unknown and jax.process_index() == 0:
     print(unknown, flush=True)
   fill_vocab_size(config, tokenizer)
   fill_decode_ids(config, tokenizer)
-  model = ModelConfig.from_config(config.model)
-  mesh = shd.make_mesh(config)
-  rules = shd.rules_from_config(config)
-  check_batch_sizes(config, mesh, rules, training=training)
-  return Resolved(config, model, workdir, source, tokenizer, mesh, rules, eval_batch_size(config))
+  settings = settings_lib.from_config(config)
+  mesh = shd.make_mesh(settings)
+  rules = shd.rules_from_config(settings)
+  check_batch_sizes(settings, mesh, rules, training=training)
+  return Resolved(settings, settings.model, workdir, source, tokenizer, mesh, rules, eval_batch_size(settings))

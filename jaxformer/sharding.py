@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxformer.config import ConfigError
+from jaxformer.errors import ConfigError
 from jaxformer.data.layout import DataLayout
 from jaxformer.logical import logical_to_spec  # defined there: the model constrains activations with it too
 
@@ -76,7 +76,7 @@ def maybe_initialize_distributed(config) -> bool:
 # ----------------------------------------------------------------------------------------------------- mesh
 def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
   """Resolves config.mesh.{data,fsdp,tensor} (one of them may be -1 = the remaining devices)."""
-  sizes = [config.mesh[a] for a in MESH_AXES]
+  sizes = [getattr(config.mesh, a) for a in MESH_AXES]
   if sizes.count(-1) > 1:
     raise ConfigError('only one of mesh.data, mesh.fsdp, mesh.tensor may be -1 (the remaining devices).')
   if -1 in sizes:

@@ -16,6 +16,7 @@ from conftest import REPO
 from configs import gpt_tiny
 from jaxformer import sharding as shd
 from jaxformer.training import step
+from jaxformer.training import state as state_lib
 
 STEP_SCRIPT = textwrap.dedent('''
     import sys
@@ -34,8 +35,8 @@ STEP_SCRIPT = textwrap.dedent('''
       config.mesh.update(**mesh)
       m = shd.make_mesh(config)
       tx, schedule = optimizer.make_optimizer(config.train)
-      setup = step.make_setup(config, m, tx, schedule)
-      state = step.init_state(config, setup)
+      setup = state_lib.make_setup(config, m, tx, schedule)
+      state = state_lib.initial_state(config, setup)
       t = np.random.default_rng(0).integers(1, 64, size=(8, 17)).astype(np.int32)
       batch = shd.shard_batch({'tokens': t[:, :-1], 'targets': t[:, 1:]}, m, setup.rules)
       state, metrics = step.make_train_step(config, setup)(state, batch)
@@ -64,7 +65,7 @@ def test_sharded_step_has_no_full_rematerialisation_and_equals_one_device():
 
 def hidden_constraints(config, mesh_sizes):
   """The number of sharding constraints in the lowered forward pass, with or without a mesh context."""
-  model = step.build_model(config)
+  model = state_lib.build_model(config)
   graphdef, state = nnx.split(model)
   forward = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))
   tokens = jnp.ones((8, 16), jnp.int32)
@@ -92,7 +93,7 @@ def test_scanned_params_shard_as_the_rules_say_with_layers_unsharded():
   config.model.update(vocab_size=64, d_model=32, num_heads=4, d_ff=64, num_layers=3, max_len=16, scan_layers=True)
   config.mesh.update(data=2, fsdp=2, tensor=2)
   mesh = shd.make_mesh(config)
-  abstract = nnx.state(nnx.eval_shape(lambda: step.build_model(config)), nnx.Param)
+  abstract = nnx.state(nnx.eval_shape(lambda: state_lib.build_model(config)), nnx.Param)
   shardings = shd.state_shardings(abstract, mesh, shd.rules_from_config(config))
   layers = shardings['decoder']['blocks']['layers']
   assert layers['attn']['query'].get_value().spec == P(None, 'fsdp', 'tensor', None)

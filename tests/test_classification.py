@@ -16,10 +16,14 @@ from flax import nnx
 
 from configs import default
 from jaxformer import data as D
-from jaxformer import evaluation, hf, metrics, peft, resolve
+from jaxformer import hf, metrics, peft, resolve
+from jaxformer.apps import evaluate as evaluation
 from jaxformer import sharding as shd
-from jaxformer.model import build_model, heads
-from jaxformer.training import run, step
+from jaxformer import heads
+from jaxformer.model import build_model
+from jaxformer.training import step
+from jaxformer.training import state as state_lib
+from jaxformer.apps.train import run
 from tests.test_sharding import setup_for
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -281,8 +285,8 @@ def test_peft_trains_the_classifier_under_every_method():
   config = default.get_config()
   config.model.update(tiny_model_section(pooler=True))
   config.peft.update(method='lora', targets='attention')
-  abstract = nnx.eval_shape(lambda: step.build_model(config))
-  trainable = nnx.to_flat_state(peft.trainable(nnx.state(abstract, nnx.Param), config))
+  abstract = nnx.eval_shape(lambda: state_lib.build_model(config))
+  trainable = nnx.to_flat_state(peft.trainable(nnx.state(abstract, nnx.Param), config.peft))
   names = {'.'.join(map(str, path)) for path, _ in trainable}
   assert {'classifier.kernel', 'classifier.bias', 'classifier.pooler', 'classifier.pooler_bias'} <= names
   assert not any(n.startswith('encoder.') and 'lora' not in n for n in names), names
@@ -321,7 +325,7 @@ def test_a_classifier_starts_from_a_jaxformer_masked_lm_run(masked_lm_run, metho
   config = resolve.resolve(config, str(tmp_path / 'cls'), training=True).config  # vocab: the base's tokenizer
   _, state = setup_for(config)
   params = _flat(peft.base_params(state['params']))
-  seed_init = _flat(peft.base_params(nnx.state(step.build_model(config), nnx.Param)))
+  seed_init = _flat(peft.base_params(nnx.state(state_lib.build_model(config), nnx.Param)))
   shared = sorted(set(params) & set(base))
   assert shared and all(k.startswith(('encoder.', 'embed')) or 'embed' in k for k in shared), shared
   for k in shared:

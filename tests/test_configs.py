@@ -73,6 +73,8 @@ def test_head_dim_lifts_the_divisibility_rule_and_saved_configs_without_new_keys
               'output_scale', 'relative_num_buckets', 'relative_max_distance'):
     del config.model[key]
   del config.decode['eos_id'], config.decode['start_id']
+  from jaxformer import settings  # saved configs are read through the one upgrade path
+  config = settings.upgrade_saved(config.to_dict())
   validate(config)
   cfg = ModelConfig.from_config(config.model)
   assert (cfg.head_dim, cfg.pad_id, cfg.attention_scale, cfg.output_scale) == (32, 0, -1.0, 1.0)

@@ -8,7 +8,7 @@ from conftest import REPO
 _SCRIPT = r'''
 import os, signal, threading, time
 import numpy as np
-from jaxformer.training.loop import _StopFlag
+from jaxformer.apps.train import _StopFlag
 
 flag = _StopFlag()
 flag.install()

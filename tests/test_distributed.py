@@ -68,7 +68,7 @@ def test_two_process_run_matches_single_process(tmp_path):
   assert '2 process(es)' in outputs[0]
 
   # the same config in this process on 4 of the 8 test devices, no jax.distributed
-  from jaxformer.training import run
+  from jaxformer.apps.train import run
   single = str(tmp_path / 'single')
   config = _config()
   config.mesh.update(data=4, distributed='off')
@@ -117,14 +117,14 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits_0(tmp_path):
   config = checkpoint.saved_config(workdir)
   import ml_collections
   config = ml_collections.ConfigDict(config)
-  model, restored = checkpoint.restore_model(workdir, config, shd.make_mesh(config))
+  model, restored = state.restore_model(workdir, config, shd.make_mesh(config))
   assert restored == step
 
 
 def _worker(workdir: str) -> None:
   import jax
   jax.config.update('jax_compilation_cache_dir', CACHE)
-  from jaxformer.training import run
+  from jaxformer.apps.train import run
   result = run(_config(), workdir)
   assert result['step'] == STEPS, result
 

@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxformer import decoding, evaluation
+from jaxformer import decoding
+from jaxformer.apps import evaluate as evaluation
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -49,7 +50,7 @@ def as_cli(overrides):
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
   """recipe -> workdir of a finished 4-step run (checkpoints at steps 2 and 4, evals logged at both)."""
-  from jaxformer import training
+  from jaxformer.apps import train as training
   cache = {}
 
   def get(recipe):
@@ -225,7 +226,7 @@ def test_generate_cli_names_prompt_characters_outside_the_vocabulary(trained):
 def test_periodic_evals_estimate_and_the_final_one_scores_train_final_eval_steps(tmp_path):
   """train.eval_steps batches every eval_every steps, train.final_eval_steps (-1: the whole split) at the last step;
   eval.py scores like the final evaluation, and an explicit --config.train.eval_steps scores like a periodic one."""
-  from jaxformer import training
+  from jaxformer.apps import train as training
   overrides = {'mesh.data': 1, 'mesh.fsdp': 1, 'mesh.tensor': 1, 'train.eval_steps': 1, 'train.final_eval_steps': -1}
   config = recipe_config('gpt_tiny', **overrides)
   training.run(config, str(tmp_path))

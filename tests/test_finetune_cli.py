@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from jaxformer.training import run
+from jaxformer.apps.train import run
 from tests.test_train import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -347,8 +347,8 @@ def test_init_from_takes_only_the_parameters(tmp_path):
   config.mesh.update(data=2, fsdp=2, tensor=2)
   mesh = shd.make_mesh(config)
   tx, schedule = optimizer.make_optimizer(config.train)
-  setup = step_lib.make_setup(config, mesh, tx, schedule)
-  state = step_lib.init_state(config, setup)  # a fresh start reads checkpoint.init_from's parameters
+  setup = state_lib.make_setup(config, mesh, tx, schedule)
+  state = state_lib.initial_state(config, setup)  # a fresh start reads checkpoint.init_from's parameters
   got = {hf._path(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(state['params'])[0]}
   want = hf.model_params(pretrained)
   assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
@@ -361,14 +361,14 @@ def test_init_from_takes_only_the_parameters(tmp_path):
 
 def test_init_from_with_contradicting_override_is_one_line(tmp_path):
   from jaxformer import sharding as shd  # pylint: disable=g-import-not-at-top
-  from jaxformer.training import init_from  # pylint: disable=g-import-not-at-top
+  from jaxformer.training import state as state_lib  # pylint: disable=g-import-not-at-top
   section = tiny_section()
   hf.save(random_model(section), section, str(tmp_path / 'ckpt'))
   config = default.get_config()
   config.model = tiny_section(num_kv_heads=4)
   config.checkpoint.init_from = f'hf:{tmp_path / "ckpt"}'
   with pytest.raises(ConfigError, match=r'checkpoint.init_from=hf:.*k_proj.weight has shape \(16, 32\)') as e:
-    init_from.load_model(config, shd.make_mesh(config))
+    state_lib.init_from_model(config, shd.make_mesh(config))
   assert '\n' not in str(e.value)
 
 
@@ -397,7 +397,7 @@ def test_export_cli_writes_the_newest_checkpoint(tmp_path):
   _train(run, 'configs/gpt_tiny.py', '--config.model.d_model=32', '--config.model.d_ff=48')
   assert 'wrote llama checkpoint' in _export(run, out)
   config = ml_collections.ConfigDict(ckpt_lib.saved_config(str(run)))
-  model, step = ckpt_lib.restore_model(str(run), config, shd.make_mesh(config))
+  model, step = state_lib.restore_model(str(run), config, shd.make_mesh(config))
   assert step == 2
   exported = hf.load_params(str(out), config.model)
   trained = hf.model_params(model)

@@ -18,11 +18,13 @@ import pytest
 from configs import default
 from configs import hf as hf_recipe
 from jaxformer import data as D
-from jaxformer import evaluation, hf, metrics
+from jaxformer import hf, metrics
+from jaxformer.apps import evaluate as evaluation
 from jaxformer.data import sources
 from jaxformer.data.rows import model_inputs
 from jaxformer.data.tokenizers import unscored_target
 from jaxformer.training import step as step_lib
+from jaxformer.training import state as state_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = REPO / 'tests' / 'fixtures' / 'hf'
@@ -120,7 +122,7 @@ def test_train_py_first_loss_is_the_pretrained_models_loss_on_the_same_rows(name
   _, model = hf.load(str(FIXTURES / name), config.model)
   want = _reference_loss(model, batch)
   assert math.isclose(logged, want, rel_tol=1e-4), (logged, want)
-  random = _reference_loss(step_lib.build_model(config, seed=123), batch)
+  random = _reference_loss(state_lib.build_model(config, seed=123), batch)
   assert abs(random - want) > 1e-3  # i.e. the pretrained weights, not a fresh model, made the first step
 
 

@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 
 from jaxformer import hf, sharding as shd
+from jaxformer.training import state as state_lib
 from jaxformer.hf import weights
 from jaxformer.hf.__main__ import export
 from jaxformer.model import layout_convert
 from jaxformer.training import checkpoint as ckpt_lib
-from jaxformer.training import run
+from jaxformer.apps.train import run
 from tests.test_hf import FIXTURES, expected, logits_of, random_model, tiny_section
 from tests.test_train import tiny
 
@@ -63,7 +64,7 @@ def test_export_from_a_scanned_workdir(tmp_path):
   run(config, str(workdir))
   assert export(str(workdir), str(out)) == 'llama'
   saved = ml_collections.ConfigDict(ckpt_lib.saved_config(str(workdir)))
-  model, _ = ckpt_lib.restore_model(str(workdir), saved, shd.make_mesh(saved))
+  model, _ = state_lib.restore_model(str(workdir), saved, shd.make_mesh(saved))
   trained = layout_convert.to_flat_layout(hf.model_params(model), scanned=False)
   saved.model.scan_layers = False
   exported = hf.load_params(str(out), saved.model)

@@ -11,9 +11,9 @@ import pytest
 
 from configs import default, zh_char
 from jaxformer import data as data_lib
-from jaxformer import evaluation
+from jaxformer.apps import evaluate as evaluation
 from jaxformer.training import checkpoint as ckpt_lib
-from jaxformer.training import run
+from jaxformer.apps.train import run
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ZH = '天地玄黄宇宙洪荒日月盈昃辰宿列张寒来暑往秋收冬藏闰余成岁律吕调阳云腾致雨露结为霜金生丽水玉出昆冈'

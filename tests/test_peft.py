@@ -13,6 +13,7 @@ from jaxformer.config import ConfigError, validate
 from jaxformer.model import layers, layout_convert
 from jaxformer.peft import lora
 from jaxformer.training import step
+from jaxformer.training import state as state_lib
 from tests.test_sharding import lm_batch, setup_for, small_config
 
 
@@ -27,7 +28,7 @@ def peft_config(method='lora', *, arch='decoder_only', **peft_values):
 
 
 def model_of(config, params=None):
-  model = step.build_model(config)
+  model = state_lib.build_model(config)
   if params is not None:
     graphdef, _, rest = step.split_model(model)
     model = nnx.merge(graphdef, params, rest)
@@ -90,7 +91,7 @@ def test_one_step_changes_only_trainable_and_optimizer_state_is_trainable_only(m
   config.train.weight_decay = 0.1
   _, state, before = one_step(config)
   after = flat(state['params'])
-  trainable = set(flat(peft.trainable(state['params'], config)))
+  trainable = set(flat(peft.trainable(state['params'], config.peft)))
   assert trainable and trainable != set(after)
   changed = {key for key in after if not np.array_equal(before[key], after[key])}
   assert changed <= trainable  # frozen: bit-identical
@@ -98,7 +99,7 @@ def test_one_step_changes_only_trainable_and_optimizer_state_is_trainable_only(m
   must_move = {k for k in trainable if not k.endswith(('adapter/down', 'adapter/down_bias'))}
   assert must_move and must_move <= changed, must_move - changed
   # AdamW: mu and nu per trainable parameter, nothing for the frozen ones
-  n_trainable = peft.count_params(state['params'], config)[1]
+  n_trainable = peft.count_params(state['params'], config.peft)[1]
   opt_sizes = sum(x.size for x in jax.tree.leaves(state['opt_state']) if x.ndim > 0)
   assert opt_sizes == 2 * n_trainable
 
@@ -109,7 +110,7 @@ def test_merged_lora_weights_give_base_plus_update_logits():
   _, state, _ = one_step(config, n=3)
   adapted = model_of(config, state['params'])
   assert any(np.abs(v).max() > 0 for k, v in flat(state['params']).items() if k.endswith('lora/wo/b'))
-  merged = peft.merge(state['params'], config)
+  merged = peft.merge(state['params'], config.peft)
   plain = model_of(base_part(config), merged)
   np.testing.assert_allclose(np.asarray(logits_of(plain, 'decoder_only')),
                              np.asarray(logits_of(adapted, 'decoder_only')), rtol=1e-5, atol=1e-5)
@@ -121,35 +122,35 @@ def test_merged_lora_weights_give_base_plus_update_logits():
   expected = w + 2.0 * np.einsum('dr,rnh->dnh', a, b)
   np.testing.assert_allclose(per_layer(merged)[prefix + 'query'], expected, rtol=1e-6, atol=1e-7)
   with pytest.raises(ConfigError, match='adapter'):
-    peft.merge(state['params'], peft_config('adapter'))
+    peft.merge(state['params'], peft_config('adapter').peft)
 
 
 def test_trainable_counts_equal_the_formulas():
   config = peft_config('lora')
   cfg = config.model
   d, f, n, k, h, layers_ = cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.num_kv_heads, cfg.d_model // cfg.num_heads, 1
-  abstract = nnx.state(nnx.eval_shape(lambda: step.build_model(config)), nnx.Param)
+  abstract = nnx.state(nnx.eval_shape(lambda: state_lib.build_model(config)), nnx.Param)
   r = config.peft.rank
   attention = r * ((d + n * h) + 2 * (d + k * h) + (n * h + d))
-  assert peft.count_params(abstract, config)[1] == layers_ * attention
+  assert peft.count_params(abstract, config.peft)[1] == layers_ * attention
   mlp_cfg = peft_config('lora', targets='mlp', rank=3)
-  abstract = nnx.state(nnx.eval_shape(lambda: step.build_model(mlp_cfg)), nnx.Param)
+  abstract = nnx.state(nnx.eval_shape(lambda: state_lib.build_model(mlp_cfg)), nnx.Param)
   gated = layers.MLPS[cfg.mlp].gated  # swiglu: wi_gate is a third target
-  assert peft.count_params(abstract, mlp_cfg)[1] == layers_ * 3 * ((d + f) * (2 if gated else 1) + (f + d))
+  assert peft.count_params(abstract, mlp_cfg.peft)[1] == layers_ * 3 * ((d + f) * (2 if gated else 1) + (f + d))
   m = 5
   ad_cfg = peft_config('adapter', adapter_dim=m)
-  abstract = nnx.state(nnx.eval_shape(lambda: step.build_model(ad_cfg)), nnx.Param)
-  assert peft.count_params(abstract, ad_cfg)[1] == layers_ * 2 * (d * m + m + m * d + d)
+  abstract = nnx.state(nnx.eval_shape(lambda: state_lib.build_model(ad_cfg)), nnx.Param)
+  assert peft.count_params(abstract, ad_cfg.peft)[1] == layers_ * 2 * (d * m + m + m * d + d)
   pr_cfg = peft_config('prompt', num_prompt_tokens=7)
-  abstract = nnx.state(nnx.eval_shape(lambda: step.build_model(pr_cfg)), nnx.Param)
-  assert peft.count_params(abstract, pr_cfg)[1] == 7 * d
+  abstract = nnx.state(nnx.eval_shape(lambda: state_lib.build_model(pr_cfg)), nnx.Param)
+  assert peft.count_params(abstract, pr_cfg.peft)[1] == 7 * d
   bf_cfg = peft_config('bitfit')  # layer norm: q,k,v,out biases + MLP biases + 3 norm biases (attn, mlp, final)
   bf_cfg.model.norm = 'layer'
-  abstract = nnx.state(nnx.eval_shape(lambda: step.build_model(bf_cfg)), nnx.Param)
-  total, trainable = peft.count_params(abstract, bf_cfg)
+  abstract = nnx.state(nnx.eval_shape(lambda: state_lib.build_model(bf_cfg)), nnx.Param)
+  total, trainable = peft.count_params(abstract, bf_cfg.peft)
   assert trainable == layers_ * ((n * h + 2 * k * h + d) + (f + d) + 2 * d) + d
   none_cfg = peft_config('none')
-  assert peft.count_params(abstract, none_cfg) == (total, total)
+  assert peft.count_params(abstract, none_cfg.peft) == (total, total)
 
 
 @pytest.mark.parametrize('arch', ['encoder_only', 'encoder_decoder'])

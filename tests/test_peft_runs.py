@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxformer import evaluation, peft
+from jaxformer import peft
+from jaxformer.training import state as state_lib
+from jaxformer.apps import evaluate as evaluation
 from jaxformer import sharding as shd
 from jaxformer.training import checkpoint as ckpt_lib
-from jaxformer.training import run
+from jaxformer.apps.train import run
 from jaxformer.training.writers import read_metrics
 from tests.test_train import tiny
 
@@ -47,7 +49,7 @@ def dir_bytes(path):
 
 def params_of(workdir, config):
   config = ml_collections.ConfigDict(config)
-  model, _ = ckpt_lib.restore_model(str(workdir), config, shd.make_mesh(config))
+  model, _ = state_lib.restore_model(str(workdir), config, shd.make_mesh(config))
   return {'/'.join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
@@ -96,9 +98,9 @@ def test_lora_run_stores_only_what_trains_resumes_exactly_and_evaluates_on_its_b
   assert len(generated['outputs']) == 1 and len(generated['outputs'][0]) > 0
 
   # merged export = plain base-model parameters
-  model, _ = ckpt_lib.restore_model(str(straight), ml_collections.ConfigDict(saved),
+  model, _ = state_lib.restore_model(str(straight), ml_collections.ConfigDict(saved),
                                     shd.make_mesh(ml_collections.ConfigDict(saved)))
-  merged = peft.merge(model, saved)
+  merged = peft.merge(model, saved.peft)
   assert set('/'.join(map(str, p)) for p, _ in nnx.to_flat_state(merged)) == set(base_params)
 
 

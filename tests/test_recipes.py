@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxformer import evaluation
+from jaxformer.apps import evaluate as evaluation
 from jaxformer.config import validate
 from jaxformer.model import build_model
-from jaxformer.training import run
+from jaxformer.apps.train import run
 from jaxformer.cli import load_config_file
 from jaxformer.training.writers import read_metrics
 

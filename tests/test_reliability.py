@@ -216,7 +216,7 @@ def test_a_run_without_checkpoints_starts_a_fresh_metrics_file(copy):
 
 
 def test_eval_json_holds_null_for_non_finite_values(tmp_path, capsys):
-  from jaxformer import evaluation
+  from jaxformer.apps import evaluate as evaluation
   results = evaluation.finite_or_null({'step': 3, 'loss': float('nan'), 'perplexity': float('inf'), 'bleu': 1.5})
   assert results == {'step': 3, 'loss': None, 'perplexity': None, 'bleu': 1.5}
   assert 'loss, perplexity not finite' in capsys.readouterr().out
@@ -252,8 +252,10 @@ def _tiny(**train):
 
 
 def test_an_error_at_an_eval_step_is_raised_after_that_steps_checkpoint(tmp_path, monkeypatch):
-  from jaxformer import data, evaluation
-  from jaxformer.training import checkpoint, run
+  from jaxformer import data
+  from jaxformer.apps import evaluate as evaluation
+  from jaxformer.training import checkpoint
+  from jaxformer.apps.train import run
 
   def broken(self, params, rest, **kwargs):
     raise data.DataError('validation text broke')
@@ -268,13 +270,14 @@ def test_skip_bad_steps_keeps_parameters_finite_until_max_bad_steps(tmp_path):
   from flax import nnx
   from jax import tree
   from jaxformer import sharding as shd
-  from jaxformer.training import checkpoint, run
+  from jaxformer.training import checkpoint
+  from jaxformer.apps.train import run
   from jaxformer.errors import NonFiniteError
   config = _tiny(num_steps=30, learning_rate=1e9, max_bad_steps=3, skip_bad_steps=True, log_every=1)
   config.checkpoint.every_steps = 1
   with pytest.raises(NonFiniteError, match=r'3 non-finite step\(s\) in a row'):  # not "parameters ... not finite"
     run(config, str(tmp_path))
-  model, step = checkpoint.restore_model(str(tmp_path), config, shd.make_mesh(config))
+  model, step = state.restore_model(str(tmp_path), config, shd.make_mesh(config))
   params = tree.leaves(nnx.state(model, nnx.Param))
   assert step >= 1 and all(np.isfinite(np.asarray(x)).all() for x in params)
   # resuming with skip_bad_steps flipped would not fit the saved optimizer state: refused up front

@@ -11,6 +11,7 @@ from configs import gpt_tiny
 from jaxformer import decoding, sharding as shd
 from jaxformer.model import build_model, layout_convert
 from jaxformer.training import checkpoint, optimizer, step
+from jaxformer.training import state as state_lib
 from test_model import L, tiny_config, tokens
 
 # (arch, position, norm_position): every arch, pre- and post-LN, GQA (rope: 1 kv head, learned: 2 of 4 heads), T5's
@@ -58,7 +59,7 @@ def test_scanned_decoding_equals_unrolled_with_every_method():
   unrolled, scanned = pair('decoder_only', 'rope', 'pre')
   prompt = np.asarray(tokens(np.random.default_rng(1), 2, 3))
   for method in decoding.METHODS:
-    settings = decoding.DecodeSettings(method=method, max_len=4, beam_size=2)
+    settings = decoding.DecodeSettings.of(method=method, max_len=4, beam_size=2)
     a = decoding.decode(unrolled, settings, prompt, rng=jax.random.key(0))
     b = decoding.decode(scanned, settings, prompt, rng=jax.random.key(0))
     np.testing.assert_array_equal(b, a, err_msg=method)
@@ -100,15 +101,15 @@ def test_checkpoint_restores_into_the_other_layout(tmp_path, from_scanned):
   config.mesh.update(data=1, fsdp=1, tensor=1)
   mesh = shd.make_mesh(config)
   tx, schedule = optimizer.make_optimizer(config.train)
-  setup = step.make_setup(config, mesh, tx, schedule)
-  state = step.init_state(config, setup)
+  setup = state_lib.make_setup(config, mesh, tx, schedule)
+  state = state_lib.initial_state(config, setup)
   ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
   ckpt.save(0, state, config=config.to_dict())
   ckpt.close()
-  saved, _ = checkpoint.restore_model(str(tmp_path), config, mesh)  # in the layout it was written in
+  saved, _ = state_lib.restore_model(str(tmp_path), config, mesh)  # in the layout it was written in
   other = config.copy_and_resolve_references()
   other.model.scan_layers = not from_scanned
-  model = step.build_model(other)
+  model = state_lib.build_model(other)
   nnx.update(model, layout_convert.convert_state(nnx.state(saved, nnx.Param), nnx.state(model, nnx.Param)))
   assert layout_convert.is_scanned(nnx.to_pure_dict(nnx.state(model, nnx.Param))) is (not from_scanned)
   (tgt,) = inputs('decoder_only')

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxformer import evaluation
+from jaxformer.apps import evaluate as evaluation
 from jaxformer import sharding as shd
 from jaxformer.model import layout_convert
 from jaxformer.training import checkpoint as ckpt_lib
-from jaxformer.training import init_from, run, step as step_lib
+from jaxformer.training import step as step_lib, state as state_lib
+from jaxformer.apps.train import run
 from jaxformer.training.writers import read_metrics
 from jaxformer.errors import WorkdirError
 from tests.test_train import tiny
@@ -80,8 +81,8 @@ def test_resume_in_the_other_layout_continues_exactly(references, flipped, from_
   # the optimizer state came along too: the resumed run's final parameters are the uninterrupted run's
   c = config(from_scanned)
   mesh = shd.make_mesh(c)
-  model, _ = ckpt_lib.restore_model(workdir, c, mesh)  # step 2N, written in the other layout
-  ref, _ = ckpt_lib.restore_model(str(references[from_scanned]), c, mesh)
+  model, _ = state_lib.restore_model(workdir, c, mesh)  # step 2N, written in the other layout
+  ref, _ = state_lib.restore_model(str(references[from_scanned]), c, mesh)
   assert layout_convert.is_scanned(params(model)) is from_scanned
   assert_same_params(params(ref), params(model), rtol=1e-4, atol=1e-5)
 
@@ -92,8 +93,8 @@ def test_restore_model_and_eval_read_the_other_layout(flipped, from_scanned):
   override is accepted and gives the same loss."""
   workdir = str(flipped[from_scanned])
   mesh = shd.make_mesh(config(False))
-  native, _ = ckpt_lib.restore_model(workdir, config(from_scanned), mesh, step=N)
-  other, _ = ckpt_lib.restore_model(workdir, config(not from_scanned), mesh, step=N)
+  native, _ = state_lib.restore_model(workdir, config(from_scanned), mesh, step=N)
+  other, _ = state_lib.restore_model(workdir, config(not from_scanned), mesh, step=N)
   assert layout_convert.is_scanned(params(other)) is (not from_scanned)
   assert_same_params(params(native), params(other), rtol=0, atol=0)
   tokens = np.arange(1, 17, dtype=np.int32).reshape(2, 8) % 20 + 1
@@ -105,7 +106,7 @@ def test_restore_model_and_eval_read_the_other_layout(flipped, from_scanned):
   assert bool(as_saved.config.model.scan_layers) is (not from_scanned)
   assert bool(converted.config.model.scan_layers) is from_scanned
   assert layout_convert.is_scanned(params(converted.model)) is from_scanned
-  a, b = evaluation.score(as_saved, 'validation')[0], evaluation.score(converted, 'validation')[0]
+  a, b = evaluation.score_split(as_saved, 'validation')[0], evaluation.score_split(converted, 'validation')[0]
   assert b['loss'] == pytest.approx(a['loss'], rel=1e-5)
 
 
@@ -116,12 +117,12 @@ def test_init_from_a_workdir_of_the_other_layout(references, from_scanned):
   c.checkpoint.init_from = base
   c.model.vocab_size = ckpt_lib.saved_config(base)['model']['vocab_size']
   mesh = shd.make_mesh(c)
-  _, target, _ = ckpt_lib.abstract_params(c, mesh)
-  loaded = init_from.load_params(c, target)
+  _, target, _ = state_lib.abstract_model(c, mesh)
+  loaded = state_lib.init_from_params(c, target)
   assert layout_convert.is_scanned(nnx.to_pure_dict(loaded)) is (not from_scanned)
   leaf = jax.tree.leaves(loaded)[0]
   assert leaf.sharding == jax.tree.leaves(target)[0].sharding
-  saved, _ = ckpt_lib.restore_model(base, config(from_scanned), mesh)
+  saved, _ = state_lib.restore_model(base, config(from_scanned), mesh)
   assert_same_params(params(saved), nnx.to_pure_dict(loaded), rtol=0, atol=0)
 
 
@@ -141,8 +142,8 @@ def test_peft_run_resumes_in_the_other_layout(references, tmp_path):
   steps = range(N + 1, 2 * N + 1)
   np.testing.assert_allclose(losses(flipped_run, steps), losses(straight, steps), rtol=2e-5, atol=2e-5)
   mesh = shd.make_mesh(lora(True))
-  a, _ = ckpt_lib.restore_model(str(straight), lora(True), mesh)
-  b, _ = ckpt_lib.restore_model(str(flipped_run), lora(True), mesh)  # written unrolled, read scanned
+  a, _ = state_lib.restore_model(str(straight), lora(True), mesh)
+  b, _ = state_lib.restore_model(str(flipped_run), lora(True), mesh)  # written unrolled, read scanned
   lora_a = params(b)['decoder']['blocks']['layers']['attn']['lora']['query']['a']
   assert lora_a.shape[0] == 2 and np.abs(np.asarray(lora_a)).max() > 0
   assert_same_params(params(a), params(b), rtol=1e-4, atol=1e-5)
@@ -166,10 +167,10 @@ def test_convert_tree_moves_a_whole_train_state_and_back():
   mesh = shd.make_mesh(c)
   from jaxformer.training import optimizer
   tx, schedule = optimizer.make_optimizer(c.train)
-  setup = step_lib.make_setup(c, mesh, tx, schedule)
-  state = step_lib.init_state(c, setup)
-  other, _ = step_lib.in_layout(c, True)
-  scanned_abstract = step_lib.make_setup(other, mesh, tx, schedule).abstract_state
+  setup = state_lib.make_setup(c, mesh, tx, schedule)
+  state = state_lib.initial_state(c, setup)
+  other, _ = state_lib.in_layout(c, True)
+  scanned_abstract = state_lib.make_setup(other, mesh, tx, schedule).abstract_state
   scanned = ckpt_lib.convert_restored(state, scanned_abstract)
   assert layout_convert.tree_is_scanned(scanned) is True
   mu = scanned['opt_state'][1][0].mu['decoder']['blocks']['layers']['attn']['query'][...]

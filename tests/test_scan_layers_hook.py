@@ -5,8 +5,8 @@ import sys
 
 from conftest import REPO
 
-_PROBE = ('from configs import default; from jaxformer import hf; '
-          "print(default.get_config().model.scan_layers, hf._RUNTIME_DEFAULTS.get('scan_layers'))")
+_PROBE = ('from configs import default; from jaxformer import settings; '
+          'print(default.get_config().model.scan_layers, settings.default_config().model.scan_layers)')
 
 
 def _probe(pythonpath: str) -> str:

@@ -13,6 +13,7 @@ from configs import gpt_tiny
 from jaxformer import sharding as shd
 from jaxformer.config import ConfigError
 from jaxformer.training import optimizer, step
+from jaxformer.training import state as state_lib
 
 jax.config.update('jax_compilation_cache_dir', os.path.join(tempfile.gettempdir(), 'jaxformer_test_xla_cache'))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
@@ -49,8 +50,8 @@ def lm_batch(batch_size=8, seq_len=16, vocab=65, seed=0):
 def setup_for(config):
   mesh = shd.make_mesh(config)
   tx, schedule = optimizer.make_optimizer(config.train)
-  setup = step.make_setup(config, mesh, tx, schedule)
-  return setup, step.init_state(config, setup)
+  setup = state_lib.make_setup(config, mesh, tx, schedule)
+  return setup, state_lib.initial_state(config, setup)
 
 
 # --------------------------------------------------------------------------------------------------- mesh
@@ -153,6 +154,6 @@ def test_describe_unsharded_names_replicated_dims():
   config = small_config(data=2, fsdp=2, tensor=2)
   mesh = shd.make_mesh(config)
   tx, schedule = optimizer.make_optimizer(config.train)
-  setup = step.make_setup(config, mesh, tx, schedule)
+  setup = state_lib.make_setup(config, mesh, tx, schedule)
   notes = shd.describe_unsharded(setup.abstract_state['params'], mesh, setup.rules)
   assert any('vocab=65' in n for n in notes) and any('kv_heads=1' in n for n in notes)

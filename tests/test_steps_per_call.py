@@ -9,7 +9,9 @@ from flax import nnx
 
 from jaxformer import sharding as shd
 from jaxformer.config import ConfigError, validate
-from jaxformer.training import checkpoint, run, step
+from jaxformer.training import checkpoint, step
+from jaxformer.training import state as state_lib
+from jaxformer.apps.train import run
 from jaxformer.training.writers import read_metrics
 from tests.test_sharding import lm_batch, setup_for, small_config
 from tests.test_train import tiny
@@ -61,7 +63,7 @@ def train_rows(workdir):
 
 
 def final_params(workdir, cfg):
-  model, saved = checkpoint.restore_model(workdir, cfg, shd.make_mesh(cfg))
+  model, saved = state_lib.restore_model(workdir, cfg, shd.make_mesh(cfg))
   return saved, [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
 
 

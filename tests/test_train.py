@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import bert_tiny, gpt_tiny, t5_tiny
-from jaxformer.training import run
+from jaxformer.apps.train import run
 from jaxformer.training.step import token_losses
 from jaxformer.training.writers import read_metrics
 

@@ -10,6 +10,7 @@ from configs import bert_tiny, gpt_tiny, t5_tiny
 from jaxformer import flops
 from jaxformer.config import ModelConfig
 from jaxformer.training import step
+from jaxformer.training import state as state_lib
 
 
 def _ndim(path, x) -> int:
@@ -19,7 +20,7 @@ def _ndim(path, x) -> int:
 
 def _matmul_weights(config):
   """Every weight matrix of the real (abstract) model: parameters of ndim >= 2 that are not biases."""
-  abstract = nnx.eval_shape(lambda: step.build_model(config))
+  abstract = nnx.eval_shape(lambda: state_lib.build_model(config))
   flat = jax.tree_util.tree_flatten_with_path(nnx.state(abstract, nnx.Param))[0]
   return sum(int(np.prod(x.shape)) for path, x in flat
              if _ndim(path, x) >= 2 and 'bias' not in jax.tree_util.keystr(path))
@@ -56,7 +57,7 @@ def test_hf_features_flops():
   config.model.update(vocab_size=40, tie_embeddings=False, head_dim=24, mlp='geglu', qkv_bias=True,
                       position='relative', relative_num_buckets=8, relative_max_distance=16)
   cfg = ModelConfig.from_config(config.model)
-  abstract = nnx.eval_shape(lambda: step.build_model(config))
+  abstract = nnx.eval_shape(lambda: state_lib.build_model(config))
   flat = jax.tree_util.tree_flatten_with_path(nnx.state(abstract, nnx.Param))[0]
   n = sum(int(np.prod(x.shape)) for path, x in flat if _ndim(path, x) >= 2 and not any(
       word in jax.tree_util.keystr(path) for word in ('bias', 'positions', "'embed'")))
@@ -88,7 +89,7 @@ def test_classifier_flops_count_the_head_once_per_row_and_no_logits(module, pool
   config = module.get_config()
   config.model.update(vocab_size=50, position='rope', head='classification', num_classes=3, pooler=pooler)
   cfg = ModelConfig.from_config(config.model)
-  abstract = nnx.eval_shape(lambda: step.build_model(config))
+  abstract = nnx.eval_shape(lambda: state_lib.build_model(config))
   flat = jax.tree_util.tree_flatten_with_path(nnx.state(abstract, nnx.Param))[0]
   matrices = [(jax.tree_util.keystr(path), int(np.prod(x.shape))) for path, x in flat
               if _ndim(path, x) >= 2 and 'bias' not in jax.tree_util.keystr(path)]

@@ -44,6 +44,7 @@ from jaxformer.data.rows import model_inputs
 from jaxformer.data.rows import TASKS
 from jaxformer.data.sources import builtin_lm_entropy
 from jaxformer.data.sources import data_dir_for
+from jaxformer.data.sources import EXAMPLE_KINDS
 from jaxformer.data.sources import get_source
 from jaxformer.data.sources import Instruction
 from jaxformer.data.sources import Labelled

@@ -79,14 +79,14 @@ class HFTokenizer(Tokenizer):
     self._tok = tokenizers.Tokenizer.from_file(path)
     self._tok.no_padding()
     self._tok.no_truncation()
-    config = {**_read_json(os.path.join(directory, 'special_tokens_map.json')),
-              **_read_json(os.path.join(directory, 'tokenizer_config.json'))}
-    self._special = {name: self._id(_content(config.get(f'{name}_token')))
+    tok_config = {**_read_json(os.path.join(directory, 'special_tokens_map.json')),
+                  **_read_json(os.path.join(directory, 'tokenizer_config.json'))}
+    self._special = {name: self._id(_content(tok_config.get(f'{name}_token')))
                      for name in ('pad', 'bos', 'eos', 'unk', 'mask', 'cls', 'sep')}
-    if 'add_bos_token' in config or 'add_eos_token' in config:  # transformers then rebuilds the post-processor
-      self._template(bool(config.get('add_bos_token')), bool(config.get('add_eos_token')),
-                     _content(config.get('bos_token')), _content(config.get('eos_token')))
-    self._cleanup = (bool(config.get('clean_up_tokenization_spaces', False))
+    if 'add_bos_token' in tok_config or 'add_eos_token' in tok_config:  # transformers then rebuilds the post-processor
+      self._template(bool(tok_config.get('add_bos_token')), bool(tok_config.get('add_eos_token')),
+                     _content(tok_config.get('bos_token')), _content(tok_config.get('eos_token')))
+    self._cleanup = (bool(tok_config.get('clean_up_tokenization_spaces', False))
                      and type(self._tok.model).__name__ != 'BPE')  # transformers 5 never cleans up BPE output
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     s = self._special

@@ -158,7 +158,7 @@ OBJECTIVES: dict[str, type[Objective]] = {o.name: o for o in (SplitMiddle, Prefi
 
 
 def objective_name(config: Any) -> str:
-  name = str(config.data.get('objective', 'split_middle'))
+  name = str(config.data.objective)
   if name not in OBJECTIVES:
     raise DataError(f'data.objective={name!r} is not valid; use {", ".join(OBJECTIVES)}.')
   if name != 'split_middle' and str(config.model.arch) != 'encoder_decoder':
@@ -169,4 +169,4 @@ def objective_name(config: Any) -> str:
 
 def sentinels_needed(config: Any) -> int:
   """How many sentinel ids the tokenizer must reserve for this config (0 unless the objective uses them)."""
-  return int(config.data.get('num_sentinels', 100)) if OBJECTIVES[objective_name(config)].uses_sentinels else 0
+  return int(config.data.num_sentinels) if OBJECTIVES[objective_name(config)].uses_sentinels else 0

@@ -343,7 +343,7 @@ def make_train_iterator(config: Any, tokenizer: Tokenizer, workdir: str, *, layo
   train.batch_size); see the module doc."""
   layout = layout or DataLayout.for_process(int(config.train.batch_size))
   layout.check('train.batch_size')
-  sampling = str(config.data.get('sampling', 'streams'))
+  sampling = str(config.data.sampling)
   if sampling not in SAMPLINGS:
     raise DataError(f'data.sampling={sampling!r} is not valid; use {" or ".join(SAMPLINGS)}.')
   make_task(config, tokenizer, train=True)  # an invalid model.arch fails before the source is read

@@ -29,7 +29,7 @@ target + </s>).
   Training drops pairs longer than data.src_seq_len / data.seq_len (evaluation truncates them instead, so every
   example is scored). data.pack puts several whole pairs in a row with
   matching segment ids on both sides; otherwise one pair per row.
-* model.head=classification (either LM arch; HEAD_TASKS picks its Task over the arch's): one Labelled example per
+* labelled examples (a head whose `examples` are 'labelled', model.head=classification; EXAMPLE_TASKS picks its Task over the arch's): one Labelled example per
   row, padded, never packed; batch keys tokens, positions, segment_ids, token_type_ids and `labels` [rows] (the
   class id; -1 on padding rows). A text pair is framed the BERT way, [CLS] a [SEP] b [SEP] (ClassificationTask).
 * encoder_only masking (data.mask_rate of the text tokens, never padding or framing ids; of those 80% -> the
@@ -44,6 +44,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from jaxformer import heads
 from jaxformer.errors import DataError
 from jaxformer.data.objectives import OBJECTIVES, objective_name, split_at_middle_word
 from jaxformer.data.sources import Instruction, Labelled
@@ -483,16 +484,17 @@ def _longest_first(a: list[int], b: list[int], budget: int) -> tuple[list[int], 
 
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (DecoderOnlyTask, EncoderOnlyTask, EncoderDecoderTask)}
-HEAD_TASKS: dict[str, type[Task]] = {'classification': ClassificationTask}  # model.head other than lm: its Task
+# the Task of a head's examples (heads/: Head.examples) other than the arch's own text rows
+EXAMPLE_TASKS: dict[str, type[Task]] = {'labelled': ClassificationTask}
 
 
 def make_task(config: Any, tokenizer: Tokenizer, *, train: bool) -> Task:
-  """The Task of config.model.head when it has one (classification), else of config.model.arch."""
+  """The Task of the examples config.model's head reads (labelled: ClassificationTask), else of config.model.arch."""
   arch = str(config.model.arch)
   if arch not in TASKS:
     raise DataError(f'model.arch={arch!r} is not valid; use {", ".join(TASKS)}.')
-  head = str(config.model.get('head', 'lm'))
-  if head in HEAD_TASKS:
-    return HEAD_TASKS[head](config, tokenizer, train)
+  examples = heads.head_of(config.model).examples
+  if examples in EXAMPLE_TASKS:
+    return EXAMPLE_TASKS[examples](config, tokenizer, train)
   objective_name(config)  # data.objective is valid and applies to this arch
   return TASKS[arch](config, tokenizer, train)

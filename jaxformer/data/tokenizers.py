@@ -388,7 +388,7 @@ def unknown_characters(config: Any, tokenizer: Tokenizer, source: Source, splits
   """
   if not isinstance(tokenizer, CharTokenizer):
     return ''
-  limit = float(config.data.get('max_unk_fraction', -1.0))
+  limit = float(config.data.max_unk_fraction)
   parts = []
   for name in dict.fromkeys(str(s) for s in splits):
     try:
@@ -454,7 +454,7 @@ def inherit(base_workdir: str, workdir: str, config: Any) -> bool:
                     f'the base\'s tokenizer).')
   if int(meta.get('num_sentinels', 0)) != sentinels_needed(config):
     raise DataError(f'{name} has a tokenizer with {meta.get("num_sentinels", 0)} sentinel ids but this config needs '
-                    f'{sentinels_needed(config)} (data.objective={config.data.get("objective", "split_middle")}); '
+                    f'{sentinels_needed(config)} (data.objective={config.data.objective}); '
                     'fine-tune with the base run\'s data.objective.')
   target = tokenizer_dir(workdir)
   os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -476,7 +476,7 @@ def inherit(base_workdir: str, workdir: str, config: Any) -> bool:
 def unscored_target(config: Any) -> int:
   """The target value the pipeline writes where nothing is scored, for config.data.tokenizer (the loss reads it:
   training/step.py token_weights)."""
-  name = str((config.get('data') or {}).get('tokenizer', '')).partition(':')[0]
+  name = str(config.data.tokenizer).partition(':')[0]
   return TOKENIZERS[name].unscored_target if name in TOKENIZERS else Tokenizer.unscored_target
 
 
@@ -506,7 +506,7 @@ def get_tokenizer(config: Any, workdir: str, *, source: Source | None = None) ->
     if int(meta.get('num_sentinels', 0)) != sentinels:
       raise DataError(
           f'{directory} holds a tokenizer with {meta.get("num_sentinels", 0)} sentinel ids but this config needs '
-          f'{sentinels} (data.objective={config.data.get("objective", "split_middle")}); use a new workdir.')
+          f'{sentinels} (data.objective={config.data.objective}); use a new workdir.')
     return load_tokenizer(directory)
 
   if kind == 'byte':

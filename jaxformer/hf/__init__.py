@@ -27,7 +27,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxformer.config import ConfigError, ModelConfig, validate_model
+from jaxformer import settings as settings_lib
+from jaxformer.errors import ConfigError
+from jaxformer.model.config import ModelConfig, validate_model
 from jaxformer.special_tokens import BOS_ID, EOS_ID, PAD_ID
 from jaxformer.data.hf_tokenizer import PREFIX  # 'hf:', also for checkpoint.init_from
 from jaxformer.hf import families, weights
@@ -37,9 +39,6 @@ from jaxformer.model import build_model, layout_convert
 __all__ = ['FAMILIES', 'load', 'load_params', 'model_section', 'read_config', 'save']
 
 CONFIG_NAME = 'config.json'
-# Model keys no Hugging Face config.json decides: jaxformer's defaults (float32 parameters and compute).
-_RUNTIME_DEFAULTS = {'dtype': 'float32', 'param_dtype': 'float32', 'attention_impl': 'auto', 'remat': 'none',
-                     'scan_layers': False, 'num_decoder_layers': -1, 'rope_base': 10000.0, 'init_std': 0.02}
 
 
 def read_config(directory: str) -> dict[str, Any]:
@@ -81,13 +80,9 @@ def model_section(directory: str) -> ml_collections.ConfigDict:
   if unknown:
     raise ConfigError(f'jaxformer.hf sets model.{", model.".join(unknown)}, which the model library does not have '
                       '(families.py and ModelConfig disagree).')
-  # Keys config.json does not decide: ModelConfig's defaults, then jaxformer's runtime defaults, then the family's.
-  section = {**{f.name: f.default for f in fields if f.default is not dataclasses.MISSING}, **_RUNTIME_DEFAULTS,
-             **values}
-  unset = sorted({f.name for f in fields} - set(section))
-  if unset:
-    raise ConfigError(f'jaxformer.hf sets no value for model.{", model.".join(unset)}; add it to families.py.')
-  section = ml_collections.ConfigDict(section)
+  # Keys config.json does not decide (dtype, param_dtype, attention_impl, remat, scan_layers, ...): configs/default.py's
+  section = settings_lib.default_config().model
+  section.update(values)
   try:
     validate_model(section)
   except ConfigError as e:

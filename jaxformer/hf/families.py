@@ -18,7 +18,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from jaxformer.config import ConfigError, ModelConfig
+from jaxformer.errors import ConfigError
+from jaxformer.model.config import ModelConfig
 
 # ------------------------------------------------------------------------------------------------- layouts
 

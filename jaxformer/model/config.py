@@ -3,7 +3,7 @@ build_model (config -> model).
 
 Every choice is checked against the registry that implements it (ARCHS, NORM_POSITIONS and REMATS (remat.py) in
 transformer.py, POSITIONS in positions.py, NORMS, MLPS and DTYPES in layers.py, IMPLEMENTATIONS in attention.py,
-HEADS and POOLINGS in heads.py),
+and the head registry jaxformer/heads),
 so a new entry there is accepted here with no second list to update.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ import ml_collections
 from flax import nnx
 
 from jaxformer.errors import ConfigError, check_choice, check_fraction, check_positive
-from jaxformer.model import attention, heads, layers, positions, transformer
+from jaxformer import heads
+from jaxformer.model import attention, layers, positions, transformer
 
 
 # Model keys that choose how the model computes (activation dtype, attention kernel, what the backward pass
@@ -26,7 +27,8 @@ EXECUTION_KEYS = ('dtype', 'attention_impl', 'remat')
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """The model section with defaults resolved (-1 -> the real value). Hashable, so jit can treat it as static."""
+  """The model section, every key given (configs/default.py has their one default and says what each means), with
+  the -1 / '' placeholders resolved to the real value. Hashable, so jit can treat it as static."""
   arch: str
   position: str
   norm: str
@@ -51,24 +53,21 @@ class ModelConfig:
   attention_impl: str
   remat: str
   init_std: float
-  # Keys added later have defaults, so configs saved before they existed still load (with the old behaviour).
-  head_dim: int = -1  # per-head width; -1 = d_model // num_heads (T5 and some Llamas set it apart)
-  attention_scale: float = -1.0  # query-key logit scale; -1 = head_dim ** -0.5, T5 uses 1.0 (no scaling)
-  qkv_bias: bool = False  # biases on the query/key/value projections even when use_bias is off (Qwen2)
-  pad_id: int = 0  # the padding token of default segment ids (and decoding's source); -1 = none (GPT-2, Llama)
-  type_vocab_size: int = 0  # token-type (segment A/B) embeddings, BERT: 2; 0 = none
-  embed_norm: bool = False  # a norm over the summed embeddings before the first block (BERT)
-  output_bias: bool = False  # a bias [vocab] on the output logits (BERT's MLM decoder bias)
-  relative_num_buckets: int = 32  # position=relative (T5): buckets of key - query distance per stack
-  relative_max_distance: int = 128  # position=relative: distances beyond this share the last bucket
-  output_scale: float = 1.0  # hidden states are multiplied by this before the output projection (T5 v1.0 tied:
-                             # d_model ** -0.5)
-  scan_layers: bool = False
-  head: str = 'lm'  # model.head (heads.HEADS): lm = per-token logits | classification = [B, num_classes]
-  num_classes: int = 0  # head=classification: the number of labels
-  pooling: str = ''  # head=classification (heads.POOLINGS): first | mean | last; '' = first (encoder_only) /
-                     # last (decoder_only)
-  pooler: bool = False  # head=classification: BERT's pooler (dense + tanh) on the pooled vector
+  head_dim: int  # -1 = d_model // num_heads
+  attention_scale: float  # -1 = head_dim ** -0.5
+  qkv_bias: bool
+  pad_id: int
+  type_vocab_size: int
+  embed_norm: bool
+  output_bias: bool
+  relative_num_buckets: int
+  relative_max_distance: int
+  output_scale: float
+  scan_layers: bool
+  head: str  # jaxformer/heads: HEADS
+  num_classes: int
+  pooling: str  # '' = the arch's default (heads.DEFAULT_POOLING)
+  pooler: bool
 
   def __post_init__(self):
     resolved = {'num_kv_heads': self.num_heads, 'num_decoder_layers': self.num_layers,
@@ -84,13 +83,7 @@ class ModelConfig:
     if isinstance(model, ModelConfig):
       return model
     validate_model(model)
-    return cls(**{f.name: _get(model, f.name) for f in dataclasses.fields(cls)})
-
-
-def _get(model: ml_collections.ConfigDict, key: str) -> Any:
-  """model[key], or ModelConfig's default for a key the (older, saved) config does not have."""
-  default = _DEFAULTS.get(key, dataclasses.MISSING)
-  return model[key] if default is dataclasses.MISSING else model.get(key, default)
+    return cls(**{f.name: model[f.name] for f in dataclasses.fields(cls)})
 
 
 def validate_model(model: ml_collections.ConfigDict) -> None:
@@ -109,7 +102,7 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
   if model.num_decoder_layers != -1:
     check_positive('model.num_decoder_layers', model.num_decoder_layers)
   check_positive('model.vocab_size', model.vocab_size, allow_zero=True)
-  head_dim = _get(model, 'head_dim')
+  head_dim = model.head_dim
   if head_dim != -1:
     check_positive('model.head_dim', head_dim)
   elif model.d_model % model.num_heads:
@@ -131,43 +124,23 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
     raise ConfigError(
         f'model.position=rope needs an even head dimension, but d_model/num_heads = '
         f'{model.d_model}/{model.num_heads} = {model.d_model // model.num_heads}; change d_model or num_heads.')
-  scale = _get(model, 'attention_scale')
+  scale = model.attention_scale
   if scale != -1 and not scale > 0:
     raise ConfigError(f'model.attention_scale={scale!r} must be > 0, or -1 for head_dim ** -0.5.')
-  check_positive('model.type_vocab_size', _get(model, 'type_vocab_size'), allow_zero=True)
+  check_positive('model.type_vocab_size', model.type_vocab_size, allow_zero=True)
   if model.position == 'relative':
-    buckets, distance = _get(model, 'relative_num_buckets'), _get(model, 'relative_max_distance')
+    buckets, distance = model.relative_num_buckets, model.relative_max_distance
     if not isinstance(buckets, int) or buckets < 4:
       raise ConfigError(f'model.relative_num_buckets={buckets!r} must be an integer >= 4 (T5: 32).')
     if not isinstance(distance, int) or distance <= buckets // 2:
       raise ConfigError(f'model.relative_max_distance={distance!r} must be an integer > relative_num_buckets / 2 '
                         f'= {buckets // 2} (T5: 128).')
-  pad_id = _get(model, 'pad_id')
+  pad_id = model.pad_id
   if not isinstance(pad_id, int) or pad_id < -1:
     raise ConfigError(f'model.pad_id={pad_id!r} must be a token id >= 0, or -1 for no padding token.')
   check_fraction('model.dropout', model.dropout)
   check_fraction('model.attention_dropout', model.attention_dropout)
-  _validate_head(model)
-
-
-def _validate_head(model: ml_collections.ConfigDict) -> None:
-  head = _get(model, 'head')
-  check_choice('model.head', head, heads.HEADS)
-  pooling = _get(model, 'pooling')
-  if pooling:
-    check_choice('model.pooling', pooling, heads.POOLINGS)
-  if head != 'classification':
-    return
-  if model.arch not in heads.CLASSIFICATION_ARCHS:
-    raise ConfigError(f'model.head=classification is not supported for model.arch={model.arch}; use '
-                      f'{" or ".join(heads.CLASSIFICATION_ARCHS)}.')
-  num_classes = _get(model, 'num_classes')
-  if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
-    raise ConfigError(f'model.head=classification needs model.num_classes >= 2 (the number of labels), but it is '
-                      f'{num_classes!r}; set --config.model.num_classes.')
-
-
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING}
+  heads.validate(model)
 
 
 def _divisors_near(n: int, target: int) -> int:

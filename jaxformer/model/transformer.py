@@ -4,7 +4,7 @@
   DecoderOnly    = Embed -> Stack(causal) -> logits
   EncoderDecoder = Embed -> Stack(bidirectional) ==encoded==> Stack(causal, cross-attention) -> logits
 
-model.head=classification (heads.py) replaces the per-token output of EncoderOnly / DecoderOnly with a classifier
+A head with an output module of its own (jaxformer/heads, e.g. model.head=classification) replaces the per-token output of EncoderOnly / DecoderOnly with a classifier
 over the pooled hidden states: logits [B, num_classes].
 
 Masks are built once per call from segment ids (0 = padding; equal non-zero ids may attend, which also keeps
@@ -23,7 +23,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer import logical
-from jaxformer.model import heads, layers, positions as positions_lib, scan
+from jaxformer import heads
+from jaxformer.model import layers, positions as positions_lib, scan
 from jaxformer.model.attention import Attention
 from jaxformer.model.remat import REMATS  # model.remat's registry (remat.py), validated as transformer.REMATS
 
@@ -254,12 +255,12 @@ class _Model(nnx.Module):
     self.token_type_embedding = (  # BERT's segment A/B embedding [type_vocab_size, D], added to every token
         layers.param(rngs, layers.normal(cfg.init_std), (cfg.type_vocab_size, cfg.d_model), (None, 'embed'), pdt)
         if cfg.type_vocab_size else None)
-    lm = cfg.head == 'lm'  # the per-token output projection; model.head=classification has a classifier instead
+    output = heads.head_of(cfg).module  # a head's own output module replaces the per-token LM output
+    lm = output is None
     self.unembed = None if cfg.tie_embeddings or not lm else layers.Unembed(cfg, rngs=rngs)
     self.output_bias = (layers.param(rngs, layers.zeros, (cfg.vocab_size,), ('vocab',), pdt)
                         if cfg.output_bias and lm else None)
-    head = heads.HEADS[cfg.head]
-    self.classifier = None if head is None else head(cfg, rngs=rngs)
+    self.classifier = None if lm else output(cfg, rngs=rngs)
 
   def embed_tokens(self, tokens: Array, token_type_ids: Array | None = None) -> Array:
     """Token embeddings [B,T,D], plus the token-type embedding (type 0 where token_type_ids is None)."""
@@ -280,7 +281,7 @@ class _Model(nnx.Module):
 
   def outputs(self, h: Array, segment_ids: Array, deterministic: bool) -> Array:
     """Final hidden states -> model.head's logits: per token [B,T,V] (lm; encoder_only through its masked-LM
-    transform) or per row [B, num_classes] (classification, pooled over the real tokens of segment_ids)."""
+    transform) or the head's own output (classification: per row [B, num_classes], pooled over the real tokens)."""
     if self.classifier is not None:
       return self.classifier(h, segment_ids, deterministic=deterministic)
     lm_head = getattr(self, 'head', None)
@@ -289,7 +290,7 @@ class _Model(nnx.Module):
   def _empty_cache(self, stack: Stack, batch_size: int, max_len: int) -> dict[str, Any]:
     """max_len tokens' slots, after the soft prompt's n slots (prefilled) when the stack has one."""
     cfg = self.config
-    if cfg.head != 'lm':
+    if not heads.head_of(cfg).decodes:
       raise ValueError(f'a model.head={cfg.head} model does not decode; it scores whole rows (eval.py --mode=score).')
     if max_len > cfg.max_len:
       raise ValueError(f'init_cache max_len={max_len} exceeds model.max_len={cfg.max_len}; raise model.max_len '
@@ -335,7 +336,7 @@ class EncoderOnly(_Model):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     super().__init__(cfg, rngs=rngs)
     self.encoder = Stack(cfg, cfg.num_layers, causal=False, cross=False, rngs=rngs)
-    self.head = MaskedLMHead(cfg, rngs=rngs) if cfg.head == 'lm' else None
+    self.head = MaskedLMHead(cfg, rngs=rngs) if heads.head_of(cfg).module is None else None
 
   def __call__(self, tokens: Array, *, positions: Array | None = None, segment_ids: Array | None = None,
                token_type_ids: Array | None = None, deterministic: bool = True) -> Array:

@@ -8,15 +8,16 @@
   peft.train_extra        comma list of path words that also train (e.g. 'norm', 'bias', 'head'), as the BitFit
                           and adapter papers do.
 
-A model.head=classification classifier (paths `classifier.*`: pooler and output layer) always trains, whatever the
-method: it is new or task-specific, as Hugging Face peft's modules_to_save does for sequence classification.
+A head's own output module (paths `classifier.*`, e.g. model.head=classification's pooler and output layer) always
+trains, whatever the method: it is new or task-specific, as Hugging Face peft's modules_to_save does for sequence
+classification.
 
 A method is one `Method` in METHODS: `attach` adds its modules to a freshly built model (their parameters are
 PEFTParam subclasses, so one type filter finds them; the base model's own initialisation is untouched), and
 `trains` says which base parameters train as well. The training step differentiates only the trainable split of
 the params state (the frozen part is an input, not a differentiated one, so XLA computes no weight gradients for
-it), the optimizer holds state only for it, and checkpoints of a PEFT run store only it (peft/base.py re-reads the
-base model from checkpoint.init_from).
+it), the optimizer holds state only for it, and checkpoints of a PEFT run store only it (training/state.py re-reads
+the base model from checkpoint.init_from). Functions here take the run's `peft` section (config.peft).
 """
 from __future__ import annotations
 
@@ -26,25 +27,24 @@ import os
 from typing import Any, Callable
 
 import jax
-import ml_collections
 from flax import nnx
 
 from jaxformer.errors import ConfigError, check_choice, check_fraction, check_positive
 from jaxformer.peft import adapter, bitfit, lora, prompt
 from jaxformer.peft.params import PEFTParam, path_words
 
-__all__ = ['METHODS', 'Method', 'PEFTParam', 'attach', 'count_params', 'is_active', 'merge', 'section', 'split',
-           'trainable', 'trainable_filter', 'validate']
+__all__ = ['METHODS', 'Method', 'PEFTParam', 'attach', 'count_params', 'is_active', 'merge', 'split', 'trainable',
+           'trainable_filter', 'validate']
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
   """One `peft.method`. attach(model, peft, rngs) adds the method's modules (None: adds nothing); trains(words)
   is True for a base parameter (given its lower-cased path parts) that trains under this method."""
-  attach: Callable[[nnx.Module, ml_collections.ConfigDict, nnx.Rngs], None] | None
+  attach: Callable[[nnx.Module, Any, nnx.Rngs], None] | None
   trains: Callable[[list[str]], bool]
-  merge: Callable[[nnx.State, ml_collections.ConfigDict], nnx.State] | None = None  # folds its params in (export)
-  validate: Callable[[ml_collections.ConfigDict, Any], None] | None = None  # (peft section, model section)
+  merge: Callable[[nnx.State, Any], nnx.State] | None = None  # folds its params in (export)
+  validate: Callable[[Any, Any], None] | None = None  # (peft section, model section)
 
 
 def _frozen(words: list[str]) -> bool:
@@ -59,38 +59,26 @@ METHODS: dict[str, Method] = {
     'prompt': Method(prompt.attach, _frozen, validate=prompt.validate),
 }
 
-CLASSIFIER = 'classifier'  # the model attribute of model.head=classification's head (trains under every method)
-
-DEFAULTS = ml_collections.ConfigDict({'method': 'none', 'targets': 'attention', 'rank': 8, 'alpha': 16.0,
-                                      'dropout': 0.0, 'adapter_dim': 64, 'num_prompt_tokens': 20, 'train_extra': ''})
+CLASSIFIER = 'classifier'  # the model attribute of a head's own output module (trains under every method)
 
 
-def section(config: Any) -> ml_collections.ConfigDict:
-  """config.peft with defaults for missing keys (configs saved before the section existed are full fine-tuning)."""
-  peft = ml_collections.ConfigDict(DEFAULTS.to_dict())
-  given = config.get('peft') if hasattr(config, 'get') else None
-  if given:
-    peft.update(dict(given))
-  return peft
-
-
-def is_active(config: Any) -> bool:
+def is_active(peft: Any) -> bool:
   """Whether only part of the parameters train (a PEFT run: its checkpoints hold only that part)."""
-  return section(config).method != 'none'
+  return peft.method != 'none'
 
 
-def _extra_words(peft: ml_collections.ConfigDict) -> tuple[str, ...]:
+def _extra_words(peft: Any) -> tuple[str, ...]:
   return tuple(w.strip().lower() for w in str(peft.train_extra).split(',') if w.strip())
 
 
 def validate(config: Any) -> None:
   """The peft section: one line per bad value (config.validate calls this)."""
-  peft = section(config)
+  peft = config.peft
   check_choice('peft.method', peft.method, METHODS)
   method = METHODS[peft.method]
   if method.validate is not None:
     method.validate(peft, config.model)
-  base = str((config.get('checkpoint') or {}).get('init_from', '') or '')
+  base = str(config.checkpoint.init_from)
   if base and not base.startswith('hf:') and not os.path.isdir(
       os.path.join(os.path.expanduser(base), 'checkpoints')):
     raise ConfigError(f'checkpoint.init_from={base!r}: no jaxformer checkpoints in {os.path.join(base, "checkpoints")}; '
@@ -100,18 +88,16 @@ def validate(config: Any) -> None:
                       'already trains everything); set peft.method or drop train_extra.')
 
 
-def attach(model: nnx.Module, config: Any, rngs: nnx.Rngs) -> nnx.Module:
+def attach(model: nnx.Module, peft: Any, rngs: nnx.Rngs) -> nnx.Module:
   """Adds the method's modules to a freshly built model (in place; returned for chaining)."""
-  peft = section(config)
   method = METHODS[peft.method]
   if method.attach is not None:
     method.attach(model, peft, rngs)
   return model
 
 
-def trainable_filter(config: Any) -> Callable[[tuple, Any], bool]:
-  """An nnx filter (path, variable) -> bool: True for the parameters that train under config.peft."""
-  peft = section(config)
+def trainable_filter(peft: Any) -> Callable[[tuple, Any], bool]:
+  """An nnx filter (path, variable) -> bool: True for the parameters that train under the peft section."""
   method, extra = METHODS[peft.method], _extra_words(peft)
 
   def trains(path: tuple, variable: Any) -> bool:
@@ -125,34 +111,33 @@ def trainable_filter(config: Any) -> Callable[[tuple, Any], bool]:
   return trains
 
 
-def split(params: nnx.State, config: Any) -> tuple[nnx.State, nnx.State]:
+def split(params: nnx.State, peft: Any) -> tuple[nnx.State, nnx.State]:
   """(trainable, frozen) halves of a params state; nnx.merge_state(frozen, trainable) gives it back."""
-  trainable_part, frozen_part = nnx.split_state(params, trainable_filter(config), ...)
+  trainable_part, frozen_part = nnx.split_state(params, trainable_filter(peft), ...)
   return trainable_part, frozen_part
 
 
-def trainable(params: nnx.State, config: Any) -> nnx.State:
-  return split(params, config)[0]
+def trainable(params: nnx.State, peft: Any) -> nnx.State:
+  return split(params, peft)[0]
 
 
 def _size(tree: Any) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
-def count_params(params: nnx.State, config: Any) -> tuple[int, int]:
+def count_params(params: nnx.State, peft: Any) -> tuple[int, int]:
   """(num_params, num_trainable_params) of a params state (arrays or ShapeDtypeStructs)."""
-  return _size(params), _size(trainable(params, config))
+  return _size(params), _size(trainable(params, peft))
 
 
-def check_trainable(params: nnx.State, config: Any) -> None:
+def check_trainable(params: nnx.State, peft: Any) -> None:
   """A PEFT config that trains nothing in this model (e.g. bitfit without biases, a train_extra word that names no
   parameter) is a one-line error before step 1."""
-  peft = section(config)
   for word in _extra_words(peft):
     if not any(word in part for path, _ in nnx.to_flat_state(params) for part in path_words(path)):
       raise ConfigError(f'peft.train_extra word {word!r} names no parameter of this model; use words from the '
                         'parameter paths, e.g. norm, bias, head, embed.')
-  if _size(trainable(params, config)) == 0:
+  if _size(trainable(params, peft)) == 0:
     raise ConfigError(f'peft.method={peft.method} trains no parameter of this model (bitfit needs '
                       'model.use_bias=True); pick another peft.method.')
 
@@ -162,12 +147,11 @@ def base_params(params: nnx.State) -> nnx.State:
   return nnx.split_state(params, PEFTParam, ...)[1]
 
 
-def merge(model_or_params: nnx.Module | nnx.State, config: Any) -> nnx.State:
+def merge(model_or_params: nnx.Module | nnx.State, peft: Any) -> nnx.State:
   """Plain base parameters for export: the method's parameters folded in (LoRA: W + (alpha/rank) B A), so the result
   has exactly the base model's tree. Methods whose modules cannot be folded into the base weights (adapter,
   prompt) are a ConfigError naming the method."""
   params = model_or_params if isinstance(model_or_params, nnx.State) else nnx.state(model_or_params, nnx.Param)
-  peft = section(config)
   method = METHODS[peft.method]
   if method.attach is None:
     return base_params(params)  # none / bitfit: the trained parameters are base parameters already

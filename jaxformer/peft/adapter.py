@@ -7,7 +7,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 from jaxformer.errors import check_positive
@@ -17,7 +16,7 @@ from jaxformer.peft.params import AdapterParam, new_param
 Array = jax.Array
 
 
-def validate(peft: ml_collections.ConfigDict, model: Any) -> None:
+def validate(peft: Any, model: Any) -> None:
   check_positive('peft.adapter_dim', peft.adapter_dim)
 
 
@@ -38,7 +37,7 @@ class Adapter(nnx.Module):
     return (x + out).astype(y.dtype)
 
 
-def attach(model: nnx.Module, peft: ml_collections.ConfigDict, rngs: nnx.Rngs) -> None:
+def attach(model: nnx.Module, peft: Any, rngs: nnx.Rngs) -> None:
   """Two adapters per Block: on its self-attention and on its MLP (cross-attention keeps none, as in the paper)."""
   cfg = model.config
   make = lambda r: Adapter(cfg.d_model, int(peft.adapter_dim), std=cfg.init_std, dtype=cfg.dtype,  # noqa: E731

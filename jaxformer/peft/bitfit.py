@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import ml_collections
 
 from jaxformer.errors import ConfigError
 
@@ -12,7 +11,7 @@ def trains(words: list[str]) -> bool:
   return any(word.endswith('bias') for word in words)
 
 
-def validate(peft: ml_collections.ConfigDict, model: Any) -> None:
+def validate(peft: Any, model: Any) -> None:
   if not model.use_bias:
     raise ConfigError('peft.method=bitfit trains the biases, but model.use_bias=False gives the model none; '
                       'use peft.method=lora or a model with biases.')

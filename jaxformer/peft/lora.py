@@ -12,7 +12,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 from jaxformer.errors import ConfigError, check_fraction, check_positive
@@ -48,7 +47,7 @@ def target_names(targets: str) -> tuple[str, ...]:
   return tuple(names)
 
 
-def validate(peft: ml_collections.ConfigDict, model: Any) -> None:
+def validate(peft: Any, model: Any) -> None:
   check_positive('peft.rank', peft.rank)
   if not isinstance(peft.rank, int):
     raise ConfigError(f'peft.rank={peft.rank!r} must be a positive integer.')
@@ -65,7 +64,7 @@ class LoRA(nnx.Module):
   axis names are `names`, stored in `pdt`."""
 
   def __init__(self, shape: tuple[int, ...], names: tuple[str | None, ...], pdt: Any, in_dims: int,
-               peft: ml_collections.ConfigDict, dtype: Any, *, rngs: nnx.Rngs):
+               peft: Any, dtype: Any, *, rngs: nnx.Rngs):
     rank, fan_in = int(peft.rank), math.prod(shape[:in_dims])
     bound = 1.0 / math.sqrt(fan_in)
     uniform = lambda key, s, dt: jax.random.uniform(key, s, dt, -bound, bound)  # noqa: E731
@@ -85,7 +84,7 @@ class LoRA(nnx.Module):
     return y.reshape(*x.shape[:-1], *self.out_shape)
 
 
-def _lora(kernel: nnx.Param, in_dims: int, peft: ml_collections.ConfigDict, dtype: Any, num_layers: int,
+def _lora(kernel: nnx.Param, in_dims: int, peft: Any, dtype: Any, num_layers: int,
           rngs: nnx.Rngs) -> LoRA:
   """The LoRA of `kernel`; of each layer's slice when the kernel is stacked (model.scan_layers: num_layers > 0)."""
   shape, names, pdt = tuple(kernel.get_value().shape), sharding_names(kernel), kernel.get_value().dtype
@@ -94,7 +93,7 @@ def _lora(kernel: nnx.Param, in_dims: int, peft: ml_collections.ConfigDict, dtyp
   return scan.stack_modules(lambda r: LoRA(shape[1:], names[1:], pdt, in_dims, peft, dtype, rngs=r), num_layers, rngs)
 
 
-def attach(model: nnx.Module, peft: ml_collections.ConfigDict, rngs: nnx.Rngs) -> None:
+def attach(model: nnx.Module, peft: Any, rngs: nnx.Rngs) -> None:
   """Gives every Attention (self and cross) and MLP a `lora` dict {projection name: LoRA} for the targets."""
   names = target_names(peft.targets)
   for module, num_layers in list(scan.stacked_layers(model)):
@@ -109,7 +108,7 @@ def attach(model: nnx.Module, peft: ml_collections.ConfigDict, rngs: nnx.Rngs) -
                                        rngs) for n in wanted})
 
 
-def merge(params: nnx.State, peft: ml_collections.ConfigDict) -> nnx.State:
+def merge(params: nnx.State, peft: Any) -> nnx.State:
   """The base params with every LoRA update folded in: W + (alpha/rank) * A B (in float32, cast back to W's dtype).
   Either layout: stacked factors (model.scan_layers) fold into each layer's slice of the stacked kernel."""
   scale = float(peft.alpha) / int(peft.rank)

@@ -21,7 +21,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 from jaxformer.errors import check_positive
@@ -31,7 +30,7 @@ from jaxformer.peft.params import PromptParam, new_param
 Array = jax.Array
 
 
-def validate(peft: ml_collections.ConfigDict, model: Any) -> None:
+def validate(peft: Any, model: Any) -> None:
   check_positive('peft.num_prompt_tokens', peft.num_prompt_tokens)
 
 
@@ -84,7 +83,7 @@ class SoftPrompt(nnx.Module):
     return jnp.concatenate([jnp.ones((src_valid.shape[0], self.length), bool), src_valid], 1)
 
 
-def attach(model: nnx.Module, peft: ml_collections.ConfigDict, rngs: nnx.Rngs) -> None:
+def attach(model: nnx.Module, peft: Any, rngs: nnx.Rngs) -> None:
   cfg = model.config
   stack = model.decoder if cfg.arch == 'decoder_only' else model.encoder
   stack.prompt = SoftPrompt(int(peft.num_prompt_tokens), cfg.d_model, std=cfg.init_std,

@@ -1,16 +1,5 @@
-"""Training: optimizer, losses and sharded steps, orbax checkpoints and the training loop.
+"""Training library: losses and the jitted, sharded steps (step.py), optimizers (optimizer.py), orbax checkpoint
+I/O (checkpoint.py), where a run's parameters come from (state.py), the workdir lock and metric writers.
 
-`run(config, workdir)` is the entry point (train.py is a thin CLI around it).
+The training loop itself is an application: jaxformer/apps/train.py (`run(config, workdir)`).
 """
-
-
-def __getattr__(name: str):
-  # `run` is imported on first use, not with the package: jaxformer.config imports training.optimizer (for the
-  # optimizer and schedule registries), and the loop imports jaxformer.config, so an eager import would be a cycle.
-  if name == 'run':
-    from jaxformer.training.loop import run
-    return run
-  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-
-
-__all__ = ['run']

@@ -15,14 +15,15 @@ Layouts: a checkpoint written with the other model.scan_layers (per-layer 'block
 'blocks.layers' subtree) restores too: `restore_in_layout` restores it in the layout it was saved in (read from its
 saved config, else its tree metadata) and converts params, optimizer state (Adam's mu / nu mirror the params) and
 the per-layer rng streams into the layout being built, onto its shardings (layout_convert.convert_tree). Training
-resumes, restore_model (eval.py, export) and checkpoint.init_from all go through it.
+resumes, restore_params (eval.py, export) and checkpoint.init_from all go through it (training/state.py decides
+what is read; this module only reads and writes).
 
 Unreadable checkpoints: orbax writes each step into a temporary folder and renames it when complete, so a save cut
 short is never listed. If the newest listed step still fails to restore (files lost or truncated afterwards),
 training falls back to the newest step that does restore, moves the unreadable newer ones to
 DIR/checkpoints_unreadable/ (never deleted; they would otherwise collide with the steps about to be re-saved) and
 says so in one line. If no step restores, it stops with one line naming the folder and the error; nothing moves
-(that is usually a changed model config, not corruption). Evaluation (restore_model) follows the same policy
+(that is usually a changed model config, not corruption). Evaluation (restore_params) follows the same policy
 (restore_newest) but only reads: it skips unreadable steps and moves nothing.
 
 Integrity: when a save has finished, the sha256 of each of its files goes to DIR/checkpoint_checksums/<step>.json;
@@ -40,22 +41,17 @@ import shutil
 from typing import Any, Callable
 
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxformer import peft as peft_lib
-from jaxformer import sharding as shd
 from jaxformer.data import state_for_host
 from jaxformer.model import layout_convert
-from jaxformer.training import step as step_lib
 from jaxformer.training.saved_config import CHECKPOINT_DIR, checkpoint_dir, saved_config, saved_scan_layers
 from jaxformer.errors import UserError
 
 __all__ = ['CHECKPOINT_DIR', 'CheckpointError', 'Checkpointer', 'all_steps', 'checkpoint_dir', 'latest_step',
-           'restore_in_layout', 'restore_model', 'saved_config', 'saved_layout']
+           'restore_in_layout', 'restore_params', 'saved_config', 'saved_layout']
 
 UNREADABLE_DIR = 'checkpoints_unreadable'
 CHECKSUM_DIR = 'checkpoint_checksums'  # <step>.json: sha256 of every file of DIR/checkpoints/<step>/
@@ -251,26 +247,6 @@ def restore_in_layout(restore: Callable[[Any], tuple[Any, Any]], target: Any, sa
   return convert_restored(tree, target), other
 
 
-def abstract_params(config, mesh, model_config: Any = None) -> tuple[Any, nnx.State, nnx.State]:
-  """(graphdef, params as ShapeDtypeStructs on `mesh`'s shardings, the abstract rest) of config's model."""
-  abstract_model = nnx.eval_shape(lambda: step_lib.build_model(config, model_config=model_config))
-  graphdef, abs_params, abs_rest = step_lib.split_model(abstract_model)
-  params_sh = shd.state_shardings(abs_params, mesh, shd.rules_from_config(config))
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_params, params_sh)
-  return graphdef, target, abs_rest
-
-
-def params_in_layout(config, like: nnx.State, scanned: bool, model_config: Any = None) -> nnx.State:
-  """The part of config's model parameters that `like` holds (e.g. a PEFT run's base, or its trainable part), as
-  ShapeDtypeStructs of the `scanned` layout on like's mesh: the abstract target for restoring a checkpoint of
-  that layout (restore_in_layout)."""
-  config, model_config = step_lib.in_layout(config, scanned, model_config)
-  shardings = [x.sharding for x in jax.tree.leaves(like) if isinstance(getattr(x, 'sharding', None), NamedSharding)]
-  mesh = shardings[0].mesh if shardings else shd.make_mesh(config)
-  _, params, _ = abstract_params(config, mesh, model_config)
-  return nnx.split_state(params, layout_convert.block_filter(like), ...)[0]
-
-
 def report_fallback(workdir: str, failed: list[tuple[int, str]], used: int, moved_to: str | None) -> None:
   """One line saying which unreadable or corrupt steps were skipped (and where they went)."""
   if failed and jax.process_index() == 0:
@@ -299,7 +275,7 @@ class Checkpointer:
     """params_filter: an nnx filter of the parameters to store (a PEFT run: only what trains; None = all), and
     complete_params(restored) -> all the parameters (the run's base supplies the rest); abstract_in_layout(scanned)
     -> the run's abstract train state built with model.scan_layers=scanned, so a checkpoint of the other layout
-    restores (None: only checkpoints of the run's own layout do). step.checkpoint_params gives all three."""
+    restores (None: only checkpoints of the run's own layout do). training/state.make_checkpointer gives all three."""
     self.workdir = workdir
     self.params_filter, self.complete_params = params_filter, complete_params
     self.abstract_in_layout = abstract_in_layout
@@ -417,48 +393,26 @@ class Checkpointer:
     self.manager = _manager(self.workdir, keep=self.keep, async_save=self.async_save)
 
 
-def restore_model(workdir: str, config, mesh, step: int | None = None,
-                  model_config: Any = None) -> tuple[nnx.Module, int]:
-  """(model, step): the parameters of `step` (default: the newest readable one) sharded onto `mesh`.
-
-  `config` is the run's config; model.vocab_size 0 is read from DIR/config.json. Only the params item is read.
-  model_config: the run's ModelConfig when the caller has one (jaxformer.resolve builds it once). A checkpoint of
-  the other model.scan_layers layout is converted into config's (restore_in_layout).
-  """
-  config = ml_collections.ConfigDict(config.to_dict() if hasattr(config, 'to_dict') else config)
-  if not config.model.vocab_size:
-    saved = saved_config(workdir)
-    vocab = (saved or {}).get('model', {}).get('vocab_size', 0)
-    if not vocab:
-      raise CheckpointError(f'model.vocab_size is 0 and {os.path.join(workdir, "config.json")} does not give it; '
-                            'pass the config the run was trained with.')
-    config.model.vocab_size = int(vocab)
-  rules = shd.rules_from_config(config)
-  graphdef, target, abs_rest = abstract_params(config, mesh, model_config)
-  peft_run = peft_lib.is_active(config)  # its checkpoints hold only the trained params; the base is re-read
-  stored = peft_lib.trainable(target, config) if peft_run else target
+def restore_params(workdir: str, stored: Any, step: int | None,
+                   abstract_in_layout: Callable[[bool], Any] | None) -> tuple[Any, int]:
+  """(params like `stored`, step): the params item of `step` (default: the newest readable one), onto stored's
+  shardings; a checkpoint of the other model.scan_layers layout is restored through abstract_in_layout and
+  converted. Reads only (evaluation and export): unreadable steps are skipped, nothing is moved."""
   if not os.path.isdir(checkpoint_dir(workdir)):
     raise CheckpointError(f'no checkpoints in {checkpoint_dir(workdir)}; train first (python train.py ...).')
   manager = _manager(workdir, read_only=True)
 
-  def restore_params(s: int, abstract: nnx.State) -> tuple[nnx.State, None]:
+  def restore_step(s: int, abstract: Any) -> tuple[Any, None]:
     return manager.restore(s, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))['params'], None
 
-  in_layout = lambda scanned: params_in_layout(config, stored, scanned, model_config)  # noqa: E731
   try:
     steps = manager.all_steps() if step is None else [step]
     if not steps:
       raise CheckpointError(f'no checkpoints in {checkpoint_dir(workdir)}; train first (python train.py ...).')
     (params, _), s, failed = restore_newest(
-        manager, steps, lambda s: restore_in_layout(lambda abstract: restore_params(s, abstract), stored,
-                                                    saved_layout(workdir, s), in_layout), workdir)
+        manager, steps, lambda s: restore_in_layout(lambda abstract: restore_step(s, abstract), stored,
+                                                    saved_layout(workdir, s), abstract_in_layout), workdir)
   finally:
     manager.close()
-  report_fallback(workdir, failed, s, None)  # evaluation reads only: it moves nothing
-  if peft_run:
-    params = nnx.merge_state(peft_lib.split(step_lib.initial_params(config, target, mesh, rules), config)[1], params)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  with shd.mesh_context(mesh, rules):
-    rest = jax.jit(lambda: step_lib.split_model(step_lib.build_model(config, model_config=model_config))[2],
-                   out_shardings=jax.tree.map(lambda _: replicated, abs_rest))()
-  return nnx.merge(graphdef, params, rest), int(s)
+  report_fallback(workdir, failed, s, None)
+  return params, int(s)

@@ -18,16 +18,15 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxformer import heads
 from jaxformer import metrics as metrics_lib
 from jaxformer import peft as peft_lib
 from jaxformer import sharding as shd
-from jaxformer.peft import base as peft_base
 from jaxformer.data.rows import model_inputs
 from jaxformer.data.tokenizers import unscored_target
 
@@ -74,16 +73,10 @@ def token_weights(targets: jax.Array, unscored: int = 0) -> jax.Array:
   return ((targets >= 0) & (targets != unscored)).astype(jnp.float32)
 
 
-def is_classification(config) -> bool:
-  return str(config.model.get('head', 'lm')) == 'classification'
-
-
 def loss_targets(batch: Batch, config) -> tuple[jax.Array, int]:
-  """(what the logits are scored against, its unscored marker): the per-token `targets` and the tokenizer's
-  marker, or for model.head=classification the per-row class ids `labels` [B] and -1 (padding rows)."""
-  if is_classification(config):
-    return batch['labels'], -1
-  return batch['targets'], unscored_target(config)
+  """(what the logits are scored against, its unscored marker), as the model's head defines them (heads/: the
+  per-token `targets` and the tokenizer's marker for lm, the per-row `labels` and -1 for classification)."""
+  return heads.head_of(config.model).targets(batch, unscored_target(config))
 
 
 def loss_sums(model: nnx.Module, batch: Batch, config, *, deterministic: bool,
@@ -95,8 +88,8 @@ def loss_sums(model: nnx.Module, batch: Batch, config, *, deterministic: bool,
   tokens at the masked positions (encoder_only) or the shifted target (encoder_decoder) in `targets`, and a
   token counts exactly when its target is not the tokenizer's unscored marker (token_weights). length_tables
   (metrics.length_tables(tokenizer)) adds byte_sum / char_sum, the text the weighted targets decode to (for bits
-  per byte / character). model.head=classification scores the row logits [B, C] against `labels` [B] the same
-  way (weight_sum counts examples); confusion=True adds its [C, C] confusion matrix (rows: labels), for macro-F1.
+  per byte / character). A head with per-row logits (classification: [B, C] against `labels` [B]) is scored the
+  same way (weight_sum counts examples); confusion=True adds its [C, C] confusion matrix (rows: labels).
   """
   logits = model_logits(model, batch, deterministic=deterministic)
   targets, unscored = loss_targets(batch, config)
@@ -129,19 +122,6 @@ def compute_loss(model: nnx.Module, batch: Batch, config, *, deterministic: bool
 
 
 # ------------------------------------------------------------------------------------------------ train state
-def build_model(config, *, seed: int | None = None, model_config: Any = None) -> nnx.Module:
-  """The model with its `params` and `dropout` rng streams seeded from config.seed. Variables are created
-  unsharded (eager sharding off): shardings are applied by the jitted init's out_shardings instead, which also
-  copes with dimensions the mesh cannot divide. The PEFT method's modules (config.peft) are attached after the
-  base model is built, from rng streams of their own, so the base parameters do not depend on the method."""
-  from jaxformer.model import build_model as _build  # late import: the model package is optional for the tools
-  seed = int(config.seed if seed is None else seed)
-  with nnx.use_eager_sharding(False):
-    model = _build(config.model if model_config is None else model_config,
-                   rngs=nnx.Rngs(params=seed, dropout=seed + 1))
-    return peft_lib.attach(model, config, nnx.Rngs(params=seed + 2, dropout=seed + 3))
-
-
 def split_model(model: nnx.Module):
   """graphdef, params (nnx.Param), rest (every other variable: rng streams and the like)."""
   return nnx.split(model, nnx.Param, ...)
@@ -149,7 +129,7 @@ def split_model(model: nnx.Module):
 
 @dataclasses.dataclass
 class TrainSetup:
-  """Everything static about a training run on one mesh."""
+  """Everything static about a training run on one mesh (built by training/state.make_setup)."""
   graphdef: Any
   tx: optax.GradientTransformation
   schedule: Callable[[jax.Array], jax.Array]
@@ -157,84 +137,11 @@ class TrainSetup:
   rules: tuple
   abstract_state: Any  # ShapeDtypeStruct tree (with .sharding) of the train state
   state_shardings: Any
-  model_config: Any = None  # the ModelConfig the model is built from (None: config.model; resolve builds it once)
+  config: Any  # the run's resolved settings
 
   @property
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, PartitionSpec())
-
-
-def _init_state(config, tx, model_config=None) -> dict:
-  model = build_model(config, model_config=model_config)
-  _, params, rest = split_model(model)
-  return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(peft_lib.trainable(params, config)),
-          'rngs': rest}
-
-
-def make_setup(config, mesh: Mesh, tx: optax.GradientTransformation, schedule, model_config: Any = None) -> TrainSetup:
-  """Shapes and shardings of the train state, computed without allocating it (nnx.eval_shape / jax.eval_shape)."""
-  rules = shd.rules_from_config(config)
-  abstract_model = nnx.eval_shape(lambda: build_model(config, model_config=model_config))
-  graphdef, abs_params, abs_rest = split_model(abstract_model)
-  abs_state = jax.eval_shape(functools.partial(_init_state, config, tx, model_config))
-  replicated = NamedSharding(mesh, PartitionSpec())
-  params_sh = shd.state_shardings(abs_params, mesh, rules)
-  peft_lib.check_trainable(abs_params, config)
-  shardings = {
-      'step': replicated,
-      'params': params_sh,
-      'opt_state': shd.opt_state_shardings(abs_state['opt_state'], peft_lib.trainable(abs_params, config),
-                                           peft_lib.trainable(params_sh, config), mesh),
-      'rngs': jax.tree.map(lambda _: replicated, abs_state['rngs']),
-  }
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, shardings)
-  return TrainSetup(graphdef, tx, schedule, mesh, rules, abstract, shardings, model_config)
-
-
-def init_state(config, setup: TrainSetup) -> dict:
-  """The train state created directly sharded: each device computes only its shards (jit + out_shardings).
-  The base model's parameters come from checkpoint.init_from when it is set (peft/base.py; a PEFT method's own
-  parameters stay freshly initialised)."""
-  with shd.mesh_context(setup.mesh, setup.rules):
-    state = jax.jit(functools.partial(_init_state, config, setup.tx, setup.model_config),
-                    out_shardings=setup.state_shardings)()
-  state['params'] = peft_base.with_base(config, state['params'], setup.abstract_state['params'])
-  return state
-
-
-def initial_params(config, abstract_params: nnx.State, mesh: Mesh, rules: tuple) -> nnx.State:
-  """Every parameter as a fresh run starts, placed on `abstract_params`' shardings: the seed's initialisation, with
-  a PEFT run's base replaced by checkpoint.init_from's (what completes a PEFT checkpoint's trainable params)."""
-  shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
-  with shd.mesh_context(mesh, rules):
-    params = jax.jit(lambda: split_model(build_model(config))[1], out_shardings=shardings)()
-  return peft_base.with_base(config, params, abstract_params) if peft_lib.is_active(config) else params
-
-
-def in_layout(config, scanned: bool, model_config: Any = None) -> tuple[Any, Any]:
-  """(config, model_config) with model.scan_layers=scanned: the same model in the other parameter layout."""
-  config = ml_collections.ConfigDict(config.to_dict() if hasattr(config, 'to_dict') else config)
-  config.model.scan_layers = bool(scanned)
-  if model_config is not None:
-    model_config = dataclasses.replace(model_config, scan_layers=bool(scanned))
-  return config, model_config
-
-
-def checkpoint_params(config, setup: TrainSetup) -> dict[str, Any]:
-  """Checkpointer arguments: the run's abstract train state in either model.scan_layers layout (so a checkpoint
-  of the other layout resumes, converted), and for a PEFT run: store only the trainable parameters and restore
-  the rest from the base (the seed or checkpoint.init_from); any other run stores them all."""
-  def abstract_in_layout(scanned: bool) -> dict:
-    other, model_config = in_layout(config, scanned, setup.model_config)
-    return make_setup(other, setup.mesh, setup.tx, setup.schedule, model_config=model_config).abstract_state
-
-  if not peft_lib.is_active(config):
-    return {'abstract_in_layout': abstract_in_layout}
-  abstract = setup.abstract_state['params']
-  complete = lambda trained: nnx.merge_state(  # noqa: E731
-      peft_lib.split(initial_params(config, abstract, setup.mesh, setup.rules), config)[1], trained)
-  return {'params_filter': peft_lib.trainable_filter(config), 'complete_params': complete,
-          'abstract_in_layout': abstract_in_layout}
 
 
 def merge_model(graphdef, params, rest) -> nnx.Module:
@@ -287,7 +194,7 @@ def make_train_step(config, setup: TrainSetup, steps_per_call: int = 1) -> Calla
     return grads, metrics, new_rest
 
   def step_fn(state, batch):
-    params, frozen = peft_lib.split(state['params'], config)
+    params, frozen = peft_lib.split(state['params'], config.peft)
     rest = state['rngs']
     # The weights depend on the targets alone, so the batch's token count is known before the forward pass.
     denom = jnp.maximum(jnp.sum(token_weights(*loss_targets(batch, config))), 1.0)

@@ -1,9 +1,9 @@
 """model.scan_layers defaults to True in this process and, through PYTHONPATH + sitecustomize.py, in every Python
 process it spawns (train.py, eval.py, python -m jaxformer.hf run by the CLI tests).
 
-Used only when JAXFORMER_TEST_SCAN_LAYERS=1 (tests/conftest.py). The two defaults a test can leave alone are
-configs/default.py's model.scan_layers (every recipe and tiny config starts there) and the value Hugging Face
-imports get (jaxformer.hf's runtime defaults); both are patched right after their module is first imported.
+Used only when JAXFORMER_TEST_SCAN_LAYERS=1 (tests/conftest.py). The one default a test can leave alone is
+configs/default.py's model.scan_layers (every recipe, tiny config and Hugging Face import starts there); it is
+patched right after the module is first imported.
 """
 from __future__ import annotations
 
@@ -26,11 +26,7 @@ def _patch_default(module: types.ModuleType) -> None:
   module.get_config = scanned_default
 
 
-def _patch_hf(module: types.ModuleType) -> None:
-  module._RUNTIME_DEFAULTS['scan_layers'] = True  # pylint: disable=protected-access
-
-
-_PATCHES = {'configs.default': _patch_default, 'jaxformer.hf': _patch_hf}
+_PATCHES = {'configs.default': _patch_default}
 
 
 class _PatchAfterImport(importlib.abc.MetaPathFinder):

@@ -30,6 +30,8 @@ SOURCES: dict[str, SourceFactory] = {
     'jsonl': local.make_jsonl_source,
     'tfds': tfds.make_source,
 }
+# Head.examples (jaxformer/heads) -> the source kinds that yield such examples (the first is the one to suggest)
+EXAMPLE_KINDS: dict[str, tuple[str, ...]] = {'text': tuple(SOURCES), 'labelled': ('jsonl',)}
 
 
 def get_source(config: Any, workdir: str) -> Source:

@@ -110,7 +110,7 @@ def config_splits(config: Any) -> list[str]:
   """Every split a run may ask for: train / validation / test and the config's split keys (unsliced)."""
   names = ['train', 'validation', 'test']
   for key in ('train_split', 'eval_split', 'test_split'):
-    value = str(config.data[key])
+    value = str(getattr(config.data, key))
     if value not in names and '[' not in value:
       names.append(value)
   return names

@@ -36,6 +36,7 @@ import json
 import os
 from typing import Any, Callable, Sequence
 
+from jaxformer import heads
 from jaxformer.errors import DataError, DataFileNotFoundError
 from jaxformer.data.sources.base import Source, config_splits, split_candidates
 from jaxformer.data.sources.tfds import build_array_record, is_prepared, open_array_record
@@ -181,7 +182,7 @@ def _character_splits(spec: str, path: str) -> dict[str, Any]:
 
 
 def make_text_source(spec: str, pattern: str, config: Any, data_dir: str) -> Source:
-  unit = str(config.data.get('text_unit', 'file'))
+  unit = str(config.data.text_unit)
   if unit not in TEXT_UNITS:
     raise DataError(f'data.text_unit={unit!r} is not valid; use file (each file one document) or line.')
   if '{split}' in pattern:
@@ -285,16 +286,16 @@ def _instructions(paths: Sequence[str], prompt_key: str, response_key: str) -> l
 
 def label_names(config: Any) -> list[str]:
   """data.label_names as a list (the label strings in class-id order; [] = integer labels)."""
-  return [n.strip() for n in str(config.data.get('label_names', '') or '').split(',') if n.strip()]
+  return [n.strip() for n in str(config.data.label_names).split(',') if n.strip()]
 
 
 def _classification_keys(config: Any) -> tuple[str, str, str, str]:
   """(text key, pair key a, pair key b, label key) of a labelled jsonl line."""
   data = config.data
-  pair = [k.strip() for k in str(data.get('text_pair_keys', 'text_a,text_b')).split(',')]
+  pair = [k.strip() for k in str(data.text_pair_keys).split(',')]
   if len(pair) != 2 or not all(pair):
-    raise DataError(f'data.text_pair_keys={data.get("text_pair_keys")!r} must name two fields, e.g. text_a,text_b.')
-  return str(data.get('text_key', '') or 'text'), pair[0], pair[1], str(data.get('label_key', 'label'))
+    raise DataError(f'data.text_pair_keys={data.text_pair_keys!r} must name two fields, e.g. text_a,text_b.')
+  return str(data.text_key or 'text'), pair[0], pair[1], str(data.label_key)
 
 
 def _label(value: Any, where: str, names: Sequence[str], num_classes: int) -> int:
@@ -318,7 +319,7 @@ def _label(value: Any, where: str, names: Sequence[str], num_classes: int) -> in
 def _labelled(paths: Sequence[str], config: Any) -> list[tuple[str, str, str]]:
   """(text_a, text_b ('' for a single text), label id as a string) of every non-blank line of labelled data."""
   text_key, key_a, key_b, label_key = _classification_keys(config)
-  names, num_classes = label_names(config), int(config.model.get('num_classes', 0))
+  names, num_classes = label_names(config), int(config.model.num_classes)
   out = []
   for where, record in _records(paths, f'a {text_key!r} (or {key_a!r} and {key_b!r}) and a {label_key!r} field'):
     has = lambda: ", ".join(map(str, record)) or "none"  # noqa: E731
@@ -359,14 +360,14 @@ def _records(paths: Sequence[str], wanted: str):
 
 
 def make_jsonl_source(spec: str, pattern: str, config: Any, data_dir: str) -> Source:
-  """Instruction data, or labelled texts when model.head=classification."""
-  if str(config.model.get('head', 'lm')) == 'classification':
+  """Instruction data, or labelled texts for a head that reads them (model.head=classification)."""
+  if heads.head_of(config.model).examples == 'labelled':
     keys = _classification_keys(config) + (','.join(label_names(config)), str(config.model.num_classes))
     read = functools.partial(_labelled, config=config)
     kind, features = 'labelled', ('text_a', 'text_b', 'label')
     description = f'jsonl source {spec} (labelled: {keys[0]} or {keys[1]}+{keys[2]} -> {keys[3]})'
   else:
-    keys = (str(config.data.get('prompt_key', 'prompt')), str(config.data.get('response_key', 'response')))
+    keys = (str(config.data.prompt_key), str(config.data.response_key))
     read = functools.partial(_instructions, prompt_key=keys[0], response_key=keys[1])
     kind, features = 'instructions', ('prompt', 'response')
     description = f'jsonl source {spec} ({keys[0]} -> {keys[1]})'

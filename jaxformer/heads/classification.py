@@ -1,10 +1,6 @@
-"""What a model outputs from its final hidden states: `model.head` (HEADS) and, for classification, `model.pooling`
-(POOLINGS).
-
-  lm              per-token logits [B, T, vocab] (the families' own output: masked-LM transform for encoder_only,
-                  the tied / untied output projection)
-  classification  one vector per row, pooled from the hidden states by model.pooling, [+ BERT's pooler: dense + tanh
-                  (model.pooler)] -> dropout -> dense -> float32 logits [B, model.num_classes]
+"""model.head=classification: one label per row. The hidden states are pooled by model.pooling (POOLINGS)
+[+ BERT's pooler: dense + tanh (model.pooler)] -> dropout -> dense -> float32 logits [B, model.num_classes], scored by
+cross-entropy against `labels` [B] (-1 on padding rows); accuracy and macro-F1 from the confusion matrix.
 
 Pooling reads which tokens are real from the segment ids (0 = padding), so padding never changes a row's logits:
   first  the first real token (BERT's [CLS]; the default for encoder_only)
@@ -13,18 +9,20 @@ Pooling reads which tokens are real from the segment ids (0 = padding), so paddi
          mask lets only the last token see the whole row)
 
 Classifier parameters carry logical axis names like every other parameter, so the mesh rules shard them; their
-paths start with `classifier.` (what peft.train_extra names, and what jaxformer.hf maps to BERT's
-`bert.pooler.dense` / `classifier`).
+paths start with `classifier.` (what jaxformer.hf maps to BERT's `bert.pooler.dense` / `classifier`). The
+classifier trains under every PEFT method (new and task-specific, as Hugging Face peft's modules_to_save).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer import logical
+from jaxformer.errors import ConfigError, check_choice
+from jaxformer.heads.base import Head
 from jaxformer.model import layers
 
 if TYPE_CHECKING:
@@ -56,7 +54,6 @@ def _mean(h: Array, real: Array) -> Array:
 POOLINGS: dict[str, Callable[[Array, Array], Array]] = {'first': _first, 'mean': _mean, 'last': _last}
 # model.pooling='' picks this per arch
 DEFAULT_POOLING = {'encoder_only': 'first', 'decoder_only': 'last'}
-CLASSIFICATION_ARCHS = tuple(DEFAULT_POOLING)
 
 
 class ClassificationHead(nnx.Module):
@@ -83,5 +80,41 @@ class ClassificationHead(nnx.Module):
     return logical.constrain(logits, CLASS_LOGITS)
 
 
-# model.head: the module a model gets as `classifier` (None: the family's own per-token LM output)
-HEADS: dict[str, type[nnx.Module] | None] = {'lm': None, 'classification': ClassificationHead}
+class Classification(Head):
+  name = 'classification'
+  module = ClassificationHead
+  archs = tuple(DEFAULT_POOLING)
+  fields = ('num_classes', 'pooling', 'pooler')
+  examples = 'labelled'
+  confusion = True
+  unit = 'examples'
+  hf_class = 'ForSequenceClassification'
+
+  def validate(self, model: Any) -> None:
+    super().validate(model)
+    num_classes = model.num_classes
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+      raise ConfigError(f'model.head=classification needs model.num_classes >= 2 (the number of labels), but it is '
+                        f'{num_classes!r}; set --config.model.num_classes.')
+
+  def targets(self, batch, unscored):
+    del unscored  # padding rows carry label -1
+    return batch['labels'], -1
+
+  def eval_row(self, acc):
+    out = acc.classification_result()
+    return {'eval_loss': out['loss'], 'eval_accuracy': out['accuracy'], 'eval_macro_f1': out['macro_f1'],
+            'eval_examples': float(out['num_examples'])}
+
+  def results(self, acc, arch):
+    return acc.classification_result()
+
+  def output_flops(self, cfg, rows, tokens):
+    del tokens  # one pooled vector per row through (BERT's pooler and) the classifier
+    d = cfg.d_model
+    return float(rows * 6 * d * (cfg.num_classes + (d if cfg.pooler else 0)))
+
+
+def validate_pooling(pooling: str) -> None:
+  if pooling:
+    check_choice('model.pooling', pooling, POOLINGS)

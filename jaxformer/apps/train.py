@@ -53,14 +53,16 @@ import numpy as np
 import optax
 
 from jaxformer import data as data_lib
+from jaxformer import errors
 from jaxformer import evaluation as eval_lib
 from jaxformer import flops as flops_lib
 from jaxformer import peft as peft_lib
-from jaxformer import resolve as resolve_lib  # a module, not its names: resolve -> training -> loop is a cycle
+from jaxformer import resolve as resolve_lib
+from jaxformer import settings as settings_lib
 from jaxformer import sharding as shd
-from jaxformer import errors
 from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import optimizer as opt_lib
+from jaxformer.training import state as state_lib
 from jaxformer.training import step as step_lib
 from jaxformer.training.lock import WorkdirLock
 from jaxformer.training.writers import MetricWriter
@@ -71,14 +73,14 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Writes the resolved config to DIR/config.json (process 0) and returns the path."""
+def write_config(config: settings_lib.Settings, workdir: str) -> str:
+  """Writes the resolved settings to DIR/config.json (process 0) and returns the path."""
   path = os.path.join(workdir, 'config.json')
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     tmp = path + '.tmp'
     with open(tmp, 'w') as f:
-      f.write(eval_lib.config_json(config) + '\n')
+      f.write(settings_lib.to_json(config) + '\n')
     os.replace(tmp, path)
   return path
 
@@ -259,36 +261,32 @@ class Trainer:
     tx, schedule = opt_lib.make_optimizer(config.train)
     if config.train.skip_bad_steps:  # a non-finite gradient leaves params and optimizer state as they were
       tx = optax.apply_if_finite(tx, max_consecutive_errors=2 ** 30)  # our bad-step guard decides when to stop
-    self.setup = step_lib.make_setup(config, r.mesh, tx, schedule, model_config=r.model)
-    self.num_params, self.num_trainable_params = peft_lib.count_params(self.setup.abstract_state['params'], config)
+    self.setup = state_lib.make_setup(config, r.mesh, tx, schedule, r.rules)
+    self.num_params, self.num_trainable_params = peft_lib.count_params(self.setup.abstract_state['params'],
+                                                                       config.peft)
     self._describe()
-    self.checkpointer = ckpt_lib.Checkpointer(r.workdir, keep=config.checkpoint.keep,
-                                              async_save=config.checkpoint.async_save,
-                                              **step_lib.checkpoint_params(config, self.setup))
-    restored = self.checkpointer.restore(self.setup.abstract_state)
+    self.checkpointer = state_lib.make_checkpointer(config, self.setup, r.workdir)
     self.writer = MetricWriter(r.workdir, enabled=jax.process_index() == 0)
     self.log = TrainLog(r, self.writer)
-    data_state = None
-    if restored is not None:
-      self.state, data_state, self.start = restored
+    self.state, data_state, self.start, resumed = state_lib.train_state(config, self.setup, self.checkpointer)
+    if resumed:
       _log(f'resumed from checkpoint step {self.start} in {ckpt_lib.checkpoint_dir(r.workdir)}')
       _truncate_metrics(r.workdir, self.start)
     else:
-      self.state, self.start = step_lib.init_state(config, self.setup), 0
       _fresh_metrics(r.workdir)
       self.log.first_row_extra = {'num_params': self.num_params, 'num_trainable_params': self.num_trainable_params}
-    self.last_saved = self.start if restored is not None else -1
+    self.last_saved = self.start if resumed else -1
     self.layout = shd.data_layout(r.mesh, r.rules, config.train.batch_size)
     self.train_iter = data_lib.make_train_iterator(config, r.tokenizer, r.workdir, layout=self.layout,
                                                    source=r.source)
     if data_state is not None:
       self.train_iter.set_state(data_state)
-    self.steps_per_call = int(config.train.get('steps_per_call', 1))
+    self.steps_per_call = int(config.train.steps_per_call)
     self.train_step = step_lib.make_train_step(config, self.setup)
     self.multi_step = (step_lib.make_train_step(config, self.setup, self.steps_per_call)
                        if self.steps_per_call > 1 else None)
     self.evaluator = eval_lib.Evaluator(r, self.setup.graphdef, config.data.eval_split)
-    self.config_dict = json.loads(eval_lib.config_json(config))
+    self.config_dict = json.loads(settings_lib.to_json(config))
     self.unchecked: list[tuple[int, int, dict]] = []  # (first step, steps, metrics) not yet checked for NaN/inf
     self.bad_steps, self.first_bad = 0, None
 

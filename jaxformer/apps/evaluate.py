@@ -1,0 +1,439 @@
+"""eval.py's application: restore a checkpoint that train.py wrote, then one short function per mode.
+
+Modes
+  score      the split's numbers with the training code's own loss (evaluation.Evaluator; which numbers is the
+             model head's: loss / perplexity, bits per byte / character and token or masked-token accuracy for lm;
+             num_examples, loss, accuracy and macro_f1 for classification); encoder_decoder also translates the
+             split and reports sacrebleu BLEU (tokenized for the target language; decode.bleu_tokenize overrides)
+             and chrF.
+  generate   decoder_only: continue a text prompt.
+  translate  encoder_decoder: translate the lines of a file.
+
+Which config is used: the checkpoint's saved config (DIR/checkpoints/<step>/config, else DIR/config.json) is the
+base. Its model section is authoritative; a requested model.arch that contradicts it, or an explicit
+--config.model.* override that does, is an error. Its data and train sections are kept too, so the split is
+tokenized, cut into rows and batched exactly as training's final evaluation did (same data.seq_len,
+train.final_eval_steps or else train.eval_steps, train.eval_batch_size) and `loss` equals the `eval_loss` training
+logged at its last step; explicit overrides of those keys win (e.g. --config.train.eval_steps=-1 scores the whole
+split). The decode and mesh sections come from the request: they describe this evaluation and this machine, not
+the training run. Parameters are read by training/state.py, the same path export uses.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from jaxformer import data as data_lib
+from jaxformer import decoding
+from jaxformer import heads
+from jaxformer import metrics as metrics_lib
+from jaxformer import settings as settings_lib
+from jaxformer import sharding as shd
+from jaxformer.errors import UserError
+from jaxformer.evaluation import Evaluator, eval_steps, spread  # noqa: F401 - spread: part of this app's API
+from jaxformer.resolve import Resolved, resolve, saved_run_differences
+from jaxformer.training import checkpoint as ckpt_lib
+from jaxformer.training import state as state_lib
+from jaxformer.training import step as step_lib
+
+MODES = ('score', 'generate', 'translate')
+REQUEST_SECTIONS = ('decode', 'mesh')  # taken from the request, never from the checkpoint
+
+
+class EvalError(UserError, ValueError):
+  """A request eval cannot serve. The message is one line naming the file/flag and the fix."""
+
+
+def _log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def _warn(msg: str) -> None:
+  """A warning on stderr, so printed translations / generations on stdout stay clean to redirect."""
+  if jax.process_index() == 0:
+    print(f'WARNING: {msg}', file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ the config
+def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+  node = config
+  for part in dotted.split('.'):
+    node = node[part]
+  return node
+
+
+def _set(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+  *parents, leaf = dotted.split('.')
+  node = config
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+
+
+def resolve_config(requested: ml_collections.ConfigDict, saved: dict | None, workdir: str,
+                   overrides: Iterable[str] | None = None) -> ml_collections.ConfigDict:
+  """The config to evaluate with: the saved run config (upgraded: settings.upgrade_saved), plus the request's
+  decode/mesh sections and `overrides` (dotted keys the user set explicitly). Raises EvalError when the request
+  contradicts the saved model (resolve.saved_run_differences, the check a resume makes too); model.scan_layers is a
+  layout, so its override applies (the checkpoint converts on restore), and so do those of the execution keys
+  (model.dtype, attention_impl, remat)."""
+  overrides = sorted(set(overrides or ()))
+  if saved is None:
+    _log(f'note: no saved config in {workdir} (config.json); using the requested config as is.')
+    return settings_lib.fill(requested)
+  where = os.path.join(workdir, 'config.json')
+  config = settings_lib.upgrade_saved(saved)
+  if config.model.arch != requested.model.arch:
+    raise EvalError(
+        f'the checkpoint in {workdir} is a {config.model.arch} model ({where}: model.arch), but the requested '
+        f'config asks for model.arch={requested.model.arch}; use the recipe the run was trained with.')
+  for section in REQUEST_SECTIONS:
+    config[section] = ml_collections.ConfigDict(requested[section].to_dict())
+  for key in overrides:
+    if key.split('.')[0] not in REQUEST_SECTIONS:
+      try:
+        _set(config, key, _get(requested, key))
+      except (KeyError, AttributeError) as e:
+        raise EvalError(f'--config.{key}: the saved config in {where} has no such key.') from e
+  differ, _ = saved_run_differences(config, saved)  # only an override can make the model differ
+  if differ:
+    key, old, new = differ[0]
+    raise EvalError(f'--config.{key}={new!r} contradicts the checkpoint ({where}: {key}={old!r}); the architecture '
+                    'comes from the checkpoint, drop that override.')
+  if 'train.eval_steps' in overrides and 'train.final_eval_steps' not in overrides:
+    config.train.final_eval_steps = 0  # an explicit eval_steps is what this evaluation scores
+  return config
+
+
+def split_name(config: ml_collections.ConfigDict, split: str | None) -> str:
+  """'validation' -> data.eval_split, 'test' -> data.test_split, anything else as given (None = validation)."""
+  split = split or 'validation'
+  return {'validation': config.data.eval_split, 'test': config.data.test_split}.get(split, split)
+
+
+def translation_direction(config: ml_collections.ConfigDict) -> str:
+  if str(config.data.source) == 'builtin:numbers':  # synthetic: digits -> English number words
+    return 'digits->en'
+  return f'{config.data.src_lang}->{config.data.tgt_lang}'
+
+
+# ------------------------------------------------------------------------------------------- restoring a model
+@dataclasses.dataclass
+class Restored:
+  """A resolved run plus the parameters of one checkpoint, sharded onto this machine's mesh."""
+  resolved: Resolved
+  model: nnx.Module
+  step: int
+
+  config = property(lambda self: self.resolved.config)
+  tokenizer = property(lambda self: self.resolved.tokenizer)
+  mesh = property(lambda self: self.resolved.mesh)
+  rules = property(lambda self: self.resolved.rules)
+
+
+def restore(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int | None = None,
+            overrides: Iterable[str] | None = None, split: str | None = None) -> Restored:
+  """Resolves the config against the checkpoint and restores the model onto this machine's mesh.
+  split: a split name to check at start-up (the one `score` will read)."""
+  workdir = os.path.abspath(workdir)
+  steps = ckpt_lib.all_steps(workdir) if os.path.isdir(workdir) else []
+  if not steps and config.checkpoint.init_from and checkpoint_step is None:
+    # Nothing trained here yet: evaluate the weights checkpoint.init_from names (e.g. a pretrained hf:<dir>).
+    r = resolve(config, workdir, training=False, splits=[split_name(config, split)] if split else [])
+    return Restored(r, state_lib.init_from_model(r.config, r.mesh, r.rules), 0)
+  if not os.path.isdir(workdir):
+    raise EvalError(f'--workdir={workdir} does not exist; point it at a directory train.py wrote.')
+  if not steps:
+    raise EvalError(f'no checkpoint in {ckpt_lib.checkpoint_dir(workdir)}; train first (python train.py '
+                    f'--config=... --workdir={workdir}).')
+  if checkpoint_step is not None and checkpoint_step not in steps:
+    raise EvalError(f'--checkpoint_step={checkpoint_step}: no such checkpoint in {ckpt_lib.checkpoint_dir(workdir)} '
+                    f'(it has steps {", ".join(map(str, steps))}).')
+  saved = ckpt_lib.saved_config(workdir, checkpoint_step if checkpoint_step is not None else steps[-1])
+  config = resolve_config(config, saved, workdir, overrides)
+  r = resolve(config, workdir, training=False, splits=[split_name(config, split)] if split else [])
+  model, step = state_lib.restore_model(workdir, r.config, r.mesh, r.rules, step=checkpoint_step)
+  return Restored(r, model, step)
+
+
+def score_split(r: Restored, split: str) -> tuple[dict[str, Any], list[int]]:
+  """The head's numbers (lm: loss / perplexity / accuracy) over the batches of `split` training's final evaluation scores (eval_steps(...,
+  final=True); -1: all), computed as training computes them (the same Evaluator), so the loss is the eval_loss
+  training logged at its last step. Returns (results, the indices of the scored batches)."""
+  graphdef, params, rest = step_lib.split_model(r.model)
+  evaluator = Evaluator(r.resolved, graphdef, split)
+  return evaluator.results(params, rest), evaluator.scored
+
+
+def decode_settings(config: ml_collections.ConfigDict) -> decoding.DecodeSettings:
+  return decoding.DecodeSettings.from_config(config.decode)
+
+
+def _decode_batches(r: Restored, *, prompts: Sequence[Sequence[int]] | None = None,
+                    sources: Sequence[Sequence[int]] | None = None) -> list[list[int]]:
+  """Decodes in batches of decode.batch_size on the mesh (batch over the 'batch' axes) -> token lists, each cut
+  before its first decode.eos_id (decoding fills 0 after it, which is a real token for e.g. GPT-2)."""
+  config = r.config
+  settings = decode_settings(config)
+  sharding = shd.batch_sharding(r.mesh, r.rules, 1)
+  rng = jax.random.key(int(config.seed))
+  n = len(prompts if prompts is not None else sources)
+  bs = max(1, int(config.decode.batch_size))
+  out: list[list[int]] = []
+  with shd.mesh_context(r.mesh, r.rules):
+    for start in range(0, n, bs):
+      prompt = lengths = src = None
+      if prompts is not None:
+        prompt, lengths = decoding.pad_prompts(prompts[start:start + bs])
+      if sources is not None:
+        src = np.zeros((min(bs, n - start), config.data.src_seq_len), np.int32)
+        for row, ids in enumerate(sources[start:start + bs]):
+          src[row, :len(ids)] = ids
+      tokens = decoding.decode(r.model, settings, prompt, prompt_lengths=lengths, src_tokens=src,
+                               rng=jax.random.fold_in(rng, start), model_max_len=config.model.max_len,
+                               batch_sharding=sharding)
+      out.extend(_until(row.tolist(), settings.eos_id) for row in tokens)
+  return out
+
+
+def _until(ids: list[int], eos_id: int) -> list[int]:
+  return ids[:ids.index(eos_id)] if eos_id in ids else ids
+
+
+def translate_texts(r: Restored, texts: Sequence[str]) -> tuple[list[str], int]:
+  """-> (one translation per text, how many texts were cut to data.src_seq_len tokens). A blank text gets a blank
+  translation without decoding, so a file's translations stay aligned with its lines."""
+  tok, src_len = r.tokenizer, r.config.data.src_seq_len
+  todo = [i for i, t in enumerate(texts) if t.strip()]
+  sources = [data_lib.encode_source(tok, texts[i], src_len) for i in todo]
+  cut = sum(len(ids) < len(tok.encode(texts[i])) + 1 for i, ids in zip(todo, sources))  # + 1: the EOS
+  out = [''] * len(texts)
+  for i, ids in zip(todo, _decode_batches(r, sources=sources) if todo else []):
+    out[i] = tok.decode(ids)
+  return out, cut
+
+
+def characters_outside_vocabulary(tokenizer: data_lib.Tokenizer, text: str) -> list[str]:
+  """The distinct characters of `text` (in order) the tokenizer encodes as <unk>."""
+  return [c for c in dict.fromkeys(text) if tokenizer.unk_id in tokenizer.encode(c)]
+
+
+def generate_texts(r: Restored, prompts: Sequence[str]) -> list[str]:
+  tok = r.tokenizer
+  unknown = characters_outside_vocabulary(tok, ''.join(prompts))
+  if unknown:
+    _warn(f'--prompt characters not in the tokenizer\'s vocabulary (each becomes <unk>, unseen in training): '
+          f'{" ".join(map(repr, unknown))}')
+  ids = [tok.prompt(tok.encode(p)) for p in prompts]
+  longest = max(len(i) for i in ids)
+  if longest >= r.config.model.max_len:
+    raise EvalError(f'--prompt is {longest} tokens (with BOS) but model.max_len={r.config.model.max_len} leaves no '
+                    'room to generate; shorten the prompt.')
+  return [tok.decode(out) for out in _decode_batches(r, prompts=ids)]
+
+
+# ---------------------------------------------------------------------------------------------------- output
+def format_table(results: dict[str, Any]) -> str:
+  """Two aligned columns, the way a results table in a log should look."""
+  rows = []
+  for key, value in results.items():
+    if isinstance(value, float):
+      text = f'{value:.4f}' if abs(value) < 1e6 else f'{value:.4e}'
+    else:
+      text = str(value)
+    rows.append((key, text))
+  width = max(len(k) for k, _ in rows)
+  line = '-' * (width + 3 + max(len(v) for _, v in rows))
+  return '\n'.join([line] + [f'{k.ljust(width)} | {v}' for k, v in rows] + [line])
+
+
+def finite_or_null(results: dict[str, Any]) -> dict[str, Any]:
+  """Non-finite floats -> None (strict JSON has no NaN/Infinity), with one line naming them."""
+  bad = [k for k, v in results.items() if isinstance(v, float) and not math.isfinite(v)]
+  if bad:
+    _log(f'WARNING: {", ".join(bad)} not finite (NaN/inf), written as null: the checkpoint\'s parameters have '
+         'probably diverged; evaluate an earlier --checkpoint_step.')
+  return {k: None if k in bad else v for k, v in results.items()}
+
+
+LATEST_OUTPUT = 'eval.json'  # score without --output: also a copy of the latest results here
+
+
+def default_output(workdir: str, split: str, step: int) -> str:
+  """score's results file without --output: DIR/eval_<split>_step<N>.json, so evaluating another split or step
+  keeps the earlier results (characters other than letters, digits, '.', '-' and '_' in a split name -> '_')."""
+  return os.path.join(workdir, f'eval_{re.sub(r"[^A-Za-z0-9._-]", "_", split)}_step{step}.json')
+
+
+def _write_json(path: str, obj: dict) -> None:
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, default=float, allow_nan=False)
+    f.write('\n')
+  os.replace(tmp, path)
+
+
+def _read_lines(path: str) -> list[str]:
+  if not os.path.isfile(path):
+    raise EvalError(f'--input={path}: no such file.')
+  try:
+    with open(path, encoding='utf-8') as f:
+      lines = [line.rstrip('\n') for line in f]
+  except UnicodeDecodeError as e:
+    raise EvalError(f'--input={path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8.') from None
+  if not any(line.strip() for line in lines):
+    raise EvalError(f'--input={path} is empty; give a file with one source sentence per line.')
+  return lines
+
+
+# ----------------------------------------------------------------------------------------------------- modes
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """What eval.py asked for beyond the config (its flags)."""
+  split: str | None = 'validation'
+  output: str | None = None
+  prompts: tuple[str, ...] = ()
+  input_path: str | None = None
+  lines: tuple[str, ...] = ()  # translate: the input file's lines, read before the restore
+  bleu: bool = True
+  start: float = 0.0  # perf_counter when the request arrived
+
+
+def generate(r: Restored, q: Request) -> dict[str, Any]:
+  """decoder_only: each prompt's continuation, printed (and written as JSON to --output)."""
+  if r.config.model.arch != 'decoder_only':
+    raise EvalError(f'--mode=generate needs a decoder_only checkpoint; {r.resolved.workdir} holds '
+                    f'{r.config.model.arch} (use --mode=score'
+                    + (' or --mode=translate).' if r.config.model.arch == 'encoder_decoder' else ').'))
+  texts = generate_texts(r, q.prompts)
+  for p, t in zip(q.prompts, texts):
+    _log(f'{p}{t}')
+  results = {'step': r.step, 'mode': 'generate', 'decode': dataclasses.asdict(decode_settings(r.config)),
+             'prompts': list(q.prompts), 'outputs': texts}
+  if q.output:
+    _write_json(q.output, results)
+  return results
+
+
+def translate(r: Restored, q: Request) -> dict[str, Any]:
+  """encoder_decoder: the input file's lines translated, printed or written one per line to --output."""
+  if r.config.model.arch != 'encoder_decoder':
+    raise EvalError(f'--mode=translate needs an encoder_decoder checkpoint; {r.resolved.workdir} holds '
+                    f'{r.config.model.arch}.')
+  texts, cut = translate_texts(r, q.lines)
+  if cut:
+    _warn(f'{cut} of {len(q.lines)} lines of {q.input_path} are longer than data.src_seq_len='
+          f'{r.config.data.src_seq_len} tokens (EOS included) and were cut to that length before translating.')
+  if q.output:
+    if jax.process_index() == 0:
+      with open(q.output, 'w', encoding='utf-8') as f:
+        f.write(''.join(t + '\n' for t in texts))
+    _log(f'translated {len(q.lines)} lines -> {q.output}')
+  else:
+    for t in texts:
+      _log(t)
+  return {'step': r.step, 'mode': 'translate', 'outputs': texts}
+
+
+def bleu_of_split(r: Restored, split: str, scored: list[int]) -> dict[str, Any]:
+  """encoder_decoder: BLEU and chrF of the split's translations, over the examples the loss covered (exactly so
+  when rows are unpacked: one example per row, batch b holding examples b*size ...; the whole split with
+  train.eval_steps=-1); sources are cut exactly as training cut them."""
+  pairs = data_lib.load_text_pairs(r.config, r.resolved.workdir, split, source=r.resolved.source)
+  if eval_steps(r.config, final=True) >= 0:
+    size = r.resolved.eval_batch_size
+    pairs = [p for b in scored for p in pairs[b * size:(b + 1) * size]]
+  hyps, _ = translate_texts(r, [s for s, _ in pairs])
+  refs = [t for _, t in pairs]
+  direction = translation_direction(r.config)
+  b = metrics_lib.bleu(hyps, refs, tgt_lang=direction.split('->')[-1], tokenize=str(r.config.decode.bleu_tokenize),
+                       max_ngram_order=int(r.config.decode.bleu_max_ngram))
+  if 'bleu_note' in b:
+    _log(b['bleu_note'])
+  for (src, ref), hyp in list(zip(pairs, hyps))[:3]:
+    _log(f'  src: {src}\n  ref: {ref}\n  hyp: {hyp}')
+  return dict(bleu=b['bleu'], sacrebleu_signature=b['sacrebleu_signature'], **metrics_lib.chrf(hyps, refs),
+              direction=direction, bleu_examples=len(pairs), decode=dataclasses.asdict(decode_settings(r.config)))
+
+
+def score(r: Restored, q: Request) -> dict[str, Any]:
+  """The split's numbers (the head's), BLEU / chrF for encoder_decoder; printed as a table and written to
+  --output, or to DIR/eval_<split>_step<N>.json and DIR/eval.json (the latest)."""
+  name, workdir = split_name(r.config, q.split), r.resolved.workdir
+  results: dict[str, Any] = {'step': r.step, 'split': name, 'arch': r.config.model.arch}
+  if r.config.model.head != 'lm':
+    results['head'] = r.config.model.head
+  sums, scored = score_split(r, name)
+  results.update(sums)
+  results['eval_batches'] = len(scored)
+  if r.config.model.arch == 'encoder_decoder' and q.bleu and heads.head_of(r.config.model).decodes:
+    results.update(bleu_of_split(r, name, scored))
+  results['seconds'] = round(time.perf_counter() - q.start, 2)
+  _log(f'evaluation of {workdir} (step {r.step}, split {name}):')
+  _log(format_table({k: v for k, v in results.items() if k != 'decode'}))
+  results = finite_or_null(results)
+  if q.output:
+    _write_json(q.output, results)
+    _log(f'wrote {q.output}')
+  else:
+    path = default_output(workdir, name, r.step)
+    _write_json(path, results)
+    _write_json(os.path.join(workdir, LATEST_OUTPUT), results)
+    _log(f'wrote {path} (and {os.path.join(workdir, LATEST_OUTPUT)}, the latest evaluation)')
+  return results
+
+
+MODE_FUNCTIONS = {'score': score, 'generate': generate, 'translate': translate}
+assert tuple(MODE_FUNCTIONS) == MODES
+
+
+# ------------------------------------------------------------------------------------------------------- run
+def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int | None = None,
+        split: str | None = 'validation', output: str | None = None, mode: str = 'score',
+        prompt: str | Sequence[str] | None = None, input_path: str | None = None,
+        bleu: bool = True, overrides: Iterable[str] | None = None) -> dict[str, Any]:
+  """Evaluates the checkpoint in workdir; returns the results dict (also printed, and written as JSON).
+
+  score: writes {step, split, num_tokens, loss, perplexity, ...} to `output` (default
+  DIR/eval_<split>_step<N>.json, copied to DIR/eval.json: the latest);
+  encoder_decoder adds bleu, sacrebleu_signature, direction (over the same examples the loss covers, or the
+  whole split with train.eval_steps=-1; bleu=False skips decoding). generate: `prompt` text(s) -> printed
+  continuations. translate: the lines of `input_path` -> printed, or written one per line to `output`.
+  `overrides`: dotted config keys the user set explicitly (see the module docstring).
+  """
+  if mode not in MODES:
+    raise EvalError(f'--mode={mode!r} is not one of {", ".join(MODES)}.')
+  lines: tuple[str, ...] = ()
+  if mode == 'translate':
+    if not input_path:
+      raise EvalError('--mode=translate needs --input=FILE (one source sentence per line).')
+    lines = tuple(_read_lines(input_path))  # before the (slow) restore: a bad file fails fast
+  if mode == 'generate' and prompt is None:
+    raise EvalError('--mode=generate needs --prompt=TEXT.')
+  if checkpoint_step is not None and checkpoint_step < 0:
+    checkpoint_step = None
+  request = Request(split=split, output=output, prompts=(prompt,) if isinstance(prompt, str) else tuple(prompt or ()),
+                    input_path=input_path, lines=lines, bleu=bleu, start=time.perf_counter())
+  r = restore(config, workdir, checkpoint_step=checkpoint_step, overrides=overrides,
+              split=split if mode == 'score' else None)
+  head = heads.head_of(r.config.model)
+  if mode != 'score' and not head.decodes:
+    raise EvalError(f'--mode={mode} decodes text, but {r.resolved.workdir} holds a model.head={head.name} model (one '
+                    'label per row); use --mode=score (accuracy and macro-F1 on a split).')
+  return MODE_FUNCTIONS[mode](r, request)

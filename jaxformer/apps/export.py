@@ -1,0 +1,75 @@
+"""Export a training run to a Hugging Face directory (`python -m jaxformer.hf export`).
+
+Writes DIR/config.json + DIR/model.safetensors (transformers loads them with the matching AutoModelFor... class and
+gives the same logits) from the newest (or the given) checkpoint of the workdir, with the config the run saved
+(read, checked and typed as eval.py reads it: settings.upgrade_saved, resolve.checked_config) and its parameters
+read by training/state.py's restore_model, the path eval.py uses. When the run used an hf:<dir> tokenizer its
+files are copied too and its special ids go into config.json. Errors are one line.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from flax import nnx
+
+from jaxformer import cli, hf
+from jaxformer import peft as peft_lib
+from jaxformer import resolve as resolve_lib
+from jaxformer import settings as settings_lib
+from jaxformer import sharding as shd
+from jaxformer.data.hf_tokenizer import NONE, HFTokenizer
+from jaxformer.errors import ConfigError, UserError
+from jaxformer.training import checkpoint as ckpt_lib
+from jaxformer.training import state as state_lib
+
+
+def token_ids(tokenizer: HFTokenizer, arch: str) -> dict[str, int]:
+  """bos/eos/pad (and T5's decoder start = pad) ids for config.json; ids the tokenizer lacks are left out."""
+  ids = {'bos_token_id': tokenizer.bos_id, 'eos_token_id': tokenizer.eos_id, 'pad_token_id': tokenizer.pad_id}
+  if arch == 'encoder_decoder':
+    ids['decoder_start_token_id'] = tokenizer.pad_id
+  return {k: v for k, v in ids.items() if v != NONE}
+
+
+def export(workdir: str, output: str, step: int | None = None) -> str:
+  """Exports `workdir`'s checkpoint to `output`; returns the model_type written."""
+  saved = ckpt_lib.saved_config(workdir, step)
+  if saved is None:
+    raise ConfigError(f'--workdir={workdir} has no config.json; point it at a directory train.py wrote.')
+  config = settings_lib.upgrade_saved(saved)
+  config.mesh.update(data=-1, fsdp=1, tensor=1)  # whatever devices this machine has, each with the whole model
+  settings = settings_lib.from_config(resolve_lib.checked_config(config))
+  mesh = shd.make_mesh(settings)
+  model, _ = state_lib.restore_model(workdir, settings, mesh, shd.rules_from_config(settings), step=step)
+  if peft_lib.is_active(settings.peft):  # a LoRA / BitFit run: the base model with the trained parameters folded in
+    merged = peft_lib.merge(model, settings.peft)
+    settings = settings_lib.replace(settings, peft=dataclasses.replace(settings.peft, method='none'))
+    model = state_lib.build_model(settings)
+    nnx.update(model, merged)
+  spec = settings.data.tokenizer
+  tokenizer = HFTokenizer.from_spec(spec) if spec.startswith(hf.PREFIX) else None
+  model_type = hf.save(model, settings.model, output,
+                       token_ids=token_ids(tokenizer, settings.model.arch) if tokenizer is not None else None)
+  if tokenizer is not None:
+    tokenizer.save_files(output)
+  else:
+    print(f'note: the run used data.tokenizer={spec!r}, which has no Hugging Face tokenizer.json; only the model is '
+          'exported.')
+  return model_type
+
+
+def main(argv: list[str]) -> None:
+  parser = argparse.ArgumentParser(prog='python -m jaxformer.hf', description=__doc__.splitlines()[0])
+  commands = parser.add_subparsers(dest='command', required=True)
+  p = commands.add_parser('export', help='a training run -> a Hugging Face directory')
+  p.add_argument('--workdir', required=True, help='the directory train.py wrote')
+  p.add_argument('--output', required=True, help='the Hugging Face directory to write')
+  p.add_argument('--checkpoint_step', type=int, default=None, help='default: the newest checkpoint')
+  args = parser.parse_args(argv)
+  cli.quiet_logging()
+  try:
+    model_type = cli.guarded(lambda: export(args.workdir, args.output, args.checkpoint_step))
+  except ValueError as e:  # a setting without a Hugging Face counterpart (families.py raises ValueError)
+    cli.fail(UserError(str(e)))
+  print(f'wrote {model_type} checkpoint to {args.output}')
