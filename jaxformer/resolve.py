@@ -142,12 +142,16 @@ def saved_run_differences(config: Any, saved: dict) -> tuple[list[Difference], l
   EXECUTION_KEYS) may change; train.optimizer and train.skip_bad_steps decide the optimizer state's layout."""
   saved = settings_lib.upgrade_saved(saved)
   differ, changed = [], []
-  for key in saved.model.keys():
-    value, old = getattr(config.model, key), saved.model[key]
+  # compared resolved (num_kv_heads -1 and the head count it stands for are the same model)
+  old_model = dataclasses.asdict(ModelConfig.from_config(saved.model))
+  new_model = dataclasses.asdict(ModelConfig.from_config(config.model))
+  for key, old in old_model.items():
+    value = new_model[key]
     if (key == 'vocab_size' and not value) or key in layout_convert.LAYOUT_KEYS:
       continue
     if (list(old) if isinstance(old, (list, tuple)) else old) != (list(value) if isinstance(value, tuple) else value):
-      (changed if key in model_config.EXECUTION_KEYS else differ).append((f'model.{key}', old, value))
+      (changed if key in model_config.EXECUTION_KEYS else differ).append((f'model.{key}', saved.model[key],
+                                                                          getattr(config.model, key)))
   for key in ('optimizer', 'skip_bad_steps'):
     if saved.train[key] != getattr(config.train, key):
       differ.append((f'train.{key}', saved.train[key], getattr(config.train, key)))

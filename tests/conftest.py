@@ -3,9 +3,9 @@
 Must run before jax is imported anywhere, which is why it lives in conftest.py.
 
 JAXFORMER_TEST_SCAN_LAYERS=1 runs the tests with model.scan_layers=True wherever they leave it at its default:
-configs/default.py's value (every recipe and tiny test config starts there) and the one Hugging Face imports get
-(jaxformer.hf's runtime defaults), in the test process and in the train.py / eval.py / jaxformer.hf processes
-the CLI tests spawn (tests/scan_layers/sitecustomize.py, via PYTHONPATH). Tests that set the flag keep their value.
+configs/default.py's value (every recipe, tiny test config and Hugging Face import starts there), in the test process
+and in the train.py / eval.py / jaxformer.hf processes the CLI tests spawn (tests/scan_layers/sitecustomize.py, via
+PYTHONPATH). Tests that set the flag keep their value.
 """
 import os
 import pathlib

@@ -24,6 +24,7 @@ STEP_SCRIPT = textwrap.dedent('''
     from configs import gpt_tiny
     from jaxformer import sharding as shd
     from jaxformer.training import optimizer, step
+    from jaxformer.training import state as state_lib
 
     def run(scan_layers, **mesh):
       config = gpt_tiny.get_config()

@@ -9,6 +9,7 @@ import pytest
 
 from jaxformer import sharding as shd
 from jaxformer.training import checkpoint
+from jaxformer.training import state as state_lib
 from jaxformer.apps.train import run
 from jaxformer.training.writers import read_metrics
 from tests.test_train import tiny
@@ -58,7 +59,7 @@ def test_exact_resume(reference, tmp_path):
     path = os.path.join(params_dir, name)
     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
   mesh = shd.make_mesh(config())
-  model, step = state.restore_model(workdir, config(), mesh)
+  model, step = state_lib.restore_model(workdir, config(), mesh)
   assert step == N  # skipped the unreadable one, moved nothing
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', str(2 * N)))
   run(config(), workdir)
@@ -68,12 +69,12 @@ def test_exact_resume(reference, tmp_path):
 
   # --- restore_model gives the trained parameters, sharded onto the mesh it is given
   mesh8 = shd.make_mesh(config(data=2, fsdp=2, tensor=2))
-  model8, step8 = state.restore_model(workdir, config(), mesh8)
+  model8, step8 = state_lib.restore_model(workdir, config(), mesh8)
   assert step8 == 2 * N
   from flax import nnx
   leaves = jax.tree.leaves(nnx.state(model8, nnx.Param))
   assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated for x in leaves)
-  model1, _ = state.restore_model(workdir, config(), mesh, step=2 * N)
+  model1, _ = state_lib.restore_model(workdir, config(), mesh, step=2 * N)
   for a, b in zip(leaves, jax.tree.leaves(nnx.state(model1, nnx.Param))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

@@ -111,13 +111,14 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits_0(tmp_path):
 
   from jaxformer import sharding as shd
   from jaxformer.training import checkpoint
+  from jaxformer.training import state as state_lib
   step = checkpoint.latest_step(workdir)
   logged = max(r['step'] for r in _rows(workdir))
   assert step is not None and step >= 3 and step >= logged
   config = checkpoint.saved_config(workdir)
   import ml_collections
   config = ml_collections.ConfigDict(config)
-  model, restored = state.restore_model(workdir, config, shd.make_mesh(config))
+  model, restored = state_lib.restore_model(workdir, config, shd.make_mesh(config))
   assert restored == step
 
 

@@ -271,13 +271,14 @@ def test_skip_bad_steps_keeps_parameters_finite_until_max_bad_steps(tmp_path):
   from jax import tree
   from jaxformer import sharding as shd
   from jaxformer.training import checkpoint
+  from jaxformer.training import state as state_lib
   from jaxformer.apps.train import run
   from jaxformer.errors import NonFiniteError
   config = _tiny(num_steps=30, learning_rate=1e9, max_bad_steps=3, skip_bad_steps=True, log_every=1)
   config.checkpoint.every_steps = 1
   with pytest.raises(NonFiniteError, match=r'3 non-finite step\(s\) in a row'):  # not "parameters ... not finite"
     run(config, str(tmp_path))
-  model, step = state.restore_model(str(tmp_path), config, shd.make_mesh(config))
+  model, step = state_lib.restore_model(str(tmp_path), config, shd.make_mesh(config))
   params = tree.leaves(nnx.state(model, nnx.Param))
   assert step >= 1 and all(np.isfinite(np.asarray(x)).all() for x in params)
   # resuming with skip_bad_steps flipped would not fit the saved optimizer state: refused up front

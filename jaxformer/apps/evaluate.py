@@ -48,7 +48,6 @@ from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import state as state_lib
 from jaxformer.training import step as step_lib
 
-MODES = ('score', 'generate', 'translate')
 REQUEST_SECTIONS = ('decode', 'mesh')  # taken from the request, never from the checkpoint
 
 
@@ -399,8 +398,8 @@ def score(r: Restored, q: Request) -> dict[str, Any]:
   return results
 
 
-MODE_FUNCTIONS = {'score': score, 'generate': generate, 'translate': translate}
-assert tuple(MODE_FUNCTIONS) == MODES
+MODE_FUNCTIONS = {'score': score, 'generate': generate, 'translate': translate}  # eval.py --mode
+MODES = tuple(MODE_FUNCTIONS)
 
 
 # ------------------------------------------------------------------------------------------------------- run

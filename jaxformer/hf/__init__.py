@@ -212,7 +212,7 @@ def save(model: nnx.Module, model_config: Any, directory: str, *, token_ids: dic
     token_ids = {'pad_token_id': PAD_ID, 'bos_token_id': BOS_ID, 'eos_token_id': EOS_ID}
     if cfg.arch == 'encoder_decoder':
       token_ids['decoder_start_token_id'] = BOS_ID  # jaxformer's decoders start from bos
-  config = {'architectures': [family.architecture], 'model_type': family.model_types[0], **family.hf_config(cfg),
+  config = {'architectures': [family.architecture_for(cfg)], 'model_type': family.model_types[0], **family.hf_config(cfg),
             **token_ids}
   os.makedirs(directory, exist_ok=True)
   weights.write_file(os.path.join(directory, weights.WEIGHTS_NAME), tensors, metadata={'format': 'pt'})

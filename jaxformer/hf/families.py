@@ -7,6 +7,10 @@ A family is one class with three methods, registered in FAMILIES under the `mode
   tensors(cfg)       [Rule]: which Hugging Face tensor holds which of our parameters, and how its layout differs
   mismatches(cfg)    the settings of `cfg` this family cannot express (empty = it can be saved as this family)
 
+A family that holds several model heads (jaxformer/heads) maps each in its HEADS table (HeadMapping: the head's
+config.json keys and tensors in this family's checkpoints; BERT: lm = BertForMaskedLM, classification =
+BertForSequenceClassification, the class named Bert + Head.hf_class).
+
 Layouts (checked against transformers' modeling_*.py): torch's nn.Linear stores [out, in]; GPT-2's Conv1D stores
 [in, out] with q, k, v fused in one [D, 3D] matrix; our attention kernels are query/key/value [D, heads, head_dim]
 and out [heads, head_dim, D], MLP kernels [in, out], the untied output projection [D, V], embeddings [V, D].
@@ -18,6 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from jaxformer import heads
 from jaxformer.errors import ConfigError
 from jaxformer.model.config import ModelConfig
 
@@ -150,6 +155,10 @@ class Family:
   def mismatches(self, cfg: ModelConfig) -> list[str]:
     raise NotImplementedError
 
+  def architecture_for(self, cfg: ModelConfig) -> str:
+    """config.json "architectures" for this model (a family with several heads names the head's class)."""
+    return self.architecture
+
   # Tensors a checkpoint may hold that the model does not use (buffers, tied copies, other heads).
   ignored: tuple[str, ...] = ()
   # The base-model prefix some checkpoints (saved from the bare model class) lack.
@@ -227,6 +236,49 @@ class GPT2(Family):
     return rules
 
 
+@dataclasses.dataclass(frozen=True)
+class HeadMapping:
+  """How one model.head (jaxformer/heads) appears in a family's checkpoints: the model keys its config.json gives,
+  the config.json keys it writes, its tensors, and the head settings the family cannot express."""
+  section: Callable[[dict], dict[str, Any]] = lambda hf: {}
+  config: Callable[[ModelConfig], dict[str, Any]] = lambda cfg: {}
+  tensors: Callable[[ModelConfig], list[Rule]] = lambda cfg: []
+  mismatches: Callable[[ModelConfig], list[str]] = lambda cfg: []
+
+
+def _bert_mlm_tensors(cfg: ModelConfig) -> list[Rule]:
+  """BertForMaskedLM's head: the transform (dense + LayerNorm) and the decoder bias (zeros when we have none)."""
+  return [linear('cls.predictions.transform.dense.weight', 'head.kernel'),
+          same('cls.predictions.transform.dense.bias', 'head.bias'),
+          *norm('cls.predictions.transform.LayerNorm', 'head.norm'),
+          same('cls.predictions.bias', 'output_bias') if cfg.output_bias else
+          zeros('cls.predictions.bias', (cfg.vocab_size,))]
+
+
+def _sequence_classification_section(hf: dict) -> dict[str, Any]:
+  problem = hf.get('problem_type') or 'single_label_classification'
+  num_labels = len(hf['id2label']) if hf.get('id2label') else int(hf.get('num_labels', 2))
+  if problem != 'single_label_classification' or num_labels < 2:
+    raise ConfigError(f'bert BertForSequenceClassification with problem_type={problem!r} and {num_labels} '
+                      'label(s) is not supported; jaxformer classifies into one of >= 2 classes.')
+  return dict(head='classification', num_classes=num_labels, pooling='first', pooler=True, output_bias=False)
+
+
+def _sequence_classification_config(cfg: ModelConfig) -> dict[str, Any]:
+  id2label = {str(i): f'LABEL_{i}' for i in range(cfg.num_classes)}
+  return {'id2label': id2label, 'label2id': {v: int(k) for k, v in id2label.items()},
+          'problem_type': 'single_label_classification'}
+
+
+def _sequence_classification_tensors(cfg: ModelConfig) -> list[Rule]:
+  """BERT's pooler (dense + tanh on the first token) and classifier; optional, so any BERT checkpoint can start
+  a classifier (what it lacks starts freshly initialised)."""
+  rules = [linear('bert.pooler.dense.weight', 'classifier.pooler'),
+           same('bert.pooler.dense.bias', 'classifier.pooler_bias')] if cfg.pooler else []
+  rules += [linear('classifier.weight', 'classifier.kernel'), same('classifier.bias', 'classifier.bias')]
+  return [dataclasses.replace(rule, optional=True) for rule in rules]
+
+
 class Bert(Family):
   """BertForMaskedLM (BertForPreTraining / BertModel checkpoints load too: their other heads are ignored), and
   BertForSequenceClassification (config.json architectures) as model.head=classification with BERT's pooler: the
@@ -238,11 +290,18 @@ class Bert(Family):
   prefix = 'bert.'
   ignored = ('position_ids', 'bert.pooler.', 'cls.seq_relationship.', 'cls.predictions.decoder.')
   NO_TYPES = 2  # type_vocab_size written for a model without token types (all-zero table)
+  HEADS = {  # model.head -> how BertFor<Head.hf_class> checkpoints hold it
+      'lm': HeadMapping(tensors=_bert_mlm_tensors),
+      'classification': HeadMapping(section=_sequence_classification_section, config=_sequence_classification_config,
+                                    tensors=_sequence_classification_tensors,
+                                    mismatches=lambda cfg: _want(cfg, pooling='first', pooler=True)),
+  }
 
   def model_section(self, hf: dict) -> dict[str, Any]:
     if hf.get('position_embedding_type', 'absolute') != 'absolute':
       raise ConfigError(f'bert position_embedding_type={hf["position_embedding_type"]!r} is not supported '
                         '(only absolute).')
+    head = self._head_of(hf)
     return dict(arch='encoder_only', position='learned', norm='layer', norm_position='post',
                 mlp=_activation('bert', hf.get('hidden_act', 'gelu')), num_layers=hf['num_hidden_layers'],
                 num_heads=hf['num_attention_heads'], num_kv_heads=-1, d_model=hf['hidden_size'],
@@ -251,27 +310,23 @@ class Bert(Family):
                 attention_dropout=hf.get('attention_probs_dropout_prob', 0.1), use_bias=True, tie_embeddings=True,
                 norm_eps=hf.get('layer_norm_eps', 1e-12), init_std=hf.get('initializer_range', 0.02),
                 pad_id=_get(hf, 'pad_token_id', default=0), type_vocab_size=hf.get('type_vocab_size', 2),
-                embed_norm=True, **{'output_bias': True, **self._classification(hf)})
+                embed_norm=True, **{'output_bias': True, **self.HEADS[head].section(hf)})
 
-  SEQUENCE_CLASSIFICATION = 'BertForSequenceClassification'
+  def _head_of(self, hf: dict) -> str:
+    """The model.head of a config.json: the head whose transformers class (Bert + Head.hf_class) it names."""
+    named = set(hf.get('architectures') or [])
+    return next((h for h in self.HEADS if heads.HEADS[h].hf_class and f'Bert{heads.HEADS[h].hf_class}' in named),
+                'lm')
 
-  def _classification(self, hf: dict) -> dict[str, Any]:
-    """The head keys of a BertForSequenceClassification config.json (none for the other BERT classes)."""
-    if self.SEQUENCE_CLASSIFICATION not in (hf.get('architectures') or []):
-      return {}
-    problem = hf.get('problem_type') or 'single_label_classification'
-    num_labels = len(hf['id2label']) if hf.get('id2label') else int(hf.get('num_labels', 2))
-    if problem != 'single_label_classification' or num_labels < 2:
-      raise ConfigError(f'bert {self.SEQUENCE_CLASSIFICATION} with problem_type={problem!r} and {num_labels} '
-                        'label(s) is not supported; jaxformer classifies into one of >= 2 classes.')
-    return dict(head='classification', num_classes=num_labels, pooling='first', pooler=True, output_bias=False)
+  def architecture_for(self, cfg: ModelConfig) -> str:
+    hf_class = heads.head_of(cfg).hf_class
+    return f'Bert{hf_class}' if hf_class else self.architecture
 
   def mismatches(self, cfg: ModelConfig) -> list[str]:
-    head = _want(cfg, pooling='first', pooler=True) if cfg.head == 'classification' else []  # BERT's own head
     return _want(cfg, arch='encoder_only', position='learned', norm='layer', norm_position='post',
                  mlp=tuple(_ACTIVATION_NAMES), use_bias=True, tie_embeddings=True, num_kv_heads=cfg.num_heads,
                  head_dim=cfg.d_model // cfg.num_heads, attention_scale=-1.0, output_scale=1.0, embed_norm=True,
-                 head=('lm', 'classification')) + head
+                 head=tuple(self.HEADS)) + (self.HEADS[cfg.head].mismatches(cfg) if cfg.head in self.HEADS else [])
 
   def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
     return {**_common(cfg), 'hidden_size': cfg.d_model, 'num_hidden_layers': cfg.num_layers,
@@ -279,36 +334,17 @@ class Bert(Family):
             'max_position_embeddings': cfg.max_len, 'hidden_act': _ACTIVATION_NAMES[cfg.mlp],
             'hidden_dropout_prob': cfg.dropout, 'attention_probs_dropout_prob': cfg.attention_dropout,
             'layer_norm_eps': cfg.norm_eps, 'type_vocab_size': cfg.type_vocab_size or self.NO_TYPES,
-            'pad_token_id': max(cfg.pad_id, 0), 'tie_word_embeddings': True, **self._labels(cfg)}
-
-  def _labels(self, cfg: ModelConfig) -> dict[str, Any]:
-    if cfg.head != 'classification':
-      return {}
-    id2label = {str(i): f'LABEL_{i}' for i in range(cfg.num_classes)}
-    return {'architectures': [self.SEQUENCE_CLASSIFICATION], 'id2label': id2label,
-            'label2id': {v: int(k) for k, v in id2label.items()}, 'problem_type': 'single_label_classification'}
+            'pad_token_id': max(cfg.pad_id, 0), 'tie_word_embeddings': True, **self.HEADS[cfg.head].config(cfg)}
 
   def tensors(self, cfg: ModelConfig) -> list[Rule]:
     e = 'bert.embeddings'
     rules = [same(f'{e}.word_embeddings.weight', 'embed.embedding'),
              same(f'{e}.position_embeddings.weight', 'encoder.positions.embedding'),
-             *norm(f'{e}.LayerNorm', 'encoder.embed_norm')]
-    if cfg.head == 'classification':
-      head = [linear('bert.pooler.dense.weight', 'classifier.pooler'), same('bert.pooler.dense.bias',
-              'classifier.pooler_bias')] if cfg.pooler else []
-      head += [linear('classifier.weight', 'classifier.kernel'), same('classifier.bias', 'classifier.bias')]
-      rules += [dataclasses.replace(rule, optional=True) for rule in head]
-    else:
-      rules += [linear('cls.predictions.transform.dense.weight', 'head.kernel'),
-                same('cls.predictions.transform.dense.bias', 'head.bias'),
-                *norm('cls.predictions.transform.LayerNorm', 'head.norm')]
+             *norm(f'{e}.LayerNorm', 'encoder.embed_norm'), *self.HEADS[cfg.head].tensors(cfg)]
     # A jaxformer BERT without token types / output bias is saved with zeros there (the same logits).
     types = f'{e}.token_type_embeddings.weight'
     rules.append(same(types, 'token_type_embedding') if cfg.type_vocab_size else
                  zeros(types, (self.NO_TYPES, cfg.d_model)))
-    if cfg.head == 'lm':
-      rules.append(same('cls.predictions.bias', 'output_bias') if cfg.output_bias else
-                   zeros('cls.predictions.bias', (cfg.vocab_size,)))
     for i in range(cfg.num_layers):
       hf, ours = f'bert.encoder.layer.{i}', f'encoder.blocks.{i}'
       a = f'{hf}.attention'

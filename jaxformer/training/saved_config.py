@@ -1,7 +1,7 @@
 """What a workdir's checkpoints say about themselves: their folder, the config saved with them, and their layout.
 
-A bottom module (no jax, no orbax): checkpoint.py, resolve.py, peft/base.py and init_from.py all read saved
-configs, and checkpoint -> step -> peft.base would be an import cycle if the reader lived in checkpoint.py.
+No jax, no orbax: checkpoint.py, state.py and resolve.py read saved configs through it without loading each other.
+An older version's config is completed by settings.upgrade_saved.
 """
 from __future__ import annotations
 

@@ -255,9 +255,16 @@ def _merge_rest(config: Any, graphdef: Any, params: nnx.State, abs_rest: Any, me
 def restore_model(workdir: str, config: Any, mesh: Mesh, rules: tuple | None = None,
                   step: int | None = None) -> tuple[nnx.Module, int]:
   """(model, step): the parameters of `step` (default: the newest readable one) sharded onto `mesh`, by rule 1 (a
-  PEFT run's base re-read by rule 3). Only the params item is read; a checkpoint of the other layout converts."""
+  PEFT run's base re-read by rule 3). Only the params item is read; a checkpoint of the other layout converts.
+  model.vocab_size 0 ("the tokenizer's") is read from the run's DIR/config.json."""
   config = settings_lib.of(config)
   rules = shd.rules_from_config(config) if rules is None else rules
+  if not config.model.vocab_size:
+    vocab = settings_lib.upgrade_saved(saved_config(workdir) or {}).model.vocab_size
+    if not vocab:
+      raise ckpt_lib.CheckpointError(f'model.vocab_size is 0 and {os.path.join(workdir, "config.json")} does not '
+                                     'give it; pass the config the run was trained with.')
+    config = settings_lib.replace(config, model=dataclasses.replace(config.model, vocab_size=int(vocab)))
   graphdef, target, abs_rest = abstract_model(config, mesh, rules)
   peft_run = peft_lib.is_active(config.peft)  # its checkpoints hold only the trained params; the base is re-read
   stored = peft_lib.trainable(target, config.peft) if peft_run else target

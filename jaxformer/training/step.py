@@ -1,4 +1,4 @@
-"""Losses per architecture, the train state, and the jitted, sharded train and eval steps.
+"""Losses, the layout of the train state, and the jitted, sharded train step (training/state.py builds the state).
 
 The train state is a plain dict pytree, so jit, orbax and the sharding helpers all see the same thing:
   {'step': int32 scalar, 'params': nnx.State of nnx.Param, 'opt_state': optax state, 'rngs': nnx.State of the
@@ -13,7 +13,6 @@ explicit in/out shardings.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Mapping
 
 import jax
