@@ -3,6 +3,7 @@
 Each recipe is trained for a handful of steps with a tiny model (in-process `jaxformer.training.run`, which is
 all train.py does), then evaluated; the loss must equal the eval_loss training logged for the same step and split.
 """
+import dataclasses
 import json
 import os
 import pathlib
@@ -267,7 +268,9 @@ def test_a_subset_evaluation_scores_batches_spread_over_the_split_built_once(tra
   assert reads >= 1
   per_batch = [float(evaluator._step(params, rest, b, evaluator._tables)['loss_sum']) for b in evaluator.batches(-1)]
   assert len(per_batch) >= 3 and whole.num_batches == len(per_batch)
-  restored.resolved.config.train.eval_steps = 2
+  config = restored.resolved.config  # frozen settings: the evaluation of 2 batches is another run's settings
+  evaluator.r = dataclasses.replace(evaluator.r, config=dataclasses.replace(
+      config, train=dataclasses.replace(config.train, eval_steps=2)))
   subset = evaluator.accumulate(params, rest, final=False)
   assert evaluator.scored == evaluation.spread(len(per_batch), 2) and evaluator.scored != [0, 1]
   assert subset.loss_sum == pytest.approx(sum(per_batch[i] for i in evaluator.scored), rel=1e-6)
@@ -276,8 +279,9 @@ def test_a_subset_evaluation_scores_batches_spread_over_the_split_built_once(tra
 
 
 def test_a_split_too_large_to_keep_is_streamed_and_n_means_its_first_n(trained, monkeypatch, capsys):
+  from jaxformer import evaluation as evaluation_lib  # the Evaluator's module (evaluation here is the eval app)
   from jaxformer.training import step as step_lib
-  monkeypatch.setattr(evaluation, 'MAX_CACHED_EVAL_BYTES', 1)
+  monkeypatch.setattr(evaluation_lib, 'MAX_CACHED_EVAL_BYTES', 1)
   workdir = trained('gpt_tiny')
   restored = evaluation.restore(recipe_config('gpt_tiny'), str(workdir))  # the saved train.eval_steps=2
   graphdef, params, rest = step_lib.split_model(restored.model)

@@ -24,6 +24,7 @@ from flax import nnx
 from configs import default
 from jaxformer import decoding, hf
 from jaxformer.config import ConfigError, validate
+from jaxformer.training import state as state_lib
 from jaxformer.data import get_tokenizer
 from jaxformer.data.hf_tokenizer import HFTokenizer
 from jaxformer.hf import families, weights

@@ -7,7 +7,7 @@ import pytest
 from jaxformer import hf, sharding as shd
 from jaxformer.training import state as state_lib
 from jaxformer.hf import weights
-from jaxformer.hf.__main__ import export
+from jaxformer.apps.export import export
 from jaxformer.model import layout_convert
 from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.apps.train import run

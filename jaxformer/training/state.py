@@ -109,6 +109,7 @@ def initial_state(config: Any, setup: TrainSetup) -> dict:
 def initial_params(config: Any, abstract_params: nnx.State, mesh: Mesh, rules: tuple) -> nnx.State:
   """Every parameter as a fresh run starts, placed on `abstract_params`' shardings: the seed's initialisation, with
   the base replaced by checkpoint.init_from's (what completes a PEFT checkpoint's trainable params)."""
+  config = settings_lib.of(config)
   shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
   with shd.mesh_context(mesh, rules):
     params = jax.jit(lambda: split_model(build_model(config))[1], out_shardings=shardings)()
@@ -128,6 +129,7 @@ def init_from_params(config: Any, abstract_params: nnx.State) -> nnx.State:
   carrying .sharding; a PEFT run passes only its base part). A base run with another head gives a partial State
   (the shared trunk), merged over the fresh initialisation by the caller. One-line ConfigErrors for a source
   that cannot serve."""
+  config = settings_lib.of(config)
   source = config.checkpoint.init_from
   if source.startswith(hf.PREFIX):
     try:
