@@ -2,9 +2,8 @@
 build_model (config -> model).
 
 Every choice is checked against the registry that implements it (ARCHS, NORM_POSITIONS and REMATS (remat.py) in
-transformer.py, POSITIONS in positions.py, NORMS, MLPS and DTYPES in layers.py, IMPLEMENTATIONS in attention.py,
-HEADS and POOLINGS in heads.py),
-so a new entry there is accepted here with no second list to update.
+transformer.py, POSITIONS and ROPE_SCALINGS in positions.py, NORMS, MLPS and DTYPES in layers.py, IMPLEMENTATIONS in
+attention.py, HEADS and POOLINGS in heads.py), so a new entry there is accepted here with no second list to update.
 """
 from __future__ import annotations
 
@@ -69,10 +68,23 @@ class ModelConfig:
   pooling: str = ''  # head=classification (heads.POOLINGS): first | mean | last; '' = first (encoder_only) /
                      # last (decoder_only)
   pooler: bool = False  # head=classification: BERT's pooler (dense + tanh) on the pooled vector
+  # RoPE scaling (position=rope; positions.ROPE_SCALINGS), with transformers' rope_parameters in brackets.
+  rope_scaling: str = 'none'  # none | linear | dynamic | llama3 | yarn  [rope_type]
+  rope_factor: float = 1.0  # linear / dynamic / llama3 / yarn: the context extension factor  [factor]
+  rope_original_max_len: int = -1  # the pre-training context length L; -1 = max_len (dynamic: L is where
+                                   # scaling starts)  [original_max_position_embeddings; dynamic: max_position_...]
+  rope_low_freq_factor: float = 1.0  # llama3: wavelengths above L / this are divided by factor  [low_freq_factor]
+  rope_high_freq_factor: float = 4.0  # llama3: wavelengths below L / this are kept  [high_freq_factor]
+  rope_beta_fast: float = 32.0  # yarn: dimensions turning more often than this within L are kept  [beta_fast]
+  rope_beta_slow: float = 1.0  # yarn: dimensions turning less often than this are interpolated  [beta_slow]
+  rope_attention_factor: float = -1.0  # yarn: cos / sin multiplier; -1 = computed from factor (and mscales)
+  rope_mscale: float = 0.0  # yarn: with rope_mscale_all_dim, attention factor = mscale(factor, this) /
+  rope_mscale_all_dim: float = 0.0  # mscale(factor, mscale_all_dim) (DeepSeek-style); 0 = unset
+  rope_truncate: bool = True  # yarn: round the ramp's ends to whole dimensions  [truncate]
 
   def __post_init__(self):
     resolved = {'num_kv_heads': self.num_heads, 'num_decoder_layers': self.num_layers,
-                'head_dim': self.d_model // self.num_heads}
+                'head_dim': self.d_model // self.num_heads, 'rope_original_max_len': self.max_len}
     for name, value in resolved.items():
       if getattr(self, name) == -1:
         object.__setattr__(self, name, value)
@@ -131,6 +143,7 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
     raise ConfigError(
         f'model.position=rope needs an even head dimension, but d_model/num_heads = '
         f'{model.d_model}/{model.num_heads} = {model.d_model // model.num_heads}; change d_model or num_heads.')
+  _validate_rope_scaling(model)
   scale = _get(model, 'attention_scale')
   if scale != -1 and not scale > 0:
     raise ConfigError(f'model.attention_scale={scale!r} must be > 0, or -1 for head_dim ** -0.5.')
@@ -148,6 +161,35 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
   check_fraction('model.dropout', model.dropout)
   check_fraction('model.attention_dropout', model.attention_dropout)
   _validate_head(model)
+
+
+def _validate_rope_scaling(model: ml_collections.ConfigDict) -> None:
+  kind = _get(model, 'rope_scaling')
+  check_choice('model.rope_scaling', kind, positions.ROPE_SCALINGS)
+  if kind == 'none':
+    return
+  if model.position != 'rope':
+    raise ConfigError(f'model.rope_scaling={kind} scales RoPE, but model.position={model.position}; set '
+                      'model.position=rope or model.rope_scaling=none.')
+  factor = _get(model, 'rope_factor')
+  if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1:
+    raise ConfigError(f'model.rope_factor={factor!r} must be a number >= 1 (the context extension factor).')
+  length = _get(model, 'rope_original_max_len')
+  if length != -1:
+    check_positive('model.rope_original_max_len', length)
+  if kind == 'llama3':
+    low, high = _get(model, 'rope_low_freq_factor'), _get(model, 'rope_high_freq_factor')
+    if not 0 < low < high:
+      raise ConfigError(f'model.rope_scaling=llama3 needs 0 < model.rope_low_freq_factor < '
+                        f'model.rope_high_freq_factor, but they are {low!r} and {high!r} (Llama 3.1: 1 and 4).')
+  if kind == 'yarn':
+    fast, slow = _get(model, 'rope_beta_fast'), _get(model, 'rope_beta_slow')
+    if not 0 < slow <= fast:
+      raise ConfigError(f'model.rope_scaling=yarn needs 0 < model.rope_beta_slow <= model.rope_beta_fast, but '
+                        f'they are {slow!r} and {fast!r} (YaRN: 1 and 32).')
+    attention = _get(model, 'rope_attention_factor')
+    if attention != -1 and not attention > 0:
+      raise ConfigError(f'model.rope_attention_factor={attention!r} must be > 0, or -1 for the YaRN formula.')
 
 
 def _validate_head(model: ml_collections.ConfigDict) -> None:
