@@ -325,3 +325,12 @@ def test_model_built_with_scaling_exports_as_llama(tmp_path):
   saved = json.loads((tmp_path / 'config.json').read_text())
   assert saved['rope_parameters'] == {'rope_type': 'linear', 'rope_theta': 10000.0, 'factor': 2.0}
   assert hf.model_section(str(tmp_path)).rope_factor == 2.0
+
+
+def test_a_registered_scaling_needs_no_other_edit(monkeypatch):
+  """Adding a kind is one function plus one ROPE_SCALINGS entry: validation accepts it and Rope uses it."""
+  monkeypatch.setitem(positions.ROPE_SCALINGS, 'halved', lambda c, p: (positions.rope_inv_freq(c.head_dim,
+                                                                                               c.rope_base) / 2, 1.0))
+  c = cfg(head_dim=8, rope_scaling='halved')
+  cos, _ = positions.Rope(c, rngs=None).rotary(jnp.array([[2]]))
+  np.testing.assert_allclose(np.asarray(cos)[0, 0, 0, :4], np.cos(unscaled(8)), rtol=1e-6)  # 2 * f / 2

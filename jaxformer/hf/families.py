@@ -468,7 +468,8 @@ def _rope_scaling_config(cfg: ModelConfig) -> dict[str, Any]:
 
 
 class Llama(Family):
-  """LlamaForCausalLM, and the families with its layout: Mistral, Qwen2 (bias on q/k/v only)."""
+  """LlamaForCausalLM, and the families with its layout: Mistral, Qwen2 (bias on q/k/v only). RoPE scaling
+  (rope_type linear, dynamic, llama3, yarn) maps to model.rope_scaling and its model.rope_* keys."""
   model_types = ('llama', 'mistral', 'qwen2')
   arch = 'decoder_only'
   architecture = 'LlamaForCausalLM'
