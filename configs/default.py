@@ -33,6 +33,18 @@ def get_config() -> ml_collections.ConfigDict:
   model.tie_embeddings = True
   model.norm_eps = 1e-5
   model.rope_base = 10000.0
+  # RoPE scaling (position=rope; rope_base is RoPE's theta), computed as transformers' rope_type of the same name:
+  model.rope_scaling = 'none'  # none | linear | dynamic (NTK, per call from its longest position) | llama3 | yarn
+  model.rope_factor = 1.0  # the context extension factor (linear, dynamic, llama3, yarn)
+  model.rope_original_max_len = -1  # pre-training context length; -1 = max_len (dynamic scales past it)
+  model.rope_low_freq_factor = 1.0  # llama3: wavelengths > original_max_len / this are divided by factor
+  model.rope_high_freq_factor = 4.0  # llama3: wavelengths < original_max_len / this are kept; between: blended
+  model.rope_beta_fast = 32.0  # yarn: dimensions turning > beta_fast times within original_max_len are kept
+  model.rope_beta_slow = 1.0  # yarn: those turning < beta_slow times are interpolated; a ramp between
+  model.rope_attention_factor = -1.0  # yarn: cos/sin multiplier; -1 = 0.1 ln(factor) + 1 (or the mscale ratio)
+  model.rope_mscale = 0.0  # yarn: with rope_mscale_all_dim, the attention factor is the ratio of their mscales
+  model.rope_mscale_all_dim = 0.0  # yarn: 0 = unset
+  model.rope_truncate = True  # yarn: the ramp's ends rounded to whole dimensions (transformers' default)
   model.dtype = 'float32'  # compute dtype: float32 | bfloat16 | float16
   model.param_dtype = 'float32'  # storage dtype of parameters (the optimizer's master copy)
   model.attention_impl = 'auto'  # auto (cudnn flash on GPU for 16-bit inputs, else xla) | xla | cudnn | reference

@@ -438,8 +438,75 @@ class T5(Family):
     return rules
 
 
+# RoPE scaling: transformers' rope_type -> model.rope_scaling ('default' is jaxformer's 'none').
+ROPE_TYPES = {'default': 'none', 'linear': 'linear', 'dynamic': 'dynamic', 'llama3': 'llama3', 'yarn': 'yarn'}
+
+
+def _rope_parameters(hf: dict) -> dict[str, Any]:
+  """The RoPE settings of config.json, one flat dict whatever transformers wrote it: `rope_parameters`
+  (transformers 5, rope_theta inside) over `rope_scaling` (transformers 4, `type` in the oldest)."""
+  rope = {**(hf.get('rope_scaling') or {}), **(hf.get('rope_parameters') or {})}
+  if any(isinstance(v, dict) for v in rope.values()):
+    raise ConfigError(f'{hf["model_type"]} RoPE parameters per layer type ({", ".join(rope)}) are not supported.')
+  rope['rope_type'] = rope.get('rope_type', rope.get('type', 'default'))
+  if rope['rope_type'] not in ROPE_TYPES:
+    raise ConfigError(f'{hf["model_type"]} rope_type={rope["rope_type"]!r} (RoPE scaling) has no jaxformer '
+                      f'counterpart; supported: {", ".join(ROPE_TYPES)}.')
+  return rope
+
+
+def _rope_scaling_section(hf: dict, rope: dict[str, Any], max_position_embeddings: int) -> dict[str, Any]:
+  """model.rope_* keys for the RoPE parameters, with transformers' defaults for the ones config.json leaves out."""
+  kind = ROPE_TYPES[rope['rope_type']]
+  if kind == 'none':
+    return {}
+  factor = rope.get('factor')
+  # transformers' pre-training length: dynamic scales past max_position_embeddings; llama3 and yarn read
+  # original_max_position_embeddings (a top-level one first, as Phi-3 saves it), else max_position_embeddings.
+  original = max_position_embeddings if kind == 'dynamic' else _get(
+      hf, 'original_max_position_embeddings', default=rope.get('original_max_position_embeddings',
+                                                               max_position_embeddings))
+  if factor is None and kind == 'yarn':  # DeepSeek-style: the ratio of the two lengths
+    factor = max_position_embeddings / original
+  if factor is None:
+    raise ConfigError(f'{hf["model_type"]} rope_type={rope["rope_type"]} has no factor.')
+  out = dict(rope_scaling=kind, rope_factor=float(factor), rope_original_max_len=int(original))
+  if kind == 'llama3':
+    out.update(rope_low_freq_factor=float(rope['low_freq_factor']),
+               rope_high_freq_factor=float(rope['high_freq_factor']))
+  if kind == 'yarn':
+    attention = rope.get('attention_factor')
+    out.update(rope_beta_fast=float(rope.get('beta_fast') or 32), rope_beta_slow=float(rope.get('beta_slow') or 1),
+               rope_attention_factor=-1.0 if attention is None else float(attention),
+               rope_mscale=float(rope.get('mscale') or 0), rope_mscale_all_dim=float(rope.get('mscale_all_dim') or 0),
+               rope_truncate=bool(rope.get('truncate', True)))
+  return out
+
+
+def _rope_scaling_config(cfg: ModelConfig) -> dict[str, Any]:
+  """config.json's rope_parameters (transformers 5's format) for model.rope_scaling; nothing for none. dynamic's
+  max_position_embeddings is where transformers starts scaling, so it is rope_original_max_len."""
+  kind = cfg.rope_scaling
+  if kind == 'none':
+    return {}
+  rope = {'rope_type': kind, 'rope_theta': cfg.rope_base, 'factor': cfg.rope_factor}
+  if kind == 'dynamic':
+    return {'rope_parameters': rope, 'max_position_embeddings': cfg.rope_original_max_len}
+  if kind in ('llama3', 'yarn'):
+    rope['original_max_position_embeddings'] = cfg.rope_original_max_len
+  if kind == 'llama3':
+    rope.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor)
+  if kind == 'yarn':
+    rope.update(beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow)
+    optional = {'attention_factor': (cfg.rope_attention_factor, -1.0), 'mscale': (cfg.rope_mscale, 0.0),
+                'mscale_all_dim': (cfg.rope_mscale_all_dim, 0.0), 'truncate': (cfg.rope_truncate, True)}
+    rope.update({k: value for k, (value, unset) in optional.items() if value != unset})
+  return {'rope_parameters': rope}
+
+
 class Llama(Family):
-  """LlamaForCausalLM, and the families with its layout: Mistral, Qwen2 (bias on q/k/v only)."""
+  """LlamaForCausalLM, and the families with its layout: Mistral, Qwen2 (bias on q/k/v only). RoPE scaling
+  (rope_type linear, dynamic, llama3, yarn) maps to model.rope_scaling and its model.rope_* keys."""
   model_types = ('llama', 'mistral', 'qwen2')
   arch = 'decoder_only'
   architecture = 'LlamaForCausalLM'
@@ -448,12 +515,7 @@ class Llama(Family):
 
   def model_section(self, hf: dict) -> dict[str, Any]:
     model_type = hf['model_type']
-    rope = dict(hf.get('rope_parameters') or {})
-    scaling = hf.get('rope_scaling') or {}
-    rope_type = rope.get('rope_type', scaling.get('rope_type', scaling.get('type', 'default')))
-    if rope_type != 'default':
-      raise ConfigError(f'{model_type} rope_type={rope_type!r} (RoPE scaling) has no jaxformer counterpart; only '
-                        'default RoPE is supported.')
+    rope = _rope_parameters(hf)
     if hf.get('partial_rotary_factor', 1.0) != 1.0:
       raise ConfigError(f'{model_type} partial_rotary_factor={hf["partial_rotary_factor"]} is not supported.')
     if hf.get('hidden_act', 'silu') != 'silu':
@@ -464,6 +526,9 @@ class Llama(Family):
       raise ConfigError(f'{model_type} attention_bias=true without mlp_bias has no jaxformer counterpart.')
     heads = hf['num_attention_heads']
     max_len = hf.get('max_position_embeddings', 2048)
+    scaling = _rope_scaling_section(hf, rope, max_len)
+    if scaling.get('rope_scaling') == 'yarn':  # YaRN declares factor x its original length usable
+      max_len = max(max_len, int(scaling['rope_factor'] * scaling['rope_original_max_len']))
     window = hf.get('sliding_window') if hf.get('use_sliding_window', model_type == 'mistral') else None
     if window:  # attention is exact up to the window; longer sequences would need sliding-window attention
       max_len = min(max_len, int(window))
@@ -476,7 +541,7 @@ class Llama(Family):
                 attention_dropout=hf.get('attention_dropout', 0.0), use_bias=mlp_bias,
                 qkv_bias=qkv_bias and not mlp_bias, tie_embeddings=hf.get('tie_word_embeddings', False),
                 norm_eps=hf.get('rms_norm_eps', 1e-6), rope_base=rope.get('rope_theta', hf.get('rope_theta', 1e4)),
-                init_std=hf.get('initializer_range', 0.02), pad_id=-1)
+                init_std=hf.get('initializer_range', 0.02), pad_id=-1, **scaling)
 
   def mismatches(self, cfg: ModelConfig) -> list[str]:
     return _want(cfg, arch='decoder_only', position='rope', norm='rms', norm_position='pre', mlp='swiglu',
@@ -489,7 +554,8 @@ class Llama(Family):
            'num_hidden_layers': cfg.num_layers, 'num_attention_heads': cfg.num_heads,
            'num_key_value_heads': cfg.num_kv_heads, 'head_dim': cfg.head_dim, 'hidden_act': 'silu',
            'max_position_embeddings': cfg.max_len, 'rms_norm_eps': cfg.norm_eps, 'rope_theta': cfg.rope_base,
-           'attention_dropout': cfg.attention_dropout, 'tie_word_embeddings': cfg.tie_embeddings}
+           'attention_dropout': cfg.attention_dropout, 'tie_word_embeddings': cfg.tie_embeddings,
+           **_rope_scaling_config(cfg)}
     if qwen:
       return {**out, 'model_type': 'qwen2', 'architectures': ['Qwen2ForCausalLM'], 'use_sliding_window': False}
     return {**out, 'attention_bias': cfg.use_bias, 'mlp_bias': cfg.use_bias}

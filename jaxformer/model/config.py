@@ -2,9 +2,8 @@
 build_model (config -> model).
 
 Every choice is checked against the registry that implements it (ARCHS, NORM_POSITIONS and REMATS (remat.py) in
-transformer.py, POSITIONS in positions.py, NORMS, MLPS and DTYPES in layers.py, IMPLEMENTATIONS in attention.py,
-and the head registry jaxformer/heads),
-so a new entry there is accepted here with no second list to update.
+transformer.py, POSITIONS and ROPE_SCALINGS in positions.py, NORMS, MLPS and DTYPES in layers.py, IMPLEMENTATIONS in
+attention.py, and the head registry jaxformer/heads), so a new entry there is accepted here with no second list.
 """
 from __future__ import annotations
 
@@ -68,10 +67,21 @@ class ModelConfig:
   num_classes: int
   pooling: str  # '' = the arch's default (heads.DEFAULT_POOLING)
   pooler: bool
+  rope_scaling: str  # positions.ROPE_SCALINGS; the rope_* keys are its parameters (configs/default.py)
+  rope_factor: float
+  rope_original_max_len: int  # -1 = max_len
+  rope_low_freq_factor: float
+  rope_high_freq_factor: float
+  rope_beta_fast: float
+  rope_beta_slow: float
+  rope_attention_factor: float  # -1 = computed from rope_factor (and the mscales)
+  rope_mscale: float
+  rope_mscale_all_dim: float
+  rope_truncate: bool
 
   def __post_init__(self):
     resolved = {'num_kv_heads': self.num_heads, 'num_decoder_layers': self.num_layers,
-                'head_dim': self.d_model // self.num_heads}
+                'head_dim': self.d_model // self.num_heads, 'rope_original_max_len': self.max_len}
     for name, value in resolved.items():
       if getattr(self, name) == -1:
         object.__setattr__(self, name, value)
@@ -124,6 +134,7 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
     raise ConfigError(
         f'model.position=rope needs an even head dimension, but d_model/num_heads = '
         f'{model.d_model}/{model.num_heads} = {model.d_model // model.num_heads}; change d_model or num_heads.')
+  _validate_rope_scaling(model)
   scale = model.attention_scale
   if scale != -1 and not scale > 0:
     raise ConfigError(f'model.attention_scale={scale!r} must be > 0, or -1 for head_dim ** -0.5.')
@@ -141,6 +152,35 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
   check_fraction('model.dropout', model.dropout)
   check_fraction('model.attention_dropout', model.attention_dropout)
   heads.validate(model)
+
+
+def _validate_rope_scaling(model: ml_collections.ConfigDict) -> None:
+  kind = model.rope_scaling
+  check_choice('model.rope_scaling', kind, positions.ROPE_SCALINGS)
+  if kind == 'none':
+    return
+  if model.position != 'rope':
+    raise ConfigError(f'model.rope_scaling={kind} scales RoPE, but model.position={model.position}; set '
+                      'model.position=rope or model.rope_scaling=none.')
+  factor = model.rope_factor
+  if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1:
+    raise ConfigError(f'model.rope_factor={factor!r} must be a number >= 1 (the context extension factor).')
+  length = model.rope_original_max_len
+  if length != -1:
+    check_positive('model.rope_original_max_len', length)
+  if kind == 'llama3':
+    low, high = model.rope_low_freq_factor, model.rope_high_freq_factor
+    if not 0 < low < high:
+      raise ConfigError(f'model.rope_scaling=llama3 needs 0 < model.rope_low_freq_factor < '
+                        f'model.rope_high_freq_factor, but they are {low!r} and {high!r} (Llama 3.1: 1 and 4).')
+  if kind == 'yarn':
+    fast, slow = model.rope_beta_fast, model.rope_beta_slow
+    if not 0 < slow <= fast:
+      raise ConfigError(f'model.rope_scaling=yarn needs 0 < model.rope_beta_slow <= model.rope_beta_fast, but '
+                        f'they are {slow!r} and {fast!r} (YaRN: 1 and 32).')
+    attention = model.rope_attention_factor
+    if attention != -1 and not attention > 0:
+      raise ConfigError(f'model.rope_attention_factor={attention!r} must be > 0, or -1 for the YaRN formula.')
 
 
 def _divisors_near(n: int, target: int) -> int:
