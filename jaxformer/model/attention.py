@@ -175,7 +175,8 @@ def dense_mask(mask: Array | SegmentMask | None) -> Array | None:
 
 
 def chunked_attention(q: Array, k: Array, v: Array, mask: Array | SegmentMask | None, *, bias: Array | None = None,
-                      scale: float | None = None, block_q: int = CHUNK, block_kv: int = CHUNK) -> Array:
+                      scale: float | None = None, block_q: int | None = None,
+                      block_kv: int | None = None) -> Array:
   """Flash-style attention in plain JAX: memory linear in T (no [T, S] scores, probabilities or mask are live).
 
   Queries go in blocks of block_q, keys/values in blocks of block_kv; each query block keeps a running max and sum
@@ -183,12 +184,13 @@ def chunked_attention(q: Array, k: Array, v: Array, mask: Array | SegmentMask | 
   logsumexp and recomputes every block's probabilities, as FlashAttention-2 does. A causal SegmentMask skips the
   key blocks above the diagonal in both passes. Same semantics as reference_attention: mask / bias broadcastable
   to [B,N,T,S] (bias added to the scaled logits, with gradient), GQA / MQA, rows with no allowed key give zeros.
-  Lengths that are no multiple of the block are padded (padded keys masked, padded queries dropped).
+  Lengths that are no multiple of the block are padded (padded keys masked, padded queries dropped). block_q /
+  block_kv: None = CHUNK.
   """
   b, t, n, h = q.shape
   s, kv_heads = k.shape[1], k.shape[2]
   scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
-  bq, bk = min(block_q, t), min(block_kv, s)
+  bq, bk = min(block_q or CHUNK, t), min(block_kv or CHUNK, s)
   tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
   qg = _pad(q.reshape(b, t, kv_heads, n // kv_heads, h), 1, tp)
   k, v = _pad(k, 1, sp), _pad(v, 1, sp)
