@@ -402,8 +402,8 @@ class Attention(nnx.Module):
       cache = {'k': k, 'v': v}
     if not deterministic and self.attention_dropout.rate > 0:
       # attention dropout needs the probabilities: the plain-jnp path, whatever model.attention_impl (also chunked)
-      out = reference_attention(q, k, v, dense_mask(mask), dropout=lambda p: self.attention_dropout(p, deterministic=False),
-                                bias=bias, scale=self.scale)
+      drop = lambda p: self.attention_dropout(p, deterministic=False)  # noqa: E731
+      out = reference_attention(q, k, v, dense_mask(mask), dropout=drop, bias=bias, scale=self.scale)
     else:
       implementation = self.implementation
       if cache is not None and implementation in ('auto', 'cudnn'):
