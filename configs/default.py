@@ -47,7 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.rope_truncate = True  # yarn: the ramp's ends rounded to whole dimensions (transformers' default)
   model.dtype = 'float32'  # compute dtype: float32 | bfloat16 | float16
   model.param_dtype = 'float32'  # storage dtype of parameters (the optimizer's master copy)
-  model.attention_impl = 'auto'  # auto (cudnn flash on GPU for 16-bit inputs, else xla) | xla | cudnn | reference
+  model.attention_impl = 'auto'  # auto (cudnn flash on GPU for 16-bit inputs; off GPU chunked once T*S >= 2048^2;
+  # else xla) | xla | cudnn | reference | chunked (flash-style pure JAX, memory linear in T; model/attention.py)
   model.remat = 'none'  # none | dots | projections | block | full: what the backward pass recomputes (model/remat.py)
   model.scan_layers = False  # one block body, parameters stacked along 'layers', run by lax.scan (model/scan.py); the
   # published shapes (gpt2_small, bert_base, t5_small, transformer_base) turn it on; checkpoints convert on restore

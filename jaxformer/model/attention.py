@@ -1,10 +1,12 @@
 """Multi-head / grouped-query attention: the kernel dispatch, the reference oracle, self/cross attention, KV cache.
 
 Shapes follow `jax.nn.dot_product_attention` so no transposes are needed: q [B,T,N,H], k/v [B,S,K,H] with K kv
-heads dividing the N query heads, masks bool broadcastable to [B,N,T,S] (True = may attend).
+heads dividing the N query heads, masks bool broadcastable to [B,N,T,S] (True = may attend), or a `SegmentMask`
+(the same mask kept as segment ids, so the chunked kernel never builds it whole).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -53,35 +55,55 @@ def _grouped_mask(mask: Array, b: int, n: int, kv_heads: int, t: int, s: int) ->
   return mask.reshape(b, kv_heads, n // kv_heads, t, s)
 
 
-# model.attention_impl: 'reference' is reference_attention; the others are jax.nn.dot_product_attention's
-# implementations, with 'auto' resolved by resolve_implementation.
-IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'reference')
+# model.attention_impl: 'reference' is reference_attention, 'chunked' is chunked_attention (below); the others are
+# jax.nn.dot_product_attention's implementations, with 'auto' resolved by resolve_implementation.
+IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'reference', 'chunked')
+# 'auto' off GPU switches from xla to chunked at T * S >= this: 2k x 2k, where xla's [B, N, T, S] float32 scores (and
+# their gradient) start to dominate a step's memory; shorter sequences (every tiny recipe) keep xla's speed.
+AUTO_CHUNKED_MIN_SCORES = 2048 * 2048
+
+
+def _auto_chunked(q_len: int, kv_len: int) -> bool:
+  return jax.default_backend() != 'gpu' and q_len * kv_len >= AUTO_CHUNKED_MIN_SCORES
+
+
+def wants_segment_mask(implementation: str, q_len: int, kv_len: int) -> bool:
+  """Whether a model should pass its masks as `SegmentMask`s: only where the chunked kernel will run (any other
+  kernel would densify them in every layer instead of once per call)."""
+  return implementation == 'chunked' or (implementation == 'auto' and _auto_chunked(q_len, kv_len))
 
 
 def resolve_implementation(implementation: str, dtype: Any, head_dim: int, q_len: int, kv_len: int,
                            has_bias: bool = False) -> str:
   """'auto' -> 'cudnn' where the cuDNN flash kernel accepts the call (GPU, 16-bit, head_dim % 8 == 0 and <= 128,
   even lengths since we pass a mask, no additive bias: a trained bias needs its gradient, which the kernel only
-  gives for some bias shapes), else 'xla'. Decided at trace time, so it costs nothing per step."""
+  gives for some bias shapes); off GPU 'chunked' for long sequences (T * S >= AUTO_CHUNKED_MIN_SCORES); else
+  'xla'. Decided at trace time, so it costs nothing per step."""
   if implementation != 'auto':
     return implementation
   ok = (jax.default_backend() == 'gpu' and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         and head_dim % 8 == 0 and head_dim <= 128 and q_len % 2 == 0 and kv_len % 2 == 0 and not has_bias)
-  return 'cudnn' if ok else 'xla'
+  if ok:
+    return 'cudnn'
+  return 'chunked' if _auto_chunked(q_len, kv_len) else 'xla'
 
 
-def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, *, implementation: str = 'xla',
-                          is_causal: bool = False, bias: Array | None = None, scale: float | None = None) -> Array:
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | SegmentMask | None, *,
+                          implementation: str = 'xla', is_causal: bool = False, bias: Array | None = None,
+                          scale: float | None = None) -> Array:
   """`jax.nn.dot_product_attention` with the mask semantics of `reference_attention` (and its bias / scale).
 
   `is_causal` is a hint (the mask must already hold the causal part): the cuDNN kernel then skips the masked
   upper triangle. Rows with no allowed key give zeros (jax would return the mean of v there).
   """
   if implementation == 'reference':
-    return reference_attention(q, k, v, mask, bias=bias, scale=scale)
+    return reference_attention(q, k, v, dense_mask(mask), bias=bias, scale=scale)
   requested = implementation
   implementation = resolve_implementation(implementation, q.dtype, q.shape[-1], q.shape[1], k.shape[1],
                                           has_bias=bias is not None)
+  if implementation == 'chunked':
+    return chunked_attention(q, k, v, mask, bias=bias, scale=scale)
+  mask = dense_mask(mask)
   full = lambda x: jnp.broadcast_to(x, (q.shape[0], x.shape[1], q.shape[1], k.shape[1]))  # noqa: E731
   if mask is not None:  # cuDNN wants the mask at full [T, S] size (it becomes an additive bias)
     mask = full(mask)
@@ -99,6 +121,231 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, *, i
     return out
   row_has_key = jnp.any(mask, axis=-1)  # [B, N|1, T]
   return out * jnp.swapaxes(row_has_key, 1, 2)[..., None].astype(out.dtype)
+
+
+# ------------------------------------------------------------------------------ chunked (flash-style) attention
+# Default query and key/value block of chunked_attention: each step holds [B, N, 512, 512] float32 scores (1 MiB per
+# batch row and head), big enough that the two block matmuls keep a CPU busy, small enough that memory is linear in
+# T with a small constant. Decoding ([B,1] queries) uses a single query block of the query length.
+CHUNK = 512
+_NEG = float(jnp.finfo(jnp.float32).min)  # masked logits: finite, so a fully masked block gives no inf - inf
+
+
+def segment_mask(q_segments: Array, kv_segments: Array, *, causal: bool, q_start: Any = 0,
+                 kv_start: Any = 0) -> Array:
+  """bool [B,T,S]: query t may attend key s iff their segment ids are equal and non-zero (and, causal, s <= t).
+  q_start / kv_start: the absolute index of the first query / key (a block inside the chunked kernel)."""
+  mask = (q_segments[:, :, None] == kv_segments[:, None, :]) & (q_segments[:, :, None] != 0)
+  if causal:
+    t, s = q_segments.shape[1], kv_segments.shape[1]
+    mask = mask & ((q_start + jnp.arange(t))[:, None] >= (kv_start + jnp.arange(s))[None, :])
+  return mask
+
+
+@jax.tree_util.register_pytree_node_class
+class SegmentMask:
+  """The [B,1,T,S] mask of `segment_mask`, kept as its segment ids q [B,T] / kv [B,S] and the causal flag.
+
+  Why: for long sequences the boolean [T, S] mask is itself quadratic (1 GiB per row at 32k), and as an input shared
+  by every layer XLA keeps it live; the chunked kernel builds each block's piece inside its loop instead (and skips
+  the blocks above the diagonal when causal). Every other kernel calls `dense()`.
+  """
+
+  def __init__(self, q_segments: Array, kv_segments: Array, causal: bool):
+    self.q_segments, self.kv_segments, self.causal = q_segments, kv_segments, causal
+
+  def tree_flatten(self):
+    return (self.q_segments, self.kv_segments), self.causal
+
+  @classmethod
+  def tree_unflatten(cls, causal, children):
+    return cls(*children, causal)
+
+  @property
+  def shape(self) -> tuple[int, int, int, int]:
+    return (self.q_segments.shape[0], 1, self.q_segments.shape[1], self.kv_segments.shape[1])
+
+  def dense(self) -> Array:
+    return segment_mask(self.q_segments, self.kv_segments, causal=self.causal)[:, None]
+
+
+def dense_mask(mask: Array | SegmentMask | None) -> Array | None:
+  """A boolean mask array (a SegmentMask materialised) for the kernels that take one."""
+  return mask.dense() if isinstance(mask, SegmentMask) else mask
+
+
+def chunked_attention(q: Array, k: Array, v: Array, mask: Array | SegmentMask | None, *, bias: Array | None = None,
+                      scale: float | None = None, block_q: int | None = None,
+                      block_kv: int | None = None) -> Array:
+  """Flash-style attention in plain JAX: memory linear in T (no [T, S] scores, probabilities or mask are live).
+
+  Queries go in blocks of block_q, keys/values in blocks of block_kv; each query block keeps a running max and sum
+  (online softmax, float32) over the key blocks. The backward pass (custom_vjp) saves only the output and each row's
+  logsumexp and recomputes every block's probabilities, as FlashAttention-2 does. A causal SegmentMask skips the
+  key blocks above the diagonal in both passes. Same semantics as reference_attention: mask / bias broadcastable
+  to [B,N,T,S] (bias added to the scaled logits, with gradient), GQA / MQA, rows with no allowed key give zeros.
+  Lengths that are no multiple of the block are padded (padded keys masked, padded queries dropped). block_q /
+  block_kv: None = CHUNK.
+  """
+  b, t, n, h = q.shape
+  s, kv_heads = k.shape[1], k.shape[2]
+  scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
+  bq, bk = min(block_q or CHUNK, t), min(block_kv or CHUNK, s)
+  tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
+  qg = _pad(q.reshape(b, t, kv_heads, n // kv_heads, h), 1, tp)
+  k, v = _pad(k, 1, sp), _pad(v, 1, sp)
+  dense, q_seg, kv_seg, causal = None, None, None, False
+  if isinstance(mask, SegmentMask):  # padded ids are 0: padded keys and queries attend nothing
+    q_seg, kv_seg, causal = _pad(mask.q_segments, 1, tp), _pad(mask.kv_segments, 1, sp), mask.causal
+  elif mask is not None:
+    mask = jnp.asarray(mask, bool)
+    dense = _pad(_pad(jnp.broadcast_to(mask, mask.shape[:2] + (t, s)), 2, tp), 3, sp)
+  if bias is not None:
+    bias = _pad(_pad(jnp.broadcast_to(bias, bias.shape[:2] + (t, s)), 2, tp), 3, sp)
+  out = _flash(qg, k, v, bias, dense, q_seg, kv_seg, (scale, causal, bq, bk, s))
+  return out[:, :t].reshape(b, t, n, h)
+
+
+def _pad(x: Array, axis: int, size: int) -> Array:
+  if x.shape[axis] == size:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths)
+
+
+def _grouped(x: Array, kv_heads: int) -> Array:
+  """[B|1, N|1, tq, sk] -> [B|1, K|1, G|1, tq, sk], matching the blocks' grouped-query layout."""
+  if x.shape[1] == 1:
+    return x[:, :, None]
+  return x.reshape(x.shape[0], kv_heads, x.shape[1] // kv_heads, *x.shape[2:])
+
+
+def _block_logits_and_mask(qb, kb, bias, dense, q_seg, kv_seg, cfg, q0, k0):
+  """The scaled (+ bias) float32 logits [B,K,G,bq,bk] of one block, masked logits set to _NEG, and its mask."""
+  scale, causal, bq, bk, s_len = cfg
+  kv_heads = kb.shape[2]
+  logits = jnp.einsum('bqkgh,bskh->bkgqs', qb, kb, preferred_element_type=jnp.float32) * scale
+  if bias is not None:
+    block = jax.lax.dynamic_slice(bias, (0, 0, q0, k0), bias.shape[:2] + (bq, bk))
+    logits = logits + _grouped(block, kv_heads).astype(jnp.float32)
+  mask = None
+  if dense is not None:
+    mask = _grouped(jax.lax.dynamic_slice(dense, (0, 0, q0, k0), dense.shape[:2] + (bq, bk)), kv_heads)
+  elif q_seg is not None:
+    qs, ks = jax.lax.dynamic_slice_in_dim(q_seg, q0, bq, 1), jax.lax.dynamic_slice_in_dim(kv_seg, k0, bk, 1)
+    mask = segment_mask(qs, ks, causal=causal, q_start=q0, kv_start=k0)[:, None, None]
+  elif s_len % bk:  # no mask, but padded keys
+    mask = (k0 + jnp.arange(bk) < s_len)[None, None, None, None]
+  if mask is not None:
+    logits = jnp.where(mask, logits, _NEG)
+  return logits, mask
+
+
+def _kv_block_range(cfg, q0, num_kv_blocks):
+  """Key blocks [0, hi) a query block starting at q0 can see: all, or (causal) those not above the diagonal."""
+  _, causal, bq, bk, _ = cfg
+  return jnp.minimum(num_kv_blocks, (q0 + bq - 1) // bk + 1) if causal else num_kv_blocks
+
+
+def _flash_forward(q, k, v, bias, dense, q_seg, kv_seg, cfg):
+  """-> output [B,Tp,K,G,H] (q.dtype) and each row's logsumexp [B,K,G,Tp] (+inf for rows with no allowed key)."""
+  _, _, bq, bk, _ = cfg
+  b, tp, kv_heads, g, h = q.shape
+  nq, nk = tp // bq, k.shape[1] // bk
+
+  def q_block(i, carry):
+    out, lse = carry
+    q0 = i * bq
+    qb = jax.lax.dynamic_slice_in_dim(q, q0, bq, 1)
+
+    def kv_block(j, state):
+      m, l, acc = state
+      k0 = j * bk
+      kb, vb = (jax.lax.dynamic_slice_in_dim(x, k0, bk, 1) for x in (k, v))
+      logits, mask = _block_logits_and_mask(qb, kb, bias, dense, q_seg, kv_seg, cfg, q0, k0)
+      m_new = jnp.maximum(m, logits.max(-1))
+      p = jnp.exp(logits - m_new[..., None])
+      p = p if mask is None else jnp.where(mask, p, 0.0)
+      alpha = jnp.exp(m - m_new)
+      acc = alpha[..., None] * acc + jnp.einsum('bkgqs,bskh->bkgqh', p.astype(v.dtype), vb,
+                                                preferred_element_type=jnp.float32)
+      return m_new, alpha * l + p.sum(-1), acc
+
+    init = (jnp.full((b, kv_heads, g, bq), _NEG, jnp.float32), jnp.zeros((b, kv_heads, g, bq), jnp.float32),
+            jnp.zeros((b, kv_heads, g, bq, h), jnp.float32))
+    m, l, acc = jax.lax.fori_loop(0, _kv_block_range(cfg, q0, nk), kv_block, init)
+    has_key = l > 0
+    o = acc / jnp.where(has_key, l, 1.0)[..., None]  # rows with no allowed key: acc is 0, so 0
+    out = jax.lax.dynamic_update_slice_in_dim(out, jnp.moveaxis(o, 3, 1).astype(out.dtype), q0, 1)
+    row_lse = jnp.where(has_key, m + jnp.log(jnp.where(has_key, l, 1.0)), jnp.inf)
+    return out, jax.lax.dynamic_update_slice_in_dim(lse, row_lse, q0, 3)
+
+  init = (jnp.zeros(q.shape, q.dtype), jnp.zeros((b, kv_heads, g, tp), jnp.float32))
+  return jax.lax.fori_loop(0, nq, q_block, init)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _flash(q, k, v, bias, dense, q_seg, kv_seg, cfg):
+  return _flash_forward(q, k, v, bias, dense, q_seg, kv_seg, cfg)[0]
+
+
+def _flash_fwd(q, k, v, bias, dense, q_seg, kv_seg, cfg):
+  out, lse = _flash_forward(q, k, v, bias, dense, q_seg, kv_seg, cfg)
+  return out, (q, k, v, bias, dense, q_seg, kv_seg, out, lse)
+
+
+def _flash_bwd(cfg, residuals, d_out):
+  """FlashAttention-2's backward: per key block, over the query blocks that see it, recompute the probabilities
+  from the saved logsumexp; dK / dV accumulate in the inner loop's carry, dQ and dBias in whole-length buffers."""
+  q, k, v, bias, dense, q_seg, kv_seg, out, lse = residuals
+  scale, causal, bq, bk, _ = cfg
+  tp, sp = q.shape[1], k.shape[1]
+  nq, nk = tp // bq, sp // bk
+  # D = rowsum(dO * O): the softmax backward's per-row term
+  delta = jnp.einsum('bqkgh,bqkgh->bkgq', d_out.astype(jnp.float32), out.astype(jnp.float32))
+
+  def kv_block(j, carry):
+    dq, dk, dv, dbias = carry
+    k0 = j * bk
+    kb, vb = (jax.lax.dynamic_slice_in_dim(x, k0, bk, 1) for x in (k, v))
+
+    def q_block(i, inner):
+      dq, dk_j, dv_j, dbias = inner
+      q0 = i * bq
+      qb, dob = (jax.lax.dynamic_slice_in_dim(x, q0, bq, 1) for x in (q, d_out))
+      row_lse, row_delta = (jax.lax.dynamic_slice_in_dim(x, q0, bq, 3)[..., None] for x in (lse, delta))
+      logits, mask = _block_logits_and_mask(qb, kb, bias, dense, q_seg, kv_seg, cfg, q0, k0)
+      p = jnp.exp(logits - row_lse)  # masked: exp(_NEG - lse) = 0; rows with no key: lse = inf -> 0
+      dv_j = dv_j + jnp.einsum('bkgqs,bqkgh->bskh', p.astype(v.dtype), dob, preferred_element_type=jnp.float32)
+      dp = jnp.einsum('bqkgh,bskh->bkgqs', dob, vb, preferred_element_type=jnp.float32)
+      ds = p * (dp - row_delta)  # d loss / d (scaled logits + bias)
+      if dbias is not None:
+        g = ds.reshape(ds.shape[0], -1, bq, bk)
+        g = g.sum(1, keepdims=True) if bias.shape[1] == 1 else g
+        g = g.sum(0, keepdims=True) if bias.shape[0] == 1 else g
+        dbias = jax.lax.dynamic_update_slice(dbias, g, (0, 0, q0, k0))  # each block is visited once
+      ds = (ds * scale).astype(q.dtype)
+      dq_i = jax.lax.dynamic_slice_in_dim(dq, q0, bq, 1) + jnp.einsum(
+          'bkgqs,bskh->bqkgh', ds, kb, preferred_element_type=jnp.float32)
+      dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_i, q0, 1)
+      dk_j = dk_j + jnp.einsum('bkgqs,bqkgh->bskh', ds, qb, preferred_element_type=jnp.float32)
+      return dq, dk_j, dv_j, dbias
+
+    first = (k0 // bq) if causal else 0  # causal: query blocks that end before this key block see none of it
+    zeros = jnp.zeros(kb.shape, jnp.float32)
+    dq, dk_j, dv_j, dbias = jax.lax.fori_loop(first, nq, q_block, (dq, zeros, zeros, dbias))
+    dk = jax.lax.dynamic_update_slice_in_dim(dk, dk_j, k0, 1)
+    return dq, dk, jax.lax.dynamic_update_slice_in_dim(dv, dv_j, k0, 1), dbias
+
+  init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32),
+          None if bias is None else jnp.zeros(bias.shape, jnp.float32))
+  dq, dk, dv, dbias = jax.lax.fori_loop(0, nk, kv_block, init)
+  dbias = None if bias is None else dbias.astype(bias.dtype)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 class Attention(nnx.Module):
@@ -154,12 +401,15 @@ class Attention(nnx.Module):
       k, v = write(cache['k'], k, cache_index), write(cache['v'], v, cache_index)
       cache = {'k': k, 'v': v}
     if not deterministic and self.attention_dropout.rate > 0:
-      out = reference_attention(q, k, v, mask, dropout=lambda p: self.attention_dropout(p, deterministic=False),
-                                bias=bias, scale=self.scale)
+      # attention dropout needs the probabilities: the plain-jnp path, whatever model.attention_impl (also chunked)
+      drop = lambda p: self.attention_dropout(p, deterministic=False)  # noqa: E731
+      out = reference_attention(q, k, v, dense_mask(mask), dropout=drop, bias=bias, scale=self.scale)
     else:
       implementation = self.implementation
-      if cache is not None and implementation != 'reference':
-        implementation = 'xla'  # decoding: a few queries against a long cache; flash kernels gain nothing here
+      if cache is not None and implementation in ('auto', 'cudnn'):
+        # decoding: a few queries against a long cache; flash kernels gain nothing here (a long prefill off GPU
+        # still goes chunked under auto, as without a cache)
+        implementation = 'chunked' if implementation == 'auto' and _auto_chunked(q.shape[1], k.shape[1]) else 'xla'
       out = dot_product_attention(q, k, v, mask, implementation=implementation, is_causal=causal, bias=bias,
                                   scale=self.scale)
     w = self.out[...].astype(self.dtype)  # [N,H,D]

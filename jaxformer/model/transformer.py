@@ -8,7 +8,8 @@ A head with an output module of its own (jaxformer/heads, e.g. model.head=classi
 over the pooled hidden states: logits [B, num_classes].
 
 Masks are built once per call from segment ids (0 = padding; equal non-zero ids may attend, which also keeps
-packed documents apart) and shared by every layer. Without segment ids, a token is padding iff it equals
+packed documents apart) and shared by every layer (where model.attention_impl=chunked runs they stay segment ids, a
+SegmentMask, and the kernel builds each block's piece). Without segment ids, a token is padding iff it equals
 model.pad_id (-1: no token is padding, as GPT-2 / Llama, whose id 0 is a real token); the first decoder token of
 encoder_decoder is always real, because T5 starts the decoder with its pad id. Decoding is pure:
 `decode_step(tokens, cache)` returns new logits and a new cache; the module itself is never mutated.
@@ -25,7 +26,7 @@ from flax import nnx
 from jaxformer import logical
 from jaxformer import heads
 from jaxformer.model import layers, positions as positions_lib, scan
-from jaxformer.model.attention import Attention
+from jaxformer.model.attention import Attention, SegmentMask, segment_mask, wants_segment_mask
 from jaxformer.model.remat import REMATS  # model.remat's registry (remat.py), validated as transformer.REMATS
 
 if TYPE_CHECKING:  # annotations only: jaxformer.model.config imports this module for its registries
@@ -35,13 +36,13 @@ Array = jax.Array
 
 
 # ---------------------------------------------------------------------------------------------- masks
-def attention_mask(q_segments: Array, kv_segments: Array, *, causal: bool) -> Array:
-  """bool [B,1,T,S]: query t may attend key s iff their segment ids are equal and non-zero (and s <= t)."""
-  mask = (q_segments[:, :, None] == kv_segments[:, None, :]) & (q_segments[:, :, None] != 0)
-  if causal:
-    t, s = q_segments.shape[1], kv_segments.shape[1]
-    mask = mask & (jnp.arange(t)[:, None] >= jnp.arange(s)[None, :])
-  return mask[:, None]
+def attention_mask(q_segments: Array, kv_segments: Array, *, causal: bool,
+                   lazy: bool = False) -> Array | SegmentMask:
+  """bool [B,1,T,S]: query t may attend key s iff their segment ids are equal and non-zero (and s <= t).
+  lazy: the same mask as a SegmentMask (the segment ids), which model.attention_impl=chunked builds block by block."""
+  if lazy:
+    return SegmentMask(q_segments, kv_segments, causal)
+  return segment_mask(q_segments, kv_segments, causal=causal)[:, None]
 
 
 def real_tokens(tokens: Array, pad_id: int) -> Array:
@@ -262,6 +263,13 @@ class _Model(nnx.Module):
                         if cfg.output_bias and lm else None)
     self.classifier = None if lm else output(cfg, rngs=rngs)
 
+  def _mask(self, stack: Stack, q_segments: Array, kv_segments: Array, *, causal: bool) -> Array | SegmentMask:
+    """attention_mask, lazy (a SegmentMask) where the chunked kernel will read it, so no [T, S] mask is built;
+    dense under a soft prompt, whose bookkeeping (prompt.prepend / cross_mask) edits the mask."""
+    lazy = wants_segment_mask(self.config.attention_impl, q_segments.shape[1] + stack.prompt_length,
+                              kv_segments.shape[1] + stack.prompt_length) and not stack.prompt_length
+    return attention_mask(q_segments, kv_segments, causal=causal, lazy=lazy)
+
   def embed_tokens(self, tokens: Array, token_type_ids: Array | None = None) -> Array:
     """Token embeddings [B,T,D], plus the token-type embedding (type 0 where token_type_ids is None)."""
     x = self.embed(tokens)
@@ -341,7 +349,7 @@ class EncoderOnly(_Model):
   def __call__(self, tokens: Array, *, positions: Array | None = None, segment_ids: Array | None = None,
                token_type_ids: Array | None = None, deterministic: bool = True) -> Array:
     segment_ids, positions = _defaults(tokens, segment_ids, positions, self.config.pad_id)
-    mask = attention_mask(segment_ids, segment_ids, causal=False)
+    mask = self._mask(self.encoder, segment_ids, segment_ids, causal=False)
     h, _ = self.encoder(self.embed_tokens(tokens, token_type_ids), positions, mask, deterministic=deterministic)
     return self.outputs(h, segment_ids, deterministic)
 
@@ -361,7 +369,7 @@ class DecoderOnly(_Model):
   def __call__(self, tokens: Array, *, positions: Array | None = None, segment_ids: Array | None = None,
                token_type_ids: Array | None = None, deterministic: bool = True) -> Array:
     segment_ids, positions = _defaults(tokens, segment_ids, positions, self.config.pad_id)
-    mask = attention_mask(segment_ids, segment_ids, causal=True)
+    mask = self._mask(self.decoder, segment_ids, segment_ids, causal=True)
     h, _ = self.decoder(self.embed_tokens(tokens, token_type_ids), positions, mask, deterministic=deterministic)
     return self.outputs(h, segment_ids, deterministic)
 
@@ -391,7 +399,7 @@ class EncoderDecoder(_Model):
              deterministic: bool = True) -> Array:
     """[B,S] source tokens -> encoder output [B,S,D] ([B, n+S, D] with a soft prompt of n tokens in front)."""
     src_segment_ids, src_positions = _defaults(src_tokens, src_segment_ids, src_positions, self.config.pad_id)
-    mask = attention_mask(src_segment_ids, src_segment_ids, causal=False)
+    mask = self._mask(self.encoder, src_segment_ids, src_segment_ids, causal=False)
     return self.encoder(self.embed_tokens(src_tokens), src_positions, mask, deterministic=deterministic,
                         keep_prompt=True)[0]
 
@@ -404,11 +412,13 @@ class EncoderDecoder(_Model):
                                                start_is_real=True)
     encoded = self.encode(src_tokens, src_positions=src_positions, src_segment_ids=src_segment_ids,
                           deterministic=deterministic)
-    cross_mask = attention_mask(tgt_segment_ids, src_segment_ids, causal=False)
     if self.encoder.prompt_length:  # the encoder output starts with the soft prompt's positions
+      cross_mask = attention_mask(tgt_segment_ids, src_segment_ids, causal=False)
       cross_mask = self.encoder.prompt.cross_mask(cross_mask, tgt_segment_ids != 0)
+    else:
+      cross_mask = self._mask(self.decoder, tgt_segment_ids, src_segment_ids, causal=False)
     h, _ = self.decoder(self.embed_tokens(tgt_tokens), tgt_positions,
-                        attention_mask(tgt_segment_ids, tgt_segment_ids, causal=True), encoded=encoded,
+                        self._mask(self.decoder, tgt_segment_ids, tgt_segment_ids, causal=True), encoded=encoded,
                         cross_mask=cross_mask, deterministic=deterministic)
     return self.logits(h)
 
