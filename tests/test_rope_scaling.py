@@ -194,11 +194,13 @@ def test_train_py_misspelt_rope_scaling_is_one_line(tmp_path):
 
 
 def test_saved_config_without_the_keys_loads_unscaled():
-  """A model section saved before rope_scaling existed resolves to none (ModelConfig's defaults)."""
+  """A model section saved before rope_scaling existed resolves to none (settings.upgrade_saved: configs/default.py's
+  values, the behaviour of the versions without the keys)."""
+  from jaxformer import settings
   section = default.get_config().model
   section.update(position='rope', vocab_size=11)
-  old = ml_collections.ConfigDict({k: v for k, v in section.items() if not k.startswith('rope_') or k == 'rope_base'})
-  c = ModelConfig.from_config(old)
+  old = {k: v for k, v in section.items() if not k.startswith('rope_') or k == 'rope_base'}
+  c = ModelConfig.from_config(settings.upgrade_saved({'model': old}).model)
   assert (c.rope_scaling, c.rope_factor, c.rope_original_max_len) == ('none', 1.0, c.max_len)
 
 

@@ -4,8 +4,8 @@
   DecoderOnly    = Embed -> Stack(causal) -> logits
   EncoderDecoder = Embed -> Stack(bidirectional) ==encoded==> Stack(causal, cross-attention) -> logits
 
-A head with an output module of its own (jaxformer/heads, e.g. model.head=classification) replaces the per-token output of EncoderOnly / DecoderOnly with a classifier
-over the pooled hidden states: logits [B, num_classes].
+A head with an output module of its own (jaxformer/heads, e.g. model.head=classification) replaces the per-token
+output of EncoderOnly / DecoderOnly (classification: a classifier over the pooled hidden states, [B, num_classes]).
 
 Masks are built once per call from segment ids (0 = padding; equal non-zero ids may attend, which also keeps
 packed documents apart) and shared by every layer (where model.attention_impl=chunked runs they stay segment ids, a
