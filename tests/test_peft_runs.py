@@ -100,7 +100,7 @@ def test_lora_run_stores_only_what_trains_resumes_exactly_and_evaluates_on_its_b
   # merged export = plain base-model parameters
   model, _ = state_lib.restore_model(str(straight), ml_collections.ConfigDict(saved),
                                     shd.make_mesh(ml_collections.ConfigDict(saved)))
-  merged = peft.merge(model, saved.peft)
+  merged = peft.merge(model, ml_collections.ConfigDict(saved).peft)
   assert set('/'.join(map(str, p)) for p, _ in nnx.to_flat_state(merged)) == set(base_params)
 
 
