@@ -37,7 +37,6 @@ import numpy as np
 from flax import nnx, struct
 from jax.experimental import multihost_utils
 
-from jaxformer import settings as settings_lib
 from jaxformer.special_tokens import BOS_ID, EOS_ID, PAD_ID
 
 NEG_INF = -1.0e7  # finite, so sums of "impossible" scores never turn into nan
@@ -66,12 +65,6 @@ class DecodeSettings:
     if settings.method not in METHODS:  # the registry at the end of this file
       raise ValueError(f'decode.method={settings.method!r} is not one of {", ".join(METHODS)}.')
     return settings
-
-  @classmethod
-  def of(cls, **overrides: Any) -> DecodeSettings:
-    """configs/default.py's decode section with `overrides`, its -1 ids read as the jaxformer tokenizers' (EOS,
-    BOS), as resolve reads them for those tokenizers: for calling the decoder outside a run (tools, tests)."""
-    return cls.from_config(settings_lib.default_config().decode, **{'eos_id': EOS_ID, 'start_id': BOS_ID, **overrides})
 
   def canonical(self) -> DecodeSettings:
     """Resets the fields this method ignores to IGNORED, so e.g. greedy with another top_p reuses the program."""

@@ -19,8 +19,10 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from jaxformer.decoding import DecodeSettings
 from jaxformer.errors import ConfigError
 from jaxformer.model.config import ModelConfig
+from jaxformer.special_tokens import BOS_ID, EOS_ID
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,16 +116,8 @@ class MeshSettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class DecodeSection:
-  method: str
-  beam_size: int
-  length_penalty: float
-  temperature: float
-  top_k: int
-  top_p: float
-  max_len: int
-  eos_id: int
-  start_id: int
+class DecodeSection(DecodeSettings):
+  """The decoding method's parameters (decoding.DecodeSettings) and how eval.py batches and scores decodes."""
   batch_size: int
   bleu_tokenize: str
   bleu_max_ngram: int
@@ -229,6 +223,12 @@ def to_json(settings: Settings) -> str:
 def replace(settings: Settings, **sections: Any) -> Settings:
   """A copy with whole sections replaced, e.g. replace(s, model=dataclasses.replace(s.model, scan_layers=True))."""
   return dataclasses.replace(settings, **sections)
+
+
+def decode_settings(**overrides: Any) -> DecodeSettings:
+  """configs/default.py's decode section with `overrides`, its -1 ids read as the jaxformer tokenizers' (EOS, BOS),
+  as resolve reads them for those tokenizers: for calling the decoder outside a run (tools, tests)."""
+  return DecodeSettings.from_config(default_config().decode, **{'eos_id': EOS_ID, 'start_id': BOS_ID, **overrides})
 
 
 # ------------------------------------------------------------------------------------------- saved configs

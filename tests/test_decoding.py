@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from jaxformer import decoding
+from jaxformer.settings import decode_settings
 
 V = 6  # 0 pad, 1 bos, 2 eos, 3..5 symbols
 
@@ -98,7 +99,7 @@ def test_beam_search_finds_the_better_sequence_where_greedy_does_not(alpha):
   model = Bigram(table)
   prompt = np.ones((1, 1), np.int32)
   greedy = np.asarray(decoding.greedy(model, prompt, max_new_tokens=max_new))[0]
-  settings = decoding.DecodeSettings.of(method='beam', beam_size=3, length_penalty=alpha, max_len=max_new)
+  settings = decode_settings(method='beam', beam_size=3, length_penalty=alpha, max_len=max_new)
   beams, scores = decoding.beam_search(model, prompt, settings=settings)
   best = list(np.asarray(beams)[0, 0])
 
@@ -135,7 +136,7 @@ def test_beam_search_and_greedy_stop_early_once_the_result_is_settled():
       return super().decode_step(tokens, cache, valid=valid)
 
   model = Counting(trap_table())
-  settings = decoding.DecodeSettings.of(method='beam', beam_size=2, length_penalty=0.0, max_len=50)
+  settings = decode_settings(method='beam', beam_size=2, length_penalty=0.0, max_len=50)
   beams, _ = decoding.beam_search(model, np.ones((1, 1), np.int32), settings=settings)
   assert list(np.asarray(beams)[0, 0, :3]) == [4, 2, 0]
   # prefill + a few steps: both beams' best continuations are finished and no alive beam can beat them.
@@ -151,7 +152,7 @@ def test_beam_search_with_one_beam_equals_greedy():
     model = Bigram(random_table(seed, scale=1.0))
     prompt, lengths = decoding.pad_prompts([[1], [1, 3], [1, 5, 4, 3]])
     greedy = decoding.greedy(model, prompt, prompt_lengths=lengths, max_new_tokens=7)
-    settings = decoding.DecodeSettings.of(method='beam', beam_size=1, length_penalty=0.0, max_len=7)
+    settings = decode_settings(method='beam', beam_size=1, length_penalty=0.0, max_len=7)
     beams, _ = decoding.beam_search(model, prompt, prompt_lengths=lengths, settings=settings)
     np.testing.assert_array_equal(np.asarray(beams)[:, 0], np.asarray(greedy))
 
@@ -160,7 +161,7 @@ def test_beam_search_without_any_eos_returns_the_best_alive_beam():
   table = random_table(3)
   table[:, 2] = -30.0  # EOS is never chosen
   model = Bigram(table)
-  settings = decoding.DecodeSettings.of(method='beam', beam_size=4, length_penalty=0.6, max_len=3)
+  settings = decode_settings(method='beam', beam_size=4, length_penalty=0.6, max_len=3)
   beams, scores = decoding.beam_search(model, np.ones((1, 1), np.int32), settings=settings)
   logp = np.asarray(jax.nn.log_softmax(jnp.asarray(table, jnp.float32)), np.float64)
   best = max(itertools.product([3, 4, 5], repeat=3),
@@ -173,7 +174,7 @@ def test_variable_length_prompts_decode_like_single_prompts():
   model = Bigram(random_table(4, scale=1.0))
   prompts = [[1, 4], [1], [1, 3, 5, 4]]
   tokens, lengths = decoding.pad_prompts(prompts)
-  beam = decoding.DecodeSettings.of(method='beam', beam_size=2, length_penalty=0.6, max_len=5)
+  beam = decode_settings(method='beam', beam_size=2, length_penalty=0.6, max_len=5)
   batched_greedy = np.asarray(decoding.greedy(model, tokens, prompt_lengths=lengths, max_new_tokens=5))
   batched_beam = np.asarray(decoding.beam_search(model, tokens, prompt_lengths=lengths, settings=beam)[0])[:, 0]
   for row, prompt in enumerate(prompts):
@@ -186,14 +187,14 @@ def test_top_k_one_and_zero_temperature_equal_greedy():
   model = Bigram(random_table(5, scale=1.0))
   prompt = np.array([[1], [1], [1], [1]], np.int32)
   greedy = np.asarray(decoding.greedy(model, prompt, max_new_tokens=8))
-  for settings in [decoding.DecodeSettings.of(method='sample', temperature=1.0, top_k=1, max_len=8),
-                   decoding.DecodeSettings.of(method='sample', temperature=1e-6, max_len=8),
-                   decoding.DecodeSettings.of(method='sample', temperature=0.0, max_len=8)]:
+  for settings in [decode_settings(method='sample', temperature=1.0, top_k=1, max_len=8),
+                   decode_settings(method='sample', temperature=1e-6, max_len=8),
+                   decode_settings(method='sample', temperature=0.0, max_len=8)]:
     for seed in range(2):
       out = decoding.sample(model, prompt, jax.random.key(seed), settings=settings)
       np.testing.assert_array_equal(np.asarray(out), greedy)
   # ... while plain sampling from the same (flat-ish) model does differ from greedy.
-  plain = decoding.DecodeSettings.of(method='sample', temperature=1.0, max_len=8)
+  plain = decode_settings(method='sample', temperature=1.0, max_len=8)
   assert not np.array_equal(np.asarray(decoding.sample(model, prompt, jax.random.key(0), settings=plain)), greedy)
 
 
@@ -219,7 +220,7 @@ def test_top_p_never_leaves_the_nucleus():
 def test_top_p_inside_the_decode_loop_stays_in_each_steps_nucleus():
   table = random_table(6, scale=1.5)
   model = Bigram(table)
-  settings = decoding.DecodeSettings.of(method='sample', temperature=1.0, top_p=0.6, max_len=6)
+  settings = decode_settings(method='sample', temperature=1.0, top_p=0.6, max_len=6)
   out = np.asarray(decoding.sample(model, np.ones((256, 1), np.int32), jax.random.key(7), settings=settings))
   probs = np.asarray(jax.nn.softmax(jnp.asarray(table, jnp.float32)))
   for prev in range(V):
@@ -233,7 +234,7 @@ def test_top_p_inside_the_decode_loop_stays_in_each_steps_nucleus():
 
 def test_sampling_is_reproducible_for_a_key():
   model = Bigram(random_table(8, scale=0.5))
-  settings = decoding.DecodeSettings.of(method='sample', temperature=1.0, top_k=4, top_p=0.9, max_len=10)
+  settings = decode_settings(method='sample', temperature=1.0, top_k=4, top_p=0.9, max_len=10)
   prompt = np.ones((8, 1), np.int32)
   a = np.asarray(decoding.sample(model, prompt, jax.random.key(42), settings=settings))
   b = np.asarray(decoding.sample(model, prompt, jax.random.key(42), settings=settings))
@@ -254,7 +255,7 @@ def test_encoder_decoder_path_uses_the_source():
   np.testing.assert_array_equal(out, [[4, 4, 4], [5, 5, 5]])
   np.testing.assert_array_equal(
       np.asarray(decoding.greedy_without_cache(model, None, src_tokens=src, max_new_tokens=3)), out)
-  settings = decoding.DecodeSettings.of(method='beam', beam_size=2, max_len=3)
+  settings = decode_settings(method='beam', beam_size=2, max_len=3)
   np.testing.assert_array_equal(decoding.decode(model, settings, src_tokens=src), out)
 
 
@@ -264,9 +265,9 @@ def test_decode_on_a_mesh_with_padded_batch_equals_unsharded():
   model = Bigram(random_table(10, scale=1.0))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   prompts, lengths = decoding.pad_prompts([[1], [1, 3], [1, 4, 4], [1], [1, 5], [1]])  # 6 rows on 4 devices
-  for settings in [decoding.DecodeSettings.of(method='greedy', max_len=5),
-                   decoding.DecodeSettings.of(method='beam', beam_size=3, max_len=5),
-                   decoding.DecodeSettings.of(method='sample', top_k=3, max_len=5)]:
+  for settings in [decode_settings(method='greedy', max_len=5),
+                   decode_settings(method='beam', beam_size=3, max_len=5),
+                   decode_settings(method='sample', top_k=3, max_len=5)]:
     ref = decoding.decode(model, settings, prompts, prompt_lengths=lengths, rng=jax.random.key(0))
     got = decoding.decode(model, settings, prompts, prompt_lengths=lengths, rng=jax.random.key(0),
                           batch_sharding=sharding)
@@ -276,10 +277,10 @@ def test_decode_on_a_mesh_with_padded_batch_equals_unsharded():
 
 def test_decode_caps_new_tokens_at_model_max_len():
   model = Bigram(random_table(11))
-  out = decoding.decode(model, decoding.DecodeSettings.of(max_len=50), np.ones((1, 3), np.int32), model_max_len=8)
+  out = decoding.decode(model, decode_settings(max_len=50), np.ones((1, 3), np.int32), model_max_len=8)
   assert out.shape == (1, 5)
   with pytest.raises(ValueError, match='model.max_len'):
-    decoding.decode(model, decoding.DecodeSettings.of(max_len=5), np.ones((1, 8), np.int32), model_max_len=8)
+    decoding.decode(model, decode_settings(max_len=5), np.ones((1, 8), np.int32), model_max_len=8)
 
 
 def test_settings_from_config():
@@ -356,10 +357,10 @@ def test_greedy_with_cache_equals_repeated_full_forward_decoder_only():
   np.testing.assert_array_equal(got, full_forward_greedy(model, prompts, steps))
   assert len(set(got[:, 0])) > 1 or len(set(got[:, 1])) > 1  # not a degenerate constant output
   # beam of 1 (alpha 0) and top-k 1 sampling are greedy too, on the real model
-  beam = decoding.DecodeSettings.of(method='beam', beam_size=1, length_penalty=0.0, max_len=steps)
+  beam = decode_settings(method='beam', beam_size=1, length_penalty=0.0, max_len=steps)
   np.testing.assert_array_equal(
       np.asarray(decoding.beam_search(model, tokens, prompt_lengths=lengths, settings=beam)[0])[:, 0], got)
-  topk = decoding.DecodeSettings.of(method='sample', top_k=1, max_len=steps)
+  topk = decode_settings(method='sample', top_k=1, max_len=steps)
   np.testing.assert_array_equal(
       np.asarray(decoding.sample(model, tokens, jax.random.key(3), prompt_lengths=lengths, settings=topk)), got)
 
@@ -371,7 +372,7 @@ def test_greedy_with_cache_equals_repeated_full_forward_encoder_decoder():
   got = np.asarray(decoding.greedy(model, None, src_tokens=src, max_new_tokens=steps))
   np.testing.assert_array_equal(got, full_forward_greedy(model, [[decoding.BOS_ID]] * 2, steps, src=src))
   # A real beam never scores below greedy's own sequence (alpha 0: scores are plain log-probs).
-  wide = decoding.DecodeSettings.of(method='beam', beam_size=4, length_penalty=0.0, max_len=steps)
+  wide = decode_settings(method='beam', beam_size=4, length_penalty=0.0, max_len=steps)
   _, scores = decoding.beam_search(model, None, src_tokens=src, settings=wide)
   tgt = np.concatenate([np.ones((2, 1), np.int32), got], axis=1)
   logp = np.asarray(jax.nn.log_softmax(make_forward(model)(tgt, src), axis=-1))

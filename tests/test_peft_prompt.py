@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from jaxformer import settings
+from jaxformer.settings import decode_settings
 from jaxformer import decoding, peft
 from jaxformer.model import build_model, layout_convert
 from tests.test_model import VOCAB, tiny_config
@@ -106,14 +107,14 @@ def test_decoder_prompt_decodes_with_every_method():
   _, model = models('decoder_only', 'rope', scale=3.0)
   prompt = np.asarray(rows(4, (2, 3)))
   greedy = np.asarray(decoding.greedy(model, prompt, max_new_tokens=5, eos_id=-1))
-  settings = decoding.DecodeSettings.of(method='beam', beam_size=3, length_penalty=0.0, max_len=5, eos_id=-1)
+  settings = decode_settings(method='beam', beam_size=3, length_penalty=0.0, max_len=5, eos_id=-1)
   beams, scores = decoding.beam_search(model, prompt, settings=settings)
   # the best beam's score is its log-probability under the full (uncached) forward pass
   seq = jnp.concatenate([jnp.asarray(prompt), beams[:, 0]], 1)
   log_probs = jax.nn.log_softmax(call(model, (seq,), {})[:, 2:-1], -1)
   want = jnp.take_along_axis(log_probs, beams[:, 0][..., None], -1).sum((1, 2))
   np.testing.assert_allclose(np.asarray(scores[:, 0]), np.asarray(want), rtol=1e-4, atol=1e-4)
-  top1 = decoding.DecodeSettings.of(method='sample', temperature=1.0, top_k=1, max_len=5, eos_id=-1)
+  top1 = decode_settings(method='sample', temperature=1.0, top_k=1, max_len=5, eos_id=-1)
   np.testing.assert_array_equal(decoding.decode(model, top1, prompt, rng=jax.random.key(0)), greedy)
 
 

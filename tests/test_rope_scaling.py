@@ -25,6 +25,8 @@ from flax import nnx
 
 from configs import default
 from jaxformer import decoding, hf
+from jaxformer import settings
+from jaxformer.settings import decode_settings
 from jaxformer.config import ConfigError
 from jaxformer.model import build_model, positions
 from jaxformer.model.config import ModelConfig, validate_model
@@ -196,7 +198,6 @@ def test_train_py_misspelt_rope_scaling_is_one_line(tmp_path):
 def test_saved_config_without_the_keys_loads_unscaled():
   """A model section saved before rope_scaling existed resolves to none (settings.upgrade_saved: configs/default.py's
   values, the behaviour of the versions without the keys)."""
-  from jaxformer import settings
   section = default.get_config().model
   section.update(position='rope', vocab_size=11)
   old = {k: v for k, v in section.items() if not k.startswith('rope_') or k == 'rope_base'}
@@ -252,7 +253,7 @@ def test_kv_cache_decoding_equals_transformers_generate(name):
   eos = hf.read_config(str(FIXTURES / name))['eos_token_id']
   np.testing.assert_array_equal(np.asarray(decoding.greedy(model, prompt, max_new_tokens=new.shape[1], eos_id=eos)),
                                 new)
-  settings = decoding.DecodeSettings.of(method='beam', beam_size=1, length_penalty=0.0, max_len=new.shape[1],
+  settings = decode_settings(method='beam', beam_size=1, length_penalty=0.0, max_len=new.shape[1],
                                      eos_id=eos)
   beams, _ = decoding.beam_search(model, prompt, settings=settings)
   np.testing.assert_array_equal(np.asarray(beams)[:, 0], new)

@@ -9,6 +9,7 @@ from flax import nnx
 
 from configs import gpt_tiny
 from jaxformer import decoding, sharding as shd
+from jaxformer.settings import decode_settings
 from jaxformer.model import build_model, layout_convert
 from jaxformer.training import checkpoint, optimizer, step
 from jaxformer.training import state as state_lib
@@ -59,7 +60,7 @@ def test_scanned_decoding_equals_unrolled_with_every_method():
   unrolled, scanned = pair('decoder_only', 'rope', 'pre')
   prompt = np.asarray(tokens(np.random.default_rng(1), 2, 3))
   for method in decoding.METHODS:
-    settings = decoding.DecodeSettings.of(method=method, max_len=4, beam_size=2)
+    settings = decode_settings(method=method, max_len=4, beam_size=2)
     a = decoding.decode(unrolled, settings, prompt, rng=jax.random.key(0))
     b = decoding.decode(scanned, settings, prompt, rng=jax.random.key(0))
     np.testing.assert_array_equal(b, a, err_msg=method)
