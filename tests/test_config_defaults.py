@@ -97,3 +97,21 @@ def test_no_library_code_carries_its_own_default():
 def test_the_fallback_check_can_fail():
   tree = ast.parse("steps = config.train.get('steps_per_call', 1)\nx = hf.get('n_layer', 2)\n")
   assert _fallback_reads(tree) == ["config.train.get('steps_per_call', ...) at line 1"]
+
+
+def test_a_recipe_with_a_key_default_py_lacks_is_one_line_through_the_cli(tmp_path):
+  """A recipe file (not a --config.* flag) that sets a key configs/default.py does not have: train.py stops before
+  anything is written, with one line naming the key."""
+  import subprocess
+  import sys
+  repo = os.path.dirname(ROOT)
+  recipe = tmp_path / 'recipe.py'
+  recipe.write_text('from configs import gpt_tiny\n\n\ndef get_config():\n  config = gpt_tiny.get_config()\n'
+                    '  config.train.warmup_step = 10\n  return config\n')
+  workdir = tmp_path / 'run'
+  out = subprocess.run([sys.executable, 'train.py', f'--config={recipe}', f'--workdir={workdir}'], cwd=repo,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2, out.stderr
+  lines = [line for line in out.stderr.splitlines() if line.strip()]
+  assert lines == ['error: unknown config key train.warmup_step; see configs/default.py for the keys of train.'], lines
+  assert not (workdir / 'checkpoints').exists()
