@@ -36,13 +36,16 @@ TRAINING_SPLITS = ('train_split', 'eval_split')  # the data.* keys a training ru
 class Resolved:
   """Everything a run derives from (config, workdir) before touching parameters."""
   config: settings_lib.Settings  # every key filled, model.vocab_size and the decode ids set
-  model: ModelConfig  # = config.model
   workdir: str  # absolute
   source: data_lib.Source
   tokenizer: data_lib.Tokenizer
   mesh: Mesh
   rules: tuple
   eval_batch_size: int
+
+  @property
+  def model(self) -> ModelConfig:
+    return self.config.model
 
 
 def eval_batch_size(config: ml_collections.ConfigDict) -> int:
@@ -245,4 +248,4 @@ def resolve(config: ml_collections.ConfigDict, workdir: str, *, training: bool,
   mesh = shd.make_mesh(settings)
   rules = shd.rules_from_config(settings)
   check_batch_sizes(settings, mesh, rules, training=training)
-  return Resolved(settings, settings.model, workdir, source, tokenizer, mesh, rules, eval_batch_size(settings))
+  return Resolved(settings, workdir, source, tokenizer, mesh, rules, eval_batch_size(settings))
