@@ -169,7 +169,7 @@ def test_convert_tree_moves_a_whole_train_state_and_back():
   tx, schedule = optimizer.make_optimizer(c.train)
   setup = state_lib.make_setup(c, mesh, tx, schedule)
   state = state_lib.initial_state(c, setup)
-  other, _ = state_lib.in_layout(c, True)
+  other = state_lib.in_layout(c, True)
   scanned_abstract = state_lib.make_setup(other, mesh, tx, schedule).abstract_state
   scanned = ckpt_lib.convert_restored(state, scanned_abstract)
   assert layout_convert.tree_is_scanned(scanned) is True

@@ -55,8 +55,9 @@ def build_model(config: Any, *, seed: int | None = None) -> nnx.Module:
     return peft_lib.attach(model, config.peft, nnx.Rngs(params=seed + 2, dropout=seed + 3))
 
 
-def abstract_model(config: Any, mesh: Mesh, rules: tuple) -> tuple[Any, nnx.State, nnx.State]:
+def abstract_model(config: Any, mesh: Mesh, rules: tuple | None = None) -> tuple[Any, nnx.State, nnx.State]:
   """(graphdef, params as ShapeDtypeStructs on `mesh`'s shardings, the abstract rest) of config's model."""
+  rules = shd.rules_from_config(config) if rules is None else rules
   graphdef, abs_params, abs_rest = split_model(nnx.eval_shape(lambda: build_model(config)))
   params_sh = shd.state_shardings(abs_params, mesh, rules)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_params, params_sh)
@@ -65,6 +66,7 @@ def abstract_model(config: Any, mesh: Mesh, rules: tuple) -> tuple[Any, nnx.Stat
 
 def in_layout(config: Any, scanned: bool) -> Any:
   """config with model.scan_layers=scanned: the same model in the other parameter layout."""
+  config = settings_lib.of(config)
   return settings_lib.replace(config, model=dataclasses.replace(config.model, scan_layers=bool(scanned)))
 
 
