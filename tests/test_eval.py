@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from jaxformer import decoding
-from jaxformer.apps import evaluate as evaluation
+from jaxformer import evaluation as evaluation_lib  # the Evaluator and scoring
+from jaxformer.apps import evaluate as evaluation  # eval.py's application
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -244,10 +245,10 @@ def test_periodic_evals_estimate_and_the_final_one_scores_train_final_eval_steps
 
 
 def test_spread_picks_evenly_over_the_split():
-  assert evaluation.spread(14, 2) == [3, 10]
-  assert evaluation.spread(10, 5) == [1, 3, 5, 7, 9]
-  assert evaluation.spread(3, -1) == evaluation.spread(3, 7) == [0, 1, 2]
-  assert evaluation.spread(5, 0) == []
+  assert evaluation_lib.spread(14, 2) == [3, 10]
+  assert evaluation_lib.spread(10, 5) == [1, 3, 5, 7, 9]
+  assert evaluation_lib.spread(3, -1) == evaluation_lib.spread(3, 7) == [0, 1, 2]
+  assert evaluation_lib.spread(5, 0) == []
 
 
 def test_a_subset_evaluation_scores_batches_spread_over_the_split_built_once(trained, monkeypatch):
@@ -272,14 +273,13 @@ def test_a_subset_evaluation_scores_batches_spread_over_the_split_built_once(tra
   evaluator.r = dataclasses.replace(evaluator.r, config=dataclasses.replace(
       config, train=dataclasses.replace(config.train, eval_steps=2)))
   subset = evaluator.accumulate(params, rest, final=False)
-  assert evaluator.scored == evaluation.spread(len(per_batch), 2) and evaluator.scored != [0, 1]
+  assert evaluator.scored == evaluation_lib.spread(len(per_batch), 2) and evaluator.scored != [0, 1]
   assert subset.loss_sum == pytest.approx(sum(per_batch[i] for i in evaluator.scored), rel=1e-6)
   assert whole.loss_sum == pytest.approx(sum(per_batch), rel=1e-6)
   assert len(calls) == reads  # the second and third evaluation read no data
 
 
 def test_a_split_too_large_to_keep_is_streamed_and_n_means_its_first_n(trained, monkeypatch, capsys):
-  from jaxformer import evaluation as evaluation_lib  # the Evaluator's module (evaluation here is the eval app)
   from jaxformer.training import step as step_lib
   monkeypatch.setattr(evaluation_lib, 'MAX_CACHED_EVAL_BYTES', 1)
   workdir = trained('gpt_tiny')

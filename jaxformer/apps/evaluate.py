@@ -42,7 +42,7 @@ from jaxformer import metrics as metrics_lib
 from jaxformer import settings as settings_lib
 from jaxformer import sharding as shd
 from jaxformer.errors import UserError
-from jaxformer.evaluation import Evaluator, eval_steps, spread  # noqa: F401 - spread: part of this app's API
+from jaxformer.evaluation import Evaluator, eval_steps
 from jaxformer.resolve import Resolved, resolve, saved_run_differences
 from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import state as state_lib
