@@ -376,7 +376,7 @@ def score(r: Restored, q: Request) -> dict[str, Any]:
   --output, or to DIR/eval_<split>_step<N>.json and DIR/eval.json (the latest)."""
   name, workdir = split_name(r.config, q.split), r.resolved.workdir
   results: dict[str, Any] = {'step': r.step, 'split': name, 'arch': r.config.model.arch}
-  if r.config.model.head != 'lm':
+  if heads.head_of(r.config.model).module is not None:  # a task head (not the LM output) is named in the results
     results['head'] = r.config.model.head
   sums, scored = score_split(r, name)
   results.update(sums)
