@@ -160,7 +160,7 @@ def init_from_params(config: Any, abstract_params: nnx.State) -> nnx.State:
     base_config, target = _base_run_config(config, source, step), abstract_params
     mesh = _mesh_of(target)
     if base_config is not config:  # another head: restore the base's own tree, keep what this model shares
-      abstract_params = abstract_model(base_config, mesh, shd.rules_from_config(config))[1]
+      abstract_params = abstract_model(base_config, mesh)[1]
     try:  # a base saved with the other model.scan_layers is restored in its layout, then converted
       params, _ = ckpt_lib.restore_in_layout(
           restore, abstract_params, ckpt_lib.saved_layout(source, step),
@@ -196,7 +196,7 @@ def _params_in_layout(config: Any, like: nnx.State, scanned: bool) -> nnx.State:
   """The part of config's model parameters that `like` holds (e.g. a PEFT run's base, or its trainable part), as
   ShapeDtypeStructs of the `scanned` layout on like's mesh: the abstract target for restoring a checkpoint of
   that layout (checkpoint.restore_in_layout)."""
-  _, params, _ = abstract_model(in_layout(config, scanned), _mesh_of(like), shd.rules_from_config(config))
+  _, params, _ = abstract_model(in_layout(config, scanned), _mesh_of(like))
   return nnx.split_state(params, layout_convert.block_filter(like), ...)[0]
 
 
