@@ -65,11 +65,13 @@ def get_config() -> ml_collections.ConfigDict:
   model.relative_num_buckets = 32  # position=relative: buckets of key - query distance (T5: 32)
   model.relative_max_distance = 128  # position=relative: distances past this share the last bucket (T5: 128)
   model.output_scale = 1.0  # multiplies the final hidden states before the output projection; T5 v1.0: d_model**-0.5
-  # what the model outputs (jaxformer/model/heads.py): lm = per-token logits | classification = one label per row
+  # what the model outputs (jaxformer/heads): lm = per-token logits | classification = one label per row |
+  # reward = one scalar per row (a reward model, trained on preference pairs)
   model.head = 'lm'
   model.num_classes = 0  # head=classification: the number of labels
-  model.pooling = ''  # head=classification: first | mean | last (real token); '' = first (encoder_only) / last
-  model.pooler = False  # head=classification: BERT's pooler (dense + tanh) before the classifier
+  # head=classification / reward: first | mean | last (real token); '' = first (encoder_only) / last (decoder_only)
+  model.pooling = ''
+  model.pooler = False  # head=classification / reward: BERT's pooler (dense + tanh) before the output layer
 
   # ----------------------------------------------------------------- data
   data = config.data = ml_collections.ConfigDict()
@@ -89,6 +91,13 @@ def get_config() -> ml_collections.ConfigDict:
   # jsonl: sources (instruction data): the fields of each line's JSON object holding the prompt and the response
   data.prompt_key = 'prompt'
   data.response_key = 'response'
+  # jsonl: preference data (model.head=reward, align.method=dpo|simpo): each line has a prompt and either a chosen
+  # and a rejected response, or a ranking (data.responses_key: [best, ..., worst], which becomes every ordered
+  # pair); data.margin_key: an optional float per pair (the reward model's margin, as TRL's `margin` column)
+  data.chosen_key = 'chosen'
+  data.rejected_key = 'rejected'
+  data.responses_key = 'responses'
+  data.margin_key = 'margin'
   # jsonl: sources with model.head=classification: each line has a text (data.text_key, '' = 'text') or a pair
   # (data.text_pair_keys) and a label (data.label_key): an int in [0, model.num_classes), or one of data.label_names
   data.text_pair_keys = 'text_a,text_b'
@@ -158,6 +167,32 @@ def get_config() -> ml_collections.ConfigDict:
   peft.num_prompt_tokens = 20  # prompt: soft tokens prepended to the (encoder) input
   peft.train_extra = ''  # also train parameters whose path contains one of these words, e.g. 'norm,bias,head'
 
+  # ---------------------------------------------------------------- align
+  # Learning from preferences and from a reward (jaxformer/align). The reference model is the run's
+  # checkpoint.init_from, frozen (under LoRA / adapters: the base with the adapters off, no second copy).
+  align = config.align = ml_collections.ConfigDict()
+  align.method = 'none'  # none | dpo | simpo (offline, on preference pairs) | grpo | rloo | ppo (online, on prompts)
+  align.beta = 0.1  # dpo: the KL strength of the implicit reward beta * (log pi - log pi_ref); simpo: its beta
+  align.dpo_loss = 'sigmoid'  # dpo: sigmoid (DPO) | ipo (IPO, length-normalised as TRL) | hinge (SLiC)
+  align.gamma = 0.5  # simpo: the target reward margin gamma (TRL's simpo_gamma)
+  align.precompute_reference = False  # dpo: the reference's log-probabilities computed once per example up front
+  align.reward_margin = True  # head=reward: use the data's margin (data.margin_key) when a line gives one
+  align.center_rewards = 0.0  # head=reward: + c * mean((r_chosen + r_rejected)^2) (TRL's center_rewards_coefficient)
+  # online methods: each step samples align.num_generations completions of align.prompts_per_step prompts
+  align.prompts_per_step = 8
+  align.num_generations = 4
+  align.max_new_tokens = 16  # the longest completion sampled (decode.temperature / decode.top_p / top_k apply)
+  align.reward_model = ''  # a workdir of a model.head=reward run scoring the completions ('' = none)
+  align.reward_fn = ''  # module:function called with (prompts, completions, **other row fields) -> one float each
+  align.clip_eps = 0.2  # the clipped surrogate's epsilon (PPO, GRPO, RLOO)
+  align.kl_coef = 0.05  # x KL(policy || reference), per token (GRPO: in the loss; RLOO / PPO: in the reward)
+  align.updates_per_batch = 1  # optimizer passes over each rollout batch
+  align.scale_rewards = True  # grpo: divide the group-centred rewards by the group's std (rloo: none)
+  align.gae_lambda = 0.95  # ppo: GAE lambda
+  align.discount = 1.0  # ppo: the per-token discount gamma
+  align.value_coef = 0.1  # ppo: the weight of the value loss
+  align.value_clip = 0.2  # ppo: the value function's clip range
+
   # ----------------------------------------------------------- checkpoint
   checkpoint = config.checkpoint = ml_collections.ConfigDict()
   checkpoint.every_steps = 500
@@ -203,6 +238,10 @@ def get_config() -> ml_collections.ConfigDict:
   # zh | char | none
   decode.bleu_tokenize = ''
   decode.bleu_max_ngram = 4  # BLEU's n-gram order (4 = standard; another value is marked in the signature)
+  # best-of-N (eval.py --mode=generate): sample num_samples completions per prompt and return the one the reward
+  # model (a model.head=reward workdir) scores highest, with its reward; 1 = plain decoding
+  decode.num_samples = 1
+  decode.reward_model = ''
   return config
 
 

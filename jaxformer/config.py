@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import ml_collections
 
+from jaxformer import align
 from jaxformer import data as data_lib
 from jaxformer import decoding
-from jaxformer import heads
 from jaxformer import metrics
 from jaxformer import peft
 from jaxformer.errors import ConfigError, check_choice, check_fraction, check_positive
@@ -27,6 +27,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Checks the whole config (every key present: settings.fill) before anything expensive happens."""
   validate_model(config.model)
   peft.validate(config)
+  align.validate(config)
   data, train, mesh, decode = config.data, config.train, config.mesh, config.decode
 
   kind = str(data.source).split(':', 1)[0]
@@ -53,9 +54,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f'data.seq_len/src_seq_len={longest} exceeds model.max_len={config.model.max_len}; '
         'raise model.max_len or lower the data lengths.')
   check_fraction('data.mask_rate', data.mask_rate)
-  examples = heads.head_of(config.model).examples
+  examples = align.examples_of(config)
   if kind not in data_lib.EXAMPLE_KINDS[examples]:
-    raise ConfigError(f'model.head={config.model.head} reads {examples} examples, which data.source={data.source!r} '
+    reader = (f'align.method={config.align.method}' if align.METHODS[config.align.method].examples
+              else f'model.head={config.model.head}')
+    raise ConfigError(f'{reader} reads {examples} examples, which data.source={data.source!r} '
                       f'does not have; use data.source={data_lib.EXAMPLE_KINDS[examples][0]}:<file or {{split}} '
                       'pattern> (see README: Data).')
   if examples == 'labelled':
@@ -118,3 +121,4 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'decode.bleu_tokenize={decode.bleu_tokenize!r} is not valid; use one of '
                       f'{", ".join(c for c in metrics.BLEU_TOKENIZE_CHOICES if c)}, or \'\' to follow data.tgt_lang.')
   check_positive('decode.bleu_max_ngram', decode.bleu_max_ngram)
+  check_positive('decode.num_samples', decode.num_samples)

@@ -11,11 +11,14 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxformer import align
 from jaxformer import data as data_lib
 from jaxformer import heads
 from jaxformer import metrics as metrics_lib
+from jaxformer import peft as peft_lib
 from jaxformer import sharding as shd
 from jaxformer.training import step as step_lib
 
@@ -32,7 +35,11 @@ def _jitted_eval_step(graphdef: Any, config: Any, mesh: Any):
   another checkpoint of the same model in this process (or at the next eval step) reuses the compiled step."""
   confusion = heads.head_of(config.model).confusion
 
-  def sums(params, rest, batch, length_tables):
+  def sums(params, rest, batch, length_tables, reference):
+    if reference is not None:  # align.method=dpo: the frozen reference's log-probabilities
+      frozen = peft_lib.split(params, config.peft)[1]
+      batch = step_lib.with_reference(batch, config, step_lib.merge_model(graphdef, nnx.merge_state(frozen, reference),
+                                                                          rest))
     _, metrics = step_lib.compute_loss(step_lib.merge_model(graphdef, params, rest), batch, config,
                                        deterministic=True, length_tables=length_tables, confusion=confusion)
     return metrics
@@ -70,12 +77,15 @@ class Evaluator:
   A split whose batches outgrow MAX_CACHED_EVAL_BYTES is streamed instead, and N then means its first N batches.
   """
 
-  def __init__(self, r: Any, graphdef: Any, split: str):
-    """r: the run's resolve.Resolved (settings, tokenizer, source, mesh, rules, eval batch size)."""
+  def __init__(self, r: Any, graphdef: Any, split: str, reference: Any = None):
+    """r: the run's resolve.Resolved (settings, tokenizer, source, mesh, rules, eval batch size); reference: the
+    trainable part of the reference model's parameters, for an objective that compares against one (DPO)."""
     self.r = r
     self.split = split
+    self.reference = reference
     self._step = _jitted_eval_step(graphdef, r.config, r.mesh)
     self.head = heads.head_of(r.config.model)
+    self.scorer = align.scorer_of(r.config)  # the objective's rows (pairs), else the head's
     # bytes / characters per token id, for bits per byte / character (None when targets are not text)
     tables = self.head.length_tables(r.tokenizer, r.config.model.arch)
     self._tables = jax.device_put(tables, NamedSharding(r.mesh, PartitionSpec())) if tables else None
@@ -123,18 +133,18 @@ class Evaluator:
     acc = metrics_lib.MetricAccumulator()
     with shd.mesh_context(self.r.mesh, self.r.rules):
       for batch in self.batches(eval_steps(self.r.config, final=final)):
-        acc.add(self._step(params, rest, batch, self._tables))
+        acc.add(self._step(params, rest, batch, self._tables, self.reference))
     if acc.weight_sum <= 0:
       raise data_lib.DataError(f'split {self.split!r} of data.source={self.r.config.data.source!r} produced no '
-                               f'{self.head.unit} to score.')
+                               f'{self.scorer.unit} to score.')
     return acc
 
   def training_row(self, params: Any, rest: Any, *, final: bool) -> dict[str, float]:
     """The eval row of DIR/metrics.jsonl, as the head defines it (lm: eval_loss, eval_perplexity, eval_accuracy,
     eval_tokens, eval_bits_per_byte / _char; classification: eval_loss, eval_accuracy, eval_macro_f1,
     eval_examples). final: the evaluation at train.num_steps."""
-    return self.head.eval_row(self.accumulate(params, rest, final=final))
+    return self.scorer.eval_row(self.accumulate(params, rest, final=final))
 
   def results(self, params: Any, rest: Any) -> dict[str, Any]:
     """eval.py's numbers over the final evaluation's batches (the head's `results`)."""
-    return self.head.results(self.accumulate(params, rest), self.r.config.model.arch)
+    return self.scorer.results(self.accumulate(params, rest), self.r.config.model.arch)

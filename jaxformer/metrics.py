@@ -133,12 +133,18 @@ class MetricAccumulator:
   char_sum: float = 0.0
   num_batches: int = 0
   confusion: np.ndarray | None = None  # model.head=classification: [C, C] counts, summed like the others
+  extra: dict[str, float] | None = None  # an objective's own scalar sums (align.pairwise: margin_sum, ...)
 
   def add(self, metrics: Mapping[str, Any]) -> None:
-    values = jax.device_get({k: metrics[k] for k in SUM_KEYS + ('confusion',) if k in metrics})
+    values = jax.device_get(dict(metrics))
     confusion = values.pop('confusion', None)
     for key, value in values.items():
-      setattr(self, key, getattr(self, key) + float(np.asarray(value, dtype=np.float64)))
+      value = float(np.asarray(value, dtype=np.float64))
+      if key in SUM_KEYS:
+        setattr(self, key, getattr(self, key) + value)
+      else:
+        self.extra = self.extra or {}
+        self.extra[key] = self.extra.get(key, 0.0) + value
     if confusion is not None:
       confusion = np.asarray(confusion, np.float64)
       self.confusion = confusion if self.confusion is None else self.confusion + confusion
@@ -146,9 +152,11 @@ class MetricAccumulator:
 
   def merge(self, other: MetricAccumulator) -> MetricAccumulator:
     confusions = [c for c in (self.confusion, other.confusion) if c is not None]
+    extra = {k: (self.extra or {}).get(k, 0.0) + (other.extra or {}).get(k, 0.0)
+             for k in {**(self.extra or {}), **(other.extra or {})}}
     return MetricAccumulator(*(getattr(self, k) + getattr(other, k) for k in SUM_KEYS),
                              num_batches=self.num_batches + other.num_batches,
-                             confusion=sum(confusions) if confusions else None)
+                             confusion=sum(confusions) if confusions else None, extra=extra or None)
 
   def merge_hosts(self) -> MetricAccumulator:
     """Sums the per-host accumulators of all processes (a no-op on one host); the confusion matrix too (every
@@ -163,6 +171,10 @@ class MetricAccumulator:
     k = len(SUM_KEYS)
     return MetricAccumulator(*map(float, total[:k]), num_batches=int(total[k]),
                              confusion=total[k + 1:].reshape(self.confusion.shape) if confusion else None)
+
+  def sums(self) -> dict[str, float]:
+    """Every sum by its metrics key (SUM_KEYS and the extras)."""
+    return {**{k: getattr(self, k) for k in SUM_KEYS}, **(self.extra or {})}
 
   def result(self, with_accuracy: bool = False) -> dict[str, float]:
     """loss (mean NLL per target token), perplexity, num_tokens; bits_per_byte / bits_per_char (and num_bytes /

@@ -38,6 +38,10 @@ class DataSettings:
   text_unit: str
   prompt_key: str
   response_key: str
+  chosen_key: str
+  rejected_key: str
+  responses_key: str
+  margin_key: str
   text_pair_keys: str
   label_key: str
   label_names: str
@@ -99,6 +103,30 @@ class PeftSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class AlignSettings:
+  method: str
+  beta: float
+  dpo_loss: str
+  gamma: float
+  precompute_reference: bool
+  reward_margin: bool
+  center_rewards: float
+  prompts_per_step: int
+  num_generations: int
+  max_new_tokens: int
+  reward_model: str
+  reward_fn: str
+  clip_eps: float
+  kl_coef: float
+  updates_per_batch: int
+  scale_rewards: bool
+  gae_lambda: float
+  discount: float
+  value_coef: float
+  value_clip: float
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointSettings:
   every_steps: int
   keep: int
@@ -121,6 +149,8 @@ class DecodeSection(DecodeSettings):
   batch_size: int
   bleu_tokenize: str
   bleu_max_ngram: int
+  num_samples: int
+  reward_model: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +161,7 @@ class Settings:
   data: DataSettings
   train: TrainSettings
   peft: PeftSettings
+  align: AlignSettings
   checkpoint: CheckpointSettings
   mesh: MeshSettings
   decode: DecodeSection
@@ -140,7 +171,7 @@ class Settings:
 
 
 SECTIONS: dict[str, type] = {'model': ModelConfig, 'data': DataSettings, 'train': TrainSettings, 'peft': PeftSettings,
-            'checkpoint': CheckpointSettings, 'mesh': MeshSettings, 'decode': DecodeSection}
+            'align': AlignSettings, 'checkpoint': CheckpointSettings, 'mesh': MeshSettings, 'decode': DecodeSection}
 
 
 # ------------------------------------------------------------------------------------------------ defaults

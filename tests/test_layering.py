@@ -3,7 +3,8 @@ circle, counting imports inside functions (only `if TYPE_CHECKING:` blocks, whic
 
 Floors, lowest first; a module may import its own floor (without a cycle) and any floor below:
   bottom        errors, metrics, special_tokens, logical, compilation_cache
-  library       model/, data/, peft/, hf/, heads/, training/ (step, losses, optimizer, checkpoint I/O, ...),
+  library       model/, data/, peft/, hf/, heads/, align/ (preference and RL objectives), training/ (step, losses,
+                optimizer, checkpoint I/O, ...),
                 evaluation (the Evaluator), decoding, sharding, flops, settings (the typed config sections)
   resolution    config (validate), resolve
   run state     training/state.py: where parameters come from
@@ -22,7 +23,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 FLOORS = (
     ('bottom', ('jaxformer', 'jaxformer.errors', 'jaxformer.metrics', 'jaxformer.special_tokens', 'jaxformer.logical',
                 'jaxformer.compilation_cache')),
-    ('library', ('jaxformer.model', 'jaxformer.data', 'jaxformer.peft', 'jaxformer.hf', 'jaxformer.heads',
+    ('library', ('jaxformer.model', 'jaxformer.data', 'jaxformer.peft', 'jaxformer.hf', 'jaxformer.heads', 'jaxformer.align',
                  'jaxformer.training', 'jaxformer.evaluation', 'jaxformer.decoding', 'jaxformer.sharding',
                  'jaxformer.flops', 'jaxformer.settings')),
     ('resolution', ('jaxformer.config', 'jaxformer.resolve')),

@@ -52,6 +52,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from jaxformer import align
 from jaxformer import data as data_lib
 from jaxformer import errors
 from jaxformer import evaluation as eval_lib
@@ -229,6 +230,9 @@ class TrainLog:
     }
     if self.with_objective:
       row['train_objective'] = float(np.mean([m['objective'] for m in fetched]))
+    for key in fetched[0]:  # an objective's own per-step numbers (align: reward_margin, rewards_chosen, ...)
+      if key not in STEP_METRICS:
+        row[f'train_{key}'] = float(np.mean([m[key] for m in fetched]))
     self.writer.write(step, {**self.first_row_extra, **row})
     self.first_row_extra = {}
     rate, mfu = row['tokens_per_sec'], row['mfu']
@@ -239,6 +243,9 @@ class TrainLog:
          + (f'ETA {_fmt_eta((self.num_steps - step) * sec_per_step)}' if timed else 'ETA ?'))
     self.restart_clock()
     return row
+
+
+STEP_METRICS = ('loss', 'objective', 'accuracy', 'tokens', 'grad_norm', 'learning_rate')  # the train step's own
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -285,7 +292,11 @@ class Trainer:
     self.train_step = step_lib.make_train_step(config, self.setup)
     self.multi_step = (step_lib.make_train_step(config, self.setup, self.steps_per_call)
                        if self.steps_per_call > 1 else None)
-    self.evaluator = eval_lib.Evaluator(r, self.setup.graphdef, config.data.eval_split)
+    objective = align.objective_of(config)
+    # align.method=dpo: the frozen reference's trainable part (its frozen part is the run's own frozen params)
+    self.reference = (state_lib.reference_params(config, self.setup.abstract_state['params'], r.mesh, r.rules)
+                      if objective is not None and objective.needs_reference else None)
+    self.evaluator = eval_lib.Evaluator(r, self.setup.graphdef, config.data.eval_split, self.reference)
     self.config_dict = json.loads(settings_lib.to_json(config))
     self.unchecked: list[tuple[int, int, dict]] = []  # (first step, steps, metrics) not yet checked for NaN/inf
     self.bad_steps, self.first_bad = 0, None
@@ -313,12 +324,12 @@ class Trainer:
     mesh, rules = self.r.mesh, self.r.rules
     if n == 1:
       batch = shd.shard_batch(next(self.train_iter), mesh, rules, self.layout)
-      self.state, metrics = self.train_step(self.state, batch)
+      self.state, metrics = self.train_step(self.state, batch, self.reference)
     else:
       batches = [next(self.train_iter) for _ in range(n)]
       stacked = {key: np.stack([np.asarray(b[key]) for b in batches]) for key in batches[0]}
       self.state, metrics = self.multi_step(self.state, shd.shard_batch(stacked, mesh, rules, self.layout,
-                                                                        stacked=True))
+                                                                        stacked=True), self.reference)
     self.log.add(n, metrics)
     self.unchecked.append((step + 1, n, metrics))
     self.check_finite(keep_last=True)
@@ -356,7 +367,9 @@ class Trainer:
     row = self.evaluator.training_row(self.state['params'], self.state['rngs'], final=final)
     self.writer.write(step, row)
     shown = (('loss', 'eval_loss', '.4f'), ('perplexity', 'eval_perplexity', '.3f'), ('accuracy', 'eval_accuracy', '.4f'),
-             ('macro-F1', 'eval_macro_f1', '.4f'), ('bits/char', 'eval_bits_per_char', '.4f'))
+             ('macro-F1', 'eval_macro_f1', '.4f'), ('bits/char', 'eval_bits_per_char', '.4f'),
+             ('margin', 'eval_margin', '.4f'), ('reward accuracy', 'eval_reward_accuracy', '.4f'),
+             ('reward margin', 'eval_reward_margin', '.4f'))
     _log(f'eval at step {step}: ' + ' | '.join(f'{name} {row[key]:{fmt}}' for name, key, fmt in shown if key in row))
     self.log.restart_clock()
     return row

@@ -44,10 +44,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from jaxformer import heads
+from jaxformer import align
 from jaxformer.errors import DataError
 from jaxformer.data.objectives import OBJECTIVES, objective_name, split_at_middle_word
-from jaxformer.data.sources import Instruction, Labelled
+from jaxformer.data.sources import Instruction, Labelled, Preference
 from jaxformer.data.tokenizers import Tokenizer
 
 LABEL_KEYS = ('targets', 'labels')  # batch keys that are not model inputs
@@ -472,6 +472,94 @@ class ClassificationTask(Task):
     stream.pop()
 
 
+class PreferenceTask(Task):
+  """Preference pairs (model.head=reward, align.method=dpo / simpo): one pair per row, never packed. Each side is
+  framed as an instruction, the prompt and the response tokenized separately, concatenated and EOS appended
+  (tokenizer.document: BOS + prompt + response + EOS for jaxformer's tokenizers), into `chosen_*` and `rejected_*`
+  arrays (tokens, positions, segment_ids, targets) and `margin` [rows] (0 where the data gives none).
+
+  DPO / SimPO rows (the objective's `per_token`) are next-token rows whose prompt targets are unscored; a side
+  longer than data.seq_len keeps its first seq_len tokens (TRL's truncation_mode='keep_start'), and training drops
+  a pair whose prompt alone fills the row (no response token left, as TRL drops it). Reward-model rows hold the
+  whole framed sequence (the reward is read at its last real token: the EOS); training drops a pair with a side
+  longer than data.seq_len (as TRL's RewardTrainer filters them), evaluation keeps its first seq_len tokens, so
+  every pair is scored."""
+
+  name = 'preference'
+
+  def __init__(self, config, tokenizer, train):
+    super().__init__(config, tokenizer, train)
+    self.next_token = align.objective_of(config).per_token and config.model.arch == 'decoder_only'
+
+  def frame(self, prompt: np.ndarray, response: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(tokens, targets, whether it was cut) of one prompt + response, at most data.seq_len long."""
+    tok = self.tokenizer
+    seq = tok.document(np.concatenate([prompt, response]).astype(np.int32), ends_in_eos=True)
+    if self.next_token:
+      unscored = max(0, len(tok.prefix_ids) + len(prompt) - 1)
+      tokens = seq[:-1]
+      targets = np.concatenate([np.full(unscored, tok.unscored_target, np.int32), seq[1 + unscored:]])
+    else:
+      tokens, targets = seq, np.full(len(seq), tok.unscored_target, np.int32)
+    return tokens[:self.seq_len], targets[:self.seq_len].astype(np.int32), len(tokens) > self.seq_len
+
+  def tokenize(self, examples):
+    bad = [e for e in examples if not isinstance(e, Preference)]
+    if bad:
+      raise DataError('preference pairs are needed (model.head=reward, align.method=dpo / simpo), and this '
+                      f'data.source gives {type(bad[0]).__name__} examples; use data.source=jsonl:<file> with prompt, '
+                      'chosen and rejected fields.')
+    enc = self.tokenizer.encode_batch
+    prompts, chosen, rejected = (enc([getattr(e, f) for e in examples]) for f in ('prompt', 'chosen', 'rejected'))
+    return [(*self.frame(p, c), *self.frame(p, r), float(e.margin))
+            for p, c, r, e in zip(prompts, chosen, rejected, examples)]
+
+  def item(self, piece, position):
+    del position
+    c_tokens, c_targets, c_cut, r_tokens, r_targets, r_cut, margin = piece
+    if self.train:
+      scored = lambda t: bool(np.any((t >= 0) & (t != self.tokenizer.unscored_target)))  # noqa: E731
+      if (self.next_token and not (scored(c_targets) and scored(r_targets))) or (
+          not self.next_token and (c_cut or r_cut)):
+        return None
+    return c_tokens, c_targets, r_tokens, r_targets, margin
+
+  @staticmethod
+  def size(item: Any) -> int:
+    return 0 if item is None else len(item[0])
+
+  def empty_rows(self, n: int) -> Rows:
+    rows: Rows = {}
+    for side in ('chosen', 'rejected'):
+      rows.update({f'{side}_{k}': np.zeros((n, self.seq_len), np.int32) for k in ('tokens', 'positions', 'segment_ids')})
+      rows[f'{side}_targets'] = np.full((n, self.seq_len), self.tokenizer.unscored_target, np.int32)
+    rows['margin'] = np.zeros((n,), np.float32)
+    return rows
+
+  def fill_row(self, stream: Stream, rows: Rows, i: int, refill: Refill, max_skips: int) -> None:
+    skips = 0
+    while True:
+      if not stream.buffer and not refill(stream):
+        return
+      item = stream.buffer[0]
+      stream.pop()
+      if item is not None:
+        break
+      skips += 1
+      if skips > max_skips:
+        raise DataError(f'every training pair is cut away at data.seq_len={self.seq_len}: '
+                        + ('its prompt alone fills the row' if self.next_token else 'a side is longer than that')
+                        + '; raise data.seq_len (and model.max_len).')
+    c_tokens, c_targets, r_tokens, r_targets, margin = item
+    for side, tokens, targets in (('chosen', c_tokens, c_targets), ('rejected', r_tokens, r_targets)):
+      n = len(tokens)
+      rows[f'{side}_tokens'][i, :n] = tokens
+      rows[f'{side}_targets'][i, :n] = targets
+      rows[f'{side}_segment_ids'][i, :n] = 1
+      rows[f'{side}_positions'][i, :n] = np.arange(n, dtype=np.int32)
+    rows['margin'][i] = margin
+
+
 def _longest_first(a: list[int], b: list[int], budget: int) -> tuple[list[int], list[int]]:
   """Cuts tokens off the end of the longer of a and b (a on a tie) until both fit `budget`."""
   budget = max(0, budget)
@@ -485,7 +573,7 @@ def _longest_first(a: list[int], b: list[int], budget: int) -> tuple[list[int], 
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (DecoderOnlyTask, EncoderOnlyTask, EncoderDecoderTask)}
 # the Task of a head's examples (heads/: Head.examples) other than the arch's own text rows
-EXAMPLE_TASKS: dict[str, type[Task]] = {'labelled': ClassificationTask}
+EXAMPLE_TASKS: dict[str, type[Task]] = {'labelled': ClassificationTask, 'preference': PreferenceTask}
 
 
 def make_task(config: Any, tokenizer: Tokenizer, *, train: bool) -> Task:
@@ -493,7 +581,10 @@ def make_task(config: Any, tokenizer: Tokenizer, *, train: bool) -> Task:
   arch = str(config.model.arch)
   if arch not in TASKS:
     raise DataError(f'model.arch={arch!r} is not valid; use {", ".join(TASKS)}.')
-  examples = heads.head_of(config.model).examples
+  examples = align.examples_of(config)
+  if examples == 'prompts':
+    raise DataError(f'align.method={config.align.method} samples its own completions of the prompts (the online loop, '
+                    'jaxformer/apps/align.py); there are no batch rows to build.')
   if examples in EXAMPLE_TASKS:
     return EXAMPLE_TASKS[examples](config, tokenizer, train)
   objective_name(config)  # data.objective is valid and applies to this arch

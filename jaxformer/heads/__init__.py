@@ -4,6 +4,7 @@ steps, the data source, FLOPs and jaxformer.hf all ask the registry.
 
   lm              per-token logits over the vocabulary (lm.py)
   classification  one label per row from pooled hidden states (classification.py)
+  reward          one scalar per row, trained on preference pairs (reward.py)
 """
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from jaxformer.errors import check_choice
 from jaxformer.heads.base import Head
 from jaxformer.heads.classification import DEFAULT_POOLING, POOLINGS, Classification, validate_pooling
 from jaxformer.heads.lm import LM
+from jaxformer.heads.reward import Reward
 
-HEADS: dict[str, Head] = {head.name: head for head in (LM(), Classification())}
+HEADS: dict[str, Head] = {head.name: head for head in (LM(), Classification(), Reward())}
 # the model.* keys a fine-tune may change about its base run (checkpoint.init_from with another head)
 HEAD_FIELDS: tuple[str, ...] = ('head',) + tuple(dict.fromkeys(f for h in HEADS.values() for f in h.fields))
 

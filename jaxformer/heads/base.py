@@ -27,6 +27,7 @@ class Head:
   archs: tuple[str, ...] = ALL_ARCHS
   fields: tuple[str, ...] = ()  # its model.* keys (besides model.head): a fine-tune may change them (init_from)
   examples: str = 'text'  # what the data source yields for it (data.sources.EXAMPLE_KINDS)
+  objective: str = ''  # '' = cross-entropy against `targets`; else a pair objective in align.OBJECTIVES (reward)
   decodes: bool = False  # eval.py --mode=generate / translate apply
   confusion: bool = False  # evaluation accumulates a [C, C] confusion matrix
   unit: str = 'target tokens'  # what weight_sum counts, for messages

@@ -11,6 +11,11 @@ The train state of a run, in this order of precedence (the first that applies wi
                     from the seed when init_from is '' (rebuilt identically from config.seed).
   4. fresh init     config.seed's initialisation, created directly sharded (each device computes its shards).
 
+The reference model of align.method=dpo (and of the online methods' KL) is the parameters a fresh run starts
+from (2-4: checkpoint.init_from, frozen; under LoRA / adapters the base with the fresh adapters, whose output is
+the base's), rebuilt the same way on resume: `reference_params` returns only its trainable part, since the frozen
+part IS the run's frozen parameters (no second copy of the base under PEFT).
+
 Evaluation and export read parameters through the same rules (`restore_model`; `init_from_model` for a workdir
 that has no checkpoints yet). Checkpoint files are read and written by checkpoint.py; this module decides what
 to read and assembles the state.
@@ -116,6 +121,14 @@ def initial_params(config: Any, abstract_params: nnx.State, mesh: Mesh, rules: t
   with shd.mesh_context(mesh, rules):
     params = jax.jit(lambda: split_model(build_model(config))[1], out_shardings=shardings)()
   return with_base(config, params, abstract_params)
+
+
+def reference_params(config: Any, abstract_params: nnx.State, mesh: Mesh, rules: tuple) -> nnx.State:
+  """The trainable part (peft.trainable) of the reference model's parameters: what the run's trainable parameters
+  were at step 0 (initial_params), on `abstract_params`' shardings. Merged over the run's frozen parameters it is
+  the whole reference model."""
+  config = settings_lib.of(config)
+  return peft_lib.trainable(initial_params(config, abstract_params, mesh, rules), config.peft)
 
 
 def with_base(config: Any, params: nnx.State, abstract_params: nnx.State) -> nnx.State:

@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxformer import align
 from jaxformer import heads
 from jaxformer import metrics as metrics_lib
 from jaxformer import peft as peft_lib
@@ -109,14 +110,46 @@ def loss_sums(model: nnx.Module, batch: Batch, config, *, deterministic: bool,
   return jnp.sum(objective * weights), metrics
 
 
+def with_reference(batch: Batch, config, reference_model: nnx.Module | None) -> Batch:
+  """The batch with the reference model's log-probabilities (align.pairwise.REFERENCE_KEYS) when the run's
+  objective compares against a reference (align.method=dpo) and the data did not bring them precomputed."""
+  objective = align.objective_of(config)
+  if objective is None or not objective.needs_reference or align.pairwise.REFERENCE_KEYS[0] in batch:
+    return batch
+  if reference_model is None:
+    raise ValueError(f'align.method={config.align.method} needs the reference model (training/state.reference_params)')
+  ref = objective.reference_logps(reference_model, batch, unscored_target(config))
+  return {**batch, **jax.lax.stop_gradient(ref)}
+
+
+def objective_sums(model: nnx.Module, batch: Batch, config, *, deterministic: bool,
+                   length_tables: Mapping[str, jax.Array] | None = None,
+                   confusion: bool = False) -> tuple[jax.Array, dict]:
+  """(objective_sum, metric sums) of the run's objective: the head's cross-entropy (loss_sums), or a pair
+  objective (align.objective_of: a reward model's Bradley-Terry loss, DPO, SimPO) whose weight_sum counts pairs."""
+  objective = align.objective_of(config)
+  if objective is None:
+    return loss_sums(model, batch, config, deterministic=deterministic, length_tables=length_tables,
+                     confusion=confusion)
+  return objective.sums(model, batch, config, unscored_target(config), deterministic=deterministic)
+
+
+def weight_total(batch: Batch, config) -> jax.Array:
+  """What the batch's objective is averaged over (target tokens, examples or pairs), known before the forward."""
+  objective = align.objective_of(config)
+  if objective is None:
+    return jnp.sum(token_weights(*loss_targets(batch, config)))
+  return jnp.sum(objective.pair_weights(batch, unscored_target(config)))
+
+
 def compute_loss(model: nnx.Module, batch: Batch, config, *, deterministic: bool,
                  length_tables: Mapping[str, jax.Array] | None = None,
                  confusion: bool = False) -> tuple[jax.Array, dict]:
-  """(loss, metrics): loss = the token-weighted mean objective of this batch; metrics holds the float32 sums
-  loss_sum (plain cross-entropy), weight_sum (target tokens) and correct_sum (argmax hits) for exact aggregation,
-  and byte_sum / char_sum when length_tables are given."""
-  objective_sum, metrics = loss_sums(model, batch, config, deterministic=deterministic, length_tables=length_tables,
-                                     confusion=confusion)
+  """(loss, metrics): loss = the weighted mean objective of this batch; metrics holds the float32 sums
+  loss_sum (plain cross-entropy, or the pair loss), weight_sum (target tokens / examples / pairs) and correct_sum
+  for exact aggregation (and byte_sum / char_sum when length_tables are given, an objective's own sums)."""
+  objective_sum, metrics = objective_sums(model, batch, config, deterministic=deterministic,
+                                          length_tables=length_tables, confusion=confusion)
   return objective_sum / jnp.maximum(metrics['weight_sum'], 1.0), metrics
 
 
@@ -183,7 +216,7 @@ def make_train_step(config, setup: TrainSetup, steps_per_call: int = 1) -> Calla
     def loss_fn(p):  # p: the trainable params; the frozen ones are an input, so they get no gradient
       model = merge_model(graphdef, nnx.merge_state(frozen, p), rest)
       peft_lib.set_training(model, True)
-      objective_sum, metrics = loss_sums(model, batch, config, deterministic=False)
+      objective_sum, metrics = objective_sums(model, batch, config, deterministic=False)
       _, _, new_rest = split_model(model)
       # Scaled by the whole batch's token count here, not after: the gradient comes out already normalised
       # (one scalar multiply in the backward pass instead of a division per parameter).
@@ -192,11 +225,16 @@ def make_train_step(config, setup: TrainSetup, steps_per_call: int = 1) -> Calla
     metrics = dict(metrics, objective_sum=objective_sum)
     return grads, metrics, new_rest
 
-  def step_fn(state, batch):
+  objective = align.objective_of(config)
+  extra_names = {} if objective is None else objective.names
+
+  def step_fn(state, batch, reference):
     params, frozen = peft_lib.split(state['params'], config.peft)
     rest = state['rngs']
+    if reference is not None:  # the frozen reference model (align.method=dpo): its log-probabilities, no gradient
+      batch = with_reference(batch, config, merge_model(graphdef, nnx.merge_state(frozen, reference), rest))
     # The weights depend on the targets alone, so the batch's token count is known before the forward pass.
-    denom = jnp.maximum(jnp.sum(token_weights(*loss_targets(batch, config))), 1.0)
+    denom = jnp.maximum(weight_total(batch, config), 1.0)
     if k == 1:
       grads, metrics, rest = grads_of(params, frozen, rest, batch, denom)
     else:
@@ -208,7 +246,9 @@ def make_train_step(config, setup: TrainSetup, steps_per_call: int = 1) -> Calla
         return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, m_acc, m), r), None
 
       zeros_g = jax.tree.map(jnp.zeros_like, params)
-      zeros_m = {key: jnp.zeros((), jnp.float32) for key in ('loss_sum', 'weight_sum', 'correct_sum', 'objective_sum')}
+      first = jax.tree.map(lambda x: x[0], micro)
+      zeros_m = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                             jax.eval_shape(lambda: grads_of(params, frozen, rest, first, denom)[1]))
       (grads, metrics, rest), _ = jax.lax.scan(body, (zeros_g, zeros_m, rest), micro)
     updates, opt_state = tx.update(grads, state['opt_state'], params)
     new_params = nnx.merge_state(frozen, optax.apply_updates(params, updates))
@@ -219,42 +259,50 @@ def make_train_step(config, setup: TrainSetup, steps_per_call: int = 1) -> Calla
         'tokens': metrics['weight_sum'],
         'grad_norm': optax.tree.norm(grads),
         'learning_rate': schedule(state['step']),
+        **{name: metrics[key] / denom for name, key in extra_names.items()},
     }
     new_state = {'step': state['step'] + 1, 'params': new_params, 'opt_state': opt_state, 'rngs': rest}
     return new_state, out
 
-  def multi_step_fn(state, batches):
-    return jax.lax.scan(step_fn, state, batches)  # metrics stacked along the leading (step) axis
+  def multi_step_fn(state, batches, reference):
+    # metrics stacked along the leading (step) axis
+    return jax.lax.scan(lambda s, b: step_fn(s, b, reference), state, batches)
 
   fn = step_fn if n_steps == 1 else multi_step_fn
   jitted = {}
+  reference_sh = peft_lib.trainable(setup.state_shardings['params'], config.peft)
 
-  def jitted_for(batch):
-    keys = tuple(sorted(batch))
+  def jitted_for(batch, reference):
+    keys = (tuple(sorted(batch)), reference is None)
     if keys not in jitted:
+      keys_of_batch = keys[0]
       if n_steps == 1:
-        batch_sh = {key: shd.batch_sharding(setup.mesh, setup.rules, batch[key].ndim) for key in keys}
+        batch_sh = {key: shd.batch_sharding(setup.mesh, setup.rules, batch[key].ndim) for key in keys_of_batch}
       else:
-        for key in keys:
+        for key in keys_of_batch:
           if batch[key].shape[0] != n_steps:
             raise ValueError(f'steps_per_call={n_steps} needs batches stacked on a leading axis of size {n_steps}; '
                              f'{key!r} has shape {batch[key].shape}')
-        batch_sh = {key: shd.stacked_batch_sharding(setup.mesh, setup.rules, batch[key].ndim) for key in keys}
-      jitted[keys] = jax.jit(fn, in_shardings=(setup.state_shardings, batch_sh),
+        batch_sh = {key: shd.stacked_batch_sharding(setup.mesh, setup.rules, batch[key].ndim)
+                    for key in keys_of_batch}
+      jitted[keys] = jax.jit(fn, in_shardings=(setup.state_shardings, batch_sh,
+                                               None if reference is None else reference_sh),
                              out_shardings=(setup.state_shardings, setup.replicated), donate_argnums=(0,))
     return jitted[keys]
 
-  def train_step(state, batch):
-    fn = jitted_for(batch)
+  def train_step(state, batch, reference=None):
+    """reference: the trainable part of the frozen reference model's parameters (training/state.reference_params)
+    for an objective that needs one (align.method=dpo without precomputed log-probabilities)."""
+    fn = jitted_for(batch, reference)
     with shd.mesh_context(setup.mesh, setup.rules):
-      return fn(state, batch)
+      return fn(state, batch, reference)
 
-  def lower(state, batch):
+  def lower(state, batch, reference=None):
     """The step lowered for (abstract) state and batch, e.g. setup.abstract_state and ShapeDtypeStructs: compile
     it and read .memory_analysis() or time the compilation without allocating or running anything."""
-    fn = jitted_for(batch)
+    fn = jitted_for(batch, reference)
     with shd.mesh_context(setup.mesh, setup.rules):
-      return fn.lower(state, batch)
+      return fn.lower(state, batch, reference)
 
   train_step.lower = lower
   return train_step

@@ -4,7 +4,9 @@
   text:<path or glob>            local text files, LM documents             (sources/local.py)
   parallel:<prefix>              local line-aligned translation files       (sources/local.py)
   jsonl:<path or glob>           local prompt/response instruction data,    (sources/local.py)
-                                 or labelled texts (model.head=classification)
+                                 labelled texts (model.head=classification),
+                                 preference pairs or rankings (model.head=reward,
+                                 align.method=dpo|simpo) or prompts (grpo|rloo|ppo)
   tfds:<name>[/<config>]         a prepared TFDS ArrayRecord dataset        (sources/tfds.py)
 
 A factory is `(spec, arg, config, data_dir) -> Source` (sources/base.py); adding a source is one module with a
@@ -16,7 +18,7 @@ from typing import Any
 
 from jaxformer.errors import DataError, DataFileNotFoundError
 from jaxformer.data.sources import builtin, local, tfds
-from jaxformer.data.sources.base import (Example, Instruction, Labelled, ListSplit, Source, SourceFactory, Split, SPLIT_ALIASES,
+from jaxformer.data.sources.base import (Example, Instruction, Labelled, ListSplit, Preference, Prompt, Source, SourceFactory, Split, SPLIT_ALIASES,
                                          data_dir_for)
 from jaxformer.data.sources.builtin import (NUMBER_SPLITS, SyntheticLanguage, builtin_lm_entropy, number_to_words,
                                             synthetic_language)
@@ -31,7 +33,8 @@ SOURCES: dict[str, SourceFactory] = {
     'tfds': tfds.make_source,
 }
 # Head.examples (jaxformer/heads) -> the source kinds that yield such examples (the first is the one to suggest)
-EXAMPLE_KINDS: dict[str, tuple[str, ...]] = {'text': tuple(SOURCES), 'labelled': ('jsonl',)}
+EXAMPLE_KINDS: dict[str, tuple[str, ...]] = {'text': tuple(SOURCES), 'labelled': ('jsonl',), 'preference': ('jsonl',),
+                                             'prompts': ('jsonl',)}
 
 
 def get_source(config: Any, workdir: str) -> Source:

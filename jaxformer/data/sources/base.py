@@ -2,8 +2,9 @@
 
 An example is a `str` (a text source, kind 'text'), a `(source, target)` pair of `str` (a translation source,
 kind 'pairs'), an `Instruction(prompt, response)` (kind 'instructions'; also a pair, so encoder_decoder reads it
-as one, while decoder_only scores only its response) or a `Labelled(text_a, text_b, label)` (kind 'labelled',
-model.head=classification). The pipeline only ever sees this interface, so shuffling,
+as one, while decoder_only scores only its response), a `Labelled(text_a, text_b, label)` (kind 'labelled',
+model.head=classification), a `Preference(prompt, chosen, rejected, margin)` (kind 'preference': model.head=reward,
+align.method=dpo / simpo) or a `Prompt(prompt, fields)` (kind 'prompts': the online align methods). The pipeline only ever sees this interface, so shuffling,
 per-host sharding and exact resumption are the same code for all sources.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 from jaxformer.errors import DataError
 
-Example = Any  # str | tuple[str, str] | Instruction | Labelled
+Example = Any  # str | tuple[str, str] | Instruction | Labelled | Preference | Prompt
 
 
 class Instruction(NamedTuple):
@@ -28,6 +29,22 @@ class Labelled(NamedTuple):
   text_a: str
   text_b: str
   label: int
+
+
+class Preference(NamedTuple):
+  """A preference pair: after `prompt`, `chosen` is the better response and `rejected` the worse; `margin` is how
+  much better (a reward model's optional margin; 0 when the data gives none)."""
+  prompt: str
+  chosen: str
+  rejected: str
+  margin: float
+
+
+class Prompt(NamedTuple):
+  """A prompt to sample completions for (align.method=grpo / rloo / ppo); `fields` is the JSON object of the
+  line's other fields (e.g. the reference answer a reward function checks against)."""
+  prompt: str
+  fields: str
 
 
 # How a split name finds its files (local sources) after the exact name.

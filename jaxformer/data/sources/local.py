@@ -19,7 +19,13 @@
                            path, or the first 90% / last 10% of the examples). With model.head=classification the
                            lines are labelled texts instead: `text` (data.text_key) or `text_a` + `text_b`
                            (data.text_pair_keys) and `label` (data.label_key): an integer in
-                           [0, model.num_classes) or one of data.label_names.
+                           [0, model.num_classes) or one of data.label_names. With preference examples
+                           (model.head=reward, align.method=dpo|simpo) each line has a prompt and a chosen and a
+                           rejected response (data.chosen_key / data.rejected_key; an optional float margin,
+                           data.margin_key), or a ranking, data.responses_key: [best, ..., worst], which becomes
+                           every ordered pair (best > second, best > third, ..., second > third, ...). With prompts
+                           (align.method=grpo|rloo|ppo) each line has a prompt; its other fields go along to the
+                           reward function.
 
 All three are converted ONCE into a TFDS ArrayRecord dataset named `jaxformer_text_<hash>` /
 `jaxformer_parallel_<hash>` / `jaxformer_jsonl_<hash>` in the data dir (the hash covers the resolved file paths,
@@ -36,7 +42,7 @@ import json
 import os
 from typing import Any, Callable, Sequence
 
-from jaxformer import heads
+from jaxformer import align
 from jaxformer.errors import DataError, DataFileNotFoundError
 from jaxformer.data.sources.base import Source, config_splits, split_candidates
 from jaxformer.data.sources.tfds import build_array_record, is_prepared, open_array_record
@@ -359,9 +365,80 @@ def _records(paths: Sequence[str], wanted: str):
       yield where, record
 
 
+def _string_field(record: dict, key: str, where: str, setting: str, *, empty_ok: bool = True) -> str:
+  if key not in record:
+    raise DataError(f'{where}: no {key!r} field (the line has: {", ".join(map(str, record)) or "none"}); add it, or '
+                    f'set {setting} to the field that holds it.')
+  value = record[key]
+  if not isinstance(value, str):
+    raise DataError(f'{where}: field {key!r} is a JSON {type(value).__name__}, not a string.')
+  if not empty_ok and not value.strip():
+    raise DataError(f'{where}: field {key!r} is empty; a response needs at least one character (drop the line).')
+  return value
+
+
+def _preferences(paths: Sequence[str], config: Any) -> list[tuple[str, str, str, str]]:
+  """(prompt, chosen, rejected, margin as a string) of every pair: a line's chosen/rejected pair, or every ordered
+  pair of its ranking (data.responses_key, best first)."""
+  data = config.data
+  prompt_key, chosen_key, rejected_key = str(data.prompt_key), str(data.chosen_key), str(data.rejected_key)
+  ranking_key, margin_key = str(data.responses_key), str(data.margin_key)
+  out = []
+  wanted = f'{prompt_key!r} and {chosen_key!r} + {rejected_key!r} (or a ranking {ranking_key!r}) fields'
+  for where, record in _records(paths, wanted):
+    prompt = _string_field(record, prompt_key, where, 'data.prompt_key')
+    if ranking_key in record and chosen_key not in record:
+      ranking = record[ranking_key]
+      if not isinstance(ranking, list) or len(ranking) < 2:
+        raise DataError(f'{where}: field {ranking_key!r} must be a list of at least two responses, best first.')
+      responses = [_string_field({ranking_key: r}, ranking_key, where, 'data.responses_key', empty_ok=False)
+                   for r in ranking]
+      out += [(prompt, responses[i], responses[j], '0') for i in range(len(responses))
+              for j in range(i + 1, len(responses))]
+      continue
+    if chosen_key not in record and rejected_key not in record:
+      raise DataError(f'{where}: no {chosen_key!r} / {rejected_key!r} fields nor a ranking {ranking_key!r} (the line '
+                      f'has: {", ".join(map(str, record)) or "none"}); add them, or set data.chosen_key / '
+                      'data.rejected_key / data.responses_key.')
+    chosen = _string_field(record, chosen_key, where, 'data.chosen_key', empty_ok=False)
+    rejected = _string_field(record, rejected_key, where, 'data.rejected_key', empty_ok=False)
+    margin = record.get(margin_key, 0.0)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+      raise DataError(f'{where}: field {margin_key!r} is {json.dumps(margin)}, not a number.')
+    out.append((prompt, chosen, rejected, repr(float(margin))))
+  return out
+
+
+def _prompts(paths: Sequence[str], config: Any) -> list[tuple[str, str]]:
+  """(prompt, the line's other fields as JSON) of every line."""
+  key = str(config.data.prompt_key)
+  out = []
+  for where, record in _records(paths, f'a {key!r} field'):
+    prompt = _string_field(record, key, where, 'data.prompt_key', empty_ok=False)
+    out.append((prompt, json.dumps({k: v for k, v in record.items() if k != key}, sort_keys=True)))
+  return out
+
+
+# examples kind -> (read(paths, config), ArrayRecord features, the config keys that change what is read)
+_READERS: dict[str, tuple[Callable[..., list], tuple[str, ...], Callable[[Any], tuple]]] = {
+    'preference': (_preferences, ('prompt', 'chosen', 'rejected', 'margin'),
+                   lambda c: (c.data.prompt_key, c.data.chosen_key, c.data.rejected_key, c.data.responses_key,
+                              c.data.margin_key)),
+    'prompts': (_prompts, ('prompt', 'fields'), lambda c: (c.data.prompt_key,)),
+}
+
+
 def make_jsonl_source(spec: str, pattern: str, config: Any, data_dir: str) -> Source:
-  """Instruction data, or labelled texts for a head that reads them (model.head=classification)."""
-  if heads.head_of(config.model).examples == 'labelled':
+  """Instruction data, labelled texts (model.head=classification), preference pairs or prompts: whichever
+  examples the run reads (align.examples_of)."""
+  examples = align.examples_of(config)
+  if examples in _READERS:
+    reader, features, keys_of = _READERS[examples]
+    keys = tuple(map(str, keys_of(config)))
+    read = functools.partial(reader, config=config)
+    kind = examples
+    description = f'jsonl source {spec} ({examples}: {", ".join(keys)})'
+  elif examples == 'labelled':
     keys = _classification_keys(config) + (','.join(label_names(config)), str(config.model.num_classes))
     read = functools.partial(_labelled, config=config)
     kind, features = 'labelled', ('text_a', 'text_b', 'label')

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from jaxformer.errors import DataError
-from jaxformer.data.sources.base import Example, Instruction, Labelled, ListSplit, Source, Split
+from jaxformer.data.sources.base import Example, Instruction, Labelled, ListSplit, Preference, Prompt, Source, Split
 
 BUILDER_VERSION = '1.0.0'
 
@@ -51,7 +51,9 @@ def _no_stray_tfds_tempdirs():
 
 # How the text features of a record (in `keys` order) become an example, per source kind.
 _EXAMPLE = {'text': lambda values: values[0], 'pairs': tuple, 'instructions': lambda values: Instruction(*values),
-            'labelled': lambda values: Labelled(values[0], values[1], int(values[2]))}
+            'labelled': lambda values: Labelled(values[0], values[1], int(values[2])),
+            'preference': lambda values: Preference(values[0], values[1], values[2], float(values[3])),
+            'prompts': lambda values: Prompt(*values)}
 
 
 class TfdsSplit(Split):
