@@ -217,10 +217,15 @@ def _guarded(fn: Callable[[], Any]) -> Any:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """train.py's one call: jaxformer.apps.train.run behind the user-error boundary. Ctrl-C saves a checkpoint (like
+  """train.py's one call: jaxformer.apps.train.run (apps/align.run for align.method=grpo / rloo / ppo) behind the
+  user-error boundary. Ctrl-C saves a checkpoint (like
   SIGTERM) and then exits with status 130."""
-  from jaxformer.apps import train as train_app  # late: keeps train.py --help fast
-  result = guarded(lambda: train_app.run(config, workdir))
+  from jaxformer import align  # late: keeps train.py --help fast
+  from jaxformer.apps import align as align_app
+  from jaxformer.apps import train as train_app
+  method = align.METHODS.get(str(config.align.method)) if 'align' in config else None
+  app = align_app if method is not None and method.online else train_app  # the online align methods' loop
+  result = guarded(lambda: app.run(config, workdir))
   if result.get('stopped_by') == 'SIGINT':
     sys.exit(130)
   return result

@@ -22,6 +22,7 @@ from typing import Any, Callable
 from jaxformer import heads
 from jaxformer.align import losses
 from jaxformer.align.pairwise import DPO, BradleyTerry, PairObjective, SimPO
+from jaxformer.align.rl import PolicyUpdate
 from jaxformer.errors import ConfigError, check_choice, check_positive
 
 __all__ = ['METHODS', 'Method', 'OBJECTIVES', 'PairObjective', 'examples_of', 'objective_of', 'scorer_of', 'validate']
@@ -74,13 +75,15 @@ METHODS: dict[str, Method] = {
     'none': Method(),
     'dpo': Method('preference', DPO(), validate=_check_dpo),
     'simpo': Method('preference', SimPO(), validate=lambda c: _check_policy(c, 'simpo')),
-    **{name: Method('prompts', online=True, validate=_check_online) for name in ONLINE},
+    'grpo': Method('prompts', PolicyUpdate(kl_in_loss=True), online=True, validate=_check_online),
+    'rloo': Method('prompts', PolicyUpdate(kl_in_loss=False), online=True, validate=_check_online),
+    'ppo': Method('prompts', PolicyUpdate(kl_in_loss=False), online=True, validate=_check_online),
 }
 # Head.objective -> the objective a head trains with on its own (model.head=reward: pairs)
 OBJECTIVES: dict[str, PairObjective] = {'bradley_terry': BradleyTerry()}
 
 
-def objective_of(config: Any) -> PairObjective | None:
+def objective_of(config: Any) -> PairObjective | PolicyUpdate | None:
   """The run's pair objective (an offline align.method's, else its head's), or None: the head's cross-entropy."""
   method = METHODS[config.align.method]
   if method.objective is not None:

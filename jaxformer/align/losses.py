@@ -39,3 +39,32 @@ def simpo_losses(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens, *
 def reward_losses(chosen_rewards, rejected_rewards, margin=None, *, center_coef=0.0):
   d = chosen_rewards - rejected_rewards - (0.0 if margin is None else margin)
   return -jax.nn.log_sigmoid(d) + center_coef * (chosen_rewards + rejected_rewards) ** 2
+
+
+def group_advantages(rewards, num_generations, *, method, scale=True):
+  g = rewards.reshape(-1, num_generations)
+  if method == 'rloo':
+    adv = g - (g.sum(1, keepdims=True) - g) / (num_generations - 1)
+  else:
+    adv = g - g.mean(1, keepdims=True)
+    if scale:
+      adv = adv / (g.std(1, keepdims=True, ddof=1) + 1e-4)
+  return adv.reshape(-1)
+
+
+def kl_per_token(logps, ref_logps):
+  d = ref_logps - logps
+  return jnp.exp(d) - d - 1
+
+
+def clipped_policy_loss(logps, old_logps, ref_logps, advantages, mask, *, clip_eps, kl_coef):
+  ratio = jnp.exp(logps - old_logps)
+  a = advantages[:, None]
+  per_token = -jnp.minimum(ratio * a, jnp.clip(ratio, 1 - clip_eps, 1 + clip_eps) * a)
+  kl = kl_per_token(logps, ref_logps)
+  if kl_coef:
+    per_token = per_token + kl_coef * kl
+  n = jnp.maximum(mask.sum(), 1.0)
+  clipped = ((ratio < 1 - clip_eps) & (a < 0)) | ((ratio > 1 + clip_eps) & (a > 0))
+  return (per_token * mask).sum() / n, {'kl': (kl * mask).sum() / n, 'clip_fraction': (clipped * mask).sum() / n,
+                                        'ratio_mean': (ratio * mask).sum() / n}

@@ -56,10 +56,11 @@ class PairObjective:
   unit = 'pairs'
   per_token = True  # rows are next-token rows with scored response targets (else whole framed sequences)
   needs_reference = False
+  has_accuracy = True  # correct_sum counts pairs ranked right
   # metrics-row name -> the sum it divides by the number of pairs ('loss' and the pair count are always there)
   names: dict[str, str] = {}
 
-  def pair_weights(self, batch: Batch, unscored: int) -> jax.Array:
+  def weights(self, batch: Batch, unscored: int) -> jax.Array:
     """1.0 for a real pair (both sides have a scored token), else 0.0 [B]."""
     return (jnp.any(_scored(side(batch, 'chosen')['targets'], unscored) > 0, axis=-1)
             & jnp.any(_scored(side(batch, 'rejected')['targets'], unscored) > 0, axis=-1)).astype(jnp.float32)
@@ -98,7 +99,7 @@ class BradleyTerry(PairObjective):
   names = {'accuracy': 'correct_sum', 'margin': 'margin_sum', 'rewards_chosen': 'chosen_reward_sum',
            'rewards_rejected': 'rejected_reward_sum'}
 
-  def pair_weights(self, batch, unscored):
+  def weights(self, batch, unscored):
     del unscored  # a reward row is real when it has a token
     return (jnp.any(side(batch, 'chosen')['segment_ids'] != 0, axis=-1)
             & jnp.any(side(batch, 'rejected')['segment_ids'] != 0, axis=-1)).astype(jnp.float32)
@@ -108,7 +109,7 @@ class BradleyTerry(PairObjective):
     rejected = _call(model, side(batch, 'rejected'), deterministic)
     margin = batch['margin'] if config.align.reward_margin and 'margin' in batch else None
     per_pair = losses.reward_losses(chosen, rejected, margin, center_coef=float(config.align.center_rewards))
-    return self._metrics(per_pair, self.pair_weights(batch, unscored), chosen, rejected)
+    return self._metrics(per_pair, self.weights(batch, unscored), chosen, rejected)
 
 
 class DPO(PairObjective):
@@ -126,7 +127,7 @@ class DPO(PairObjective):
     per_pair, chosen, rejected = losses.dpo_losses(
         lp['chosen_logps'], lp['rejected_logps'], batch['ref_chosen_logps'], batch['ref_rejected_logps'],
         lp['chosen_tokens'], lp['rejected_tokens'], beta=float(config.align.beta), loss_type=config.align.dpo_loss)
-    return self._metrics(per_pair, self.pair_weights(batch, unscored), chosen, rejected,
+    return self._metrics(per_pair, self.weights(batch, unscored), chosen, rejected,
                          chosen_logps=lp['chosen_logps'], rejected_logps=lp['rejected_logps'])
 
   def reference_logps(self, reference: Any, batch: Batch, unscored: int) -> dict[str, jax.Array]:
@@ -146,5 +147,5 @@ class SimPO(PairObjective):
     per_pair, chosen, rejected = losses.simpo_losses(
         lp['chosen_logps'], lp['rejected_logps'], lp['chosen_tokens'], lp['rejected_tokens'],
         beta=float(config.align.beta), gamma=float(config.align.gamma))
-    return self._metrics(per_pair, self.pair_weights(batch, unscored), chosen, rejected,
+    return self._metrics(per_pair, self.weights(batch, unscored), chosen, rejected,
                          chosen_logps=lp['chosen_logps'], rejected_logps=lp['rejected_logps'])

@@ -220,7 +220,6 @@ class TrainLog:
     tokens = sum(float(m['tokens']) for m in fetched)
     row = {
         'train_loss': float(np.mean([m['loss'] for m in fetched])),
-        'train_accuracy': float(np.mean([m['accuracy'] for m in fetched])),
         'learning_rate': float(fetched[-1]['learning_rate']),
         'grad_norm': float(fetched[-1]['grad_norm']),
         'tokens_per_sec': self.tokens_per_step / sec_per_step if timed else None,
@@ -228,6 +227,8 @@ class TrainLog:
         'step_time': sec_per_step if timed else None,
         'mfu': flops_lib.mfu(self.step_flops, sec_per_step, self.peak) if timed else None,
     }
+    if 'accuracy' in fetched[0]:
+      row['train_accuracy'] = float(np.mean([m['accuracy'] for m in fetched]))
     if self.with_objective:
       row['train_objective'] = float(np.mean([m['objective'] for m in fetched]))
     for key in fetched[0]:  # an objective's own per-step numbers (align: reward_margin, rewards_chosen, ...)
@@ -265,7 +266,7 @@ class Trainer:
     config = r.config
     self.config, self.workdir = config, r.workdir
     self.max_bad_steps = int(config.train.max_bad_steps)
-    tx, schedule = opt_lib.make_optimizer(config.train)
+    tx, schedule = opt_lib.make_optimizer(self.optimizer_section())
     if config.train.skip_bad_steps:  # a non-finite gradient leaves params and optimizer state as they were
       tx = optax.apply_if_finite(tx, max_consecutive_errors=2 ** 30)  # our bad-step guard decides when to stop
     self.setup = state_lib.make_setup(config, r.mesh, tx, schedule, r.rules)
@@ -283,11 +284,7 @@ class Trainer:
       _fresh_metrics(r.workdir)
       self.log.first_row_extra = {'num_params': self.num_params, 'num_trainable_params': self.num_trainable_params}
     self.last_saved = self.start if resumed else -1
-    self.layout = shd.data_layout(r.mesh, r.rules, config.train.batch_size)
-    self.train_iter = data_lib.make_train_iterator(config, r.tokenizer, r.workdir, layout=self.layout,
-                                                   source=r.source)
-    if data_state is not None:
-      self.train_iter.set_state(data_state)
+    self.train_iter = self.make_data(data_state)
     self.steps_per_call = int(config.train.steps_per_call)
     self.train_step = step_lib.make_train_step(config, self.setup)
     self.multi_step = (step_lib.make_train_step(config, self.setup, self.steps_per_call)
@@ -296,10 +293,28 @@ class Trainer:
     # align.method=dpo: the frozen reference's trainable part (its frozen part is the run's own frozen params)
     self.reference = (state_lib.reference_params(config, self.setup.abstract_state['params'], r.mesh, r.rules)
                       if objective is not None and objective.needs_reference else None)
-    self.evaluator = eval_lib.Evaluator(r, self.setup.graphdef, config.data.eval_split, self.reference)
+    self.evaluator = self.make_evaluator()
     self.config_dict = json.loads(settings_lib.to_json(config))
     self.unchecked: list[tuple[int, int, dict]] = []  # (first step, steps, metrics) not yet checked for NaN/inf
     self.bad_steps, self.first_bad = 0, None
+
+  def optimizer_section(self) -> settings_lib.TrainSettings:
+    """The train section the optimizer and its schedule are built from."""
+    return self.config.train
+
+  def make_data(self, data_state: Any) -> Any:
+    """The training data iterator (at the checkpoint's position when resuming); sets self.layout."""
+    r = self.r
+    self.layout = shd.data_layout(r.mesh, r.rules, self.config.train.batch_size)
+    train_iter = data_lib.make_train_iterator(self.config, r.tokenizer, r.workdir, layout=self.layout,
+                                              source=r.source)
+    if data_state is not None:
+      train_iter.set_state(data_state)
+    return train_iter
+
+  def make_evaluator(self) -> Any:
+    """What writes the eval rows: `training_row(params, rngs, final=)`."""
+    return eval_lib.Evaluator(self.r, self.setup.graphdef, self.config.data.eval_split, self.reference)
 
   def _describe(self) -> None:
     mesh, params = self.r.mesh, self.setup.abstract_state['params']
@@ -369,7 +384,8 @@ class Trainer:
     shown = (('loss', 'eval_loss', '.4f'), ('perplexity', 'eval_perplexity', '.3f'), ('accuracy', 'eval_accuracy', '.4f'),
              ('macro-F1', 'eval_macro_f1', '.4f'), ('bits/char', 'eval_bits_per_char', '.4f'),
              ('margin', 'eval_margin', '.4f'), ('reward accuracy', 'eval_reward_accuracy', '.4f'),
-             ('reward margin', 'eval_reward_margin', '.4f'))
+             ('reward margin', 'eval_reward_margin', '.4f'), ('reward', 'eval_reward_mean', '.4f'),
+             ('completion length', 'eval_completion_length', '.1f'))
     _log(f'eval at step {step}: ' + ' | '.join(f'{name} {row[key]:{fmt}}' for name, key, fmt in shown if key in row))
     self.log.restart_clock()
     return row
@@ -390,11 +406,13 @@ class Trainer:
       self.train_iter.close()
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: int | None = None) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: int | None = None,
+        trainer_class: type[Trainer] | None = None) -> dict[str, Any]:
   """Trains config on workdir (resuming from its newest checkpoint) and returns the last train/eval metrics, plus
   'stopped_by' (SIGTERM, SIGINT, stop_after_steps or None).
 
   stop_after_steps (for tests and tools): behave as if preempted once that step is reached: save and return.
+  trainer_class: the Trainer subclass that runs it (apps/align.py's for the online align methods).
   One run per workdir (a lock); the workdir's saved run must match the config before anything is written.
   """
   config = resolve_lib.checked_config(config)
@@ -406,7 +424,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: in
     stop = _StopFlag()
     stop.install()
     try:
-      trainer = Trainer(r)
+      trainer = (trainer_class or Trainer)(r)
       try:
         return _train(trainer, stop, stop_after_steps)
       finally:

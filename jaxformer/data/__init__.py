@@ -11,6 +11,7 @@
                  span_corruption)
   layout.py      DataLayout: which rows of each global batch this host loads
   pipeline.py    SAMPLINGS (streams, random_windows), the train / eval iterators, state_for_host
+  prompts.py     PromptIterator: the shuffled, resumable prompts of the online align methods
 
 Public API: get_tokenizer, make_train_iterator, make_eval_iterator (both take a DataLayout), load_text_pairs,
 model_inputs (a batch without its labels = the model's keyword arguments), encode_source (the encoder input
@@ -41,6 +42,8 @@ from jaxformer.data.rows import encode_source
 from jaxformer.data.rows import LABEL_KEYS
 from jaxformer.data.rows import mask_tokens
 from jaxformer.data.rows import model_inputs
+from jaxformer.data.rows import frame_response, response_rows
+from jaxformer.data.prompts import PromptIterator
 from jaxformer.data.rows import TASKS
 from jaxformer.data.sources import builtin_lm_entropy
 from jaxformer.data.sources import data_dir_for

@@ -493,15 +493,7 @@ class PreferenceTask(Task):
 
   def frame(self, prompt: np.ndarray, response: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
     """(tokens, targets, whether it was cut) of one prompt + response, at most data.seq_len long."""
-    tok = self.tokenizer
-    seq = tok.document(np.concatenate([prompt, response]).astype(np.int32), ends_in_eos=True)
-    if self.next_token:
-      unscored = max(0, len(tok.prefix_ids) + len(prompt) - 1)
-      tokens = seq[:-1]
-      targets = np.concatenate([np.full(unscored, tok.unscored_target, np.int32), seq[1 + unscored:]])
-    else:
-      tokens, targets = seq, np.full(len(seq), tok.unscored_target, np.int32)
-    return tokens[:self.seq_len], targets[:self.seq_len].astype(np.int32), len(tokens) > self.seq_len
+    return frame_response(self.tokenizer, prompt, response, self.seq_len, next_token=self.next_token)
 
   def tokenize(self, examples):
     bad = [e for e in examples if not isinstance(e, Preference)]
@@ -558,6 +550,38 @@ class PreferenceTask(Task):
       rows[f'{side}_segment_ids'][i, :n] = 1
       rows[f'{side}_positions'][i, :n] = np.arange(n, dtype=np.int32)
     rows['margin'][i] = margin
+
+
+def frame_response(tokenizer: Tokenizer, prompt: Sequence[int], response: Sequence[int], seq_len: int, *,
+                   next_token: bool) -> tuple[np.ndarray, np.ndarray, bool]:
+  """One prompt + response framed as an instruction (tokenizer.document(prompt + response) ending in EOS), its
+  first seq_len tokens: (tokens, targets, whether it was cut). next_token: tokens = seq[:-1], targets = seq[1:]
+  with the prompt's unscored (a policy's rows); else tokens = the whole sequence, targets all unscored (a reward
+  model's rows, read at the last real token)."""
+  prompt, response = np.asarray(prompt, np.int32), np.asarray(response, np.int32)
+  seq = tokenizer.document(np.concatenate([prompt, response]), ends_in_eos=True)
+  if next_token:
+    unscored = max(0, len(tokenizer.prefix_ids) + len(prompt) - 1)
+    tokens = seq[:-1]
+    targets = np.concatenate([np.full(unscored, tokenizer.unscored_target, np.int32), seq[1 + unscored:]])
+  else:
+    tokens, targets = seq, np.full(len(seq), tokenizer.unscored_target, np.int32)
+  return tokens[:seq_len], targets[:seq_len].astype(np.int32), len(tokens) > seq_len
+
+
+def response_rows(tokenizer: Tokenizer, prompts: Sequence[str], responses: Sequence[str], seq_len: int, *,
+                  next_token: bool = False) -> Rows:
+  """Rows (tokens, positions, segment_ids, targets [N, seq_len]) of prompt + response texts framed as
+  frame_response frames them: what a reward model scores (eval.py --mode=reward, best-of-N, the online align
+  methods' rewards)."""
+  rows = {k: np.zeros((len(prompts), seq_len), np.int32) for k in ('tokens', 'positions', 'segment_ids')}
+  rows['targets'] = np.full((len(prompts), seq_len), tokenizer.unscored_target, np.int32)
+  for i, (p, r) in enumerate(zip(tokenizer.encode_batch(list(prompts)), tokenizer.encode_batch(list(responses)))):
+    tokens, targets, _ = frame_response(tokenizer, p, r, seq_len, next_token=next_token)
+    n = len(tokens)
+    rows['tokens'][i, :n], rows['targets'][i, :n] = tokens, targets
+    rows['segment_ids'][i, :n], rows['positions'][i, :n] = 1, np.arange(n, dtype=np.int32)
+  return rows
 
 
 def _longest_first(a: list[int], b: list[int], budget: int) -> tuple[list[int], list[int]]:

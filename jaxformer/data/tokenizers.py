@@ -32,7 +32,7 @@ import numpy as np
 
 from jaxformer.errors import DataError
 from jaxformer.data.objectives import sentinels_needed
-from jaxformer.data.sources import Source, get_source
+from jaxformer.data.sources import Preference, Prompt, Source, get_source
 from jaxformer.special_tokens import BOS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, UNK_ID
 
 UNK_SAMPLE_EXAMPLES = 20000  # examples of a split (evenly strided) the unknown-character rate is measured on
@@ -366,13 +366,18 @@ def _atomic_write(path: str, data: bytes) -> None:
 
 
 def training_texts(source: Source, split: str, limit: int = MAX_TOKENIZER_EXAMPLES) -> Iterable[str]:
-  """The texts of `split` a vocabulary is built from: documents, or both sides of pairs (a joint vocabulary)."""
+  """The texts of `split` a vocabulary is built from: documents, both sides of pairs (a joint vocabulary), a
+  preference's prompt and both responses, a prompt (not its other fields)."""
   data = source.split(split)
   n = len(data)
   indices = np.arange(n) if n <= limit else np.linspace(0, n - 1, limit).astype(np.int64)
   for start in range(0, len(indices), 4096):
     for example in data.read(indices[start:start + 4096]):
-      if isinstance(example, tuple):
+      if isinstance(example, Prompt):
+        yield example.prompt
+      elif isinstance(example, Preference):
+        yield from example[:3]
+      elif isinstance(example, tuple):
         yield example[0]
         yield example[1]
       else:

@@ -139,7 +139,7 @@ def weight_total(batch: Batch, config) -> jax.Array:
   objective = align.objective_of(config)
   if objective is None:
     return jnp.sum(token_weights(*loss_targets(batch, config)))
-  return jnp.sum(objective.pair_weights(batch, unscored_target(config)))
+  return jnp.sum(objective.weights(batch, unscored_target(config)))
 
 
 def compute_loss(model: nnx.Module, batch: Batch, config, *, deterministic: bool,
@@ -255,12 +255,13 @@ def make_train_step(config, setup: TrainSetup, steps_per_call: int = 1) -> Calla
     out = {
         'loss': metrics['loss_sum'] / denom,
         'objective': metrics['objective_sum'] / denom,
-        'accuracy': metrics['correct_sum'] / denom,
         'tokens': metrics['weight_sum'],
         'grad_norm': optax.tree.norm(grads),
         'learning_rate': schedule(state['step']),
         **{name: metrics[key] / denom for name, key in extra_names.items()},
     }
+    if objective is None or objective.has_accuracy:
+      out['accuracy'] = metrics['correct_sum'] / denom
     new_state = {'step': state['step'] + 1, 'params': new_params, 'opt_state': opt_state, 'rngs': rest}
     return new_state, out
 

@@ -1,0 +1,101 @@
+"""The online methods' pieces (align.method=grpo / rloo / ppo; the loop is jaxformer/apps/align.py).
+
+A rollout: each of align.prompts_per_step prompts gets align.num_generations sampled completions (the KV-cache
+sampler, decoding.py); `rollout_rows` frames prompt + completion as next-token rows whose scored targets are the
+completion's tokens (and its EOS when it stopped). Before the update, the loop adds the batch keys the update
+reads: `old_logps` (the sampling policy's per-token log-probabilities), `ref_logps` (the frozen reference's) and
+`advantages` [N] (losses.group_advantages of the rewards; RLOO / PPO fold the KL penalty into the reward first,
+as TRL does).
+
+`PolicyUpdate` is the update's objective over that batch, in the same sums form as every objective (the train
+step, its sharding, micro-batching and PEFT are training's own): the clipped surrogate averaged over all completion
+tokens of the batch (TRL GRPO's default token-level aggregation), + align.kl_coef x the per-token KL estimate to the
+reference for GRPO.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxformer.align import losses
+from jaxformer.align.pairwise import _scored
+
+ROLLOUT_KEYS = ('old_logps', 'ref_logps', 'advantages')
+
+
+def completion_ids(tokens: np.ndarray, eos_id: int) -> list[list[int]]:
+  """Each sampled row [M] cut after its first EOS (kept: the model learns to stop) -> token lists."""
+  out = []
+  for row in np.asarray(tokens).tolist():
+    out.append(row[:row.index(eos_id) + 1] if eos_id in row else row)
+  return out
+
+
+def rollout_rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], seq_len: int,
+                 unscored: int) -> dict[str, np.ndarray]:
+  """Next-token rows [N, seq_len] of prompt (BOS + prompt ids) + completion; only the completion's tokens are
+  scored targets. A prompt + completion longer than seq_len + 1 keeps its first tokens."""
+  n = len(prompts)
+  rows = {k: np.zeros((n, seq_len), np.int32) for k in ('tokens', 'positions', 'segment_ids')}
+  rows['targets'] = np.full((n, seq_len), unscored, np.int32)
+  for i, (p, c) in enumerate(zip(prompts, completions)):
+    seq = np.asarray(list(p) + list(c), np.int32)[:seq_len + 1]
+    tokens, targets = seq[:-1], seq[1:].copy()
+    targets[:max(0, len(p) - 1)] = unscored
+    m = len(tokens)
+    rows['tokens'][i, :m], rows['targets'][i, :m] = tokens, targets
+    rows['segment_ids'][i, :m], rows['positions'][i, :m] = 1, np.arange(m, dtype=np.int32)
+  return rows
+
+
+def policy_token_logps(model: Any, rows: dict[str, jax.Array]) -> jax.Array:
+  """The model's log-probabilities of the rows' scored targets [N, T] (0 elsewhere): the sampling policy's
+  `old_logps` and the reference's `ref_logps` of a rollout."""
+  logits = model(rows['tokens'], positions=rows['positions'], segment_ids=rows['segment_ids'], deterministic=True)
+  return losses.token_logps(logits, rows['targets']) * (rows['targets'] >= 0)
+
+
+def entropy(logits: jax.Array) -> jax.Array:
+  """Per-position entropy of softmax(logits) [..., T] (float32)."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+
+class PolicyUpdate:
+  """The online methods' objective on a rollout batch: the clipped surrogate (+ the KL term for GRPO) averaged
+  over every completion token of the batch; logs kl, clip_fraction and entropy per completion token."""
+  name = 'policy'
+  unit = 'completion tokens'
+  per_token = True
+  needs_reference = False
+  has_accuracy = False
+  names = {'kl': 'kl_sum', 'clip_fraction': 'clip_sum', 'entropy': 'entropy_sum'}
+
+  def __init__(self, kl_in_loss: bool):
+    self.kl_in_loss = kl_in_loss  # grpo: + kl_coef * KL per token in the loss; rloo / ppo: in the reward
+
+  def weights(self, batch, unscored):
+    return _scored(batch['targets'], unscored)
+
+  def sums(self, model, batch, config, unscored, *, deterministic):
+    logits = model(batch['tokens'], positions=batch['positions'], segment_ids=batch['segment_ids'],
+                   deterministic=deterministic)
+    mask = self.weights(batch, unscored)
+    logps = losses.token_logps(logits, batch['targets'])
+    kl_coef = float(config.align.kl_coef) if self.kl_in_loss else 0.0
+    loss, m = losses.clipped_policy_loss(logps, batch['old_logps'], batch['ref_logps'], batch['advantages'], mask,
+                                         clip_eps=float(config.align.clip_eps), kl_coef=kl_coef)
+    n = jnp.sum(mask)
+    total = loss * n  # the token-level mean times its count: sums add up across micro-batches
+    metrics = {'loss_sum': total, 'weight_sum': n, 'correct_sum': jnp.zeros((), jnp.float32),
+               'kl_sum': m['kl'] * n, 'clip_sum': m['clip_fraction'] * n,
+               'entropy_sum': jnp.sum(jax.lax.stop_gradient(entropy(logits)) * mask)}
+    return total, metrics
+
+  def row(self, sums):
+    n = max(float(sums['weight_sum']), 1e-9)
+    return {'loss': float(sums['loss_sum']) / n, **{k: float(sums[s]) / n for k, s in self.names.items()}}

@@ -1,0 +1,145 @@
+"""Rewards of texts: a trained reward model (a model.head=reward workdir: what eval.py --mode=reward, best-of-N
+decoding (decode.reward_model) and the online align methods (align.reward_model) share) and the Python reward
+functions of the online methods (align.reward_fn = module:function).
+
+The reward model is restored with the eval app's `restore` (its own saved config and tokenizer, this run's mesh),
+so it may use another tokenizer than the policy: it scores TEXT, prompt + response framed as it was trained
+(data.response_rows: BOS + prompt + response + EOS for jaxformer's tokenizers), its first data.seq_len tokens.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxformer import data as data_lib
+from jaxformer import heads
+from jaxformer import settings as settings_lib
+from jaxformer import sharding as shd
+from jaxformer.apps import evaluate
+from jaxformer.errors import ConfigError, UserError
+from jaxformer.training import checkpoint as ckpt_lib
+from jaxformer.training import step as step_lib
+
+
+@functools.lru_cache(maxsize=4)
+def _jitted_rewards(graphdef: Any):
+  def rewards(params, rest, rows):
+    return step_lib.merge_model(graphdef, params, rest)(**rows, deterministic=True)
+  return jax.jit(rewards)
+
+
+class RewardModel:
+  """A restored model.head=reward run; `score(prompts, responses)` -> one float32 reward per pair of texts."""
+
+  def __init__(self, workdir: str, mesh: Mapping[str, Any] | None = None, *, flag: str = 'align.reward_model',
+               batch_size: int = 32):
+    """mesh: the mesh section to restore onto (this run's), default the reward run's own."""
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    steps = ckpt_lib.all_steps(workdir) if os.path.isdir(workdir) else []
+    saved = ckpt_lib.saved_config(workdir, steps[-1]) if steps else None
+    if saved is None:
+      raise evaluate.EvalError(f'{flag}={workdir}: no checkpoint there; train a reward model first (python train.py '
+                               '--config.model.head=reward --config.data.source=jsonl:<pairs> ...).')
+    config = settings_lib.upgrade_saved(saved)
+    head = heads.head_of(config.model)
+    if head.name != 'reward':
+      raise evaluate.EvalError(f'{flag}={workdir} is a model.head={config.model.head} run, not a reward model '
+                               '(model.head=reward).')
+    if mesh is not None:
+      config.mesh = ml_collections.ConfigDict(dict(mesh))
+    self.restored = evaluate.restore(config, workdir)
+    self.workdir, self.batch_size = workdir, max(1, int(batch_size))
+    self.graphdef, self.params, self.rest = step_lib.split_model(self.restored.model)
+
+  def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+    """float32 [N]: the reward of each prompt + response (texts), in batches of `batch_size` rows."""
+    r = self.restored
+    rows = data_lib.response_rows(r.tokenizer, prompts, responses, int(r.config.data.seq_len))
+    rows.pop('targets')
+    fn, out = _jitted_rewards(self.graphdef), []
+    n, bs = len(prompts), self.batch_size
+    shards = shd.batch_shards(r.mesh, r.rules)
+    bs = -(-bs // shards) * shards  # a multiple of the devices the rows are split over
+    with shd.mesh_context(r.mesh, r.rules):
+      for start in range(0, n, bs):
+        chunk = {k: v[start:start + bs] for k, v in rows.items()}
+        real = len(chunk['tokens'])
+        if real < bs:  # one compiled shape: pad the last batch with empty rows
+          chunk = {k: np.concatenate([v, np.zeros((bs - real,) + v.shape[1:], v.dtype)]) for k, v in chunk.items()}
+        batch = shd.shard_batch(chunk, r.mesh, r.rules)
+        out.append(np.asarray(jax.device_get(fn(self.params, self.rest, batch)))[:real])
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0,), np.float32)
+
+
+class RewardFunctionError(UserError, ValueError):
+  """align.reward_fn raised, or returned something that is not one number per completion."""
+
+
+def load_reward_fn(spec: str) -> Callable[..., Sequence[float]]:
+  """align.reward_fn = 'module:function' (importable from the working directory) -> the function."""
+  module_name, _, name = spec.partition(':')
+  if not module_name or not name:
+    raise ConfigError(f'align.reward_fn={spec!r} must be module:function, e.g. '
+                      'benchmarks.preferences.rewards:exact_match.')
+  if os.getcwd() not in sys.path:
+    sys.path.insert(0, os.getcwd())
+  try:
+    module = importlib.import_module(module_name)
+  except Exception as e:  # noqa: BLE001 (any import failure is the user's module)
+    raise ConfigError(f'align.reward_fn={spec}: cannot import {module_name} ({type(e).__name__}: {e}); check the '
+                      'module path (relative to the working directory).') from None
+  fn = getattr(module, name, None)
+  if not callable(fn):
+    raise ConfigError(f'align.reward_fn={spec}: {module_name} has no function {name!r}.')
+  return fn
+
+
+class Rewards:
+  """The online methods' reward: align.reward_fn(prompts, completions, **fields) and/or the reward model
+  (align.reward_model) scores, summed when both are set."""
+
+  def __init__(self, align_section: Any, mesh: Mapping[str, Any] | None, batch_size: int = 32):
+    self.fn_spec = str(align_section.reward_fn)
+    self.fn = load_reward_fn(self.fn_spec) if self.fn_spec else None
+    self.model = (RewardModel(align_section.reward_model, mesh, batch_size=batch_size)
+                  if align_section.reward_model else None)
+
+  def __call__(self, prompts: Sequence[str], completions: Sequence[str],
+               fields: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    total = np.zeros((len(prompts),), np.float64)
+    if self.fn is not None:
+      total += self._call_fn(prompts, completions, fields)
+    if self.model is not None:
+      total += self.model.score(prompts, completions)
+    return total.astype(np.float32)
+
+  def _call_fn(self, prompts, completions, fields) -> np.ndarray:
+    keys = sorted({k for f in fields for k in f})
+    columns = {k: [f.get(k) for f in fields] for k in keys}
+    try:
+      out = self.fn(list(prompts), list(completions), **columns)
+    except Exception as e:  # noqa: BLE001 (the user's function)
+      raise RewardFunctionError(f'align.reward_fn={self.fn_spec} raised {type(e).__name__}: {e} (called with '
+                                f'{len(prompts)} completions; first prompt {prompts[0]!r}); fix the function.') from None
+    try:
+      values = list(out)
+    except TypeError:
+      raise RewardFunctionError(f'align.reward_fn={self.fn_spec} returned {type(out).__name__}, not a list of '
+                                f'{len(prompts)} numbers (one per completion).') from None
+    if len(values) != len(prompts):
+      raise RewardFunctionError(f'align.reward_fn={self.fn_spec} returned {len(values)} values for {len(prompts)} '
+                                'completions; return one number per completion.')
+    for i, v in enumerate(values):
+      if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v):
+        raise RewardFunctionError(f'align.reward_fn={self.fn_spec} returned {v!r} for row {i} (prompt {prompts[i]!r}, '
+                                  f'completion {completions[i]!r}); each reward must be a finite number.')
+    return np.asarray(values, np.float64)
