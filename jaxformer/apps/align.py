@@ -37,6 +37,7 @@ from jaxformer import peft as peft_lib
 from jaxformer import resolve as resolve_lib
 from jaxformer import sharding as shd
 from jaxformer.align import losses, rl
+from jaxformer.apps import evaluate
 from jaxformer.apps import train as train_app
 from jaxformer.apps.rewards import Rewards
 from jaxformer.errors import ConfigError
@@ -60,7 +61,10 @@ class OnlineTrainer(train_app.Trainer):
     super().__init__(r)
     config = self.config
     graphdef = self.setup.graphdef
-    self.rewards = Rewards(a, dataclasses.asdict(config.mesh), batch_size=config.decode.batch_size)
+    reward_model = (evaluate.restore_reward_model(a.reward_model, dataclasses.asdict(config.mesh),
+                                                  flag='align.reward_model', batch_size=config.decode.batch_size)
+                    if a.reward_model else None)
+    self.rewards = Rewards(a.reward_fn, reward_model)
     needs_reference = float(a.kl_coef) > 0
     self.reference = (state_lib.reference_params(config, self.setup.abstract_state['params'], r.mesh, r.rules)
                       if needs_reference else None)

@@ -6,8 +6,13 @@ Modes
              num_examples, loss, accuracy and macro_f1 for classification); encoder_decoder also translates the
              split and reports sacrebleu BLEU (tokenized for the target language; decode.bleu_tokenize overrides)
              and chrF.
-  generate   decoder_only: continue a text prompt.
+  generate   decoder_only: continue text prompts (--prompt, or --input: a .txt file, one prompt per line, or a .jsonl
+             file of {"prompt": ...} lines; --output then gets one JSON line per input line, in order). With
+             decode.num_samples=N > 1 and decode.reward_model=<a model.head=reward workdir>: best-of-N, N samples
+             per prompt, the one the reward model scores highest returned with its reward.
   translate  encoder_decoder: translate the lines of a file.
+  reward     model.head=reward: the reward of each {"prompt", "response"} line of --input (a .jsonl file), one
+             {"reward": x} line per input line to --output (default: printed).
 
 Which config is used: the checkpoint's saved config (DIR/checkpoints/<step>/config, else DIR/config.json) is the
 base. Its model section is authoritative; a requested model.arch that contradicts it, or an explicit
@@ -43,6 +48,7 @@ from jaxformer import settings as settings_lib
 from jaxformer import sharding as shd
 from jaxformer.errors import UserError
 from jaxformer.evaluation import Evaluator, eval_steps
+from jaxformer.apps.rewards import RewardModel
 from jaxformer.resolve import Resolved, resolve, saved_run_differences
 from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import state as state_lib
@@ -166,6 +172,24 @@ def restore(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step:
   r = resolve(config, workdir, training=False, splits=[split_name(config, split)] if split else [])
   model, step = state_lib.restore_model(workdir, r.config, r.mesh, r.rules, step=checkpoint_step)
   return Restored(r, model, step)
+
+
+def restore_reward_model(workdir: str, mesh: Any = None, *, flag: str, batch_size: int = 32) -> RewardModel:
+  """The model.head=reward run in `workdir`, restored onto `mesh` (a mesh section; default the run's own) with
+  its own saved config and tokenizer, to score texts (align.reward_model, decode.reward_model)."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  steps = ckpt_lib.all_steps(workdir) if os.path.isdir(workdir) else []
+  saved = ckpt_lib.saved_config(workdir, steps[-1]) if steps else None
+  if saved is None:
+    raise EvalError(f'{flag}={workdir}: no checkpoint there; train a reward model first (python train.py '
+                    '--config.model.head=reward --config.data.source=jsonl:<pairs> ...).')
+  config = settings_lib.upgrade_saved(saved)
+  if config.model.head != 'reward':
+    raise EvalError(f'{flag}={workdir} is a model.head={config.model.head} run, not a reward model '
+                    '(model.head=reward).')
+  if mesh is not None:
+    config.mesh = ml_collections.ConfigDict(dict(mesh))
+  return RewardModel(restore(config, workdir), batch_size=batch_size)
 
 
 def score_split(r: Restored, split: str) -> tuple[dict[str, Any], list[int]]:
@@ -314,20 +338,109 @@ class Request:
   start: float = 0.0  # perf_counter when the request arrived
 
 
+def _prompts_of_file(path: str) -> tuple[str, ...]:
+  """--input for generate: a .jsonl file of {"prompt": ...} lines, or any other file: one prompt per line."""
+  lines = _read_lines(path)
+  if not path.endswith('.jsonl'):
+    return tuple(lines)
+  return tuple(str(row['prompt']) for row in _jsonl_rows(path, lines, ('prompt',)))
+
+
+def _jsonl_rows(path: str, lines: Sequence[str], keys: Sequence[str]) -> list[dict[str, Any]]:
+  """The JSON objects of a .jsonl --input, each with `keys` (strings); one EvalError line naming file:line."""
+  rows = []
+  for number, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise EvalError(f'{path}:{number}: not valid JSON ({e.msg}); each line must be an object with '
+                      f'{", ".join(keys)}.') from None
+    missing = [k for k in keys if not isinstance(row, dict) or not isinstance(row.get(k), str)]
+    if missing:
+      raise EvalError(f'{path}:{number}: no string {missing[0]!r} field; each line must be an object with '
+                      f'{", ".join(keys)}.')
+    rows.append(row)
+  return rows
+
+
+def best_of_n(r: Restored, prompts: Sequence[str], reward_model: RewardModel) -> tuple[list[str], list[dict]]:
+  """decode.num_samples samples per prompt (decode.method=sample), each scored by the reward model -> (the best
+  completion of each prompt, per prompt {'reward': best, 'samples': [...], 'rewards': [...]})."""
+  n = int(r.config.decode.num_samples)
+  repeated = [p for p in prompts for _ in range(n)]
+  samples = generate_texts(r, repeated)
+  rewards = reward_model.score(repeated, samples)
+  best, details = [], []
+  for i in range(len(prompts)):
+    group, scores = samples[i * n:(i + 1) * n], rewards[i * n:(i + 1) * n]
+    j = int(np.argmax(scores))
+    best.append(group[j])
+    details.append({'reward': float(scores[j]), 'samples': group, 'rewards': [float(x) for x in scores]})
+  return best, details
+
+
 def generate(r: Restored, q: Request) -> dict[str, Any]:
-  """decoder_only: each prompt's continuation, printed (and written as JSON to --output)."""
+  """decoder_only: each prompt's continuation, printed (and written as JSON to --output; with --input, one JSON line
+  per prompt); best-of-N with decode.num_samples > 1 and decode.reward_model."""
   if r.config.model.arch != 'decoder_only':
     raise EvalError(f'--mode=generate needs a decoder_only checkpoint; {r.resolved.workdir} holds '
                     f'{r.config.model.arch} (use --mode=score'
                     + (' or --mode=translate).' if r.config.model.arch == 'encoder_decoder' else ').'))
-  texts = generate_texts(r, q.prompts)
-  for p, t in zip(q.prompts, texts):
-    _log(f'{p}{t}')
+  decode = r.config.decode
+  details: list[dict] | None = None
+  if decode.num_samples > 1:
+    if not decode.reward_model:
+      raise EvalError(f'decode.num_samples={decode.num_samples} picks the best of N samples by a reward model; set '
+                      '--config.decode.reward_model=<a model.head=reward workdir>.')
+    if decode.method != 'sample':
+      raise EvalError(f'decode.num_samples={decode.num_samples} needs decode.method=sample (decode.method='
+                      f'{decode.method} gives the same completion every time).')
+    reward_model = restore_reward_model(decode.reward_model, dataclasses.asdict(r.config.mesh),
+                                        flag='decode.reward_model', batch_size=decode.batch_size)
+    texts, details = best_of_n(r, q.prompts, reward_model)
+  else:
+    texts = generate_texts(r, q.prompts)
+  if q.input_path and q.output:
+    if jax.process_index() == 0:
+      with open(q.output, 'w', encoding='utf-8') as f:
+        for i, (p, t) in enumerate(zip(q.prompts, texts)):
+          f.write(json.dumps({'prompt': p, 'output': t, **(details[i] if details else {})}) + '\n')
+    _log(f'generated {len(texts)} completions -> {q.output}')
+  else:
+    for i, (p, t) in enumerate(zip(q.prompts, texts)):
+      _log(f'{p}{t}' + (f'    [reward {details[i]["reward"]:.4f}]' if details else ''))
   results = {'step': r.step, 'mode': 'generate', 'decode': dataclasses.asdict(decode_settings(r.config)),
              'prompts': list(q.prompts), 'outputs': texts}
-  if q.output:
+  if details:
+    results.update(num_samples=int(decode.num_samples), reward_model=str(decode.reward_model),
+                   rewards=[d['reward'] for d in details], samples=[d['samples'] for d in details],
+                   sample_rewards=[d['rewards'] for d in details])
+  if q.output and not q.input_path:
     _write_json(q.output, results)
   return results
+
+
+def reward(r: Restored, q: Request) -> dict[str, Any]:
+  """model.head=reward: the reward of each {"prompt", "response"} line of --input, one {"reward": x} line per input
+  line to --output (default: printed)."""
+  if r.config.model.head != 'reward':
+    raise EvalError(f'--mode=reward scores texts with a reward model; {r.resolved.workdir} is a model.head='
+                    f'{r.config.model.head} run (train one with --config.model.head=reward).')
+  rows = _jsonl_rows(q.input_path, q.lines, ('prompt', 'response'))
+  model = RewardModel(r, batch_size=r.config.decode.batch_size)
+  rewards = model.score([row['prompt'] for row in rows], [row['response'] for row in rows])
+  lines = [json.dumps({'reward': float(x)}) for x in rewards]
+  if q.output:
+    if jax.process_index() == 0:
+      with open(q.output, 'w', encoding='utf-8') as f:
+        f.write(''.join(line + '\n' for line in lines))
+    _log(f'scored {len(lines)} responses -> {q.output} (mean reward {float(np.mean(rewards)):.4f})')
+  else:
+    for line in lines:
+      _log(line)
+  return {'step': r.step, 'mode': 'reward', 'rewards': [float(x) for x in rewards]}
 
 
 def translate(r: Restored, q: Request) -> dict[str, Any]:
@@ -398,7 +511,7 @@ def score(r: Restored, q: Request) -> dict[str, Any]:
   return results
 
 
-MODE_FUNCTIONS = {'score': score, 'generate': generate, 'translate': translate}  # eval.py --mode
+MODE_FUNCTIONS = {'score': score, 'generate': generate, 'translate': translate, 'reward': reward}  # eval.py --mode
 MODES = tuple(MODE_FUNCTIONS)
 
 
@@ -419,12 +532,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int
   if mode not in MODES:
     raise EvalError(f'--mode={mode!r} is not one of {", ".join(MODES)}.')
   lines: tuple[str, ...] = ()
-  if mode == 'translate':
+  if mode in ('translate', 'reward'):
     if not input_path:
-      raise EvalError('--mode=translate needs --input=FILE (one source sentence per line).')
+      raise EvalError(f'--mode={mode} needs --input=FILE (' + ('one source sentence per line).' if mode == 'translate'
+                                                               else 'a .jsonl file of {"prompt", "response"} lines).'))
     lines = tuple(_read_lines(input_path))  # before the (slow) restore: a bad file fails fast
-  if mode == 'generate' and prompt is None:
-    raise EvalError('--mode=generate needs --prompt=TEXT.')
+  if mode == 'generate':
+    if input_path:
+      prompt = _prompts_of_file(input_path)
+    elif prompt is None:
+      raise EvalError('--mode=generate needs --prompt=TEXT or --input=FILE (.txt: one prompt per line; .jsonl: '
+                      '{"prompt": ...} lines).')
   if checkpoint_step is not None and checkpoint_step < 0:
     checkpoint_step = None
   request = Request(split=split, output=output, prompts=(prompt,) if isinstance(prompt, str) else tuple(prompt or ()),
@@ -432,7 +550,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int
   r = restore(config, workdir, checkpoint_step=checkpoint_step, overrides=overrides,
               split=split if mode == 'score' else None)
   head = heads.head_of(r.config.model)
-  if mode != 'score' and not head.decodes:
+  if mode in ('generate', 'translate') and not head.decodes:
     raise EvalError(f'--mode={mode} decodes text, but {r.resolved.workdir} holds a model.head={head.name} model (one '
                     'label per row); use --mode=score (accuracy and macro-F1 on a split).')
   return MODE_FUNCTIONS[mode](r, request)

@@ -2,8 +2,8 @@
 decoding (decode.reward_model) and the online align methods (align.reward_model) share) and the Python reward
 functions of the online methods (align.reward_fn = module:function).
 
-The reward model is restored with the eval app's `restore` (its own saved config and tokenizer, this run's mesh),
-so it may use another tokenizer than the policy: it scores TEXT, prompt + response framed as it was trained
+The reward model is restored by the eval app (evaluate.restore_reward_model: its own saved config and tokenizer,
+the caller's mesh), so it may use another tokenizer than the policy: it scores TEXT, prompt + response framed as it was trained
 (data.response_rows: BOS + prompt + response + EOS for jaxformer's tokenizers), its first data.seq_len tokens.
 """
 from __future__ import annotations
@@ -17,16 +17,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 
 from jaxformer import data as data_lib
-from jaxformer import heads
-from jaxformer import settings as settings_lib
 from jaxformer import sharding as shd
-from jaxformer.apps import evaluate
 from jaxformer.errors import ConfigError, UserError
-from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import step as step_lib
 
 
@@ -38,27 +33,13 @@ def _jitted_rewards(graphdef: Any):
 
 
 class RewardModel:
-  """A restored model.head=reward run; `score(prompts, responses)` -> one float32 reward per pair of texts."""
+  """A restored model.head=reward run (evaluate.restore_reward_model); `score(prompts, responses)` -> one float32
+  reward per pair of texts."""
 
-  def __init__(self, workdir: str, mesh: Mapping[str, Any] | None = None, *, flag: str = 'align.reward_model',
-               batch_size: int = 32):
-    """mesh: the mesh section to restore onto (this run's), default the reward run's own."""
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    steps = ckpt_lib.all_steps(workdir) if os.path.isdir(workdir) else []
-    saved = ckpt_lib.saved_config(workdir, steps[-1]) if steps else None
-    if saved is None:
-      raise evaluate.EvalError(f'{flag}={workdir}: no checkpoint there; train a reward model first (python train.py '
-                               '--config.model.head=reward --config.data.source=jsonl:<pairs> ...).')
-    config = settings_lib.upgrade_saved(saved)
-    head = heads.head_of(config.model)
-    if head.name != 'reward':
-      raise evaluate.EvalError(f'{flag}={workdir} is a model.head={config.model.head} run, not a reward model '
-                               '(model.head=reward).')
-    if mesh is not None:
-      config.mesh = ml_collections.ConfigDict(dict(mesh))
-    self.restored = evaluate.restore(config, workdir)
-    self.workdir, self.batch_size = workdir, max(1, int(batch_size))
-    self.graphdef, self.params, self.rest = step_lib.split_model(self.restored.model)
+  def __init__(self, restored: Any, batch_size: int = 32):
+    self.restored = restored
+    self.workdir, self.batch_size = restored.resolved.workdir, max(1, int(batch_size))
+    self.graphdef, self.params, self.rest = step_lib.split_model(restored.model)
 
   def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
     """float32 [N]: the reward of each prompt + response (texts), in batches of `batch_size` rows."""
@@ -107,11 +88,10 @@ class Rewards:
   """The online methods' reward: align.reward_fn(prompts, completions, **fields) and/or the reward model
   (align.reward_model) scores, summed when both are set."""
 
-  def __init__(self, align_section: Any, mesh: Mapping[str, Any] | None, batch_size: int = 32):
-    self.fn_spec = str(align_section.reward_fn)
+  def __init__(self, reward_fn: str, model: RewardModel | None):
+    self.fn_spec = str(reward_fn)
     self.fn = load_reward_fn(self.fn_spec) if self.fn_spec else None
-    self.model = (RewardModel(align_section.reward_model, mesh, batch_size=batch_size)
-                  if align_section.reward_model else None)
+    self.model = model
 
   def __call__(self, prompts: Sequence[str], completions: Sequence[str],
                fields: Sequence[Mapping[str, Any]]) -> np.ndarray:
