@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -77,9 +77,12 @@ class Evaluator:
   A split whose batches outgrow MAX_CACHED_EVAL_BYTES is streamed instead, and N then means its first N batches.
   """
 
-  def __init__(self, r: Any, graphdef: Any, split: str, reference: Any = None):
+  def __init__(self, r: Any, graphdef: Any, split: str, reference: Any = None,
+               prepare: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None):
     """r: the run's resolve.Resolved (settings, tokenizer, source, mesh, rules, eval batch size); reference: the
-    trainable part of the reference model's parameters, for an objective that compares against one (DPO)."""
+    trainable part of the reference model's parameters, for an objective that compares against one (DPO); prepare:
+    applied to each host batch (e.g. adding precomputed reference log-probabilities)."""
+    self.prepare = prepare
     self.r = r
     self.split = split
     self.reference = reference
@@ -94,9 +97,10 @@ class Evaluator:
     self._streamed = False  # the split was too large to keep
     self.scored: list[int] = []  # the batch indices the last evaluation scored
 
-  def _iterator(self) -> data_lib.EvalIterator:
-    return data_lib.make_eval_iterator(self.r.config, self.r.tokenizer, self.r.workdir, self.split,
-                                       layout=self._layout, source=self.r.source)
+  def _iterator(self) -> Iterator[dict[str, np.ndarray]]:
+    batches = data_lib.make_eval_iterator(self.r.config, self.r.tokenizer, self.r.workdir, self.split,
+                                          layout=self._layout, source=self.r.source)
+    return batches if self.prepare is None else map(self.prepare, batches)
 
   def _fill_cache(self) -> None:
     batches, size = [], 0

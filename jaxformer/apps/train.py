@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax import nnx
 
 from jaxformer import align
 from jaxformer import data as data_lib
@@ -61,6 +62,7 @@ from jaxformer import peft as peft_lib
 from jaxformer import resolve as resolve_lib
 from jaxformer import settings as settings_lib
 from jaxformer import sharding as shd
+from jaxformer.align import reference as reference_lib
 from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import optimizer as opt_lib
 from jaxformer.training import state as state_lib
@@ -293,6 +295,11 @@ class Trainer:
     # align.method=dpo: the frozen reference's trainable part (its frozen part is the run's own frozen params)
     self.reference = (state_lib.reference_params(config, self.setup.abstract_state['params'], r.mesh, r.rules)
                       if objective is not None and objective.needs_reference else None)
+    self.reference_table = None
+    if self.reference is not None and config.align.precompute_reference:
+      self.reference_table = self._precompute_reference()
+      self.train_iter = reference_lib.WithReference(self.train_iter, self.reference_table)
+      self.reference = None  # no longer needed: its numbers are in the table
     self.evaluator = self.make_evaluator()
     self.config_dict = json.loads(settings_lib.to_json(config))
     self.unchecked: list[tuple[int, int, dict]] = []  # (first step, steps, metrics) not yet checked for NaN/inf
@@ -314,7 +321,40 @@ class Trainer:
 
   def make_evaluator(self) -> Any:
     """What writes the eval rows: `training_row(params, rngs, final=)`."""
-    return eval_lib.Evaluator(self.r, self.setup.graphdef, self.config.data.eval_split, self.reference)
+    table = self.reference_table
+    return eval_lib.Evaluator(self.r, self.setup.graphdef, self.config.data.eval_split, self.reference,
+                              prepare=None if table is None else table.add)
+
+  def _precompute_reference(self) -> reference_lib.ReferenceTable:
+    """align.precompute_reference: the reference's log-probabilities of every training and evaluation pair,
+    computed once (or read back from DIR/reference_logps.npz when resuming)."""
+    r, config = self.r, self.config
+    if jax.process_count() > 1:
+      raise errors.ConfigError('align.precompute_reference=True runs on one process for now; set it to False '
+                               '(the reference is then computed at each step) for a multi-process run.')
+    table = reference_lib.ReferenceTable.load(r.workdir) or reference_lib.ReferenceTable()
+    graphdef, unscored = self.setup.graphdef, r.tokenizer.unscored_target
+    objective = align.objective_of(config)
+    frozen = peft_lib.split(self.state['params'], config.peft)[1]
+    params = nnx.merge_state(frozen, self.reference)
+
+    @jax.jit
+    def logps(params, rest, batch):
+      ref = objective.reference_logps(step_lib.merge_model(graphdef, params, rest), batch, unscored)
+      return ref['ref_chosen_logps'], ref['ref_rejected_logps']
+
+    layout = shd.data_layout(r.mesh, r.rules, r.eval_batch_size)
+    before, start = len(table), time.perf_counter()
+    with shd.mesh_context(r.mesh, r.rules):
+      for split in dict.fromkeys((config.data.train_split, config.data.eval_split)):
+        batches = data_lib.make_eval_iterator(config, r.tokenizer, r.workdir, split, layout=layout, source=r.source)
+        table.fill(batches, lambda b: jax.device_get(logps(params, self.state['rngs'],
+                                                           shd.shard_batch(b, r.mesh, r.rules, layout))))
+    if len(table) != before:
+      path = table.save(r.workdir)
+      _log(f'precomputed the reference log-probabilities of {len(table) - before} pairs in '
+           f'{time.perf_counter() - start:.1f}s -> {path}')
+    return table
 
   def _describe(self) -> None:
     mesh, params = self.r.mesh, self.setup.abstract_state['params']
