@@ -22,10 +22,12 @@ from typing import Any, Callable
 from jaxformer import heads
 from jaxformer.align import losses
 from jaxformer.align.pairwise import DPO, BradleyTerry, PairObjective, SimPO
-from jaxformer.align.rl import PolicyUpdate
+from jaxformer.align import value
+from jaxformer.align.rl import PolicyUpdate, PPOUpdate
 from jaxformer.errors import ConfigError, check_choice, check_positive
 
-__all__ = ['METHODS', 'Method', 'OBJECTIVES', 'PairObjective', 'examples_of', 'objective_of', 'scorer_of', 'validate']
+__all__ = ['METHODS', 'Method', 'OBJECTIVES', 'PairObjective', 'attach', 'examples_of', 'objective_of', 'scorer_of',
+           'validate']
 
 ONLINE = ('grpo', 'rloo', 'ppo')
 
@@ -66,9 +68,10 @@ class Method:
   """One align.method: the examples it reads (None: the head's), its objective over a batch (offline methods),
   whether it runs the online loop, and its config checks."""
   examples: str | None = None
-  objective: PairObjective | None = None
+  objective: PairObjective | PolicyUpdate | None = None
   online: bool = False
   validate: Callable[[Any], None] | None = None
+  value_head: bool = False  # the policy gets a value head (ppo)
 
 
 METHODS: dict[str, Method] = {
@@ -77,7 +80,7 @@ METHODS: dict[str, Method] = {
     'simpo': Method('preference', SimPO(), validate=lambda c: _check_policy(c, 'simpo')),
     'grpo': Method('prompts', PolicyUpdate(kl_in_loss=True), online=True, validate=_check_online),
     'rloo': Method('prompts', PolicyUpdate(kl_in_loss=False), online=True, validate=_check_online),
-    'ppo': Method('prompts', PolicyUpdate(kl_in_loss=False), online=True, validate=_check_online),
+    'ppo': Method('prompts', PPOUpdate(), online=True, validate=_check_online, value_head=True),
 }
 # Head.objective -> the objective a head trains with on its own (model.head=reward: pairs)
 OBJECTIVES: dict[str, PairObjective] = {'bradley_terry': BradleyTerry()}
@@ -100,6 +103,13 @@ def scorer_of(config: Any) -> Any:
 def examples_of(config: Any) -> str:
   """What the run's data source yields (data.sources.EXAMPLE_KINDS): the align method's examples, else the head's."""
   return METHODS[config.align.method].examples or heads.head_of(config.model).examples
+
+
+def attach(model: Any, config: Any, rngs: Any) -> Any:
+  """Adds the method's own modules to a freshly built policy (ppo: the value head); returns the model."""
+  if METHODS[config.align.method].value_head:
+    value.attach(model, rngs)
+  return model
 
 
 def validate(config: Any) -> None:

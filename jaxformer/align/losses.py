@@ -68,3 +68,31 @@ def clipped_policy_loss(logps, old_logps, ref_logps, advantages, mask, *, clip_e
   clipped = ((ratio < 1 - clip_eps) & (a < 0)) | ((ratio > 1 + clip_eps) & (a > 0))
   return (per_token * mask).sum() / n, {'kl': (kl * mask).sum() / n, 'clip_fraction': (clipped * mask).sum() / n,
                                         'ratio_mean': (ratio * mask).sum() / n}
+
+
+def gae(rewards, values, mask, *, gamma, lam):
+  T = rewards.shape[1]
+  last = jnp.zeros(rewards.shape[0])
+  adv = []
+  for t in reversed(range(T)):
+    nxt = values[:, t + 1] * mask[:, t + 1] if t + 1 < T else 0.0
+    delta = rewards[:, t] + gamma * nxt - values[:, t]
+    last = (delta + gamma * lam * last * (mask[:, t + 1] if t + 1 < T else 0.0)) * mask[:, t]
+    adv.append(last)
+  adv = jnp.stack(adv[::-1], 1)
+  returns = adv + values
+  n = jnp.maximum(mask.sum(), 1.0)
+  mean = (adv * mask).sum() / n
+  var = (((adv - mean) ** 2) * mask).sum() / n
+  return (adv - mean) * jax.lax.rsqrt(var + 1e-8) * mask, returns
+
+
+def ppo_losses(logps, old_logps, advantages, values, old_values, returns, mask, *, clip_eps, value_clip):
+  n = jnp.maximum(mask.sum(), 1.0)
+  vclip = jnp.clip(values, old_values - value_clip, old_values + value_clip)
+  vf = 0.5 * ((jnp.maximum((values - returns) ** 2, (vclip - returns) ** 2)) * mask).sum() / n
+  ratio = jnp.exp(logps - old_logps)
+  pg = (jnp.maximum(-advantages * ratio, -advantages * jnp.clip(ratio, 1 - clip_eps, 1 + clip_eps)) * mask).sum() / n
+  clipped = (jnp.abs(ratio - 1) > clip_eps)
+  return pg, vf, {'clip_fraction': (clipped * mask).sum() / n,
+                  'vf_clip_fraction': (((vclip - returns) ** 2 > (values - returns) ** 2) * mask).sum() / n}

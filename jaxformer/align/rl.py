@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxformer.align import losses
+from jaxformer.align import losses, value
 from jaxformer.align.pairwise import _scored
 
 ROLLOUT_KEYS = ('old_logps', 'ref_logps', 'advantages')
@@ -99,3 +99,30 @@ class PolicyUpdate:
   def row(self, sums):
     n = max(float(sums['weight_sum']), 1e-9)
     return {'loss': float(sums['loss_sum']) / n, **{k: float(sums[s]) / n for k, s in self.names.items()}}
+
+
+class PPOUpdate(PolicyUpdate):
+  """align.method=ppo (TRL's PPOTrainer, the original RLHF recipe): per-token advantages from GAE over the value
+  head's estimates (batch keys `advantages` [N, T], `returns` [N, T], `old_values` [N, T]); the clipped surrogate
+  + align.value_coef x the clipped value loss, averaged over the completion tokens."""
+  names = {'kl': 'kl_sum', 'clip_fraction': 'clip_sum', 'entropy': 'entropy_sum', 'value_loss': 'vf_sum',
+           'vf_clip_fraction': 'vf_clip_sum'}
+
+  def __init__(self):
+    super().__init__(kl_in_loss=False)
+
+  def sums(self, model, batch, config, unscored, *, deterministic):
+    logits, values = value.values(model, batch, deterministic=deterministic)
+    mask = self.weights(batch, unscored)
+    logps = losses.token_logps(logits, batch['targets'])
+    a = config.align
+    pg, vf, m = losses.ppo_losses(logps, batch['old_logps'], batch['advantages'], values, batch['old_values'],
+                                  batch['returns'], mask, clip_eps=float(a.clip_eps), value_clip=float(a.value_clip))
+    n = jnp.sum(mask)
+    kl = losses.kl_per_token(jax.lax.stop_gradient(logps), batch['ref_logps'])
+    total = (pg + float(a.value_coef) * vf) * n
+    metrics = {'loss_sum': total, 'weight_sum': n, 'correct_sum': jnp.zeros((), jnp.float32),
+               'kl_sum': jnp.sum(kl * mask), 'clip_sum': m['clip_fraction'] * n, 'vf_sum': vf * n,
+               'vf_clip_sum': m['vf_clip_fraction'] * n,
+               'entropy_sum': jnp.sum(jax.lax.stop_gradient(entropy(logits)) * mask)}
+    return total, metrics

@@ -36,7 +36,7 @@ from jaxformer import flops as flops_lib
 from jaxformer import peft as peft_lib
 from jaxformer import resolve as resolve_lib
 from jaxformer import sharding as shd
-from jaxformer.align import losses, rl
+from jaxformer.align import losses, rl, value
 from jaxformer.apps import evaluate
 from jaxformer.apps import train as train_app
 from jaxformer.apps.rewards import Rewards
@@ -70,6 +70,8 @@ class OnlineTrainer(train_app.Trainer):
                       if needs_reference else None)
     self._logps = jax.jit(lambda params, rest, rows: rl.policy_token_logps(
         step_lib.merge_model(graphdef, params, rest), rows))
+    self._values = jax.jit(lambda params, rest, rows: value.values(
+        step_lib.merge_model(graphdef, params, rest), rows)[1])
     self.sampling = decoding.DecodeSettings.from_config(config.decode, method='sample', max_len=int(a.max_new_tokens))
     self.greedy = decoding.DecodeSettings.from_config(config.decode, method='greedy', max_len=int(a.max_new_tokens))
     self.rng = jax.random.key(int(config.seed))
@@ -148,17 +150,34 @@ class OnlineTrainer(train_app.Trainer):
         ref = old
     old, ref = np.asarray(jax.device_get(old)), np.asarray(jax.device_get(ref))
     mask = (rows['targets'] >= 0) & (rows['targets'] != self.unscored)
-    shaped = rewards.astype(np.float64)
-    if a.method in ('rloo', 'ppo') and float(a.kl_coef) > 0:  # TRL: the KL penalty is part of the reward
-      shaped = shaped - float(a.kl_coef) * np.sum((old - ref) * mask, axis=1)
-    advantages = np.asarray(losses.group_advantages(jax.numpy.asarray(shaped, jax.numpy.float32), g,
-                                                    method='rloo' if a.method == 'rloo' else 'grpo',
-                                                    scale=bool(a.scale_rewards) and a.method == 'grpo'))
-    rows.update(old_logps=old.astype(np.float32), ref_logps=ref.astype(np.float32),
-                advantages=advantages.astype(np.float32))
+    rows.update(old_logps=old.astype(np.float32), ref_logps=ref.astype(np.float32))
+    if a.method == 'ppo':
+      with shd.mesh_context(self.r.mesh, self.r.rules):
+        old_values = np.asarray(jax.device_get(self._values(params, rest, placed)), np.float32)
+      rows.update(self.gae(rewards, old, ref, old_values, mask), old_values=old_values)
+    else:
+      shaped = rewards.astype(np.float64)
+      if a.method == 'rloo' and float(a.kl_coef) > 0:  # TRL RLOO: the KL penalty is part of the reward
+        shaped = shaped - float(a.kl_coef) * np.sum((old - ref) * mask, axis=1)
+      advantages = losses.group_advantages(jax.numpy.asarray(shaped, jax.numpy.float32), g, method=a.method,
+                                           scale=bool(a.scale_rewards) and a.method == 'grpo')
+      rows['advantages'] = np.asarray(advantages, np.float32)
     info = {'reward_mean': float(np.mean(rewards)), 'reward_std': float(np.std(rewards)),
             'completion_length': float(np.mean([len(c) for c in completions]))}
     return rows, info
+
+  def gae(self, scores: np.ndarray, old: np.ndarray, ref: np.ndarray, values_: np.ndarray,
+          mask: np.ndarray) -> dict[str, np.ndarray]:
+    """PPO's per-token advantages and returns (TRL PPOTrainer): rewards -kl_coef x (log pi_old - log pi_ref) per
+    completion token, plus the sequence's score at its last completion token; GAE over the value head's values."""
+    a = self.config.align
+    per_token = -float(a.kl_coef) * (old - ref) * mask
+    last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)  # each row's last completion position
+    per_token[np.arange(len(scores)), last] += scores
+    adv, returns = losses.gae(jax.numpy.asarray(per_token, jax.numpy.float32), jax.numpy.asarray(values_),
+                              jax.numpy.asarray(mask, jax.numpy.float32), gamma=float(a.discount),
+                              lam=float(a.gae_lambda))
+    return {'advantages': np.asarray(adv, np.float32), 'returns': np.asarray(returns, np.float32)}
 
   def train_call(self, step: int, n: int) -> None:
     del n

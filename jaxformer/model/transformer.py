@@ -367,11 +367,15 @@ class DecoderOnly(_Model):
     self.decoder = Stack(cfg, cfg.num_layers, causal=True, cross=False, rngs=rngs)
 
   def __call__(self, tokens: Array, *, positions: Array | None = None, segment_ids: Array | None = None,
-               token_type_ids: Array | None = None, deterministic: bool = True) -> Array:
+               token_type_ids: Array | None = None, deterministic: bool = True,
+               return_hidden: bool = False) -> Array | tuple[Array, Array]:
+    """-> the head's output; with return_hidden, (output, the final hidden states [B,T,D]) (e.g. for a value
+    head on top, align.method=ppo)."""
     segment_ids, positions = _defaults(tokens, segment_ids, positions, self.config.pad_id)
     mask = self._mask(self.decoder, segment_ids, segment_ids, causal=True)
     h, _ = self.decoder(self.embed_tokens(tokens, token_type_ids), positions, mask, deterministic=deterministic)
-    return self.outputs(h, segment_ids, deterministic)
+    out = self.outputs(h, segment_ids, deterministic)
+    return (out, h) if return_hidden else out
 
   def init_cache(self, batch_size: int, max_len: int, *, encoded: Array | None = None,
                  src_tokens: Array | None = None) -> dict[str, Any]:

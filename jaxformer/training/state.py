@@ -35,6 +35,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxformer import align
 from jaxformer import hf
 from jaxformer import peft as peft_lib
 from jaxformer import settings as settings_lib
@@ -53,11 +54,13 @@ def build_model(config: Any, *, seed: int | None = None) -> nnx.Module:
   """The model with its `params` and `dropout` rng streams seeded from config.seed. Variables are created
   unsharded (eager sharding off): shardings are applied by the jitted init's out_shardings instead, which also
   copes with dimensions the mesh cannot divide. The PEFT method's modules (config.peft) are attached after the
-  base model is built, from rng streams of their own, so the base parameters do not depend on the method."""
+  base model is built, from rng streams of their own, so the base parameters do not depend on the method; so is
+  align.method=ppo's value head."""
   seed = int(config.seed if seed is None else seed)
   with nnx.use_eager_sharding(False):
     model = build_base_model(config.model, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
-    return peft_lib.attach(model, config.peft, nnx.Rngs(params=seed + 2, dropout=seed + 3))
+    model = peft_lib.attach(model, config.peft, nnx.Rngs(params=seed + 2, dropout=seed + 3))
+    return align.attach(model, config, nnx.Rngs(params=seed + 4))  # ppo: the value head
 
 
 def abstract_model(config: Any, mesh: Mesh, rules: tuple | None = None) -> tuple[Any, nnx.State, nnx.State]:
