@@ -23,7 +23,7 @@ from jaxformer import heads
 from jaxformer.align import losses
 from jaxformer.align.pairwise import DPO, BradleyTerry, PairObjective, SimPO
 from jaxformer.align import value
-from jaxformer.align.rl import PolicyUpdate, PPOUpdate
+from jaxformer.align.rl import PolicyUpdate, PPOUpdate, RLOOUpdate
 from jaxformer.errors import ConfigError, check_choice, check_positive
 
 __all__ = ['METHODS', 'Method', 'OBJECTIVES', 'PairObjective', 'attach', 'examples_of', 'objective_of', 'scorer_of',
@@ -78,8 +78,8 @@ METHODS: dict[str, Method] = {
     'none': Method(),
     'dpo': Method('preference', DPO(), validate=_check_dpo),
     'simpo': Method('preference', SimPO(), validate=lambda c: _check_policy(c, 'simpo')),
-    'grpo': Method('prompts', PolicyUpdate(kl_in_loss=True), online=True, validate=_check_online),
-    'rloo': Method('prompts', PolicyUpdate(kl_in_loss=False), online=True, validate=_check_online),
+    'grpo': Method('prompts', PolicyUpdate(), online=True, validate=_check_online),
+    'rloo': Method('prompts', RLOOUpdate(), online=True, validate=_check_online),
     'ppo': Method('prompts', PPOUpdate(), online=True, validate=_check_online, value_head=True),
 }
 # Head.objective -> the objective a head trains with on its own (model.head=reward: pairs)

@@ -154,13 +154,13 @@ class OnlineTrainer(train_app.Trainer):
     if a.method == 'ppo':
       with shd.mesh_context(self.r.mesh, self.r.rules):
         old_values = np.asarray(jax.device_get(self._values(params, rest, placed)), np.float32)
-      rows.update(self.gae(rewards, old, ref, old_values, mask), old_values=old_values)
+      rows.update(self.gae(rewards, old, ref, old_values, mask))
     else:
-      shaped = rewards.astype(np.float64)
-      if a.method == 'rloo' and float(a.kl_coef) > 0:  # TRL RLOO: the KL penalty is part of the reward
-        shaped = shaped - float(a.kl_coef) * np.sum((old - ref) * mask, axis=1)
-      advantages = losses.group_advantages(jax.numpy.asarray(shaped, jax.numpy.float32), g, method=a.method,
-                                           scale=bool(a.scale_rewards) and a.method == 'grpo')
+      shaped = rewards
+      if a.method == 'rloo':  # TRL RLOO: the KL penalty is part of the reward
+        shaped = losses.rloo_rewards(rewards, old, ref, mask, beta=float(a.kl_coef))
+      advantages = losses.group_advantages(shaped, g, method=a.method,
+                                           scale=bool(a.scale_rewards) if a.method == 'grpo' else None)
       rows['advantages'] = np.asarray(advantages, np.float32)
     info = {'reward_mean': float(np.mean(rewards)), 'reward_std': float(np.std(rewards)),
             'completion_length': float(np.mean([len(c) for c in completions]))}
@@ -168,16 +168,25 @@ class OnlineTrainer(train_app.Trainer):
 
   def gae(self, scores: np.ndarray, old: np.ndarray, ref: np.ndarray, values_: np.ndarray,
           mask: np.ndarray) -> dict[str, np.ndarray]:
-    """PPO's per-token advantages and returns (TRL PPOTrainer): rewards -kl_coef x (log pi_old - log pi_ref) per
-    completion token, plus the sequence's score at its last completion token; GAE over the value head's values."""
+    """PPO's per-token advantages, returns and value targets (TRL PPOTrainer): laid out from each completion's first
+    token (rl.response_columns), rewards -kl_coef x (log pi_old - log pi_ref) per completion token plus the score
+    on the position after it (losses.ppo_rewards), GAE over the value head's values, then back in row positions."""
     a = self.config.align
-    per_token = -float(a.kl_coef) * (old - ref) * mask
-    last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)  # each row's last completion position
-    per_token[np.arange(len(scores)), last] += scores
-    adv, returns = losses.gae(jax.numpy.asarray(per_token, jax.numpy.float32), jax.numpy.asarray(values_),
-                              jax.numpy.asarray(mask, jax.numpy.float32), gamma=float(a.discount),
+    cols, inside = rl.response_columns(mask, int(a.max_new_tokens) + 1)
+    take = lambda x: np.take_along_axis(x, cols, axis=1) * inside  # noqa: E731
+    resp_mask = take(mask.astype(np.float32))
+    value_mask = np.asarray(losses.ppo_value_mask(resp_mask)) * inside
+    rewards = losses.ppo_rewards(scores, take(old), take(ref), resp_mask, kl_coef=float(a.kl_coef))
+    adv, returns = losses.gae(rewards, take(values_) * value_mask, resp_mask, gamma=float(a.discount),
                               lam=float(a.gae_lambda))
-    return {'advantages': np.asarray(adv, np.float32), 'returns': np.asarray(returns, np.float32)}
+    out = {k: np.zeros_like(values_) for k in ('advantages', 'returns', 'value_mask')}
+    for key, x in (('advantages', adv), ('returns', returns), ('value_mask', value_mask)):
+      x = np.asarray(x, np.float32)
+      for i in range(len(cols)):
+        keep = value_mask[i] > 0
+        out[key][i, cols[i][keep]] = x[i][keep]
+    out['old_values'] = values_ * out['value_mask']
+    return out
 
   def train_call(self, step: int, n: int) -> None:
     del n
