@@ -40,6 +40,9 @@ def exact(prompts, completions, answer, **rows):
 def raises(prompts, completions, **rows):
   raise RuntimeError('boom')
 
+def length(prompts, completions, **rows):
+  return [float(len(c)) for c in completions]
+
 def not_a_number(prompts, completions, **rows):
   return ['high'] * len(prompts)
 '''
@@ -104,12 +107,9 @@ def pair_config(files, sft, **sections):
 def test_preference_lines_and_rankings(files, tmp_path):
   config = settings_lib.of(tiny_config(f'jsonl:{files}/ranked.jsonl', align=dict(method='dpo')))
   source = D.get_source(config, str(tmp_path))
-  examples = source.split('train').read([0, 1, 2, 3])  # the 90% training part of 4 pairs
-  ranked = [(e.prompt, e.chosen, e.rejected) for e in examples if e.prompt == '1+1=']
-  assert ranked == [('1+1=', '2', '3'), ('1+1=', '2', '11'), ('1+1=', '3', '11')][:len(ranked)]
-  assert len(source.split('train')) + len(source.split('validation')) == 4
-  every = source.split('train').read(range(len(source.split('train')))) + source.split('validation').read([0])
-  assert {e.margin for e in every if e.prompt == '2+2='} == {0.5}
+  every = [e for split in ('train', 'validation') for e in source.split(split).read(range(len(source.split(split))))]
+  assert [(e.prompt, e.chosen, e.rejected, e.margin) for e in every] == [
+      ('1+1=', '2', '3', 0.0), ('1+1=', '2', '11', 0.0), ('1+1=', '3', '11', 0.0), ('2+2=', '4', '5', 0.5)]
 
 
 def test_preference_rows_score_only_the_response(files, sft):
@@ -120,7 +120,6 @@ def test_preference_rows_score_only_the_response(files, sft):
   c_tokens, c_targets, r_tokens, r_targets, _ = item
   scored = c_targets[(c_targets != tok.unscored_target)]
   assert tok.decode(scored[:-1]) == '46' and scored[-1] == tok.eos_id  # the response and its EOS, nothing else
-  assert list(c_tokens[1:]) == list(c_targets[:-1][len(c_tokens) - len(c_targets):] if False else c_tokens[1:])
   np.testing.assert_array_equal(c_tokens[1:][c_targets[:-1] != tok.unscored_target], scored[:-1])
   assert tok.decode(r_targets[r_targets != tok.unscored_target][:-1]) == '47'
   # a prompt that fills data.seq_len leaves no response token: training drops the pair, evaluation keeps it unscored
@@ -147,7 +146,8 @@ def _first_step(config):
 
 def dpo_first_steps(files, sft, workdir, steps=2, **sections):
   """The DPO train step's metrics for the first `steps` batches (a fresh run from the SFT model)."""
-  config = pair_config(files, sft, align=dict(method='dpo'), **sections)
+  sections['align'] = dict(sections.get('align', {}), method='dpo')
+  config = pair_config(files, sft, **sections)
   r = resolve.resolve(config, str(workdir), training=True)
   tx, schedule = optimizer.make_optimizer(r.config.train)
   setup = state_lib.make_setup(r.config, r.mesh, tx, schedule, r.rules)
@@ -168,7 +168,7 @@ def test_dpo_step_zero_is_ln2_and_learns(files, sft, tmp_path):
                                                  train=dict(learning_rate=3e-3))
   first = metrics[0]
   assert abs(float(first['loss']) - LN2) < 1e-6  # policy == reference: -log sigmoid(0)
-  assert float(first['rewards_chosen']) == 0.0 and float(first['rewards_rejected']) == 0.0
+  assert abs(float(first['rewards_chosen'])) < 1e-6 and abs(float(first['rewards_rejected'])) < 1e-6
   assert float(first['logps_chosen']) < 0 and float(first['logps_rejected']) < 0
   assert float(metrics[-1]['loss']) < LN2  # the policy moved towards the chosen responses
   # full fine-tuning: the reference is a whole copy of the start, frozen
@@ -195,17 +195,16 @@ def test_dpo_sharded_equals_unsharded(files, sft, tmp_path):
       np.testing.assert_allclose(float(a[key]), float(b[key]), rtol=2e-5, atol=2e-6)
 
 
-def test_dpo_losses_and_simpo_train(files, sft, tmp_path):
-  for loss in ('ipo', 'hinge'):
-    metrics, *_ = dpo_first_steps(files, sft, tmp_path / loss, steps=1, align=dict(dpo_loss=loss))
-    expected = (1 / (2 * 0.1)) ** 2 if loss == 'ipo' else 1.0  # at policy == reference
-    assert abs(float(metrics[0]['loss']) - expected) < 1e-4
-  result = run(pair_config(files, sft, align=dict(method='simpo', beta=2.0, gamma=0.5)), str(tmp_path / 'simpo'))
-  assert 'eval_reward_accuracy' in result and math.isfinite(result['train_loss'])
+def test_simpo_trains_without_reference(files, sft, tmp_path):
+  config = pair_config(files, sft, align=dict(method='simpo', beta=2.0, gamma=0.5), train=dict(num_steps=2,
+                                                                                                eval_every=2))
+  result = run(config, str(tmp_path / 'simpo'))
+  assert math.isfinite(result['train_loss']) and 0.0 <= result['eval_reward_accuracy'] <= 1.0
+  assert result['eval_pairs'] == 24
 
 
 def test_dpo_run_precomputed_reference_matches(files, sft, tmp_path):
-  config = pair_config(files, sft, align=dict(method='dpo'), train=dict(num_steps=4, eval_every=4))
+  config = pair_config(files, sft, align=dict(method='dpo'), train=dict(num_steps=2, eval_every=2))
   per_step = run(config, str(tmp_path / 'per_step'))
   config.align.precompute_reference = True
   pre = run(config, str(tmp_path / 'pre'))
@@ -213,9 +212,8 @@ def test_dpo_run_precomputed_reference_matches(files, sft, tmp_path):
   for key in ('eval_loss', 'eval_reward_margin', 'train_loss'):
     assert abs(per_step[key] - pre[key]) < 1e-5, key
   rows = [json.loads(line) for line in open(tmp_path / 'per_step' / 'metrics.jsonl')]
-  train_keys = set(rows[0])
   assert {'train_reward_accuracy', 'train_reward_margin', 'train_rewards_chosen', 'train_rewards_rejected',
-          'train_logps_chosen', 'train_logps_rejected'} <= train_keys
+          'train_logps_chosen', 'train_logps_rejected'} <= set(rows[0])
 
 
 # ----------------------------------------------------------------------------------------------- rewards
@@ -258,9 +256,9 @@ def test_best_of_n_returns_the_highest_reward(files, sft, reward_model):
 
 # ------------------------------------------------------------------------------------------------ online
 def online_config(files, sft, method, **align_values):
+  align_values = {'reward_fn': 'align_rewards_test:exact', **align_values}
   config = tiny_config(f'jsonl:{files}/prompts_{{split}}.jsonl', align=dict(
-      method=method, reward_fn='align_rewards_test:exact', prompts_per_step=4, num_generations=4, max_new_tokens=4,
-      **align_values), checkpoint=dict(init_from=str(sft), every_steps=2), train=dict(eval_every=2))
+      method=method, prompts_per_step=4, num_generations=4, max_new_tokens=4, **align_values), checkpoint=dict(init_from=str(sft), every_steps=2), train=dict(eval_every=2, log_every=1))
   config.data.seq_len = 24
   return config
 
@@ -271,36 +269,40 @@ def reward_module_on_path(files, monkeypatch):
   return files
 
 
-@pytest.mark.parametrize('method', ['grpo', 'rloo', 'ppo'])
-def test_online_methods_run_and_resume_exactly(reward_module_on_path, sft, tmp_path, method):
-  files = reward_module_on_path
-  config = online_config(files, sft, method)
-  straight = run_online(config, tmp_path / 'straight')
+ROLLOUT_KEYS = ('train_reward_mean', 'train_reward_std', 'train_kl', 'train_entropy', 'train_clip_fraction',
+                'train_completion_length', 'train_rollout_time', 'train_update_time')
+
+
+def _rows(workdir):
+  return [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+
+
+def test_grpo_runs_and_resumes_exactly(reward_module_on_path, sft, tmp_path):
+  config = online_config(reward_module_on_path, sft, 'grpo')
+  straight = align_app.run(config, str(tmp_path / 'straight'))
   stopped = align_app.run(config, str(tmp_path / 'resumed'), stop_after_steps=2)
   assert stopped['stopped_by'] == 'stop_after_steps'
-  resumed = run_online(config, tmp_path / 'resumed')
-  rows = lambda d: [json.loads(line) for line in open(d / 'metrics.jsonl')]  # noqa: E731
-  last = lambda d: [r for r in rows(d) if 'train_loss' in r][-1]  # noqa: E731
+  resumed = align_app.run(config, str(tmp_path / 'resumed'))
+  last = lambda d: [r for r in _rows(d) if 'train_loss' in r][-1]  # noqa: E731
   for key in ('train_loss', 'train_reward_mean', 'train_kl', 'grad_norm'):
     assert last(tmp_path / 'straight')[key] == pytest.approx(last(tmp_path / 'resumed')[key], rel=1e-5, abs=1e-7), key
   assert straight['eval_reward_mean'] == pytest.approx(resumed['eval_reward_mean'])
-  first = rows(tmp_path / 'straight')[0]
-  for key in ('train_reward_mean', 'train_reward_std', 'train_kl', 'train_entropy', 'train_clip_fraction',
-              'train_completion_length', 'train_rollout_time', 'train_update_time'):
-    assert key in first, key
-  assert 0.0 <= first['train_reward_mean'] <= 1.0
+  first = _rows(tmp_path / 'straight')[0]
+  assert set(ROLLOUT_KEYS) <= set(first) and 0.0 <= first['train_reward_mean'] <= 1.0
+  # step 1 samples from the reference itself: no KL, and the update's ratio starts at 1 (nothing clipped)
+  assert abs(first['train_kl']) < 1e-6 and first['train_clip_fraction'] == 0.0
 
 
-def run_online(config, workdir):
-  return align_app.run(config, str(workdir))
-
-
-def test_online_step_zero_has_no_kl(reward_module_on_path, sft, tmp_path):
-  config = online_config(reward_module_on_path, sft, 'grpo')
-  config.train.update(num_steps=1, log_every=1, eval_every=1)
-  run_online(config, tmp_path / 'one')
-  row = json.loads(open(tmp_path / 'one' / 'metrics.jsonl').readline())
-  assert abs(row['train_kl']) < 1e-6 and row['train_clip_fraction'] == 0.0  # policy == reference == sampler
+@pytest.mark.parametrize('method', ['rloo', 'ppo'])
+def test_rloo_and_ppo_run(reward_module_on_path, sft, tmp_path, method):
+  config = online_config(reward_module_on_path, sft, method, reward_fn='align_rewards_test:length')
+  config.train.update(num_steps=2, eval_every=2)
+  result = align_app.run(config, str(tmp_path / method))
+  first = _rows(tmp_path / method)[0]
+  assert set(ROLLOUT_KEYS) <= set(first) and 'eval_reward_mean' in result
+  assert abs(first['train_kl']) < 1e-6
+  if method == 'ppo':  # the value head trains with the policy
+    assert first['train_value_loss'] > 0 and 'train_vf_clip_fraction' in first
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -322,11 +324,13 @@ def test_cli_errors_are_one_line(files, sft, tmp_path):
   for split in ('train', 'validation'):
     (tmp_path / f'bad_{split}.jsonl').write_text(json.dumps({'prompt': 'a', 'chosen': 'b', 'rejected': 'c'}) + '\n'
                                                  + json.dumps({'prompt': 'a', 'rejected': 'c'}) + '\n')
-  common = ['--config=configs/gpt_tiny.py', f'--config.checkpoint.init_from={sft}']
+  common = [f'--config={REPO}/configs/gpt_tiny.py', f'--config.checkpoint.init_from={sft}', '--config.data.seq_len=16',
+            *(f'--config.model.{k}={v}' for k, v in dict(num_layers=1, num_heads=2, d_model=32, d_ff=64,
+                                                          max_len=32).items())]
   proc = _cli(common + [f'--workdir={tmp_path / "w1"}', f'--config.data.source=jsonl:{bad}',
                         '--config.align.method=dpo'], REPO)
   _one_line_error(proc, 'bad_train.jsonl:2', "'chosen'")
-  proc = _cli(['--config=configs/gpt_tiny.py', f'--workdir={tmp_path / "w2"}', '--config.model.arch=encoder_only',
+  proc = _cli([f'--config={REPO}/configs/gpt_tiny.py', f'--workdir={tmp_path / "w2"}', '--config.model.arch=encoder_only',
                f'--config.data.source=jsonl:{files}/pairs_{{split}}.jsonl', '--config.align.method=dpo'], REPO)
   _one_line_error(proc, 'align.method=dpo', 'decoder_only')
   for fn, needle in (('raises', 'RuntimeError: boom'), ('not_a_number', "'high'")):
