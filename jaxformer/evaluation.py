@@ -35,7 +35,7 @@ def _jitted_eval_step(graphdef: Any, config: Any, mesh: Any):
   another checkpoint of the same model in this process (or at the next eval step) reuses the compiled step."""
   confusion = heads.head_of(config.model).confusion
 
-  def sums(params, rest, batch, length_tables, reference):
+  def sums(params, rest, batch, length_tables, reference=None):
     if reference is not None:  # align.method=dpo: the frozen reference's log-probabilities
       frozen = peft_lib.split(params, config.peft)[1]
       batch = step_lib.with_reference(batch, config, step_lib.merge_model(graphdef, nnx.merge_state(frozen, reference),
