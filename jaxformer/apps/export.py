@@ -5,6 +5,12 @@ gives the same logits) from the newest (or the given) checkpoint of the workdir,
 (read, checked and typed as eval.py reads it: settings.upgrade_saved, resolve.checked_config) and its parameters
 read by training/state.py's restore_model, the path eval.py uses. When the run used an hf:<dir> tokenizer its
 files are copied too and its special ids go into config.json. Errors are one line.
+
+A model.head=reward run is written as *ForSequenceClassification with num_labels=1 (BERT: pooler + classifier;
+GPT-2 / Llama / Qwen2: `score`). A decoder's class needs pad_token_id in config.json, because transformers reads
+each row at its last token that is not the pad id; it is the tokenizer's pad id, or its eos id when it has none
+(jaxformer's own tokenizers: 0). When it is the eos id a note says that transformers then reads rows ending in that
+EOS, as jaxformer frames reward rows, one token early.
 """
 from __future__ import annotations
 
@@ -24,11 +30,20 @@ from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import state as state_lib
 
 
-def token_ids(tokenizer: HFTokenizer, arch: str) -> dict[str, int]:
-  """bos/eos/pad (and T5's decoder start = pad) ids for config.json; ids the tokenizer lacks are left out."""
+def token_ids(tokenizer: HFTokenizer, arch: str, needs_pad: bool = False) -> dict[str, int]:
+  """bos/eos/pad (and T5's decoder start = pad) ids for config.json; ids the tokenizer lacks are left out, but for
+  a class that needs a pad id (hf.needs_pad_token: a decoder's reward model) a tokenizer without one gives its eos
+  id, with a note when the pad id is the eos id."""
   ids = {'bos_token_id': tokenizer.bos_id, 'eos_token_id': tokenizer.eos_id, 'pad_token_id': tokenizer.pad_id}
   if arch == 'encoder_decoder':
     ids['decoder_start_token_id'] = tokenizer.pad_id
+  if needs_pad and ids['pad_token_id'] == NONE:
+    ids['pad_token_id'] = tokenizer.eos_id
+  if needs_pad and ids['pad_token_id'] != NONE and ids['pad_token_id'] == tokenizer.eos_id:
+    print(f'note: config.json\'s pad_token_id is the tokenizer\'s eos id {tokenizer.eos_id}; transformers reads a '
+          'reward at the last token of a row that is not the pad id, so a row ending in that EOS (as jaxformer '
+          'frames reward rows) is read one token early there; set pad_token_id to an id no row ends with (and pad '
+          'with it) to get jaxformer\'s rewards.')
   return {k: v for k, v in ids.items() if v != NONE}
 
 
@@ -49,8 +64,9 @@ def export(workdir: str, output: str, step: int | None = None) -> str:
     nnx.update(model, merged)
   spec = settings.data.tokenizer
   tokenizer = HFTokenizer.from_spec(spec) if spec.startswith(hf.PREFIX) else None
-  model_type = hf.save(model, settings.model, output,
-                       token_ids=token_ids(tokenizer, settings.model.arch) if tokenizer is not None else None)
+  ids = (token_ids(tokenizer, settings.model.arch, hf.needs_pad_token(settings.model)) if tokenizer is not None
+         else None)
+  model_type = hf.save(model, settings.model, output, token_ids=ids)
   if tokenizer is not None:
     tokenizer.save_files(output)
   else:

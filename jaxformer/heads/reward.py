@@ -9,7 +9,8 @@ framed as an instruction, BOS + prompt + response + EOS) with the Bradley-Terry 
 loss, accuracy (share of pairs with r_chosen > r_rejected) and margin (mean r_chosen - r_rejected). Start it from
 any LM run or hf: directory with checkpoint.init_from: the LM output layer is replaced, as for classification.
 Its parameters are `classifier.*` (they train under every PEFT method); jaxformer.hf writes them as transformers'
-`score` (GPT-2, Llama, Qwen2; no bias) or BERT's pooler + `classifier` with num_labels=1.
+`score` (GPT-2, Llama, Qwen2; no bias) or BERT's pooler + `classifier` with num_labels=1, and reads such
+*ForSequenceClassification checkpoints back as model.head=reward (hf/families.py's HEADS tables).
 """
 from __future__ import annotations
 

@@ -4,8 +4,12 @@
   hf.save(model, model_config, 'out/')               # config.json + model.safetensors that transformers loads
 
 Supported model_types: gpt2, bert (masked LM), t5 (v1.0 and v1.1), llama, mistral, qwen2 (see families.py, one
-class per family). `save` also works for models jaxformer built itself when a family can express the config
-(gpt_tiny's RoPE + RMSNorm + SwiGLU decoder is a Llama); otherwise one ConfigError line names the setting.
+class per family), and task heads (model.head; each family's HEADS table): BertForSequenceClassification as
+classification (num_labels >= 2) or reward (num_labels=1), and the GPT-2 / Llama / Mistral / Qwen2
+*ForSequenceClassification with num_labels=1 as reward (written with pad_token_id in config.json: transformers reads
+each row at its last token that is not the pad id). `save` also works for models jaxformer built itself when a
+family can express the config (gpt_tiny's RoPE + RMSNorm + SwiGLU decoder is a Llama); otherwise one ConfigError
+line names the setting.
 Errors are ConfigError (train.py / eval.py print them as one line): a missing directory, no config.json, no
 weights, an unsupported model_type, shapes that contradict the model section.
 
@@ -36,7 +40,7 @@ from jaxformer.hf import families, weights
 from jaxformer.hf.families import FAMILIES
 from jaxformer.model import build_model, layout_convert
 
-__all__ = ['FAMILIES', 'load', 'load_params', 'model_section', 'read_config', 'save']
+__all__ = ['FAMILIES', 'load', 'load_params', 'model_section', 'needs_pad_token', 'read_config', 'save']
 
 CONFIG_NAME = 'config.json'
 
@@ -191,14 +195,26 @@ def model_params(model: nnx.Module) -> dict[str, np.ndarray]:
   return {_path(p): np.asarray(jax.device_get(x)) for p, x in leaves}
 
 
+def needs_pad_token(model_config: Any) -> bool:
+  """Whether the Hugging Face class `model_config` is saved as needs pad_token_id in config.json: a decoder's
+  *ForSequenceClassification (model.head=reward) reads each row at its last token that is not the pad id."""
+  cfg = ModelConfig.from_config(model_config)
+  return families.for_model(cfg).HEADS[cfg.head].pad_token
+
+
 def save(model: nnx.Module, model_config: Any, directory: str, *, token_ids: dict[str, int] | None = None) -> str:
   """Writes config.json + model.safetensors for the Hugging Face family that expresses `model_config`.
 
   token_ids: bos_token_id / eos_token_id / pad_token_id (and decoder_start_token_id) for config.json, e.g. an
-  hf: tokenizer's; None = jaxformer's own tokenizers' ids (pad 0, bos 1, eos 2). Returns the model_type written.
+  hf: tokenizer's; None = jaxformer's own tokenizers' ids (pad 0, bos 1, eos 2). A class that needs a pad id
+  (needs_pad_token) without one in token_ids is a ConfigError. Returns the model_type written.
   """
   cfg = ModelConfig.from_config(model_config)
   family = families.for_model(cfg)
+  architecture = family.architecture_for(cfg)
+  if token_ids is not None and family.HEADS[cfg.head].pad_token and token_ids.get('pad_token_id') is None:
+    raise ConfigError(f'a {architecture} needs pad_token_id in config.json (transformers reads each row at its last '
+                      'token that is not the pad id); give token_ids a pad_token_id.')
   params = layout_convert.to_flat_layout(model_params(model), scanned=False)  # a scanned model: per-layer names
   tensors, used = {}, set()
   for rule in family.tensors(cfg):
@@ -212,7 +228,7 @@ def save(model: nnx.Module, model_config: Any, directory: str, *, token_ids: dic
     token_ids = {'pad_token_id': PAD_ID, 'bos_token_id': BOS_ID, 'eos_token_id': EOS_ID}
     if cfg.arch == 'encoder_decoder':
       token_ids['decoder_start_token_id'] = BOS_ID  # jaxformer's decoders start from bos
-  config = {'architectures': [family.architecture_for(cfg)], 'model_type': family.model_types[0], **family.hf_config(cfg),
+  config = {'architectures': [architecture], 'model_type': family.model_types[0], **family.hf_config(cfg),
             **token_ids}
   os.makedirs(directory, exist_ok=True)
   weights.write_file(os.path.join(directory, weights.WEIGHTS_NAME), tensors, metadata={'format': 'pt'})

@@ -1,15 +1,23 @@
 """Each Hugging Face model family, once: its config.json <-> our model section, and its tensor names <-> our params.
 
-A family is one class with three methods, registered in FAMILIES under the `model_type`s it reads:
+A family is one class with these methods, registered in FAMILIES under the `model_type`s it reads:
 
   model_section(hf)  config.json (dict) -> {model key: value} (every key of the model section)
   hf_config(cfg)     ModelConfig -> config.json (dict); the inverse for the keys both sides have
   tensors(cfg)       [Rule]: which Hugging Face tensor holds which of our parameters, and how its layout differs
   mismatches(cfg)    the settings of `cfg` this family cannot express (empty = it can be saved as this family)
 
-A family that holds several model heads (jaxformer/heads) maps each in its HEADS table (HeadMapping: the head's
-config.json keys and tensors in this family's checkpoints; BERT: lm = BertForMaskedLM, classification =
-BertForSequenceClassification, the class named Bert + Head.hf_class).
+Model heads (jaxformer/heads) are mapped in one place, each family's HEADS table: model.head -> HeadMapping (the
+head's config.json keys and tensors in this family's checkpoints). The transformers class of a head is the
+family's class name + Head.hf_class (the LM: + the family's lm_class), and config.json's "architectures" picks the
+head on import (head_of):
+
+  GPT-2, Llama / Mistral / Qwen2   lm = GPT2LMHeadModel / LlamaForCausalLM / Qwen2ForCausalLM;
+                                   reward = <Class>ForSequenceClassification with num_labels=1 (`score`, no bias;
+                                   the last real token, found through config.json's pad_token_id)
+  BERT                             lm = BertForMaskedLM; classification = BertForSequenceClassification with
+                                   num_labels >= 2; reward = the same class with num_labels=1 (pooler + classifier)
+  T5                               lm = T5ForConditionalGeneration
 
 Layouts (checked against transformers' modeling_*.py): torch's nn.Linear stores [out, in]; GPT-2's Conv1D stores
 [in, out] with q, k, v fused in one [D, 3D] matrix; our attention kernels are query/key/value [D, heads, head_dim]
@@ -137,11 +145,126 @@ def _common(cfg: ModelConfig) -> dict[str, Any]:
   return {'vocab_size': cfg.vocab_size, 'initializer_range': cfg.init_std, 'dtype': cfg.param_dtype}
 
 
+# -------------------------------------------------------------------------------------------------- heads
+@dataclasses.dataclass(frozen=True)
+class HeadMapping:
+  """How one model.head (jaxformer/heads) appears in a family's checkpoints: the model keys its config.json gives,
+  the config.json keys it writes, its tensors, and the head settings the family cannot express.
+
+  accepts  whether a config.json naming the head's transformers class is this head (classification and reward
+           share *ForSequenceClassification: num_labels >= 2 or 1); `reads` says what it accepts, for the message
+  pad_token  config.json must have pad_token_id: a decoder's *ForSequenceClassification reads each row at its last
+           token that is not pad_token_id (and refuses a batch of several rows without one)"""
+  section: Callable[[dict], dict[str, Any]] = lambda hf: {}
+  config: Callable[[ModelConfig], dict[str, Any]] = lambda cfg: {}
+  tensors: Callable[[ModelConfig], list[Rule]] = lambda cfg: []
+  mismatches: Callable[[ModelConfig], list[str]] = lambda cfg: []
+  accepts: Callable[[dict], bool] = lambda hf: True
+  reads: str = ''
+  pad_token: bool = False
+
+
+def _num_labels(hf: dict) -> int:
+  """transformers' num_labels: the size of id2label (what save_pretrained writes), else num_labels (default 2)."""
+  return len(hf['id2label']) if hf.get('id2label') else int(hf.get('num_labels', 2))
+
+
+def _labels_config(num_labels: int, problem_type: str) -> dict[str, Any]:
+  id2label = {str(i): f'LABEL_{i}' for i in range(num_labels)}
+  return {'id2label': id2label, 'label2id': {v: int(k) for k, v in id2label.items()}, 'problem_type': problem_type}
+
+
+def _is_classifier(hf: dict) -> bool:
+  return _num_labels(hf) >= 2 and hf.get('problem_type') in (None, 'single_label_classification')
+
+
+def _is_reward(hf: dict) -> bool:
+  """num_labels=1: one scalar per row (transformers' problem_type regression, which it sets for one label)."""
+  return _num_labels(hf) == 1 and hf.get('problem_type') in (None, 'regression')
+
+
+def _lm_head_tensors(cfg: ModelConfig) -> list[Rule]:
+  """A decoder's untied output projection (lm_head); tied models have none."""
+  return [] if cfg.tie_embeddings else [linear('lm_head.weight', 'unembed.kernel')]
+
+
+def _score_tensors(cfg: ModelConfig) -> list[Rule]:
+  """A decoder's *ForSequenceClassification output layer, score [num_labels, D], no bias; optional, so any LM
+  checkpoint can start a reward model (the score starts freshly initialised)."""
+  return [dataclasses.replace(linear('score.weight', 'classifier.kernel'), optional=True)]
+
+
+def _bert_mlm_tensors(cfg: ModelConfig) -> list[Rule]:
+  """BertForMaskedLM's head: the transform (dense + LayerNorm) and the decoder bias (zeros when we have none)."""
+  return [linear('cls.predictions.transform.dense.weight', 'head.kernel'),
+          same('cls.predictions.transform.dense.bias', 'head.bias'),
+          *norm('cls.predictions.transform.LayerNorm', 'head.norm'),
+          same('cls.predictions.bias', 'output_bias') if cfg.output_bias else
+          zeros('cls.predictions.bias', (cfg.vocab_size,))]
+
+
+def _bert_pooled_tensors(cfg: ModelConfig) -> list[Rule]:
+  """BertForSequenceClassification's pooler (dense + tanh on the first token) and classifier (with bias), for
+  classification and reward alike; optional, so any BERT checkpoint can start either (what it lacks starts freshly
+  initialised)."""
+  rules = [linear('bert.pooler.dense.weight', 'classifier.pooler'),
+           same('bert.pooler.dense.bias', 'classifier.pooler_bias')] if cfg.pooler else []
+  rules += [linear('classifier.weight', 'classifier.kernel'), same('classifier.bias', 'classifier.bias')]
+  return [dataclasses.replace(rule, optional=True) for rule in rules]
+
+
+def _bert_reward_tensors(cfg: ModelConfig) -> list[Rule]:
+  """As classification's; a reward model without the pooler (model.pooler=False: no export, but any BERT can
+  start one) has no classifier bias either."""
+  rules = _bert_pooled_tensors(cfg)
+  return rules if cfg.pooler else [rule for rule in rules if rule.hf != 'classifier.bias']
+
+
+def _reward_config(cfg: ModelConfig) -> dict[str, Any]:
+  del cfg
+  return _labels_config(1, 'regression')  # the problem_type transformers sets for one label
+
+
+def _bert_pooled_mismatches(cfg: ModelConfig) -> list[str]:
+  return _want(cfg, pooling='first', pooler=True)
+
+
+REWARD_READS = 'num_labels=1 as model.head=reward'
+
+# GPT-2 and the Llama layout: the LM, and a reward model as <Class>ForSequenceClassification (num_labels=1, `score`
+# on the last real token, no pooler, no bias).
+DECODER_HEADS = {
+    'lm': HeadMapping(tensors=_lm_head_tensors),
+    'reward': HeadMapping(section=lambda hf: dict(head='reward', pooling='last', pooler=False),
+                          config=_reward_config, tensors=_score_tensors,
+                          mismatches=lambda cfg: _want(cfg, pooling='last', pooler=False), accepts=_is_reward,
+                          reads=REWARD_READS, pad_token=True),
+}
+# BERT: BertForMaskedLM, and BertForSequenceClassification (the first token -> pooler -> classifier) as a
+# classifier (num_labels >= 2) or a reward model (num_labels=1).
+BERT_HEADS = {
+    'lm': HeadMapping(tensors=_bert_mlm_tensors),
+    'classification': HeadMapping(
+        section=lambda hf: dict(head='classification', num_classes=_num_labels(hf), pooling='first', pooler=True,
+                                output_bias=False),
+        config=lambda cfg: _labels_config(cfg.num_classes, 'single_label_classification'),
+        tensors=_bert_pooled_tensors, mismatches=_bert_pooled_mismatches, accepts=_is_classifier,
+        reads='num_labels >= 2 (problem_type single_label_classification) as model.head=classification'),
+    'reward': HeadMapping(section=lambda hf: dict(head='reward', pooling='first', pooler=True, output_bias=False),
+                          config=_reward_config, tensors=_bert_reward_tensors, mismatches=_bert_pooled_mismatches,
+                          accepts=_is_reward, reads=REWARD_READS),
+}
+
+
 class Family:
   """Base: a Hugging Face family. `model_types` are the config.json model_type values it reads."""
   model_types: tuple[str, ...] = ()
   arch = ''  # our model.arch
-  architecture = ''  # the class transformers' AutoModelFor... builds (config.json "architectures")
+  # transformers' class of a model (config.json "architectures") is class_name + the head's Head.hf_class, or
+  # + lm_class for the LM (GPT2 + LMHeadModel)
+  class_name = ''
+  lm_class = ''
+  HEADS: dict[str, HeadMapping] = {'lm': HeadMapping()}  # model.head -> how this family's checkpoints hold it
 
   def model_section(self, hf: dict) -> dict[str, Any]:
     raise NotImplementedError
@@ -155,9 +278,46 @@ class Family:
   def mismatches(self, cfg: ModelConfig) -> list[str]:
     raise NotImplementedError
 
+  def class_name_for(self, cfg: ModelConfig) -> str:
+    """The transformers class-name prefix this model is written as (Llama's layout: Llama or Qwen2)."""
+    return self.class_name
+
   def architecture_for(self, cfg: ModelConfig) -> str:
-    """config.json "architectures" for this model (a family with several heads names the head's class)."""
-    return self.architecture
+    """config.json "architectures" for this model: the family's class for the model's head."""
+    return self.class_name_for(cfg) + (heads.head_of(cfg).hf_class or self.lm_class)
+
+  def head_of(self, hf: dict) -> str:
+    """The model.head of a config.json: the head whose transformers class (<Class> + Head.hf_class) it names and
+    whose mapping accepts it (its labels); 'lm' when it names no head's class. One line for a task class this
+    family has no head for (GPT2ForSequenceClassification with 3 labels, T5ForSequenceClassification)."""
+    named = [a for a in hf.get('architectures') or [] if isinstance(a, str)]
+    suffixes = {h.hf_class for h in heads.HEADS.values() if h.hf_class}
+    tasks = [a for a in named if any(a.endswith(suffix) for suffix in suffixes)]
+    if not tasks:
+      return 'lm'
+    for name, mapping in self.HEADS.items():
+      hf_class = heads.HEADS[name].hf_class
+      if hf_class and any(a.endswith(hf_class) for a in tasks) and mapping.accepts(hf):
+        return name
+    reads = [m.reads for m in self.HEADS.values() if m.reads]
+    raise ConfigError(f'{hf.get("model_type")} {tasks[0]} with {_num_labels(hf)} label(s) (problem_type='
+                      f'{hf.get("problem_type")!r}) is not supported; jaxformer reads '
+                      f'{"; ".join(reads) if reads else "only its " + self.class_name + self.lm_class}.')
+
+  def head_section(self, hf: dict) -> dict[str, Any]:
+    """The model keys of config.json's head (model.head and its keys)."""
+    return self.HEADS[self.head_of(hf)].section(hf)
+
+  def head_mismatches(self, cfg: ModelConfig) -> list[str]:
+    """model.head, when this family has no mapping for it, or the head's settings the mapping cannot express."""
+    return _want(cfg, head=tuple(self.HEADS)) + (self.HEADS[cfg.head].mismatches(cfg) if cfg.head in self.HEADS
+                                                 else [])
+
+  def head_config(self, cfg: ModelConfig) -> dict[str, Any]:
+    return self.HEADS[cfg.head].config(cfg)
+
+  def head_tensors(self, cfg: ModelConfig) -> list[Rule]:
+    return self.HEADS[cfg.head].tensors(cfg)
 
   # Tensors a checkpoint may hold that the model does not use (buffers, tied copies, other heads).
   ignored: tuple[str, ...] = ()
@@ -181,9 +341,11 @@ def _t5_attention(cfg: ModelConfig, hf: str, ours: str) -> list[Rule]:
 
 
 class GPT2(Family):
+  """GPT2LMHeadModel, and GPT2ForSequenceClassification with num_labels=1 as model.head=reward."""
   model_types = ('gpt2',)
   arch = 'decoder_only'
-  architecture = 'GPT2LMHeadModel'
+  class_name, lm_class = 'GPT2', 'LMHeadModel'
+  HEADS = DECODER_HEADS
   prefix = 'transformer.'
   ignored = ('.attn.bias', '.attn.masked_bias', 'lm_head.weight')
 
@@ -200,17 +362,18 @@ class GPT2(Family):
                 attention_dropout=hf.get('attn_pdrop', 0.1), use_bias=True,
                 tie_embeddings=hf.get('tie_word_embeddings', True), norm_eps=hf.get('layer_norm_epsilon', 1e-5),
                 init_std=hf.get('initializer_range', 0.02), pad_id=-1,
-                attention_scale=-1.0 if hf.get('scale_attn_weights', True) else 1.0)
+                attention_scale=-1.0 if hf.get('scale_attn_weights', True) else 1.0, **self.head_section(hf))
 
   def mismatches(self, cfg: ModelConfig) -> list[str]:
     return _want(cfg, arch='decoder_only', position='learned', norm='layer', norm_position='pre',
                  mlp=tuple(_ACTIVATION_NAMES), use_bias=True, num_kv_heads=cfg.num_heads,
                  head_dim=cfg.d_model // cfg.num_heads, attention_scale=(-1.0, 1.0), output_scale=1.0,
-                 type_vocab_size=0, embed_norm=False, output_bias=False, head='lm')
+                 type_vocab_size=0, embed_norm=False, output_bias=False) + self.head_mismatches(cfg)
 
   def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
-    return {**_common(cfg), 'n_embd': cfg.d_model, 'n_layer': cfg.num_layers, 'n_head': cfg.num_heads,
-            'n_inner': cfg.d_ff, 'n_positions': cfg.max_len, 'activation_function': _ACTIVATION_NAMES[cfg.mlp],
+    return {**_common(cfg), **self.head_config(cfg), 'n_embd': cfg.d_model, 'n_layer': cfg.num_layers,
+            'n_head': cfg.num_heads, 'n_inner': cfg.d_ff, 'n_positions': cfg.max_len,
+            'activation_function': _ACTIVATION_NAMES[cfg.mlp],
             'resid_pdrop': cfg.dropout, 'embd_pdrop': cfg.dropout, 'attn_pdrop': cfg.attention_dropout,
             'layer_norm_epsilon': cfg.norm_eps, 'tie_word_embeddings': cfg.tie_embeddings,
             'scale_attn_weights': cfg.attention_scale == -1.0}
@@ -219,9 +382,7 @@ class GPT2(Family):
     n, h = cfg.num_heads, cfg.head_dim
     rules = [same('transformer.wte.weight', 'embed.embedding'),
              same('transformer.wpe.weight', 'decoder.positions.embedding'),
-             *norm('transformer.ln_f', 'decoder.final_norm')]
-    if not cfg.tie_embeddings:
-      rules.append(linear('lm_head.weight', 'unembed.kernel'))
+             *norm('transformer.ln_f', 'decoder.final_norm'), *self.head_tensors(cfg)]
     for i in range(cfg.num_layers):
       hf, ours = f'transformer.h.{i}', f'decoder.blocks.{i}'
       qkv = tuple(f'{ours}.attn.{p}' for p in ('query', 'key', 'value'))
@@ -236,72 +397,24 @@ class GPT2(Family):
     return rules
 
 
-@dataclasses.dataclass(frozen=True)
-class HeadMapping:
-  """How one model.head (jaxformer/heads) appears in a family's checkpoints: the model keys its config.json gives,
-  the config.json keys it writes, its tensors, and the head settings the family cannot express."""
-  section: Callable[[dict], dict[str, Any]] = lambda hf: {}
-  config: Callable[[ModelConfig], dict[str, Any]] = lambda cfg: {}
-  tensors: Callable[[ModelConfig], list[Rule]] = lambda cfg: []
-  mismatches: Callable[[ModelConfig], list[str]] = lambda cfg: []
-
-
-def _bert_mlm_tensors(cfg: ModelConfig) -> list[Rule]:
-  """BertForMaskedLM's head: the transform (dense + LayerNorm) and the decoder bias (zeros when we have none)."""
-  return [linear('cls.predictions.transform.dense.weight', 'head.kernel'),
-          same('cls.predictions.transform.dense.bias', 'head.bias'),
-          *norm('cls.predictions.transform.LayerNorm', 'head.norm'),
-          same('cls.predictions.bias', 'output_bias') if cfg.output_bias else
-          zeros('cls.predictions.bias', (cfg.vocab_size,))]
-
-
-def _sequence_classification_section(hf: dict) -> dict[str, Any]:
-  problem = hf.get('problem_type') or 'single_label_classification'
-  num_labels = len(hf['id2label']) if hf.get('id2label') else int(hf.get('num_labels', 2))
-  if problem != 'single_label_classification' or num_labels < 2:
-    raise ConfigError(f'bert BertForSequenceClassification with problem_type={problem!r} and {num_labels} '
-                      'label(s) is not supported; jaxformer classifies into one of >= 2 classes.')
-  return dict(head='classification', num_classes=num_labels, pooling='first', pooler=True, output_bias=False)
-
-
-def _sequence_classification_config(cfg: ModelConfig) -> dict[str, Any]:
-  id2label = {str(i): f'LABEL_{i}' for i in range(cfg.num_classes)}
-  return {'id2label': id2label, 'label2id': {v: int(k) for k, v in id2label.items()},
-          'problem_type': 'single_label_classification'}
-
-
-def _sequence_classification_tensors(cfg: ModelConfig) -> list[Rule]:
-  """BERT's pooler (dense + tanh on the first token) and classifier; optional, so any BERT checkpoint can start
-  a classifier (what it lacks starts freshly initialised)."""
-  rules = [linear('bert.pooler.dense.weight', 'classifier.pooler'),
-           same('bert.pooler.dense.bias', 'classifier.pooler_bias')] if cfg.pooler else []
-  rules += [linear('classifier.weight', 'classifier.kernel'), same('classifier.bias', 'classifier.bias')]
-  return [dataclasses.replace(rule, optional=True) for rule in rules]
-
-
 class Bert(Family):
   """BertForMaskedLM (BertForPreTraining / BertModel checkpoints load too: their other heads are ignored), and
-  BertForSequenceClassification (config.json architectures) as model.head=classification with BERT's pooler: the
-  first token -> pooler (dense + tanh) -> classifier. Any BERT checkpoint can start a classifier
-  (--config.model.head=classification): tensors it lacks (pooler, classifier) start freshly initialised."""
+  BertForSequenceClassification (config.json architectures) with BERT's pooler: the first token -> pooler (dense
+  + tanh) -> classifier, as model.head=classification (num_labels >= 2) or model.head=reward (num_labels=1). Any
+  BERT checkpoint can start either (--config.model.head=classification / reward): tensors it lacks (pooler,
+  classifier) start freshly initialised."""
   model_types = ('bert',)
   arch = 'encoder_only'
-  architecture = 'BertForMaskedLM'
+  class_name, lm_class = 'Bert', 'ForMaskedLM'
+  HEADS = BERT_HEADS
   prefix = 'bert.'
   ignored = ('position_ids', 'bert.pooler.', 'cls.seq_relationship.', 'cls.predictions.decoder.')
   NO_TYPES = 2  # type_vocab_size written for a model without token types (all-zero table)
-  HEADS = {  # model.head -> how BertFor<Head.hf_class> checkpoints hold it
-      'lm': HeadMapping(tensors=_bert_mlm_tensors),
-      'classification': HeadMapping(section=_sequence_classification_section, config=_sequence_classification_config,
-                                    tensors=_sequence_classification_tensors,
-                                    mismatches=lambda cfg: _want(cfg, pooling='first', pooler=True)),
-  }
 
   def model_section(self, hf: dict) -> dict[str, Any]:
     if hf.get('position_embedding_type', 'absolute') != 'absolute':
       raise ConfigError(f'bert position_embedding_type={hf["position_embedding_type"]!r} is not supported '
                         '(only absolute).')
-    head = self._head_of(hf)
     return dict(arch='encoder_only', position='learned', norm='layer', norm_position='post',
                 mlp=_activation('bert', hf.get('hidden_act', 'gelu')), num_layers=hf['num_hidden_layers'],
                 num_heads=hf['num_attention_heads'], num_kv_heads=-1, d_model=hf['hidden_size'],
@@ -310,23 +423,13 @@ class Bert(Family):
                 attention_dropout=hf.get('attention_probs_dropout_prob', 0.1), use_bias=True, tie_embeddings=True,
                 norm_eps=hf.get('layer_norm_eps', 1e-12), init_std=hf.get('initializer_range', 0.02),
                 pad_id=_get(hf, 'pad_token_id', default=0), type_vocab_size=hf.get('type_vocab_size', 2),
-                embed_norm=True, **{'output_bias': True, **self.HEADS[head].section(hf)})
-
-  def _head_of(self, hf: dict) -> str:
-    """The model.head of a config.json: the head whose transformers class (Bert + Head.hf_class) it names."""
-    named = set(hf.get('architectures') or [])
-    return next((h for h in self.HEADS if heads.HEADS[h].hf_class and f'Bert{heads.HEADS[h].hf_class}' in named),
-                'lm')
-
-  def architecture_for(self, cfg: ModelConfig) -> str:
-    hf_class = heads.head_of(cfg).hf_class
-    return f'Bert{hf_class}' if hf_class else self.architecture
+                embed_norm=True, **{'output_bias': True, **self.head_section(hf)})
 
   def mismatches(self, cfg: ModelConfig) -> list[str]:
     return _want(cfg, arch='encoder_only', position='learned', norm='layer', norm_position='post',
                  mlp=tuple(_ACTIVATION_NAMES), use_bias=True, tie_embeddings=True, num_kv_heads=cfg.num_heads,
-                 head_dim=cfg.d_model // cfg.num_heads, attention_scale=-1.0, output_scale=1.0, embed_norm=True,
-                 head=tuple(self.HEADS)) + (self.HEADS[cfg.head].mismatches(cfg) if cfg.head in self.HEADS else [])
+                 head_dim=cfg.d_model // cfg.num_heads, attention_scale=-1.0, output_scale=1.0,
+                 embed_norm=True) + self.head_mismatches(cfg)
 
   def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
     return {**_common(cfg), 'hidden_size': cfg.d_model, 'num_hidden_layers': cfg.num_layers,
@@ -334,13 +437,13 @@ class Bert(Family):
             'max_position_embeddings': cfg.max_len, 'hidden_act': _ACTIVATION_NAMES[cfg.mlp],
             'hidden_dropout_prob': cfg.dropout, 'attention_probs_dropout_prob': cfg.attention_dropout,
             'layer_norm_eps': cfg.norm_eps, 'type_vocab_size': cfg.type_vocab_size or self.NO_TYPES,
-            'pad_token_id': max(cfg.pad_id, 0), 'tie_word_embeddings': True, **self.HEADS[cfg.head].config(cfg)}
+            'pad_token_id': max(cfg.pad_id, 0), 'tie_word_embeddings': True, **self.head_config(cfg)}
 
   def tensors(self, cfg: ModelConfig) -> list[Rule]:
     e = 'bert.embeddings'
     rules = [same(f'{e}.word_embeddings.weight', 'embed.embedding'),
              same(f'{e}.position_embeddings.weight', 'encoder.positions.embedding'),
-             *norm(f'{e}.LayerNorm', 'encoder.embed_norm'), *self.HEADS[cfg.head].tensors(cfg)]
+             *norm(f'{e}.LayerNorm', 'encoder.embed_norm'), *self.head_tensors(cfg)]
     # A jaxformer BERT without token types / output bias is saved with zeros there (the same logits).
     types = f'{e}.token_type_embeddings.weight'
     rules.append(same(types, 'token_type_embedding') if cfg.type_vocab_size else
@@ -364,7 +467,7 @@ class T5(Family):
   """T5ForConditionalGeneration: v1.0 (relu, tied, output rescale d_model**-0.5) and v1.1 (gated-gelu, untied)."""
   model_types = ('t5',)
   arch = 'encoder_decoder'
-  architecture = 'T5ForConditionalGeneration'
+  class_name, lm_class = 'T5', 'ForConditionalGeneration'
   ignored = ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight')
   MLPS = {'relu': 'relu', 'gated-gelu': 'geglu', 'gated-silu': 'swiglu', 'gelu': 'gelu', 'gelu_new': 'gelu'}
   _MLP_NAMES = {'relu': 'relu', 'geglu': 'gated-gelu', 'swiglu': 'gated-silu', 'gelu': 'gelu_new'}
@@ -386,14 +489,14 @@ class T5(Family):
                 pad_id=_get(hf, 'pad_token_id', default=0), attention_scale=1.0,
                 output_scale=hf['d_model'] ** -0.5 if rescale else 1.0,
                 relative_num_buckets=hf.get('relative_attention_num_buckets', 32),
-                relative_max_distance=hf.get('relative_attention_max_distance', 128))
+                relative_max_distance=hf.get('relative_attention_max_distance', 128), **self.head_section(hf))
 
   def mismatches(self, cfg: ModelConfig) -> list[str]:
     rescale = (cfg.d_model ** -0.5, 1.0)
     return _want(cfg, arch='encoder_decoder', position='relative', norm='rms', norm_position='pre',
                  mlp=tuple(self._MLP_NAMES), use_bias=False, num_kv_heads=cfg.num_heads, attention_scale=1.0,
-                 output_scale=rescale, qkv_bias=False, type_vocab_size=0, embed_norm=False, output_bias=False,
-                 head='lm')
+                 output_scale=rescale, qkv_bias=False, type_vocab_size=0, embed_norm=False,
+                 output_bias=False) + self.head_mismatches(cfg)
 
   def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
     out = {**_common(cfg), 'd_model': cfg.d_model, 'd_kv': cfg.head_dim, 'd_ff': cfg.d_ff,
@@ -505,11 +608,14 @@ def _rope_scaling_config(cfg: ModelConfig) -> dict[str, Any]:
 
 
 class Llama(Family):
-  """LlamaForCausalLM, and the families with its layout: Mistral, Qwen2 (bias on q/k/v only). RoPE scaling
-  (rope_type linear, dynamic, llama3, yarn) maps to model.rope_scaling and its model.rope_* keys."""
+  """LlamaForCausalLM, and the families with its layout: Mistral, Qwen2 (bias on q/k/v only); their
+  *ForSequenceClassification with num_labels=1 as model.head=reward. RoPE scaling (rope_type linear, dynamic,
+  llama3, yarn) maps to model.rope_scaling and its model.rope_* keys. A model is written as Qwen2 when it has q/k/v
+  biases only, else as Llama."""
   model_types = ('llama', 'mistral', 'qwen2')
   arch = 'decoder_only'
-  architecture = 'LlamaForCausalLM'
+  class_name, lm_class = 'Llama', 'ForCausalLM'
+  HEADS = DECODER_HEADS
   prefix = 'model.'
   ignored = ('rotary_emb.inv_freq', 'lm_head.weight')
 
@@ -541,29 +647,34 @@ class Llama(Family):
                 attention_dropout=hf.get('attention_dropout', 0.0), use_bias=mlp_bias,
                 qkv_bias=qkv_bias and not mlp_bias, tie_embeddings=hf.get('tie_word_embeddings', False),
                 norm_eps=hf.get('rms_norm_eps', 1e-6), rope_base=rope.get('rope_theta', hf.get('rope_theta', 1e4)),
-                init_std=hf.get('initializer_range', 0.02), pad_id=-1, **scaling)
+                init_std=hf.get('initializer_range', 0.02), pad_id=-1, **scaling, **self.head_section(hf))
 
   def mismatches(self, cfg: ModelConfig) -> list[str]:
     return _want(cfg, arch='decoder_only', position='rope', norm='rms', norm_position='pre', mlp='swiglu',
-                 output_scale=1.0, type_vocab_size=0, embed_norm=False, output_bias=False, attention_scale=-1.0,
-                 head='lm')
+                 output_scale=1.0, type_vocab_size=0, embed_norm=False, output_bias=False,
+                 attention_scale=-1.0) + self.head_mismatches(cfg)
+
+  def class_name_for(self, cfg: ModelConfig) -> str:
+    return 'Qwen2' if self._qwen(cfg) else 'Llama'
+
+  @staticmethod
+  def _qwen(cfg: ModelConfig) -> bool:
+    return cfg.qkv_bias and not cfg.use_bias
 
   def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
-    qwen = cfg.qkv_bias and not cfg.use_bias
-    out = {**_common(cfg), 'hidden_size': cfg.d_model, 'intermediate_size': cfg.d_ff,
+    out = {**_common(cfg), **self.head_config(cfg), 'hidden_size': cfg.d_model, 'intermediate_size': cfg.d_ff,
            'num_hidden_layers': cfg.num_layers, 'num_attention_heads': cfg.num_heads,
            'num_key_value_heads': cfg.num_kv_heads, 'head_dim': cfg.head_dim, 'hidden_act': 'silu',
            'max_position_embeddings': cfg.max_len, 'rms_norm_eps': cfg.norm_eps, 'rope_theta': cfg.rope_base,
            'attention_dropout': cfg.attention_dropout, 'tie_word_embeddings': cfg.tie_embeddings,
            **_rope_scaling_config(cfg)}
-    if qwen:
-      return {**out, 'model_type': 'qwen2', 'architectures': ['Qwen2ForCausalLM'], 'use_sliding_window': False}
+    if self._qwen(cfg):
+      return {**out, 'model_type': 'qwen2', 'use_sliding_window': False}
     return {**out, 'attention_bias': cfg.use_bias, 'mlp_bias': cfg.use_bias}
 
   def tensors(self, cfg: ModelConfig) -> list[Rule]:
-    rules = [same('model.embed_tokens.weight', 'embed.embedding'), *norm('model.norm', 'decoder.final_norm', False)]
-    if not cfg.tie_embeddings:
-      rules.append(linear('lm_head.weight', 'unembed.kernel'))
+    rules = [same('model.embed_tokens.weight', 'embed.embedding'), *norm('model.norm', 'decoder.final_norm', False),
+             *self.head_tensors(cfg)]
     qkv_bias = cfg.use_bias or cfg.qkv_bias
     for i in range(cfg.num_layers):
       hf, ours = f'model.layers.{i}', f'decoder.blocks.{i}'
