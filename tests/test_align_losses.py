@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import default
+from jaxformer import settings
 from jaxformer.align import losses
 
 REFERENCE = pathlib.Path(__file__).parent / 'fixtures' / 'align' / 'reference.json'
@@ -390,3 +392,57 @@ def test_gae_without_discount_is_reward_to_go_minus_value():
   scores = f32([3.0, 4.0, 0.0, 0.0, 0.0])
   rewards = np.asarray(L.ppo_rewards(scores, np.zeros_like(mask), np.zeros_like(mask), mask, kl_coef=0.05))
   assert rewards[0, 3] == 3.0 and rewards[1, 7] == 4.0 and np.count_nonzero(rewards) == 2
+
+
+# ----------------------------------------------------------------------- TRL's DPOTrainer on the GPT-2 fixture
+def test_gpt2_dpo_logps_and_loss_equal_trls():
+  """jaxformer's import of tests/fixtures/hf/gpt2, its framing of the (prompt, chosen, rejected) texts and the DPO
+  objective give TRL DPOTrainer's token ids, summed response log-probabilities and loss."""
+  from tests.test_hf_reward import model_with  # the abstract-shape build: no jitted init to compile
+  from jaxformer import hf
+  from jaxformer.align import pairwise
+  from jaxformer.data import rows as rows_lib
+  from jaxformer.data.hf_tokenizer import HFTokenizer
+  from jaxformer.data.sources import Preference
+
+  with open(REFERENCE, encoding='utf-8') as f:
+    ref = json.load(f)['gpt2_dpo']
+  directory = str(pathlib.Path(__file__).resolve().parents[1] / ref['model_dir'])
+  section = hf.model_section(directory)
+  model = model_with(section, hf.load_params(directory, section))
+  tok = HFTokenizer(directory)
+  config = default.get_config()
+  config.model.update(section)
+  config.data.update(seq_len=len(ref['input_ids'][0]) - 1)
+  config.align.method = 'dpo'
+  task = rows_lib.PreferenceTask(settings.of(config), tok, train=False)
+  pieces = task.tokenize([Preference(t['prompt'], t['chosen'], t['rejected'], 0.0) for t in ref['triples']])
+  b = len(ref['triples'])
+  batch = {k: [] for k in ('chosen_tokens', 'chosen_targets', 'rejected_tokens', 'rejected_targets')}
+  for i, piece in enumerate(pieces):
+    c_tokens, c_targets, r_tokens, r_targets, _ = task.item(piece, 0)
+    for side, tokens, targets, trl in (('chosen', c_tokens, c_targets, i), ('rejected', r_tokens, r_targets, b + i)):
+      n = int(sum(ref['attention_mask'][trl]))
+      assert list(tokens) + [ref['eos_token_id']] == ref['input_ids'][trl][:n]  # TRL's ids: prompt + response + EOS
+      scored = np.asarray(targets) != tok.unscored_target
+      np.testing.assert_array_equal(scored, np.asarray(ref['completion_mask'][trl][1:n], bool))
+      width = config.data.seq_len
+      batch[f'{side}_tokens'].append(np.pad(tokens, (0, width - len(tokens))))
+      batch[f'{side}_targets'].append(np.pad(targets, (0, width - len(targets)), constant_values=tok.unscored_target))
+  arrays = {k: jnp.asarray(np.stack(v)) for k, v in batch.items()}
+  for side in ('chosen', 'rejected'):
+    lengths = np.asarray([len(p[0 if side == 'chosen' else 3]) for p in pieces])
+    arrays[f'{side}_segment_ids'] = jnp.asarray((np.arange(config.data.seq_len)[None] < lengths[:, None]), jnp.int32)
+    arrays[f'{side}_positions'] = jnp.broadcast_to(jnp.arange(config.data.seq_len), (b, config.data.seq_len)).astype(
+        jnp.int32)
+  lp = pairwise.response_logps(model, arrays, tok.unscored_target, deterministic=True)
+  np.testing.assert_allclose(lp['chosen_logps'], ref['chosen_logps'], rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(lp['rejected_logps'], ref['rejected_logps'], rtol=1e-5, atol=1e-4)
+  np.testing.assert_array_equal(lp['chosen_tokens'], ref['chosen_tokens'])
+  dpo = ref['dpo']
+  arrays.update(ref_chosen_logps=jnp.asarray(dpo['ref_chosen_logps']), ref_rejected_logps=jnp.asarray(
+      dpo['ref_rejected_logps']))
+  config.align.update(beta=dpo['beta'], dpo_loss=dpo['loss_type'])
+  total, sums = pairwise.DPO().sums(model, arrays, settings.of(config), tok.unscored_target, deterministic=True)
+  assert float(sums['weight_sum']) == b
+  np.testing.assert_allclose(float(total) / b, dpo['loss'], rtol=1e-5)
