@@ -277,18 +277,25 @@ def _rows(workdir):
   return [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
 
 
-def test_grpo_runs_and_resumes_exactly(reward_module_on_path, sft, tmp_path):
-  config = online_config(reward_module_on_path, sft, 'grpo')
-  straight = align_app.run(config, str(tmp_path / 'straight'))
+def test_grpo_runs_and_resumes_exactly_and_sharded(reward_module_on_path, sft, tmp_path):
+  """Straight through on a data x fsdp x tensor mesh of 8 devices; stopped at step 2 and resumed on one device:
+  the same rollouts, rewards and updates (sharded = unsharded, resume = no stop)."""
+  # completion length as the reward: every group has different rewards (the tiny SFT model gets no sum right yet)
+  config = online_config(reward_module_on_path, sft, 'grpo', reward_fn='align_rewards_test:length')
+  sharded = config.copy_and_resolve_references()
+  sharded.mesh.update(data=2, fsdp=2, tensor=2)
+  straight = align_app.run(sharded, str(tmp_path / 'straight'))
   stopped = align_app.run(config, str(tmp_path / 'resumed'), stop_after_steps=2)
   assert stopped['stopped_by'] == 'stop_after_steps'
   resumed = align_app.run(config, str(tmp_path / 'resumed'))
   last = lambda d: [r for r in _rows(d) if 'train_loss' in r][-1]  # noqa: E731
-  for key in ('train_loss', 'train_reward_mean', 'train_kl', 'grad_norm'):
-    assert last(tmp_path / 'straight')[key] == pytest.approx(last(tmp_path / 'resumed')[key], rel=1e-5, abs=1e-7), key
+  # the sampled completions and so the rewards are identical; the float sums differ by reduction order on the mesh
+  tolerance = {'train_reward_mean': (0, 0), 'train_loss': (0, 1e-5), 'train_kl': (1e-3, 1e-6), 'grad_norm': (1e-4, 0)}
+  for key, (rel, abs_) in tolerance.items():
+    assert last(tmp_path / 'straight')[key] == pytest.approx(last(tmp_path / 'resumed')[key], rel=rel, abs=abs_), key
   assert straight['eval_reward_mean'] == pytest.approx(resumed['eval_reward_mean'])
   first = _rows(tmp_path / 'straight')[0]
-  assert set(ROLLOUT_KEYS) <= set(first) and 0.0 <= first['train_reward_mean'] <= 1.0
+  assert set(ROLLOUT_KEYS) <= set(first) and 0 < first['train_reward_mean'] <= first['train_completion_length']
   # step 1 samples from the reference itself: no KL, and the update's ratio starts at 1 (nothing clipped)
   assert abs(first['train_kl']) < 1e-6 and first['train_clip_fraction'] == 0.0
 
