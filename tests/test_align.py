@@ -211,6 +211,9 @@ def test_dpo_run_precomputed_reference_matches(files, sft, tmp_path):
   assert os.path.isfile(tmp_path / 'pre' / 'reference_logps.npz')
   for key in ('eval_loss', 'eval_reward_margin', 'train_loss'):
     assert abs(per_step[key] - pre[key]) < 1e-5, key
+  scored = eval_app.run(config, str(tmp_path / 'per_step'))  # eval.py --mode=score: the same reference, numbers
+  assert scored['loss'] == pytest.approx(per_step['eval_loss'], abs=1e-6) and scored['num_pairs'] == 24
+  assert scored['reward_margin'] == pytest.approx(per_step['eval_reward_margin'], abs=1e-6)
   rows = [json.loads(line) for line in open(tmp_path / 'per_step' / 'metrics.jsonl')]
   assert {'train_reward_accuracy', 'train_reward_margin', 'train_rewards_chosen', 'train_rewards_rejected',
           'train_logps_chosen', 'train_logps_rejected'} <= set(rows[0])

@@ -40,6 +40,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from jaxformer import align
 from jaxformer import data as data_lib
 from jaxformer import decoding
 from jaxformer import heads
@@ -197,7 +198,12 @@ def score_split(r: Restored, split: str) -> tuple[dict[str, Any], list[int]]:
   final=True); -1: all), computed as training computes them (the same Evaluator), so the loss is the eval_loss
   training logged at its last step. Returns (results, the indices of the scored batches)."""
   graphdef, params, rest = step_lib.split_model(r.model)
-  evaluator = Evaluator(r.resolved, graphdef, split)
+  objective = align.objective_of(r.config)
+  reference = None
+  if objective is not None and objective.needs_reference:  # DPO: scored against the run's frozen start
+    abstract = state_lib.abstract_model(r.config, r.mesh, r.rules)[1]
+    reference = state_lib.reference_params(r.config, abstract, r.mesh, r.rules)
+  evaluator = Evaluator(r.resolved, graphdef, split, reference)
   return evaluator.results(params, rest), evaluator.scored
 
 
