@@ -61,9 +61,14 @@ def unknown_override(config: ml_collections.ConfigDict, argv: Sequence[str], fla
       siblings = [k for k in keys if k.rpartition('.')[0] == parent]
       close = difflib.get_close_matches(leaf, [k.rpartition('.')[2] for k in siblings], n=3, cutoff=0.5)
       close = [f'{parent}.{c}' if parent else c for c in close]
-    else:  # a wrong section: compare whole keys of the same depth
+    else:  # a wrong section: the same key in the closest section, else whole keys of the same depth
       siblings = [k for k in keys if '.' not in k]
-      close = difflib.get_close_matches(key, [k for k in keys if k.count('.') == key.count('.')], n=3, cutoff=0.6)
+      section = difflib.get_close_matches(parent, [k for k in keys if k.count('.') == parent.count('.')], n=1,
+                                          cutoff=0.6)
+      if section and f'{section[0]}.{leaf}' in known:
+        close = [f'{section[0]}.{leaf}']
+      else:
+        close = difflib.get_close_matches(key, [k for k in keys if k.count('.') == key.count('.')], n=3, cutoff=0.6)
     if close:
       hint = f'did you mean {" or ".join(f"--{flag}.{c}" for c in close)}?'
     else:
