@@ -35,7 +35,7 @@ _PAIRS = dict(data=dict(source=f'jsonl:{DATA}/pairs_{{split}}.jsonl', pack=False
                          log_every=20, eval_every=100, steps_per_call=1))
 _ONLINE = dict(data=dict(source=f'jsonl:{DATA}/prompts_{{split}}.jsonl', pack=False),
                checkpoint=dict(init_from=SFT, every_steps=100),
-               train=dict(num_steps=300, warmup_steps=5, learning_rate=3e-4, min_learning_rate=0.0, log_every=20,
+               train=dict(num_steps=500, warmup_steps=5, learning_rate=5e-4, min_learning_rate=0.0, log_every=20,
                           eval_every=100, steps_per_call=1),
                decode=dict(temperature=1.0, top_k=0, top_p=1.0))
 _REWARD_FN = 'benchmarks.preferences.rewards:exact_match'
@@ -44,8 +44,8 @@ VARIANTS = {
     'reward': {**_PAIRS, 'model': dict(head='reward'), 'train': dict(_PAIRS['train'], learning_rate=1e-3)},
     'dpo': {**_PAIRS, 'align': dict(method='dpo', beta=0.1)},
     'simpo': {**_PAIRS, 'align': dict(method='simpo', beta=2.0, gamma=0.5)},
-    **{method: {**_ONLINE, 'align': dict(method=method, reward_fn=_REWARD_FN, prompts_per_step=16, num_generations=8,
-                                         max_new_tokens=4)}
+    **{method: {**_ONLINE, 'align': dict(method=method, reward_fn=_REWARD_FN, prompts_per_step=32, num_generations=8,
+                                         max_new_tokens=4, kl_coef=0.01)}
        for method in ('grpo', 'rloo', 'ppo')},
 }
 

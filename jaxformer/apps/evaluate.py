@@ -349,26 +349,31 @@ def _prompts_of_file(path: str) -> tuple[str, ...]:
   lines = _read_lines(path)
   if not path.endswith('.jsonl'):
     return tuple(lines)
-  return tuple(str(row['prompt']) for row in _jsonl_rows(path, lines, ('prompt',)))
+  return tuple(row['prompt'] for row in _jsonl_rows(path, ('prompt',)))
 
 
-def _jsonl_rows(path: str, lines: Sequence[str], keys: Sequence[str]) -> list[dict[str, Any]]:
-  """The JSON objects of a .jsonl --input, each with `keys` (strings); one EvalError line naming file:line."""
-  rows = []
-  for number, line in enumerate(lines, start=1):
-    if not line.strip():
-      continue
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise EvalError(f'{path}:{number}: not valid JSON ({e.msg}); each line must be an object with '
-                      f'{", ".join(keys)}.') from None
-    missing = [k for k in keys if not isinstance(row, dict) or not isinstance(row.get(k), str)]
-    if missing:
-      raise EvalError(f'{path}:{number}: no string {missing[0]!r} field; each line must be an object with '
-                      f'{", ".join(keys)}.')
-    rows.append(row)
-  return rows
+def _jsonl_rows(path: str, keys: Sequence[str]) -> list[dict[str, str]]:
+  """{key: string} of each line of a .jsonl --input (one `error:` line naming file:line for a bad one)."""
+  wanted = ' and '.join(repr(k) for k in keys) + ' fields'
+  return [{k: data_lib.string_field(record, k, where, None) for k in keys}
+          for where, record in data_lib.jsonl_records([path], wanted)]
+
+
+def _write_lines(path: str, lines: Sequence[str]) -> None:
+  """One line per item to `path` (process 0)."""
+  if jax.process_index() == 0:
+    with open(path, 'w', encoding='utf-8') as f:
+      f.write(''.join(line + '\n' for line in lines))
+
+
+def _emit(lines: Sequence[str], output: str | None, done: str) -> None:
+  """The lines to --output (then `done`, a one-line summary, is printed), or printed one per line."""
+  if output:
+    _write_lines(output, lines)
+    _log(f'{done} -> {output}')
+  else:
+    for line in lines:
+      _log(line)
 
 
 def best_of_n(r: Restored, prompts: Sequence[str], reward_model: RewardModel) -> tuple[list[str], list[dict]]:
@@ -409,10 +414,8 @@ def generate(r: Restored, q: Request) -> dict[str, Any]:
   else:
     texts = generate_texts(r, q.prompts)
   if q.input_path and q.output:
-    if jax.process_index() == 0:
-      with open(q.output, 'w', encoding='utf-8') as f:
-        for i, (p, t) in enumerate(zip(q.prompts, texts)):
-          f.write(json.dumps({'prompt': p, 'output': t, **(details[i] if details else {})}) + '\n')
+    _write_lines(q.output, [json.dumps({'prompt': p, 'output': t, **(details[i] if details else {})})
+                            for i, (p, t) in enumerate(zip(q.prompts, texts))])
     _log(f'generated {len(texts)} completions -> {q.output}')
   else:
     for i, (p, t) in enumerate(zip(q.prompts, texts)):
@@ -434,18 +437,11 @@ def reward(r: Restored, q: Request) -> dict[str, Any]:
   if r.config.model.head != 'reward':
     raise EvalError(f'--mode=reward scores texts with a reward model; {r.resolved.workdir} is a model.head='
                     f'{r.config.model.head} run (train one with --config.model.head=reward).')
-  rows = _jsonl_rows(q.input_path, q.lines, ('prompt', 'response'))
+  rows = _jsonl_rows(q.input_path, ('prompt', 'response'))
   model = RewardModel(r, batch_size=r.config.decode.batch_size)
   rewards = model.score([row['prompt'] for row in rows], [row['response'] for row in rows])
-  lines = [json.dumps({'reward': float(x)}) for x in rewards]
-  if q.output:
-    if jax.process_index() == 0:
-      with open(q.output, 'w', encoding='utf-8') as f:
-        f.write(''.join(line + '\n' for line in lines))
-    _log(f'scored {len(lines)} responses -> {q.output} (mean reward {float(np.mean(rewards)):.4f})')
-  else:
-    for line in lines:
-      _log(line)
+  _emit([json.dumps({'reward': float(x)}) for x in rewards], q.output,
+        f'scored {len(rewards)} responses (mean reward {float(np.mean(rewards)):.4f})')
   return {'step': r.step, 'mode': 'reward', 'rewards': [float(x) for x in rewards]}
 
 
@@ -458,14 +454,7 @@ def translate(r: Restored, q: Request) -> dict[str, Any]:
   if cut:
     _warn(f'{cut} of {len(q.lines)} lines of {q.input_path} are longer than data.src_seq_len='
           f'{r.config.data.src_seq_len} tokens (EOS included) and were cut to that length before translating.')
-  if q.output:
-    if jax.process_index() == 0:
-      with open(q.output, 'w', encoding='utf-8') as f:
-        f.write(''.join(t + '\n' for t in texts))
-    _log(f'translated {len(q.lines)} lines -> {q.output}')
-  else:
-    for t in texts:
-      _log(t)
+  _emit(texts, q.output, f'translated {len(q.lines)} lines')
   return {'step': r.step, 'mode': 'translate', 'outputs': texts}
 
 

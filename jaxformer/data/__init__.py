@@ -44,6 +44,7 @@ from jaxformer.data.rows import mask_tokens
 from jaxformer.data.rows import model_inputs
 from jaxformer.data.rows import frame_response, response_rows
 from jaxformer.data.prompts import PromptIterator
+from jaxformer.data.sources import jsonl_records, string_field
 from jaxformer.data.rows import TASKS
 from jaxformer.data.sources import builtin_lm_entropy
 from jaxformer.data.sources import data_dir_for

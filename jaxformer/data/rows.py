@@ -421,11 +421,8 @@ class ClassificationTask(Task):
   name = 'classification'
 
   def tokenize(self, examples):
-    bad = [e for e in examples if not isinstance(e, Labelled)]
-    if bad:
-      raise DataError('model.head=classification needs labelled examples, and this data.source gives '
-                      f'{type(bad[0]).__name__} ones; use data.source=jsonl:<file> with text (or text_a / text_b) and '
-                      'label fields.')
+    _require(examples, Labelled, 'model.head=classification needs labelled examples',
+             'text (or text_a / text_b) and label fields')
     tok = self.tokenizer
     a_ids = tok.encode_batch([e.text_a for e in examples])
     pairs = [i for i, e in enumerate(examples) if e.text_b]
@@ -496,11 +493,8 @@ class PreferenceTask(Task):
     return frame_response(self.tokenizer, prompt, response, self.seq_len, next_token=self.next_token)
 
   def tokenize(self, examples):
-    bad = [e for e in examples if not isinstance(e, Preference)]
-    if bad:
-      raise DataError('preference pairs are needed (model.head=reward, align.method=dpo / simpo), and this '
-                      f'data.source gives {type(bad[0]).__name__} examples; use data.source=jsonl:<file> with prompt, '
-                      'chosen and rejected fields.')
+    _require(examples, Preference, 'preference pairs are needed (model.head=reward, align.method=dpo / simpo)',
+             'prompt, chosen and rejected fields')
     enc = self.tokenizer.encode_batch
     prompts, chosen, rejected = (enc([getattr(e, f) for e in examples]) for f in ('prompt', 'chosen', 'rejected'))
     return [(*self.frame(p, c), *self.frame(p, r), float(e.margin))
@@ -550,6 +544,14 @@ class PreferenceTask(Task):
       rows[f'{side}_segment_ids'][i, :n] = 1
       rows[f'{side}_positions'][i, :n] = np.arange(n, dtype=np.int32)
     rows['margin'][i] = margin
+
+
+def _require(examples: Sequence[Any], kind: type, need: str, fields: str) -> None:
+  """A one-line DataError when a Task gets examples of another kind than it reads."""
+  bad = [e for e in examples if not isinstance(e, kind)]
+  if bad:
+    raise DataError(f'{need}, and this data.source gives {type(bad[0]).__name__} examples; use '
+                    f'data.source=jsonl:<file> with {fields}.')
 
 
 def frame_response(tokenizer: Tokenizer, prompt: Sequence[int], response: Sequence[int], seq_len: int, *,

@@ -56,28 +56,39 @@ POOLINGS: dict[str, Callable[[Array, Array], Array]] = {'first': _first, 'mean':
 DEFAULT_POOLING = {'encoder_only': 'first', 'decoder_only': 'last'}
 
 
-class ClassificationHead(nnx.Module):
-  """pool -> [pooler: dense + tanh] -> dropout -> dense [D, num_classes] (+ bias) -> float32 logits."""
+class PooledOutput(nnx.Module):
+  """pool -> [pooler: dense + tanh] -> dropout -> dense [D, outputs] (+ bias) -> float32 [B, outputs]: the output
+  module of the heads that read one vector per row (classification; reward, with one output)."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, outputs: int, *, bias: bool, rngs: nnx.Rngs):
     pdt, self.dtype = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
     self.pool = POOLINGS[cfg.pooling]
     init = layers.normal(cfg.init_std)
     self.pooler = layers.param(rngs, init, (cfg.d_model, cfg.d_model), (None, 'embed'), pdt) if cfg.pooler else None
     self.pooler_bias = layers.param(rngs, layers.zeros, (cfg.d_model,), ('embed',), pdt) if cfg.pooler else None
-    self.kernel = layers.param(rngs, init, (cfg.d_model, cfg.num_classes), ('embed', None), pdt)
-    self.bias = layers.param(rngs, layers.zeros, (cfg.num_classes,), (None,), pdt)
+    self.kernel = layers.param(rngs, init, (cfg.d_model, outputs), ('embed', None), pdt)
+    self.bias = layers.param(rngs, layers.zeros, (outputs,), (None,), pdt) if bias else None
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
-  def __call__(self, h: Array, segment_ids: Array, *, deterministic: bool = True) -> Array:
-    """h [B,T,D], segment_ids [B,T] (0 = padding) -> logits [B, num_classes] (float32)."""
+  def pooled_output(self, h: Array, segment_ids: Array, deterministic: bool) -> Array:
+    """h [B,T,D], segment_ids [B,T] (0 = padding) -> [B, outputs] (float32)."""
     x = self.pool(h.astype(self.dtype), segment_ids != 0)
     if self.pooler is not None:
       x = jnp.tanh(layers.matmul(x, self.pooler[...].astype(self.dtype)) + self.pooler_bias[...].astype(self.dtype))
     x = self.dropout(x, deterministic=deterministic)
-    logits = layers.matmul(x, self.kernel[...].astype(self.dtype), out_dtype=jnp.float32)
-    logits = logits + self.bias[...].astype(jnp.float32)
-    return logical.constrain(logits, CLASS_LOGITS)
+    out = layers.matmul(x, self.kernel[...].astype(self.dtype), out_dtype=jnp.float32)
+    return out if self.bias is None else out + self.bias[...].astype(jnp.float32)
+
+
+class ClassificationHead(PooledOutput):
+  """PooledOutput with model.num_classes outputs and a bias -> float32 logits [B, num_classes]."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    super().__init__(cfg, cfg.num_classes, bias=True, rngs=rngs)
+
+  def __call__(self, h: Array, segment_ids: Array, *, deterministic: bool = True) -> Array:
+    """h [B,T,D], segment_ids [B,T] (0 = padding) -> logits [B, num_classes] (float32)."""
+    return logical.constrain(self.pooled_output(h, segment_ids, deterministic), CLASS_LOGITS)
 
 
 class Classification(Head):

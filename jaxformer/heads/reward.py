@@ -17,40 +17,25 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer import logical
 from jaxformer.heads.base import Head
-from jaxformer.heads.classification import DEFAULT_POOLING, POOLINGS
-from jaxformer.model import layers
+from jaxformer.heads.classification import DEFAULT_POOLING, PooledOutput
 
 Array = jax.Array
 
 
-class RewardHead(nnx.Module):
-  """pool -> [pooler: dense + tanh] -> dense [D, 1] (+ a bias with the pooler) -> float32 rewards [B]."""
+class RewardHead(PooledOutput):
+  """PooledOutput with one output, and a bias only with BERT's pooler (transformers' GPT-2 / Llama / Qwen2 `score`
+  layers have none) -> float32 rewards [B]."""
 
   def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
-    pdt, self.dtype = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
-    self.pool = POOLINGS[cfg.pooling]
-    init = layers.normal(cfg.init_std)
-    self.pooler = layers.param(rngs, init, (cfg.d_model, cfg.d_model), (None, 'embed'), pdt) if cfg.pooler else None
-    self.pooler_bias = layers.param(rngs, layers.zeros, (cfg.d_model,), ('embed',), pdt) if cfg.pooler else None
-    self.kernel = layers.param(rngs, init, (cfg.d_model, 1), ('embed', None), pdt)
-    self.bias = layers.param(rngs, layers.zeros, (1,), (None,), pdt) if cfg.pooler else None
-    self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+    super().__init__(cfg, 1, bias=cfg.pooler, rngs=rngs)
 
   def __call__(self, h: Array, segment_ids: Array, *, deterministic: bool = True) -> Array:
     """h [B,T,D], segment_ids [B,T] (0 = padding) -> rewards [B] (float32)."""
-    x = self.pool(h.astype(self.dtype), segment_ids != 0)
-    if self.pooler is not None:
-      x = jnp.tanh(layers.matmul(x, self.pooler[...].astype(self.dtype)) + self.pooler_bias[...].astype(self.dtype))
-    x = self.dropout(x, deterministic=deterministic)
-    reward = layers.matmul(x, self.kernel[...].astype(self.dtype), out_dtype=jnp.float32)[:, 0]
-    if self.bias is not None:
-      reward = reward + self.bias[...].astype(jnp.float32)[0]
-    return logical.constrain(reward, ('batch',))
+    return logical.constrain(self.pooled_output(h, segment_ids, deterministic)[:, 0], ('batch',))
 
 
 class Reward(Head):

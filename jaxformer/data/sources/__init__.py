@@ -22,7 +22,7 @@ from jaxformer.data.sources.base import (Example, Instruction, Labelled, ListSpl
                                          data_dir_for)
 from jaxformer.data.sources.builtin import (NUMBER_SPLITS, SyntheticLanguage, builtin_lm_entropy, number_to_words,
                                             synthetic_language)
-from jaxformer.data.sources.local import TEXT_CHUNK_CHARS, TEXT_SPLIT_FRACTION
+from jaxformer.data.sources.local import TEXT_CHUNK_CHARS, TEXT_SPLIT_FRACTION, jsonl_records, string_field
 from jaxformer.data.sources.tfds import TfdsSplit
 
 SOURCES: dict[str, SourceFactory] = {

@@ -327,7 +327,7 @@ def _labelled(paths: Sequence[str], config: Any) -> list[tuple[str, str, str]]:
   text_key, key_a, key_b, label_key = _classification_keys(config)
   names, num_classes = label_names(config), int(config.model.num_classes)
   out = []
-  for where, record in _records(paths, f'a {text_key!r} (or {key_a!r} and {key_b!r}) and a {label_key!r} field'):
+  for where, record in jsonl_records(paths, f'a {text_key!r} (or {key_a!r} and {key_b!r}) and a {label_key!r} field'):
     has = lambda: ", ".join(map(str, record)) or "none"  # noqa: E731
     if text_key in record:
       texts = (record[text_key], '')
@@ -348,7 +348,7 @@ def _labelled(paths: Sequence[str], config: Any) -> list[tuple[str, str, str]]:
   return out
 
 
-def _records(paths: Sequence[str], wanted: str):
+def jsonl_records(paths: Sequence[str], wanted: str):
   """(file:line, JSON object) of every non-blank line; DataError naming file:line for a line that is not one."""
   for path in paths:
     for number, line in enumerate(read_lines(path), start=1):
@@ -365,10 +365,12 @@ def _records(paths: Sequence[str], wanted: str):
       yield where, record
 
 
-def _string_field(record: dict, key: str, where: str, setting: str, *, empty_ok: bool = True) -> str:
+def string_field(record: dict, key: str, where: str, setting: str | None, *, empty_ok: bool = True) -> str:
+  """record[key] as a string; a one-line DataError naming file:line (`where`) and the config key that names the
+  field (`setting`, if any) when it is missing, not a string, or (not empty_ok) blank."""
   if key not in record:
-    raise DataError(f'{where}: no {key!r} field (the line has: {", ".join(map(str, record)) or "none"}); add it, or '
-                    f'set {setting} to the field that holds it.')
+    fix = f'add it, or set {setting} to the field that holds it' if setting else 'add it'
+    raise DataError(f'{where}: no {key!r} field (the line has: {", ".join(map(str, record)) or "none"}); {fix}.')
   value = record[key]
   if not isinstance(value, str):
     raise DataError(f'{where}: field {key!r} is a JSON {type(value).__name__}, not a string.')
@@ -385,13 +387,13 @@ def _preferences(paths: Sequence[str], config: Any) -> list[tuple[str, str, str,
   ranking_key, margin_key = str(data.responses_key), str(data.margin_key)
   out = []
   wanted = f'{prompt_key!r} and {chosen_key!r} + {rejected_key!r} (or a ranking {ranking_key!r}) fields'
-  for where, record in _records(paths, wanted):
-    prompt = _string_field(record, prompt_key, where, 'data.prompt_key')
+  for where, record in jsonl_records(paths, wanted):
+    prompt = string_field(record, prompt_key, where, 'data.prompt_key')
     if ranking_key in record and chosen_key not in record:
       ranking = record[ranking_key]
       if not isinstance(ranking, list) or len(ranking) < 2:
         raise DataError(f'{where}: field {ranking_key!r} must be a list of at least two responses, best first.')
-      responses = [_string_field({ranking_key: r}, ranking_key, where, 'data.responses_key', empty_ok=False)
+      responses = [string_field({ranking_key: r}, ranking_key, where, 'data.responses_key', empty_ok=False)
                    for r in ranking]
       out += [(prompt, responses[i], responses[j], '0') for i in range(len(responses))
               for j in range(i + 1, len(responses))]
@@ -400,8 +402,8 @@ def _preferences(paths: Sequence[str], config: Any) -> list[tuple[str, str, str,
       raise DataError(f'{where}: no {chosen_key!r} / {rejected_key!r} fields nor a ranking {ranking_key!r} (the line '
                       f'has: {", ".join(map(str, record)) or "none"}); add them, or set data.chosen_key / '
                       'data.rejected_key / data.responses_key.')
-    chosen = _string_field(record, chosen_key, where, 'data.chosen_key', empty_ok=False)
-    rejected = _string_field(record, rejected_key, where, 'data.rejected_key', empty_ok=False)
+    chosen = string_field(record, chosen_key, where, 'data.chosen_key', empty_ok=False)
+    rejected = string_field(record, rejected_key, where, 'data.rejected_key', empty_ok=False)
     margin = record.get(margin_key, 0.0)
     if isinstance(margin, bool) or not isinstance(margin, (int, float)):
       raise DataError(f'{where}: field {margin_key!r} is {json.dumps(margin)}, not a number.')
@@ -413,8 +415,8 @@ def _prompts(paths: Sequence[str], config: Any) -> list[tuple[str, str]]:
   """(prompt, the line's other fields as JSON) of every line."""
   key = str(config.data.prompt_key)
   out = []
-  for where, record in _records(paths, f'a {key!r} field'):
-    prompt = _string_field(record, key, where, 'data.prompt_key', empty_ok=False)
+  for where, record in jsonl_records(paths, f'a {key!r} field'):
+    prompt = string_field(record, key, where, 'data.prompt_key', empty_ok=False)
     out.append((prompt, json.dumps({k: v for k, v in record.items() if k != key}, sort_keys=True)))
   return out
 
