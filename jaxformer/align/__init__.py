@@ -58,6 +58,10 @@ def _check_online(config: Any) -> None:
                       'reward run> and/or align.reward_fn=<module:function>.')
   for key in ('prompts_per_step', 'num_generations', 'max_new_tokens', 'updates_per_batch'):
     check_positive(f'align.{key}', getattr(align, key))
+  if align.max_new_tokens >= config.data.seq_len:
+    raise ConfigError(f'align.max_new_tokens={align.max_new_tokens} leaves no room for the prompt in data.seq_len='
+                      f'{config.data.seq_len} (the rollout rows hold prompt + completion); raise data.seq_len (and '
+                      'model.max_len).')
   if align.method in ('grpo', 'rloo') and align.num_generations < 2:
     raise ConfigError(f'align.method={align.method} compares completions of the same prompt: align.num_generations '
                       f'must be >= 2 (it is {align.num_generations}).')

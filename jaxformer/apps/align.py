@@ -55,9 +55,6 @@ class OnlineTrainer(train_app.Trainer):
     if self.rows_per_step % shards:
       raise ConfigError(f'align.prompts_per_step x align.num_generations = {self.rows_per_step} rows per rollout must '
                         f'be divisible by the {shards} devices the batch is split over; change either.')
-    if a.max_new_tokens >= r.config.data.seq_len:
-      raise ConfigError(f'align.max_new_tokens={a.max_new_tokens} leaves no room for the prompt in data.seq_len='
-                        f'{r.config.data.seq_len} (the rollout rows); raise data.seq_len (and model.max_len).')
     super().__init__(r)
     config = self.config
     graphdef = self.setup.graphdef
