@@ -41,7 +41,8 @@ _ONLINE = dict(data=dict(source=f'jsonl:{DATA}/prompts_{{split}}.jsonl', pack=Fa
 _REWARD_FN = 'benchmarks.preferences.rewards:exact_match'
 VARIANTS = {
     'sft': {},
-    'reward': {**_PAIRS, 'model': dict(head='reward'), 'train': dict(_PAIRS['train'], learning_rate=1e-3)},
+    'reward': {**_PAIRS, 'model': dict(head='reward'),
+               'train': dict(_PAIRS['train'], batch_size=64, num_steps=400, eval_every=200)},
     'dpo': {**_PAIRS, 'align': dict(method='dpo', beta=0.1)},
     'simpo': {**_PAIRS, 'align': dict(method='simpo', beta=2.0, gamma=0.5)},
     **{method: {**_ONLINE, 'align': dict(method=method, reward_fn=_REWARD_FN, prompts_per_step=32, num_generations=8,

@@ -307,10 +307,14 @@ def test_grpo_runs_and_resumes_exactly_and_sharded(reward_module_on_path, sft, t
 def test_rloo_and_ppo_run(reward_module_on_path, sft, tmp_path, method):
   config = online_config(reward_module_on_path, sft, method, reward_fn='align_rewards_test:length')
   config.train.update(num_steps=2, eval_every=2)
+  if method == 'rloo':  # under LoRA: the reference is the base with the fresh adapters
+    config.peft.update(method='lora', targets='all', rank=4)
   result = align_app.run(config, str(tmp_path / method))
   first = _rows(tmp_path / method)[0]
   assert set(ROLLOUT_KEYS) <= set(first) and 'eval_reward_mean' in result
   assert abs(first['train_kl']) < 1e-6
+  if method == 'rloo':
+    assert first['num_trainable_params'] < first['num_params'] / 2
   if method == 'ppo':  # the value head trains with the policy
     assert first['train_value_loss'] > 0 and 'train_vf_clip_fraction' in first
 

@@ -75,17 +75,14 @@ def preference_accuracy(workdir: str) -> float:
   import jax
   import numpy as np
   from jaxformer import data as data_lib
-  from jaxformer import settings
   from jaxformer import sharding as shd
   from jaxformer.align import pairwise
   from jaxformer.apps import evaluate
   from configs import preferences_tiny
 
-  config = preferences_tiny.get_config('dpo')
-  config.checkpoint.init_from = ''
-  with open(os.path.join(REPO, workdir, 'config.json'), encoding='utf-8') as f:
-    config.model.update(settings.upgrade_saved(json.load(f)).model)
-  r = evaluate.restore(config, os.path.join(REPO, workdir))
+  config = preferences_tiny.get_config('dpo')  # the pairs, read as a DPO run reads them
+  r = evaluate.restore(config, os.path.join(REPO, workdir),
+                       overrides=['data.source', 'data.pack', 'data.seq_len', 'align.method', 'checkpoint.init_from'])
   unscored = r.tokenizer.unscored_target
   layout = shd.data_layout(r.mesh, r.rules, 50)
   fn = jax.jit(lambda batch: pairwise.response_logps(r.model, batch, unscored, deterministic=True))
