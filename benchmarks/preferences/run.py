@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -103,11 +104,15 @@ def main() -> None:
   args = parser.parse_args()
   only = args.only.split(',')
   wd = lambda name: f'{args.runs}_{name}'  # noqa: E731
-  train = lambda variant, *flags: sh([sys.executable, 'train.py', f'--config=configs/preferences_tiny.py:{variant}',  # noqa: E731
-                                      f'--workdir={wd(variant)}', f'--config.checkpoint.init_from={wd("sft")}',
-                                      *flags])
+
+  def train(variant: str) -> float:
+    shutil.rmtree(os.path.join(REPO, wd(variant)), ignore_errors=True)  # each stage from scratch (train.py resumes)
+    return sh([sys.executable, 'train.py', f'--config=configs/preferences_tiny.py:{variant}', f'--workdir={wd(variant)}',
+               f'--config.checkpoint.init_from={wd("sft")}'])
+
   table, results = [], {}
   if 'sft' in only or not os.path.isdir(os.path.join(REPO, wd('sft'))):
+    shutil.rmtree(os.path.join(REPO, wd('sft')), ignore_errors=True)
     seconds = sh([sys.executable, 'train.py', '--config=configs/preferences_tiny.py', f'--workdir={wd("sft")}'])
     results['sft'] = dict(seconds=seconds, eval_loss=last(wd('sft'), 'eval_loss'))
   base = greedy_accuracy(wd('sft'))
