@@ -5,7 +5,9 @@ the table of benchmarks/RESULTS.md.
 
 Stages (configs/preferences_tiny.py's variants; each later one starts from the SFT run):
   sft            supervised fine-tuning on 2-digit sums (sft_{split}.jsonl, mostly carry-free)
-  reward         a reward model on pairs_{split}.jsonl (chosen = the right sum): held-out pair accuracy
+  reward         label the SFT model's samples of the training prompts (exact match stands in for the human
+                 rankers: each wrong sample ranks below the sum), then a reward model on those pairs + the committed
+                 pairs_train.jsonl (chosen = the right sum): accuracy on the held-out pairs_validation.jsonl
   dpo / simpo    on the same pairs: the policy's preference accuracy (log p(chosen) > log p(rejected) on held-out
                  pairs) and its greedy exact match on held-out prompts, before -> after
   grpo/rloo/ppo  on prompts_{split}.jsonl with the exact-match reward_fn: held-out greedy exact match before -> after
@@ -59,10 +61,10 @@ def exact(outputs: list[str], rows_: list[dict]) -> float:
   return sum(o.strip() == r['answer'] for o, r in zip(outputs, rows_)) / len(rows_)
 
 
-def generate(workdir: str, out: str, *flags: str) -> list[dict]:
-  """eval.py --mode=generate over the held-out prompts -> its output lines."""
+def generate(workdir: str, out: str, *flags: str, prompts: str = PROMPTS) -> list[dict]:
+  """eval.py --mode=generate over a prompts file (default: the held-out prompts) -> its output lines."""
   sh([sys.executable, 'eval.py', '--config=configs/preferences_tiny.py', f'--workdir={workdir}', '--mode=generate',
-      f'--input={PROMPTS}', f'--output={out}', *flags])
+      f'--input={prompts}', f'--output={out}', *flags])
   with open(os.path.join(REPO, out), encoding='utf-8') as f:
     return [json.loads(line) for line in f if line.strip()]
 
@@ -97,6 +99,28 @@ def preference_accuracy(workdir: str) -> float:
   return right / total
 
 
+def label_pairs(sft: str, stem: str, samples: int = 4) -> int:
+  """The RLHF labelling step, with exact match standing in for the human rankers: `samples` sampled completions of
+  the SFT model for each training prompt; every distinct wrong one becomes a pair (the right sum > it). Written with
+  the committed synthetic pairs to STEM_train.jsonl (validation: the committed held-out pairs, unchanged)."""
+  with open(os.path.join(REPO, DATA, 'prompts_train.jsonl'), encoding='utf-8') as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  repeated = os.path.join(REPO, f'{stem}_prompts.jsonl')
+  with open(repeated, 'w', encoding='utf-8') as f:
+    f.writelines(json.dumps({'prompt': r['prompt']}) + '\n' for r in rows for _ in range(samples))
+  out = generate(sft, f'{stem}_samples.jsonl', '--config.decode.method=sample', prompts=repeated)
+  pairs = []
+  for i, r in enumerate(rows):
+    wrong = sorted({x['output'].strip() for x in out[i * samples:(i + 1) * samples]} - {r['answer'], ''})
+    pairs += [json.dumps({'prompt': r['prompt'], 'chosen': r['answer'], 'rejected': w}) + '\n' for w in wrong]
+  for split in ('train', 'validation'):
+    with open(os.path.join(REPO, DATA, f'pairs_{split}.jsonl'), encoding='utf-8') as f:
+      committed = f.readlines()
+    with open(os.path.join(REPO, f'{stem}_{split}.jsonl'), 'w', encoding='utf-8') as f:
+      f.writelines(committed + (pairs if split == 'train' else []))
+  return len(pairs)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--runs', default='runs/pref', help='the workdirs go under this folder')
@@ -105,10 +129,10 @@ def main() -> None:
   only = args.only.split(',')
   wd = lambda name: f'{args.runs}_{name}'  # noqa: E731
 
-  def train(variant: str) -> float:
+  def train(variant: str, *flags: str) -> float:
     shutil.rmtree(os.path.join(REPO, wd(variant)), ignore_errors=True)  # each stage from scratch (train.py resumes)
     return sh([sys.executable, 'train.py', f'--config=configs/preferences_tiny.py:{variant}', f'--workdir={wd(variant)}',
-               f'--config.checkpoint.init_from={wd("sft")}'])
+               f'--config.checkpoint.init_from={wd("sft")}', *flags])
 
   table, results = [], {}
   if 'sft' in only or not os.path.isdir(os.path.join(REPO, wd('sft'))):
@@ -119,9 +143,13 @@ def main() -> None:
   results['sft_exact_match'] = base
   table.append(('SFT', 'held-out exact match (greedy)', '-', f'{base:.3f}', '-', results.get('sft', {}).get('seconds')))
   if 'reward' in only or 'best_of_n' in only:
-    seconds = train('reward')
+    start = time.perf_counter()
+    labelled = label_pairs(wd('sft'), wd('labelled'))  # + the SFT model's own wrong samples, ranked below the sum
+    seconds = time.perf_counter() - start
+    seconds += train('reward', f'--config.data.source=jsonl:{wd("labelled")}_{{split}}.jsonl')
     acc = last(wd('reward'), 'eval_accuracy')
-    results['reward'] = dict(seconds=seconds, eval_accuracy=acc, eval_margin=last(wd('reward'), 'eval_margin'))
+    results['reward'] = dict(seconds=seconds, eval_accuracy=acc, eval_margin=last(wd('reward'), 'eval_margin'),
+                             on_policy_pairs=labelled)
     table.append(('reward model', 'held-out pair accuracy', '0.5 (chance)', f'{acc:.3f}', '-', seconds))
   for method in ('dpo', 'simpo'):
     if method in only:
