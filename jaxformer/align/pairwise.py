@@ -60,6 +60,12 @@ class PairObjective:
   # metrics-row name -> the sum it divides by the number of pairs ('loss' and the pair count are always there)
   names: dict[str, str] = {}
 
+  def flops_factor(self, config: Any) -> float:
+    """A step's training FLOPs over one forward + backward of batch_size rows: both sides of each pair, plus the
+    reference's two forward passes (a third of forward + backward each) when computed per step."""
+    per_step_reference = self.needs_reference and not config.align.precompute_reference
+    return 2.0 + (2.0 / 3.0 if per_step_reference else 0.0)
+
   def weights(self, batch: Batch, unscored: int) -> jax.Array:
     """1.0 for a real pair (both sides have a scored token), else 0.0 [B]."""
     return (jnp.any(_scored(side(batch, 'chosen')['targets'], unscored) > 0, axis=-1)

@@ -28,7 +28,10 @@ DIR/metrics.jsonl rows (also TensorBoard scalars in DIR/tensorboard/):
     step, eval_loss, eval_perplexity, eval_accuracy, eval_tokens (model.head=classification: eval_loss,
     eval_accuracy, eval_macro_f1, eval_examples); eval_bits_per_byte and eval_bits_per_char (decoder_only /
     encoder_decoder: the eval NLL in bits per UTF-8 byte / character of the scored target text, comparable across
-    tokenizers).
+    tokenizers). An objective over preference pairs (align/pairwise.py: model.head=reward, align.method=dpo /
+    simpo) has its own rows: eval_loss and its names (accuracy, margin, rewards_chosen, ... for a reward model;
+    reward_accuracy, reward_margin, rewards_*, logps_* for DPO / SimPO) and eval_pairs, and train rows add the same
+    names with train_; pairs count as two rows in tokens_per_sec and MFU. The online methods' rows are apps/align.py's.
 The first step (compilation) is excluded from throughput, and so is time spent evaluating and checkpointing.
 
 train.steps_per_call = k > 1 runs k steps per jitted call on k stacked batches (validate() requires log_every,
@@ -190,8 +193,13 @@ class TrainLog:
     config, train = r.config, r.config.train
     src_len = config.data.src_seq_len if r.model.arch == 'encoder_decoder' else None
     self.step_flops = flops_lib.train_flops_per_step(r.model, train.batch_size, config.data.seq_len, src_len)
+    objective = align.objective_of(config)
+    rows_per_example = 1
+    if isinstance(objective, align.PairObjective):  # two rows per pair (chosen, rejected), + the reference's forwards
+      rows_per_example = 2
+      self.step_flops *= objective.flops_factor(config)
     self.peak = flops_lib.peak_flops_total(r.mesh.devices.flat, r.model.dtype)
-    self.tokens_per_step = train.batch_size * config.data.seq_len
+    self.tokens_per_step = train.batch_size * config.data.seq_len * rows_per_example
     self.num_steps = train.num_steps
     self.with_objective = bool(train.z_loss or train.label_smoothing)
     self.writer = writer
