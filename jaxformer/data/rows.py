@@ -269,16 +269,13 @@ class DecoderOnlyTask(_LanguageModelTask):
       return super().tokenize(examples)
     prompts = self.tokenizer.encode_batch([e.prompt for e in examples])
     responses = self.tokenizer.encode_batch([e.response for e in examples])
-    prefix = len(self.tokenizer.prefix_ids)  # the targets before the response's first token are not scored
-    return [(self.tokenizer.document(np.concatenate([p, r]), ends_in_eos=True), max(0, prefix + len(p) - 1))
-            for p, r in zip(prompts, responses)]
+    # an Instruction: (tokens, targets) as frame_response frames every prompt + response (whole: packing splits it)
+    return [frame_response(self.tokenizer, p, r, None, next_token=True)[:2] for p, r in zip(prompts, responses)]
 
   def item(self, piece, position):
     del position
-    if isinstance(piece, tuple):  # an Instruction: (sequence, unscored targets = those of the prompt)
-      seq, unscored = piece
-      return seq[:-1], np.concatenate([np.full(unscored, self.tokenizer.unscored_target, np.int32),
-                                       seq[1 + unscored:]])
+    if isinstance(piece, tuple):  # an Instruction: already (tokens, targets), the prompt's targets unscored
+      return piece
     return piece[:-1], piece[1:]
 
   def window_sequence(self, piece):
@@ -554,12 +551,13 @@ def _require(examples: Sequence[Any], kind: type, need: str, fields: str) -> Non
                     f'data.source=jsonl:<file> with {fields}.')
 
 
-def frame_response(tokenizer: Tokenizer, prompt: Sequence[int], response: Sequence[int], seq_len: int, *,
+def frame_response(tokenizer: Tokenizer, prompt: Sequence[int], response: Sequence[int], seq_len: int | None, *,
                    next_token: bool) -> tuple[np.ndarray, np.ndarray, bool]:
-  """One prompt + response framed as an instruction (tokenizer.document(prompt + response) ending in EOS), its
-  first seq_len tokens: (tokens, targets, whether it was cut). next_token: tokens = seq[:-1], targets = seq[1:]
-  with the prompt's unscored (a policy's rows); else tokens = the whole sequence, targets all unscored (a reward
-  model's rows, read at the last real token)."""
+  """One prompt + response framed as an instruction (tokenizer.document(prompt + response) ending in EOS): the one
+  framing of instruction tuning, preference pairs and reward rows. Its first seq_len tokens (None: all):
+  (tokens, targets, whether it was cut). next_token: tokens = seq[:-1], targets = seq[1:] with the prompt's
+  unscored (a policy's rows); else tokens = the whole sequence, targets all unscored (a reward model's rows, read
+  at the last real token)."""
   prompt, response = np.asarray(prompt, np.int32), np.asarray(response, np.int32)
   seq = tokenizer.document(np.concatenate([prompt, response]), ends_in_eos=True)
   if next_token:
@@ -568,6 +566,8 @@ def frame_response(tokenizer: Tokenizer, prompt: Sequence[int], response: Sequen
     targets = np.concatenate([np.full(unscored, tokenizer.unscored_target, np.int32), seq[1 + unscored:]])
   else:
     tokens, targets = seq, np.full(len(seq), tokenizer.unscored_target, np.int32)
+  if seq_len is None:
+    return tokens, targets.astype(np.int32), False
   return tokens[:seq_len], targets[:seq_len].astype(np.int32), len(tokens) > seq_len
 
 
