@@ -11,14 +11,12 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxformer import align
 from jaxformer import data as data_lib
 from jaxformer import heads
 from jaxformer import metrics as metrics_lib
-from jaxformer import peft as peft_lib
 from jaxformer import sharding as shd
 from jaxformer.training import step as step_lib
 
@@ -37,9 +35,9 @@ def _jitted_eval_step(graphdef: Any, config: Any, mesh: Any):
 
   def sums(params, rest, batch, length_tables, reference=None):
     if reference is not None:  # align.method=dpo: the frozen reference's log-probabilities
-      frozen = peft_lib.split(params, config.peft)[1]
-      batch = step_lib.with_reference(batch, config, step_lib.merge_model(graphdef, nnx.merge_state(frozen, reference),
-                                                                          rest))
+      reference_params = step_lib.reference_model_params(params, reference, config.peft)
+      reference_model = step_lib.merge_model(graphdef, reference_params, rest)
+      batch = step_lib.with_reference(batch, config, reference_model)
     _, metrics = step_lib.compute_loss(step_lib.merge_model(graphdef, params, rest), batch, config,
                                        deterministic=True, length_tables=length_tables, confusion=confusion)
     return metrics

@@ -29,9 +29,6 @@ from jaxformer.errors import ConfigError, check_choice, check_positive
 __all__ = ['METHODS', 'Method', 'OBJECTIVES', 'PairObjective', 'attach', 'examples_of', 'objective_of', 'scorer_of',
            'validate']
 
-ONLINE = ('grpo', 'rloo', 'ppo')
-
-
 def _check_policy(config: Any, method: str) -> None:
   model = config.model
   if model.arch != 'decoder_only' or heads.head_of(model).module is not None:

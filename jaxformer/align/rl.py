@@ -23,9 +23,6 @@ import numpy as np
 from jaxformer.align import losses, value
 from jaxformer.align.pairwise import _scored
 
-ROLLOUT_KEYS = ('old_logps', 'ref_logps', 'advantages')
-
-
 def completion_ids(tokens: np.ndarray, eos_id: int) -> list[list[int]]:
   """Each sampled row [M] cut after its first EOS (kept: the model learns to stop) -> token lists."""
   out = []
@@ -105,10 +102,6 @@ class PolicyUpdate:
     return total, {'loss_sum': total, 'weight_sum': n, 'correct_sum': jnp.zeros((), jnp.float32),
                    'kl_sum': m['kl'] * n, 'clip_sum': m['clip_fraction'] * n,
                    'entropy_sum': jnp.sum(jax.lax.stop_gradient(entropy(logits)) * mask)}
-
-  def row(self, sums):
-    n = max(float(sums['weight_sum']), 1e-9)
-    return {'loss': float(sums['loss_sum']) / n, **{k: float(sums[s]) / n for k, s in self.names.items()}}
 
 
 class RLOOUpdate(PolicyUpdate):

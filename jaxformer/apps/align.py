@@ -33,7 +33,6 @@ from jaxformer import align
 from jaxformer import data as data_lib
 from jaxformer import decoding
 from jaxformer import flops as flops_lib
-from jaxformer import peft as peft_lib
 from jaxformer import resolve as resolve_lib
 from jaxformer import sharding as shd
 from jaxformer.align import losses, rl, value
@@ -63,8 +62,7 @@ class OnlineTrainer(train_app.Trainer):
                     if a.reward_model else None)
     self.rewards = Rewards(a.reward_fn, reward_model)
     needs_reference = float(a.kl_coef) > 0
-    self.reference = (state_lib.reference_params(config, self.setup.abstract_state['params'], r.mesh, r.rules)
-                      if needs_reference else None)
+    self.reference = state_lib.run_reference(config, self.setup, self.state, self.resumed) if needs_reference else None
     self._logps = jax.jit(lambda params, rest, rows: rl.policy_token_logps(
         step_lib.merge_model(graphdef, params, rest), rows))
     self._values = jax.jit(lambda params, rest, rows: value.values(
@@ -141,8 +139,7 @@ class OnlineTrainer(train_app.Trainer):
     with shd.mesh_context(self.r.mesh, self.r.rules):
       old = self._logps(params, rest, placed)
       if self.reference is not None:
-        frozen = peft_lib.split(params, self.config.peft)[1]
-        ref = self._logps(nnx.merge_state(frozen, self.reference), rest, placed)
+        ref = self._logps(step_lib.reference_model_params(params, self.reference, self.config.peft), rest, placed)
       else:
         ref = old
     old, ref = np.asarray(jax.device_get(old)), np.asarray(jax.device_get(ref))

@@ -3,8 +3,9 @@ decoding (decode.reward_model) and the online align methods (align.reward_model)
 functions of the online methods (align.reward_fn = module:function).
 
 The reward model is restored by the eval app (evaluate.restore_reward_model: its own saved config and tokenizer,
-the caller's mesh), so it may use another tokenizer than the policy: it scores TEXT, prompt + response framed as it was trained
-(data.response_rows: BOS + prompt + response + EOS for jaxformer's tokenizers), its first data.seq_len tokens.
+the caller's mesh), so it may use another tokenizer than the policy: it scores TEXT, prompt + response framed as it
+was trained (data.response_rows: BOS + prompt + response + EOS for jaxformer's tokenizers), its first data.seq_len
+tokens.
 """
 from __future__ import annotations
 
@@ -109,7 +110,8 @@ class Rewards:
       out = self.fn(list(prompts), list(completions), **columns)
     except Exception as e:  # noqa: BLE001 (the user's function)
       raise RewardFunctionError(f'align.reward_fn={self.fn_spec} raised {type(e).__name__}: {e} (called with '
-                                f'{len(prompts)} completions; first prompt {prompts[0]!r}); fix the function.') from None
+                                f'{len(prompts)} completions; first prompt {prompts[0]!r}); fix the function.'
+                                ) from None
     try:
       values = list(out)
     except TypeError:

@@ -54,7 +54,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import nnx
 
 from jaxformer import align
 from jaxformer import data as data_lib
@@ -286,7 +285,8 @@ class Trainer:
     self.checkpointer = state_lib.make_checkpointer(config, self.setup, r.workdir)
     self.writer = MetricWriter(r.workdir, enabled=jax.process_index() == 0)
     self.log = TrainLog(r, self.writer)
-    self.state, data_state, self.start, resumed = state_lib.train_state(config, self.setup, self.checkpointer)
+    self.state, data_state, self.start, self.resumed = state_lib.train_state(config, self.setup, self.checkpointer)
+    resumed = self.resumed
     if resumed:
       _log(f'resumed from checkpoint step {self.start} in {ckpt_lib.checkpoint_dir(r.workdir)}')
       _truncate_metrics(r.workdir, self.start)
@@ -301,7 +301,7 @@ class Trainer:
                        if self.steps_per_call > 1 else None)
     objective = align.objective_of(config)
     # align.method=dpo: the frozen reference's trainable part (its frozen part is the run's own frozen params)
-    self.reference = (state_lib.reference_params(config, self.setup.abstract_state['params'], r.mesh, r.rules)
+    self.reference = (state_lib.run_reference(config, self.setup, self.state, resumed)
                       if objective is not None and objective.needs_reference else None)
     self.reference_table = None
     if self.reference is not None and config.align.precompute_reference:
@@ -343,8 +343,7 @@ class Trainer:
     table = reference_lib.ReferenceTable.load(r.workdir) or reference_lib.ReferenceTable()
     graphdef, unscored = self.setup.graphdef, r.tokenizer.unscored_target
     objective = align.objective_of(config)
-    frozen = peft_lib.split(self.state['params'], config.peft)[1]
-    params = nnx.merge_state(frozen, self.reference)
+    params = step_lib.reference_model_params(self.state['params'], self.reference, config.peft)
 
     @jax.jit
     def logps(params, rest, batch):

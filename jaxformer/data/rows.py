@@ -514,7 +514,8 @@ class PreferenceTask(Task):
   def empty_rows(self, n: int) -> Rows:
     rows: Rows = {}
     for side in ('chosen', 'rejected'):
-      rows.update({f'{side}_{k}': np.zeros((n, self.seq_len), np.int32) for k in ('tokens', 'positions', 'segment_ids')})
+      rows.update({f'{side}_{k}': np.zeros((n, self.seq_len), np.int32)
+                   for k in ('tokens', 'positions', 'segment_ids')})
       rows[f'{side}_targets'] = np.full((n, self.seq_len), self.tokenizer.unscored_target, np.int32)
     rows['margin'] = np.zeros((n,), np.float32)
     return rows

@@ -13,8 +13,9 @@ The train state of a run, in this order of precedence (the first that applies wi
 
 The reference model of align.method=dpo (and of the online methods' KL) is the parameters a fresh run starts
 from (2-4: checkpoint.init_from, frozen; under LoRA / adapters the base with the fresh adapters, whose output is
-the base's), rebuilt the same way on resume: `reference_params` returns only its trainable part, since the frozen
-part IS the run's frozen parameters (no second copy of the base under PEFT).
+the base's): `reference_params` rebuilds it by those rules and returns only its trainable part, since the frozen
+part IS the run's frozen parameters (no second copy of the base under PEFT); `run_reference` copies a fresh run's
+step-0 trainable parameters instead of reading checkpoint.init_from a second time.
 
 Evaluation and export read parameters through the same rules (`restore_model`; `init_from_model` for a workdir
 that has no checkpoints yet). Checkpoint files are read and written by checkpoint.py; this module decides what
@@ -132,6 +133,18 @@ def reference_params(config: Any, abstract_params: nnx.State, mesh: Mesh, rules:
   the whole reference model."""
   config = settings_lib.of(config)
   return peft_lib.trainable(initial_params(config, abstract_params, mesh, rules), config.peft)
+
+
+def run_reference(config: Any, setup: TrainSetup, state: dict, resumed: bool) -> nnx.State:
+  """reference_params of a training run: a fresh run's step-0 trainable parameters ARE the reference, so they are
+  copied (the train step donates the state) instead of read again from checkpoint.init_from; a resumed run
+  rebuilds them (reference_params)."""
+  config = settings_lib.of(config)
+  if resumed:
+    return reference_params(config, setup.abstract_state['params'], setup.mesh, setup.rules)
+  shardings = peft_lib.trainable(setup.state_shardings['params'], config.peft)
+  copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=shardings)
+  return copy(peft_lib.trainable(state['params'], config.peft))
 
 
 def with_base(config: Any, params: nnx.State, abstract_params: nnx.State) -> nnx.State:

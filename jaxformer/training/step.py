@@ -110,6 +110,12 @@ def loss_sums(model: nnx.Module, batch: Batch, config, *, deterministic: bool,
   return jnp.sum(objective * weights), metrics
 
 
+def reference_model_params(params: nnx.State, reference: nnx.State, peft) -> nnx.State:
+  """The reference model's whole parameters: its trainable part (training/state.reference_params) over the run's
+  own frozen parameters (under PEFT the base: never copied)."""
+  return nnx.merge_state(peft_lib.split(params, peft)[1], reference)
+
+
 def with_reference(batch: Batch, config, reference_model: nnx.Module | None) -> Batch:
   """The batch with the reference model's log-probabilities (align.pairwise.REFERENCE_KEYS) when the run's
   objective compares against a reference (align.method=dpo) and the data did not bring them precomputed."""
