@@ -352,3 +352,19 @@ def test_cli_errors_are_one_line(files, sft, tmp_path):
                           '--config.align.method=grpo', f'--config.align.reward_fn=align_rewards_test:{fn}',
                           '--config.align.max_new_tokens=4', '--config.train.num_steps=1'], files)
     _one_line_error(proc, f'align.reward_fn=align_rewards_test:{fn}', needle)
+  proc = _cli(common + [f'--workdir={tmp_path / "w3"}', f'--config.data.source=jsonl:{files}/prompts_{{split}}.jsonl',
+                        '--config.align.method=grpo', '--config.align.reward_fn=align_rewards_test:exact',
+                        '--config.align.max_new_tokens=16'], files)
+  _one_line_error(proc, 'align.max_new_tokens=16', 'data.seq_len=16')
+  assert not (tmp_path / 'w3').exists()  # refused before the workdir is touched
+  evaluate = lambda *args: subprocess.run([sys.executable, str(REPO / 'eval.py'), *common[:1], f'--workdir={sft}',  # noqa: E731
+                                           *args], capture_output=True, text=True, cwd=REPO, timeout=600)
+  _one_line_error(evaluate('--mode=generate', '--prompt=12+13=', '--config.decode.num_samples=2',
+                           '--config.decode.method=sample'), 'decode.num_samples=2', 'decode.reward_model')
+  _one_line_error(evaluate('--mode=reward', f'--input={REPO}/tests/fixtures/align/responses.jsonl'),
+                  '--mode=reward', 'model.head=lm')
+  before = sorted(os.listdir(sft / 'checkpoints'))
+  _one_line_error(evaluate('--mode=generate', '--prompt=12+13=', '--config.decode.num_samples=2',
+                           '--config.decode.method=sample', f'--config.decode.reward_model={sft}'),
+                  f'decode.reward_model={sft}', 'not a reward model')
+  assert sorted(os.listdir(sft / 'checkpoints')) == before  # the checkpoints are untouched
