@@ -49,13 +49,14 @@ from jaxformer import settings as settings_lib
 from jaxformer import sharding as shd
 from jaxformer.errors import UserError
 from jaxformer.evaluation import Evaluator, eval_steps
+from jaxformer.apps import harness as harness_app
 from jaxformer.apps.rewards import RewardModel
 from jaxformer.resolve import Resolved, resolve, saved_run_differences
 from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import state as state_lib
 from jaxformer.training import step as step_lib
 
-REQUEST_SECTIONS = ('decode', 'mesh')  # taken from the request, never from the checkpoint
+REQUEST_SECTIONS = ('decode', 'mesh', 'harness')  # taken from the request, never from the checkpoint
 
 
 class EvalError(UserError, ValueError):
@@ -341,6 +342,7 @@ class Request:
   input_path: str | None = None
   lines: tuple[str, ...] = ()  # translate: the input file's lines, read before the restore
   bleu: bool = True
+  tasks: tuple[str, ...] = ()  # harness: lm-evaluation-harness task names
   start: float = 0.0  # perf_counter when the request arrived
 
 
@@ -506,7 +508,43 @@ def score(r: Restored, q: Request) -> dict[str, Any]:
   return results
 
 
-MODE_FUNCTIONS = {'score': score, 'generate': generate, 'translate': translate, 'reward': reward}  # eval.py --mode
+def harness_model(r: Restored) -> harness_app.JaxformerLM:
+  """The restored model as an lm-evaluation-harness model (harness.batch_size rows per call, 0 = decode's)."""
+  h = r.config.harness
+  return harness_app.JaxformerLM(harness_app.HarnessModel(r.model, r.tokenizer, r.config, r.mesh, r.rules),
+                                 batch_size=h.batch_size or r.config.decode.batch_size, max_gen_toks=h.max_gen_toks,
+                                 seed=int(r.config.seed))
+
+
+def harness(r: Restored, q: Request) -> dict[str, Any]:
+  """lm-evaluation-harness tasks (--tasks) on the checkpoint: the harness's table printed, its results JSON
+  written to --output or DIR/harness_step<N>.json and DIR/harness.json (the latest), beside eval.json."""
+  head = heads.head_of(r.config.model)
+  if r.config.model.arch == 'encoder_only' or not head.decodes:
+    what = 'an encoder_only (masked) model' if r.config.model.arch == 'encoder_only' else f'a model.head={head.name} model'
+    raise EvalError(f'--mode=harness scores and generates text with a language model, but {r.resolved.workdir} holds '
+                    f'{what}; use a decoder_only or encoder_decoder checkpoint.')
+  h, workdir = r.config.harness, r.resolved.workdir
+  lm = harness_model(r)
+  results = harness_app.run_tasks(lm, q.tasks, include_path=h.include_path, num_fewshot=h.num_fewshot,
+                                  limit=h.limit, bootstrap_iters=h.bootstrap_iters, log_samples=h.log_samples)
+  _log(f'lm-evaluation-harness on {workdir} (step {r.step}):')
+  _log(harness_app.table(results))
+  path = q.output or os.path.join(workdir, f'harness_step{r.step}.json')
+  _write_json(path, {'step': r.step, **harness_app.json_ready(results)})
+  if not q.output:
+    _write_json(os.path.join(workdir, 'harness.json'), {'step': r.step, **harness_app.json_ready(results)})
+  if h.log_samples:
+    for task, samples in results.get('samples', {}).items():
+      _write_lines(os.path.join(os.path.dirname(os.path.abspath(path)), f'harness_samples_{task}_step{r.step}.jsonl'),
+                   [json.dumps(x, default=str, ensure_ascii=False) for x in samples])
+  _log(f'wrote {path}')
+  return {'step': r.step, 'mode': 'harness', 'tasks': list(q.tasks), **harness_app.flat_metrics(results),
+          'results_file': path}
+
+
+MODE_FUNCTIONS = {'score': score, 'generate': generate, 'translate': translate, 'reward': reward,
+                  'harness': harness}  # eval.py --mode
 MODES = tuple(MODE_FUNCTIONS)
 
 
@@ -514,7 +552,8 @@ MODES = tuple(MODE_FUNCTIONS)
 def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int | None = None,
         split: str | None = 'validation', output: str | None = None, mode: str = 'score',
         prompt: str | Sequence[str] | None = None, input_path: str | None = None,
-        bleu: bool = True, overrides: Iterable[str] | None = None) -> dict[str, Any]:
+        bleu: bool = True, overrides: Iterable[str] | None = None, tasks: str | Sequence[str] | None = None
+        ) -> dict[str, Any]:
   """Evaluates the checkpoint in workdir; returns the results dict (also printed, and written as JSON).
 
   score: writes {step, split, num_tokens, loss, perplexity, ...} to `output` (default
@@ -538,10 +577,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int
     elif prompt is None:
       raise EvalError('--mode=generate needs --prompt=TEXT or --input=FILE (.txt: one prompt per line; .jsonl: '
                       '{"prompt": ...} lines).')
+  task_names = tuple(t.strip() for t in (tasks.split(',') if isinstance(tasks, str) else tasks or ()) if t.strip())
+  if mode == 'harness':
+    if not task_names:
+      raise EvalError('--mode=harness needs --tasks=NAME[,NAME...] (e.g. --tasks=synth_next_word with '
+                      '--config.harness.include_path=benchmarks/harness/tasks).')
+    harness_app.require_harness()  # before the (slow) restore
   if checkpoint_step is not None and checkpoint_step < 0:
     checkpoint_step = None
   request = Request(split=split, output=output, prompts=(prompt,) if isinstance(prompt, str) else tuple(prompt or ()),
-                    input_path=input_path, lines=lines, bleu=bleu, start=time.perf_counter())
+                    input_path=input_path, lines=lines, bleu=bleu, tasks=task_names, start=time.perf_counter())
   r = restore(config, workdir, checkpoint_step=checkpoint_step, overrides=overrides,
               split=split if mode == 'score' else None)
   head = heads.head_of(r.config.model)
