@@ -38,8 +38,9 @@ def _run(r, case: dict, batch_size: int) -> dict:
   lm = harness_app.JaxformerLM(harness_app.HarnessModel(r.model, r.tokenizer, r.config, r.mesh, r.rules),
                                batch_size=batch_size, max_gen_toks=256)
   assert lm.max_length == case['max_length'] or case['backend'] == 'seq2seq'
-  return harness_app.run_tasks(lm, case['tasks'], include_path=str(TASKS), num_fewshot=case['num_fewshot'],
-                               limit=case['limit'], bootstrap_iters=0, log_samples=True), lm
+  tasks = harness_app.load_tasks(case['tasks'], str(TASKS))
+  return harness_app.run_tasks(lm, tasks, num_fewshot=case['num_fewshot'], limit=case['limit'], bootstrap_iters=0,
+                               log_samples=True), lm
 
 
 @pytest.mark.parametrize('case_name,mesh', [('gpt2', {}), ('gpt2_3shot', {'fsdp': 2}), ('llama', {}), ('t5', {})])

@@ -342,7 +342,7 @@ class Request:
   input_path: str | None = None
   lines: tuple[str, ...] = ()  # translate: the input file's lines, read before the restore
   bleu: bool = True
-  tasks: tuple[str, ...] = ()  # harness: lm-evaluation-harness task names
+  tasks: Any = None  # harness: the lm-evaluation-harness tasks (harness.TaskSet), resolved before the restore
   start: float = 0.0  # perf_counter when the request arrived
 
 
@@ -519,15 +519,10 @@ def harness_model(r: Restored) -> harness_app.JaxformerLM:
 def harness(r: Restored, q: Request) -> dict[str, Any]:
   """lm-evaluation-harness tasks (--tasks) on the checkpoint: the harness's table printed, its results JSON
   written to --output or DIR/harness_step<N>.json and DIR/harness.json (the latest), beside eval.json."""
-  head = heads.head_of(r.config.model)
-  if r.config.model.arch == 'encoder_only' or not head.decodes:
-    what = 'an encoder_only (masked) model' if r.config.model.arch == 'encoder_only' else f'a model.head={head.name} model'
-    raise EvalError(f'--mode=harness scores and generates text with a language model, but {r.resolved.workdir} holds '
-                    f'{what}; use a decoder_only or encoder_decoder checkpoint.')
   h, workdir = r.config.harness, r.resolved.workdir
-  lm = harness_model(r)
-  results = harness_app.run_tasks(lm, q.tasks, include_path=h.include_path, num_fewshot=h.num_fewshot,
-                                  limit=h.limit, bootstrap_iters=h.bootstrap_iters, log_samples=h.log_samples)
+  harness_app.check_model(r.config, workdir)
+  results = harness_app.run_tasks(harness_model(r), q.tasks, num_fewshot=h.num_fewshot, limit=h.limit,
+                                  bootstrap_iters=h.bootstrap_iters, log_samples=h.log_samples)
   _log(f'lm-evaluation-harness on {workdir} (step {r.step}):')
   _log(harness_app.table(results))
   path = q.output or os.path.join(workdir, f'harness_step{r.step}.json')
@@ -539,7 +534,7 @@ def harness(r: Restored, q: Request) -> dict[str, Any]:
       _write_lines(os.path.join(os.path.dirname(os.path.abspath(path)), f'harness_samples_{task}_step{r.step}.jsonl'),
                    [json.dumps(x, default=str, ensure_ascii=False) for x in samples])
   _log(f'wrote {path}')
-  return {'step': r.step, 'mode': 'harness', 'tasks': list(q.tasks), **harness_app.flat_metrics(results),
+  return {'step': r.step, 'mode': 'harness', 'tasks': list(q.tasks.names), **harness_app.flat_metrics(results),
           'results_file': path}
 
 
@@ -577,16 +572,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int
     elif prompt is None:
       raise EvalError('--mode=generate needs --prompt=TEXT or --input=FILE (.txt: one prompt per line; .jsonl: '
                       '{"prompt": ...} lines).')
-  task_names = tuple(t.strip() for t in (tasks.split(',') if isinstance(tasks, str) else tasks or ()) if t.strip())
-  if mode == 'harness':
-    if not task_names:
+  task_set = None
+  if mode == 'harness':  # the tasks are looked up before the (slow) restore
+    names = [t.strip() for t in (tasks.split(',') if isinstance(tasks, str) else tasks or ()) if t.strip()]
+    if not names:
       raise EvalError('--mode=harness needs --tasks=NAME[,NAME...] (e.g. --tasks=synth_next_word with '
                       '--config.harness.include_path=benchmarks/harness/tasks).')
-    harness_app.require_harness()  # before the (slow) restore
+    harness_app.check_model(config, 'the requested config')  # the arch cannot change at restore
+    task_set = harness_app.load_tasks(names, config.harness.include_path)
   if checkpoint_step is not None and checkpoint_step < 0:
     checkpoint_step = None
   request = Request(split=split, output=output, prompts=(prompt,) if isinstance(prompt, str) else tuple(prompt or ()),
-                    input_path=input_path, lines=lines, bleu=bleu, tasks=task_names, start=time.perf_counter())
+                    input_path=input_path, lines=lines, bleu=bleu, tasks=task_set, start=time.perf_counter())
   r = restore(config, workdir, checkpoint_step=checkpoint_step, overrides=overrides,
               split=split if mode == 'score' else None)
   head = heads.head_of(r.config.model)

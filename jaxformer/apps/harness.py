@@ -59,9 +59,9 @@ class HarnessError(UserError, ValueError):
   """A harness request that cannot run: a missing extra, an unknown task, a task that needs the network."""
 
 
-def require_harness() -> None:
+def require_harness(flag: str = '--mode=harness') -> None:
   if lm_eval is None:
-    raise HarnessError(f'--mode=harness needs lm-evaluation-harness; install it with {INSTALL}.')
+    raise HarnessError(f'{flag} needs lm-evaluation-harness (lm_eval); install it with {INSTALL}.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,14 +258,23 @@ def _include_paths(include_path: str) -> list[str]:
   return paths
 
 
-def load_tasks(names: Sequence[str], include_path: str) -> tuple[list[Any], Any]:
-  """-> (task specs for lm_eval.simple_evaluate, the TaskManager). Local tasks (include_path) are indexed first,
-  the harness's built-in index only for names not found there (it takes seconds to build)."""
-  require_harness()
+@dataclasses.dataclass(frozen=True)
+class TaskSet:
+  """Task names resolved once (so a bad name fails before a slow restore or a training run): what
+  lm_eval.simple_evaluate is given, and the TaskManager that indexed them."""
+  names: tuple[str, ...]
+  specs: tuple[Any, ...]
+  manager: Any
+
+
+def load_tasks(names: Sequence[str], include_path: str, *, flag: str = '--tasks') -> TaskSet:
+  """Local tasks (include_path) are indexed first, the harness's built-in index (seconds to build) only for names
+  not found there. A local task's relative data_files are read relative to its YAML."""
+  require_harness(flag)
   from lm_eval.tasks import TaskManager
   from lm_eval.tasks._yaml_loader import load_yaml
   paths = _include_paths(include_path)
-  manager = TaskManager(include_path=paths or None, include_defaults=False) if paths else None
+  manager = TaskManager(include_path=paths, include_defaults=False) if paths else None
   missing = [n for n in names if manager is None or n not in manager.task_index]
   if missing:
     manager = TaskManager(include_path=paths or None)
@@ -274,8 +283,8 @@ def load_tasks(names: Sequence[str], include_path: str) -> tuple[list[Any], Any]
       close = difflib.get_close_matches(unknown[0], manager.all_tasks, n=3)
       hint = f' (did you mean {", ".join(close)}?)' if close else ''
       where = f' in harness.include_path={include_path} or' if paths else ''
-      raise HarnessError(f'unknown harness task {unknown[0]!r}{hint}: no task of that name{where} among '
-                         f'lm-evaluation-harness\'s tasks; give a task name or a folder of task YAMLs '
+      raise HarnessError(f'{flag}: unknown harness task {unknown[0]!r}{hint}: no task of that name{where} among '
+                         'lm-evaluation-harness\'s tasks; give a task name or a folder of task YAMLs '
                          '(--config.harness.include_path=DIR).')
   specs: list[Any] = []
   for name in names:
@@ -286,22 +295,20 @@ def load_tasks(names: Sequence[str], include_path: str) -> tuple[list[Any], Any]
       specs.append(_localized(load_yaml(yaml_path, resolve_func=True), os.path.dirname(yaml_path)))
     else:
       specs.append(name)
-  return specs, manager
+  return TaskSet(tuple(names), tuple(specs), manager)
 
 
-def run_tasks(lm: JaxformerLM, tasks: Sequence[str], *, include_path: str, num_fewshot: int, limit: float,
-              bootstrap_iters: int, log_samples: bool = False) -> dict[str, Any]:
+def run_tasks(lm: JaxformerLM, tasks: TaskSet, *, num_fewshot: int, limit: float, bootstrap_iters: int,
+              log_samples: bool = False) -> dict[str, Any]:
   """lm_eval.simple_evaluate with jaxformer's model -> the harness's results dict. The harness's own seeds (few-shot
   examples, shuffling) stay at its defaults, so prompts equal those of any other lm-eval run; the model's sampling
   follows the run's seed (JaxformerLM)."""
-  require_harness()
-  specs, manager = load_tasks(tasks, include_path)
   for name in ('lm-eval', 'lm_eval'):  # the harness logs every request batch at INFO
     logging.getLogger(name).setLevel(logging.WARNING)
   import datasets  # lm_eval's dependency
   datasets.disable_progress_bars()
   try:
-    return lm_eval.simple_evaluate(model=lm, tasks=specs, task_manager=manager,
+    return lm_eval.simple_evaluate(model=lm, tasks=list(tasks.specs), task_manager=tasks.manager,
                                    num_fewshot=None if num_fewshot < 0 else num_fewshot,
                                    limit=limit if limit > 0 else None, bootstrap_iters=bootstrap_iters,
                                    log_samples=log_samples)
@@ -316,12 +323,41 @@ def run_tasks(lm: JaxformerLM, tasks: Sequence[str], *, include_path: str, num_f
     raise
 
 
+def check_model(config: Any, where: str) -> None:
+  """The harness needs next-token log-probabilities: a decoder (decoder_only or encoder_decoder) with the LM head."""
+  arch, head = str(config.model.arch), str(config.model.head)
+  if arch == 'encoder_only' or head != 'lm':
+    what = 'an encoder_only (masked) model' if arch == 'encoder_only' else f'a model.head={head} model'
+    raise HarnessError(f'lm-evaluation-harness scores and generates text with a language model, but {where} is '
+                       f'{what}; use a decoder_only or encoder_decoder model with model.head=lm.')
+
+
+class TrainingHarness:
+  """train.harness_tasks at each evaluation of a training run: tasks resolved at start-up, rows of
+  'harness/<task>/<metric>' values (eval rows of metrics.jsonl and TensorBoard)."""
+
+  def __init__(self, config: Any, tokenizer: Any, mesh: Any, rules: Any):
+    check_model(config, 'this run')
+    self.config, self.tokenizer, self.mesh, self.rules = config, tokenizer, mesh, rules
+    names = [t.strip() for t in str(config.train.harness_tasks).split(',') if t.strip()]
+    self.tasks = load_tasks(names, config.harness.include_path, flag='train.harness_tasks')
+
+  def row(self, model: Any) -> dict[str, float]:
+    h = self.config.harness
+    lm = JaxformerLM(HarnessModel(model, self.tokenizer, self.config, self.mesh, self.rules),
+                     batch_size=h.batch_size or self.config.decode.batch_size, max_gen_toks=h.max_gen_toks,
+                     seed=int(self.config.seed))
+    results = run_tasks(lm, self.tasks, num_fewshot=h.num_fewshot, limit=h.limit, bootstrap_iters=0)
+    return {f'harness/{k}': v for k, v in flat_metrics(results).items()}
+
+
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
-  """{'<task>/<metric>[,<filter>]': value} of the numeric results (stderr left out), for a metrics row."""
+  """{'<task>/<metric>[,<filter>]': value} of the numeric results (stderr and sample counts left out), for a
+  metrics row."""
   out = {}
   for task, values in results.get('results', {}).items():
     for key, value in values.items():
-      if key == 'alias' or 'stderr' in key or not isinstance(value, (int, float)) or isinstance(value, bool):
+      if key in ('alias', 'sample_len') or 'stderr' in key or not isinstance(value, (int, float)) or isinstance(value, bool):
         continue
       metric, _, filter_name = key.partition(',')
       name = metric if filter_name in ('', 'none') else f'{metric},{filter_name}'
