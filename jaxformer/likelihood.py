@@ -9,9 +9,9 @@ len(continuation) positions are scored (Hugging Face's causal convention in lm-e
 reads the context (its last src_len tokens), the decoder reads [decoder start] + continuation[:-1] and every
 continuation token is scored (lm-eval's seq2seq convention: labels shifted right).
 
-Requests are sorted longest first and cut into batches of `batch_size` rows (padded with empty rows, so the last
-batch has the same shape), each padded on the right to a length bucket (powers of two from MIN_BUCKET, capped at
-the model's length): one compiled program per bucket, little padding. The batch axis is sharded like training's
+Requests are sorted longest first and cut into batches of `batch_size` rows (the last one padded with empty rows
+to a power of two), each padded on the right to a length bucket (powers of two from MIN_BUCKET, capped at the
+model's length): one compiled program per bucket, little padding. The batch axis is sharded like training's
 ('batch' over the mesh's data axes); parameters stay where they are.
 """
 from __future__ import annotations
@@ -74,10 +74,11 @@ class ContinuationScorer:
     self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
     self.mesh, self.rules = mesh, rules
     shards = shd.batch_shards(mesh, rules)
+    self.shards = shards
     self.batch_size = -(-max(1, int(batch_size)) // shards) * shards  # a multiple of the devices rows split over
     self.max_len, self.src_len = int(max_len), int(src_len or max_len)
     self.encoder_decoder, self.decoder_start_id = encoder_decoder, int(decoder_start_id)
-    self.shapes: set[tuple[int, ...]] = set()  # the (batch, length[, source length]) programs compiled so far
+    self.shapes: set[tuple[int, ...]] = set()  # the (batch, length[, source length]) programs used so far
 
   # ------------------------------------------------------------------------------------------------ rows
   def _row(self, context: Sequence[int], continuation: Sequence[int]) -> dict[str, list[int] | int]:
@@ -98,7 +99,8 @@ class ContinuationScorer:
 
   def _batch(self, rows: list[dict], order: list[int]) -> Rows:
     length = bucket_length(max(len(r['tokens']) for r in rows), self.max_len)
-    b = self.batch_size
+    # the last, partial batch: rows rounded up to a power of two (of devices), not to batch_size
+    b = min(self.batch_size, -(-bucket_length(len(rows), 0, minimum=1) // self.shards) * self.shards)
     arrays = {k: np.zeros((b, length), np.int32) for k in ('tokens', 'segment_ids', 'targets')}
     arrays['scored'] = np.zeros((b, length), bool)
     if self.encoder_decoder:
@@ -135,7 +137,7 @@ class ContinuationScorer:
     out: list[tuple[float, bool] | None] = [None] * len(requests)
     with shd.mesh_context(self.mesh, self.rules):
       for rows in self.batches(requests):
-        self.shapes.add(tuple(v.shape[1] for k, v in sorted(rows.arrays.items()) if k in ('tokens', 'src_tokens')))
+        self.shapes.add(tuple(rows.arrays['tokens'].shape) + tuple(rows.arrays.get('src_tokens', np.zeros((0, 0))).shape[1:]))
         batch = shd.shard_batch(rows.arrays, self.mesh, self.rules)
         logp, greedy = jax.device_get(fn(self.params, self.rest, batch))
         for row, index in enumerate(rows.order):

@@ -68,7 +68,9 @@ def test_requests_and_scores_equal_lm_eval_hf_backend(case_name, mesh, tmp_path)
             assert bool(got[1]) == want[1], (task, ref['doc_id'])
     for metric, value in case['metrics'][task].items():
       np.testing.assert_allclose(results['results'][task][metric], value, rtol=1e-5, err_msg=f'{task} {metric}')
-  assert len(lm.scorer.shapes) <= 4  # a few length buckets, not one program per request length
+  lengths = {sum(len(x) for x in a if isinstance(x, str)) for task in case['tasks'] for ref in case['samples'][task]
+             for a in ref['arguments']}  # distinct request sizes (in characters)
+  assert len(lm.scorer.shapes) <= 8 < len(lengths)  # a few (batch, length bucket) programs, not one per request
 
 
 def test_scorer_buckets_and_truncates_like_the_harness():

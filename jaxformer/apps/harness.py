@@ -91,7 +91,8 @@ class JaxformerLM(TemplateLM):
         source.model, mesh=source.mesh, rules=source.rules, batch_size=self.batch_size, max_len=self._max_length,
         encoder_decoder=self.backend == 'seq2seq', src_len=int(config.data.src_seq_len) or self._max_length,
         decoder_start_id=self.tokenizer.decoder_start_id)
-    self.generation_shapes: set[tuple[int, int, int]] = set()  # (batch, prompt width, new tokens) compiled
+    # the decoding programs used: (batch, prompt width, new tokens, prefilled tokens)
+    self.generation_shapes: set[tuple[int, int, int, int]] = set()
 
   # ------------------------------------------------------------------------------------------- tokens
   @property
@@ -225,12 +226,13 @@ class JaxformerLM(TemplateLM):
       prompt, lengths_in, src = padded, lengths, None
     else:
       prompt, lengths_in, src = None, None, padded
-    self.generation_shapes.add((len(rows), width, settings.max_len))
+    self.generation_shapes.add((len(rows), width, settings.max_len, 1 << (int(lengths.min()).bit_length() - 1)))
     rng = jax.random.fold_in(jax.random.key(self.seed), seed_offset)
     sharding = shd.batch_sharding(self.source.mesh, self.source.rules, 1)
     with shd.mesh_context(self.source.mesh, self.source.rules):
       tokens = decoding.decode(self.source.model, settings, prompt, prompt_lengths=lengths_in, src_tokens=src,
-                               rng=rng, model_max_len=self.max_length, batch_sharding=sharding)
+                               rng=rng, model_max_len=self.max_length, batch_sharding=sharding,
+                               prefill_len=1 << (int(lengths.min()).bit_length() - 1))  # a power of two
     return [self.tokenizer.decode(row.tolist()) for row in tokens[:n]]
 
 
