@@ -124,3 +124,11 @@ def test_eval_py_harness_end_to_end_and_errors(tmp_path):
                  '--tasks=synth_continue', f'--config.harness.include_path={TASKS}')
   lines = [line for line in run.stderr.splitlines() if line.startswith('error:')]
   assert run.returncode != 0 and len(lines) == 1 and 'encoder_only' in lines[0], run.stderr[-2000:]
+
+  # without the extra: eval.py run with lm_eval made unimportable
+  argv = [str(REPO / 'eval.py'), f'--workdir={tmp_path / "wd"}', gpt2, '--mode=harness', '--tasks=synth_continue']
+  code = (f'import sys, runpy; sys.modules["lm_eval"] = None; sys.argv = {argv!r}; '
+          f'runpy.run_path({str(REPO / "eval.py")!r}, run_name="__main__")')
+  run = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO, timeout=600)
+  lines = [line for line in run.stderr.splitlines() if line.startswith('error:')]
+  assert run.returncode != 0 and len(lines) == 1 and "pip install -e '.[harness]'" in lines[0], run.stderr[-2000:]
