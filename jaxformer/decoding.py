@@ -31,8 +31,8 @@ does), which also become the beams' running scores. Every token already in a row
 included; for encoder_decoder the decoder's tokens, its start token included, as transformers' decoder_input_ids).
 Off (1.0 / 0 / 0), they add nothing to the program.
 
-Stop strings (decode.stop) are cut on the host, on decoded text (`cut_at_stop`: exact, as transformers' and
-lm-eval's `until`). Inside the loop a row also ends once its generated tokens end with one of the token sequences
+Stop strings (decode.stop) are cut on the host, on decoded text (`cut_at_stop`: exact, as lm-eval's `until`;
+transformers' stop_strings keep the stop string). Inside the loop a row also ends once its generated tokens end with one of the token sequences
 the tokenizer gives for a stop string (`stop_token_patterns`, a jit argument) -- for greedy / sampling only a
 saving of steps that never changes the cut text; beam search ends such a hypothesis like EOS (as transformers'
 stopping criteria do in beam search).
