@@ -233,8 +233,18 @@ def test_generate_writes_several_outputs_and_the_vote_per_input_line(tmp_path):
   texts = [t for r in rows for t in r['outputs']]
   assert all(len(r['outputs']) == 3 for r in rows) and len(set(texts)) > 3
   assert not any('e' in t or 'o' in t for t in texts)
+  # The harness's call: this call's stop strings and budget, texts back (greedy: the same as decoding alone).
+  config.decode.update(method='greedy', num_return_sequences=1, stop='')
+  r = evaluation.restore(config, str(tmp_path / 'w'))
+  full = evaluation.complete(r, ['First', 'ab'], max_new_tokens=6)
+  two = evaluation.complete(r, ['First', 'ab'], max_new_tokens=2)
+  assert [len(t) for t in full] == [1, 1] and full != two
+  stop = full[0][0][2:4]
+  cut = evaluation.complete(r, ['First', 'ab'], stop=[stop], max_new_tokens=6)
+  assert cut[0][0] == decoding.cut_at_stop(full[0][0], [stop]) and stop not in cut[0][0]
+  assert cut[1][0] == decoding.cut_at_stop(full[1][0], [stop])
 
-  config.decode.update(num_return_sequences=1, num_samples=5, answer_pattern='([a-z])', stop='')
+  config.decode.update(method='sample', num_samples=5, answer_pattern='([a-z])')
   evaluation.run(config, str(tmp_path / 'w'), mode='generate', input_path=str(prompts), output=str(out))
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert len(rows) == 3
