@@ -6,6 +6,8 @@ translation, rewards.
   python eval.py --config=configs/gpt_tiny.py --workdir=/tmp/gpt_tiny --mode=generate --prompt='ka'
   python eval.py --config=configs/t5_tiny.py --workdir=/tmp/t5_tiny --mode=translate --input=numbers.txt
   python eval.py --config=configs/gpt_tiny.py --workdir=/tmp/rm --mode=reward --input=pairs.jsonl
+  python eval.py --config=configs/gpt_tiny.py --workdir=/tmp/gpt_tiny --mode=harness --tasks=synth_next_word \
+                 --config.harness.include_path=benchmarks/harness/tasks
 
 The architecture (model section) comes from the checkpoint's saved config; data/train settings too, so the loss
 matches training's eval_loss for the same step (use --config.train.eval_steps=-1 for the whole split).
@@ -26,11 +28,13 @@ _SPLIT = flags.DEFINE_string('split', 'validation', 'validation (data.eval_split
 _OUTPUT = flags.DEFINE_string('output', None, 'score: the JSON file (default DIR/eval_<split>_step<N>.json, also '
                               'copied to DIR/eval.json); translate: the output text file (default: print); generate: '
                               'optional JSON file.')
-_MODE = flags.DEFINE_enum('mode', 'score', ['score', 'generate', 'translate', 'reward'], 'What to do.')
+_MODE = flags.DEFINE_enum('mode', 'score', ['score', 'generate', 'translate', 'reward', 'harness'], 'What to do.')
 _PROMPT = flags.DEFINE_multi_string('prompt', None, 'generate: prompt text (repeat the flag for several).')
 _INPUT = flags.DEFINE_string('input', None, 'translate: a text file with one source sentence per line; generate: '
                              'prompts (.txt: one per line, .jsonl: {"prompt": ...} lines); reward: a .jsonl file of '
                              '{"prompt", "response"} lines.')
+_TASKS = flags.DEFINE_string('tasks', None, 'harness: lm-evaluation-harness task names, comma-separated (local task '
+                             'folders: --config.harness.include_path=DIR).')
 _BLEU = flags.DEFINE_bool('bleu', True, 'score, encoder_decoder: also translate the split and report BLEU.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -41,7 +45,7 @@ def main(argv):
   cli.quiet_logging()
   cli.evaluate(_CONFIG.value, _WORKDIR.value, sys.argv, checkpoint_step=_STEP.value, split=_SPLIT.value,
                output=_OUTPUT.value, mode=_MODE.value, prompt=_PROMPT.value, input_path=_INPUT.value,
-               bleu=_BLEU.value)
+               bleu=_BLEU.value, tasks=_TASKS.value)
 
 
 if __name__ == '__main__':

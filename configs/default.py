@@ -153,6 +153,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.skip_bad_steps = False  # True: a step with a non-finite gradient leaves params / optimizer state unchanged
   # JAX's persistent compilation cache (reruns / resumes skip compiling); '' = off (jaxformer/compilation_cache.py)
   train.compilation_cache_dir = '~/.cache/jaxformer/jax_cache'
+  # lm-evaluation-harness tasks run at each evaluation (comma list; the harness section says how; '' = none)
+  train.harness_tasks = ''
 
   # ----------------------------------------------------------------- peft
   # Parameter-efficient fine-tuning (jaxformer/peft): which parameters train. Start from a pretrained model with
@@ -192,6 +194,17 @@ def get_config() -> ml_collections.ConfigDict:
   align.discount = 1.0  # ppo: the per-token discount gamma
   align.value_coef = 0.1  # ppo: the weight of the value loss
   align.value_clip = 0.2  # ppo: the value function's clip range
+
+  # -------------------------------------------------------------- harness
+  # lm-evaluation-harness (eval.py --mode=harness --tasks=a,b; train.harness_tasks): pip install -e '.[harness]'
+  harness = config.harness = ml_collections.ConfigDict()
+  harness.include_path = ''  # folders of task YAMLs (comma list), e.g. benchmarks/harness/tasks; '' = built-in only
+  harness.num_fewshot = -1  # examples in each prompt; -1 = each task's own default
+  harness.limit = 0.0  # examples per task: 0 = all, < 1 = that fraction, >= 1 = that many
+  harness.batch_size = 0  # rows per jitted call; 0 = decode.batch_size
+  harness.max_gen_toks = 256  # generation tasks' new tokens when the task does not say (lm-eval's default)
+  harness.bootstrap_iters = 1000  # resamples for the stderr of non-mean metrics (lm-eval's CLI: 100000); 0 = none
+  harness.log_samples = False  # also write every request and response: DIR/harness_samples_<task>_step<N>.jsonl
 
   # ----------------------------------------------------------- checkpoint
   checkpoint = config.checkpoint = ml_collections.ConfigDict()

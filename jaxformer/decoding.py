@@ -573,7 +573,8 @@ def greedy_without_cache(model: nnx.Module, prompt: Any = None, *, max_new_token
 
 def decode(model: nnx.Module, settings: DecodeSettings, prompt: Any = None, *, prompt_lengths: Any = None,
            src_tokens: Any = None, rng: jax.Array | None = None, model_max_len: int | None = None,
-           batch_sharding: jax.sharding.Sharding | None = None, stop_tokens: Any = None) -> np.ndarray:
+           batch_sharding: jax.sharding.Sharding | None = None, prefill_len: int | None = None,
+           stop_tokens: Any = None) -> np.ndarray:
   """Decodes with settings.method -> new tokens [B, N] as numpy: one sequence per row (the best beam for beam
   search, the first sample; decode_sequences gives settings.num_return_sequences).
 
@@ -581,17 +582,21 @@ def decode(model: nnx.Module, settings: DecodeSettings, prompt: Any = None, *, p
   encoder_decoder. model_max_len (default: model.config.max_len) caps P + N: learned positions and the cache end
   there, so settings.max_len is lowered to fit. batch_sharding: where to
   put the batch (e.g. NamedSharding(mesh, P(('data', 'fsdp')))); rows are padded up to a multiple of its devices
-  and cut off again, so decoding runs on the training mesh with sharded parameters. stop_tokens:
+  and cut off again, so decoding runs on the training mesh with sharded parameters. prefill_len: prompt tokens
+  prefilled in one pass (a compile-time shape; default and most: the shortest prompt's length); a caller that
+  decodes many batches rounds it down to a few values, so a few programs serve them all. stop_tokens:
   stop_token_patterns' array, or None.
   """
   one = dataclasses.replace(settings, num_return_sequences=1)
   return decode_sequences(model, one, prompt, prompt_lengths=prompt_lengths, src_tokens=src_tokens, rng=rng,
-                          model_max_len=model_max_len, batch_sharding=batch_sharding, stop_tokens=stop_tokens)[:, 0]
+                          model_max_len=model_max_len, batch_sharding=batch_sharding, prefill_len=prefill_len,
+                          stop_tokens=stop_tokens)[:, 0]
 
 
 def decode_sequences(model: nnx.Module, settings: DecodeSettings, prompt: Any = None, *, prompt_lengths: Any = None,
                      src_tokens: Any = None, rng: jax.Array | None = None, model_max_len: int | None = None,
-                     batch_sharding: jax.sharding.Sharding | None = None, stop_tokens: Any = None) -> np.ndarray:
+                     batch_sharding: jax.sharding.Sharding | None = None, prefill_len: int | None = None,
+                     stop_tokens: Any = None) -> np.ndarray:
   """Like decode -> new tokens [B, R, N], R = settings.num_return_sequences: for sampling R independent samples of
   each row (the row repeated R times in one batch), for beam search the R best beams, best first."""
   prompt_np = None if prompt is None else np.asarray(prompt, np.int32)
@@ -633,7 +638,8 @@ def decode_sequences(model: nnx.Module, settings: DecodeSettings, prompt: Any = 
   else:
     prompt_in, src_in, lengths_in = prompt_np, src_np, lengths_np
   # lengths_np stays on the host for the prefill length; the device copy is what goes into the jit.
-  prefill_len = int(lengths_np.min())
+  shortest = int(lengths_np.min())
+  prefill_len = shortest if prefill_len is None else max(1, min(int(prefill_len), shortest))
   tokens = METHODS[settings.method](model, prompt_in, rng, settings=settings, prompt_lengths=lengths_in,
                                     src_tokens=src_in, prefill_len=prefill_len, stop_tokens=stop_tokens)
   if not tokens.is_fully_addressable:  # multi-host: every host gets the whole batch back

@@ -88,6 +88,7 @@ class TrainSettings:
   max_bad_steps: int
   skip_bad_steps: bool
   compilation_cache_dir: str
+  harness_tasks: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +128,17 @@ class AlignSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class HarnessSettings:
+  include_path: str
+  num_fewshot: int
+  limit: float
+  batch_size: int
+  max_gen_toks: int
+  bootstrap_iters: int
+  log_samples: bool
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointSettings:
   every_steps: int
   keep: int
@@ -163,6 +175,7 @@ class Settings:
   train: TrainSettings
   peft: PeftSettings
   align: AlignSettings
+  harness: HarnessSettings
   checkpoint: CheckpointSettings
   mesh: MeshSettings
   decode: DecodeSection
@@ -172,7 +185,7 @@ class Settings:
 
 
 SECTIONS: dict[str, type] = {'model': ModelConfig, 'data': DataSettings, 'train': TrainSettings, 'peft': PeftSettings,
-            'align': AlignSettings, 'checkpoint': CheckpointSettings, 'mesh': MeshSettings, 'decode': DecodeSection}
+            'align': AlignSettings, 'harness': HarnessSettings, 'checkpoint': CheckpointSettings, 'mesh': MeshSettings, 'decode': DecodeSection}
 
 
 # ------------------------------------------------------------------------------------------------ defaults

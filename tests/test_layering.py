@@ -5,7 +5,8 @@ Floors, lowest first; a module may import its own floor (without a cycle) and an
   bottom        errors, metrics, special_tokens, logical, compilation_cache
   library       model/, data/, peft/, hf/, heads/, align/ (preference and RL objectives), training/ (step, losses,
                 optimizer, checkpoint I/O, ...),
-                evaluation (the Evaluator), decoding, sharding, flops, settings (the typed config sections)
+                evaluation (the Evaluator), decoding, likelihood (continuation scoring), sharding, flops, settings (the
+                typed config sections)
   resolution    config (validate), resolve
   run state     training/state.py: where parameters come from
   applications  apps/ (the train loop, the eval app, export), cli, hf/__main__ (python -m jaxformer.hf)
@@ -24,8 +25,8 @@ FLOORS = (
     ('bottom', ('jaxformer', 'jaxformer.errors', 'jaxformer.metrics', 'jaxformer.special_tokens', 'jaxformer.logical',
                 'jaxformer.compilation_cache')),
     ('library', ('jaxformer.model', 'jaxformer.data', 'jaxformer.peft', 'jaxformer.hf', 'jaxformer.heads', 'jaxformer.align',
-                 'jaxformer.training', 'jaxformer.evaluation', 'jaxformer.decoding', 'jaxformer.sharding',
-                 'jaxformer.flops', 'jaxformer.settings', 'jaxformer.voting')),
+                 'jaxformer.training', 'jaxformer.evaluation', 'jaxformer.decoding', 'jaxformer.likelihood',
+                 'jaxformer.sharding', 'jaxformer.flops', 'jaxformer.settings', 'jaxformer.voting')),
     ('resolution', ('jaxformer.config', 'jaxformer.resolve')),
     ('run state', ('jaxformer.training.state',)),
     ('applications', ('jaxformer.apps', 'jaxformer.cli', 'jaxformer.hf.__main__')),

@@ -53,13 +53,14 @@ from jaxformer import sharding as shd
 from jaxformer import voting
 from jaxformer.errors import UserError
 from jaxformer.evaluation import Evaluator, eval_steps
+from jaxformer.apps import harness as harness_app
 from jaxformer.apps.rewards import RewardModel
 from jaxformer.resolve import Resolved, resolve, saved_run_differences
 from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import state as state_lib
 from jaxformer.training import step as step_lib
 
-REQUEST_SECTIONS = ('decode', 'mesh')  # taken from the request, never from the checkpoint
+REQUEST_SECTIONS = ('decode', 'mesh', 'harness')  # taken from the request, never from the checkpoint
 
 
 class EvalError(UserError, ValueError):
@@ -370,6 +371,7 @@ class Request:
   input_path: str | None = None
   lines: tuple[str, ...] = ()  # translate: the input file's lines, read before the restore
   bleu: bool = True
+  tasks: Any = None  # harness: the lm-evaluation-harness tasks (harness.TaskSet), resolved before the restore
   start: float = 0.0  # perf_counter when the request arrived
 
 
@@ -574,7 +576,38 @@ def score(r: Restored, q: Request) -> dict[str, Any]:
   return results
 
 
-MODE_FUNCTIONS = {'score': score, 'generate': generate, 'translate': translate, 'reward': reward}  # eval.py --mode
+def harness_model(r: Restored) -> harness_app.JaxformerLM:
+  """The restored model as an lm-evaluation-harness model (harness.batch_size rows per call, 0 = decode's)."""
+  h = r.config.harness
+  return harness_app.JaxformerLM(harness_app.HarnessModel(r.model, r.tokenizer, r.config, r.mesh, r.rules),
+                                 batch_size=h.batch_size or r.config.decode.batch_size, max_gen_toks=h.max_gen_toks,
+                                 seed=int(r.config.seed))
+
+
+def harness(r: Restored, q: Request) -> dict[str, Any]:
+  """lm-evaluation-harness tasks (--tasks) on the checkpoint: the harness's table printed, its results JSON
+  written to --output or DIR/harness_step<N>.json and DIR/harness.json (the latest), beside eval.json."""
+  h, workdir = r.config.harness, r.resolved.workdir
+  harness_app.check_model(r.config, workdir)
+  results = harness_app.run_tasks(harness_model(r), q.tasks, num_fewshot=h.num_fewshot, limit=h.limit,
+                                  bootstrap_iters=h.bootstrap_iters, log_samples=h.log_samples)
+  _log(f'lm-evaluation-harness on {workdir} (step {r.step}):')
+  _log(harness_app.table(results))
+  path = q.output or os.path.join(workdir, f'harness_step{r.step}.json')
+  _write_json(path, {'step': r.step, **harness_app.json_ready(results)})
+  if not q.output:
+    _write_json(os.path.join(workdir, 'harness.json'), {'step': r.step, **harness_app.json_ready(results)})
+  if h.log_samples:
+    for task, samples in results.get('samples', {}).items():
+      _write_lines(os.path.join(os.path.dirname(os.path.abspath(path)), f'harness_samples_{task}_step{r.step}.jsonl'),
+                   [json.dumps(x, default=str, ensure_ascii=False) for x in samples])
+  _log(f'wrote {path}')
+  return {'step': r.step, 'mode': 'harness', 'tasks': list(q.tasks.names), **harness_app.flat_metrics(results),
+          'results_file': path}
+
+
+MODE_FUNCTIONS = {'score': score, 'generate': generate, 'translate': translate, 'reward': reward,
+                  'harness': harness}  # eval.py --mode
 MODES = tuple(MODE_FUNCTIONS)
 
 
@@ -582,7 +615,8 @@ MODES = tuple(MODE_FUNCTIONS)
 def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int | None = None,
         split: str | None = 'validation', output: str | None = None, mode: str = 'score',
         prompt: str | Sequence[str] | None = None, input_path: str | None = None,
-        bleu: bool = True, overrides: Iterable[str] | None = None) -> dict[str, Any]:
+        bleu: bool = True, overrides: Iterable[str] | None = None, tasks: str | Sequence[str] | None = None
+        ) -> dict[str, Any]:
   """Evaluates the checkpoint in workdir; returns the results dict (also printed, and written as JSON).
 
   score: writes {step, split, num_tokens, loss, perplexity, ...} to `output` (default
@@ -606,10 +640,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int
     elif prompt is None:
       raise EvalError('--mode=generate needs --prompt=TEXT or --input=FILE (.txt: one prompt per line; .jsonl: '
                       '{"prompt": ...} lines).')
+  task_set = None
+  if mode == 'harness':  # the tasks are looked up before the (slow) restore
+    names = [t.strip() for t in (tasks.split(',') if isinstance(tasks, str) else tasks or ()) if t.strip()]
+    if not names:
+      raise EvalError('--mode=harness needs --tasks=NAME[,NAME...] (e.g. --tasks=synth_next_word with '
+                      '--config.harness.include_path=benchmarks/harness/tasks).')
+    harness_app.check_model(config, 'the requested config')  # the arch cannot change at restore
+    task_set = harness_app.load_tasks(names, config.harness.include_path)
   if checkpoint_step is not None and checkpoint_step < 0:
     checkpoint_step = None
   request = Request(split=split, output=output, prompts=(prompt,) if isinstance(prompt, str) else tuple(prompt or ()),
-                    input_path=input_path, lines=lines, bleu=bleu, start=time.perf_counter())
+                    input_path=input_path, lines=lines, bleu=bleu, tasks=task_set, start=time.perf_counter())
   r = restore(config, workdir, checkpoint_step=checkpoint_step, overrides=overrides,
               split=split if mode == 'score' else None)
   head = heads.head_of(r.config.model)

@@ -32,6 +32,8 @@ DIR/metrics.jsonl rows (also TensorBoard scalars in DIR/tensorboard/):
     simpo) has its own rows: eval_loss and its names (accuracy, margin, rewards_chosen, ... for a reward model;
     reward_accuracy, reward_margin, rewards_*, logps_* for DPO / SimPO) and eval_pairs, and train rows add the same
     names with train_; pairs count as two rows in tokens_per_sec and MFU. The online methods' rows are apps/align.py's.
+With train.harness_tasks the eval rows also hold the lm-evaluation-harness scores of those tasks, as
+'harness/<task>/<metric>[,<filter>]' (apps/harness.py; the harness section says how: few-shot, limit, ...).
 The first step (compilation) is excluded from throughput, and so is time spent evaluating and checkpointing.
 
 train.steps_per_call = k > 1 runs k steps per jitted call on k stacked batches (validate() requires log_every,
@@ -65,6 +67,7 @@ from jaxformer import resolve as resolve_lib
 from jaxformer import settings as settings_lib
 from jaxformer import sharding as shd
 from jaxformer.align import reference as reference_lib
+from jaxformer.apps import harness as harness_app
 from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import optimizer as opt_lib
 from jaxformer.training import state as state_lib
@@ -309,6 +312,9 @@ class Trainer:
       self.train_iter = reference_lib.WithReference(self.train_iter, self.reference_table)
       self.reference = None  # no longer needed: its numbers are in the table
     self.evaluator = self.make_evaluator()
+    # train.harness_tasks: lm-evaluation-harness tasks at each evaluation (resolved now: a bad name fails here)
+    self.harness = (harness_app.TrainingHarness(config, r.tokenizer, r.mesh, r.rules)
+                    if config.train.harness_tasks else None)
     self.config_dict = json.loads(settings_lib.to_json(config))
     self.unchecked: list[tuple[int, int, dict]] = []  # (first step, steps, metrics) not yet checked for NaN/inf
     self.bad_steps, self.first_bad = 0, None
@@ -427,13 +433,16 @@ class Trainer:
 
   def evaluate(self, step: int, *, final: bool) -> dict[str, float]:
     row = self.evaluator.training_row(self.state['params'], self.state['rngs'], final=final)
+    if self.harness is not None:
+      row.update(self.harness.row(step_lib.merge_model(self.setup.graphdef, self.state['params'], self.state['rngs'])))
     self.writer.write(step, row)
     shown = (('loss', 'eval_loss', '.4f'), ('perplexity', 'eval_perplexity', '.3f'), ('accuracy', 'eval_accuracy', '.4f'),
              ('macro-F1', 'eval_macro_f1', '.4f'), ('bits/char', 'eval_bits_per_char', '.4f'),
              ('margin', 'eval_margin', '.4f'), ('reward accuracy', 'eval_reward_accuracy', '.4f'),
              ('reward margin', 'eval_reward_margin', '.4f'), ('reward', 'eval_reward_mean', '.4f'),
              ('completion length', 'eval_completion_length', '.1f'))
-    _log(f'eval at step {step}: ' + ' | '.join(f'{name} {row[key]:{fmt}}' for name, key, fmt in shown if key in row))
+    _log(f'eval at step {step}: ' + ' | '.join([f'{name} {row[key]:{fmt}}' for name, key, fmt in shown if key in row]
+                                               + [f'{k} {v:.4f}' for k, v in row.items() if k.startswith('harness/')]))
     self.log.restart_clock()
     return row
 
