@@ -246,6 +246,16 @@ def get_config() -> ml_collections.ConfigDict:
   # the decoder's first token when there is no prompt; -1 = the tokenizer's (encoder_decoder: the token its
   # targets start with, T5: 0; decoder_only: BOS)
   decode.start_id = -1
+  # generation controls (every method and arch; transformers' semantics): a token already in the row (a decoder_only
+  # prompt included) gets its logit / penalty if positive, * penalty if negative (CTRL); 1.0 = off
+  decode.repetition_penalty = 1.0
+  decode.no_repeat_ngram_size = 0  # ban any token that would repeat an n-gram of the row (prompt included); 0 = off
+  decode.min_new_tokens = 0  # EOS is banned until this many new tokens; 0 = off
+  # sample: that many independent samples per prompt; beam: the best that many beams (<= beam_size); greedy: 1
+  decode.num_return_sequences = 1
+  # stop strings, comma-separated, escapes \n \t \r \\ and \, (a literal comma): --config.decode.stop='\n\n,###'; the
+  # text is cut before the first one (a row also stops once it ends with one's tokens); '' = none
+  decode.stop = ''
   decode.batch_size = 32
   # sacrebleu tokenizer: '' = by data.tgt_lang (zh -> zh, ja -> ja-mecab if installed, else 13a) | 13a | intl |
   # zh | char | none
@@ -255,6 +265,10 @@ def get_config() -> ml_collections.ConfigDict:
   # model (a model.head=reward workdir) scores highest, with its reward; 1 = plain decoding
   decode.num_samples = 1
   decode.reward_model = ''
+  # self-consistency (eval.py --mode=generate, with decode.num_samples=N, decode.method=sample, no reward_model):
+  # a regex whose first group (else the whole match) is a completion's answer; the most common answer of the N
+  # samples wins (ties: the first to appear); '' = off
+  decode.answer_pattern = ''
   return config
 
 

@@ -14,6 +14,7 @@ from jaxformer import data as data_lib
 from jaxformer import decoding
 from jaxformer import metrics
 from jaxformer import peft
+from jaxformer import voting
 from jaxformer.errors import ConfigError, check_choice, check_fraction, check_positive
 from jaxformer.model.config import ModelConfig, validate_model
 from jaxformer.training import optimizer
@@ -122,3 +123,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f'{", ".join(c for c in metrics.BLEU_TOKENIZE_CHOICES if c)}, or \'\' to follow data.tgt_lang.')
   check_positive('decode.bleu_max_ngram', decode.bleu_max_ngram)
   check_positive('decode.num_samples', decode.num_samples)
+  try:  # the generation controls: decoding's own checks (one line naming the key), and the answer regex
+    decoding.DecodeSettings.from_config(decode)
+    voting.compile_pattern(str(decode.answer_pattern))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None

@@ -163,6 +163,7 @@ class DecodeSection(DecodeSettings):
   bleu_max_ngram: int
   num_samples: int
   reward_model: str
+  answer_pattern: str
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,7 @@ FLOORS = (
                 'jaxformer.compilation_cache')),
     ('library', ('jaxformer.model', 'jaxformer.data', 'jaxformer.peft', 'jaxformer.hf', 'jaxformer.heads', 'jaxformer.align',
                  'jaxformer.training', 'jaxformer.evaluation', 'jaxformer.decoding', 'jaxformer.likelihood',
-                 'jaxformer.sharding', 'jaxformer.flops', 'jaxformer.settings')),
+                 'jaxformer.sharding', 'jaxformer.flops', 'jaxformer.settings', 'jaxformer.voting')),
     ('resolution', ('jaxformer.config', 'jaxformer.resolve')),
     ('run state', ('jaxformer.training.state',)),
     ('applications', ('jaxformer.apps', 'jaxformer.cli', 'jaxformer.hf.__main__')),

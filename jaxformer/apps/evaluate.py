@@ -7,9 +7,12 @@ Modes
              split and reports sacrebleu BLEU (tokenized for the target language; decode.bleu_tokenize overrides)
              and chrF.
   generate   decoder_only: continue text prompts (--prompt, or --input: a .txt file, one prompt per line, or a .jsonl
-             file of {"prompt": ...} lines; --output then gets one JSON line per input line, in order). With
-             decode.num_samples=N > 1 and decode.reward_model=<a model.head=reward workdir>: best-of-N, N samples
-             per prompt, the one the reward model scores highest returned with its reward.
+             file of {"prompt": ...} lines; --output then gets one JSON line per input line, in order; with
+             decode.num_return_sequences > 1 a line holds "outputs": [...]). decode.stop strings cut each text.
+             With decode.num_samples=N > 1 and decode.reward_model=<a model.head=reward workdir>: best-of-N, N
+             samples per prompt, the one the reward model scores highest returned with its reward; with
+             decode.answer_pattern=<regex> instead: self-consistency, the majority answer of the N samples
+             (jaxformer.voting).
   translate  encoder_decoder: translate the lines of a file.
   reward     model.head=reward: the reward of each {"prompt", "response"} line of --input (a .jsonl file), one
              {"reward": x} line per input line to --output (default: printed).
@@ -47,6 +50,7 @@ from jaxformer import heads
 from jaxformer import metrics as metrics_lib
 from jaxformer import settings as settings_lib
 from jaxformer import sharding as shd
+from jaxformer import voting
 from jaxformer.errors import UserError
 from jaxformer.evaluation import Evaluator, eval_steps
 from jaxformer.apps import harness as harness_app
@@ -215,14 +219,27 @@ def decode_settings(config: ml_collections.ConfigDict) -> decoding.DecodeSetting
 def _decode_batches(r: Restored, *, prompts: Sequence[Sequence[int]] | None = None,
                     sources: Sequence[Sequence[int]] | None = None) -> list[list[int]]:
   """Decodes in batches of decode.batch_size on the mesh (batch over the 'batch' axes) -> token lists, each cut
-  before its first decode.eos_id (decoding fills 0 after it, which is a real token for e.g. GPT-2)."""
+  before its first decode.eos_id (decoding fills 0 after it, which is a real token for e.g. GPT-2). One sequence
+  per input (the first of decode.num_return_sequences); rows also end early at decode.stop's tokens."""
+  return [seqs[0] for seqs in _decode_sequences(r, prompts=prompts, sources=sources, returned=1)]
+
+
+def _decode_sequences(r: Restored, *, prompts: Sequence[Sequence[int]] | None = None,
+                      sources: Sequence[Sequence[int]] | None = None, returned: int | None = None,
+                      stop: Sequence[str] | None = None) -> list[list[list[int]]]:
+  """Like _decode_batches -> per input `returned` (default decode.num_return_sequences) token lists. stop: the
+  stop strings whose tokens end a row early (default decode.stop's; the text cut is the caller's)."""
   config = r.config
   settings = decode_settings(config)
+  if returned is not None:
+    settings = dataclasses.replace(settings, num_return_sequences=returned)
+  stop = settings.stop_strings if stop is None else tuple(stop)
+  patterns = decoding.stop_token_patterns(r.tokenizer, stop) if stop else None
   sharding = shd.batch_sharding(r.mesh, r.rules, 1)
   rng = jax.random.key(int(config.seed))
   n = len(prompts if prompts is not None else sources)
   bs = max(1, int(config.decode.batch_size))
-  out: list[list[int]] = []
+  out: list[list[list[int]]] = []
   with shd.mesh_context(r.mesh, r.rules):
     for start in range(0, n, bs):
       prompt = lengths = src = None
@@ -232,15 +249,11 @@ def _decode_batches(r: Restored, *, prompts: Sequence[Sequence[int]] | None = No
         src = np.zeros((min(bs, n - start), config.data.src_seq_len), np.int32)
         for row, ids in enumerate(sources[start:start + bs]):
           src[row, :len(ids)] = ids
-      tokens = decoding.decode(r.model, settings, prompt, prompt_lengths=lengths, src_tokens=src,
-                               rng=jax.random.fold_in(rng, start), model_max_len=config.model.max_len,
-                               batch_sharding=sharding)
-      out.extend(_until(row.tolist(), settings.eos_id) for row in tokens)
+      tokens = decoding.decode_sequences(r.model, settings, prompt, prompt_lengths=lengths, src_tokens=src,
+                                         rng=jax.random.fold_in(rng, start), model_max_len=config.model.max_len,
+                                         batch_sharding=sharding, stop_tokens=patterns)
+      out.extend([decoding.cut_at_eos(seq, settings.eos_id) for seq in row] for row in tokens)
   return out
-
-
-def _until(ids: list[int], eos_id: int) -> list[int]:
-  return ids[:ids.index(eos_id)] if eos_id in ids else ids
 
 
 def translate_texts(r: Restored, texts: Sequence[str]) -> tuple[list[str], int]:
@@ -251,8 +264,9 @@ def translate_texts(r: Restored, texts: Sequence[str]) -> tuple[list[str], int]:
   sources = [data_lib.encode_source(tok, texts[i], src_len) for i in todo]
   cut = sum(len(ids) < len(tok.encode(texts[i])) + 1 for i, ids in zip(todo, sources))  # + 1: the EOS
   out = [''] * len(texts)
+  stop = decode_settings(r.config).stop_strings
   for i, ids in zip(todo, _decode_batches(r, sources=sources) if todo else []):
-    out[i] = tok.decode(ids)
+    out[i] = decoding.cut_at_stop(tok.decode(ids), stop)
   return out, cut
 
 
@@ -262,6 +276,16 @@ def characters_outside_vocabulary(tokenizer: data_lib.Tokenizer, text: str) -> l
 
 
 def generate_texts(r: Restored, prompts: Sequence[str]) -> list[str]:
+  """decoder_only: one completion of each prompt (the first of decode.num_return_sequences), cut at decode.stop."""
+  return [texts[0] for texts in complete(r, prompts, num_return_sequences=1)]
+
+
+def complete(r: Restored, prompts: Sequence[str], *, stop: Sequence[str] | None = None,
+             max_new_tokens: int | None = None, num_return_sequences: int | None = None) -> list[list[str]]:
+  """decoder_only: per prompt text, its completions as text (decode.num_return_sequences of them, or
+  num_return_sequences), each cut before the first stop string (stop: this call's, e.g. a harness request's
+  `until`; default decode.stop's). max_new_tokens: this call's budget (default decode.max_len). The decode
+  section's other settings (method, controls, batch_size) apply; rows end early at a stop string's tokens."""
   tok = r.tokenizer
   unknown = characters_outside_vocabulary(tok, ''.join(prompts))
   if unknown:
@@ -272,7 +296,12 @@ def generate_texts(r: Restored, prompts: Sequence[str]) -> list[str]:
   if longest >= r.config.model.max_len:
     raise EvalError(f'--prompt is {longest} tokens (with BOS) but model.max_len={r.config.model.max_len} leaves no '
                     'room to generate; shorten the prompt.')
-  return [tok.decode(out) for out in _decode_batches(r, prompts=ids)]
+  if max_new_tokens is not None:  # this call's budget: a Restored whose decode section says so
+    config = settings_lib.replace(r.config, decode=dataclasses.replace(r.config.decode, max_len=int(max_new_tokens)))
+    r = dataclasses.replace(r, resolved=dataclasses.replace(r.resolved, config=config))
+  stop = decode_settings(r.config).stop_strings if stop is None else tuple(s for s in stop if s)
+  seqs = _decode_sequences(r, prompts=ids, returned=num_return_sequences, stop=stop)
+  return [[decoding.cut_at_stop(tok.decode(s), stop) for s in row] for row in seqs]
 
 
 # ---------------------------------------------------------------------------------------------------- output
@@ -394,40 +423,79 @@ def best_of_n(r: Restored, prompts: Sequence[str], reward_model: RewardModel) ->
   return best, details
 
 
+def self_consistency(r: Restored, prompts: Sequence[str]) -> list[dict]:
+  """decode.num_samples samples per prompt (decode.method=sample), each one's answer extracted with
+  decode.answer_pattern, the majority answer per prompt -> per prompt {'output', 'answer', 'answers', 'votes'}
+  (jaxformer.voting.self_consistency)."""
+  n = int(r.config.decode.num_samples)
+  samples = complete(r, prompts, num_return_sequences=n)
+  return [voting.self_consistency(group, str(r.config.decode.answer_pattern)) for group in samples]
+
+
 def generate(r: Restored, q: Request) -> dict[str, Any]:
   """decoder_only: each prompt's continuation, printed (and written as JSON to --output; with --input, one JSON line
-  per prompt); best-of-N with decode.num_samples > 1 and decode.reward_model."""
+  per prompt); decode.num_return_sequences > 1 gives several per prompt; with decode.num_samples > 1, best-of-N
+  (decode.reward_model) or self-consistency (decode.answer_pattern)."""
   if r.config.model.arch != 'decoder_only':
     raise EvalError(f'--mode=generate needs a decoder_only checkpoint; {r.resolved.workdir} holds '
                     f'{r.config.model.arch} (use --mode=score'
                     + (' or --mode=translate).' if r.config.model.arch == 'encoder_decoder' else ').'))
   decode = r.config.decode
   details: list[dict] | None = None
+  several: list[list[str]] | None = None
   if decode.num_samples > 1:
-    if not decode.reward_model:
-      raise EvalError(f'decode.num_samples={decode.num_samples} picks the best of N samples by a reward model; set '
-                      '--config.decode.reward_model=<a model.head=reward workdir>.')
+    if not decode.reward_model and not decode.answer_pattern:
+      raise EvalError(f'decode.num_samples={decode.num_samples} picks one of N samples: set '
+                      '--config.decode.reward_model=<a model.head=reward workdir> (best-of-N by reward) or '
+                      '--config.decode.answer_pattern=<regex> (self-consistency: the majority answer).')
     if decode.method != 'sample':
       raise EvalError(f'decode.num_samples={decode.num_samples} needs decode.method=sample (decode.method='
                       f'{decode.method} gives the same completion every time).')
-    reward_model = restore_reward_model(decode.reward_model, dataclasses.asdict(r.config.mesh),
-                                        flag='decode.reward_model', batch_size=decode.batch_size)
-    texts, details = best_of_n(r, q.prompts, reward_model)
+    if decode.num_return_sequences > 1:
+      raise EvalError(f'decode.num_samples={decode.num_samples} returns one completion per prompt; set '
+                      'decode.num_return_sequences=1 (or drop num_samples to get all the samples).')
+    if decode.reward_model:
+      reward_model = restore_reward_model(decode.reward_model, dataclasses.asdict(r.config.mesh),
+                                          flag='decode.reward_model', batch_size=decode.batch_size)
+      texts, details = best_of_n(r, q.prompts, reward_model)
+    else:
+      details = self_consistency(r, q.prompts)
+      texts = [d.pop('output') for d in details]
+  elif decode.num_return_sequences > 1:
+    several = complete(r, q.prompts)
+    texts = [group[0] for group in several]
   else:
     texts = generate_texts(r, q.prompts)
   if q.input_path and q.output:
-    _write_lines(q.output, [json.dumps({'prompt': p, 'output': t, **(details[i] if details else {})})
-                            for i, (p, t) in enumerate(zip(q.prompts, texts))])
+    lines = []
+    for i, (p, t) in enumerate(zip(q.prompts, texts)):
+      row = {'prompt': p, 'outputs': several[i]} if several else {'prompt': p, 'output': t}
+      lines.append(json.dumps({**row, **(details[i] if details else {})}))
+    _write_lines(q.output, lines)
     _log(f'generated {len(texts)} completions -> {q.output}')
   else:
     for i, (p, t) in enumerate(zip(q.prompts, texts)):
-      _log(f'{p}{t}' + (f'    [reward {details[i]["reward"]:.4f}]' if details else ''))
+      if several:
+        for j, text in enumerate(several[i]):
+          _log(f'[{j}] {p}{text}')
+      elif details and 'reward' in details[i]:
+        _log(f'{p}{t}    [reward {details[i]["reward"]:.4f}]')
+      elif details:
+        _log(f'{p}{t}    [answer {details[i]["answer"]!r}: {details[i]["votes"]} of {decode.num_samples} votes]')
+      else:
+        _log(f'{p}{t}')
   results = {'step': r.step, 'mode': 'generate', 'decode': dataclasses.asdict(decode_settings(r.config)),
              'prompts': list(q.prompts), 'outputs': texts}
-  if details:
+  if several:
+    results['sequences'] = several
+  if details and decode.reward_model:
     results.update(num_samples=int(decode.num_samples), reward_model=str(decode.reward_model),
                    rewards=[d['reward'] for d in details], samples=[d['samples'] for d in details],
                    sample_rewards=[d['rewards'] for d in details])
+  elif details:
+    results.update(num_samples=int(decode.num_samples), answer_pattern=str(decode.answer_pattern),
+                   answers=[d['answer'] for d in details], votes=[d['votes'] for d in details],
+                   sample_answers=[d['answers'] for d in details])
   if q.output and not q.input_path:
     _write_json(q.output, results)
   return results
