@@ -8,8 +8,10 @@ token ids, exactly as for its Hugging Face backend) whose three request types ru
   loglikelihood_rolling  the harness's rolling windows (model.max_len tokens, one token of context) scored the same way
                          (a Hugging Face tokenizer's text as its backend frames it, even Llama's <s> after the prefix
                          <s>; a jaxformer tokenizer's text after BOS, as jaxformer frames documents)
-  generate_until         decoding.decode (greedy, or sampling when the task asks do_sample), batched per generation
-                         settings, cut at the task's `until` strings and EOS
+  generate_until         decoding.decode (greedy, or sampling when the task asks do_sample; a task's
+                         repetition_penalty / no_repeat_ngram_size / min_new_tokens too), batched per generation
+                         settings, cut at the task's `until` strings and EOS (a batch stops once every row has
+                         produced one of them)
 
 Tokens follow lm-eval's Hugging Face backend: a decoder's text is framed as the tokenizer frames a document start
 (prefix ids: Llama's <s>, jaxformer's BOS; nothing for GPT-2), an empty context is the prefix token (BOS, else EOS);
@@ -51,8 +53,11 @@ except ImportError:  # the harness mode explains how to install it (require_harn
   TemplateLM = object  # type: ignore[assignment,misc]
 
 INSTALL = "pip install -e '.[harness]'"
-# generation kwargs a task may set -> the decode.* key it becomes (until / max_gen_toks / do_sample handled apart)
-GEN_KWARGS = {'temperature': 'temperature', 'top_p': 'top_p', 'top_k': 'top_k'}
+# generation kwargs a task may set (transformers' generate names) -> the decode.* key it becomes (until,
+# max_gen_toks and do_sample are handled apart)
+GEN_KWARGS = {'temperature': 'temperature', 'top_p': 'top_p', 'top_k': 'top_k',
+              'repetition_penalty': 'repetition_penalty', 'no_repeat_ngram_size': 'no_repeat_ngram_size',
+              'min_new_tokens': 'min_new_tokens'}
 
 
 class HarnessError(UserError, ValueError):
@@ -192,11 +197,13 @@ class JaxformerLM(TemplateLM):
                            f'{self.max_length} leaves no room for its prompt; lower harness.max_gen_toks or the task\'s '
                            'max_gen_toks.')
       settings = self._settings(kwargs, max_new)
+      stop_tokens = decoding.stop_token_patterns(self.tokenizer, until)  # rows stop early once all have stopped
       prompts = {i: self._prompt(requests[i].args[0], max_new) for i in members}
       order = sorted(members, key=lambda i: (-len(prompts[i]), i))
       for start in range(0, len(order), self.batch_size):
         chunk = order[start:start + self.batch_size]
-        texts = self._decode([prompts[i] for i in chunk], settings, seed_offset=start + zlib.crc32(key.encode()) % 10_000)
+        texts = self._decode([prompts[i] for i in chunk], settings, stop_tokens,
+                             seed_offset=start + zlib.crc32(key.encode()) % 10_000)
         for i, text in zip(chunk, texts):
           out[i] = lm_utils.postprocess_generated_text(text, until, None)
           self.cache_hook.add_partial('generate_until', requests[i].args, out[i])
@@ -209,7 +216,8 @@ class JaxformerLM(TemplateLM):
     ids = self.tok_encode(context, left_truncate_len=self.max_length - max_new)
     return ids or [self.prefix_token_id]
 
-  def _decode(self, prompts: list[list[int]], settings: decoding.DecodeSettings, seed_offset: int) -> list[str]:
+  def _decode(self, prompts: list[list[int]], settings: decoding.DecodeSettings, stop_tokens: np.ndarray | None,
+              seed_offset: int) -> list[str]:
     n = len(prompts)
     rows = prompts + [prompts[-1]] * (self.batch_size - n)  # one batch shape: repeat the last prompt
     width = bucket_length(max(len(p) for p in rows), self.max_length if self.backend == 'causal' else 0)
@@ -232,7 +240,8 @@ class JaxformerLM(TemplateLM):
     with shd.mesh_context(self.source.mesh, self.source.rules):
       tokens = decoding.decode(self.source.model, settings, prompt, prompt_lengths=lengths_in, src_tokens=src,
                                rng=rng, model_max_len=self.max_length, batch_sharding=sharding,
-                               prefill_len=1 << (int(lengths.min()).bit_length() - 1))  # a power of two
+                               prefill_len=1 << (int(lengths.min()).bit_length() - 1),  # a power of two
+                               stop_tokens=stop_tokens)
     return [self.tokenizer.decode(row.tolist()) for row in tokens[:n]]
 
 
