@@ -1,11 +1,12 @@
 """Evaluate a checkpoint that train.py wrote: perplexity (and BLEU for encoder_decoder), generation (best-of-N),
-translation, rewards.
+translation, rewards, attention maps.
 
   python eval.py --config=configs/gpt_tiny.py --workdir=/tmp/gpt_tiny [--checkpoint_step=N] [--split=test]
                  [--output=FILE] [--config.decode.method=beam ...]
   python eval.py --config=configs/gpt_tiny.py --workdir=/tmp/gpt_tiny --mode=generate --prompt='ka'
   python eval.py --config=configs/t5_tiny.py --workdir=/tmp/t5_tiny --mode=translate --input=numbers.txt
   python eval.py --config=configs/gpt_tiny.py --workdir=/tmp/rm --mode=reward --input=pairs.jsonl
+  python eval.py --config=configs/gpt_tiny.py --workdir=/tmp/gpt_tiny --mode=attention --prompt='ka zo' --output=a.png
 
 The architecture (model section) comes from the checkpoint's saved config; data/train settings too, so the loss
 matches training's eval_loss for the same step (use --config.train.eval_steps=-1 for the whole split).
@@ -25,9 +26,13 @@ _SPLIT = flags.DEFINE_string('split', 'validation', 'validation (data.eval_split
                              'split name.')
 _OUTPUT = flags.DEFINE_string('output', None, 'score: the JSON file (default DIR/eval_<split>_step<N>.json, also '
                               'copied to DIR/eval.json); translate: the output text file (default: print); generate: '
-                              'optional JSON file.')
-_MODE = flags.DEFINE_enum('mode', 'score', ['score', 'generate', 'translate', 'reward'], 'What to do.')
-_PROMPT = flags.DEFINE_multi_string('prompt', None, 'generate: prompt text (repeat the flag for several).')
+                              'optional JSON file; attention: the picture (.png, .pdf, .svg; default '
+                              'DIR/attention.png) or the arrays (.npz).')
+_MODE = flags.DEFINE_enum('mode', 'score', ['score', 'generate', 'translate', 'reward', 'attention'], 'What to do.')
+_PROMPT = flags.DEFINE_multi_string('prompt', None, 'generate: prompt text (repeat the flag for several); attention: '
+                                    'the one text whose attention is drawn (encoder_decoder: the source).')
+_TARGET = flags.DEFINE_string('target', None, 'attention, encoder_decoder: the decoder text (default: the model\'s '
+                              'translation of --prompt, decoded with --config.decode.*).')
 _INPUT = flags.DEFINE_string('input', None, 'translate: a text file with one source sentence per line; generate: '
                              'prompts (.txt: one per line, .jsonl: {"prompt": ...} lines); reward: a .jsonl file of '
                              '{"prompt", "response"} lines.')
@@ -41,7 +46,7 @@ def main(argv):
   cli.quiet_logging()
   cli.evaluate(_CONFIG.value, _WORKDIR.value, sys.argv, checkpoint_step=_STEP.value, split=_SPLIT.value,
                output=_OUTPUT.value, mode=_MODE.value, prompt=_PROMPT.value, input_path=_INPUT.value,
-               bleu=_BLEU.value)
+               bleu=_BLEU.value, target=_TARGET.value)
 
 
 if __name__ == '__main__':
