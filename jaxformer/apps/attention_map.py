@@ -104,7 +104,6 @@ def draw(path: str, maps: Sequence[AttentionMap], title: str = '') -> None:
   if title:
     fig.suptitle(title, fontsize=10)
   subfigs = fig.subfigures(len(maps), 1, height_ratios=rows, squeeze=False)[:, 0]
-  image = None
   for sub, m in zip(subfigs, maps):
     sub.suptitle(TITLES.get(m.name, m.name), fontsize=9)
     axes = sub.subplots(m.weights.shape[0], heads, squeeze=False)
@@ -113,13 +112,14 @@ def draw(path: str, maps: Sequence[AttentionMap], title: str = '') -> None:
         if head >= m.weights.shape[1]:
           ax.axis('off')
           continue
-        image = ax.imshow(m.weights[layer, head], cmap='viridis', vmin=0.0, vmax=1.0, interpolation='nearest')
+        image = ax.imshow(m.weights[layer, head], cmap='viridis', vmin=0.0, vmax=1.0, interpolation='nearest',
+                          aspect='auto')
         _label_axes(ax, m, font, first_column=head == 0, bottom_row=layer == len(axes) - 1)
         if layer == 0:
           ax.set_title(f'head {head}', fontsize=8)
         if head == 0:
           ax.set_ylabel(f'layer {layer}\nquery', fontsize=8)
-  fig.colorbar(image, ax=fig.axes, shrink=0.6, label='attention probability')
+    sub.colorbar(image, ax=axes, shrink=0.6, label='attention probability')
   _make_parent(path)
   fig.savefig(path, dpi=90)
   plt.close(fig)
