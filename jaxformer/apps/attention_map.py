@@ -21,6 +21,7 @@ KINDS = (('encoder', 'self_attention'), ('decoder', 'self_attention'), ('decoder
 TITLES = {'encoder_self_attention': 'encoder self-attention', 'decoder_self_attention': 'decoder self-attention',
           'decoder_cross_attention': 'cross-attention (decoder queries, encoder keys)'}
 PICTURE_FORMATS = ('.png', '.pdf', '.svg')  # what --output may end in besides .npz (matplotlib writes them)
+MAX_LABELS = 48  # token labels per axis of a heat map; longer inputs label every k-th token
 
 
 @dataclasses.dataclass
@@ -97,7 +98,7 @@ def draw(path: str, maps: Sequence[AttentionMap], title: str = '') -> None:
   heads = max(m.weights.shape[1] for m in maps)
   longest = max(max(m.weights.shape[2:]) for m in maps)
   cell = min(4.0, max(1.6, 0.16 * longest))  # inches per heat map: room for one label per token
-  font = max(4.0, min(8.0, 100.0 / longest))
+  font = max(4.0, min(9.0, 0.75 * cell * 72 / min(longest, MAX_LABELS)))  # points: 3/4 of a label's share
   rows = [m.weights.shape[0] for m in maps]
   fig = plt.figure(figsize=(heads * cell + 1.5, sum(rows) * cell + 0.6 * len(maps) + (0.4 if title else 0)),
                    layout='constrained')
@@ -126,9 +127,9 @@ def draw(path: str, maps: Sequence[AttentionMap], title: str = '') -> None:
 
 
 def _label_axes(ax: Any, m: AttentionMap, font: float, *, first_column: bool, bottom_row: bool) -> None:
-  """Token labels on the keys (x, bottom row) and queries (y, first column); at most ~48 labels per axis."""
+  """Token labels on the keys (x, bottom row) and queries (y, first column); at most MAX_LABELS per axis."""
   for axis, labels, shown in ((ax.xaxis, m.key_tokens, bottom_row), (ax.yaxis, m.query_tokens, first_column)):
-    step = max(1, -(-len(labels) // 48))
+    step = max(1, -(-len(labels) // MAX_LABELS))
     ticks = list(range(0, len(labels), step))
     axis.set_ticks(ticks)
     axis.set_ticklabels([labels[i] for i in ticks] if shown else [], fontsize=font)
