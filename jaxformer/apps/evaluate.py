@@ -546,7 +546,8 @@ def attention(r: Restored, q: Request) -> dict[str, Any]:
   graphdef, params, rest = step_lib.split_model(r.model)
   forward = jax.jit(lambda p, s, *tokens: step_lib.merge_model(graphdef, p, s)(*tokens, return_intermediates=True))
   _, intermediates = forward(params, rest, *(np.asarray([ids], np.int32) for ids in inputs.values()))
-  tokens = {stack: attention_map.token_labels(r.tokenizer, ids) for stack, ids in inputs.items()}
+  tokens = {stack: [f'<soft {i}>' for i in range(getattr(r.model, stack).prompt_length)]  # peft.method=prompt
+                  + attention_map.token_labels(r.tokenizer, ids) for stack, ids in inputs.items()}
   maps = attention_map.attention_maps(jax.device_get(intermediates), tokens)
   output = q.output or os.path.join(r.resolved.workdir, 'attention.png')
   if jax.process_index() == 0:
