@@ -79,7 +79,7 @@ def test_one_layer_by_hand():
   cfg = default.get_config().model
   cfg.update(arch='decoder_only', position='learned', norm='layer', norm_position='pre', mlp='gelu', use_bias=True,
              num_layers=2, num_heads=4, num_kv_heads=2, d_model=16, d_ff=32, vocab_size=23, max_len=16,
-             init_std=0.3, attention_impl='xla')
+             init_std=0.3, attention_impl='xla', scan_layers=False)  # blocks[1] below: the unrolled layout
   model = build_model(cfg, rngs=nnx.Rngs(params=3, dropout=4))
   tokens = jnp.asarray([[5, 9, 7, 11, 6, 8]], jnp.int32)
   _, inter = model(tokens, return_intermediates=True)
