@@ -1,5 +1,5 @@
 """Evaluate a checkpoint that train.py wrote: perplexity (and BLEU for encoder_decoder), generation (best-of-N),
-translation, rewards.
+translation, rewards, attention maps.
 
   python eval.py --config=configs/gpt_tiny.py --workdir=/tmp/gpt_tiny [--checkpoint_step=N] [--split=test]
                  [--output=FILE] [--config.decode.method=beam ...]
@@ -8,6 +8,7 @@ translation, rewards.
   python eval.py --config=configs/gpt_tiny.py --workdir=/tmp/rm --mode=reward --input=pairs.jsonl
   python eval.py --config=configs/gpt_tiny.py --workdir=/tmp/gpt_tiny --mode=harness --tasks=synth_next_word \
                  --config.harness.include_path=benchmarks/harness/tasks
+  python eval.py --config=configs/gpt_tiny.py --workdir=/tmp/gpt_tiny --mode=attention --prompt='ka zo' --output=a.png
 
 The architecture (model section) comes from the checkpoint's saved config; data/train settings too, so the loss
 matches training's eval_loss for the same step (use --config.train.eval_steps=-1 for the whole split).
@@ -27,9 +28,13 @@ _SPLIT = flags.DEFINE_string('split', 'validation', 'validation (data.eval_split
                              'split name.')
 _OUTPUT = flags.DEFINE_string('output', None, 'score: the JSON file (default DIR/eval_<split>_step<N>.json, also '
                               'copied to DIR/eval.json); translate: the output text file (default: print); generate: '
-                              'optional JSON file.')
-_MODE = flags.DEFINE_enum('mode', 'score', ['score', 'generate', 'translate', 'reward', 'harness'], 'What to do.')
-_PROMPT = flags.DEFINE_multi_string('prompt', None, 'generate: prompt text (repeat the flag for several).')
+                              'optional JSON file; attention: the picture (.png, .pdf, .svg; default '
+                              'DIR/attention.png) or the arrays (.npz).')
+_MODE = flags.DEFINE_enum('mode', 'score', ['score', 'generate', 'translate', 'reward', 'harness', 'attention'], 'What to do.')
+_PROMPT = flags.DEFINE_multi_string('prompt', None, 'generate: prompt text (repeat the flag for several); attention: '
+                                    'the one text whose attention is drawn (encoder_decoder: the source).')
+_TARGET = flags.DEFINE_string('target', None, 'attention, encoder_decoder: the decoder text (default: the model\'s '
+                              'translation of --prompt, decoded with --config.decode.*).')
 _INPUT = flags.DEFINE_string('input', None, 'translate: a text file with one source sentence per line; generate: '
                              'prompts (.txt: one per line, .jsonl: {"prompt": ...} lines); reward: a .jsonl file of '
                              '{"prompt", "response"} lines.')
@@ -45,7 +50,7 @@ def main(argv):
   cli.quiet_logging()
   cli.evaluate(_CONFIG.value, _WORKDIR.value, sys.argv, checkpoint_step=_STEP.value, split=_SPLIT.value,
                output=_OUTPUT.value, mode=_MODE.value, prompt=_PROMPT.value, input_path=_INPUT.value,
-               bleu=_BLEU.value, tasks=_TASKS.value)
+               bleu=_BLEU.value, tasks=_TASKS.value, target=_TARGET.value)
 
 
 if __name__ == '__main__':

@@ -14,8 +14,13 @@ Modes
              decode.answer_pattern=<regex> instead: self-consistency, the majority answer of the N samples
              (jaxformer.voting).
   translate  encoder_decoder: translate the lines of a file.
+  attention  the attention probabilities of every layer and head for one --prompt (encoder_decoder: the source; the
+             decoder reads --target, else the model's own translation of it, decoded with decode.*), drawn as heat
+             maps (--output=FILE.png / .pdf / .svg, default DIR/attention.png) or saved as arrays (FILE.npz).
   reward     model.head=reward: the reward of each {"prompt", "response"} line of --input (a .jsonl file), one
              {"reward": x} line per input line to --output (default: printed).
+  harness    lm-evaluation-harness tasks (--tasks; apps/harness.py): the harness's table, and its results JSON in
+             DIR/harness_step<N>.json and DIR/harness.json (or --output).
 
 Which config is used: the checkpoint's saved config (DIR/checkpoints/<step>/config, else DIR/config.json) is the
 base. Its model section is authoritative; a requested model.arch that contradicts it, or an explicit
@@ -53,6 +58,7 @@ from jaxformer import sharding as shd
 from jaxformer import voting
 from jaxformer.errors import UserError
 from jaxformer.evaluation import Evaluator, eval_steps
+from jaxformer.apps import attention_map
 from jaxformer.apps import harness as harness_app
 from jaxformer.apps.rewards import RewardModel
 from jaxformer.resolve import Resolved, resolve, saved_run_differences
@@ -246,7 +252,8 @@ def _decode_sequences(r: Restored, *, prompts: Sequence[Sequence[int]] | None = 
       if prompts is not None:
         prompt, lengths = decoding.pad_prompts(prompts[start:start + bs])
       if sources is not None:
-        src = np.zeros((min(bs, n - start), config.data.src_seq_len), np.int32)
+        width = max([config.data.src_seq_len] + [len(ids) for ids in sources[start:start + bs]])
+        src = np.zeros((min(bs, n - start), width), np.int32)
         for row, ids in enumerate(sources[start:start + bs]):
           src[row, :len(ids)] = ids
       tokens = decoding.decode_sequences(r.model, settings, prompt, prompt_lengths=lengths, src_tokens=src,
@@ -373,6 +380,7 @@ class Request:
   bleu: bool = True
   tasks: Any = None  # harness: the lm-evaluation-harness tasks (harness.TaskSet), resolved before the restore
   start: float = 0.0  # perf_counter when the request arrived
+  target: str | None = None  # attention, encoder_decoder: the decoder's text (None: the model's translation)
 
 
 def _prompts_of_file(path: str) -> tuple[str, ...]:
@@ -606,8 +614,59 @@ def harness(r: Restored, q: Request) -> dict[str, Any]:
           'results_file': path}
 
 
-MODE_FUNCTIONS = {'score': score, 'generate': generate, 'translate': translate, 'reward': reward,
-                  'harness': harness}  # eval.py --mode
+
+def _attention_inputs(r: Restored, q: Request) -> dict[str, list[int]]:
+  """Each stack's token ids for --mode=attention, framed as training framed them: decoder_only a prompt (BOS +
+  text), encoder_only a document, encoder_decoder the source and decode.start_id + (--target or the translation)."""
+  tok, arch, text = r.tokenizer, r.config.model.arch, q.prompts[0]
+  unknown = characters_outside_vocabulary(tok, text + (q.target or ''))
+  if unknown:
+    _warn(f'characters not in the tokenizer\'s vocabulary (each becomes <unk>): {" ".join(map(repr, unknown))}')
+  if arch == 'decoder_only':
+    inputs = {'decoder': tok.prompt(tok.encode(text))}
+  elif arch == 'encoder_only':
+    inputs = {'encoder': tok.document(tok.encode(text)).tolist()}
+  else:
+    inputs = {'encoder': tok.source(tok.encode(text)).tolist()}
+  for ids in inputs.values():
+    if len(ids) > r.config.model.max_len:
+      raise EvalError(f'--prompt is {len(ids)} tokens (framing included) but model.max_len='
+                      f'{r.config.model.max_len}, the longest input the model reads; shorten the prompt.')
+  if arch == 'encoder_decoder':
+    start = decode_settings(r.config).start_id
+    target = tok.encode(q.target) if q.target is not None else _decode_batches(r, sources=[inputs['encoder']])[0]
+    inputs['decoder'] = [start] + list(target)
+    if len(inputs['decoder']) > r.config.model.max_len:
+      raise EvalError(f'--target is {len(inputs["decoder"])} tokens with the decoder start token but model.max_len='
+                      f'{r.config.model.max_len}; shorten it.')
+  return inputs
+
+
+def attention(r: Restored, q: Request) -> dict[str, Any]:
+  """Every layer's and head's attention probabilities for --prompt (model(..., return_intermediates=True)), drawn as
+  heat-map grids (attention_map.draw) or saved as arrays (.npz), with the tokens on the axes."""
+  inputs = _attention_inputs(r, q)  # stack -> ids: 'encoder' and/or 'decoder', in the model's argument order
+  graphdef, params, rest = step_lib.split_model(r.model)
+  forward = jax.jit(lambda p, s, *tokens: step_lib.merge_model(graphdef, p, s)(*tokens, return_intermediates=True))
+  _, intermediates = forward(params, rest, *(np.asarray([ids], np.int32) for ids in inputs.values()))
+  tokens = {stack: [f'<soft {i}>' for i in range(getattr(r.model, stack).prompt_length)]  # peft.method=prompt
+                  + attention_map.token_labels(r.tokenizer, ids) for stack, ids in inputs.items()}
+  maps = attention_map.attention_maps(jax.device_get(intermediates), tokens)
+  output = q.output or os.path.join(r.resolved.workdir, 'attention.png')
+  if jax.process_index() == 0:
+    if output.endswith('.npz'):
+      attention_map.save_npz(output, maps)
+    else:
+      attention_map.draw(output, maps, title=f'{os.path.basename(r.resolved.workdir)} (step {r.step}): '
+                                              f'{q.prompts[0][:60]!r}')
+  _log(f'attention of {", ".join(f"{len(ids)} {stack} tokens" for stack, ids in inputs.items())} '
+       f'({", ".join(f"{m.name} {list(m.weights.shape)}" for m in maps)}) -> {output}')
+  return {'step': r.step, 'mode': 'attention', 'output': output, 'tokens': tokens,
+          'shapes': {m.name: list(m.weights.shape) for m in maps}}
+
+
+MODE_FUNCTIONS = {'score': score, 'generate': generate, 'translate': translate, 'reward': reward,  # eval.py --mode
+                  'harness': harness, 'attention': attention}
 MODES = tuple(MODE_FUNCTIONS)
 
 
@@ -615,15 +674,16 @@ MODES = tuple(MODE_FUNCTIONS)
 def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int | None = None,
         split: str | None = 'validation', output: str | None = None, mode: str = 'score',
         prompt: str | Sequence[str] | None = None, input_path: str | None = None,
-        bleu: bool = True, overrides: Iterable[str] | None = None, tasks: str | Sequence[str] | None = None
-        ) -> dict[str, Any]:
+        bleu: bool = True, overrides: Iterable[str] | None = None, tasks: str | Sequence[str] | None = None,
+        target: str | None = None) -> dict[str, Any]:
   """Evaluates the checkpoint in workdir; returns the results dict (also printed, and written as JSON).
 
   score: writes {step, split, num_tokens, loss, perplexity, ...} to `output` (default
   DIR/eval_<split>_step<N>.json, copied to DIR/eval.json: the latest);
   encoder_decoder adds bleu, sacrebleu_signature, direction (over the same examples the loss covers, or the
   whole split with train.eval_steps=-1; bleu=False skips decoding). generate: `prompt` text(s) -> printed
-  continuations. translate: the lines of `input_path` -> printed, or written one per line to `output`.
+  continuations. translate: the lines of `input_path` -> printed, or written one per line to `output`. attention:
+  one `prompt` (and for encoder_decoder optionally the decoder's `target` text) -> heat maps or arrays in `output`.
   `overrides`: dotted config keys the user set explicitly (see the module docstring).
   """
   if mode not in MODES:
@@ -648,13 +708,27 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int
                       '--config.harness.include_path=benchmarks/harness/tasks).')
     harness_app.check_model(config, 'the requested config')  # the arch cannot change at restore
     task_set = harness_app.load_tasks(names, config.harness.include_path)
+  if mode == 'attention':
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt or ())
+    if len(prompts) != 1 or input_path:
+      raise EvalError('--mode=attention needs one --prompt=TEXT (encoder_decoder: the source text; --target=TEXT '
+                      'optionally sets the decoder side).')
+    if output and not output.endswith(('.npz',) + attention_map.PICTURE_FORMATS):
+      raise EvalError(f'--output={output}: --mode=attention writes a picture ('
+                      f'{", ".join(attention_map.PICTURE_FORMATS)}) or the arrays (.npz).')
+  if target is not None and mode != 'attention':
+    raise EvalError('--target is the decoder text of --mode=attention (encoder_decoder); drop it here.')
   if checkpoint_step is not None and checkpoint_step < 0:
     checkpoint_step = None
   request = Request(split=split, output=output, prompts=(prompt,) if isinstance(prompt, str) else tuple(prompt or ()),
-                    input_path=input_path, lines=lines, bleu=bleu, tasks=task_set, start=time.perf_counter())
+                    input_path=input_path, lines=lines, bleu=bleu, tasks=task_set, start=time.perf_counter(),
+                    target=target)
   r = restore(config, workdir, checkpoint_step=checkpoint_step, overrides=overrides,
               split=split if mode == 'score' else None)
   head = heads.head_of(r.config.model)
+  if target is not None and r.config.model.arch != 'encoder_decoder':
+    raise EvalError(f'--target sets the decoder text of an encoder_decoder model; {r.resolved.workdir} holds '
+                    f'{r.config.model.arch} (its --prompt is the whole input).')
   if mode in ('generate', 'translate') and not head.decodes:
     raise EvalError(f'--mode={mode} decodes text, but {r.resolved.workdir} holds a model.head={head.name} model (one '
                     'label per row); use --mode=score (accuracy and macro-F1 on a split).')

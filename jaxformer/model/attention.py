@@ -21,11 +21,12 @@ Array = jax.Array
 
 def reference_attention(q: Array, k: Array, v: Array, mask: Array | None,
                         dropout: Callable[[Array], Array] | None = None, *, bias: Array | None = None,
-                        scale: float | None = None) -> Array:
-  """Plain-jnp attention: the oracle for tests, and the path that can drop attention probabilities.
+                        scale: float | None = None, return_probs: bool = False) -> Array | tuple[Array, Array]:
+  """Plain-jnp attention: the oracle for tests, and the path that can drop (or return) attention probabilities.
 
   bias: float, broadcastable to [B,N,T,S], added to the scaled logits (T5's relative positions). scale: the logit
-  scale, None = 1 / sqrt(head_dim). Query rows with no allowed key (padding) return zeros.
+  scale, None = 1 / sqrt(head_dim). Query rows with no allowed key (padding) return zeros. return_probs: also the
+  float32 probabilities [B,N,T,S] (before dropout; 0 on masked keys, so a fully masked row is all 0).
   """
   b, t, n, h = q.shape
   kv_heads = k.shape[2]
@@ -41,10 +42,13 @@ def reference_attention(q: Array, k: Array, v: Array, mask: Array | None,
   probs = jax.nn.softmax(logits, axis=-1)
   if mask is not None:
     probs = jnp.where(mask, probs, 0.0)  # fully masked rows -> all-zero probabilities -> zero output
+  weights = probs
   if dropout is not None:
     probs = dropout(probs)
-  out = jnp.einsum('bkgts,bskh->btkgh', probs.astype(v.dtype), v)
-  return out.reshape(b, t, n, h)
+  out = jnp.einsum('bkgts,bskh->btkgh', probs.astype(v.dtype), v).reshape(b, t, n, h)
+  if return_probs:  # [B,K,G,T,S] -> [B,N,T,S]: query head k * G + g, as q was grouped above
+    return out, weights.reshape(b, n, t, k.shape[1])
+  return out
 
 
 def _grouped_mask(mask: Array, b: int, n: int, kv_heads: int, t: int, s: int) -> Array:
@@ -388,9 +392,13 @@ class Attention(nnx.Module):
 
   def __call__(self, x: Array, mask: Array | None, *, kv: tuple[Array, Array] | None = None,
                rope: tuple[Array, Array] | None = None, bias: Array | None = None, cache: dict | None = None,
-               cache_index: Array | None = None, causal: bool = False,
-               deterministic: bool = True) -> tuple[Array, dict | None]:
-    """x [B,T,D] -> ([B,T,D], updated cache or None). bias: added to the logits, [B|1, N, T, S]."""
+               cache_index: Array | None = None, causal: bool = False, deterministic: bool = True,
+               return_weights: bool = False) -> tuple[Array, dict | None] | tuple[Array, dict | None, Array]:
+    """x [B,T,D] -> ([B,T,D], updated cache or None). bias: added to the logits, [B|1, N, T, S].
+
+    return_weights: also the attention probabilities [B,N,T,S] (float32), as a third element. Only the plain-jnp
+    softmax materialises them, so this request runs reference_attention whatever model.attention_impl is (the
+    output is the same up to float rounding); without it the configured kernel runs, untouched."""
     x = x.astype(self.dtype)
     q = self._project(x, self.query, self.query_bias)
     k, v = self.kv(x) if kv is None else kv
@@ -400,10 +408,16 @@ class Attention(nnx.Module):
       write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u.astype(c.dtype), i, axis=0))
       k, v = write(cache['k'], k, cache_index), write(cache['v'], v, cache_index)
       cache = {'k': k, 'v': v}
-    if not deterministic and self.attention_dropout.rate > 0:
+    weights = None
+    if return_weights or (not deterministic and self.attention_dropout.rate > 0):
       # attention dropout needs the probabilities: the plain-jnp path, whatever model.attention_impl (also chunked)
-      drop = lambda p: self.attention_dropout(p, deterministic=False)  # noqa: E731
-      out = reference_attention(q, k, v, dense_mask(mask), dropout=drop, bias=bias, scale=self.scale)
+      drop = None
+      if not deterministic and self.attention_dropout.rate > 0:
+        drop = lambda p: self.attention_dropout(p, deterministic=False)  # noqa: E731
+      out = reference_attention(q, k, v, dense_mask(mask), dropout=drop, bias=bias, scale=self.scale,
+                                return_probs=return_weights)
+      if return_weights:
+        out, weights = out
     else:
       implementation = self.implementation
       if cache is not None and implementation in ('auto', 'cudnn'):
@@ -417,4 +431,5 @@ class Attention(nnx.Module):
     y = layers.matmul(out, w.reshape(-1, w.shape[-1]))
     if self.out_bias is not None:
       y = y + self.out_bias[...].astype(self.dtype)
-    return layers.adapter_update(self, layers.lora_update(self, self.out, out, y)), cache
+    y = layers.adapter_update(self, layers.lora_update(self, self.out, out, y))
+    return (y, cache, weights) if return_weights else (y, cache)

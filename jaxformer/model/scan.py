@@ -56,18 +56,23 @@ class ScannedBlocks(nnx.Module):
     return nnx.split(self.layers, nnx.Param, ...)
 
   def __call__(self, x: Array, *, cache: dict | None = None, cross_kv: tuple[Array, Array] | None = None,
-               remat: str = 'none', **shared: Any) -> tuple[Array, dict | None]:
+               remat: str = 'none', return_intermediates: bool = False,
+               **shared: Any) -> tuple[Array, dict | None] | tuple[Array, dict | None, dict]:
     """x [B,T,D] through every layer -> (x, the updated stacked cache or None).
 
     cache: {'k','v'} [B,L,S,K,H] (decoding); cross_kv: (k, v) [B,L,S,K,H], the cross-attention keys/values of
     every layer (decoding an encoder_decoder); shared: the Block's other keyword arguments, the same for each
-    layer. remat: a model.remat name (ignored when decoding, as in the unrolled stack)."""
+    layer. remat: a model.remat name (ignored when decoding, as in the unrolled stack). return_intermediates: a
+    third element, each layer's Block intermediates plus its output 'hidden', stacked [L, ...] (the scan's
+    per-layer outputs)."""
     graphdef, params, rest = self._split()
 
     def layer(x, layer_params, layer_rest, layer_cache, layer_cross):
       block = nnx.merge(graphdef, layer_params, layer_rest)
-      x, layer_cache = block(x, cache=layer_cache, cross_kv=layer_cross, **shared)
-      return logical.constrain(x, logical.HIDDEN), layer_cache, nnx.state(block, nnx.Not(nnx.Param))
+      out = block(x, cache=layer_cache, cross_kv=layer_cross, return_intermediates=return_intermediates, **shared)
+      x = logical.constrain(out[0], logical.HIDDEN)
+      intermediates = {**out[2], 'hidden': x} if return_intermediates else None
+      return x, out[1], nnx.state(block, nnx.Not(nnx.Param)), intermediates
 
     if cache is None:
       layer = remat_lib.checkpoint(layer, remat)
@@ -77,16 +82,16 @@ class ScannedBlocks(nnx.Module):
       layer_params, layer_rest, i = xs
       at = lambda tree: None if tree is None else jax.tree.map(lambda c: jax.lax.dynamic_index_in_dim(
           c, i, CACHE_LAYER_AXIS, keepdims=False), tree)
-      x, layer_cache, layer_rest = layer(x, layer_params, layer_rest, at(stacked), at(cross_kv))
+      x, layer_cache, layer_rest, intermediates = layer(x, layer_params, layer_rest, at(stacked), at(cross_kv))
       if stacked is not None:
         put = lambda c, u: jax.lax.dynamic_update_index_in_dim(c, u.astype(c.dtype), i, CACHE_LAYER_AXIS)
         stacked = jax.tree.map(put, stacked, layer_cache)
-      return (x, stacked), layer_rest
+      return (x, stacked), (layer_rest, intermediates)
 
-    (x, cache), rest = jax.lax.scan(body, (x, cache), (params, rest, jnp.arange(self.num_layers)))
+    (x, cache), (rest, intermediates) = jax.lax.scan(body, (x, cache), (params, rest, jnp.arange(self.num_layers)))
     if not shared.get('deterministic', True):  # only dropout draws from the rng streams (their counts advanced);
       nnx.update(self.layers, rest)  # decoding loops hold the module in an outer trace, where it must not change
-    return x, cache
+    return (x, cache, intermediates) if return_intermediates else (x, cache)
 
   def stacked(self, per_layer: Callable[[nnx.Module], Any]) -> Any:
     """per_layer(block) for every layer, stacked along CACHE_LAYER_AXIS (e.g. cross-attention keys/values)."""

@@ -34,6 +34,18 @@ if TYPE_CHECKING:  # annotations only: jaxformer.model.config imports this modul
 
 Array = jax.Array
 
+# What `model(..., return_intermediates=True)` returns beside its output: per stack ('encoder', 'decoder'), each
+# layer's attention probabilities and output, stacked along a leading layers axis (scanned or not):
+#   'self_attention'   float32 [L, B, heads, T, T]   sums to 1 over keys; 0 on masked keys (causal, padding) and on
+#                                                    every key of a padding query
+#   'cross_attention'  float32 [L, B, heads, T, S]   encoder_decoder's decoder only (keys: the encoder positions)
+#   'hidden'           [L, B, T, D]                  each block's output (the residual stream; before a pre-LN
+#                                                    stack's final norm)
+# Why a flag on __call__ (as transformers' output_attentions) rather than nnx's sow or a second method: it is one
+# static Python bool, so the default call traces exactly the program it traced before (no extra outputs or work), and
+# a request threads explicit return values through Block / Stack / the scan, with no module state to reset.
+Intermediates = dict[str, dict[str, Array]]
+
 
 # ---------------------------------------------------------------------------------------------- masks
 def attention_mask(q_segments: Array, kv_segments: Array, *, causal: bool,
@@ -91,18 +103,28 @@ class Block(nnx.Module):
   def __call__(self, x: Array, mask: Array, *, rope=None, bias: Array | None = None, causal: bool = False,
                encoded: Array | None = None,
                cross_kv: tuple[Array, Array] | None = None, cross_mask: Array | None = None,
-               cache: dict | None = None, cache_index: Array | None = None,
-               deterministic: bool = True) -> tuple[Array, dict | None]:
+               cache: dict | None = None, cache_index: Array | None = None, deterministic: bool = True,
+               return_intermediates: bool = False) -> tuple[Array, dict | None] | tuple[Array, dict | None, dict]:
     """x [B,T,D] -> (x, updated self-attention cache or None). Cross-attention reads `cross_kv` when given
-    (decoding), else projects `encoded`."""
-    y, cache = self.attn(self._in(self.attn_norm, x), mask, rope=rope, bias=bias, cache=cache,
-                         cache_index=cache_index, causal=causal, deterministic=deterministic)
+    (decoding), else projects `encoded`. return_intermediates: a third element {'self_attention' [B,N,T,T]
+    (+ 'cross_attention' [B,N,T,S])}, the attention probabilities (Attention's return_weights)."""
+    weights = {}  # return_intermediates: the probabilities each attention returns as its third element
+    out = self.attn(self._in(self.attn_norm, x), mask, rope=rope, bias=bias, cache=cache, cache_index=cache_index,
+                    causal=causal, deterministic=deterministic, return_weights=return_intermediates)
+    y, cache = out[0], out[1]
+    if return_intermediates:
+      weights['self_attention'] = out[2]
     x = self._out(self.attn_norm, x, y, deterministic)
     if self.cross_attn is not None:
       kv = cross_kv if cross_kv is not None else self.cross_attn.kv(encoded)
-      y, _ = self.cross_attn(self._in(self.cross_norm, x), cross_mask, kv=kv, deterministic=deterministic)
-      x = self._out(self.cross_norm, x, y, deterministic)
+      out = self.cross_attn(self._in(self.cross_norm, x), cross_mask, kv=kv, deterministic=deterministic,
+                            return_weights=return_intermediates)
+      if return_intermediates:
+        weights['cross_attention'] = out[2]
+      x = self._out(self.cross_norm, x, out[0], deterministic)
     x = self._out(self.mlp_norm, x, self.mlp(self._in(self.mlp_norm, x)), deterministic)
+    if return_intermediates:
+      return x, cache, weights
     return x, cache
 
 
@@ -131,12 +153,16 @@ class Stack(nnx.Module):
 
   def __call__(self, x: Array, positions: Array, mask: Array, *, encoded: Array | None = None,
                cross_mask: Array | None = None, cross_kv: tuple | None = None, cache: tuple | None = None,
-               cache_index: Array | None = None, deterministic: bool = True,
-               keep_prompt: bool = False) -> tuple[Array, tuple | None]:
+               cache_index: Array | None = None, deterministic: bool = True, keep_prompt: bool = False,
+               return_intermediates: bool = False) -> tuple[Array, tuple | None] | tuple[Array, tuple | None, dict]:
     """x: token embeddings [B,T,D] -> hidden states [B,T,D] (and the updated per-layer caches).
 
     A soft prompt (peft.method=prompt) is prepended without a cache and its outputs dropped unless keep_prompt
-    (the encoder of encoder_decoder: [B, n+T, D]); with a cache it already sits in the first slots (prefill_prompt)."""
+    (the encoder of encoder_decoder: [B, n+T, D]); with a cache it already sits in the first slots (prefill_prompt).
+    return_intermediates: a third element, every layer's Block intermediates plus 'hidden' (the block's output, the
+    residual stream before any final norm), each stacked along a leading layers axis in both layouts:
+    'self_attention' [L,B,N,T,T], 'cross_attention' [L,B,N,T,S], 'hidden' [L,B,T,D] (a soft prompt's positions
+    included). No rematerialisation then: it is an inspection, not a training step."""
     prompt = getattr(self, 'prompt', None)  # prompt tuning (jaxformer/peft/prompt.py) attaches one
     prepended = prompt is not None and cache is None
     if prepended:
@@ -152,25 +178,31 @@ class Stack(nnx.Module):
     bias = self.positions.bias(positions, k_positions, bidirectional=not self.causal)
     strip = prompt if prepended and not keep_prompt else None
     if self.scanned:
-      x, new_cache = self.blocks(x, mask=mask, rope=rope, bias=bias, causal=self.causal, encoded=encoded,
-                                 cross_kv=cross_kv, cross_mask=cross_mask, cache=cache, cache_index=cache_index,
-                                 deterministic=deterministic, remat=self.remat)
-      return self._finish(x, strip), new_cache
-    new_cache = []
-    remat = REMATS[self.remat] if cache is None else None
+      out = self.blocks(x, mask=mask, rope=rope, bias=bias, causal=self.causal, encoded=encoded,
+                        cross_kv=cross_kv, cross_mask=cross_mask, cache=cache, cache_index=cache_index,
+                        deterministic=deterministic, remat='none' if return_intermediates else self.remat,
+                        return_intermediates=return_intermediates)
+      return (self._finish(out[0], strip),) + tuple(out[1:])
+    new_cache, per_layer = [], []
+    remat = REMATS[self.remat] if cache is None and not return_intermediates else None
     for i, block in enumerate(self.blocks):
       if remat is not None:
         x = nnx.remat(_block_forward, static_argnums=(7, 8), policy=remat.policy)(
             block, x, mask, rope, bias, encoded, cross_mask, self.causal, deterministic)
         x = logical.constrain(x, logical.HIDDEN)
         continue
-      x, layer_cache = block(x, mask, rope=rope, bias=bias, causal=self.causal, encoded=encoded,
-                             cross_kv=None if cross_kv is None else cross_kv[i], cross_mask=cross_mask,
-                             cache=None if cache is None else cache[i], cache_index=cache_index,
-                             deterministic=deterministic)
-      x = logical.constrain(x, logical.HIDDEN)
-      new_cache.append(layer_cache)
-    return self._finish(x, strip), (tuple(new_cache) if cache is not None else None)
+      out = block(x, mask, rope=rope, bias=bias, causal=self.causal, encoded=encoded,
+                  cross_kv=None if cross_kv is None else cross_kv[i], cross_mask=cross_mask,
+                  cache=None if cache is None else cache[i], cache_index=cache_index,
+                  deterministic=deterministic, return_intermediates=return_intermediates)
+      x = logical.constrain(out[0], logical.HIDDEN)
+      new_cache.append(out[1])
+      if return_intermediates:
+        per_layer.append({**out[2], 'hidden': x})
+    new_cache = tuple(new_cache) if cache is not None else None
+    if return_intermediates:  # one [L, ...] array per name, as the scanned stack gives them
+      return self._finish(x, strip), new_cache, jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+    return self._finish(x, strip), new_cache
 
   def _finish(self, x: Array, strip: Any) -> Array:
     """The final norm (pre-LN), then the soft prompt's positions dropped when `strip` is the prompt."""
@@ -347,11 +379,15 @@ class EncoderOnly(_Model):
     self.head = MaskedLMHead(cfg, rngs=rngs) if heads.head_of(cfg).module is None else None
 
   def __call__(self, tokens: Array, *, positions: Array | None = None, segment_ids: Array | None = None,
-               token_type_ids: Array | None = None, deterministic: bool = True) -> Array:
+               token_type_ids: Array | None = None, deterministic: bool = True,
+               return_intermediates: bool = False) -> Array | tuple[Array, Intermediates]:
+    """-> the head's output; with return_intermediates, (output, {'encoder': ...}) (see Intermediates)."""
     segment_ids, positions = _defaults(tokens, segment_ids, positions, self.config.pad_id)
     mask = self._mask(self.encoder, segment_ids, segment_ids, causal=False)
-    h, _ = self.encoder(self.embed_tokens(tokens, token_type_ids), positions, mask, deterministic=deterministic)
-    return self.outputs(h, segment_ids, deterministic)
+    h, _, *inter = self.encoder(self.embed_tokens(tokens, token_type_ids), positions, mask,
+                                deterministic=deterministic, return_intermediates=return_intermediates)
+    out = self.outputs(h, segment_ids, deterministic)
+    return (out, {'encoder': inter[0]}) if return_intermediates else out
 
   def init_cache(self, *args, **kwargs):
     raise NotImplementedError('encoder_only models do not decode; use arch=decoder_only or encoder_decoder.')
@@ -367,15 +403,18 @@ class DecoderOnly(_Model):
     self.decoder = Stack(cfg, cfg.num_layers, causal=True, cross=False, rngs=rngs)
 
   def __call__(self, tokens: Array, *, positions: Array | None = None, segment_ids: Array | None = None,
-               token_type_ids: Array | None = None, deterministic: bool = True,
-               return_hidden: bool = False) -> Array | tuple[Array, Array]:
+               token_type_ids: Array | None = None, deterministic: bool = True, return_hidden: bool = False,
+               return_intermediates: bool = False) -> Array | tuple[Array, Array] | tuple[Array, Intermediates]:
     """-> the head's output; with return_hidden, (output, the final hidden states [B,T,D]) (e.g. for a value
-    head on top, align.method=ppo)."""
+    head on top, align.method=ppo); with return_intermediates, (output, [h,] {'decoder': ...}) (see
+    Intermediates)."""
     segment_ids, positions = _defaults(tokens, segment_ids, positions, self.config.pad_id)
     mask = self._mask(self.decoder, segment_ids, segment_ids, causal=True)
-    h, _ = self.decoder(self.embed_tokens(tokens, token_type_ids), positions, mask, deterministic=deterministic)
+    h, _, *inter = self.decoder(self.embed_tokens(tokens, token_type_ids), positions, mask,
+                                deterministic=deterministic, return_intermediates=return_intermediates)
     out = self.outputs(h, segment_ids, deterministic)
-    return (out, h) if return_hidden else out
+    result = (out,) + ((h,) if return_hidden else ()) + (({'decoder': inter[0]},) if return_intermediates else ())
+    return result if len(result) > 1 else out
 
   def init_cache(self, batch_size: int, max_len: int, *, encoded: Array | None = None,
                  src_tokens: Array | None = None) -> dict[str, Any]:
@@ -402,28 +441,39 @@ class EncoderDecoder(_Model):
   def encode(self, src_tokens: Array, *, src_positions: Array | None = None, src_segment_ids: Array | None = None,
              deterministic: bool = True) -> Array:
     """[B,S] source tokens -> encoder output [B,S,D] ([B, n+S, D] with a soft prompt of n tokens in front)."""
+    return self._encode(src_tokens, src_positions, src_segment_ids, deterministic)[0]
+
+  def _encode(self, src_tokens: Array, src_positions: Array | None, src_segment_ids: Array | None,
+              deterministic: bool, return_intermediates: bool = False) -> tuple:
+    """encode's body -> (encoded, None) or, with return_intermediates, (encoded, None, the encoder's)."""
     src_segment_ids, src_positions = _defaults(src_tokens, src_segment_ids, src_positions, self.config.pad_id)
     mask = self._mask(self.encoder, src_segment_ids, src_segment_ids, causal=False)
     return self.encoder(self.embed_tokens(src_tokens), src_positions, mask, deterministic=deterministic,
-                        keep_prompt=True)[0]
+                        keep_prompt=True, return_intermediates=return_intermediates)
 
   def __call__(self, src_tokens: Array, tgt_tokens: Array, *, src_positions: Array | None = None,
                src_segment_ids: Array | None = None, tgt_positions: Array | None = None,
-               tgt_segment_ids: Array | None = None, deterministic: bool = True) -> Array:
+               tgt_segment_ids: Array | None = None, deterministic: bool = True,
+               return_intermediates: bool = False) -> Array | tuple[Array, Intermediates]:
+    """-> logits [B,T,V]; with return_intermediates, (logits, {'encoder': ..., 'decoder': ...}) (see
+    Intermediates)."""
     pad_id = self.config.pad_id
     src_segment_ids, src_positions = _defaults(src_tokens, src_segment_ids, src_positions, pad_id)
     tgt_segment_ids, tgt_positions = _defaults(tgt_tokens, tgt_segment_ids, tgt_positions, pad_id,
                                                start_is_real=True)
-    encoded = self.encode(src_tokens, src_positions=src_positions, src_segment_ids=src_segment_ids,
-                          deterministic=deterministic)
+    encoded, _, *encoder_inter = self._encode(src_tokens, src_positions, src_segment_ids, deterministic,
+                                              return_intermediates)
     if self.encoder.prompt_length:  # the encoder output starts with the soft prompt's positions
       cross_mask = attention_mask(tgt_segment_ids, src_segment_ids, causal=False)
       cross_mask = self.encoder.prompt.cross_mask(cross_mask, tgt_segment_ids != 0)
     else:
       cross_mask = self._mask(self.decoder, tgt_segment_ids, src_segment_ids, causal=False)
-    h, _ = self.decoder(self.embed_tokens(tgt_tokens), tgt_positions,
-                        self._mask(self.decoder, tgt_segment_ids, tgt_segment_ids, causal=True), encoded=encoded,
-                        cross_mask=cross_mask, deterministic=deterministic)
+    h, _, *decoder_inter = self.decoder(
+        self.embed_tokens(tgt_tokens), tgt_positions,
+        self._mask(self.decoder, tgt_segment_ids, tgt_segment_ids, causal=True), encoded=encoded,
+        cross_mask=cross_mask, deterministic=deterministic, return_intermediates=return_intermediates)
+    if return_intermediates:
+      return self.logits(h), {'encoder': encoder_inter[0], 'decoder': decoder_inter[0]}
     return self.logits(h)
 
   def init_cache(self, batch_size: int, max_len: int, *, encoded: Array | None = None,
