@@ -132,3 +132,27 @@ def test_eval_py_harness_end_to_end_and_errors(tmp_path):
   run = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO, timeout=600)
   lines = [line for line in run.stderr.splitlines() if line.startswith('error:')]
   assert run.returncode != 0 and len(lines) == 1 and "pip install -e '.[harness]'" in lines[0], run.stderr[-2000:]
+
+
+def test_train_py_harness_tasks_in_eval_rows(tmp_path):
+  """train.harness_tasks: a misspelt task stops train.py at start-up with one line (nothing trained); a good one adds
+  harness/<task>/<metric> to the eval rows of metrics.jsonl."""
+  def train_py(workdir, *args):
+    return subprocess.run([sys.executable, str(REPO / 'train.py'), f'--config={REPO / "configs" / "gpt_tiny.py"}',
+                           f'--workdir={workdir}', '--config.train.num_steps=4', '--config.train.eval_every=4',
+                           '--config.train.eval_steps=1', '--config.train.log_every=2', '--config.model.num_layers=1',
+                           '--config.model.d_model=32', '--config.model.d_ff=64', '--config.train.batch_size=8',
+                           f'--config.harness.include_path={TASKS}', '--config.harness.limit=4', *args],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+  run = train_py(tmp_path / 'bad', '--config.train.harness_tasks=synth_next_wrd')
+  lines = [line for line in run.stderr.splitlines() if line.startswith('error:')]
+  assert run.returncode != 0 and len(lines) == 1 and 'train.harness_tasks' in lines[0], run.stderr[-2000:]
+  assert not (tmp_path / 'bad' / 'checkpoints').exists()
+
+  run = train_py(tmp_path / 'good', '--config.train.harness_tasks=synth_next_word,synth_continue')
+  assert run.returncode == 0, run.stderr[-3000:]
+  rows = [json.loads(line) for line in (tmp_path / 'good' / 'metrics.jsonl').read_text().splitlines()]
+  evals = [row for row in rows if 'eval_loss' in row]
+  assert [row['step'] for row in evals] == [4]
+  assert 0 <= evals[0]['harness/synth_next_word/acc'] <= 1 and 'harness/synth_continue/exact_match' in evals[0]
+  assert 'harness/synth_next_word/acc' in run.stdout  # the eval log line

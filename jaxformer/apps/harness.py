@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import logging
 import os
@@ -278,9 +279,17 @@ class TaskSet:
   manager: Any
 
 
-def load_tasks(names: Sequence[str], include_path: str, *, flag: str = '--tasks') -> TaskSet:
+@functools.lru_cache(maxsize=4)
+def _load_tasks(names: tuple[str, ...], include_path: str, flag: str) -> TaskSet:
+  return load_tasks(names, include_path, flag=flag, cached=False)
+
+
+def load_tasks(names: Sequence[str], include_path: str, *, flag: str = '--tasks', cached: bool = True) -> TaskSet:
   """Local tasks (include_path) are indexed first, the harness's built-in index (seconds to build) only for names
-  not found there. A local task's relative data_files are read relative to its YAML."""
+  not found there. A local task's relative data_files are read relative to its YAML. cached: the same request
+  again returns the same TaskSet (a training run checks its tasks at start-up, then uses them)."""
+  if cached:
+    return _load_tasks(tuple(names), str(include_path), flag)
   require_harness(flag)
   from lm_eval.tasks import TaskManager
   from lm_eval.tasks._yaml_loader import load_yaml
@@ -343,15 +352,21 @@ def check_model(config: Any, where: str) -> None:
                        f'{what}; use a decoder_only or encoder_decoder model with model.head=lm.')
 
 
+def training_tasks(config: Any) -> TaskSet:
+  """train.harness_tasks, checked (the model kind, every name): what a training run calls before it writes
+  anything, so a misspelt task never costs a run."""
+  check_model(config, 'this run')
+  names = [t.strip() for t in str(config.train.harness_tasks).split(',') if t.strip()]
+  return load_tasks(names, config.harness.include_path, flag='train.harness_tasks')
+
+
 class TrainingHarness:
-  """train.harness_tasks at each evaluation of a training run: tasks resolved at start-up, rows of
-  'harness/<task>/<metric>' values (eval rows of metrics.jsonl and TensorBoard)."""
+  """train.harness_tasks at each evaluation of a training run: rows of 'harness/<task>/<metric>' values (eval rows
+  of metrics.jsonl and TensorBoard)."""
 
   def __init__(self, config: Any, tokenizer: Any, mesh: Any, rules: Any):
-    check_model(config, 'this run')
     self.config, self.tokenizer, self.mesh, self.rules = config, tokenizer, mesh, rules
-    names = [t.strip() for t in str(config.train.harness_tasks).split(',') if t.strip()]
-    self.tasks = load_tasks(names, config.harness.include_path, flag='train.harness_tasks')
+    self.tasks = training_tasks(config)
 
   def row(self, model: Any) -> dict[str, float]:
     h = self.config.harness

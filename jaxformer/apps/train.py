@@ -312,7 +312,7 @@ class Trainer:
       self.train_iter = reference_lib.WithReference(self.train_iter, self.reference_table)
       self.reference = None  # no longer needed: its numbers are in the table
     self.evaluator = self.make_evaluator()
-    # train.harness_tasks: lm-evaluation-harness tasks at each evaluation (resolved now: a bad name fails here)
+    # train.harness_tasks: lm-evaluation-harness tasks at each evaluation (checked by run() before anything ran)
     self.harness = (harness_app.TrainingHarness(config, r.tokenizer, r.mesh, r.rules)
                     if config.train.harness_tasks else None)
     self.config_dict = json.loads(settings_lib.to_json(config))
@@ -472,6 +472,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: in
   One run per workdir (a lock); the workdir's saved run must match the config before anything is written.
   """
   config = resolve_lib.checked_config(config)
+  if config.train.harness_tasks:  # before anything is written: a misspelt task name never costs a run
+    harness_app.training_tasks(config)
   workdir = os.path.abspath(workdir)
   with WorkdirLock(workdir, enabled=jax.process_index() == 0):
     resolve_lib.check_saved_run(config, workdir)
