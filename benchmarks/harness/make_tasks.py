@@ -79,6 +79,36 @@ fewshot_split: train
 test_split: test
 """
 
+# the generation tasks: greedy (synth_continue), or 5 samples majority-voted (synth_vote)
+GENERATE = """task: {name}
+{{common}}output_type: generate_until
+doc_to_text: "{{{{{{{{context}}}}}}}} "
+doc_to_target: "{{{{{{{{answer}}}}}}}}"
+target_delimiter: ""
+generation_kwargs:
+  until:
+    - " "
+    - "\\n"
+  {sampling}
+  max_gen_toks: 12
+{voting}metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+VOTING = """repeats: 5
+filter_list:
+  - name: "first"
+    filter:
+      - function: "take_first"
+  - name: "maj@5"
+    filter:
+      - function: "majority_vote"
+      - function: "take_first"
+"""
+
 YAMLS = {
     'synth_next_word': """task: synth_next_word
 {common}output_type: multiple_choice
@@ -95,52 +125,8 @@ metric_list:
 metadata:
   version: 1.0
 """,
-    'synth_continue': """task: synth_continue
-{common}output_type: generate_until
-doc_to_text: "{{{{context}}}} "
-doc_to_target: "{{{{answer}}}}"
-target_delimiter: ""
-generation_kwargs:
-  until:
-    - " "
-    - "\\n"
-  do_sample: false
-  max_gen_toks: 12
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-""",
-    'synth_vote': """task: synth_vote
-{common}output_type: generate_until
-doc_to_text: "{{{{context}}}} "
-doc_to_target: "{{{{answer}}}}"
-target_delimiter: ""
-generation_kwargs:
-  until:
-    - " "
-    - "\\n"
-  do_sample: true
-  temperature: 1.0
-  max_gen_toks: 12
-repeats: 5
-filter_list:
-  - name: "first"
-    filter:
-      - function: "take_first"
-  - name: "maj@5"
-    filter:
-      - function: "majority_vote"
-      - function: "take_first"
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-""",
+    'synth_continue': GENERATE.format(name='synth_continue', sampling='do_sample: false', voting=''),
+    'synth_vote': GENERATE.format(name='synth_vote', sampling='do_sample: true\n  temperature: 1.0', voting=VOTING),
     'synth_rolling': """task: synth_rolling
 {common}output_type: loglikelihood_rolling
 doc_to_text: ""
