@@ -82,6 +82,9 @@ def get_config() -> ml_collections.ConfigDict:
   data.tokenizer = 'char'  # char | byte | sentencepiece
   data.vocab_size = 8000  # sentencepiece only
   data.spm_model_type = 'unigram'  # sentencepiece only: unigram | bpe
+  # sentencepiece only: the share of the training text's characters that get their own piece; the rarest others
+  # fall back to UTF-8 byte pieces (SentencePiece recommends 0.9995 for Chinese / Japanese; 1.0 = every character)
+  data.spm_character_coverage = 1.0
   data.src_lang = 'en'  # parallel / translation sources
   data.tgt_lang = 'de'
   data.text_key = ''  # tfds LM sources: the feature holding the text ('' = the only string feature)

@@ -55,6 +55,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f'data.seq_len/src_seq_len={longest} exceeds model.max_len={config.model.max_len}; '
         'raise model.max_len or lower the data lengths.')
   check_fraction('data.mask_rate', data.mask_rate)
+  if not 0 < float(data.spm_character_coverage) <= 1:
+    raise ConfigError(f'data.spm_character_coverage={data.spm_character_coverage!r} must be in (0, 1] (1.0 = every '
+                      'character its own piece; 0.9995 is SentencePiece\'s choice for Chinese / Japanese).')
   examples = align.examples_of(config)
   if kind not in data_lib.EXAMPLE_KINDS[examples]:
     reader = (f'align.method={config.align.method}' if align.METHODS[config.align.method].examples

@@ -32,6 +32,7 @@ class DataSettings:
   tokenizer: str
   vocab_size: int
   spm_model_type: str
+  spm_character_coverage: float
   src_lang: str
   tgt_lang: str
   text_key: str

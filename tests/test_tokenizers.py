@@ -7,6 +7,7 @@ import pytest
 
 from configs import default
 from jaxformer import data as D
+from jaxformer.config import ConfigError, validate
 
 CHINESE = '机器学习是人工智能的一个分支。我们今天去北京！'
 MIXED = 'Hello, 世界! Grüße — naïve café 🎉\ttabs  and   spaces\nnew line'
@@ -109,3 +110,20 @@ def test_get_tokenizer_sentencepiece_cached(tmp_path):
 def test_unknown_tokenizer_kind(tmp_path):
   with pytest.raises(D.DataError, match='data.tokenizer'):
     D.get_tokenizer(_config(tokenizer='wordpiece'), str(tmp_path))
+
+
+def test_spm_character_coverage_lets_a_small_vocabulary_cover_chinese(shared_data):
+  """data.spm_character_coverage < 1 (SentencePiece's recommendation for CJK): the rarest characters fall back to
+  byte pieces, so a vocabulary below the character count trains, and still round-trips every character; at 1.0 the
+  same size is refused with one line naming both keys."""
+  text = (shared_data / 'zh_fortunes' / 'chinese.txt').read_text(encoding='utf-8')[:60000]
+  distinct = len(set(text) - {'\n'})
+  with pytest.raises(D.DataError) as err:
+    D.SentencePieceTokenizer.train([text], 1200, 'bpe', 1.0)
+  assert 'data.vocab_size >=' in str(err.value) and 'data.spm_character_coverage' in str(err.value)
+  tok = D.SentencePieceTokenizer.train([text], 1200, 'bpe', 0.98)
+  rare = [c for c in set(text) - {'\n'} if len(tok.encode(c)) > 1]  # characters left to byte pieces
+  assert tok.vocab_size == 1200 < distinct + 261 and rare
+  assert all(tok.decode(tok.encode(c)) == c for c in rare) and tok.decode(tok.encode(text[:500])) == text[:500]
+  with pytest.raises(ConfigError, match='spm_character_coverage'):
+    validate(_config(tokenizer='sentencepiece', spm_character_coverage=1.5))

@@ -7,8 +7,9 @@ Ids 0 pad, 1 bos, 2 eos, 3 unk, 4 mask are reserved by every tokenizer; real sym
                  fails then, never mid-run, when it exceeds data.max_unk_fraction (off by default).
   byte           the UTF-8 bytes (+5): covers everything, vocab_size 261.
   sentencepiece  unigram or BPE (data.spm_model_type) trained on the training split with data.vocab_size,
-                 character_coverage=1.0 and byte_fallback, identity normalisation and no whitespace folding, so
-                 decode(encode(text)) == text for any Unicode text (Chinese included). A vocab_size larger than the
+                 data.spm_character_coverage (1.0: every character of the split gets a piece; below, the rarest
+                 fall back to UTF-8 byte pieces) and byte_fallback, identity normalisation and no whitespace
+                 folding, so decode(encode(text)) == text for any Unicode text (Chinese included). A vocab_size larger than the
                  data supports is an error naming data.vocab_size and the largest size that works.
 
 The tokenizer is cached in <workdir>/tokenizer/ (tokenizer.json + chars.json or spm.model) and reused by resume
@@ -277,7 +278,8 @@ class SentencePieceTokenizer(Tokenizer):
       raise DataError(f'the sentencepiece model has special ids {ids}, not (0, 1, 2, 3, 4); rebuild the tokenizer.')
 
   @classmethod
-  def train(cls, texts: Iterable[str], vocab_size: int, model_type: str) -> SentencePieceTokenizer:
+  def train(cls, texts: Iterable[str], vocab_size: int, model_type: str,
+            character_coverage: float = 1.0) -> SentencePieceTokenizer:
     import io  # pylint: disable=g-import-not-at-top
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top
     if model_type not in ('unigram', 'bpe'):
@@ -294,7 +296,7 @@ class SentencePieceTokenizer(Tokenizer):
       spm.SentencePieceTrainer.train(
           sentence_iterator=sentences(), model_writer=model, vocab_size=vocab_size, model_type=model_type,
           pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID, control_symbols=['<mask>'],
-          character_coverage=1.0, byte_fallback=True, normalization_rule_name='identity',
+          character_coverage=character_coverage, byte_fallback=True, normalization_rule_name='identity',
           remove_extra_whitespaces=False, split_digits=True, max_sentence_length=_SPM_MAX_SENTENCE_BYTES,
           input_sentence_size=2_000_000, shuffle_input_sentence=True,
           num_threads=min(16, os.cpu_count() or 1), minloglevel=2)
@@ -307,9 +309,12 @@ class SentencePieceTokenizer(Tokenizer):
             f'{model_type}; set data.vocab_size <= {high.group(2)}.') from None
       low = re.search(r'smaller than required_chars\. (\d+) vs (\d+)', message)
       if low:
+        hint = (' or lower data.spm_character_coverage (e.g. 0.9995, SentencePiece\'s choice for Chinese / Japanese: '
+                'the rarest characters then fall back to byte pieces)' if character_coverage >= 0.9995 else '')
         raise DataError(
-            f'data.vocab_size={vocab_size} is too small for the training data\'s characters plus 256 byte pieces; '
-            f'set data.vocab_size >= {int(low.group(2)) + 1}.') from None
+            f'data.vocab_size={vocab_size} is too small for the training data\'s characters plus 256 byte pieces at '
+            f'data.spm_character_coverage={character_coverage}; set data.vocab_size >= {int(low.group(2)) + 1}'
+            f'{hint}.') from None
       raise DataError(f'sentencepiece training failed (data.vocab_size={vocab_size}): {message.splitlines()[0]}') from None
     return cls(model.getvalue())
 
@@ -522,13 +527,15 @@ def get_tokenizer(config: Any, workdir: str, *, source: Source | None = None) ->
     if kind == 'char':
       tokenizer = CharTokenizer.build(texts)
     else:
-      tokenizer = SentencePieceTokenizer.train(texts, int(config.data.vocab_size), str(config.data.spm_model_type))
+      tokenizer = SentencePieceTokenizer.train(texts, int(config.data.vocab_size), str(config.data.spm_model_type),
+                                               float(config.data.spm_character_coverage))
   tokenizer.save(directory)
   if sentinels:
     tokenizer.reserve_sentinels(sentinels)
   meta = {'kind': kind, 'vocab_size': tokenizer.vocab_size, 'source': str(config.data.source),
           'train_split': str(config.data.train_split), 'requested_vocab_size': int(config.data.vocab_size),
-          'spm_model_type': str(config.data.spm_model_type)}
+          'spm_model_type': str(config.data.spm_model_type),
+          'spm_character_coverage': float(config.data.spm_character_coverage)}
   if sentinels:
     meta['num_sentinels'] = sentinels
   _atomic_write(meta_path, json.dumps(meta, indent=1).encode())
