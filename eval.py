@@ -30,14 +30,14 @@ _OUTPUT = flags.DEFINE_string('output', None, 'score: the JSON file (default DIR
                               'copied to DIR/eval.json); translate: the output text file (default: print); generate: '
                               'optional JSON file; attention: the picture (.png, .pdf, .svg; default '
                               'DIR/attention.png) or the arrays (.npz).')
-_MODE = flags.DEFINE_enum('mode', 'score', ['score', 'generate', 'translate', 'reward', 'harness', 'attention'], 'What to do.')
+_MODE = flags.DEFINE_enum('mode', 'score', ['score', 'generate', 'translate', 'reward', 'harness', 'attention', 'embed'], 'What to do.')
 _PROMPT = flags.DEFINE_multi_string('prompt', None, 'generate: prompt text (repeat the flag for several); attention: '
                                     'the one text whose attention is drawn (encoder_decoder: the source).')
 _TARGET = flags.DEFINE_string('target', None, 'attention, encoder_decoder: the decoder text (default: the model\'s '
                               'translation of --prompt, decoded with --config.decode.*).')
 _INPUT = flags.DEFINE_string('input', None, 'translate: a text file with one source sentence per line; generate: '
                              'prompts (.txt: one per line, .jsonl: {"prompt": ...} lines); reward: a .jsonl file of '
-                             '{"prompt", "response"} lines.')
+                             '{"prompt", "response"} lines; embed: texts (.txt: one per line, .jsonl: {"text": ...}).')
 _TASKS = flags.DEFINE_string('tasks', None, 'harness: lm-evaluation-harness task names, comma-separated (local task '
                              'folders: --config.harness.include_path=DIR).')
 _BLEU = flags.DEFINE_bool('bleu', True, 'score, encoder_decoder: also translate the split and report BLEU.')

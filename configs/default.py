@@ -272,6 +272,10 @@ def get_config() -> ml_collections.ConfigDict:
   # a regex whose first group (else the whole match) is a completion's answer; the most common answer of the N
   # samples wins (ties: the first to appear); '' = off
   decode.answer_pattern = ''
+  # eval.py --mode=embed: one vector per input line, the final hidden states pooled over the real tokens (first |
+  # mean | last; encoder_decoder: the encoder's) and L2-normalised (embed_normalize)
+  decode.embed_pooling = 'mean'
+  decode.embed_normalize = True
   return config
 
 

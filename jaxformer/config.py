@@ -12,6 +12,7 @@ import ml_collections
 from jaxformer import align
 from jaxformer import data as data_lib
 from jaxformer import decoding
+from jaxformer import heads
 from jaxformer import metrics
 from jaxformer import peft
 from jaxformer import voting
@@ -111,6 +112,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check_choice('mesh.distributed', mesh.distributed, DISTRIBUTED)
 
   check_choice('decode.method', decode.method, decoding.METHODS)
+  check_choice('decode.embed_pooling', decode.embed_pooling, heads.POOLINGS)
   check_positive('decode.beam_size', decode.beam_size)
   check_positive('decode.max_len', decode.max_len)
   check_positive('decode.top_k', decode.top_k, allow_zero=True)

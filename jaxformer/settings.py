@@ -165,6 +165,8 @@ class DecodeSection(DecodeSettings):
   num_samples: int
   reward_model: str
   answer_pattern: str
+  embed_pooling: str
+  embed_normalize: bool
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,8 @@ Modes
              maps (--output=FILE.png / .pdf / .svg, default DIR/attention.png) or saved as arrays (FILE.npz).
   reward     model.head=reward: the reward of each {"prompt", "response"} line of --input (a .jsonl file), one
              {"reward": x} line per input line to --output (default: printed).
+  embed      one vector per --input line (.txt, or .jsonl {"text"}): the final hidden states pooled
+             (decode.embed_pooling) and L2-normalised, as JSON lines or a .npy array (--output).
   harness    lm-evaluation-harness tasks (--tasks; apps/harness.py): the harness's table, and its results JSON in
              DIR/harness_step<N>.json and DIR/harness.json (or --output).
 
@@ -44,6 +46,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -584,6 +587,85 @@ def score(r: Restored, q: Request) -> dict[str, Any]:
   return results
 
 
+def embedding_rows(r: Restored, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, int]:
+  """Texts framed as the model reads a whole text -> (tokens [N, L], segment ids [N, L], how many were cut): a
+  decoder_only prompt (BOS + text), an encoder_only document ([CLS] text [SEP] / BOS text EOS), an encoder_decoder
+  source (text + EOS), each cut to the data section's length for that input."""
+  tok, arch, data = r.tokenizer, r.config.model.arch, r.config.data
+  length = int(data.src_seq_len if arch == 'encoder_decoder' else data.seq_len)
+  if arch == 'decoder_only':
+    rows = [tok.prompt(tok.encode(t)) for t in texts]
+  elif arch == 'encoder_only':
+    rows = [tok.document(tok.encode(t)).tolist() for t in texts]
+  else:
+    rows = [tok.source(tok.encode(t)).tolist() for t in texts]
+  cut = sum(len(ids) > length for ids in rows)
+  tokens = np.zeros((len(rows), length), np.int32)
+  segments = np.zeros((len(rows), length), np.int32)
+  for i, ids in enumerate(rows):
+    ids = ids[:length]
+    tokens[i, :len(ids)], segments[i, :len(ids)] = ids, 1
+  return tokens, segments, cut
+
+
+def embed_texts(r: Restored, texts: Sequence[str]) -> np.ndarray:
+  """float32 [N, d_model]: each text's final hidden states (encoder_decoder: the encoder's) pooled over its real
+  tokens by decode.embed_pooling, L2-normalised when decode.embed_normalize; in batches of decode.batch_size on the
+  mesh."""
+  tokens, segments, cut = embedding_rows(r, texts)
+  if cut:
+    _warn(f'{cut} of {len(texts)} texts are longer than the model reads at once (data.seq_len / src_seq_len) and were '
+          'cut before embedding.')
+  decode, arch = r.config.decode, r.config.model.arch
+  pool = heads.POOLINGS[decode.embed_pooling]
+  graphdef, params, rest = step_lib.split_model(r.model)
+
+  @jax.jit
+  def vectors(params, rest, tokens, segments):
+    model = step_lib.merge_model(graphdef, params, rest)
+    if arch == 'encoder_decoder':
+      h = model.encode(tokens, src_segment_ids=segments)
+    else:
+      h = model(tokens, segment_ids=segments, return_hidden=True)[1]
+    v = pool(h.astype(jnp.float32), segments != 0)
+    if decode.embed_normalize:
+      v = v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+    return v
+
+  bs = -(-max(1, int(decode.batch_size)) // shd.batch_shards(r.mesh, r.rules)) * shd.batch_shards(r.mesh, r.rules)
+  out = []
+  with shd.mesh_context(r.mesh, r.rules):
+    for start in range(0, len(texts), bs):
+      chunk = {'tokens': tokens[start:start + bs], 'segments': segments[start:start + bs]}
+      real = len(chunk['tokens'])
+      if real < bs:  # one compiled shape: empty rows (one real token each) fill the last batch
+        pad = {k: np.zeros((bs - real, v.shape[1]), np.int32) for k, v in chunk.items()}
+        pad['segments'][:, 0] = 1
+        chunk = {k: np.concatenate([v, pad[k]]) for k, v in chunk.items()}
+      batch = shd.shard_batch(chunk, r.mesh, r.rules)
+      out.append(np.asarray(jax.device_get(vectors(params, rest, batch['tokens'], batch['segments'])))[:real])
+  return np.concatenate(out).astype(np.float32)
+
+
+def embed(r: Restored, q: Request) -> dict[str, Any]:
+  """One vector per line of --input (.txt lines, or .jsonl {"text": ...} lines): {"embedding": [...]} JSON lines to
+  --output (or a float32 [N, d_model] array when --output ends in .npy), else printed."""
+  if q.input_path.endswith('.jsonl'):
+    texts = [row['text'] for row in _jsonl_rows(q.input_path, ('text',))]
+  else:
+    texts = list(q.lines)
+  vectors = embed_texts(r, texts)
+  done = (f'embedded {len(texts)} texts ({vectors.shape[1]} dimensions, {r.config.decode.embed_pooling} pooling'
+          + (', normalised)' if r.config.decode.embed_normalize else ')'))
+  if q.output and q.output.endswith('.npy'):
+    if jax.process_index() == 0:
+      np.save(q.output, vectors)
+    _log(f'{done} -> {q.output}')
+  else:
+    _emit([json.dumps({'embedding': [round(float(x), 7) for x in v]}) for v in vectors], q.output, done)
+  return {'step': r.step, 'mode': 'embed', 'num_texts': len(texts), 'dim': int(vectors.shape[1])}
+
+
 def harness_model(r: Restored) -> harness_app.JaxformerLM:
   """The restored model as an lm-evaluation-harness model (harness.batch_size rows per call, 0 = decode's)."""
   h = r.config.harness
@@ -666,7 +748,7 @@ def attention(r: Restored, q: Request) -> dict[str, Any]:
 
 
 MODE_FUNCTIONS = {'score': score, 'generate': generate, 'translate': translate, 'reward': reward,  # eval.py --mode
-                  'harness': harness, 'attention': attention}
+                  'harness': harness, 'attention': attention, 'embed': embed}
 MODES = tuple(MODE_FUNCTIONS)
 
 
@@ -689,10 +771,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int
   if mode not in MODES:
     raise EvalError(f'--mode={mode!r} is not one of {", ".join(MODES)}.')
   lines: tuple[str, ...] = ()
-  if mode in ('translate', 'reward'):
+  if mode in ('translate', 'reward', 'embed'):
     if not input_path:
-      raise EvalError(f'--mode={mode} needs --input=FILE (' + ('one source sentence per line).' if mode == 'translate'
-                                                               else 'a .jsonl file of {"prompt", "response"} lines).'))
+      raise EvalError(f'--mode={mode} needs --input=FILE (' + {
+          'translate': 'one source sentence per line).', 'reward': 'a .jsonl file of {"prompt", "response"} lines).',
+          'embed': 'one text per line, or a .jsonl file of {"text": ...} lines).'}[mode])
     lines = tuple(_read_lines(input_path))  # before the (slow) restore: a bad file fails fast
   if mode == 'generate':
     if input_path:

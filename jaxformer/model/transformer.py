@@ -379,15 +379,17 @@ class EncoderOnly(_Model):
     self.head = MaskedLMHead(cfg, rngs=rngs) if heads.head_of(cfg).module is None else None
 
   def __call__(self, tokens: Array, *, positions: Array | None = None, segment_ids: Array | None = None,
-               token_type_ids: Array | None = None, deterministic: bool = True,
-               return_intermediates: bool = False) -> Array | tuple[Array, Intermediates]:
-    """-> the head's output; with return_intermediates, (output, {'encoder': ...}) (see Intermediates)."""
+               token_type_ids: Array | None = None, deterministic: bool = True, return_hidden: bool = False,
+               return_intermediates: bool = False) -> Array | tuple[Array, Array] | tuple[Array, Intermediates]:
+    """-> the head's output; with return_hidden, (output, the final hidden states [B,T,D]) (e.g. sentence
+    embeddings); with return_intermediates, (output, [h,] {'encoder': ...}) (see Intermediates)."""
     segment_ids, positions = _defaults(tokens, segment_ids, positions, self.config.pad_id)
     mask = self._mask(self.encoder, segment_ids, segment_ids, causal=False)
     h, _, *inter = self.encoder(self.embed_tokens(tokens, token_type_ids), positions, mask,
                                 deterministic=deterministic, return_intermediates=return_intermediates)
     out = self.outputs(h, segment_ids, deterministic)
-    return (out, {'encoder': inter[0]}) if return_intermediates else out
+    result = (out,) + ((h,) if return_hidden else ()) + (({'encoder': inter[0]},) if return_intermediates else ())
+    return result if len(result) > 1 else out
 
   def init_cache(self, *args, **kwargs):
     raise NotImplementedError('encoder_only models do not decode; use arch=decoder_only or encoder_decoder.')
