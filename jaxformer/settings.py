@@ -81,6 +81,8 @@ class TrainSettings:
   steps_per_call: int
   label_smoothing: float
   z_loss: float
+  moe_aux_loss_coef: float
+  moe_z_loss_coef: float
   log_every: int
   eval_every: int
   eval_steps: int
