@@ -236,6 +236,7 @@ def get_config() -> ml_collections.ConfigDict:
   mesh = config.mesh = ml_collections.ConfigDict()
   mesh.data = -1  # -1 = all devices not used by the other axes
   mesh.fsdp = 1
+  mesh.expert = 1  # expert parallelism: a MoE model's experts split over this many devices (model/moe.py)
   mesh.tensor = 1
   # Logical axis name -> mesh axis (or axes). The one place sharding is declared.
   mesh.logical_axis_rules = (
@@ -248,6 +249,7 @@ def get_config() -> ml_collections.ConfigDict:
       ('kv_heads', 'tensor'),
       ('kv', None),
       ('layers', None),  # the stacked layer axis of model.scan_layers
+      ('expert', 'expert'),  # the stacked experts of a MoE model (model.num_experts)
   )
   mesh.distributed = 'auto'  # auto (initialize jax.distributed when the environment says so) | on | off
 

@@ -192,7 +192,9 @@ class MoE(nnx.Module):
         s = s * jax.nn.sigmoid(layers.matmul(x, self.shared_gate[...].astype(self.dtype)))
       y = y + s
     if self.collect_stats:
-      self.sow(nnx.Intermediate, 'moe_stats', router_stats(logits, ids, kept, self.num_experts))
+      # an Intermediate attribute (what sow writes, without its deprecated outside-nnx.capture path); pop_stats
+      # removes it, so the state the train step splits back out has the structure it started with
+      self.moe_stats = nnx.Intermediate(router_stats(logits, ids, kept, self.num_experts))
     return logical.constrain(y, logical.HIDDEN)
 
 
@@ -226,7 +228,7 @@ def collect_stats(model: nnx.Module, on: bool = True) -> None:
 def pop_stats(model: nnx.Module) -> dict[str, Array] | None:
   """The router statistics sown since collect_stats, removed from the model and averaged over the MoE layers
   (a scanned stack's come stacked [L, ...]); None when nothing was sown (a dense model)."""
-  sown = nnx.pop(model, nnx.Intermediate)
+  sown = nnx.to_pure_dict(nnx.pop(model, nnx.Intermediate))
   per_layer = [leaf for leaf in jax.tree.leaves(sown, is_leaf=lambda x: isinstance(x, dict) and 'aux' in x)
                if isinstance(leaf, dict) and 'aux' in leaf]
   if not per_layer:
