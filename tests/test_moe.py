@@ -51,23 +51,23 @@ def inputs(b=2, t=8, d=16, seed=1):
 
 
 # --------------------------------------------------------------------------------------------------- dispatch
-@pytest.mark.parametrize('mlp,use_bias,shared', [('swiglu', False, 0), ('gelu', True, 1)])
-def test_dropless_and_roomy_capacity_equal_dense_with_gradients(mlp, use_bias, shared):
-  cfg = model_config(mlp=mlp, use_bias=use_bias, num_shared_experts=shared, router='softmax_topk')
+def test_dropless_and_roomy_capacity_equal_dense_with_gradients():
+  # gated experts with biases and a gated shared expert: every parameter kind of the layer gets a gradient
+  cfg = model_config(mlp='swiglu', use_bias=True, num_shared_experts=1, router='softmax_topk')
   layer, x = moe_layer(cfg), inputs()
   # capacity E / k: every expert could take every token's copy, so nothing can drop
   impls = {'dense': with_impl(layer, 'dense'), 'dropless': with_impl(layer, 'dropless'),
            'capacity': with_impl(layer, 'capacity', cfg.num_experts / cfg.experts_per_token)}
 
-  def loss(m, x):
-    return jnp.sum(jnp.sin(m(x)))  # a nonlinear read-out: every output element's gradient differs
+  @nnx.jit
+  def value_and_grad(m, x):  # a nonlinear read-out: every output element's gradient differs
+    return nnx.value_and_grad(lambda m, x: jnp.sum(jnp.sin(m(x))), argnums=(0, 1))(m, x), m(x)
 
-  ref_y = impls['dense'](x)
-  ref_g = nnx.grad(loss, argnums=(0, 1))(impls['dense'], x)
-  assert float(jnp.abs(ref_y).max()) > 1e-3
+  (_, ref_g), ref_y = value_and_grad(impls['dense'], x)
+  assert float(jnp.abs(ref_y).max()) > 1e-2
   for name in ('dropless', 'capacity'):
-    np.testing.assert_allclose(impls[name](x), ref_y, rtol=1e-5, atol=1e-6, err_msg=name)
-    g = nnx.grad(loss, argnums=(0, 1))(impls[name], x)
+    (_, g), y = value_and_grad(impls[name], x)
+    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-6, err_msg=name)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g)):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name)
 
@@ -178,35 +178,34 @@ def run_steps(config, n=2):
   return setup, state, out
 
 
-def test_train_step_adds_router_losses_and_metrics():
-  config = step_config(moe_impl='capacity', capacity_factor=0.5)
-  config.train.update(moe_aux_loss_coef=0.1, moe_z_loss_coef=0.01)
-  _, _, ms = run_steps(config, n=1)
-  m = ms[0]
-  for name in moe.stats_names(config.model):
+def test_expert_parallel_step_equals_one_device_and_reports_router_losses():
+  """data=2 x expert=2 x tensor=2 on the 8 virtual devices: same losses, gradients, drops and updates as one device,
+  with the expert weights split over the 'expert' mesh axis; the step's objective adds the weighted router losses
+  and its metrics carry them. Capacity 0.5 (per sequence, so the same on both meshes) drops some tokens."""
+  def config(**mesh):
+    c = step_config(moe_impl='capacity', capacity_factor=0.5)
+    c.train.update(moe_aux_loss_coef=0.1, moe_z_loss_coef=0.01)
+    c.mesh.update(**mesh)
+    return c
+
+  _, one_state, one_m = run_steps(config())
+  many_setup, many_state, many_m = run_steps(config(data=2, expert=2, tensor=2))
+  assert dict(many_setup.mesh.shape) == {'data': 2, 'fsdp': 1, 'expert': 2, 'tensor': 2}
+  wi = many_state['params']['decoder']['blocks'][0]['mlp']['wi'].get_value()
+  assert wi.sharding.spec[0] == 'expert' and wi.addressable_shards[0].data.shape[0] == 2
+  for a, b in zip(one_m, many_m):
+    for key in ('loss', 'grad_norm', 'moe_aux_loss', 'moe_dropped_fraction', 'expert_load/0'):
+      np.testing.assert_allclose(a[key], b[key], rtol=2e-5, err_msg=key)
+  for a, b in zip(jax.tree.leaves(one_state['params']), jax.tree.leaves(many_state['params'])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
+
+  m = one_m[0]
+  for name in moe.stats_names(config().model):
     assert name in m and np.isfinite(m[name]), name
   np.testing.assert_allclose(sum(m[f'expert_load/{e}'] for e in range(4)), 1.0, rtol=1e-5)
   assert m['moe_aux_loss'] >= 2 * 0.999 and m['moe_dropped_fraction'] > 0  # k = 2 at best balance
   np.testing.assert_allclose(m['objective'] - m['loss'], 0.1 * m['moe_aux_loss'] + 0.01 * m['moe_z_loss'],
                              rtol=1e-4)
-
-
-def test_expert_parallel_step_equals_one_device():
-  """data=2 x expert=2 x tensor=2 on the 8 virtual devices: same losses, gradients and updates as one device, with
-  the expert weights (and their Adam moments) split over the 'expert' mesh axis."""
-  one_cfg = step_config(moe_impl='capacity', capacity_factor=2.0)
-  many_cfg = step_config(moe_impl='capacity', capacity_factor=2.0)
-  many_cfg.mesh.update(data=2, expert=2, tensor=2)
-  _, one_state, one_m = run_steps(one_cfg)
-  many_setup, many_state, many_m = run_steps(many_cfg)
-  assert dict(many_setup.mesh.shape) == {'data': 2, 'fsdp': 1, 'expert': 2, 'tensor': 2}
-  wi = many_state['params']['decoder']['blocks'][0]['mlp']['wi'].get_value()
-  assert wi.sharding.spec[0] == 'expert' and wi.addressable_shards[0].data.shape[0] == 2
-  for a, b in zip(one_m, many_m):
-    for key in ('loss', 'grad_norm', 'moe_aux_loss', 'expert_load/0'):
-      np.testing.assert_allclose(a[key], b[key], rtol=2e-5, err_msg=key)
-  for a, b in zip(jax.tree.leaves(one_state['params']), jax.tree.leaves(many_state['params'])):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
 
 
 def test_scanned_moe_step_equals_unrolled():
@@ -215,7 +214,7 @@ def test_scanned_moe_step_equals_unrolled():
   metrics = []
   u_setup, u_state = setup_for(step_config())
   s_setup, s_state = setup_for(step_config(scan_layers=True))
-  s_state['params'] = layout_convert.convert_state(u_state['params'], s_state['params'])
+  s_state['params'] = jax.tree.map(jnp.copy, layout_convert.convert_state(u_state['params'], s_state['params']))
   for config, setup, state in ((step_config(), u_setup, u_state), (step_config(scan_layers=True), s_setup, s_state)):
     _, m = step.make_train_step(config, setup)(state, shd.shard_batch(lm_batch(), setup.mesh, setup.rules))
     metrics.append(jax.device_get(m))
@@ -276,13 +275,14 @@ def test_moe_run_logs_router_metrics_and_resumes_exactly(tmp_path):
   from tests.test_train import tiny
 
   def config():
-    c = tiny('gpt_tiny', num_steps=4, log_every=1, eval_every=1000, eval_steps=1, warmup_steps=1)
+    c = tiny('gpt_tiny', num_steps=2, log_every=1, eval_every=1000, eval_steps=1, final_eval_steps=1,
+             warmup_steps=1)
     c.model.update(num_layers=2, num_experts=4, moe_every=2, expert_d_ff=32)  # layer 1 MoE, layer 0 dense
     return c
 
   ref, resumed = str(tmp_path / 'ref'), str(tmp_path / 'resumed')
   run(config(), ref)
-  run(config(), resumed, stop_after_steps=2)
+  run(config(), resumed, stop_after_steps=1)
   run(config(), resumed)
   rows = [r for r in read_metrics(ref) if 'train_loss' in r]
   first = rows[0]
