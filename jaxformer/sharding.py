@@ -81,7 +81,7 @@ def maybe_initialize_distributed(config) -> bool:
 def mesh_shape(config, num_devices: int) -> tuple[int, ...]:
   """Resolves config.mesh.{data,fsdp,expert,tensor} (one of them may be -1 = the remaining devices), in MESH_AXES
   order."""
-  sizes = [getattr(config.mesh, a, 1) for a in MESH_AXES]
+  sizes = [getattr(config.mesh, a) for a in MESH_AXES]
   if sizes.count(-1) > 1:
     raise ConfigError('only one of mesh.data, mesh.fsdp, mesh.expert, mesh.tensor may be -1 (the remaining '
                       'devices).')

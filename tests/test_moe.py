@@ -9,6 +9,7 @@ import sys
 import tempfile
 
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -257,6 +258,15 @@ def test_bad_moe_values_are_config_errors(overrides, match):
   c.update(**overrides)
   with pytest.raises(ConfigError, match=match):
     ModelConfig.from_config(c)
+
+
+def test_lora_on_moe_models_targets_attention_only():
+  from jaxformer.peft import lora
+  peft = ml_collections.ConfigDict({'rank': 4, 'alpha': 8.0, 'dropout': 0.0, 'targets': 'all'})
+  with pytest.raises(ConfigError, match='LoRA applies to attention on mixture-of-experts models'):
+    lora.validate(peft, moe_tiny.get_config().model)
+  peft.targets = 'attention'
+  lora.validate(peft, moe_tiny.get_config().model)
 
 
 def test_train_py_bad_moe_value_is_one_line(tmp_path):
