@@ -120,7 +120,7 @@ def test_small_capacity_drops_and_reports_it():
   small(x)
   stats = moe.pop_stats(small)
   np.testing.assert_allclose(stats['dropped'], (~kept).mean(), rtol=1e-6)
-  assert moe.capacity(cfg.__class__(**{**dataclasses.asdict(cfg), 'capacity_factor': 0.5}), 8) == 2
+  assert moe.capacity(0.5, 8, 2, 4) == 2
 
 
 # ---------------------------------------------------------------------------------------------- router losses

@@ -76,9 +76,9 @@ def expert_width(cfg: ModelConfig) -> int:
   return cfg.expert_d_ff or cfg.d_ff
 
 
-def capacity(cfg: ModelConfig, tokens: int) -> int:
+def capacity(capacity_factor: float, tokens: int, k: int, num_experts: int) -> int:
   """Slots per expert per sequence of `tokens` tokens: ceil(capacity_factor * tokens * k / E), at least 1."""
-  return max(1, math.ceil(cfg.capacity_factor * tokens * cfg.experts_per_token / cfg.num_experts))
+  return max(1, math.ceil(capacity_factor * tokens * k / num_experts))
 
 
 class MoE(nnx.Module):
@@ -163,7 +163,7 @@ class MoE(nnx.Module):
     """Per-sequence expert buffers [E, B, C, D]; copies past capacity are dropped (kept [B,T,k] says which)."""
     b, t, d = x.shape
     e, k = self.num_experts, self.k
-    c = max(1, math.ceil(self.capacity_factor * t * k / e))
+    c = capacity(self.capacity_factor, t, k, e)
     onehot = jax.nn.one_hot(ids, e, dtype=jnp.int32)  # [B,T,k,E]
     # priority: every token's first choice, then every second choice, ... (GShard); within a choice, token order
     choice_major = jnp.swapaxes(onehot, 1, 2).reshape(b, k * t, e)
