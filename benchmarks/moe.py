@@ -58,32 +58,44 @@ def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument('--repeats', type=int, default=10)
   parser.add_argument('--train_steps', type=int, default=0)
+  parser.add_argument('--skip_step_times', action='store_true')
   args = parser.parse_args()
+  if not args.skip_step_times:
+    step_times(args.repeats)
+  if args.train_steps:
+    compare_training(args.train_steps)
+
+
+def step_times(repeats: int) -> None:
   print('| model | step time (s) |\n|---|---|')
   dense = shrink(gpt_tiny.get_config())
   dense.model.d_ff = 2 * dense.model.d_ff  # the k=2 active experts' width
-  print(f'| dense gpt_tiny, d_ff {dense.model.d_ff} (equal active MLP FLOPs) | {step_time(dense, args.repeats):.4f} |')
+  print(f'| dense gpt_tiny, d_ff {dense.model.d_ff} (equal active MLP FLOPs) | {step_time(dense, repeats):.4f} |')
   for impl in ('dropless', 'capacity', 'dense'):
     config = shrink(moe_tiny.get_config())
     config.model.update(moe_impl=impl, capacity_factor=1.25 if impl == 'capacity' else 0.0)
-    print(f'| moe_tiny, moe_impl={impl} | {step_time(config, args.repeats):.4f} |')
-  if args.train_steps:
-    from jaxformer.apps.train import run
-    from jaxformer.training.writers import read_metrics
-    print('\n| model | params (active) | final eval_loss |\n|---|---|---|')
-    for name, config in (('dense gpt_tiny, 2x d_ff', gpt_tiny.get_config()), ('moe_tiny', moe_tiny.get_config())):
-      if name.startswith('dense'):
-        config.model.d_ff *= 2
-      config.train.update(num_steps=args.train_steps, eval_every=args.train_steps)
-      config.checkpoint.update(every_steps=10 ** 6, async_save=False)
-      config.mesh.update(distributed='off')
-      with tempfile.TemporaryDirectory() as workdir:
-        run(config, workdir)
-        rows = read_metrics(workdir)
-      first = next(r for r in rows if 'num_params' in r)
-      last = [r for r in rows if 'eval_loss' in r][-1]
-      print(f'| {name} | {first["num_params"]:,} ({first.get("num_active_params", first["num_params"]):,}) | '
-            f'{last["eval_loss"]:.4f} |')
+    print(f'| moe_tiny, moe_impl={impl} | {step_time(config, repeats):.4f} |')
+
+
+def compare_training(train_steps: int) -> None:
+  """moe_tiny vs gpt_tiny with the k active experts' d_ff, train_steps steps each on builtin:lm."""
+  from jaxformer.apps.train import run
+  from jaxformer.training.writers import read_metrics
+  print('\n| model | params (active) | final eval_loss | final train_moe_aux_loss |\n|---|---|---|---|')
+  for name, config in (('dense gpt_tiny, 2x d_ff', gpt_tiny.get_config()), ('moe_tiny', moe_tiny.get_config())):
+    if name.startswith('dense'):
+      config.model.d_ff *= 2
+    config.train.update(num_steps=train_steps, eval_every=train_steps)
+    config.checkpoint.update(every_steps=10 ** 6, async_save=False)
+    config.mesh.update(distributed='off')
+    with tempfile.TemporaryDirectory() as workdir:
+      run(config, workdir)
+      rows = read_metrics(workdir)
+    first = next(r for r in rows if 'num_params' in r)
+    last = [r for r in rows if 'eval_loss' in r][-1]
+    aux = [r for r in rows if 'train_loss' in r][-1].get('train_moe_aux_loss')
+    print(f'| {name} | {first["num_params"]:,} ({first.get("num_active_params", first["num_params"]):,}) | '
+          f'{last["eval_loss"]:.4f} | {"-" if aux is None else f"{aux:.3f}"} |')
 
 
 if __name__ == '__main__':

@@ -10,7 +10,10 @@
                 (DeepSeek / Qwen2-MoE), scaled by a sigmoid gate sigmoid(x w) when model.moe_shared_gate (Qwen2-MoE).
   dispatch      IMPLEMENTATIONS (model.moe_impl), the same function up to float rounding (and drops):
                   dropless  token copies sorted by expert, each expert's contiguous rows one `jax.lax.ragged_dot`
-                            (MaxText's sparse_matmul): no drops, no padding, compute ~ k / E of `dense`.
+                            (MaxText's sparse_matmul): no drops, no padding, FLOPs ~ k / E of `dense` (but XLA:CPU
+                            runs ragged_dot slowly: benchmarks/RESULTS.md). Under mesh.expert > 1 the compiler
+                            partitions the ragged matmuls itself (correct, tested equal; it may gather the expert
+                            weights: a shard_map all-to-all as MaxText's is the follow-up for large meshes).
                   capacity  per-sequence buffers of C = ceil(capacity_factor * T * k / E) slots per expert
                             (GShard / Switch, MaxText's dense_matmul): first choices are placed before second
                             choices, earlier tokens before later; a token copy past its expert's capacity is dropped
