@@ -204,7 +204,7 @@ def test_expert_parallel_step_equals_one_device_and_reports_router_losses():
   for name in moe.stats_names(config().model):
     assert name in m and np.isfinite(m[name]), name
   np.testing.assert_allclose(sum(m[f'expert_load/{e}'] for e in range(4)), 1.0, rtol=1e-5)
-  assert m['moe_aux_loss'] >= 2 * 0.999 and m['moe_dropped_fraction'] > 0  # k = 2 at best balance
+  assert 1.0 < m['moe_aux_loss'] < 4 * 2 and m['moe_dropped_fraction'] > 0  # ~k = 2 near balance; at most E * k
   np.testing.assert_allclose(m['objective'] - m['loss'], 0.1 * m['moe_aux_loss'] + 0.01 * m['moe_z_loss'],
                              rtol=1e-4)
 
