@@ -72,6 +72,19 @@ def get_config() -> ml_collections.ConfigDict:
   # head=classification / reward: first | mean | last (real token); '' = first (encoder_only) / last (decoder_only)
   model.pooling = ''
   model.pooler = False  # head=classification / reward: BERT's pooler (dense + tanh) before the output layer
+  # mixture of experts (model/moe.py): num_experts > 0 makes every moe_every-th block's MLP a routed one
+  model.num_experts = 0  # E; 0 = dense (the other moe keys are then unused)
+  model.experts_per_token = 2  # k: experts each token is routed to
+  model.moe_every = 1  # block i (0-based) is MoE iff (i + 1) % moe_every == 0 (Qwen2-MoE's decoder_sparse_step)
+  # topk_softmax (Mixtral: the k chosen probabilities renormalised) | softmax_topk (Qwen2-MoE / OLMoE: not)
+  model.router = 'topk_softmax'
+  model.num_shared_experts = 0  # experts every token goes through (one MLP n * expert_d_ff wide; Qwen2-MoE: 1 + gate)
+  model.moe_shared_gate = True  # the shared expert's output scaled by sigmoid(x w) (Qwen2-MoE); False: DeepSeek
+  model.expert_d_ff = 0  # each expert's hidden width; 0 = d_ff
+  model.capacity_factor = 0.0  # moe_impl=capacity: slots per expert = this * tokens * k / E per sequence (Switch 1.25)
+  # dropless (sorted tokens + jax.lax.ragged_dot) | capacity (per-expert buffers, drops overflow) | dense (every
+  # expert on every token: the reference)
+  model.moe_impl = 'dropless'
 
   # ----------------------------------------------------------------- data
   data = config.data = ml_collections.ConfigDict()
@@ -146,6 +159,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.steps_per_call = 1  # optimizer steps per jitted call (lax.scan over stacked batches; >1 amortises CPU dispatch)
   train.label_smoothing = 0.0
   train.z_loss = 0.0
+  train.moe_aux_loss_coef = 0.01  # load-balancing loss weight (Switch, OLMoE: 0.01; Mixtral, Qwen2-MoE: 0.001)
+  train.moe_z_loss_coef = 0.001  # router z-loss weight (ST-MoE, OLMoE: 0.001)
   train.log_every = 10
   train.eval_every = 200
   train.eval_steps = 20  # batches per evaluation, spread evenly over the split; -1 = the whole split
@@ -221,6 +236,7 @@ def get_config() -> ml_collections.ConfigDict:
   mesh = config.mesh = ml_collections.ConfigDict()
   mesh.data = -1  # -1 = all devices not used by the other axes
   mesh.fsdp = 1
+  mesh.expert = 1  # expert parallelism: a MoE model's experts split over this many devices (model/moe.py)
   mesh.tensor = 1
   # Logical axis name -> mesh axis (or axes). The one place sharding is declared.
   mesh.logical_axis_rules = (
@@ -233,6 +249,7 @@ def get_config() -> ml_collections.ConfigDict:
       ('kv_heads', 'tensor'),
       ('kv', None),
       ('layers', None),  # the stacked layer axis of model.scan_layers
+      ('expert', 'expert'),  # the stacked experts of a MoE model (model.num_experts)
   )
   mesh.distributed = 'auto'  # auto (initialize jax.distributed when the environment says so) | on | off
 

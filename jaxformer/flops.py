@@ -1,7 +1,7 @@
 """Model FLOPs and accelerator peaks, for tokens/s -> MFU (model FLOPs utilisation).
 
 Formula (PaLM, appendix B): training FLOPs = 6 * N * tokens + attention, where N counts the weights of every
-matrix multiply a token goes through (attention projections, MLP, the output/logits projection; embedding *lookups*
+matrix multiply a token goes through (attention projections, MLP: a MoE block's router + k routed + shared experts, the output/logits projection; embedding *lookups*
 cost nothing and are not counted) and attention adds 12 * layers * heads * head_dim * context per token (QK^T and AV,
 2 FLOPs per multiply-add, x3 for forward + backward). Causal masking is not discounted, as in PaLM/MaxText.
 encoder_decoder counts both stacks over their own lengths: the encoder over src_seq_len tokens, the decoder over
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxformer import heads
-from jaxformer.model import layers
+from jaxformer.model import layers, moe
 from jaxformer.model.config import ModelConfig
 
 # (substring of device_kind, lower-cased; peak bf16/fp16 FLOP/s; peak float32 FLOP/s). First match wins.
@@ -55,21 +55,34 @@ def _mlp_weights(cfg: ModelConfig) -> int:
   return (3 if layers.MLPS[cfg.mlp].gated else 2) * cfg.d_model * cfg.d_ff  # gated: the extra wi_gate
 
 
+def _mlp_weights_stack(cfg: ModelConfig, num_layers: int) -> int:
+  """MLP weights a token goes through in a stack of num_layers blocks: a MoE block (model/moe.py) counts its
+  router and the k routed + the shared experts' widths (the active parameters), not all E experts."""
+  routed = moe.moe_layer_count(cfg, num_layers)
+  if not routed:
+    return num_layers * _mlp_weights(cfg)
+  width = moe.expert_width(cfg) * (cfg.experts_per_token + cfg.num_shared_experts)
+  per_moe = (3 if layers.MLPS[cfg.mlp].gated else 2) * cfg.d_model * width + cfg.d_model * cfg.num_experts
+  per_moe += cfg.d_model if cfg.num_shared_experts and cfg.moe_shared_gate else 0
+  return (num_layers - routed) * _mlp_weights(cfg) + routed * per_moe
+
+
 def train_flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int, src_seq_len: int | None = None) -> float:
   """Model FLOPs of one training step (forward + backward) on a [batch_size, seq_len] batch."""
   d = cfg.d_model
   qk = cfg.num_heads * cfg.head_dim  # width of QK^T and AV (= d_model unless model.head_dim is set)
-  attn, mlp = _attn_weights(cfg), _mlp_weights(cfg)
+  attn = _attn_weights(cfg)
+  enc_mlp = _mlp_weights_stack(cfg, cfg.num_layers)  # all layers' (active) MLP weights
   if cfg.arch == 'encoder_decoder':
     src = src_seq_len or seq_len
     kv = 2 * d * cfg.num_kv_heads * cfg.head_dim
-    enc_per_token = 6 * cfg.num_layers * (attn + mlp) + 12 * cfg.num_layers * qk * src
+    enc_per_token = 6 * (cfg.num_layers * attn + enc_mlp) + 12 * cfg.num_layers * qk * src
     enc_per_token += 6 * cfg.num_decoder_layers * kv  # cross-attention keys/values of the encoder output
-    dec_per_token = (6 * cfg.num_decoder_layers * (attn + (attn - kv) + mlp)
+    dec_per_token = (6 * (cfg.num_decoder_layers * (attn + (attn - kv)) + _mlp_weights_stack(cfg, cfg.num_decoder_layers))
                      + 12 * cfg.num_decoder_layers * qk * (seq_len + src))
     trunk = batch_size * (src * enc_per_token + seq_len * dec_per_token)
   else:
-    trunk = batch_size * seq_len * (6 * cfg.num_layers * (attn + mlp) + 12 * cfg.num_layers * qk * seq_len)
+    trunk = batch_size * seq_len * (6 * (cfg.num_layers * attn + enc_mlp) + 12 * cfg.num_layers * qk * seq_len)
   return float(trunk + heads.head_of(cfg).output_flops(cfg, batch_size, seq_len))
 
 

@@ -35,7 +35,8 @@ def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int], me
     if axes is None:
       spec.append(None)
       continue
-    axes = tuple(a for a in (axes if isinstance(axes, tuple) else (axes,)) if a not in used)
+    # an axis the mesh lacks is ignored (sharding.make_mesh leaves out mesh.expert=1)
+    axes = tuple(a for a in (axes if isinstance(axes, tuple) else (axes,)) if a not in used and a in mesh.shape)
     while axes and size % math.prod(mesh.shape[a] for a in axes):
       axes = axes[:-1]
     used.update(axes)

@@ -118,6 +118,8 @@ def check_train_values(config: ml_collections.ConfigDict) -> None:
   _number('train.eps', train.eps, low=0)
   _number('train.grad_clip_norm', train.grad_clip_norm, low=0)
   _number('train.z_loss', train.z_loss, low=0)
+  _number('train.moe_aux_loss_coef', train.moe_aux_loss_coef, low=0)
+  _number('train.moe_z_loss_coef', train.moe_z_loss_coef, low=0)
   max_bad = train.max_bad_steps
   if not isinstance(max_bad, int) or max_bad < 1:
     raise ConfigError(f'train.max_bad_steps={max_bad!r} must be a positive integer.')

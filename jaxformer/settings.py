@@ -81,6 +81,8 @@ class TrainSettings:
   steps_per_call: int
   label_smoothing: float
   z_loss: float
+  moe_aux_loss_coef: float
+  moe_z_loss_coef: float
   log_every: int
   eval_every: int
   eval_steps: int
@@ -151,6 +153,7 @@ class CheckpointSettings:
 class MeshSettings:
   data: int
   fsdp: int
+  expert: int  # expert parallelism (a mixture-of-experts model's experts); in the mesh only when > 1
   tensor: int
   logical_axis_rules: tuple
   distributed: str

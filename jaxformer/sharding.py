@@ -1,7 +1,10 @@
 """Device mesh, logical-axis rules and the placement of parameters and batches.
 
-One mesh with axes ('data', 'fsdp', 'tensor') serves every layout: pure data parallel is data=N, FSDP is fsdp=N,
-tensor parallel is tensor=N, and mixes are products of those. Parameters carry logical axis names (the model's
+One mesh with axes ('data', 'fsdp', 'expert', 'tensor') serves every layout: pure data parallel is data=N, FSDP is
+fsdp=N, tensor parallel is tensor=N, expert parallelism (a mixture-of-experts model's stacked expert weights split
+over their 'expert' logical axis, model/moe.py) is expert=N, and mixes are products of those. The 'expert' axis is
+in the mesh only when mesh.expert > 1, so every other run keeps the three-axis mesh (and the compiled programs) it
+had; rules naming an axis the mesh lacks ignore it. Parameters carry logical axis names (the model's
 `nnx.with_partitioning` metadata, e.g. ('embed', 'vocab')) and `config.mesh.logical_axis_rules` maps each name to
 mesh axes, so changing the layout is a config change, never a code change.
 
@@ -26,7 +29,8 @@ from jaxformer.errors import ConfigError
 from jaxformer.data.layout import DataLayout
 from jaxformer.logical import logical_to_spec  # defined there: the model constrains activations with it too
 
-MESH_AXES = ('data', 'fsdp', 'tensor')
+MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
+OPTIONAL_AXES = ('expert',)  # in the mesh only when their size is > 1
 Rules = Sequence[tuple[str, Any]]
 
 
@@ -74,11 +78,13 @@ def maybe_initialize_distributed(config) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------- mesh
-def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
-  """Resolves config.mesh.{data,fsdp,tensor} (one of them may be -1 = the remaining devices)."""
+def mesh_shape(config, num_devices: int) -> tuple[int, ...]:
+  """Resolves config.mesh.{data,fsdp,expert,tensor} (one of them may be -1 = the remaining devices), in MESH_AXES
+  order."""
   sizes = [getattr(config.mesh, a) for a in MESH_AXES]
   if sizes.count(-1) > 1:
-    raise ConfigError('only one of mesh.data, mesh.fsdp, mesh.tensor may be -1 (the remaining devices).')
+    raise ConfigError('only one of mesh.data, mesh.fsdp, mesh.expert, mesh.tensor may be -1 (the remaining '
+                      'devices).')
   if -1 in sizes:
     i = sizes.index(-1)
     known = math.prod(s for s in sizes if s != -1)
@@ -90,15 +96,18 @@ def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
   total = math.prod(sizes)
   if total > num_devices:
     raise ConfigError(
-        f'mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {total} devices, but only {num_devices} '
-        'are available; lower the mesh.* sizes.')
+        f'mesh {" x ".join(f"{a}={n}" for a, n in zip(MESH_AXES, sizes))} = {total} devices, but only '
+        f'{num_devices} are available; lower the mesh.* sizes.')
   return tuple(sizes)  # type: ignore[return-value]
 
 
 def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """The ('data', 'fsdp', 'tensor') mesh. If it needs fewer devices than there are, the first N are used."""
+  """The ('data', 'fsdp', ['expert',] 'tensor') mesh ('expert' only when mesh.expert > 1). If it needs fewer
+  devices than there are, the first N are used."""
   devices = list(jax.devices() if devices is None else devices)
-  shape = mesh_shape(config, len(devices))
+  sizes = mesh_shape(config, len(devices))
+  names = tuple(a for a, n in zip(MESH_AXES, sizes) if n > 1 or a not in OPTIONAL_AXES)
+  shape = tuple(n for a, n in zip(MESH_AXES, sizes) if a in names)
   n = math.prod(shape)
   if n < len(devices):
     if jax.process_count() > 1:
@@ -114,8 +123,8 @@ def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
     array = np.asarray(devices, dtype=object).reshape(shape)
   axis_type = getattr(jax.sharding, 'AxisType', None)
   if axis_type is not None:
-    return Mesh(array, MESH_AXES, axis_types=(axis_type.Auto,) * len(MESH_AXES))
-  return Mesh(array, MESH_AXES)
+    return Mesh(array, names, axis_types=(axis_type.Auto,) * len(names))
+  return Mesh(array, names)
 
 
 def rules_from_config(config) -> tuple[tuple[str, Any], ...]:
@@ -197,7 +206,8 @@ def describe_unsharded(state: Any, mesh: Mesh, rules: Rules) -> list[str]:
     spec = logical_to_spec(names, shape, mesh, rules)
     for i, (name, size) in enumerate(zip(names, shape)):
       wanted = table.get(name)
-      wanted = tuple(a for a in (wanted if isinstance(wanted, tuple) else (wanted,)) if a and mesh.shape[a] > 1)
+      wanted = tuple(a for a in (wanted if isinstance(wanted, tuple) else (wanted,))
+                     if a and mesh.shape.get(a, 1) > 1)
       got = spec[i] if i < len(spec) else None
       got = got if isinstance(got, tuple) else (got,) if got else ()
       if wanted and set(wanted) - set(got):
@@ -231,7 +241,7 @@ def opt_state_shardings(opt_state_shape: Any, params: Any, params_shardings: Any
 # ---------------------------------------------------------------------------------------------------- batches
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
   """Sharding of a [batch, length, ...] array: 'batch' rows over its mesh axes, the rest as 'length'/replicated."""
-  table = dict(rules)
+  table = {name: _present(axes, mesh) for name, axes in rules}
   spec = [table.get('batch')]
   if ndim > 1:
     spec.append(table.get('length'))
@@ -254,7 +264,15 @@ def batch_shards(mesh: Mesh, rules: Rules) -> int:
   """How many ways the batch dimension is split (global batch sizes must be a multiple)."""
   axes = dict(rules).get('batch')
   axes = axes if isinstance(axes, tuple) else (axes,)
-  return math.prod(mesh.shape[a] for a in axes if a is not None)
+  return math.prod(mesh.shape.get(a, 1) for a in axes if a is not None)
+
+
+def _present(axes: Any, mesh: Mesh) -> Any:
+  """A rule's mesh axes less those this mesh lacks (mesh.expert=1 leaves 'expert' out of the mesh)."""
+  if axes is None:
+    return None
+  kept = tuple(a for a in (axes if isinstance(axes, tuple) else (axes,)) if a in mesh.shape)
+  return None if not kept else kept if isinstance(axes, tuple) else kept[0]
 
 
 def data_layout(mesh: Mesh, rules: Rules, global_batch: int) -> DataLayout:

@@ -23,7 +23,11 @@ DIR/metrics.jsonl rows (also TensorBoard scalars in DIR/tensorboard/):
     before clipping), tokens_per_sec (batch_size x seq_len positions per step, padding included: the target side
     for encoder_decoder), target_tokens_per_sec (tokens that carry loss), step_time (s), mfu (model FLOPs
     utilisation, jaxformer.flops; None when the device's peak is unknown); train_objective when label smoothing
-    or z-loss make the optimised objective differ from the cross-entropy.
+    or z-loss make the optimised objective differ from the cross-entropy. A mixture-of-experts model
+    (model.num_experts > 0, model/moe.py) adds num_active_params to the first row, and to every train row (means
+    over its MoE layers and steps) train_moe_aux_loss (load balancing, k at balance), train_moe_z_loss,
+    train_moe_dropped_fraction, train_router_entropy, train_expert_load/<e> (share of token copies per expert) and
+    train_objective (cross-entropy + the weighted router losses).
   eval rows, every train.eval_every steps (train.eval_steps batches) and at the end (train.final_eval_steps):
     step, eval_loss, eval_perplexity, eval_accuracy, eval_tokens (model.head=classification: eval_loss,
     eval_accuracy, eval_macro_f1, eval_examples); eval_bits_per_byte and eval_bits_per_char (decoder_only /
@@ -67,6 +71,7 @@ from jaxformer import resolve as resolve_lib
 from jaxformer import settings as settings_lib
 from jaxformer import sharding as shd
 from jaxformer.align import reference as reference_lib
+from jaxformer.model import moe as moe_lib
 from jaxformer.apps import harness as harness_app
 from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import optimizer as opt_lib
@@ -203,7 +208,7 @@ class TrainLog:
     self.peak = flops_lib.peak_flops_total(r.mesh.devices.flat, r.model.dtype)
     self.tokens_per_step = train.batch_size * config.data.seq_len * rows_per_example
     self.num_steps = train.num_steps
-    self.with_objective = bool(train.z_loss or train.label_smoothing)
+    self.with_objective = bool(train.z_loss or train.label_smoothing or r.model.num_experts)
     self.writer = writer
     self.pending: list[tuple[int, dict]] = []  # (steps in the call, its metrics; stacked [n] when n > 1)
     self.compiled: set[int] = set()
@@ -295,7 +300,9 @@ class Trainer:
       _truncate_metrics(r.workdir, self.start)
     else:
       _fresh_metrics(r.workdir)
-      self.log.first_row_extra = {'num_params': self.num_params, 'num_trainable_params': self.num_trainable_params}
+      self.log.first_row_extra = {'num_params': self.num_params, 'num_trainable_params': self.num_trainable_params,
+                                  **({'num_active_params': moe_lib.num_active_params(r.model, self.num_params)}
+                                     if r.model.num_experts else {})}
     self.last_saved = self.start if resumed else -1
     self.train_iter = self.make_data(data_state)
     self.steps_per_call = int(config.train.steps_per_call)

@@ -15,7 +15,7 @@ from flax import nnx
 
 from jaxformer.errors import ConfigError, check_choice, check_fraction, check_positive
 from jaxformer import heads
-from jaxformer.model import attention, layers, positions, transformer
+from jaxformer.model import attention, layers, moe, positions, transformer
 
 
 # Model keys that choose how the model computes (activation dtype, attention kernel, what the backward pass
@@ -78,6 +78,15 @@ class ModelConfig:
   rope_mscale: float
   rope_mscale_all_dim: float
   rope_truncate: bool
+  num_experts: int  # 0 = dense; the rest of the moe keys matter only when > 0 (model/moe.py)
+  experts_per_token: int
+  moe_every: int
+  router: str  # moe.ROUTERS
+  num_shared_experts: int
+  moe_shared_gate: bool
+  expert_d_ff: int  # 0 = d_ff
+  capacity_factor: float
+  moe_impl: str  # moe.IMPLEMENTATIONS
 
   def __post_init__(self):
     resolved = {'num_kv_heads': self.num_heads, 'num_decoder_layers': self.num_layers,
@@ -151,7 +160,37 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'model.pad_id={pad_id!r} must be a token id >= 0, or -1 for no padding token.')
   check_fraction('model.dropout', model.dropout)
   check_fraction('model.attention_dropout', model.attention_dropout)
+  _validate_moe(model)
   heads.validate(model)
+
+
+def _validate_moe(model: ml_collections.ConfigDict) -> None:
+  """The mixture-of-experts keys (model/moe.py); checked only when model.num_experts > 0, except its own sign."""
+  check_positive('model.num_experts', model.num_experts, allow_zero=True)
+  if not model.num_experts:
+    return
+  e, k = model.num_experts, model.experts_per_token
+  check_positive('model.experts_per_token', k)
+  if k > e:
+    raise ConfigError(f'model.experts_per_token={k} exceeds model.num_experts={e}; route each token to at most '
+                      f'num_experts experts (e.g. model.experts_per_token={min(2, e)}).')
+  check_positive('model.moe_every', model.moe_every)
+  check_choice('model.router', model.router, moe.ROUTERS)
+  check_choice('model.moe_impl', model.moe_impl, moe.IMPLEMENTATIONS)
+  check_positive('model.num_shared_experts', model.num_shared_experts, allow_zero=True)
+  check_positive('model.expert_d_ff', model.expert_d_ff, allow_zero=True)
+  cf = model.capacity_factor
+  if isinstance(cf, bool) or not isinstance(cf, (int, float)) or cf < 0:
+    raise ConfigError(f'model.capacity_factor={cf!r} must be a number >= 0 (0 = dropless; Switch: 1.25).')
+  if model.moe_impl == 'capacity' and not cf > 0:
+    raise ConfigError('model.moe_impl=capacity needs model.capacity_factor > 0 (e.g. 1.25: slots per expert = '
+                      'capacity_factor * tokens * experts_per_token / num_experts).')
+  if model.moe_impl != 'capacity' and cf > 0:
+    raise ConfigError(f'model.capacity_factor={cf} drops tokens only with model.moe_impl=capacity; set '
+                      f'model.moe_impl=capacity, or model.capacity_factor=0 for {model.moe_impl} (never drops).')
+  if model.scan_layers and model.moe_every != 1:
+    raise ConfigError(f'model.scan_layers=True scans one block body, so every layer must be alike: set '
+                      f'model.moe_every=1 (now {model.moe_every}) or model.scan_layers=False.')
 
 
 def _validate_rope_scaling(model: ml_collections.ConfigDict) -> None:

@@ -25,7 +25,7 @@ from flax import nnx
 
 from jaxformer import logical
 from jaxformer import heads
-from jaxformer.model import layers, positions as positions_lib, scan
+from jaxformer.model import layers, moe, positions as positions_lib, scan
 from jaxformer.model.attention import Attention, SegmentMask, segment_mask, wants_segment_mask
 from jaxformer.model.remat import REMATS  # model.remat's registry (remat.py), validated as transformer.REMATS
 
@@ -83,13 +83,15 @@ NORM_POSITIONS = ('pre', 'post')  # model.norm_position: norm on each sublayer's
 class Block(nnx.Module):
   """Self-attention [+ cross-attention] + MLP, each a residual sublayer; pre-LN or post-LN."""
 
-  def __init__(self, cfg: ModelConfig, *, cross: bool, out_std: float, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, cross: bool, out_std: float, rngs: nnx.Rngs, routed: bool = False):
+    """routed: the MLP is a mixture of experts (moe.MoE; moe.is_moe_layer says which blocks)."""
     norm = layers.NORMS[cfg.norm]
     self.pre_norm = cfg.norm_position == 'pre'
     self.attn_norm, self.attn = norm(cfg, rngs=rngs), Attention(cfg, out_std=out_std, rngs=rngs)
     self.cross_norm = norm(cfg, rngs=rngs) if cross else None
     self.cross_attn = Attention(cfg, out_std=out_std, rngs=rngs) if cross else None
-    self.mlp_norm, self.mlp = norm(cfg, rngs=rngs), layers.MLP(cfg, out_std=out_std, rngs=rngs)
+    self.mlp_norm = norm(cfg, rngs=rngs)
+    self.mlp = (moe.MoE if routed else layers.MLP)(cfg, out_std=out_std, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
   def _in(self, norm, x: Array) -> Array:
@@ -144,11 +146,12 @@ class Stack(nnx.Module):
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
     # GPT-2 init: each residual branch's output projection gets std / sqrt(number of residual sublayers).
     out_std = cfg.init_std / math.sqrt(num_layers * (3 if cross else 2))
-    make_block = lambda rngs: Block(cfg, cross=cross, out_std=out_std, rngs=rngs)
-    if cfg.scan_layers:  # one block body, variables stacked along 'layers' (scan.py)
+    make_block = lambda rngs, i=0: Block(cfg, cross=cross, out_std=out_std, rngs=rngs,
+                                         routed=moe.is_moe_layer(cfg, i))
+    if cfg.scan_layers:  # one block body, variables stacked along 'layers' (scan.py); MoE needs moe_every=1 here
       self.blocks = scan.ScannedBlocks(make_block, num_layers, rngs=rngs)
     else:
-      self.blocks = nnx.List([make_block(rngs) for _ in range(num_layers)])
+      self.blocks = nnx.List([make_block(rngs, i) for i in range(num_layers)])
     self.final_norm = layers.NORMS[cfg.norm](cfg, rngs=rngs) if cfg.norm_position == 'pre' else None
 
   def __call__(self, x: Array, positions: Array, mask: Array, *, encoded: Array | None = None,

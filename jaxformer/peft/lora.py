@@ -57,6 +57,9 @@ def validate(peft: Any, model: Any) -> None:
   names = target_names(peft.targets)
   if names == ('wi_gate',) and model.mlp not in ('swiglu', 'geglu'):
     raise ConfigError(f'peft.targets=wi_gate: model.mlp={model.mlp} has no gate projection; use wi, wo or mlp.')
+  if model.num_experts and set(names) & set(MLP):  # LoRA on the stacked expert weights is not written
+    raise ConfigError(f'peft.targets={peft.targets!r}: LoRA applies to attention on mixture-of-experts models '
+                      f'(model.num_experts={model.num_experts}); use peft.targets=attention (or q,k,v,o).')
 
 
 class LoRA(nnx.Module):

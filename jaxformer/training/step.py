@@ -29,6 +29,7 @@ from jaxformer import peft as peft_lib
 from jaxformer import sharding as shd
 from jaxformer.data.rows import model_inputs
 from jaxformer.data.tokenizers import unscored_target
+from jaxformer.model import moe as moe_lib
 
 Batch = Mapping[str, jax.Array]
 
@@ -159,6 +160,26 @@ def compute_loss(model: nnx.Module, batch: Batch, config, *, deterministic: bool
   return objective_sum / jnp.maximum(metrics['weight_sum'], 1.0), metrics
 
 
+def add_moe_losses(model: nnx.Module, objective_sum: jax.Array, metrics: dict, config) -> tuple[jax.Array, dict]:
+  """A MoE model's router losses (moe.pop_stats: averaged over its MoE layers) added to the objective, weighted by
+  train.moe_aux_loss_coef / moe_z_loss_coef and by the batch's weight_sum (so that, divided by the step's weight
+  total, each micro-batch's term counts as its share of the tokens), and their sums added to the metrics. The model
+  must have been called with moe.collect_stats set; a dense model is returned unchanged."""
+  stats = moe_lib.pop_stats(model)
+  if stats is None:
+    return objective_sum, metrics
+  w = metrics['weight_sum']
+  train = config.train
+  objective_sum = objective_sum + w * (float(train.moe_aux_loss_coef) * stats['aux']
+                                       + float(train.moe_z_loss_coef) * stats['z'])
+  sums = {'moe_aux_loss': stats['aux'], 'moe_z_loss': stats['z'], 'moe_dropped_fraction': stats['dropped'],
+          'router_entropy': stats['entropy'], **{f'expert_load/{e}': v for e, v in enumerate(stats['load'])}}
+  return objective_sum, {**metrics, **{f'{MOE_SUM}{name}': w * v for name, v in sums.items()}}
+
+
+MOE_SUM = 'moe_sum:'  # metric keys holding weight_sum * a MoE statistic (the step divides them by its weight total)
+
+
 # ------------------------------------------------------------------------------------------------ train state
 def split_model(model: nnx.Module):
   """graphdef, params (nnx.Param), rest (every other variable: rng streams and the like)."""
@@ -222,7 +243,9 @@ def make_train_step(config, setup: TrainSetup, steps_per_call: int = 1) -> Calla
     def loss_fn(p):  # p: the trainable params; the frozen ones are an input, so they get no gradient
       model = merge_model(graphdef, nnx.merge_state(frozen, p), rest)
       peft_lib.set_training(model, True)
+      moe_lib.collect_stats(model)  # a MoE model sows its router statistics; add_moe_losses pops them
       objective_sum, metrics = objective_sums(model, batch, config, deterministic=False)
+      objective_sum, metrics = add_moe_losses(model, objective_sum, metrics, config)
       _, _, new_rest = split_model(model)
       # Scaled by the whole batch's token count here, not after: the gradient comes out already normalised
       # (one scalar multiply in the backward pass instead of a division per parameter).
@@ -265,6 +288,7 @@ def make_train_step(config, setup: TrainSetup, steps_per_call: int = 1) -> Calla
         'grad_norm': optax.tree.norm(grads),
         'learning_rate': schedule(state['step']),
         **{name: metrics[key] / denom for name, key in extra_names.items()},
+        **{key[len(MOE_SUM):]: value / denom for key, value in metrics.items() if key.startswith(MOE_SUM)},
     }
     if objective is None or objective.has_accuracy:
       out['accuracy'] = metrics['correct_sum'] / denom
