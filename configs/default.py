@@ -56,6 +56,14 @@ def get_config() -> ml_collections.ConfigDict:
   model.head_dim = -1  # per-head width; -1 = d_model // num_heads (T5's d_kv may differ)
   model.attention_scale = -1.0  # query-key logit scale; -1 = head_dim ** -0.5; T5: 1.0 (no scaling)
   model.qkv_bias = False  # biases on the query/key/value projections even when use_bias=False (Qwen2)
+  # sliding-window attention (decoder_only): query t attends key s iff s <= t and t - s < sliding_window (Mistral's
+  # and transformers' convention), within its segment; 0 = off. Decoding keeps a ring buffer of that many key/value
+  # slots for each windowed layer (the global layers keep the whole cache).
+  model.sliding_window = 0
+  # which layers are windowed when sliding_window > 0: L (local, windowed) / G (global) per layer, the string repeated
+  # over the layers: L = all (Mistral), LG = alternating from a local first layer (Gemma 2), LLLLLG (Gemma 3); a
+  # string as long as num_layers spells each layer out (Qwen2's max_window_layers: GGLL)
+  model.sliding_window_pattern = 'L'
   # the token id that means padding when no segment ids are given (and in decoding's source); -1 = none: every id
   # is a real token (GPT-2 / Llama, whose id 0 is a word). Decoder tokens fed by decoding are always real.
   model.pad_id = 0

@@ -26,7 +26,7 @@ from flax import nnx
 from jaxformer import logical
 from jaxformer import heads
 from jaxformer.model import layers, positions as positions_lib, scan
-from jaxformer.model.attention import Attention, SegmentMask, segment_mask, wants_segment_mask
+from jaxformer.model.attention import Attention, SegmentMask, segment_mask, wants_segment_mask, with_window
 from jaxformer.model.remat import REMATS  # model.remat's registry (remat.py), validated as transformer.REMATS
 
 if TYPE_CHECKING:  # annotations only: jaxformer.model.config imports this module for its registries
@@ -43,6 +43,22 @@ def attention_mask(q_segments: Array, kv_segments: Array, *, causal: bool,
   if lazy:
     return SegmentMask(q_segments, kv_segments, causal)
   return segment_mask(q_segments, kv_segments, causal=causal)[:, None]
+
+
+def ring_mask(index: Array, valid: Array, real: Array, ring: int, window: int) -> Array:
+  """bool [B,1,T,R+T]: decoding T new tokens (key slots index .. index+T-1) in a sliding-window layer, which of
+  [its R ring slots, the T new keys] each new query attends: real keys s <= t with t - s < window.
+
+  Ring slot j holds the newest slot p < index with p = j mod R (none yet where that is negative); valid [B,L]
+  (already holding the new tokens) says which slots hold real tokens, real [B,T] which new tokens are."""
+  t = real.shape[1]
+  slots = index[:, None] + jnp.arange(t, dtype=jnp.int32)  # [B,T]
+  held = index[:, None] - 1 - (index[:, None] - 1 - jnp.arange(ring, dtype=jnp.int32)) % ring  # [B,R]
+  held_real = (held >= 0) & jnp.take_along_axis(valid, jnp.maximum(held, 0), axis=1)
+  k_slots = jnp.concatenate([held, slots], axis=1)
+  k_real = jnp.concatenate([held_real, real], axis=1)
+  distance = slots[:, :, None] - k_slots[:, None, :]
+  return (k_real[:, None, :] & (distance >= 0) & (distance < window) & real[:, :, None])[:, None]
 
 
 def real_tokens(tokens: Array, pad_id: int) -> Array:
@@ -91,12 +107,17 @@ class Block(nnx.Module):
   def __call__(self, x: Array, mask: Array, *, rope=None, bias: Array | None = None, causal: bool = False,
                encoded: Array | None = None,
                cross_kv: tuple[Array, Array] | None = None, cross_mask: Array | None = None,
-               cache: dict | None = None, cache_index: Array | None = None,
+               cache: dict | None = None, cache_index: Array | None = None, window: Any = 0,
                deterministic: bool = True) -> tuple[Array, dict | None]:
     """x [B,T,D] -> (x, updated self-attention cache or None). Cross-attention reads `cross_kv` when given
-    (decoding), else projects `encoded`."""
+    (decoding), else projects `encoded`. window: this layer's sliding window (model.sliding_window; 0 = none; a
+    traced int32 in a scanned stack, <= 0 = none): without a cache it narrows `mask`; with one (a Python int) the
+    cache is the layer's ring buffer and `mask` already covers [ring, new keys] (Stack)."""
+    if cache is None and not (isinstance(window, int) and window == 0):
+      mask = with_window(mask, window)
     y, cache = self.attn(self._in(self.attn_norm, x), mask, rope=rope, bias=bias, cache=cache,
-                         cache_index=cache_index, causal=causal, deterministic=deterministic)
+                         cache_index=cache_index, causal=causal, window=window if cache is not None else 0,
+                         deterministic=deterministic)
     x = self._out(self.attn_norm, x, y, deterministic)
     if self.cross_attn is not None:
       kv = cross_kv if cross_kv is not None else self.cross_attn.kv(encoded)
@@ -106,9 +127,10 @@ class Block(nnx.Module):
     return x, cache
 
 
-def _block_forward(block: Block, x, mask, rope, bias, encoded, cross_mask, causal: bool, deterministic: bool):
+def _block_forward(block: Block, x, mask, rope, bias, encoded, cross_mask, causal: bool, deterministic: bool,
+                   window: int):
   return block(x, mask, rope=rope, bias=bias, causal=causal, encoded=encoded, cross_mask=cross_mask,
-               deterministic=deterministic)[0]
+               window=window, deterministic=deterministic)[0]
 
 
 class Stack(nnx.Module):
@@ -117,6 +139,8 @@ class Stack(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, num_layers: int, *, causal: bool, cross: bool, rngs: nnx.Rngs):
     self.causal, self.remat = causal, cfg.remat
+    # each layer's sliding window (0 = global); static, so an unwindowed model builds the program it always did
+    self.windows = cfg.layer_windows(num_layers) if causal and not cross else (0,) * num_layers
     self.positions = positions_lib.POSITIONS[cfg.position](cfg, rngs=rngs)
     self.embed_norm = layers.NORMS[cfg.norm](cfg, rngs=rngs) if cfg.embed_norm else None
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
@@ -132,8 +156,9 @@ class Stack(nnx.Module):
   def __call__(self, x: Array, positions: Array, mask: Array, *, encoded: Array | None = None,
                cross_mask: Array | None = None, cross_kv: tuple | None = None, cache: tuple | None = None,
                cache_index: Array | None = None, deterministic: bool = True,
-               keep_prompt: bool = False) -> tuple[Array, tuple | None]:
-    """x: token embeddings [B,T,D] -> hidden states [B,T,D] (and the updated per-layer caches).
+               keep_prompt: bool = False, ring_mask: Array | None = None) -> tuple[Array, tuple | None]:
+    """x: token embeddings [B,T,D] -> hidden states [B,T,D] (and the updated per-layer caches). ring_mask:
+    decoding with sliding-window layers, their mask over [ring slots, new keys] (ring_mask()).
 
     A soft prompt (peft.method=prompt) is prepended without a cache and its outputs dropped unless keep_prompt
     (the encoder of encoder_decoder: [B, n+T, D]); with a cache it already sits in the first slots (prefill_prompt)."""
@@ -152,21 +177,24 @@ class Stack(nnx.Module):
     bias = self.positions.bias(positions, k_positions, bidirectional=not self.causal)
     strip = prompt if prepended and not keep_prompt else None
     if self.scanned:
+      windowed = {} if not any(self.windows) else {'windows': self.windows, 'ring_mask': ring_mask}
       x, new_cache = self.blocks(x, mask=mask, rope=rope, bias=bias, causal=self.causal, encoded=encoded,
                                  cross_kv=cross_kv, cross_mask=cross_mask, cache=cache, cache_index=cache_index,
-                                 deterministic=deterministic, remat=self.remat)
+                                 deterministic=deterministic, remat=self.remat, **windowed)
       return self._finish(x, strip), new_cache
     new_cache = []
     remat = REMATS[self.remat] if cache is None else None
     for i, block in enumerate(self.blocks):
+      window = self.windows[i]
       if remat is not None:
-        x = nnx.remat(_block_forward, static_argnums=(7, 8), policy=remat.policy)(
-            block, x, mask, rope, bias, encoded, cross_mask, self.causal, deterministic)
+        x = nnx.remat(_block_forward, static_argnums=(7, 8, 9), policy=remat.policy)(
+            block, x, mask, rope, bias, encoded, cross_mask, self.causal, deterministic, window)
         x = logical.constrain(x, logical.HIDDEN)
         continue
-      x, layer_cache = block(x, mask, rope=rope, bias=bias, causal=self.causal, encoded=encoded,
+      x, layer_cache = block(x, ring_mask if window and cache is not None else mask, rope=rope, bias=bias,
+                             causal=self.causal, encoded=encoded,
                              cross_kv=None if cross_kv is None else cross_kv[i], cross_mask=cross_mask,
-                             cache=None if cache is None else cache[i], cache_index=cache_index,
+                             cache=None if cache is None else cache[i], cache_index=cache_index, window=window,
                              deterministic=deterministic)
       x = logical.constrain(x, logical.HIDDEN)
       new_cache.append(layer_cache)
@@ -206,14 +234,25 @@ class Stack(nnx.Module):
     return isinstance(self.blocks, scan.ScannedBlocks)
 
   def _cache_len(self, cache: Any) -> int:
-    k = cache['k'] if self.scanned else cache[0]['k']
-    return k.shape[scan.CACHE_LAYER_AXIS + 1 if self.scanned else 1]
+    """Slots of the whole cache (a global layer's; with every layer windowed, its ring's, which no caller then
+    reads: relative positions and soft prompts, its readers, refuse model.sliding_window)."""
+    if self.scanned:
+      return cache['k' if 'k' in cache else 'ring_k'].shape[scan.CACHE_LAYER_AXIS + 1]
+    return max(layer['k'].shape[1] for layer in cache)
+
+  def ring_size(self, cache_len: int) -> int:
+    """Slots of a sliding-window layer's ring buffer: its window, or the whole cache when that is shorter."""
+    return min(max(self.windows), cache_len)
 
   def empty_cache(self, shape: tuple[int, ...], dtype: Any) -> Any:
-    """Zero self-attention keys/values [B,S,K,H] per layer: a tuple of {'k','v'}, or stacked [B,L,S,K,H]."""
+    """Zero self-attention keys/values [B,S,K,H] per layer: a tuple of {'k','v'}, or stacked [B,L,S,K,H].
+    Sliding-window layers get [B,R,K,H] ring buffers (ring_size; scanned: stacked 'ring_k' / 'ring_v'
+    [B,windowed layers,R,K,H] beside the global layers' 'k' / 'v')."""
     if self.scanned:
-      return self.blocks.empty_cache(shape, dtype)
-    return tuple({'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)} for _ in self.blocks)
+      return self.blocks.empty_cache(shape, dtype, self.windows, self.ring_size(shape[1]) if any(self.windows) else 0)
+    ring = (shape[0], self.ring_size(shape[1]) if any(self.windows) else 0, *shape[2:])
+    return tuple({'k': jnp.zeros(ring if w else shape, dtype), 'v': jnp.zeros(ring if w else shape, dtype)}
+                 for w in self.windows)
 
   def cross_cache(self, encoded: Array) -> Any:
     """Every layer's cross-attention keys/values of `encoded`: a tuple of {'k','v'}, or stacked [B,L,S,K,H]."""
@@ -334,6 +373,8 @@ class _Model(nnx.Module):
     valid = write(cache['valid'], real, index)
     mask = ((jnp.arange(max_len)[None, None, :] <= slots[:, :, None]) & valid[:, None, :]
             & real[:, :, None])[:, None]
+    if any(stack.windows):
+      cross['ring_mask'] = ring_mask(index, valid, real, stack.ring_size(max_len), max(stack.windows))
     h, new_self = stack(self.embed_tokens(tokens), positions, mask, cache=cache['self'], cache_index=index, **cross)
     return self.logits(h), {**cache, 'index': index + t, 'valid': valid, 'self': new_self}
 
