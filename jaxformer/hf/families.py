@@ -607,11 +607,43 @@ def _rope_scaling_config(cfg: ModelConfig) -> dict[str, Any]:
   return {'rope_parameters': rope}
 
 
+def _window_pattern(kinds: list[bool]) -> str:
+  """Per-layer windowed (True) / global -> model.sliding_window_pattern: the shortest L/G string whose repetition
+  spells every layer (L for all windowed, LG for Gemma 2's alternation, GGLL for Qwen2's max_window_layers=2)."""
+  spelled = ''.join('L' if k else 'G' for k in kinds)
+  for period in range(1, len(spelled) + 1):
+    if all(spelled[i] == spelled[i % period] for i in range(len(spelled))):
+      return spelled[:period]
+  return spelled
+
+
+def _sliding_window_section(hf: dict) -> dict[str, Any]:
+  """model.sliding_window / sliding_window_pattern of a Mistral or Qwen2 config.json, as transformers 5.25 reads it.
+
+  Mistral: sliding_window (when set) on every layer; its modeling code ignores layer_types. Qwen2: only with
+  use_sliding_window; the layers config.json's layer_types calls sliding_attention, or without it those from
+  max_window_layers on."""
+  window = hf.get('sliding_window')
+  if hf['model_type'] == 'mistral' and window:
+    return dict(sliding_window=int(window), sliding_window_pattern='L')
+  if hf['model_type'] != 'qwen2' or not (hf.get('use_sliding_window') and window):
+    return {}
+  layers = hf['num_hidden_layers']
+  types = hf.get('layer_types') or ['sliding_attention' if i >= hf.get('max_window_layers', 28) else
+                                    'full_attention' for i in range(layers)]
+  if set(types) - {'sliding_attention', 'full_attention'}:
+    raise ConfigError(f'qwen2 layer_types={types!r} has no jaxformer counterpart (full_attention and '
+                      'sliding_attention are supported).')
+  kinds = [t == 'sliding_attention' for t in types]
+  return dict(sliding_window=int(window), sliding_window_pattern=_window_pattern(kinds)) if any(kinds) else {}
+
+
 class Llama(Family):
   """LlamaForCausalLM, and the families with its layout: Mistral, Qwen2 (bias on q/k/v only); their
   *ForSequenceClassification with num_labels=1 as model.head=reward. RoPE scaling (rope_type linear, dynamic,
-  llama3, yarn) maps to model.rope_scaling and its model.rope_* keys. A model is written as Qwen2 when it has q/k/v
-  biases only, else as Llama."""
+  llama3, yarn) maps to model.rope_scaling and its model.rope_* keys; Mistral's and Qwen2's sliding windows to
+  model.sliding_window / sliding_window_pattern (max_position_embeddings is kept). A model is written as Qwen2 when
+  it has q/k/v biases only, else as Mistral when it has a sliding window, else as Llama."""
   model_types = ('llama', 'mistral', 'qwen2')
   arch = 'decoder_only'
   class_name, lm_class = 'Llama', 'ForCausalLM'
@@ -635,9 +667,6 @@ class Llama(Family):
     scaling = _rope_scaling_section(hf, rope, max_len)
     if scaling.get('rope_scaling') == 'yarn':  # YaRN declares factor x its original length usable
       max_len = max(max_len, int(scaling['rope_factor'] * scaling['rope_original_max_len']))
-    window = hf.get('sliding_window') if hf.get('use_sliding_window', model_type == 'mistral') else None
-    if window:  # attention is exact up to the window; longer sequences would need sliding-window attention
-      max_len = min(max_len, int(window))
     return dict(arch='decoder_only', position='rope', norm='rms', norm_position='pre', mlp='swiglu',
                 num_layers=hf['num_hidden_layers'], num_heads=heads,
                 num_kv_heads=_get(hf, 'num_key_value_heads', default=heads), d_model=hf['hidden_size'],
@@ -647,15 +676,34 @@ class Llama(Family):
                 attention_dropout=hf.get('attention_dropout', 0.0), use_bias=mlp_bias,
                 qkv_bias=qkv_bias and not mlp_bias, tie_embeddings=hf.get('tie_word_embeddings', False),
                 norm_eps=hf.get('rms_norm_eps', 1e-6), rope_base=rope.get('rope_theta', hf.get('rope_theta', 1e4)),
-                init_std=hf.get('initializer_range', 0.02), pad_id=-1, **scaling, **self.head_section(hf))
+                init_std=hf.get('initializer_range', 0.02), pad_id=-1, **scaling, **_sliding_window_section(hf),
+                **self.head_section(hf))
 
   def mismatches(self, cfg: ModelConfig) -> list[str]:
     return _want(cfg, arch='decoder_only', position='rope', norm='rms', norm_position='pre', mlp='swiglu',
                  output_scale=1.0, type_vocab_size=0, embed_norm=False, output_bias=False,
-                 attention_scale=-1.0) + self.head_mismatches(cfg)
+                 attention_scale=-1.0) + self._window_mismatches(cfg) + self.head_mismatches(cfg)
+
+  def _window_mismatches(self, cfg: ModelConfig) -> list[str]:
+    """Sliding windows: Qwen2 (q/k/v biases) windows the layers from max_window_layers on; otherwise Mistral (no
+    biases) windows every layer."""
+    windows = cfg.layer_windows()
+    if not any(windows):
+      return []
+    if self._qwen(cfg):
+      first = windows.index(cfg.sliding_window)
+      if all(windows[first:]):
+        return []
+      return [f'model.sliding_window_pattern={cfg.sliding_window_pattern!r} (Qwen2 needs global layers, then '
+              f'windowed ones: G...GL...L)']
+    bad = [] if all(windows) else [f'model.sliding_window_pattern={cfg.sliding_window_pattern!r} (Mistral windows '
+                                   'every layer: L)']
+    return bad + _want(cfg, use_bias=False, qkv_bias=False)
 
   def class_name_for(self, cfg: ModelConfig) -> str:
-    return 'Qwen2' if self._qwen(cfg) else 'Llama'
+    if self._qwen(cfg):
+      return 'Qwen2'
+    return 'Mistral' if cfg.sliding_window else 'Llama'
 
   @staticmethod
   def _qwen(cfg: ModelConfig) -> bool:
@@ -668,8 +716,15 @@ class Llama(Family):
            'max_position_embeddings': cfg.max_len, 'rms_norm_eps': cfg.norm_eps, 'rope_theta': cfg.rope_base,
            'attention_dropout': cfg.attention_dropout, 'tie_word_embeddings': cfg.tie_embeddings,
            **_rope_scaling_config(cfg)}
+    windows = cfg.layer_windows()
     if self._qwen(cfg):
-      return {**out, 'model_type': 'qwen2', 'use_sliding_window': False}
+      if not any(windows):
+        return {**out, 'model_type': 'qwen2', 'use_sliding_window': False}
+      return {**out, 'model_type': 'qwen2', 'use_sliding_window': True, 'sliding_window': cfg.sliding_window,
+              'max_window_layers': windows.index(cfg.sliding_window),
+              'layer_types': ['sliding_attention' if w else 'full_attention' for w in windows]}
+    if cfg.sliding_window:
+      return {**out, 'model_type': 'mistral', 'sliding_window': cfg.sliding_window}
     return {**out, 'attention_bias': cfg.use_bias, 'mlp_bias': cfg.use_bias}
 
   def tensors(self, cfg: ModelConfig) -> list[Rule]:
