@@ -16,9 +16,10 @@ def get_config() -> ml_collections.ConfigDict:
   model = config.model = ml_collections.ConfigDict()
   model.arch = 'decoder_only'  # encoder_only | decoder_only | encoder_decoder
   model.position = 'learned'  # sinusoidal | rope | learned | relative (T5's bucketed bias on attention logits)
-  model.norm = 'layer'  # layer | rms
+  model.norm = 'layer'  # layer | rms | rms_plus_one (Gemma: RMSNorm times 1 + scale, the scale starting at 0)
   model.norm_position = 'pre'  # pre | post
-  model.mlp = 'gelu'  # gelu (tanh) | relu | swiglu | gelu_exact (erf, BERT) | geglu (gated tanh gelu, T5 v1.1)
+  model.mlp = 'gelu'  # gelu (tanh) | relu | swiglu | gelu_exact (erf, BERT) | geglu (gated tanh gelu, T5 v1.1,
+  # Gemma) | geglu_exact (gated erf gelu)
   model.num_layers = 2  # encoder depth, or decoder depth for decoder_only
   model.num_decoder_layers = -1  # encoder_decoder only; -1 = num_layers
   model.num_heads = 4
@@ -73,6 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.relative_num_buckets = 32  # position=relative: buckets of key - query distance (T5: 32)
   model.relative_max_distance = 128  # position=relative: distances past this share the last bucket (T5: 128)
   model.output_scale = 1.0  # multiplies the final hidden states before the output projection; T5 v1.0: d_model**-0.5
+  model.embed_scale = False  # token embeddings times sqrt(d_model), rounded to the compute dtype first (Gemma)
   # what the model outputs (jaxformer/heads): lm = per-token logits | classification = one label per row |
   # reward = one scalar per row (a reward model, trained on preference pairs)
   model.head = 'lm'

@@ -136,6 +136,10 @@ def _want(cfg: ModelConfig, **expected: Any) -> list[str]:
   return out
 
 
+# Settings only the Gemma families express: every other family wants them off.
+_NO_GEMMA = dict(embed_scale=False)
+
+
 def _head_dim(head_dim: int, d_model: int, heads: int) -> int:
   """model.head_dim: -1 (= d_model // num_heads) unless the checkpoint's differs."""
   return -1 if head_dim * heads == d_model else head_dim
@@ -368,7 +372,8 @@ class GPT2(Family):
     return _want(cfg, arch='decoder_only', position='learned', norm='layer', norm_position='pre',
                  mlp=tuple(_ACTIVATION_NAMES), use_bias=True, num_kv_heads=cfg.num_heads,
                  head_dim=cfg.d_model // cfg.num_heads, attention_scale=(-1.0, 1.0), output_scale=1.0,
-                 type_vocab_size=0, embed_norm=False, output_bias=False) + self.head_mismatches(cfg)
+                 type_vocab_size=0, embed_norm=False, output_bias=False, sliding_window=0,
+                 **_NO_GEMMA) + self.head_mismatches(cfg)
 
   def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
     return {**_common(cfg), **self.head_config(cfg), 'n_embd': cfg.d_model, 'n_layer': cfg.num_layers,
@@ -429,7 +434,7 @@ class Bert(Family):
     return _want(cfg, arch='encoder_only', position='learned', norm='layer', norm_position='post',
                  mlp=tuple(_ACTIVATION_NAMES), use_bias=True, tie_embeddings=True, num_kv_heads=cfg.num_heads,
                  head_dim=cfg.d_model // cfg.num_heads, attention_scale=-1.0, output_scale=1.0,
-                 embed_norm=True) + self.head_mismatches(cfg)
+                 embed_norm=True, **_NO_GEMMA) + self.head_mismatches(cfg)
 
   def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
     return {**_common(cfg), 'hidden_size': cfg.d_model, 'num_hidden_layers': cfg.num_layers,
@@ -496,7 +501,7 @@ class T5(Family):
     return _want(cfg, arch='encoder_decoder', position='relative', norm='rms', norm_position='pre',
                  mlp=tuple(self._MLP_NAMES), use_bias=False, num_kv_heads=cfg.num_heads, attention_scale=1.0,
                  output_scale=rescale, qkv_bias=False, type_vocab_size=0, embed_norm=False,
-                 output_bias=False) + self.head_mismatches(cfg)
+                 output_bias=False, **_NO_GEMMA) + self.head_mismatches(cfg)
 
   def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
     out = {**_common(cfg), 'd_model': cfg.d_model, 'd_kv': cfg.head_dim, 'd_ff': cfg.d_ff,
@@ -682,7 +687,7 @@ class Llama(Family):
   def mismatches(self, cfg: ModelConfig) -> list[str]:
     return _want(cfg, arch='decoder_only', position='rope', norm='rms', norm_position='pre', mlp='swiglu',
                  output_scale=1.0, type_vocab_size=0, embed_norm=False, output_bias=False,
-                 attention_scale=-1.0) + self._window_mismatches(cfg) + self.head_mismatches(cfg)
+                 attention_scale=-1.0, **_NO_GEMMA) + self._window_mismatches(cfg) + self.head_mismatches(cfg)
 
   def _window_mismatches(self, cfg: ModelConfig) -> list[str]:
     """Sliding windows: Qwen2 (q/k/v biases) windows the layers from max_window_layers on; otherwise Mistral (no
@@ -749,7 +754,70 @@ class Llama(Family):
     return rules
 
 
-FAMILY_CLASSES = (GPT2, Bert, T5, Llama)
+# Gemma's activation names (config.json hidden_act; Gemma 2: hidden_activation) -> model.mlp: a gated GELU
+_GEMMA_MLPS = {'gelu_pytorch_tanh': 'geglu', 'gelu_new': 'geglu', 'gelu_fast': 'geglu', 'gelu': 'geglu_exact'}
+_GEMMA_ACTIVATIONS = {'geglu': 'gelu_pytorch_tanh', 'geglu_exact': 'gelu'}  # inverse, for saving
+
+
+class Gemma(Llama):
+  """GemmaForCausalLM: Llama's layout and tensor names, with token embeddings scaled by sqrt(hidden_size)
+  (model.embed_scale), RMSNorm times (1 + weight) (model.norm=rms_plus_one), a gated GELU MLP (hidden_act:
+  gelu_pytorch_tanh -> geglu, gelu -> geglu_exact, as transformers 5.25 reads hidden_act), tied embeddings by
+  default and no biases."""
+  model_types = ('gemma',)
+  class_name = 'Gemma'
+  activation_key = 'hidden_act'  # Gemma 2 reads hidden_activation
+
+  def model_section(self, hf: dict) -> dict[str, Any]:
+    model_type = hf['model_type']
+    if hf.get('attention_bias'):
+      raise ConfigError(f'{model_type} attention_bias=true has no jaxformer counterpart.')
+    if hf.get('use_bidirectional_attention'):
+      raise ConfigError(f'{model_type} use_bidirectional_attention=true is not supported (causal attention only).')
+    act = hf.get(self.activation_key, 'gelu_pytorch_tanh')
+    if act not in _GEMMA_MLPS:
+      raise ConfigError(f'{model_type} {self.activation_key}={act!r} has no jaxformer counterpart; supported: '
+                        f'{", ".join(_GEMMA_MLPS)}.')
+    rope = _rope_parameters(hf)
+    heads = hf['num_attention_heads']
+    max_len = hf.get('max_position_embeddings', 8192)
+    return dict(arch='decoder_only', position='rope', norm='rms_plus_one', norm_position='pre', mlp=_GEMMA_MLPS[act],
+                num_layers=hf['num_hidden_layers'], num_heads=heads,
+                num_kv_heads=_get(hf, 'num_key_value_heads', default=heads), d_model=hf['hidden_size'],
+                d_ff=hf['intermediate_size'],
+                head_dim=_head_dim(_get(hf, 'head_dim', default=256), hf['hidden_size'], heads),
+                vocab_size=hf['vocab_size'], max_len=max_len, dropout=0.0,
+                attention_dropout=hf.get('attention_dropout', 0.0), use_bias=False, qkv_bias=False,
+                tie_embeddings=hf.get('tie_word_embeddings', True), norm_eps=hf.get('rms_norm_eps', 1e-6),
+                rope_base=rope.get('rope_theta', hf.get('rope_theta', 1e4)), init_std=hf.get('initializer_range', 0.02),
+                pad_id=-1, embed_scale=True, **_rope_scaling_section(hf, rope, max_len), **self.extra_section(hf),
+                **self.head_section(hf))
+
+  def extra_section(self, hf: dict) -> dict[str, Any]:
+    """The model keys of a later Gemma's own config.json settings (none for Gemma)."""
+    del hf
+    return {}
+
+  def mismatches(self, cfg: ModelConfig) -> list[str]:
+    return _want(cfg, arch='decoder_only', position='rope', norm='rms_plus_one', norm_position='pre',
+                 mlp=tuple(_GEMMA_ACTIVATIONS), output_scale=1.0, type_vocab_size=0, embed_norm=False,
+                 output_bias=False, attention_scale=-1.0, use_bias=False, qkv_bias=False, embed_scale=True,
+                 sliding_window=0) + self.head_mismatches(cfg)
+
+  def class_name_for(self, cfg: ModelConfig) -> str:
+    return self.class_name
+
+  def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
+    return {**_common(cfg), **self.head_config(cfg), 'model_type': self.model_types[0], 'hidden_size': cfg.d_model,
+            'intermediate_size': cfg.d_ff, 'num_hidden_layers': cfg.num_layers, 'num_attention_heads': cfg.num_heads,
+            'num_key_value_heads': cfg.num_kv_heads, 'head_dim': cfg.head_dim,
+            self.activation_key: _GEMMA_ACTIVATIONS[cfg.mlp], 'max_position_embeddings': cfg.max_len,
+            'rms_norm_eps': cfg.norm_eps, 'rope_theta': cfg.rope_base, 'attention_bias': False,
+            'attention_dropout': cfg.attention_dropout, 'tie_word_embeddings': cfg.tie_embeddings,
+            **_rope_scaling_config(cfg)}
+
+
+FAMILY_CLASSES = (GPT2, Bert, T5, Llama, Gemma)
 FAMILIES: dict[str, Family] = {t: cls() for cls in FAMILY_CLASSES for t in cls.model_types}
 
 

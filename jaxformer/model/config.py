@@ -79,6 +79,7 @@ class ModelConfig:
   rope_mscale_all_dim: float
   rope_truncate: bool
   sliding_window: int  # 0 = off
+  embed_scale: bool  # token embeddings x sqrt(d_model) (Gemma)
   sliding_window_pattern: str  # L / G per layer, repeated (layer_windows)
 
   def __post_init__(self):

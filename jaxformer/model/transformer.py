@@ -310,8 +310,11 @@ class _Model(nnx.Module):
     return attention_mask(q_segments, kv_segments, causal=causal, lazy=lazy)
 
   def embed_tokens(self, tokens: Array, token_type_ids: Array | None = None) -> Array:
-    """Token embeddings [B,T,D], plus the token-type embedding (type 0 where token_type_ids is None)."""
+    """Token embeddings [B,T,D] (times sqrt(d_model) with model.embed_scale, the factor rounded to the compute
+    dtype as Gemma's normalizer is), plus the token-type embedding (type 0 where token_type_ids is None)."""
     x = self.embed(tokens)
+    if self.config.embed_scale:
+      x = x * jnp.asarray(self.config.d_model ** 0.5, x.dtype)
     if self.token_type_embedding is None:
       return x
     table = self.token_type_embedding[...]
