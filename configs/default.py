@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.arch = 'decoder_only'  # encoder_only | decoder_only | encoder_decoder
   model.position = 'learned'  # sinusoidal | rope | learned | relative (T5's bucketed bias on attention logits)
   model.norm = 'layer'  # layer | rms | rms_plus_one (Gemma: RMSNorm times 1 + scale, the scale starting at 0)
-  model.norm_position = 'pre'  # pre | post
+  model.norm_position = 'pre'  # pre | post | sandwich (pre-LN plus a norm on each sublayer's output: Gemma 2)
   model.mlp = 'gelu'  # gelu (tanh) | relu | swiglu | gelu_exact (erf, BERT) | geglu (gated tanh gelu, T5 v1.1,
   # Gemma) | geglu_exact (gated erf gelu)
   model.num_layers = 2  # encoder depth, or decoder depth for decoder_only
@@ -75,6 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.relative_max_distance = 128  # position=relative: distances past this share the last bucket (T5: 128)
   model.output_scale = 1.0  # multiplies the final hidden states before the output projection; T5 v1.0: d_model**-0.5
   model.embed_scale = False  # token embeddings times sqrt(d_model), rounded to the compute dtype first (Gemma)
+  model.attention_softcap = 0.0  # attention logits -> cap * tanh(logits / cap) before the mask; 0 = off (Gemma 2: 50)
+  model.logit_softcap = 0.0  # output logits -> cap * tanh(logits / cap); 0 = off (Gemma 2: 30)
   # what the model outputs (jaxformer/heads): lm = per-token logits | classification = one label per row |
   # reward = one scalar per row (a reward model, trained on preference pairs)
   model.head = 'lm'

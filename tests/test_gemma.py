@@ -77,3 +77,65 @@ def test_unsupported_gemma_activation_is_one_line(tmp_path):
   with pytest.raises(ConfigError, match="gemma hidden_act='relu' has no jaxformer counterpart") as e:
     hf.model_section(str(tmp_path))
   assert '\n' not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------ Gemma 2
+def test_chunked_softcap_matches_reference_forward_and_gradients():
+  """Soft-capping inside the chunked kernel (its backward through the tanh), with a window and segments."""
+  from jaxformer.model import reference_attention  # pylint: disable=g-import-not-at-top
+  from jaxformer.model.attention import SegmentMask, chunked_attention, with_window  # pylint: disable=g-import-not-at-top
+  from test_attention import qkv  # pylint: disable=g-import-not-at-top
+  segments = jnp.asarray([[1] * 6 + [2] * 5, [1] * 9 + [0] * 2])
+  mask = with_window(SegmentMask(segments, segments, True), 4)
+  q, k, v = qkv(t=11, s=11)
+  q = q * 3  # logits well past the cap
+
+  def loss(fn):
+    return jax.jit(jax.value_and_grad(lambda q, k, v: (fn(q, k, v) ** 2).sum(), argnums=(0, 1, 2)))(q, k, v)
+
+  got = loss(lambda q, k, v: chunked_attention(q, k, v, mask, block_q=4, block_kv=3, softcap=2.0))
+  want = loss(lambda q, k, v: reference_attention(q, k, v, mask.dense(), softcap=2.0))
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-4)
+  uncapped = reference_attention(q, k, v, mask.dense())
+  assert np.abs(np.asarray(uncapped) - np.asarray(reference_attention(q, k, v, mask.dense(), softcap=2.0))).max() > 1e-2
+
+
+def test_gemma2_imports_its_settings():
+  section = hf.model_section(str(FIXTURES / 'gemma2'))
+  assert (section.norm_position, section.attention_scale, section.attention_softcap, section.logit_softcap,
+          section.sliding_window, section.sliding_window_pattern) == ('sandwich', 24 ** -0.5, 3.0, 5.0, 4, 'LG')
+
+
+def test_gemma2_chunked_attention_equals_transformers():
+  """attention_impl=chunked: soft-capping and the window in the kernel give transformers' logits too."""
+  override = hf.model_section(str(FIXTURES / 'gemma2'))
+  override.attention_impl = 'chunked'
+  _, model = hf.load(str(FIXTURES / 'gemma2'), override)
+  e = expected('gemma2')
+  want = np.asarray(e['logits'], np.float32)
+  got = np.asarray(forward(model, jnp.asarray(e['input_ids'])))[..., :want.shape[-1]]
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('key,value', [('attention_softcap', 0.0), ('logit_softcap', 0.0), ('attention_scale', -1.0)])
+def test_each_gemma2_setting_matters(key, value):
+  """The fixture is sensitive to each setting: without it, transformers' logits are missed."""
+  override = hf.model_section(str(FIXTURES / 'gemma2'))
+  override[key] = value
+  _, model = hf.load(str(FIXTURES / 'gemma2'), override)
+  e = expected('gemma2')
+  want = np.asarray(e['logits'], np.float32)
+  got = np.asarray(forward(model, jnp.asarray(e['input_ids'])))[..., :want.shape[-1]]
+  assert np.abs(got - want).max() > 1e-3
+
+
+@pytest.mark.parametrize('key,value,message', [
+    ('attention_softcap', -1.0, 'model.attention_softcap=-1.0 must be a number > 0'),
+    ('logit_softcap', -2.0, 'model.logit_softcap=-2.0 must be a number > 0'),
+])
+def test_bad_softcaps_are_one_line(key, value, message):
+  from jaxformer.model.config import validate_model  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ConfigError) as e:
+    validate_model(tiny_section(**{key: value}))
+  assert message in str(e.value) and '\n' not in str(e.value)

@@ -32,8 +32,8 @@ from jaxformer.model import build_model, layout_convert
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = REPO / 'tests' / 'fixtures' / 'hf'
-MODELS = ('gpt2', 'bert', 't5_v1_0', 't5_v1_1', 'llama', 'qwen2', 'mistral_window', 'qwen2_window', 'gemma')
-DECODERS = ('gpt2', 't5_v1_0', 't5_v1_1', 'llama', 'qwen2', 'mistral_window', 'qwen2_window', 'gemma')
+MODELS = ('gpt2', 'bert', 't5_v1_0', 't5_v1_1', 'llama', 'qwen2', 'mistral_window', 'qwen2_window', 'gemma', 'gemma2')
+DECODERS = ('gpt2', 't5_v1_0', 't5_v1_1', 'llama', 'qwen2', 'mistral_window', 'qwen2_window', 'gemma', 'gemma2')
 TOKENIZERS = ('gpt2', 'bert', 't5_v1_0', 'llama', 'qwen2')
 
 

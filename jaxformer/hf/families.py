@@ -137,7 +137,7 @@ def _want(cfg: ModelConfig, **expected: Any) -> list[str]:
 
 
 # Settings only the Gemma families express: every other family wants them off.
-_NO_GEMMA = dict(embed_scale=False)
+_NO_GEMMA = dict(embed_scale=False, attention_softcap=0.0, logit_softcap=0.0)
 
 
 def _head_dim(head_dim: int, d_model: int, heads: int) -> int:
@@ -802,7 +802,7 @@ class Gemma(Llama):
     return _want(cfg, arch='decoder_only', position='rope', norm='rms_plus_one', norm_position='pre',
                  mlp=tuple(_GEMMA_ACTIVATIONS), output_scale=1.0, type_vocab_size=0, embed_norm=False,
                  output_bias=False, attention_scale=-1.0, use_bias=False, qkv_bias=False, embed_scale=True,
-                 sliding_window=0) + self.head_mismatches(cfg)
+                 sliding_window=0, attention_softcap=0.0, logit_softcap=0.0) + self.head_mismatches(cfg)
 
   def class_name_for(self, cfg: ModelConfig) -> str:
     return self.class_name
@@ -817,7 +817,67 @@ class Gemma(Llama):
             **_rope_scaling_config(cfg)}
 
 
-FAMILY_CLASSES = (GPT2, Bert, T5, Llama, Gemma)
+class Gemma2(Gemma):
+  """Gemma2ForCausalLM: Gemma, plus a norm on each sublayer's output (model.norm_position=sandwich:
+  post_attention_layernorm / post_feedforward_layernorm; pre_feedforward_layernorm is the MLP's input norm),
+  logits scaled by query_pre_attn_scalar ** -0.5 (model.attention_scale), attention and final logit soft-capping
+  (model.attention_softcap / logit_softcap) and sliding-window layers (layer_types; by default local, global, ...:
+  model.sliding_window_pattern=LG). Absent keys take Gemma2Config's defaults, as transformers does."""
+  model_types = ('gemma2',)
+  class_name = 'Gemma2'
+  activation_key = 'hidden_activation'
+
+  def model_section(self, hf: dict) -> dict[str, Any]:
+    return {**super().model_section(hf), 'norm_position': 'sandwich'}
+
+  def extra_section(self, hf: dict) -> dict[str, Any]:
+    layers = hf['num_hidden_layers']
+    types = hf.get('layer_types') or ['sliding_attention' if (i + 1) % 2 else 'full_attention' for i in range(layers)]
+    if set(types) - {'sliding_attention', 'full_attention'}:
+      raise ConfigError(f'gemma2 layer_types={types!r} has no jaxformer counterpart (full_attention and '
+                        'sliding_attention are supported).')
+    window = hf.get('sliding_window', 4096)
+    kinds = [t == 'sliding_attention' for t in types]
+    windowed = dict(sliding_window=int(window), sliding_window_pattern=_window_pattern(kinds)) if (
+        window and any(kinds)) else {}
+    return dict(attention_scale=float(hf.get('query_pre_attn_scalar', 256)) ** -0.5,
+                attention_softcap=float(hf.get('attn_logit_softcapping', 50.0) or 0.0),
+                logit_softcap=float(hf.get('final_logit_softcapping', 30.0) or 0.0), **windowed)
+
+  def mismatches(self, cfg: ModelConfig) -> list[str]:
+    return _want(cfg, arch='decoder_only', position='rope', norm='rms_plus_one', norm_position='sandwich',
+                 mlp=tuple(_GEMMA_ACTIVATIONS), output_scale=1.0, type_vocab_size=0, embed_norm=False,
+                 output_bias=False, use_bias=False, qkv_bias=False, embed_scale=True) + self.head_mismatches(cfg)
+
+  def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
+    scalar = cfg.head_dim if cfg.attention_scale == -1 else cfg.attention_scale ** -2
+    scalar = round(scalar) if abs(scalar - round(scalar)) < 1e-6 * scalar else scalar
+    windows = cfg.layer_windows()
+    return {**super().hf_config(cfg), 'query_pre_attn_scalar': scalar,
+            'sliding_window': cfg.sliding_window or None,
+            'layer_types': ['sliding_attention' if w else 'full_attention' for w in windows],
+            'attn_logit_softcapping': cfg.attention_softcap or None,
+            'final_logit_softcapping': cfg.logit_softcap or None}
+
+  def tensors(self, cfg: ModelConfig) -> list[Rule]:
+    rules = [same('model.embed_tokens.weight', 'embed.embedding'), *norm('model.norm', 'decoder.final_norm', False),
+             *self.head_tensors(cfg)]
+    for i in range(cfg.num_layers):
+      hf, ours = f'model.layers.{i}', f'decoder.blocks.{i}'
+      a = f'{hf}.self_attn'
+      rules += [*_attention_rules(cfg, f'{ours}.attn', f'{a}.q_proj', f'{a}.k_proj', f'{a}.v_proj', f'{a}.o_proj',
+                                  bias=False),
+                *norm(f'{hf}.input_layernorm', f'{ours}.attn_norm', False),
+                *norm(f'{hf}.post_attention_layernorm', f'{ours}.attn_post_norm', False),
+                *norm(f'{hf}.pre_feedforward_layernorm', f'{ours}.mlp_norm', False),
+                *norm(f'{hf}.post_feedforward_layernorm', f'{ours}.mlp_post_norm', False),
+                linear(f'{hf}.mlp.gate_proj.weight', f'{ours}.mlp.wi_gate'),
+                linear(f'{hf}.mlp.up_proj.weight', f'{ours}.mlp.wi'),
+                linear(f'{hf}.mlp.down_proj.weight', f'{ours}.mlp.wo')]
+    return rules
+
+
+FAMILY_CLASSES = (GPT2, Bert, T5, Llama, Gemma, Gemma2)
 FAMILIES: dict[str, Family] = {t: cls() for cls in FAMILY_CLASSES for t in cls.model_types}
 
 

@@ -21,11 +21,12 @@ Array = jax.Array
 
 def reference_attention(q: Array, k: Array, v: Array, mask: Array | None,
                         dropout: Callable[[Array], Array] | None = None, *, bias: Array | None = None,
-                        scale: float | None = None) -> Array:
+                        scale: float | None = None, softcap: float | None = None) -> Array:
   """Plain-jnp attention: the oracle for tests, and the path that can drop attention probabilities.
 
   bias: float, broadcastable to [B,N,T,S], added to the scaled logits (T5's relative positions). scale: the logit
-  scale, None = 1 / sqrt(head_dim). Query rows with no allowed key (padding) return zeros.
+  scale, None = 1 / sqrt(head_dim). softcap: the logits (+ bias) become softcap * tanh(logits / softcap) before the
+  mask (Gemma 2's attn_logit_softcapping). Query rows with no allowed key (padding) return zeros.
   """
   b, t, n, h = q.shape
   kv_heads = k.shape[2]
@@ -35,6 +36,8 @@ def reference_attention(q: Array, k: Array, v: Array, mask: Array | None,
   if bias is not None:
     bias = jnp.broadcast_to(bias, (b, bias.shape[1], t, k.shape[1])).astype(jnp.float32)
     logits = logits + (bias[:, :, None] if bias.shape[1] == 1 else bias.reshape(b, kv_heads, n // kv_heads, t, -1))
+  if softcap is not None:
+    logits = jnp.tanh(logits / softcap) * softcap
   if mask is not None:
     mask = _grouped_mask(mask, b, n, kv_heads, t, k.shape[1])
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
@@ -90,19 +93,23 @@ def resolve_implementation(implementation: str, dtype: Any, head_dim: int, q_len
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | SegmentMask | None, *,
                           implementation: str = 'xla', is_causal: bool = False, bias: Array | None = None,
-                          scale: float | None = None) -> Array:
+                          scale: float | None = None, softcap: float | None = None) -> Array:
   """`jax.nn.dot_product_attention` with the mask semantics of `reference_attention` (and its bias / scale).
 
   `is_causal` is a hint (the mask must already hold the causal part): the cuDNN kernel then skips the masked
-  upper triangle. Rows with no allowed key give zeros (jax would return the mean of v there).
+  upper triangle. Rows with no allowed key give zeros (jax would return the mean of v there). softcap (Gemma 2),
+  which jax.nn.dot_product_attention has no argument for: the chunked kernel where it runs, else the plain-jnp
+  reference (XLA fuses it as it would the xla implementation's).
   """
   if implementation == 'reference':
-    return reference_attention(q, k, v, dense_mask(mask), bias=bias, scale=scale)
+    return reference_attention(q, k, v, dense_mask(mask), bias=bias, scale=scale, softcap=softcap)
   requested = implementation
   implementation = resolve_implementation(implementation, q.dtype, q.shape[-1], q.shape[1], k.shape[1],
                                           has_bias=bias is not None)
   if implementation == 'chunked':
-    return chunked_attention(q, k, v, mask, bias=bias, scale=scale)
+    return chunked_attention(q, k, v, mask, bias=bias, scale=scale, softcap=softcap)
+  if softcap is not None:
+    return reference_attention(q, k, v, dense_mask(mask), bias=bias, scale=scale, softcap=softcap)
   mask = dense_mask(mask)
   full = lambda x: jnp.broadcast_to(x, (q.shape[0], x.shape[1], q.shape[1], k.shape[1]))  # noqa: E731
   if mask is not None:  # cuDNN wants the mask at full [T, S] size (it becomes an additive bias)
@@ -198,7 +205,7 @@ def dense_mask(mask: Array | SegmentMask | None) -> Array | None:
 
 def chunked_attention(q: Array, k: Array, v: Array, mask: Array | SegmentMask | None, *, bias: Array | None = None,
                       scale: float | None = None, block_q: int | None = None,
-                      block_kv: int | None = None) -> Array:
+                      block_kv: int | None = None, softcap: float | None = None) -> Array:
   """Flash-style attention in plain JAX: memory linear in T (no [T, S] scores, probabilities or mask are live).
 
   Queries go in blocks of block_q, keys/values in blocks of block_kv; each query block keeps a running max and sum
@@ -207,7 +214,7 @@ def chunked_attention(q: Array, k: Array, v: Array, mask: Array | SegmentMask | 
   key blocks above the diagonal in both passes. Same semantics as reference_attention: mask / bias broadcastable
   to [B,N,T,S] (bias added to the scaled logits, with gradient), GQA / MQA, rows with no allowed key give zeros.
   Lengths that are no multiple of the block are padded (padded keys masked, padded queries dropped). block_q /
-  block_kv: None = CHUNK.
+  block_kv: None = CHUNK. softcap: logits (+ bias) -> softcap * tanh(logits / softcap) before the mask (Gemma 2).
   """
   b, t, n, h = q.shape
   s, kv_heads = k.shape[1], k.shape[2]
@@ -225,7 +232,7 @@ def chunked_attention(q: Array, k: Array, v: Array, mask: Array | SegmentMask | 
     dense = _pad(_pad(jnp.broadcast_to(mask, mask.shape[:2] + (t, s)), 2, tp), 3, sp)
   if bias is not None:
     bias = _pad(_pad(jnp.broadcast_to(bias, bias.shape[:2] + (t, s)), 2, tp), 3, sp)
-  out = _flash(qg, k, v, bias, dense, q_seg, (kv_seg, window), (scale, causal, bq, bk, s))
+  out = _flash(qg, k, v, bias, dense, q_seg, (kv_seg, window), (scale, causal, bq, bk, s, softcap))
   return out[:, :t].reshape(b, t, n, h)
 
 
@@ -245,15 +252,21 @@ def _grouped(x: Array, kv_heads: int) -> Array:
 
 
 def _block_logits_and_mask(qb, kb, bias, dense, q_seg, kv_seg, cfg, q0, k0):
-  """The scaled (+ bias) float32 logits [B,K,G,bq,bk] of one block, masked logits set to _NEG, and its mask.
-  kv_seg: (key segment ids or None, the sliding window or None)."""
-  scale, causal, bq, bk, s_len = cfg
+  """The scaled (+ bias, soft-capped) float32 logits [B,K,G,bq,bk] of one block, masked logits set to _NEG, its mask,
+  and d capped / d uncapped (1 - tanh^2; None without a cap). kv_seg: (key segment ids or None, the sliding window
+  or None)."""
+  scale, causal, bq, bk, s_len, softcap = cfg
   kv_seg, window = kv_seg
   kv_heads = kb.shape[2]
   logits = jnp.einsum('bqkgh,bskh->bkgqs', qb, kb, preferred_element_type=jnp.float32) * scale
   if bias is not None:
     block = jax.lax.dynamic_slice(bias, (0, 0, q0, k0), bias.shape[:2] + (bq, bk))
     logits = logits + _grouped(block, kv_heads).astype(jnp.float32)
+  capped = None
+  if softcap is not None:
+    capped = jnp.tanh(logits / softcap)
+    logits = capped * softcap
+    capped = 1.0 - jnp.square(capped)
   mask = None
   if dense is not None:
     mask = _grouped(jax.lax.dynamic_slice(dense, (0, 0, q0, k0), dense.shape[:2] + (bq, bk)), kv_heads)
@@ -264,12 +277,12 @@ def _block_logits_and_mask(qb, kb, bias, dense, q_seg, kv_seg, cfg, q0, k0):
     mask = (k0 + jnp.arange(bk) < s_len)[None, None, None, None]
   if mask is not None:
     logits = jnp.where(mask, logits, _NEG)
-  return logits, mask
+  return logits, mask, capped
 
 
 def _kv_block_range(cfg, q0, num_kv_blocks):
   """Key blocks [0, hi) a query block starting at q0 can see: all, or (causal) those not above the diagonal."""
-  _, causal, bq, bk, _ = cfg
+  _, causal, bq, bk, _, _ = cfg
   return jnp.minimum(num_kv_blocks, (q0 + bq - 1) // bk + 1) if causal else num_kv_blocks
 
 
@@ -287,13 +300,13 @@ def _q_block_end(window, cfg, k0, num_q_blocks):
   window (all blocks without one)."""
   if window is None:
     return num_q_blocks
-  _, _, bq, bk, _ = cfg
+  _, _, bq, bk, _, _ = cfg
   return jnp.where(window > 0, jnp.minimum(num_q_blocks, (k0 + bk + window - 2) // bq + 1), num_q_blocks)
 
 
 def _flash_forward(q, k, v, bias, dense, q_seg, kv_seg, cfg):
   """-> output [B,Tp,K,G,H] (q.dtype) and each row's logsumexp [B,K,G,Tp] (+inf for rows with no allowed key)."""
-  _, _, bq, bk, _ = cfg
+  _, _, bq, bk, _, _ = cfg
   b, tp, kv_heads, g, h = q.shape
   nq, nk = tp // bq, k.shape[1] // bk
 
@@ -306,7 +319,7 @@ def _flash_forward(q, k, v, bias, dense, q_seg, kv_seg, cfg):
       m, l, acc = state
       k0 = j * bk
       kb, vb = (jax.lax.dynamic_slice_in_dim(x, k0, bk, 1) for x in (k, v))
-      logits, mask = _block_logits_and_mask(qb, kb, bias, dense, q_seg, kv_seg, cfg, q0, k0)
+      logits, mask, _ = _block_logits_and_mask(qb, kb, bias, dense, q_seg, kv_seg, cfg, q0, k0)
       m_new = jnp.maximum(m, logits.max(-1))
       p = jnp.exp(logits - m_new[..., None])
       p = p if mask is None else jnp.where(mask, p, 0.0)
@@ -343,7 +356,7 @@ def _flash_bwd(cfg, residuals, d_out):
   """FlashAttention-2's backward: per key block, over the query blocks that see it, recompute the probabilities
   from the saved logsumexp; dK / dV accumulate in the inner loop's carry, dQ and dBias in whole-length buffers."""
   q, k, v, bias, dense, q_seg, kv_seg, out, lse = residuals
-  scale, causal, bq, bk, _ = cfg
+  scale, causal, bq, bk, _, _ = cfg
   tp, sp = q.shape[1], k.shape[1]
   nq, nk = tp // bq, sp // bk
   # D = rowsum(dO * O): the softmax backward's per-row term
@@ -359,11 +372,12 @@ def _flash_bwd(cfg, residuals, d_out):
       q0 = i * bq
       qb, dob = (jax.lax.dynamic_slice_in_dim(x, q0, bq, 1) for x in (q, d_out))
       row_lse, row_delta = (jax.lax.dynamic_slice_in_dim(x, q0, bq, 3)[..., None] for x in (lse, delta))
-      logits, mask = _block_logits_and_mask(qb, kb, bias, dense, q_seg, kv_seg, cfg, q0, k0)
+      logits, mask, capped = _block_logits_and_mask(qb, kb, bias, dense, q_seg, kv_seg, cfg, q0, k0)
       p = jnp.exp(logits - row_lse)  # masked: exp(_NEG - lse) = 0; rows with no key: lse = inf -> 0
       dv_j = dv_j + jnp.einsum('bkgqs,bqkgh->bskh', p.astype(v.dtype), dob, preferred_element_type=jnp.float32)
       dp = jnp.einsum('bqkgh,bskh->bkgqs', dob, vb, preferred_element_type=jnp.float32)
-      ds = p * (dp - row_delta)  # d loss / d (scaled logits + bias)
+      ds = p * (dp - row_delta)  # d loss / d (scaled logits + bias), through the soft cap when there is one
+      ds = ds if capped is None else ds * capped
       if dbias is not None:
         g = ds.reshape(ds.shape[0], -1, bq, bk)
         g = g.sum(1, keepdims=True) if bias.shape[1] == 1 else g
@@ -405,6 +419,7 @@ class Attention(nnx.Module):
     d, n, kvh, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self.num_heads, self.num_kv_heads, self.head_dim = n, kvh, h
     self.scale = None if cfg.attention_scale == -1 else float(cfg.attention_scale)  # None: 1 / sqrt(head_dim)
+    self.softcap = float(cfg.attention_softcap) if cfg.attention_softcap else None  # Gemma 2
     self.dtype = jnp.dtype(cfg.dtype)
     self.implementation = cfg.attention_impl
     pdt, std = jnp.dtype(cfg.param_dtype), cfg.init_std
@@ -463,7 +478,8 @@ class Attention(nnx.Module):
     if not deterministic and self.attention_dropout.rate > 0:
       # attention dropout needs the probabilities: the plain-jnp path, whatever model.attention_impl (also chunked)
       drop = lambda p: self.attention_dropout(p, deterministic=False)  # noqa: E731
-      out = reference_attention(q, k, v, dense_mask(mask), dropout=drop, bias=bias, scale=self.scale)
+      out = reference_attention(q, k, v, dense_mask(mask), dropout=drop, bias=bias, scale=self.scale,
+                                softcap=self.softcap)
     else:
       implementation = self.implementation
       if cache is not None and implementation in ('auto', 'cudnn'):
@@ -471,7 +487,7 @@ class Attention(nnx.Module):
         # still goes chunked under auto, as without a cache)
         implementation = 'chunked' if implementation == 'auto' and _auto_chunked(q.shape[1], k.shape[1]) else 'xla'
       out = dot_product_attention(q, k, v, mask, implementation=implementation, is_causal=causal, bias=bias,
-                                  scale=self.scale)
+                                  scale=self.scale, softcap=self.softcap)
     w = self.out[...].astype(self.dtype)  # [N,H,D]
     out = out.reshape(*out.shape[:-2], -1)
     y = layers.matmul(out, w.reshape(-1, w.shape[-1]))

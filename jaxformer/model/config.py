@@ -80,6 +80,8 @@ class ModelConfig:
   rope_truncate: bool
   sliding_window: int  # 0 = off
   embed_scale: bool  # token embeddings x sqrt(d_model) (Gemma)
+  attention_softcap: float  # 0 = off
+  logit_softcap: float  # 0 = off
   sliding_window_pattern: str  # L / G per layer, repeated (layer_windows)
 
   def __post_init__(self):
@@ -160,6 +162,10 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
   if not isinstance(pad_id, int) or pad_id < -1:
     raise ConfigError(f'model.pad_id={pad_id!r} must be a token id >= 0, or -1 for no padding token.')
   _validate_sliding_window(model)
+  for key in ('attention_softcap', 'logit_softcap'):
+    cap = model[key]
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap >= 0:
+      raise ConfigError(f'model.{key}={cap!r} must be a number > 0 (the tanh cap), or 0 for none.')
   check_fraction('model.dropout', model.dropout)
   check_fraction('model.attention_dropout', model.attention_dropout)
   heads.validate(model)

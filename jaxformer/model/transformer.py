@@ -81,28 +81,39 @@ def _defaults(tokens: Array, segment_ids: Array | None, positions: Array | None,
 
 
 # ---------------------------------------------------------------------------------------------- block
-NORM_POSITIONS = ('pre', 'post')  # model.norm_position: norm on each sublayer's input, or after its residual sum
+# model.norm_position: norm on each sublayer's input, or after its residual sum, or (sandwich, Gemma 2) on both the
+# sublayer's input and its output before the residual sum
+NORM_POSITIONS = ('pre', 'post', 'sandwich')
 
 
 class Block(nnx.Module):
-  """Self-attention [+ cross-attention] + MLP, each a residual sublayer; pre-LN or post-LN."""
+  """Self-attention [+ cross-attention] + MLP, each a residual sublayer; pre-LN, post-LN or sandwich."""
 
   def __init__(self, cfg: ModelConfig, *, cross: bool, out_std: float, rngs: nnx.Rngs):
     norm = layers.NORMS[cfg.norm]
-    self.pre_norm = cfg.norm_position == 'pre'
+    self.pre_norm = cfg.norm_position in ('pre', 'sandwich')
     self.attn_norm, self.attn = norm(cfg, rngs=rngs), Attention(cfg, out_std=out_std, rngs=rngs)
     self.cross_norm = norm(cfg, rngs=rngs) if cross else None
     self.cross_attn = Attention(cfg, out_std=out_std, rngs=rngs) if cross else None
     self.mlp_norm, self.mlp = norm(cfg, rngs=rngs), layers.MLP(cfg, out_std=out_std, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+    if cfg.norm_position == 'sandwich':  # a norm on each sublayer's output too (Gemma 2's post_*_layernorm)
+      self.attn_post_norm, self.mlp_post_norm = norm(cfg, rngs=rngs), norm(cfg, rngs=rngs)
+      self.cross_post_norm = norm(cfg, rngs=rngs) if cross else None
 
   def _in(self, norm, x: Array) -> Array:
     return norm(x) if self.pre_norm else x
 
-  def _out(self, norm, x: Array, y: Array, deterministic: bool) -> Array:
-    """The residual connection: pre-LN x + y; post-LN norm(x + y) (dropout on y)."""
+  def _out(self, norm, x: Array, y: Array, deterministic: bool, post_norm=None) -> Array:
+    """The residual connection: pre-LN x + y; post-LN norm(x + y); sandwich x + post_norm(y) (dropout on y)."""
+    if post_norm is not None:
+      y = post_norm(y)
     x = x + self.dropout(y, deterministic=deterministic)
     return x if self.pre_norm else norm(x)
+
+  def _post(self, name: str):
+    """The sublayer's output norm under norm_position=sandwich, else None."""
+    return getattr(self, f'{name}_post_norm', None)
 
   def __call__(self, x: Array, mask: Array, *, rope=None, bias: Array | None = None, causal: bool = False,
                encoded: Array | None = None,
@@ -118,12 +129,12 @@ class Block(nnx.Module):
     y, cache = self.attn(self._in(self.attn_norm, x), mask, rope=rope, bias=bias, cache=cache,
                          cache_index=cache_index, causal=causal, window=window if cache is not None else 0,
                          deterministic=deterministic)
-    x = self._out(self.attn_norm, x, y, deterministic)
+    x = self._out(self.attn_norm, x, y, deterministic, self._post('attn'))
     if self.cross_attn is not None:
       kv = cross_kv if cross_kv is not None else self.cross_attn.kv(encoded)
       y, _ = self.cross_attn(self._in(self.cross_norm, x), cross_mask, kv=kv, deterministic=deterministic)
-      x = self._out(self.cross_norm, x, y, deterministic)
-    x = self._out(self.mlp_norm, x, self.mlp(self._in(self.mlp_norm, x)), deterministic)
+      x = self._out(self.cross_norm, x, y, deterministic, self._post('cross'))
+    x = self._out(self.mlp_norm, x, self.mlp(self._in(self.mlp_norm, x)), deterministic, self._post('mlp'))
     return x, cache
 
 
@@ -151,7 +162,7 @@ class Stack(nnx.Module):
       self.blocks = scan.ScannedBlocks(make_block, num_layers, rngs=rngs)
     else:
       self.blocks = nnx.List([make_block(rngs) for _ in range(num_layers)])
-    self.final_norm = layers.NORMS[cfg.norm](cfg, rngs=rngs) if cfg.norm_position == 'pre' else None
+    self.final_norm = layers.NORMS[cfg.norm](cfg, rngs=rngs) if cfg.norm_position != 'post' else None
 
   def __call__(self, x: Array, positions: Array, mask: Array, *, encoded: Array | None = None,
                cross_mask: Array | None = None, cross_kv: tuple | None = None, cache: tuple | None = None,
@@ -322,11 +333,14 @@ class _Model(nnx.Module):
     return x + types.astype(x.dtype)
 
   def logits(self, h: Array) -> Array:
-    """Hidden states -> float32 logits [B,T,V] (h scaled by model.output_scale first: T5 v1.0's d_model**-0.5)."""
+    """Hidden states -> float32 logits [B,T,V] (h scaled by model.output_scale first: T5 v1.0's d_model**-0.5;
+    soft-capped last with model.logit_softcap: Gemma 2's final_logit_softcapping)."""
     if self.config.output_scale != 1.0:
       h = h * self.config.output_scale
     logits = self.embed.attend(h) if self.unembed is None else self.unembed(h)
     logits = logits if self.output_bias is None else logits + self.output_bias[...].astype(jnp.float32)
+    if self.config.logit_softcap:
+      logits = jnp.tanh(logits / self.config.logit_softcap) * self.config.logit_softcap
     return logical.constrain(logits, logical.LOGITS)
 
   def outputs(self, h: Array, segment_ids: Array, deterministic: bool) -> Array:
