@@ -39,17 +39,6 @@ def test_embed_scale_is_rounded_to_the_compute_dtype():
   np.testing.assert_array_equal(np.asarray(model.embed_tokens(tokens), np.float32), np.asarray(want, np.float32))
 
 
-def test_the_fixture_needs_the_embedding_scale():
-  override = hf.model_section(str(FIXTURES / 'gemma'))
-  assert (override.norm, override.mlp, override.embed_scale, override.head_dim) == ('rms_plus_one', 'geglu', True, 16)
-  override.embed_scale = False
-  _, model = hf.load(str(FIXTURES / 'gemma'), override)
-  e = expected('gemma')
-  want = np.asarray(e['logits'], np.float32)
-  got = np.asarray(forward(model, jnp.asarray(e['input_ids'])))[..., :want.shape[-1]]
-  assert np.abs(got - want).max() > 1e-2
-
-
 def test_a_gemma_like_model_exports_as_gemma(tmp_path):
   section = tiny_section(norm='rms_plus_one', mlp='geglu', embed_scale=True, head_dim=16)
   model = random_model(section)
@@ -118,11 +107,10 @@ def test_gemma2_chunked_attention_equals_transformers():
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize('key,value', [('attention_softcap', 0.0), ('logit_softcap', 0.0), ('attention_scale', -1.0)])
-def test_each_gemma2_setting_matters(key, value):
-  """The fixture is sensitive to each setting: without it, transformers' logits are missed."""
+def test_the_fixture_needs_attention_softcapping():
+  """The fixture's attention logits reach the cap: without it, transformers' logits are missed."""
   override = hf.model_section(str(FIXTURES / 'gemma2'))
-  override[key] = value
+  override.attention_softcap = 0.0
   _, model = hf.load(str(FIXTURES / 'gemma2'), override)
   e = expected('gemma2')
   want = np.asarray(e['logits'], np.float32)
