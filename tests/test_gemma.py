@@ -39,17 +39,6 @@ def test_embed_scale_is_rounded_to_the_compute_dtype():
   np.testing.assert_array_equal(np.asarray(model.embed_tokens(tokens), np.float32), np.asarray(want, np.float32))
 
 
-def test_a_gemma_like_model_exports_as_gemma(tmp_path):
-  section = tiny_section(norm='rms_plus_one', mlp='geglu', embed_scale=True, head_dim=16)
-  model = random_model(section)
-  assert hf.save(model, section, str(tmp_path)) == 'gemma'
-  config = json.loads((tmp_path / 'config.json').read_text())
-  assert (config['architectures'], config['hidden_act'], config['head_dim']) == (['GemmaForCausalLM'],
-                                                                                 'gelu_pytorch_tanh', 16)
-  loaded = hf.model_section(str(tmp_path))  # (the fixture's save -> load round trip is test_hf.py's)
-  assert (loaded.norm, loaded.mlp, loaded.embed_scale, loaded.tie_embeddings) == ('rms_plus_one', 'geglu', True, True)
-
-
 def test_gemma_settings_elsewhere_are_one_line():
   """A Llama-like model with Gemma's embedding scale has no family: one line naming the key."""
   section = tiny_section(embed_scale=True)

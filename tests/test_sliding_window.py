@@ -1,11 +1,11 @@
 """Sliding-window attention (model.sliding_window, model.sliding_window_pattern): the mask against its definition,
-the chunked kernel against the reference oracle, packed rows, scanned stacks, ring-buffer decoding against the full
-forward pass, and the Hugging Face fixtures mistral_window / qwen2_window against transformers' numbers (the
-logits and greedy tokens themselves are compared in test_hf.py with the other fixtures).
+packed rows (and the chunked kernel's lazy mask), scanned stacks, ring-buffer decoding against the full forward
+pass, and the Hugging Face import / export of Mistral's and Qwen2's windows. The fixtures mistral_window and
+qwen2_window are compared with transformers' logits, greedy tokens and export round trip in test_hf.py with the
+other fixtures; the chunked kernel's gradients with a window in test_gemma.py (with soft-capping).
 
 Query t attends key s iff s <= t and t - s < W (transformers' sliding_window_overlay: kv_idx > q_idx - W).
 """
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,11 +14,10 @@ from flax import nnx
 from configs import default
 from jaxformer import decoding, hf
 from jaxformer.config import ConfigError
-from jaxformer.model import build_model, reference_attention
-from jaxformer.model.attention import SegmentMask, chunked_attention, with_window
+from jaxformer.model import build_model
+from jaxformer.model.attention import SegmentMask, with_window
 from jaxformer.model.config import ModelConfig, validate_model
-from test_attention import qkv
-from test_hf import FIXTURES, expected
+from test_hf import FIXTURES
 
 SEG = jnp.array([[1] * 5 + [2] * 6 + [0] * 2, [1] * 11 + [0] * 2])  # a packed row with padding; a padded row
 
@@ -35,22 +34,6 @@ def test_window_mask_is_the_definition():
   dense = with_window(SegmentMask(SEG, SEG, True).dense(), w)  # the dense form narrows the same way
   np.testing.assert_array_equal(np.asarray(dense)[:, 0], want)
   assert got[0, 7].tolist() == [False] * 5 + [True, True, True] + [False] * 5  # segment 2 starts at index 5
-
-
-@pytest.mark.parametrize('window', [2])
-def test_chunked_window_matches_reference_forward_and_gradients(window):
-  """Small blocks, so whole key blocks left of the window are skipped (forward) and query blocks past it
-  (backward)."""
-  q, k, v = qkv(t=13, s=13)
-  mask = with_window(SegmentMask(SEG, SEG, True), window)
-
-  def loss(fn):
-    return jax.jit(jax.value_and_grad(lambda q, k, v: (fn(q, k, v) ** 2).sum(), argnums=(0, 1, 2)))(q, k, v)
-
-  got = loss(lambda q, k, v: chunked_attention(q, k, v, mask, block_q=4, block_kv=3))
-  want = loss(lambda q, k, v: reference_attention(q, k, v, mask.dense()))
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-4)
 
 
 def section(**overrides):
@@ -109,8 +92,7 @@ def test_the_window_matters():
   assert np.abs(a[:, 4:] - b[:, 4:]).max() > 1e-2
 
 
-@pytest.mark.parametrize('overrides', [
-    {},  # every layer windowed
+@pytest.mark.parametrize('overrides', [  # (every layer windowed: the mistral_window fixture's greedy test)
     {'sliding_window_pattern': 'LG'},  # Gemma 2's alternation, unrolled
     {'sliding_window_pattern': 'GLL', 'scan_layers': True},  # mixed kinds under scan: lax.cond per layer
 ])
@@ -151,30 +133,6 @@ def test_mistral_and_qwen2_import_their_window_and_keep_their_context():
   assert (mistral.sliding_window, mistral.sliding_window_pattern, mistral.max_len) == (4, 'L', 64)
   # Qwen2: max_window_layers=1, so layer 0 is global and layer 1 windowed
   assert (qwen2.sliding_window, qwen2.sliding_window_pattern, qwen2.max_len) == (3, 'GL', 64)
-
-
-def test_without_the_window_transformers_logits_are_missed():
-  """The fixtures' inputs are longer than their windows: ignoring the window misses transformers' logits."""
-  name = 'mistral_window'
-  override = hf.model_section(str(FIXTURES / name))
-  override.sliding_window = 0
-  _, model = hf.load(str(FIXTURES / name), override)
-  e = expected(name)
-  want = np.asarray(e['logits'], np.float32)
-  got = np.asarray(forward(model, jnp.asarray(e['input_ids'])))
-  assert np.abs(got[..., :want.shape[-1]] - want).max() > 1e-2
-
-
-def test_scanned_mixed_windows_equal_transformers():
-  """qwen2_window (global, then windowed) under scan_layers: transformers' logits (per-layer windows scanned)."""
-  name = 'qwen2_window'
-  scanned = hf.model_section(str(FIXTURES / name))
-  scanned.scan_layers = True
-  _, model = hf.load(str(FIXTURES / name), scanned)
-  e = expected(name)
-  want = np.asarray(e['logits'], np.float32)
-  got = np.asarray(forward(model, jnp.asarray(e['input_ids'])))
-  np.testing.assert_allclose(got[..., :want.shape[-1]], want, atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize('overrides,message', [
