@@ -11,8 +11,10 @@ from flax import nnx
 
 from jaxformer import hf
 from jaxformer.config import ConfigError
-from jaxformer.model import build_model, layers
+from jaxformer.model import build_model, layers, reference_attention
+from jaxformer.model.attention import SegmentMask, chunked_attention, with_window
 from jaxformer.model.config import ModelConfig
+from test_attention import qkv
 from test_hf import FIXTURES, expected, random_model, tiny_section
 
 
@@ -60,9 +62,6 @@ def test_unsupported_gemma_activation_is_one_line(tmp_path):
 # ------------------------------------------------------------------------------------------------ Gemma 2
 def test_chunked_softcap_matches_reference_forward_and_gradients():
   """Soft-capping inside the chunked kernel (its backward through the tanh), with a window and segments."""
-  from jaxformer.model import reference_attention  # pylint: disable=g-import-not-at-top
-  from jaxformer.model.attention import SegmentMask, chunked_attention, with_window  # pylint: disable=g-import-not-at-top
-  from test_attention import qkv  # pylint: disable=g-import-not-at-top
   segments = jnp.asarray([[1] * 6 + [2] * 5, [1] * 9 + [0] * 2])
   mask = with_window(SegmentMask(segments, segments, True), 4)
   q, k, v = qkv(t=11, s=11)
