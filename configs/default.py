@@ -16,9 +16,10 @@ def get_config() -> ml_collections.ConfigDict:
   model = config.model = ml_collections.ConfigDict()
   model.arch = 'decoder_only'  # encoder_only | decoder_only | encoder_decoder
   model.position = 'learned'  # sinusoidal | rope | learned | relative (T5's bucketed bias on attention logits)
-  model.norm = 'layer'  # layer | rms
-  model.norm_position = 'pre'  # pre | post
-  model.mlp = 'gelu'  # gelu (tanh) | relu | swiglu | gelu_exact (erf, BERT) | geglu (gated tanh gelu, T5 v1.1)
+  model.norm = 'layer'  # layer | rms | rms_plus_one (Gemma: RMSNorm times 1 + scale, the scale starting at 0)
+  model.norm_position = 'pre'  # pre | post | sandwich (pre-LN plus a norm on each sublayer's output: Gemma 2)
+  model.mlp = 'gelu'  # gelu (tanh) | relu | swiglu | gelu_exact (erf, BERT) | geglu (gated tanh gelu, T5 v1.1,
+  # Gemma) | geglu_exact (gated erf gelu)
   model.num_layers = 2  # encoder depth, or decoder depth for decoder_only
   model.num_decoder_layers = -1  # encoder_decoder only; -1 = num_layers
   model.num_heads = 4
@@ -56,6 +57,14 @@ def get_config() -> ml_collections.ConfigDict:
   model.head_dim = -1  # per-head width; -1 = d_model // num_heads (T5's d_kv may differ)
   model.attention_scale = -1.0  # query-key logit scale; -1 = head_dim ** -0.5; T5: 1.0 (no scaling)
   model.qkv_bias = False  # biases on the query/key/value projections even when use_bias=False (Qwen2)
+  # sliding-window attention (decoder_only): query t attends key s iff s <= t and t - s < sliding_window (Mistral's
+  # and transformers' convention), within its segment; 0 = off. Decoding keeps a ring buffer of that many key/value
+  # slots for each windowed layer (the global layers keep the whole cache).
+  model.sliding_window = 0
+  # which layers are windowed when sliding_window > 0: L (local, windowed) / G (global) per layer, the string repeated
+  # over the layers: L = all (Mistral), LG = alternating from a local first layer (Gemma 2), LLLLLG (Gemma 3); a
+  # string as long as num_layers spells each layer out (Qwen2's max_window_layers: GGLL)
+  model.sliding_window_pattern = 'L'
   # the token id that means padding when no segment ids are given (and in decoding's source); -1 = none: every id
   # is a real token (GPT-2 / Llama, whose id 0 is a word). Decoder tokens fed by decoding are always real.
   model.pad_id = 0
@@ -65,6 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.relative_num_buckets = 32  # position=relative: buckets of key - query distance (T5: 32)
   model.relative_max_distance = 128  # position=relative: distances past this share the last bucket (T5: 128)
   model.output_scale = 1.0  # multiplies the final hidden states before the output projection; T5 v1.0: d_model**-0.5
+  model.embed_scale = False  # token embeddings times sqrt(d_model), rounded to the compute dtype first (Gemma)
+  model.attention_softcap = 0.0  # attention logits -> cap * tanh(logits / cap) before the mask; 0 = off (Gemma 2: 50)
+  model.logit_softcap = 0.0  # output logits -> cap * tanh(logits / cap); 0 = off (Gemma 2: 30)
   # what the model outputs (jaxformer/heads): lm = per-token logits | classification = one label per row |
   # reward = one scalar per row (a reward model, trained on preference pairs)
   model.head = 'lm'

@@ -5,7 +5,10 @@ with transformers 5.24, with the logits, greedy generate output and tokenizer id
 That transformers loads what hf.save writes, with the same logits, was checked by hand with
 tests/fixtures/hf/check_export.py (max |logits diff|: gpt_tiny-like decoder -> LlamaForCausalLM 6e-6, GPT-2-like ->
 GPT2LMHeadModel 2e-6, untied Llama with biases 3e-6, and every fixture imported then re-saved: bert 4e-6, gpt2 3e-6,
-llama 6e-6, qwen2 6e-6, t5 v1.0 2e-6, t5 v1.1 4e-5).
+llama 6e-6, qwen2 6e-6, t5 v1.0 2e-6, t5 v1.1 4e-5; transformers 5.25, sliding windows and Gemma: Mistral-like
+window 3 -> MistralForCausalLM 4.7e-6, Qwen2-like with layers G, L -> Qwen2ForCausalLM 5.0e-6, Gemma-like 2.0e-5,
+Gemma 2-like (sandwich norms, soft-caps, window LG) 5.4e-6; fixtures re-saved: mistral_window 8.6e-6,
+qwen2_window 8.6e-6, gemma 1.5e-5, gemma2 7.1e-6).
 
 """
 import json
@@ -32,8 +35,8 @@ from jaxformer.model import build_model, layout_convert
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = REPO / 'tests' / 'fixtures' / 'hf'
-MODELS = ('gpt2', 'bert', 't5_v1_0', 't5_v1_1', 'llama', 'qwen2')
-DECODERS = ('gpt2', 't5_v1_0', 't5_v1_1', 'llama', 'qwen2')
+MODELS = ('gpt2', 'bert', 't5_v1_0', 't5_v1_1', 'llama', 'qwen2', 'mistral_window', 'qwen2_window', 'gemma', 'gemma2')
+DECODERS = ('gpt2', 't5_v1_0', 't5_v1_1', 'llama', 'qwen2', 'mistral_window', 'qwen2_window', 'gemma', 'gemma2')
 TOKENIZERS = ('gpt2', 'bert', 't5_v1_0', 'llama', 'qwen2')
 
 

@@ -3,13 +3,13 @@
   model_config, model = hf.load('path/to/gpt2')     # the model section (ConfigDict) and the NNX model
   hf.save(model, model_config, 'out/')               # config.json + model.safetensors that transformers loads
 
-Supported model_types: gpt2, bert (masked LM), t5 (v1.0 and v1.1), llama, mistral, qwen2 (see families.py, one
-class per family), and task heads (model.head; each family's HEADS table): BertForSequenceClassification as
-classification (num_labels >= 2) or reward (num_labels=1), and the GPT-2 / Llama / Mistral / Qwen2
-*ForSequenceClassification with num_labels=1 as reward (written with pad_token_id in config.json: transformers reads
-each row at its last token that is not the pad id). `save` also works for models jaxformer built itself when a
-family can express the config (gpt_tiny's RoPE + RMSNorm + SwiGLU decoder is a Llama); otherwise one ConfigError
-line names the setting.
+Supported model_types: gpt2, bert (masked LM), t5 (v1.0 and v1.1), llama, mistral, qwen2 (sliding windows too),
+gemma, gemma2 (see families.py, one class per family), and task heads (model.head; each family's HEADS table):
+BertForSequenceClassification as classification (num_labels >= 2) or reward (num_labels=1), and the GPT-2 / Llama /
+Mistral / Qwen2 / Gemma *ForSequenceClassification with num_labels=1 as reward (written with pad_token_id in
+config.json: transformers reads each row at its last token that is not the pad id). `save` also works for models
+jaxformer built itself when a family can express the config (gpt_tiny's RoPE + RMSNorm + SwiGLU decoder is a
+Llama); otherwise one ConfigError line names the setting.
 Errors are ConfigError (train.py / eval.py print them as one line): a missing directory, no config.json, no
 weights, an unsupported model_type, shapes that contradict the model section.
 

@@ -136,6 +136,10 @@ def _want(cfg: ModelConfig, **expected: Any) -> list[str]:
   return out
 
 
+# Settings only the Gemma families express: every other family wants them off.
+_NO_GEMMA = dict(embed_scale=False, attention_softcap=0.0, logit_softcap=0.0)
+
+
 def _head_dim(head_dim: int, d_model: int, heads: int) -> int:
   """model.head_dim: -1 (= d_model // num_heads) unless the checkpoint's differs."""
   return -1 if head_dim * heads == d_model else head_dim
@@ -368,7 +372,8 @@ class GPT2(Family):
     return _want(cfg, arch='decoder_only', position='learned', norm='layer', norm_position='pre',
                  mlp=tuple(_ACTIVATION_NAMES), use_bias=True, num_kv_heads=cfg.num_heads,
                  head_dim=cfg.d_model // cfg.num_heads, attention_scale=(-1.0, 1.0), output_scale=1.0,
-                 type_vocab_size=0, embed_norm=False, output_bias=False) + self.head_mismatches(cfg)
+                 type_vocab_size=0, embed_norm=False, output_bias=False, sliding_window=0,
+                 **_NO_GEMMA) + self.head_mismatches(cfg)
 
   def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
     return {**_common(cfg), **self.head_config(cfg), 'n_embd': cfg.d_model, 'n_layer': cfg.num_layers,
@@ -429,7 +434,7 @@ class Bert(Family):
     return _want(cfg, arch='encoder_only', position='learned', norm='layer', norm_position='post',
                  mlp=tuple(_ACTIVATION_NAMES), use_bias=True, tie_embeddings=True, num_kv_heads=cfg.num_heads,
                  head_dim=cfg.d_model // cfg.num_heads, attention_scale=-1.0, output_scale=1.0,
-                 embed_norm=True) + self.head_mismatches(cfg)
+                 embed_norm=True, **_NO_GEMMA) + self.head_mismatches(cfg)
 
   def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
     return {**_common(cfg), 'hidden_size': cfg.d_model, 'num_hidden_layers': cfg.num_layers,
@@ -496,7 +501,7 @@ class T5(Family):
     return _want(cfg, arch='encoder_decoder', position='relative', norm='rms', norm_position='pre',
                  mlp=tuple(self._MLP_NAMES), use_bias=False, num_kv_heads=cfg.num_heads, attention_scale=1.0,
                  output_scale=rescale, qkv_bias=False, type_vocab_size=0, embed_norm=False,
-                 output_bias=False) + self.head_mismatches(cfg)
+                 output_bias=False, **_NO_GEMMA) + self.head_mismatches(cfg)
 
   def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
     out = {**_common(cfg), 'd_model': cfg.d_model, 'd_kv': cfg.head_dim, 'd_ff': cfg.d_ff,
@@ -607,11 +612,43 @@ def _rope_scaling_config(cfg: ModelConfig) -> dict[str, Any]:
   return {'rope_parameters': rope}
 
 
+def _window_pattern(kinds: list[bool]) -> str:
+  """Per-layer windowed (True) / global -> model.sliding_window_pattern: the shortest L/G string whose repetition
+  spells every layer (L for all windowed, LG for Gemma 2's alternation, GGLL for Qwen2's max_window_layers=2)."""
+  spelled = ''.join('L' if k else 'G' for k in kinds)
+  for period in range(1, len(spelled) + 1):
+    if all(spelled[i] == spelled[i % period] for i in range(len(spelled))):
+      return spelled[:period]
+  return spelled
+
+
+def _sliding_window_section(hf: dict) -> dict[str, Any]:
+  """model.sliding_window / sliding_window_pattern of a Mistral or Qwen2 config.json, as transformers 5.25 reads it.
+
+  Mistral: sliding_window (when set) on every layer; its modeling code ignores layer_types. Qwen2: only with
+  use_sliding_window; the layers config.json's layer_types calls sliding_attention, or without it those from
+  max_window_layers on."""
+  window = hf.get('sliding_window')
+  if hf['model_type'] == 'mistral' and window:
+    return dict(sliding_window=int(window), sliding_window_pattern='L')
+  if hf['model_type'] != 'qwen2' or not (hf.get('use_sliding_window') and window):
+    return {}
+  layers = hf['num_hidden_layers']
+  types = hf.get('layer_types') or ['sliding_attention' if i >= hf.get('max_window_layers', 28) else
+                                    'full_attention' for i in range(layers)]
+  if set(types) - {'sliding_attention', 'full_attention'}:
+    raise ConfigError(f'qwen2 layer_types={types!r} has no jaxformer counterpart (full_attention and '
+                      'sliding_attention are supported).')
+  kinds = [t == 'sliding_attention' for t in types]
+  return dict(sliding_window=int(window), sliding_window_pattern=_window_pattern(kinds)) if any(kinds) else {}
+
+
 class Llama(Family):
   """LlamaForCausalLM, and the families with its layout: Mistral, Qwen2 (bias on q/k/v only); their
   *ForSequenceClassification with num_labels=1 as model.head=reward. RoPE scaling (rope_type linear, dynamic,
-  llama3, yarn) maps to model.rope_scaling and its model.rope_* keys. A model is written as Qwen2 when it has q/k/v
-  biases only, else as Llama."""
+  llama3, yarn) maps to model.rope_scaling and its model.rope_* keys; Mistral's and Qwen2's sliding windows to
+  model.sliding_window / sliding_window_pattern (max_position_embeddings is kept). A model is written as Qwen2 when
+  it has q/k/v biases only, else as Mistral when it has a sliding window, else as Llama."""
   model_types = ('llama', 'mistral', 'qwen2')
   arch = 'decoder_only'
   class_name, lm_class = 'Llama', 'ForCausalLM'
@@ -635,9 +672,6 @@ class Llama(Family):
     scaling = _rope_scaling_section(hf, rope, max_len)
     if scaling.get('rope_scaling') == 'yarn':  # YaRN declares factor x its original length usable
       max_len = max(max_len, int(scaling['rope_factor'] * scaling['rope_original_max_len']))
-    window = hf.get('sliding_window') if hf.get('use_sliding_window', model_type == 'mistral') else None
-    if window:  # attention is exact up to the window; longer sequences would need sliding-window attention
-      max_len = min(max_len, int(window))
     return dict(arch='decoder_only', position='rope', norm='rms', norm_position='pre', mlp='swiglu',
                 num_layers=hf['num_hidden_layers'], num_heads=heads,
                 num_kv_heads=_get(hf, 'num_key_value_heads', default=heads), d_model=hf['hidden_size'],
@@ -647,15 +681,34 @@ class Llama(Family):
                 attention_dropout=hf.get('attention_dropout', 0.0), use_bias=mlp_bias,
                 qkv_bias=qkv_bias and not mlp_bias, tie_embeddings=hf.get('tie_word_embeddings', False),
                 norm_eps=hf.get('rms_norm_eps', 1e-6), rope_base=rope.get('rope_theta', hf.get('rope_theta', 1e4)),
-                init_std=hf.get('initializer_range', 0.02), pad_id=-1, **scaling, **self.head_section(hf))
+                init_std=hf.get('initializer_range', 0.02), pad_id=-1, **scaling, **_sliding_window_section(hf),
+                **self.head_section(hf))
 
   def mismatches(self, cfg: ModelConfig) -> list[str]:
     return _want(cfg, arch='decoder_only', position='rope', norm='rms', norm_position='pre', mlp='swiglu',
                  output_scale=1.0, type_vocab_size=0, embed_norm=False, output_bias=False,
-                 attention_scale=-1.0) + self.head_mismatches(cfg)
+                 attention_scale=-1.0, **_NO_GEMMA) + self._window_mismatches(cfg) + self.head_mismatches(cfg)
+
+  def _window_mismatches(self, cfg: ModelConfig) -> list[str]:
+    """Sliding windows: Qwen2 (q/k/v biases) windows the layers from max_window_layers on; otherwise Mistral (no
+    biases) windows every layer."""
+    windows = cfg.layer_windows()
+    if not any(windows):
+      return []
+    if self._qwen(cfg):
+      first = windows.index(cfg.sliding_window)
+      if all(windows[first:]):
+        return []
+      return [f'model.sliding_window_pattern={cfg.sliding_window_pattern!r} (Qwen2 needs global layers, then '
+              f'windowed ones: G...GL...L)']
+    bad = [] if all(windows) else [f'model.sliding_window_pattern={cfg.sliding_window_pattern!r} (Mistral windows '
+                                   'every layer: L)']
+    return bad + _want(cfg, use_bias=False, qkv_bias=False)
 
   def class_name_for(self, cfg: ModelConfig) -> str:
-    return 'Qwen2' if self._qwen(cfg) else 'Llama'
+    if self._qwen(cfg):
+      return 'Qwen2'
+    return 'Mistral' if cfg.sliding_window else 'Llama'
 
   @staticmethod
   def _qwen(cfg: ModelConfig) -> bool:
@@ -668,8 +721,15 @@ class Llama(Family):
            'max_position_embeddings': cfg.max_len, 'rms_norm_eps': cfg.norm_eps, 'rope_theta': cfg.rope_base,
            'attention_dropout': cfg.attention_dropout, 'tie_word_embeddings': cfg.tie_embeddings,
            **_rope_scaling_config(cfg)}
+    windows = cfg.layer_windows()
     if self._qwen(cfg):
-      return {**out, 'model_type': 'qwen2', 'use_sliding_window': False}
+      if not any(windows):
+        return {**out, 'model_type': 'qwen2', 'use_sliding_window': False}
+      return {**out, 'model_type': 'qwen2', 'use_sliding_window': True, 'sliding_window': cfg.sliding_window,
+              'max_window_layers': windows.index(cfg.sliding_window),
+              'layer_types': ['sliding_attention' if w else 'full_attention' for w in windows]}
+    if cfg.sliding_window:
+      return {**out, 'model_type': 'mistral', 'sliding_window': cfg.sliding_window}
     return {**out, 'attention_bias': cfg.use_bias, 'mlp_bias': cfg.use_bias}
 
   def tensors(self, cfg: ModelConfig) -> list[Rule]:
@@ -694,7 +754,130 @@ class Llama(Family):
     return rules
 
 
-FAMILY_CLASSES = (GPT2, Bert, T5, Llama)
+# Gemma's activation names (config.json hidden_act; Gemma 2: hidden_activation) -> model.mlp: a gated GELU
+_GEMMA_MLPS = {'gelu_pytorch_tanh': 'geglu', 'gelu_new': 'geglu', 'gelu_fast': 'geglu', 'gelu': 'geglu_exact'}
+_GEMMA_ACTIVATIONS = {'geglu': 'gelu_pytorch_tanh', 'geglu_exact': 'gelu'}  # inverse, for saving
+
+
+class Gemma(Llama):
+  """GemmaForCausalLM: Llama's layout and tensor names, with token embeddings scaled by sqrt(hidden_size)
+  (model.embed_scale), RMSNorm times (1 + weight) (model.norm=rms_plus_one), a gated GELU MLP (hidden_act:
+  gelu_pytorch_tanh -> geglu, gelu -> geglu_exact, as transformers 5.25 reads hidden_act), tied embeddings by
+  default and no biases."""
+  model_types = ('gemma',)
+  class_name = 'Gemma'
+  activation_key = 'hidden_act'  # Gemma 2 reads hidden_activation
+
+  def model_section(self, hf: dict) -> dict[str, Any]:
+    model_type = hf['model_type']
+    if hf.get('attention_bias'):
+      raise ConfigError(f'{model_type} attention_bias=true has no jaxformer counterpart.')
+    if hf.get('use_bidirectional_attention'):
+      raise ConfigError(f'{model_type} use_bidirectional_attention=true is not supported (causal attention only).')
+    act = hf.get(self.activation_key, 'gelu_pytorch_tanh')
+    if act not in _GEMMA_MLPS:
+      raise ConfigError(f'{model_type} {self.activation_key}={act!r} has no jaxformer counterpart; supported: '
+                        f'{", ".join(_GEMMA_MLPS)}.')
+    rope = _rope_parameters(hf)
+    heads = hf['num_attention_heads']
+    max_len = hf.get('max_position_embeddings', 8192)
+    return dict(arch='decoder_only', position='rope', norm='rms_plus_one', norm_position='pre', mlp=_GEMMA_MLPS[act],
+                num_layers=hf['num_hidden_layers'], num_heads=heads,
+                num_kv_heads=_get(hf, 'num_key_value_heads', default=heads), d_model=hf['hidden_size'],
+                d_ff=hf['intermediate_size'],
+                head_dim=_head_dim(_get(hf, 'head_dim', default=256), hf['hidden_size'], heads),
+                vocab_size=hf['vocab_size'], max_len=max_len, dropout=0.0,
+                attention_dropout=hf.get('attention_dropout', 0.0), use_bias=False, qkv_bias=False,
+                tie_embeddings=hf.get('tie_word_embeddings', True), norm_eps=hf.get('rms_norm_eps', 1e-6),
+                rope_base=rope.get('rope_theta', hf.get('rope_theta', 1e4)), init_std=hf.get('initializer_range', 0.02),
+                pad_id=-1, embed_scale=True, **_rope_scaling_section(hf, rope, max_len), **self.extra_section(hf),
+                **self.head_section(hf))
+
+  def extra_section(self, hf: dict) -> dict[str, Any]:
+    """The model keys of a later Gemma's own config.json settings (none for Gemma)."""
+    del hf
+    return {}
+
+  def mismatches(self, cfg: ModelConfig) -> list[str]:
+    return _want(cfg, arch='decoder_only', position='rope', norm='rms_plus_one', norm_position='pre',
+                 mlp=tuple(_GEMMA_ACTIVATIONS), output_scale=1.0, type_vocab_size=0, embed_norm=False,
+                 output_bias=False, attention_scale=-1.0, use_bias=False, qkv_bias=False, embed_scale=True,
+                 sliding_window=0, attention_softcap=0.0, logit_softcap=0.0) + self.head_mismatches(cfg)
+
+  def class_name_for(self, cfg: ModelConfig) -> str:
+    return self.class_name
+
+  def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
+    return {**_common(cfg), **self.head_config(cfg), 'model_type': self.model_types[0], 'hidden_size': cfg.d_model,
+            'intermediate_size': cfg.d_ff, 'num_hidden_layers': cfg.num_layers, 'num_attention_heads': cfg.num_heads,
+            'num_key_value_heads': cfg.num_kv_heads, 'head_dim': cfg.head_dim,
+            self.activation_key: _GEMMA_ACTIVATIONS[cfg.mlp], 'max_position_embeddings': cfg.max_len,
+            'rms_norm_eps': cfg.norm_eps, 'rope_theta': cfg.rope_base, 'attention_bias': False,
+            'attention_dropout': cfg.attention_dropout, 'tie_word_embeddings': cfg.tie_embeddings,
+            **_rope_scaling_config(cfg)}
+
+
+class Gemma2(Gemma):
+  """Gemma2ForCausalLM: Gemma, plus a norm on each sublayer's output (model.norm_position=sandwich:
+  post_attention_layernorm / post_feedforward_layernorm; pre_feedforward_layernorm is the MLP's input norm),
+  logits scaled by query_pre_attn_scalar ** -0.5 (model.attention_scale), attention and final logit soft-capping
+  (model.attention_softcap / logit_softcap) and sliding-window layers (layer_types; by default local, global, ...:
+  model.sliding_window_pattern=LG). Absent keys take Gemma2Config's defaults, as transformers does."""
+  model_types = ('gemma2',)
+  class_name = 'Gemma2'
+  activation_key = 'hidden_activation'
+
+  def model_section(self, hf: dict) -> dict[str, Any]:
+    return {**super().model_section(hf), 'norm_position': 'sandwich'}
+
+  def extra_section(self, hf: dict) -> dict[str, Any]:
+    layers = hf['num_hidden_layers']
+    types = hf.get('layer_types') or ['sliding_attention' if (i + 1) % 2 else 'full_attention' for i in range(layers)]
+    if set(types) - {'sliding_attention', 'full_attention'}:
+      raise ConfigError(f'gemma2 layer_types={types!r} has no jaxformer counterpart (full_attention and '
+                        'sliding_attention are supported).')
+    window = hf.get('sliding_window', 4096)
+    kinds = [t == 'sliding_attention' for t in types]
+    windowed = dict(sliding_window=int(window), sliding_window_pattern=_window_pattern(kinds)) if (
+        window and any(kinds)) else {}
+    return dict(attention_scale=float(hf.get('query_pre_attn_scalar', 256)) ** -0.5,
+                attention_softcap=float(hf.get('attn_logit_softcapping', 50.0) or 0.0),
+                logit_softcap=float(hf.get('final_logit_softcapping', 30.0) or 0.0), **windowed)
+
+  def mismatches(self, cfg: ModelConfig) -> list[str]:
+    return _want(cfg, arch='decoder_only', position='rope', norm='rms_plus_one', norm_position='sandwich',
+                 mlp=tuple(_GEMMA_ACTIVATIONS), output_scale=1.0, type_vocab_size=0, embed_norm=False,
+                 output_bias=False, use_bias=False, qkv_bias=False, embed_scale=True) + self.head_mismatches(cfg)
+
+  def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
+    scalar = cfg.head_dim if cfg.attention_scale == -1 else cfg.attention_scale ** -2
+    scalar = round(scalar) if abs(scalar - round(scalar)) < 1e-6 * scalar else scalar
+    windows = cfg.layer_windows()
+    return {**super().hf_config(cfg), 'query_pre_attn_scalar': scalar,
+            'sliding_window': cfg.sliding_window or None,
+            'layer_types': ['sliding_attention' if w else 'full_attention' for w in windows],
+            'attn_logit_softcapping': cfg.attention_softcap or None,
+            'final_logit_softcapping': cfg.logit_softcap or None}
+
+  def tensors(self, cfg: ModelConfig) -> list[Rule]:
+    rules = [same('model.embed_tokens.weight', 'embed.embedding'), *norm('model.norm', 'decoder.final_norm', False),
+             *self.head_tensors(cfg)]
+    for i in range(cfg.num_layers):
+      hf, ours = f'model.layers.{i}', f'decoder.blocks.{i}'
+      a = f'{hf}.self_attn'
+      rules += [*_attention_rules(cfg, f'{ours}.attn', f'{a}.q_proj', f'{a}.k_proj', f'{a}.v_proj', f'{a}.o_proj',
+                                  bias=False),
+                *norm(f'{hf}.input_layernorm', f'{ours}.attn_norm', False),
+                *norm(f'{hf}.post_attention_layernorm', f'{ours}.attn_post_norm', False),
+                *norm(f'{hf}.pre_feedforward_layernorm', f'{ours}.mlp_norm', False),
+                *norm(f'{hf}.post_feedforward_layernorm', f'{ours}.mlp_post_norm', False),
+                linear(f'{hf}.mlp.gate_proj.weight', f'{ours}.mlp.wi_gate'),
+                linear(f'{hf}.mlp.up_proj.weight', f'{ours}.mlp.wi'),
+                linear(f'{hf}.mlp.down_proj.weight', f'{ours}.mlp.wo')]
+    return rules
+
+
+FAMILY_CLASSES = (GPT2, Bert, T5, Llama, Gemma, Gemma2)
 FAMILIES: dict[str, Family] = {t: cls() for cls in FAMILY_CLASSES for t in cls.model_types}
 
 

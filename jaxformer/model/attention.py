@@ -21,12 +21,14 @@ Array = jax.Array
 
 def reference_attention(q: Array, k: Array, v: Array, mask: Array | None,
                         dropout: Callable[[Array], Array] | None = None, *, bias: Array | None = None,
-                        scale: float | None = None, return_probs: bool = False) -> Array | tuple[Array, Array]:
+                        scale: float | None = None, softcap: float | None = None,
+                        return_probs: bool = False) -> Array | tuple[Array, Array]:
   """Plain-jnp attention: the oracle for tests, and the path that can drop (or return) attention probabilities.
 
   bias: float, broadcastable to [B,N,T,S], added to the scaled logits (T5's relative positions). scale: the logit
-  scale, None = 1 / sqrt(head_dim). Query rows with no allowed key (padding) return zeros. return_probs: also the
-  float32 probabilities [B,N,T,S] (before dropout; 0 on masked keys, so a fully masked row is all 0).
+  scale, None = 1 / sqrt(head_dim). softcap: the logits (+ bias) become softcap * tanh(logits / softcap) before the
+  mask (Gemma 2's attn_logit_softcapping). Query rows with no allowed key (padding) return zeros. return_probs: also
+  the float32 probabilities [B,N,T,S] (before dropout; 0 on masked keys, so a fully masked row is all 0).
   """
   b, t, n, h = q.shape
   kv_heads = k.shape[2]
@@ -36,6 +38,8 @@ def reference_attention(q: Array, k: Array, v: Array, mask: Array | None,
   if bias is not None:
     bias = jnp.broadcast_to(bias, (b, bias.shape[1], t, k.shape[1])).astype(jnp.float32)
     logits = logits + (bias[:, :, None] if bias.shape[1] == 1 else bias.reshape(b, kv_heads, n // kv_heads, t, -1))
+  if softcap is not None:
+    logits = jnp.tanh(logits / softcap) * softcap
   if mask is not None:
     mask = _grouped_mask(mask, b, n, kv_heads, t, k.shape[1])
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
@@ -94,19 +98,23 @@ def resolve_implementation(implementation: str, dtype: Any, head_dim: int, q_len
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | SegmentMask | None, *,
                           implementation: str = 'xla', is_causal: bool = False, bias: Array | None = None,
-                          scale: float | None = None) -> Array:
+                          scale: float | None = None, softcap: float | None = None) -> Array:
   """`jax.nn.dot_product_attention` with the mask semantics of `reference_attention` (and its bias / scale).
 
   `is_causal` is a hint (the mask must already hold the causal part): the cuDNN kernel then skips the masked
-  upper triangle. Rows with no allowed key give zeros (jax would return the mean of v there).
+  upper triangle. Rows with no allowed key give zeros (jax would return the mean of v there). softcap (Gemma 2),
+  which jax.nn.dot_product_attention has no argument for: the chunked kernel where it runs, else the plain-jnp
+  reference (XLA fuses it as it would the xla implementation's).
   """
   if implementation == 'reference':
-    return reference_attention(q, k, v, dense_mask(mask), bias=bias, scale=scale)
+    return reference_attention(q, k, v, dense_mask(mask), bias=bias, scale=scale, softcap=softcap)
   requested = implementation
   implementation = resolve_implementation(implementation, q.dtype, q.shape[-1], q.shape[1], k.shape[1],
                                           has_bias=bias is not None)
   if implementation == 'chunked':
-    return chunked_attention(q, k, v, mask, bias=bias, scale=scale)
+    return chunked_attention(q, k, v, mask, bias=bias, scale=scale, softcap=softcap)
+  if softcap is not None:
+    return reference_attention(q, k, v, dense_mask(mask), bias=bias, scale=scale, softcap=softcap)
   mask = dense_mask(mask)
   full = lambda x: jnp.broadcast_to(x, (q.shape[0], x.shape[1], q.shape[1], k.shape[1]))  # noqa: E731
   if mask is not None:  # cuDNN wants the mask at full [T, S] size (it becomes an additive bias)
@@ -136,14 +144,34 @@ _NEG = float(jnp.finfo(jnp.float32).min)  # masked logits: finite, so a fully ma
 
 
 def segment_mask(q_segments: Array, kv_segments: Array, *, causal: bool, q_start: Any = 0,
-                 kv_start: Any = 0) -> Array:
-  """bool [B,T,S]: query t may attend key s iff their segment ids are equal and non-zero (and, causal, s <= t).
-  q_start / kv_start: the absolute index of the first query / key (a block inside the chunked kernel)."""
+                 kv_start: Any = 0, window: Any = None) -> Array:
+  """bool [B,T,S]: query t may attend key s iff their segment ids are equal and non-zero (and, causal, s <= t;
+  with a window, t - s < window). q_start / kv_start: the absolute index of the first query / key (a block inside
+  the chunked kernel)."""
   mask = (q_segments[:, :, None] == kv_segments[:, None, :]) & (q_segments[:, :, None] != 0)
+  t, s = q_segments.shape[1], kv_segments.shape[1]
   if causal:
-    t, s = q_segments.shape[1], kv_segments.shape[1]
     mask = mask & ((q_start + jnp.arange(t))[:, None] >= (kv_start + jnp.arange(s))[None, :])
+  if window is not None:
+    mask = mask & window_band(q_start + jnp.arange(t), kv_start + jnp.arange(s), window)
   return mask
+
+
+def window_band(q_index: Array, kv_index: Array, window: Any) -> Array:
+  """bool [T,S]: t - s < window (transformers' sliding_window_overlay, kv_idx > q_idx - window), the causal part
+  left to the mask. window <= 0 (a global layer's entry in a scanned stack's per-layer windows) allows every key.
+  Indices, not positions: within a packed segment they differ by the same amount, and segments never see each other."""
+  band = q_index[:, None] - kv_index[None, :] < window
+  return band if isinstance(window, int) else band | (window <= 0)
+
+
+def with_window(mask: Array | SegmentMask | None, window: Any) -> Array | SegmentMask | None:
+  """A self-attention mask [B,1|N,T,T] (or SegmentMask) limited to the window (a Python int > 0, or a traced
+  int32 scalar where <= 0 means none): query t keeps key s only if t - s < window."""
+  if isinstance(mask, SegmentMask):
+    return SegmentMask(mask.q_segments, mask.kv_segments, mask.causal, window)
+  t, s = mask.shape[-2:]
+  return mask & window_band(jnp.arange(t), jnp.arange(s), window)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -155,22 +183,24 @@ class SegmentMask:
   the blocks above the diagonal when causal). Every other kernel calls `dense()`.
   """
 
-  def __init__(self, q_segments: Array, kv_segments: Array, causal: bool):
-    self.q_segments, self.kv_segments, self.causal = q_segments, kv_segments, causal
+  def __init__(self, q_segments: Array, kv_segments: Array, causal: bool, window: Any = None):
+    """window: sliding-window attention (with_window), None = none."""
+    self.q_segments, self.kv_segments, self.causal, self.window = q_segments, kv_segments, causal, window
 
   def tree_flatten(self):
-    return (self.q_segments, self.kv_segments), self.causal
+    return (self.q_segments, self.kv_segments, self.window), self.causal
 
   @classmethod
   def tree_unflatten(cls, causal, children):
-    return cls(*children, causal)
+    q, kv, window = children
+    return cls(q, kv, causal, window)
 
   @property
   def shape(self) -> tuple[int, int, int, int]:
     return (self.q_segments.shape[0], 1, self.q_segments.shape[1], self.kv_segments.shape[1])
 
   def dense(self) -> Array:
-    return segment_mask(self.q_segments, self.kv_segments, causal=self.causal)[:, None]
+    return segment_mask(self.q_segments, self.kv_segments, causal=self.causal, window=self.window)[:, None]
 
 
 def dense_mask(mask: Array | SegmentMask | None) -> Array | None:
@@ -180,7 +210,7 @@ def dense_mask(mask: Array | SegmentMask | None) -> Array | None:
 
 def chunked_attention(q: Array, k: Array, v: Array, mask: Array | SegmentMask | None, *, bias: Array | None = None,
                       scale: float | None = None, block_q: int | None = None,
-                      block_kv: int | None = None) -> Array:
+                      block_kv: int | None = None, softcap: float | None = None) -> Array:
   """Flash-style attention in plain JAX: memory linear in T (no [T, S] scores, probabilities or mask are live).
 
   Queries go in blocks of block_q, keys/values in blocks of block_kv; each query block keeps a running max and sum
@@ -189,7 +219,7 @@ def chunked_attention(q: Array, k: Array, v: Array, mask: Array | SegmentMask | 
   key blocks above the diagonal in both passes. Same semantics as reference_attention: mask / bias broadcastable
   to [B,N,T,S] (bias added to the scaled logits, with gradient), GQA / MQA, rows with no allowed key give zeros.
   Lengths that are no multiple of the block are padded (padded keys masked, padded queries dropped). block_q /
-  block_kv: None = CHUNK.
+  block_kv: None = CHUNK. softcap: logits (+ bias) -> softcap * tanh(logits / softcap) before the mask (Gemma 2).
   """
   b, t, n, h = q.shape
   s, kv_heads = k.shape[1], k.shape[2]
@@ -198,15 +228,16 @@ def chunked_attention(q: Array, k: Array, v: Array, mask: Array | SegmentMask | 
   tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
   qg = _pad(q.reshape(b, t, kv_heads, n // kv_heads, h), 1, tp)
   k, v = _pad(k, 1, sp), _pad(v, 1, sp)
-  dense, q_seg, kv_seg, causal = None, None, None, False
+  dense, q_seg, kv_seg, causal, window = None, None, None, False, None
   if isinstance(mask, SegmentMask):  # padded ids are 0: padded keys and queries attend nothing
     q_seg, kv_seg, causal = _pad(mask.q_segments, 1, tp), _pad(mask.kv_segments, 1, sp), mask.causal
+    window = None if mask.window is None else jnp.asarray(mask.window, jnp.int32)
   elif mask is not None:
     mask = jnp.asarray(mask, bool)
     dense = _pad(_pad(jnp.broadcast_to(mask, mask.shape[:2] + (t, s)), 2, tp), 3, sp)
   if bias is not None:
     bias = _pad(_pad(jnp.broadcast_to(bias, bias.shape[:2] + (t, s)), 2, tp), 3, sp)
-  out = _flash(qg, k, v, bias, dense, q_seg, kv_seg, (scale, causal, bq, bk, s))
+  out = _flash(qg, k, v, bias, dense, q_seg, (kv_seg, window), (scale, causal, bq, bk, s, softcap))
   return out[:, :t].reshape(b, t, n, h)
 
 
@@ -226,35 +257,61 @@ def _grouped(x: Array, kv_heads: int) -> Array:
 
 
 def _block_logits_and_mask(qb, kb, bias, dense, q_seg, kv_seg, cfg, q0, k0):
-  """The scaled (+ bias) float32 logits [B,K,G,bq,bk] of one block, masked logits set to _NEG, and its mask."""
-  scale, causal, bq, bk, s_len = cfg
+  """The scaled (+ bias, soft-capped) float32 logits [B,K,G,bq,bk] of one block, masked logits set to _NEG, its mask,
+  and d capped / d uncapped (1 - tanh^2; None without a cap). kv_seg: (key segment ids or None, the sliding window
+  or None)."""
+  scale, causal, bq, bk, s_len, softcap = cfg
+  kv_seg, window = kv_seg
   kv_heads = kb.shape[2]
   logits = jnp.einsum('bqkgh,bskh->bkgqs', qb, kb, preferred_element_type=jnp.float32) * scale
   if bias is not None:
     block = jax.lax.dynamic_slice(bias, (0, 0, q0, k0), bias.shape[:2] + (bq, bk))
     logits = logits + _grouped(block, kv_heads).astype(jnp.float32)
+  capped = None
+  if softcap is not None:
+    capped = jnp.tanh(logits / softcap)
+    logits = capped * softcap
+    capped = 1.0 - jnp.square(capped)
   mask = None
   if dense is not None:
     mask = _grouped(jax.lax.dynamic_slice(dense, (0, 0, q0, k0), dense.shape[:2] + (bq, bk)), kv_heads)
   elif q_seg is not None:
     qs, ks = jax.lax.dynamic_slice_in_dim(q_seg, q0, bq, 1), jax.lax.dynamic_slice_in_dim(kv_seg, k0, bk, 1)
-    mask = segment_mask(qs, ks, causal=causal, q_start=q0, kv_start=k0)[:, None, None]
+    mask = segment_mask(qs, ks, causal=causal, q_start=q0, kv_start=k0, window=window)[:, None, None]
   elif s_len % bk:  # no mask, but padded keys
     mask = (k0 + jnp.arange(bk) < s_len)[None, None, None, None]
   if mask is not None:
     logits = jnp.where(mask, logits, _NEG)
-  return logits, mask
+  return logits, mask, capped
 
 
 def _kv_block_range(cfg, q0, num_kv_blocks):
   """Key blocks [0, hi) a query block starting at q0 can see: all, or (causal) those not above the diagonal."""
-  _, causal, bq, bk, _ = cfg
+  _, causal, bq, bk, _, _ = cfg
   return jnp.minimum(num_kv_blocks, (q0 + bq - 1) // bk + 1) if causal else num_kv_blocks
+
+
+def _kv_block_start(window, cfg, q0):
+  """The first key block a query block starting at q0 can see: 0, or (sliding window) the block of key
+  q0 - window + 1, the oldest its first query keeps (a window <= 0 is none)."""
+  if window is None:
+    return 0
+  bk = cfg[3]
+  return jnp.where(window > 0, jnp.maximum(0, q0 - window + 1) // bk, 0)
+
+
+def _q_block_end(window, cfg, k0, num_q_blocks):
+  """One past the last query block that sees key block k0 under a sliding window: its queries t < k0 + bk - 1 +
+  window (all blocks without one)."""
+  if window is None:
+    return num_q_blocks
+  _, _, bq, bk, _, _ = cfg
+  return jnp.where(window > 0, jnp.minimum(num_q_blocks, (k0 + bk + window - 2) // bq + 1), num_q_blocks)
 
 
 def _flash_forward(q, k, v, bias, dense, q_seg, kv_seg, cfg):
   """-> output [B,Tp,K,G,H] (q.dtype) and each row's logsumexp [B,K,G,Tp] (+inf for rows with no allowed key)."""
-  _, _, bq, bk, _ = cfg
+  _, _, bq, bk, _, _ = cfg
   b, tp, kv_heads, g, h = q.shape
   nq, nk = tp // bq, k.shape[1] // bk
 
@@ -267,7 +324,7 @@ def _flash_forward(q, k, v, bias, dense, q_seg, kv_seg, cfg):
       m, l, acc = state
       k0 = j * bk
       kb, vb = (jax.lax.dynamic_slice_in_dim(x, k0, bk, 1) for x in (k, v))
-      logits, mask = _block_logits_and_mask(qb, kb, bias, dense, q_seg, kv_seg, cfg, q0, k0)
+      logits, mask, _ = _block_logits_and_mask(qb, kb, bias, dense, q_seg, kv_seg, cfg, q0, k0)
       m_new = jnp.maximum(m, logits.max(-1))
       p = jnp.exp(logits - m_new[..., None])
       p = p if mask is None else jnp.where(mask, p, 0.0)
@@ -278,7 +335,8 @@ def _flash_forward(q, k, v, bias, dense, q_seg, kv_seg, cfg):
 
     init = (jnp.full((b, kv_heads, g, bq), _NEG, jnp.float32), jnp.zeros((b, kv_heads, g, bq), jnp.float32),
             jnp.zeros((b, kv_heads, g, bq, h), jnp.float32))
-    m, l, acc = jax.lax.fori_loop(0, _kv_block_range(cfg, q0, nk), kv_block, init)
+    m, l, acc = jax.lax.fori_loop(_kv_block_start(kv_seg[1], cfg, q0), _kv_block_range(cfg, q0, nk), kv_block,
+                                  init)
     has_key = l > 0
     o = acc / jnp.where(has_key, l, 1.0)[..., None]  # rows with no allowed key: acc is 0, so 0
     out = jax.lax.dynamic_update_slice_in_dim(out, jnp.moveaxis(o, 3, 1).astype(out.dtype), q0, 1)
@@ -303,7 +361,7 @@ def _flash_bwd(cfg, residuals, d_out):
   """FlashAttention-2's backward: per key block, over the query blocks that see it, recompute the probabilities
   from the saved logsumexp; dK / dV accumulate in the inner loop's carry, dQ and dBias in whole-length buffers."""
   q, k, v, bias, dense, q_seg, kv_seg, out, lse = residuals
-  scale, causal, bq, bk, _ = cfg
+  scale, causal, bq, bk, _, _ = cfg
   tp, sp = q.shape[1], k.shape[1]
   nq, nk = tp // bq, sp // bk
   # D = rowsum(dO * O): the softmax backward's per-row term
@@ -319,11 +377,12 @@ def _flash_bwd(cfg, residuals, d_out):
       q0 = i * bq
       qb, dob = (jax.lax.dynamic_slice_in_dim(x, q0, bq, 1) for x in (q, d_out))
       row_lse, row_delta = (jax.lax.dynamic_slice_in_dim(x, q0, bq, 3)[..., None] for x in (lse, delta))
-      logits, mask = _block_logits_and_mask(qb, kb, bias, dense, q_seg, kv_seg, cfg, q0, k0)
+      logits, mask, capped = _block_logits_and_mask(qb, kb, bias, dense, q_seg, kv_seg, cfg, q0, k0)
       p = jnp.exp(logits - row_lse)  # masked: exp(_NEG - lse) = 0; rows with no key: lse = inf -> 0
       dv_j = dv_j + jnp.einsum('bkgqs,bqkgh->bskh', p.astype(v.dtype), dob, preferred_element_type=jnp.float32)
       dp = jnp.einsum('bqkgh,bskh->bkgqs', dob, vb, preferred_element_type=jnp.float32)
-      ds = p * (dp - row_delta)  # d loss / d (scaled logits + bias)
+      ds = p * (dp - row_delta)  # d loss / d (scaled logits + bias), through the soft cap when there is one
+      ds = ds if capped is None else ds * capped
       if dbias is not None:
         g = ds.reshape(ds.shape[0], -1, bq, bk)
         g = g.sum(1, keepdims=True) if bias.shape[1] == 1 else g
@@ -338,7 +397,8 @@ def _flash_bwd(cfg, residuals, d_out):
 
     first = (k0 // bq) if causal else 0  # causal: query blocks that end before this key block see none of it
     zeros = jnp.zeros(kb.shape, jnp.float32)
-    dq, dk_j, dv_j, dbias = jax.lax.fori_loop(first, nq, q_block, (dq, zeros, zeros, dbias))
+    last = _q_block_end(kv_seg[1], cfg, k0, nq)
+    dq, dk_j, dv_j, dbias = jax.lax.fori_loop(first, last, q_block, (dq, zeros, zeros, dbias))
     dk = jax.lax.dynamic_update_slice_in_dim(dk, dk_j, k0, 1)
     return dq, dk, jax.lax.dynamic_update_slice_in_dim(dv, dv_j, k0, 1), dbias
 
@@ -364,6 +424,7 @@ class Attention(nnx.Module):
     d, n, kvh, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self.num_heads, self.num_kv_heads, self.head_dim = n, kvh, h
     self.scale = None if cfg.attention_scale == -1 else float(cfg.attention_scale)  # None: 1 / sqrt(head_dim)
+    self.softcap = float(cfg.attention_softcap) if cfg.attention_softcap else None  # Gemma 2
     self.dtype = jnp.dtype(cfg.dtype)
     self.implementation = cfg.attention_impl
     pdt, std = jnp.dtype(cfg.param_dtype), cfg.init_std
@@ -392,9 +453,16 @@ class Attention(nnx.Module):
 
   def __call__(self, x: Array, mask: Array | None, *, kv: tuple[Array, Array] | None = None,
                rope: tuple[Array, Array] | None = None, bias: Array | None = None, cache: dict | None = None,
-               cache_index: Array | None = None, causal: bool = False, deterministic: bool = True,
+               cache_index: Array | None = None, causal: bool = False, window: int = 0,
+               deterministic: bool = True,
                return_weights: bool = False) -> tuple[Array, dict | None] | tuple[Array, dict | None, Array]:
     """x [B,T,D] -> ([B,T,D], updated cache or None). bias: added to the logits, [B|1, N, T, S].
+
+    window > 0 with a cache: the cache is a ring buffer of R slots (a sliding-window layer decoding; R = the window,
+    or less when the whole cache is shorter), key slot s holding the newest token whose index is s mod R. The T
+    queries attend over [the R ring slots, then the T new keys] (`mask` [B,1,T,R+T] says which hold keys inside
+    each query's window), so a prefill longer than the window still sees every key it needs; then the newest
+    min(T, R) new keys/values are written into their ring slots.
 
     return_weights: also the attention probabilities [B,N,T,S] (float32), as a third element. Only the plain-jnp
     softmax materialises them, so this request runs reference_attention whatever model.attention_impl is (the
@@ -404,7 +472,16 @@ class Attention(nnx.Module):
     k, v = self.kv(x) if kv is None else kv
     if rope is not None:
       q, k = positions.apply_rope(q, *rope), positions.apply_rope(k, *rope)
-    if cache is not None:  # write the T new keys/values at each row's index, attend over the whole cache
+    if cache is not None and window:
+      ring, t = cache['k'].shape[1], k.shape[1]
+      newest = min(t, ring)
+      slots = (cache_index[:, None] + t - newest + jnp.arange(newest)) % ring  # distinct slots in each row
+      put = jax.vmap(lambda c, u, s: c.at[s].set(u.astype(c.dtype)))
+      new_cache = {'k': put(cache['k'], k[:, t - newest:], slots), 'v': put(cache['v'], v[:, t - newest:], slots)}
+      k = jnp.concatenate([cache['k'], k.astype(cache['k'].dtype)], axis=1)
+      v = jnp.concatenate([cache['v'], v.astype(cache['v'].dtype)], axis=1)
+      cache = new_cache
+    elif cache is not None:  # write the T new keys/values at each row's index, attend over the whole cache
       write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u.astype(c.dtype), i, axis=0))
       k, v = write(cache['k'], k, cache_index), write(cache['v'], v, cache_index)
       cache = {'k': k, 'v': v}
@@ -415,7 +492,7 @@ class Attention(nnx.Module):
       if not deterministic and self.attention_dropout.rate > 0:
         drop = lambda p: self.attention_dropout(p, deterministic=False)  # noqa: E731
       out = reference_attention(q, k, v, dense_mask(mask), dropout=drop, bias=bias, scale=self.scale,
-                                return_probs=return_weights)
+                                softcap=self.softcap, return_probs=return_weights)
       if return_weights:
         out, weights = out
     else:
@@ -425,7 +502,7 @@ class Attention(nnx.Module):
         # still goes chunked under auto, as without a cache)
         implementation = 'chunked' if implementation == 'auto' and _auto_chunked(q.shape[1], k.shape[1]) else 'xla'
       out = dot_product_attention(q, k, v, mask, implementation=implementation, is_causal=causal, bias=bias,
-                                  scale=self.scale)
+                                  scale=self.scale, softcap=self.softcap)
     w = self.out[...].astype(self.dtype)  # [N,H,D]
     out = out.reshape(*out.shape[:-2], -1)
     y = layers.matmul(out, w.reshape(-1, w.shape[-1]))

@@ -87,6 +87,11 @@ class ModelConfig:
   expert_d_ff: int  # 0 = d_ff
   capacity_factor: float
   moe_impl: str  # moe.IMPLEMENTATIONS
+  sliding_window: int  # 0 = off
+  embed_scale: bool  # token embeddings x sqrt(d_model) (Gemma)
+  attention_softcap: float  # 0 = off
+  logit_softcap: float  # 0 = off
+  sliding_window_pattern: str  # L / G per layer, repeated (layer_windows)
 
   def __post_init__(self):
     resolved = {'num_kv_heads': self.num_heads, 'num_decoder_layers': self.num_layers,
@@ -96,6 +101,13 @@ class ModelConfig:
         object.__setattr__(self, name, value)
     if not self.pooling:
       object.__setattr__(self, 'pooling', heads.DEFAULT_POOLING.get(self.arch, 'first'))
+
+  def layer_windows(self, num_layers: int | None = None) -> tuple[int, ...]:
+    """Each layer's attention window (0 = global): model.sliding_window where the repeated
+    model.sliding_window_pattern says L. num_layers: the stack's depth (default num_layers)."""
+    n = self.num_layers if num_layers is None else num_layers
+    pattern = self.sliding_window_pattern
+    return tuple(self.sliding_window if pattern[i % len(pattern)] == 'L' else 0 for i in range(n))
 
   @classmethod
   def from_config(cls, model: ml_collections.ConfigDict | ModelConfig) -> ModelConfig:
@@ -158,6 +170,11 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
   pad_id = model.pad_id
   if not isinstance(pad_id, int) or pad_id < -1:
     raise ConfigError(f'model.pad_id={pad_id!r} must be a token id >= 0, or -1 for no padding token.')
+  _validate_sliding_window(model)
+  for key in ('attention_softcap', 'logit_softcap'):
+    cap = model[key]
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap >= 0:
+      raise ConfigError(f'model.{key}={cap!r} must be a number > 0 (the tanh cap), or 0 for none.')
   check_fraction('model.dropout', model.dropout)
   check_fraction('model.attention_dropout', model.attention_dropout)
   _validate_moe(model)
@@ -220,6 +237,22 @@ def _validate_rope_scaling(model: ml_collections.ConfigDict) -> None:
     attention = model.rope_attention_factor
     if attention != -1 and not attention > 0:
       raise ConfigError(f'model.rope_attention_factor={attention!r} must be > 0, or -1 for the YaRN formula.')
+
+
+def _validate_sliding_window(model: ml_collections.ConfigDict) -> None:
+  """model.sliding_window / sliding_window_pattern: a window of causal self-attention (decoder_only), not with
+  T5's relative position bias (its cached key positions assume the whole cache)."""
+  window, pattern = model.sliding_window, model.sliding_window_pattern
+  check_positive('model.sliding_window', window, allow_zero=True)
+  if not isinstance(pattern, str) or not pattern or set(pattern) - {'L', 'G'}:
+    raise ConfigError(f'model.sliding_window_pattern={pattern!r} must be a non-empty string of L (windowed layer) and '
+                      'G (global layer), repeated over the layers, e.g. L (every layer) or LG (Gemma 2).')
+  if window and model.arch != 'decoder_only':
+    raise ConfigError(f'model.sliding_window={window} is supported for model.arch=decoder_only only (not '
+                      f'{model.arch}); set model.sliding_window=0.')
+  if window and model.position == 'relative':
+    raise ConfigError(f'model.sliding_window={window} does not combine with model.position=relative; use rope, '
+                      'learned or sinusoidal positions, or model.sliding_window=0.')
 
 
 def _divisors_near(n: int, target: int) -> int:

@@ -73,7 +73,21 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
 
 
-NORMS: dict[str, type[nnx.Module]] = {'layer': LayerNorm, 'rms': RMSNorm}
+class RMSNormPlusOne(RMSNorm):
+  """Gemma's RMSNorm: the scale is stored as an offset from 1 (multiplies by 1 + w, w initialised to 0), still in
+  float32 and cast to the compute dtype after the product, as transformers' GemmaRMSNorm."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    self.eps, self.dtype = cfg.norm_eps, jnp.dtype(cfg.dtype)
+    self.scale = param(rngs, zeros, (cfg.d_model,), ('embed',), jnp.dtype(cfg.param_dtype))
+
+  def __call__(self, x: Array) -> Array:
+    x = x.astype(jnp.float32)
+    y = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + self.eps)
+    return (y * (1.0 + self.scale[...].astype(jnp.float32))).astype(self.dtype)
+
+
+NORMS: dict[str, type[nnx.Module]] = {'layer': LayerNorm, 'rms': RMSNorm, 'rms_plus_one': RMSNormPlusOne}
 
 
 # -------------------------------------------------------------------------------------------------- mlp
@@ -90,7 +104,8 @@ MLPS: dict[str, MLPKind] = {
     'relu': MLPKind(jax.nn.relu),  # T5 v1.0
     'swiglu': MLPKind(jax.nn.silu, gated=True),  # silu(x W_gate) * (x W_in): Llama
     'gelu_exact': MLPKind(functools.partial(jax.nn.gelu, approximate=False)),  # erf GELU: BERT ('gelu' in HF)
-    'geglu': MLPKind(jax.nn.gelu, gated=True),  # tanh GELU, gated: T5 v1.1 ('gated-gelu')
+    'geglu': MLPKind(jax.nn.gelu, gated=True),  # tanh GELU, gated: T5 v1.1 ('gated-gelu'), Gemma
+    'geglu_exact': MLPKind(functools.partial(jax.nn.gelu, approximate=False), gated=True),  # erf GELU, gated
 }
 
 

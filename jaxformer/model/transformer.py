@@ -26,7 +26,7 @@ from flax import nnx
 from jaxformer import logical
 from jaxformer import heads
 from jaxformer.model import layers, moe, positions as positions_lib, scan
-from jaxformer.model.attention import Attention, SegmentMask, segment_mask, wants_segment_mask
+from jaxformer.model.attention import Attention, SegmentMask, segment_mask, wants_segment_mask, with_window
 from jaxformer.model.remat import REMATS  # model.remat's registry (remat.py), validated as transformer.REMATS
 
 if TYPE_CHECKING:  # annotations only: jaxformer.model.config imports this module for its registries
@@ -57,6 +57,22 @@ def attention_mask(q_segments: Array, kv_segments: Array, *, causal: bool,
   return segment_mask(q_segments, kv_segments, causal=causal)[:, None]
 
 
+def ring_mask(index: Array, valid: Array, real: Array, ring: int, window: int) -> Array:
+  """bool [B,1,T,R+T]: decoding T new tokens (key slots index .. index+T-1) in a sliding-window layer, which of
+  [its R ring slots, the T new keys] each new query attends: real keys s <= t with t - s < window.
+
+  Ring slot j holds the newest slot p < index with p = j mod R (none yet where that is negative); valid [B,L]
+  (already holding the new tokens) says which slots hold real tokens, real [B,T] which new tokens are."""
+  t = real.shape[1]
+  slots = index[:, None] + jnp.arange(t, dtype=jnp.int32)  # [B,T]
+  held = index[:, None] - 1 - (index[:, None] - 1 - jnp.arange(ring, dtype=jnp.int32)) % ring  # [B,R]
+  held_real = (held >= 0) & jnp.take_along_axis(valid, jnp.maximum(held, 0), axis=1)
+  k_slots = jnp.concatenate([held, slots], axis=1)
+  k_real = jnp.concatenate([held_real, real], axis=1)
+  distance = slots[:, :, None] - k_slots[:, None, :]
+  return (k_real[:, None, :] & (distance >= 0) & (distance < window) & real[:, :, None])[:, None]
+
+
 def real_tokens(tokens: Array, pad_id: int) -> Array:
   """bool, True where a token is not padding (pad_id -1: every token is real)."""
   return jnp.ones(tokens.shape, bool) if pad_id < 0 else tokens != pad_id
@@ -77,62 +93,81 @@ def _defaults(tokens: Array, segment_ids: Array | None, positions: Array | None,
 
 
 # ---------------------------------------------------------------------------------------------- block
-NORM_POSITIONS = ('pre', 'post')  # model.norm_position: norm on each sublayer's input, or after its residual sum
+# model.norm_position: norm on each sublayer's input, or after its residual sum, or (sandwich, Gemma 2) on both the
+# sublayer's input and its output before the residual sum
+NORM_POSITIONS = ('pre', 'post', 'sandwich')
 
 
 class Block(nnx.Module):
-  """Self-attention [+ cross-attention] + MLP, each a residual sublayer; pre-LN or post-LN."""
+  """Self-attention [+ cross-attention] + MLP, each a residual sublayer; pre-LN, post-LN or sandwich."""
 
   def __init__(self, cfg: ModelConfig, *, cross: bool, out_std: float, rngs: nnx.Rngs, routed: bool = False):
     """routed: the MLP is a mixture of experts (moe.MoE; moe.is_moe_layer says which blocks)."""
     norm = layers.NORMS[cfg.norm]
-    self.pre_norm = cfg.norm_position == 'pre'
+    self.pre_norm = cfg.norm_position in ('pre', 'sandwich')
     self.attn_norm, self.attn = norm(cfg, rngs=rngs), Attention(cfg, out_std=out_std, rngs=rngs)
     self.cross_norm = norm(cfg, rngs=rngs) if cross else None
     self.cross_attn = Attention(cfg, out_std=out_std, rngs=rngs) if cross else None
     self.mlp_norm = norm(cfg, rngs=rngs)
     self.mlp = (moe.MoE if routed else layers.MLP)(cfg, out_std=out_std, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+    if cfg.norm_position == 'sandwich':  # a norm on each sublayer's output too (Gemma 2's post_*_layernorm)
+      self.attn_post_norm, self.mlp_post_norm = norm(cfg, rngs=rngs), norm(cfg, rngs=rngs)
+      self.cross_post_norm = norm(cfg, rngs=rngs) if cross else None
 
   def _in(self, norm, x: Array) -> Array:
     return norm(x) if self.pre_norm else x
 
-  def _out(self, norm, x: Array, y: Array, deterministic: bool) -> Array:
-    """The residual connection: pre-LN x + y; post-LN norm(x + y) (dropout on y)."""
+  def _out(self, norm, x: Array, y: Array, deterministic: bool, post_norm=None) -> Array:
+    """The residual connection: pre-LN x + y; post-LN norm(x + y); sandwich x + post_norm(y) (dropout on y)."""
+    if post_norm is not None:
+      y = post_norm(y)
     x = x + self.dropout(y, deterministic=deterministic)
     return x if self.pre_norm else norm(x)
+
+  def _post(self, name: str):
+    """The sublayer's output norm under norm_position=sandwich, else None."""
+    return getattr(self, f'{name}_post_norm', None)
 
   def __call__(self, x: Array, mask: Array, *, rope=None, bias: Array | None = None, causal: bool = False,
                encoded: Array | None = None,
                cross_kv: tuple[Array, Array] | None = None, cross_mask: Array | None = None,
-               cache: dict | None = None, cache_index: Array | None = None, deterministic: bool = True,
+               cache: dict | None = None, cache_index: Array | None = None, window: Any = 0,
+               deterministic: bool = True,
                return_intermediates: bool = False) -> tuple[Array, dict | None] | tuple[Array, dict | None, dict]:
     """x [B,T,D] -> (x, updated self-attention cache or None). Cross-attention reads `cross_kv` when given
-    (decoding), else projects `encoded`. return_intermediates: a third element {'self_attention' [B,N,T,T]
-    (+ 'cross_attention' [B,N,T,S])}, the attention probabilities (Attention's return_weights)."""
+    (decoding), else projects `encoded`. window: this layer's sliding window (model.sliding_window; 0 = none; a
+    traced int32 in a scanned stack, <= 0 = none): without a cache it narrows `mask`; with one (a Python int) the
+    cache is the layer's ring buffer and `mask` already covers [ring, new keys] (Stack). return_intermediates: a
+    third element {'self_attention' [B,N,T,T] (+ 'cross_attention' [B,N,T,S])}, the attention probabilities
+    (Attention's return_weights)."""
+    if cache is None and not (isinstance(window, int) and window == 0):
+      mask = with_window(mask, window)
     weights = {}  # return_intermediates: the probabilities each attention returns as its third element
     out = self.attn(self._in(self.attn_norm, x), mask, rope=rope, bias=bias, cache=cache, cache_index=cache_index,
-                    causal=causal, deterministic=deterministic, return_weights=return_intermediates)
+                    causal=causal, window=window if cache is not None else 0, deterministic=deterministic,
+                    return_weights=return_intermediates)
     y, cache = out[0], out[1]
     if return_intermediates:
       weights['self_attention'] = out[2]
-    x = self._out(self.attn_norm, x, y, deterministic)
+    x = self._out(self.attn_norm, x, y, deterministic, self._post('attn'))
     if self.cross_attn is not None:
       kv = cross_kv if cross_kv is not None else self.cross_attn.kv(encoded)
       out = self.cross_attn(self._in(self.cross_norm, x), cross_mask, kv=kv, deterministic=deterministic,
                             return_weights=return_intermediates)
       if return_intermediates:
         weights['cross_attention'] = out[2]
-      x = self._out(self.cross_norm, x, out[0], deterministic)
-    x = self._out(self.mlp_norm, x, self.mlp(self._in(self.mlp_norm, x)), deterministic)
+      x = self._out(self.cross_norm, x, out[0], deterministic, self._post('cross'))
+    x = self._out(self.mlp_norm, x, self.mlp(self._in(self.mlp_norm, x)), deterministic, self._post('mlp'))
     if return_intermediates:
       return x, cache, weights
     return x, cache
 
 
-def _block_forward(block: Block, x, mask, rope, bias, encoded, cross_mask, causal: bool, deterministic: bool):
+def _block_forward(block: Block, x, mask, rope, bias, encoded, cross_mask, causal: bool, deterministic: bool,
+                   window: int):
   return block(x, mask, rope=rope, bias=bias, causal=causal, encoded=encoded, cross_mask=cross_mask,
-               deterministic=deterministic)[0]
+               window=window, deterministic=deterministic)[0]
 
 
 class Stack(nnx.Module):
@@ -141,6 +176,8 @@ class Stack(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, num_layers: int, *, causal: bool, cross: bool, rngs: nnx.Rngs):
     self.causal, self.remat = causal, cfg.remat
+    # each layer's sliding window (0 = global); static, so an unwindowed model builds the program it always did
+    self.windows = cfg.layer_windows(num_layers) if causal and not cross else (0,) * num_layers
     self.positions = positions_lib.POSITIONS[cfg.position](cfg, rngs=rngs)
     self.embed_norm = layers.NORMS[cfg.norm](cfg, rngs=rngs) if cfg.embed_norm else None
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
@@ -152,13 +189,15 @@ class Stack(nnx.Module):
       self.blocks = scan.ScannedBlocks(make_block, num_layers, rngs=rngs)
     else:
       self.blocks = nnx.List([make_block(rngs, i) for i in range(num_layers)])
-    self.final_norm = layers.NORMS[cfg.norm](cfg, rngs=rngs) if cfg.norm_position == 'pre' else None
+    self.final_norm = layers.NORMS[cfg.norm](cfg, rngs=rngs) if cfg.norm_position != 'post' else None
 
   def __call__(self, x: Array, positions: Array, mask: Array, *, encoded: Array | None = None,
                cross_mask: Array | None = None, cross_kv: tuple | None = None, cache: tuple | None = None,
                cache_index: Array | None = None, deterministic: bool = True, keep_prompt: bool = False,
+               ring_mask: Array | None = None,
                return_intermediates: bool = False) -> tuple[Array, tuple | None] | tuple[Array, tuple | None, dict]:
-    """x: token embeddings [B,T,D] -> hidden states [B,T,D] (and the updated per-layer caches).
+    """x: token embeddings [B,T,D] -> hidden states [B,T,D] (and the updated per-layer caches). ring_mask:
+    decoding with sliding-window layers, their mask over [ring slots, new keys] (ring_mask()).
 
     A soft prompt (peft.method=prompt) is prepended without a cache and its outputs dropped unless keep_prompt
     (the encoder of encoder_decoder: [B, n+T, D]); with a cache it already sits in the first slots (prefill_prompt).
@@ -181,22 +220,24 @@ class Stack(nnx.Module):
     bias = self.positions.bias(positions, k_positions, bidirectional=not self.causal)
     strip = prompt if prepended and not keep_prompt else None
     if self.scanned:
+      windowed = {} if not any(self.windows) else {'windows': self.windows, 'ring_mask': ring_mask}
       out = self.blocks(x, mask=mask, rope=rope, bias=bias, causal=self.causal, encoded=encoded,
                         cross_kv=cross_kv, cross_mask=cross_mask, cache=cache, cache_index=cache_index,
                         deterministic=deterministic, remat='none' if return_intermediates else self.remat,
-                        return_intermediates=return_intermediates)
+                        return_intermediates=return_intermediates, **windowed)
       return (self._finish(out[0], strip),) + tuple(out[1:])
     new_cache, per_layer = [], []
     remat = REMATS[self.remat] if cache is None and not return_intermediates else None
     for i, block in enumerate(self.blocks):
+      window = self.windows[i]
       if remat is not None:
-        x = nnx.remat(_block_forward, static_argnums=(7, 8), policy=remat.policy)(
-            block, x, mask, rope, bias, encoded, cross_mask, self.causal, deterministic)
+        x = nnx.remat(_block_forward, static_argnums=(7, 8, 9), policy=remat.policy)(
+            block, x, mask, rope, bias, encoded, cross_mask, self.causal, deterministic, window)
         x = logical.constrain(x, logical.HIDDEN)
         continue
-      out = block(x, mask, rope=rope, bias=bias, causal=self.causal, encoded=encoded,
-                  cross_kv=None if cross_kv is None else cross_kv[i], cross_mask=cross_mask,
-                  cache=None if cache is None else cache[i], cache_index=cache_index,
+      out = block(x, ring_mask if window and cache is not None else mask, rope=rope, bias=bias, causal=self.causal,
+                  encoded=encoded, cross_kv=None if cross_kv is None else cross_kv[i], cross_mask=cross_mask,
+                  cache=None if cache is None else cache[i], cache_index=cache_index, window=window,
                   deterministic=deterministic, return_intermediates=return_intermediates)
       x = logical.constrain(out[0], logical.HIDDEN)
       new_cache.append(out[1])
@@ -241,14 +282,25 @@ class Stack(nnx.Module):
     return isinstance(self.blocks, scan.ScannedBlocks)
 
   def _cache_len(self, cache: Any) -> int:
-    k = cache['k'] if self.scanned else cache[0]['k']
-    return k.shape[scan.CACHE_LAYER_AXIS + 1 if self.scanned else 1]
+    """Slots of the whole cache (a global layer's; with every layer windowed, its ring's, which no caller then
+    reads: relative positions and soft prompts, its readers, refuse model.sliding_window)."""
+    if self.scanned:
+      return cache['k' if 'k' in cache else 'ring_k'].shape[scan.CACHE_LAYER_AXIS + 1]
+    return max(layer['k'].shape[1] for layer in cache)
+
+  def ring_size(self, cache_len: int) -> int:
+    """Slots of a sliding-window layer's ring buffer: its window, or the whole cache when that is shorter."""
+    return min(max(self.windows), cache_len)
 
   def empty_cache(self, shape: tuple[int, ...], dtype: Any) -> Any:
-    """Zero self-attention keys/values [B,S,K,H] per layer: a tuple of {'k','v'}, or stacked [B,L,S,K,H]."""
+    """Zero self-attention keys/values [B,S,K,H] per layer: a tuple of {'k','v'}, or stacked [B,L,S,K,H].
+    Sliding-window layers get [B,R,K,H] ring buffers (ring_size; scanned: stacked 'ring_k' / 'ring_v'
+    [B,windowed layers,R,K,H] beside the global layers' 'k' / 'v')."""
     if self.scanned:
-      return self.blocks.empty_cache(shape, dtype)
-    return tuple({'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)} for _ in self.blocks)
+      return self.blocks.empty_cache(shape, dtype, self.windows, self.ring_size(shape[1]) if any(self.windows) else 0)
+    ring = (shape[0], self.ring_size(shape[1]) if any(self.windows) else 0, *shape[2:])
+    return tuple({'k': jnp.zeros(ring if w else shape, dtype), 'v': jnp.zeros(ring if w else shape, dtype)}
+                 for w in self.windows)
 
   def cross_cache(self, encoded: Array) -> Any:
     """Every layer's cross-attention keys/values of `encoded`: a tuple of {'k','v'}, or stacked [B,L,S,K,H]."""
@@ -306,8 +358,11 @@ class _Model(nnx.Module):
     return attention_mask(q_segments, kv_segments, causal=causal, lazy=lazy)
 
   def embed_tokens(self, tokens: Array, token_type_ids: Array | None = None) -> Array:
-    """Token embeddings [B,T,D], plus the token-type embedding (type 0 where token_type_ids is None)."""
+    """Token embeddings [B,T,D] (times sqrt(d_model) with model.embed_scale, the factor rounded to the compute
+    dtype as Gemma's normalizer is), plus the token-type embedding (type 0 where token_type_ids is None)."""
     x = self.embed(tokens)
+    if self.config.embed_scale:
+      x = x * jnp.asarray(self.config.d_model ** 0.5, x.dtype)
     if self.token_type_embedding is None:
       return x
     table = self.token_type_embedding[...]
@@ -315,11 +370,14 @@ class _Model(nnx.Module):
     return x + types.astype(x.dtype)
 
   def logits(self, h: Array) -> Array:
-    """Hidden states -> float32 logits [B,T,V] (h scaled by model.output_scale first: T5 v1.0's d_model**-0.5)."""
+    """Hidden states -> float32 logits [B,T,V] (h scaled by model.output_scale first: T5 v1.0's d_model**-0.5;
+    soft-capped last with model.logit_softcap: Gemma 2's final_logit_softcapping)."""
     if self.config.output_scale != 1.0:
       h = h * self.config.output_scale
     logits = self.embed.attend(h) if self.unembed is None else self.unembed(h)
     logits = logits if self.output_bias is None else logits + self.output_bias[...].astype(jnp.float32)
+    if self.config.logit_softcap:
+      logits = jnp.tanh(logits / self.config.logit_softcap) * self.config.logit_softcap
     return logical.constrain(logits, logical.LOGITS)
 
   def outputs(self, h: Array, segment_ids: Array, deterministic: bool) -> Array:
@@ -369,6 +427,8 @@ class _Model(nnx.Module):
     valid = write(cache['valid'], real, index)
     mask = ((jnp.arange(max_len)[None, None, :] <= slots[:, :, None]) & valid[:, None, :]
             & real[:, :, None])[:, None]
+    if any(stack.windows):
+      cross['ring_mask'] = ring_mask(index, valid, real, stack.ring_size(max_len), max(stack.windows))
     h, new_self = stack(self.embed_tokens(tokens), positions, mask, cache=cache['self'], cache_index=index, **cross)
     return self.logits(h), {**cache, 'index': index + t, 'valid': valid, 'self': new_self}
 

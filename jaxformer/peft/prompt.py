@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxformer.errors import check_positive
+from jaxformer.errors import ConfigError, check_positive
 from jaxformer.model import layers
 from jaxformer.peft.params import PromptParam, new_param
 
@@ -32,6 +32,9 @@ Array = jax.Array
 
 def validate(peft: Any, model: Any) -> None:
   check_positive('peft.num_prompt_tokens', peft.num_prompt_tokens)
+  if model.sliding_window:  # the prompt's slots would fall out of the window and the ring buffer
+    raise ConfigError(f'peft.method=prompt does not combine with model.sliding_window={model.sliding_window}; '
+                      'use peft.method=lora (or another method), or model.sliding_window=0.')
 
 
 class SoftPrompt(nnx.Module):
