@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -656,27 +655,49 @@ def cut_at_eos(ids: Sequence[int], eos_id: int) -> list[int]:
   return ids[:ids.index(eos_id)] if eos_id in ids else ids
 
 
+def decode_batches(model: nnx.Module, settings: DecodeSettings, *, prompts: Sequence[Sequence[int]] | None = None,
+                   sources: Sequence[Sequence[int]] | None = None, source_width: int = 0,
+                   rng: jax.Array | None = None, batch_size: int = 32, model_max_len: int | None = None,
+                   batch_sharding: jax.sharding.Sharding | None = None,
+                   stop_tokens: Any = None) -> list[list[list[int]]]:
+  """Token lists in (decoder_only prompts, BOS included, or encoder_decoder sources), per input
+  settings.num_return_sequences token lists out, each cut before its first EOS. Batches of batch_size inputs; the
+  key of the batch starting at input i is fold_in(rng, i); sources are right-padded to at least source_width.
+  Call inside the mesh's context when batch_sharding is given."""
+  rng = jax.random.key(0) if rng is None else rng
+  n = len(prompts if prompts is not None else sources)
+  bs = max(1, int(batch_size))
+  out: list[list[list[int]]] = []
+  for start in range(0, n, bs):
+    prompt = lengths = src = None
+    if prompts is not None:
+      prompt, lengths = pad_prompts(prompts[start:start + bs])
+    if sources is not None:
+      chunk = sources[start:start + bs]
+      src = np.zeros((len(chunk), max([source_width] + [len(ids) for ids in chunk])), np.int32)
+      for row, ids in enumerate(chunk):
+        src[row, :len(ids)] = ids
+    seqs = decode_sequences(model, settings, prompt, prompt_lengths=lengths, src_tokens=src,
+                            rng=jax.random.fold_in(rng, start), model_max_len=model_max_len,
+                            batch_sharding=batch_sharding, stop_tokens=stop_tokens)
+    out.extend([cut_at_eos(seq, settings.eos_id) for seq in row] for row in seqs)
+  return out
+
+
 def generate_texts(model: nnx.Module, tokenizer: Any, prompts: Sequence[Sequence[int]], settings: DecodeSettings, *,
                    stop: Sequence[str] | None = None, rng: jax.Array | None = None, batch_size: int = 32,
                    model_max_len: int | None = None,
                    batch_sharding: jax.sharding.Sharding | None = None) -> list[list[str]]:
   """decoder_only prompts (token lists, BOS included) -> per prompt settings.num_return_sequences completions as
   text: cut at EOS, decoded by `tokenizer` (encode / decode), then cut before the first stop string. stop: the
-  stop strings of this call (None: settings.stop's); their token sequences also end rows early. Batches of
-  batch_size prompts, the key of the batch starting at prompt i is fold_in(rng, i). settings.max_len is the
-  budget of new tokens (dataclasses.replace it per call). Call inside the mesh's context when batch_sharding is
-  given. This is the call a harness needs: prompts, stop strings and a token budget in, texts out."""
+  stop strings of this call (None: settings.stop's); their token sequences also end rows early. Batches as
+  decode_batches. settings.max_len is the budget of new tokens (dataclasses.replace it per call). This is the call
+  a harness needs: prompts, stop strings and a token budget in, texts out."""
   stop = settings.stop_strings if stop is None else tuple(s for s in stop if s)
-  patterns = stop_token_patterns(tokenizer, stop) if stop else None
-  rng = jax.random.key(0) if rng is None else rng
-  out: list[list[str]] = []
-  for start in range(0, len(prompts), max(1, batch_size)):
-    tokens, lengths = pad_prompts(prompts[start:start + batch_size])
-    seqs = decode_sequences(model, settings, tokens, prompt_lengths=lengths, rng=jax.random.fold_in(rng, start),
-                            model_max_len=model_max_len, batch_sharding=batch_sharding, stop_tokens=patterns)
-    out.extend([cut_at_stop(tokenizer.decode(cut_at_eos(seq, settings.eos_id)), stop) for seq in row]
-               for row in seqs)
-  return out
+  seqs = decode_batches(model, settings, prompts=prompts, rng=rng, batch_size=batch_size, model_max_len=model_max_len,
+                        batch_sharding=batch_sharding,
+                        stop_tokens=stop_token_patterns(tokenizer, stop) if stop else None)
+  return [[cut_at_stop(tokenizer.decode(seq), stop) for seq in row] for row in seqs]
 
 
 def _batch_shards(sharding: jax.sharding.Sharding) -> int:

@@ -73,9 +73,8 @@ class ContinuationScorer:
                encoder_decoder: bool = False, src_len: int = 0, decoder_start_id: int = 0):
     self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
     self.mesh, self.rules = mesh, rules
-    shards = shd.batch_shards(mesh, rules)
-    self.shards = shards
-    self.batch_size = -(-max(1, int(batch_size)) // shards) * shards  # a multiple of the devices rows split over
+    self.shards = shd.batch_shards(mesh, rules)
+    self.batch_size = shd.round_to_shards(batch_size, mesh, rules)  # a multiple of the devices rows split over
     self.max_len, self.src_len = int(max_len), int(src_len or max_len)
     self.encoder_decoder, self.decoder_start_id = encoder_decoder, int(decoder_start_id)
     self.shapes: set[tuple[int, ...]] = set()  # the (batch, length[, source length]) programs used so far

@@ -275,6 +275,32 @@ def _present(axes: Any, mesh: Mesh) -> Any:
   return None if not kept else kept if isinstance(axes, tuple) else kept[0]
 
 
+def round_to_shards(size: int, mesh: Mesh, rules: Rules) -> int:
+  """The smallest multiple of the batch shards that holds `size` rows (at least one)."""
+  shards = batch_shards(mesh, rules)
+  return -(-max(1, int(size)) // shards) * shards
+
+
+def map_batches(fn: Any, rows: Mapping[str, np.ndarray], batch_size: int, mesh: Mesh, rules: Rules, *,
+                filler: Mapping[str, np.ndarray] | None = None) -> np.ndarray | None:
+  """fn(sharded batch) -> per-row outputs, over `rows` ([N, ...] host arrays, one process) in batches of batch_size
+  rows (rounded up to the batch shards), inside the mesh's context. The last batch is filled up with `filler` (one
+  row per key; default zeros), so one compiled shape serves every batch. -> the real rows' outputs concatenated
+  (numpy), None when there are no rows."""
+  size = round_to_shards(batch_size, mesh, rules)
+  n = len(next(iter(rows.values())))
+  out = []
+  with mesh_context(mesh, rules):
+    for start in range(0, n, size):
+      chunk = {k: v[start:start + size] for k, v in rows.items()}
+      real = len(next(iter(chunk.values())))
+      if real < size:
+        chunk = {k: np.concatenate([v, np.repeat(filler[k][None] if filler else np.zeros((1,) + v.shape[1:], v.dtype),
+                                                 size - real, axis=0)]) for k, v in chunk.items()}
+      out.append(np.asarray(jax.device_get(fn(shard_batch(chunk, mesh, rules))))[:real])
+  return np.concatenate(out) if out else None
+
+
 def data_layout(mesh: Mesh, rules: Rules, global_batch: int) -> DataLayout:
   """Which rows of each global batch this process feeds: shard shard_index of num_shards equal slices.
 

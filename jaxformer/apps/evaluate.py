@@ -36,6 +36,7 @@ the training run. Parameters are read by training/state.py, the same path export
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -238,32 +239,16 @@ def _decode_sequences(r: Restored, *, prompts: Sequence[Sequence[int]] | None = 
                       stop: Sequence[str] | None = None) -> list[list[list[int]]]:
   """Like _decode_batches -> per input `returned` (default decode.num_return_sequences) token lists. stop: the
   stop strings whose tokens end a row early (default decode.stop's; the text cut is the caller's)."""
-  config = r.config
-  settings = decode_settings(config)
+  settings = decode_settings(r.config)
   if returned is not None:
     settings = dataclasses.replace(settings, num_return_sequences=returned)
   stop = settings.stop_strings if stop is None else tuple(stop)
-  patterns = decoding.stop_token_patterns(r.tokenizer, stop) if stop else None
-  sharding = shd.batch_sharding(r.mesh, r.rules, 1)
-  rng = jax.random.key(int(config.seed))
-  n = len(prompts if prompts is not None else sources)
-  bs = max(1, int(config.decode.batch_size))
-  out: list[list[list[int]]] = []
   with shd.mesh_context(r.mesh, r.rules):
-    for start in range(0, n, bs):
-      prompt = lengths = src = None
-      if prompts is not None:
-        prompt, lengths = decoding.pad_prompts(prompts[start:start + bs])
-      if sources is not None:
-        width = max([config.data.src_seq_len] + [len(ids) for ids in sources[start:start + bs]])
-        src = np.zeros((min(bs, n - start), width), np.int32)
-        for row, ids in enumerate(sources[start:start + bs]):
-          src[row, :len(ids)] = ids
-      tokens = decoding.decode_sequences(r.model, settings, prompt, prompt_lengths=lengths, src_tokens=src,
-                                         rng=jax.random.fold_in(rng, start), model_max_len=config.model.max_len,
-                                         batch_sharding=sharding, stop_tokens=patterns)
-      out.extend([decoding.cut_at_eos(seq, settings.eos_id) for seq in row] for row in tokens)
-  return out
+    return decoding.decode_batches(
+        r.model, settings, prompts=prompts, sources=sources, source_width=r.config.data.src_seq_len,
+        rng=jax.random.key(int(r.config.seed)), batch_size=r.config.decode.batch_size,
+        model_max_len=r.config.model.max_len, batch_sharding=shd.batch_sharding(r.mesh, r.rules, 1),
+        stop_tokens=decoding.stop_token_patterns(r.tokenizer, stop) if stop else None)
 
 
 def translate_texts(r: Restored, texts: Sequence[str]) -> tuple[list[str], int]:
@@ -587,18 +572,21 @@ def score(r: Restored, q: Request) -> dict[str, Any]:
   return results
 
 
-def embedding_rows(r: Restored, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, int]:
-  """Texts framed as the model reads a whole text -> (tokens [N, L], segment ids [N, L], how many were cut): a
-  decoder_only prompt (BOS + text), an encoder_only document ([CLS] text [SEP] / BOS text EOS), an encoder_decoder
-  source (text + EOS), each cut to the data section's length for that input."""
-  tok, arch, data = r.tokenizer, r.config.model.arch, r.config.data
-  length = int(data.src_seq_len if arch == 'encoder_decoder' else data.seq_len)
+def whole_text_ids(tok: data_lib.Tokenizer, arch: str, text: str) -> list[int]:
+  """A whole text framed as the model reads one: a decoder_only prompt (BOS + text), an encoder_only document
+  ([CLS] text [SEP] / BOS text EOS), an encoder_decoder source (text + EOS)."""
   if arch == 'decoder_only':
-    rows = [tok.prompt(tok.encode(t)) for t in texts]
-  elif arch == 'encoder_only':
-    rows = [tok.document(tok.encode(t)).tolist() for t in texts]
-  else:
-    rows = [tok.source(tok.encode(t)).tolist() for t in texts]
+    return tok.prompt(tok.encode(text))
+  framed = tok.document(tok.encode(text)) if arch == 'encoder_only' else tok.source(tok.encode(text))
+  return [int(i) for i in framed]
+
+
+def embedding_rows(r: Restored, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, int]:
+  """Texts framed as the model reads a whole text (whole_text_ids) -> (tokens [N, L], segment ids [N, L], how many
+  were cut), each cut to the data section's length for that input."""
+  arch, data = r.config.model.arch, r.config.data
+  length = int(data.src_seq_len if arch == 'encoder_decoder' else data.seq_len)
+  rows = [whole_text_ids(r.tokenizer, arch, t) for t in texts]
   cut = sum(len(ids) > length for ids in rows)
   tokens = np.zeros((len(rows), length), np.int32)
   segments = np.zeros((len(rows), length), np.int32)
@@ -616,11 +604,22 @@ def embed_texts(r: Restored, texts: Sequence[str]) -> np.ndarray:
   if cut:
     _warn(f'{cut} of {len(texts)} texts are longer than the model reads at once (data.seq_len / src_seq_len) and were '
           'cut before embedding.')
-  decode, arch = r.config.decode, r.config.model.arch
-  pool = heads.POOLINGS[decode.embed_pooling]
+  decode = r.config.decode
   graphdef, params, rest = step_lib.split_model(r.model)
+  fn = _jitted_embeddings(graphdef, r.config.model.arch, str(decode.embed_pooling), bool(decode.embed_normalize))
+  filler = {'tokens': np.zeros(tokens.shape[1:], np.int32), 'segments': np.eye(1, tokens.shape[1], dtype=np.int32)[0]}
+  out = shd.map_batches(lambda batch: fn(params, rest, batch['tokens'], batch['segments']),
+                        {'tokens': tokens, 'segments': segments}, decode.batch_size, r.mesh, r.rules,
+                        filler=filler)  # empty rows (one real token each) fill the last batch
+  return out.astype(np.float32)
 
-  @jax.jit
+
+@functools.lru_cache(maxsize=4)
+def _jitted_embeddings(graphdef: Any, arch: str, pooling: str, normalize: bool):
+  """(params, rest, tokens, segment ids) -> [B, d_model] pooled final hidden states (the encoder's for
+  encoder_decoder), L2-normalised when `normalize`."""
+  pool = heads.POOLINGS[pooling]
+
   def vectors(params, rest, tokens, segments):
     model = step_lib.merge_model(graphdef, params, rest)
     if arch == 'encoder_decoder':
@@ -628,23 +627,10 @@ def embed_texts(r: Restored, texts: Sequence[str]) -> np.ndarray:
     else:
       h = model(tokens, segment_ids=segments, return_hidden=True)[1]
     v = pool(h.astype(jnp.float32), segments != 0)
-    if decode.embed_normalize:
+    if normalize:
       v = v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
     return v
-
-  bs = -(-max(1, int(decode.batch_size)) // shd.batch_shards(r.mesh, r.rules)) * shd.batch_shards(r.mesh, r.rules)
-  out = []
-  with shd.mesh_context(r.mesh, r.rules):
-    for start in range(0, len(texts), bs):
-      chunk = {'tokens': tokens[start:start + bs], 'segments': segments[start:start + bs]}
-      real = len(chunk['tokens'])
-      if real < bs:  # one compiled shape: empty rows (one real token each) fill the last batch
-        pad = {k: np.zeros((bs - real, v.shape[1]), np.int32) for k, v in chunk.items()}
-        pad['segments'][:, 0] = 1
-        chunk = {k: np.concatenate([v, pad[k]]) for k, v in chunk.items()}
-      batch = shd.shard_batch(chunk, r.mesh, r.rules)
-      out.append(np.asarray(jax.device_get(vectors(params, rest, batch['tokens'], batch['segments'])))[:real])
-  return np.concatenate(out).astype(np.float32)
+  return jax.jit(vectors)
 
 
 def embed(r: Restored, q: Request) -> dict[str, Any]:
@@ -684,9 +670,10 @@ def harness(r: Restored, q: Request) -> dict[str, Any]:
   _log(f'lm-evaluation-harness on {workdir} (step {r.step}):')
   _log(harness_app.table(results))
   path = q.output or os.path.join(workdir, f'harness_step{r.step}.json')
-  _write_json(path, {'step': r.step, **harness_app.json_ready(results)})
+  saved = {'step': r.step, **harness_app.json_ready(results)}
+  _write_json(path, saved)
   if not q.output:
-    _write_json(os.path.join(workdir, 'harness.json'), {'step': r.step, **harness_app.json_ready(results)})
+    _write_json(os.path.join(workdir, 'harness.json'), saved)
   if h.log_samples:
     for task, samples in results.get('samples', {}).items():
       _write_lines(os.path.join(os.path.dirname(os.path.abspath(path)), f'harness_samples_{task}_step{r.step}.jsonl'),
@@ -696,7 +683,6 @@ def harness(r: Restored, q: Request) -> dict[str, Any]:
           'results_file': path}
 
 
-
 def _attention_inputs(r: Restored, q: Request) -> dict[str, list[int]]:
   """Each stack's token ids for --mode=attention, framed as training framed them: decoder_only a prompt (BOS +
   text), encoder_only a document, encoder_decoder the source and decode.start_id + (--target or the translation)."""
@@ -704,12 +690,7 @@ def _attention_inputs(r: Restored, q: Request) -> dict[str, list[int]]:
   unknown = characters_outside_vocabulary(tok, text + (q.target or ''))
   if unknown:
     _warn(f'characters not in the tokenizer\'s vocabulary (each becomes <unk>): {" ".join(map(repr, unknown))}')
-  if arch == 'decoder_only':
-    inputs = {'decoder': tok.prompt(tok.encode(text))}
-  elif arch == 'encoder_only':
-    inputs = {'encoder': tok.document(tok.encode(text)).tolist()}
-  else:
-    inputs = {'encoder': tok.source(tok.encode(text)).tolist()}
+  inputs = {'decoder' if arch == 'decoder_only' else 'encoder': whole_text_ids(tok, arch, text)}
   for ids in inputs.values():
     if len(ids) > r.config.model.max_len:
       raise EvalError(f'--prompt is {len(ids)} tokens (framing included) but model.max_len='

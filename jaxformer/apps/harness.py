@@ -187,10 +187,10 @@ class JaxformerLM(TemplateLM):
     for i, req in enumerate(requests):
       groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
     out: list[str] = [''] * len(requests)
-    eos_text = ''  # jaxformer's decode already stops at EOS (and drops it)
     for key, members in groups.items():
       kwargs = lm_utils.normalize_gen_kwargs(dict(requests[members[0]].args[1]), self.max_gen_toks)
-      until = lm_utils.handle_stop_sequences(kwargs.pop('until', None), eos=eos_text or None)
+      # no EOS text among the stops: jaxformer's decode already ends a row at EOS (and drops it)
+      until = lm_utils.handle_stop_sequences(kwargs.pop('until', None), eos=None)
       max_new = int(kwargs.pop('max_gen_toks'))
       kwargs.pop('max_length', None)
       if self.backend == 'causal' and max_new >= self.max_length:
@@ -235,14 +235,14 @@ class JaxformerLM(TemplateLM):
       prompt, lengths_in, src = padded, lengths, None
     else:
       prompt, lengths_in, src = None, None, padded
-    self.generation_shapes.add((len(rows), width, settings.max_len, 1 << (int(lengths.min()).bit_length() - 1)))
+    prefill = 1 << (int(lengths.min()).bit_length() - 1)  # a power of two: a few programs serve every batch
+    self.generation_shapes.add((len(rows), width, settings.max_len, prefill))
     rng = jax.random.fold_in(jax.random.key(self.seed), seed_offset)
     sharding = shd.batch_sharding(self.source.mesh, self.source.rules, 1)
     with shd.mesh_context(self.source.mesh, self.source.rules):
       tokens = decoding.decode(self.source.model, settings, prompt, prompt_lengths=lengths_in, src_tokens=src,
                                rng=rng, model_max_len=self.max_length, batch_sharding=sharding,
-                               prefill_len=1 << (int(lengths.min()).bit_length() - 1),  # a power of two
-                               stop_tokens=stop_tokens)
+                               prefill_len=prefill, stop_tokens=stop_tokens)
     return [self.tokenizer.decode(row.tolist()) for row in tokens[:n]]
 
 

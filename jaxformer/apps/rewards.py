@@ -47,19 +47,9 @@ class RewardModel:
     r = self.restored
     rows = data_lib.response_rows(r.tokenizer, prompts, responses, int(r.config.data.seq_len))
     rows.pop('targets')
-    fn, out = _jitted_rewards(self.graphdef), []
-    n, bs = len(prompts), self.batch_size
-    shards = shd.batch_shards(r.mesh, r.rules)
-    bs = -(-bs // shards) * shards  # a multiple of the devices the rows are split over
-    with shd.mesh_context(r.mesh, r.rules):
-      for start in range(0, n, bs):
-        chunk = {k: v[start:start + bs] for k, v in rows.items()}
-        real = len(chunk['tokens'])
-        if real < bs:  # one compiled shape: pad the last batch with empty rows
-          chunk = {k: np.concatenate([v, np.zeros((bs - real,) + v.shape[1:], v.dtype)]) for k, v in chunk.items()}
-        batch = shd.shard_batch(chunk, r.mesh, r.rules)
-        out.append(np.asarray(jax.device_get(fn(self.params, self.rest, batch)))[:real])
-    return np.concatenate(out).astype(np.float32) if out else np.zeros((0,), np.float32)
+    fn = _jitted_rewards(self.graphdef)
+    out = shd.map_batches(lambda batch: fn(self.params, self.rest, batch), rows, self.batch_size, r.mesh, r.rules)
+    return np.zeros((0,), np.float32) if out is None else out.astype(np.float32)
 
 
 class RewardFunctionError(UserError, ValueError):
