@@ -119,6 +119,11 @@ def get_config() -> ml_collections.ConfigDict:
   # jsonl: sources (instruction data): the fields of each line's JSON object holding the prompt and the response
   data.prompt_key = 'prompt'
   data.response_key = 'response'
+  # jsonl: conversations (decoder_only): lines with a list of {"role", "content"} messages; loss on the assistant
+  # messages only. data.chat_template renders them: '' = the tokenizer's own (an hf: directory's chat_template),
+  # else the built-in 'turns' | a built-in name (turns, chatml) | a .jinja file
+  data.messages_key = 'messages'
+  data.chat_template = ''
   # jsonl: preference data (model.head=reward, align.method=dpo|simpo): each line has a prompt and either a chosen
   # and a rejected response, or a ranking (data.responses_key: [best, ..., worst], which becomes every ordered
   # pair); data.margin_key: an optional float per pair (the reward model's margin, as TRL's `margin` column)

@@ -39,6 +39,8 @@ class DataSettings:
   text_unit: str
   prompt_key: str
   response_key: str
+  messages_key: str
+  chat_template: str
   chosen_key: str
   rejected_key: str
   responses_key: str

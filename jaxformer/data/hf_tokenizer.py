@@ -23,6 +23,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import tokenizers
 
+from jaxformer.data import chat
 from jaxformer.data.tokenizers import DataError, Tokenizer
 
 PREFIX = 'hf:'
@@ -81,8 +82,9 @@ class HFTokenizer(Tokenizer):
     self._tok.no_truncation()
     tok_config = {**_read_json(os.path.join(directory, 'special_tokens_map.json')),
                   **_read_json(os.path.join(directory, 'tokenizer_config.json'))}
-    self._special = {name: self._id(_content(tok_config.get(f'{name}_token')))
-                     for name in ('pad', 'bos', 'eos', 'unk', 'mask', 'cls', 'sep')}
+    self._special_strings = {f'{name}_token': _content(tok_config.get(f'{name}_token'))
+                             for name in ('bos', 'eos', 'unk', 'sep', 'pad', 'cls', 'mask')}
+    self._special = {name[:-len('_token')]: self._id(token) for name, token in self._special_strings.items()}
     if 'add_bos_token' in tok_config or 'add_eos_token' in tok_config:  # transformers then rebuilds the post-processor
       self._template(bool(tok_config.get('add_bos_token')), bool(tok_config.get('add_eos_token')),
                      _content(tok_config.get('bos_token')), _content(tok_config.get('eos_token')))
@@ -160,6 +162,23 @@ class HFTokenizer(Tokenizer):
   @property
   def special_ids(self) -> frozenset[int]:
     return frozenset(i for i in self._special.values() if i != NONE) | self._added_special | self.framing_ids
+
+  @property
+  def special_token_strings(self) -> dict[str, str]:
+    """transformers' special_tokens_map: the named special tokens the tokenizer has (what a chat template sees)."""
+    return {name: token for name, token in self._special_strings.items() if token is not None}
+
+  @property
+  def chat_template(self) -> str | None:
+    """The directory's chat template (chat_template.jinja, else tokenizer_config.json's), or None."""
+    return chat.tokenizer_template(self.directory)
+
+  def encode_with_offsets(self, text: str, cuts: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, character offsets) of the whole text as transformers tokenizes a rendered chat (no special tokens
+    added; added tokens in the text are found); `cuts` are not needed: the offsets locate every token."""
+    del cuts
+    encoding = self._tok.encode(text, add_special_tokens=False)
+    return np.asarray(encoding.ids, np.int32), np.asarray(encoding.offsets, np.int64).reshape(-1, 2)
 
   def encode_with_specials(self, text: str) -> list[int]:
     """Exactly `AutoTokenizer.from_pretrained(dir)(text)['input_ids']`."""

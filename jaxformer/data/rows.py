@@ -23,7 +23,9 @@ target + </s>).
   and a document that does not fit is split: the rest starts the next row of the same stream (new segment,
   positions from 0), so training rows are always full, and no token is lost or repeated. Without data.pack a row
   holds one piece of one document, padded. decoder_only reads an Instruction (jsonl:) as BOS + prompt + response
-  + EOS with the prompt's targets unscored: only the response (and its EOS) is scored and counted.
+  + EOS with the prompt's targets unscored: only the response (and its EOS) is scored and counted; and a
+  Conversation (jsonl: lines with messages) as its chat template renders it (data/chat.py), only the assistant
+  messages' tokens scored.
 * encoder_decoder: a pair becomes encoder tokens + EOS, decoder tokens BOS + target, targets target + EOS (a text
   example becomes a pair by data.objective: split_middle, prefix_lm or T5's span_corruption, objectives.py).
   Training drops pairs longer than data.src_seq_len / data.seq_len (evaluation truncates them instead, so every
@@ -40,6 +42,7 @@ target + </s>).
 from __future__ import annotations
 
 import collections
+import json
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -47,7 +50,8 @@ import numpy as np
 from jaxformer import align
 from jaxformer.errors import DataError
 from jaxformer.data.objectives import OBJECTIVES, objective_name, split_at_middle_word
-from jaxformer.data.sources import Instruction, Labelled, Preference
+from jaxformer.data import chat
+from jaxformer.data.sources import Conversation, Instruction, Labelled, Preference
 from jaxformer.data.tokenizers import Tokenizer
 
 LABEL_KEYS = ('targets', 'labels')  # batch keys that are not model inputs
@@ -68,6 +72,9 @@ def as_pair(example: Any) -> tuple[str, str]:
 
 
 def _as_text(example: Any) -> str:
+  if isinstance(example, Conversation):
+    raise DataError('chat conversations (jsonl: lines with messages) train decoder_only models; set '
+                    'model.arch=decoder_only, or give encoder models text / prompt-response data.')
   return example[0] + '\n' + example[1] if isinstance(example, tuple) else example
 
 
@@ -174,6 +181,8 @@ class Task:
     self.mask_rate = float(config.data.mask_rate)
     self.train = train
     self.seed = int(config.seed) if train else _EVAL_SEED
+    self.chat_template_setting = str(config.data.chat_template)
+    self._chat_template: chat.ChatTemplate | None = None  # built on the first conversation (data/chat.py)
 
   def tokenize(self, examples: Sequence[Any]) -> list[Any]:
     """One cacheable piece (token arrays) per example."""
@@ -265,12 +274,21 @@ class DecoderOnlyTask(_LanguageModelTask):
   name = 'decoder_only'
 
   def tokenize(self, examples):
+    if any(isinstance(e, Conversation) for e in examples):
+      return [self._conversation(e) for e in examples]
     if not any(isinstance(e, Instruction) for e in examples):
       return super().tokenize(examples)
     prompts = self.tokenizer.encode_batch([e.prompt for e in examples])
     responses = self.tokenizer.encode_batch([e.response for e in examples])
     # an Instruction: (tokens, targets) as frame_response frames every prompt + response (whole: packing splits it)
     return [frame_response(self.tokenizer, p, r, None, next_token=True)[:2] for p, r in zip(prompts, responses)]
+
+  def _conversation(self, example: Conversation) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, targets) of a chat example rendered with the run's template, only assistant tokens scored."""
+    if self._chat_template is None:
+      self._chat_template = chat.template_for(self.tokenizer, self.chat_template_setting)
+    ids, assistant = chat.encode(self.tokenizer, self._chat_template, json.loads(example.messages))
+    return chat.frame(self.tokenizer, ids, assistant)
 
   def item(self, piece, position):
     del position

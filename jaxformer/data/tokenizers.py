@@ -33,7 +33,7 @@ import numpy as np
 
 from jaxformer.errors import DataError
 from jaxformer.data.objectives import sentinels_needed
-from jaxformer.data.sources import Preference, Prompt, Source, get_source
+from jaxformer.data.sources import Conversation, Preference, Prompt, Source, get_source
 from jaxformer.special_tokens import BOS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, UNK_ID
 
 UNK_SAMPLE_EXAMPLES = 20000  # examples of a split (evenly strided) the unknown-character rate is measured on
@@ -98,6 +98,36 @@ class Tokenizer:
   def special_ids(self) -> frozenset[int]:
     """Every special id (never drawn as MLM's random replacement): jaxformer's reserved 0-4."""
     return frozenset(range(NUM_SPECIAL))
+
+  @property
+  def special_token_strings(self) -> dict[str, str]:
+    """The special tokens as a chat template names them (bos_token, eos_token, ...): jaxformer's reserved ids
+    written <s>, </s>, <pad>, <unk>, <mask> (encode_with_offsets maps these strings back to the ids)."""
+    return {'bos_token': '<s>', 'eos_token': '</s>', 'unk_token': '<unk>', 'pad_token': '<pad>',
+            'mask_token': '<mask>'}
+
+  def encode_with_offsets(self, text: str, cuts: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, [n, 2] character offsets) of a text that may hold special-token strings (special_token_strings: each
+    becomes its id); the text is also cut at the character positions `cuts` (chat templates: where assistant
+    messages start and end), so no token crosses one. A token's offsets are those of the piece it came from."""
+    ids_of = {s: getattr(self, name[:-len('_token')] + '_id') for name, s in self.special_token_strings.items()}
+    pattern = '|'.join(re.escape(s) for s in sorted(ids_of, key=len, reverse=True))
+    bounds = sorted({0, len(text), *(int(c) for c in cuts if 0 < c < len(text))})
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+      last = start
+      for m in [*re.finditer(pattern, text[start:end]), None]:
+        stop = start + (m.start() if m else end - start)
+        if stop > last:
+          piece = self.encode(text[last:stop])
+          ids += piece
+          offsets += [(last, stop)] * len(piece)
+        if m:
+          ids.append(int(ids_of[m.group()]))
+          offsets.append((start + m.start(), start + m.end()))
+          last = start + m.end()
+    return np.asarray(ids, np.int32), np.asarray(offsets, np.int64).reshape(-1, 2)
 
   @staticmethod
   def _cut(ids: Sequence[int], max_len: int | None, extra: int) -> Sequence[int]:
@@ -378,7 +408,11 @@ def training_texts(source: Source, split: str, limit: int = MAX_TOKENIZER_EXAMPL
   indices = np.arange(n) if n <= limit else np.linspace(0, n - 1, limit).astype(np.int64)
   for start in range(0, len(indices), 4096):
     for example in data.read(indices[start:start + 4096]):
-      if isinstance(example, Prompt):
+      if isinstance(example, Conversation):  # roles and contents: what the built-in `turns` template writes
+        for message in json.loads(example.messages):
+          yield message['role']
+          yield message['content']
+      elif isinstance(example, Prompt):
         yield example.prompt
       elif isinstance(example, Preference):
         yield from example[:3]

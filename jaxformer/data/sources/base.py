@@ -2,7 +2,8 @@
 
 An example is a `str` (a text source, kind 'text'), a `(source, target)` pair of `str` (a translation source,
 kind 'pairs'), an `Instruction(prompt, response)` (kind 'instructions'; also a pair, so encoder_decoder reads it
-as one, while decoder_only scores only its response), a `Labelled(text_a, text_b, label)` (kind 'labelled',
+as one, while decoder_only scores only its response), a `Conversation(messages)` (kind 'conversations': chat
+messages, decoder_only), a `Labelled(text_a, text_b, label)` (kind 'labelled',
 model.head=classification), a `Preference(prompt, chosen, rejected, margin)` (kind 'preference': model.head=reward,
 align.method=dpo / simpo) or a `Prompt(prompt, fields)` (kind 'prompts': the online align methods). The pipeline only ever sees this interface, so shuffling,
 per-host sharding and exact resumption are the same code for all sources.
@@ -10,17 +11,26 @@ per-host sharding and exact resumption are the same code for all sources.
 from __future__ import annotations
 
 import os
+import dataclasses
 from typing import Any, Callable, NamedTuple, Sequence
 
 from jaxformer.errors import DataError
 
-Example = Any  # str | tuple[str, str] | Instruction | Labelled | Preference | Prompt
+Example = Any  # str | tuple[str, str] | Instruction | Conversation | Labelled | Preference | Prompt
 
 
 class Instruction(NamedTuple):
   """An instruction example: the model is trained to produce `response` after `prompt`."""
   prompt: str
   response: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Conversation:
+  """A chat example (kind 'conversations'): `messages` is the JSON list of {"role", "content"} objects, rendered
+  with the run's chat template (data/chat.py); decoder_only trains on the assistant messages only. Not a tuple, so
+  nothing mistakes it for a (source, target) pair."""
+  messages: str
 
 
 class Labelled(NamedTuple):

@@ -14,7 +14,9 @@
                            so `test` finds Multi30k's `test_2016_flickr`. Set data.eval_split/test_split to an exact
                            stem (e.g. test_2017_flickr) to pick another.
   jsonl:<path or glob>     instruction data: one JSON object per line with a prompt and a response field
-                           (data.prompt_key / data.response_key); blank lines are skipped, any other line that is
+                           (data.prompt_key / data.response_key), or conversations: a `messages` list of
+                           {"role", "content"} objects per line (data.messages_key; rendered with the chat
+                           template, data/chat.py; the first line decides); blank lines are skipped, any other line that is
                            not such an object is an error naming file:line. Splits as for text (`{split}` in the
                            path, or the first 90% / last 10% of the examples). With model.head=classification the
                            lines are labelled texts instead: `text` (data.text_key) or `text_a` + `text_b`
@@ -44,6 +46,7 @@ from typing import Any, Callable, Sequence
 
 from jaxformer import align
 from jaxformer.errors import DataError, DataFileNotFoundError
+from jaxformer.data import chat
 from jaxformer.data.sources.base import Source, config_splits, split_candidates
 from jaxformer.data.sources.tfds import build_array_record, is_prepared, open_array_record
 
@@ -290,6 +293,30 @@ def _instructions(paths: Sequence[str], prompt_key: str, response_key: str) -> l
   return out
 
 
+def _first_record(spec: str, pattern: str, config: Any) -> dict:
+  """The first JSON object of the source's first file ({} if none): whether the lines are conversations."""
+  paths = (sorted(p for ps in files_per_split(spec, pattern, config).values() for p in ps) if '{split}' in pattern
+           else expand(spec, pattern))
+  for _, record in jsonl_records(paths[:1], 'the fields of the data'):
+    return record
+  return {}
+
+
+def _conversations(paths: Sequence[str], key: str) -> list[tuple[str]]:
+  """(messages as JSON,) of every line: chat data (data.messages_key), rendered later with the chat template."""
+  out = []
+  for where, record in jsonl_records(paths, f'a {key!r} list of messages'):
+    if key not in record:
+      raise DataError(f'{where}: no {key!r} field (the line has: {", ".join(map(str, record)) or "none"}); every line '
+                      f'of a conversation file needs one (data.messages_key).')
+    messages = chat.parse_messages(record[key], where)
+    if not any(m['role'] == chat.ASSISTANT for m in messages):
+      raise DataError(f'{where}: the conversation has no "assistant" message, so nothing in it would be trained; '
+                      'add one or drop the line.')
+    out.append((json.dumps(messages, ensure_ascii=False),))
+  return out
+
+
 def label_names(config: Any) -> list[str]:
   """data.label_names as a list (the label strings in class-id order; [] = integer labels)."""
   return [n.strip() for n in str(config.data.label_names).split(',') if n.strip()]
@@ -445,6 +472,11 @@ def make_jsonl_source(spec: str, pattern: str, config: Any, data_dir: str) -> So
     read = functools.partial(_labelled, config=config)
     kind, features = 'labelled', ('text_a', 'text_b', 'label')
     description = f'jsonl source {spec} (labelled: {keys[0]} or {keys[1]}+{keys[2]} -> {keys[3]})'
+  elif _first_record(spec, pattern, config).keys() >= {str(config.data.messages_key)}:
+    keys = (str(config.data.messages_key),)
+    read = functools.partial(_conversations, key=keys[0])
+    kind, features = 'conversations', ('messages',)
+    description = f'jsonl source {spec} (conversations: {keys[0]})'
   else:
     keys = (str(config.data.prompt_key), str(config.data.response_key))
     read = functools.partial(_instructions, prompt_key=keys[0], response_key=keys[1])
