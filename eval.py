@@ -36,10 +36,12 @@ _PROMPT = flags.DEFINE_multi_string('prompt', None, 'generate: prompt text (repe
 _TARGET = flags.DEFINE_string('target', None, 'attention, encoder_decoder: the decoder text (default: the model\'s '
                               'translation of --prompt, decoded with --config.decode.*).')
 _INPUT = flags.DEFINE_string('input', None, 'translate: a text file with one source sentence per line; generate: '
-                             'prompts (.txt: one per line, .jsonl: {"prompt": ...} lines); reward: a .jsonl file of '
+                             'prompts (.txt: one per line, .jsonl: {"prompt": ...} or {"messages": [...]} lines); reward: a .jsonl file of '
                              '{"prompt", "response"} lines; embed: texts (.txt: one per line, .jsonl: {"text": ...}).')
 _TASKS = flags.DEFINE_string('tasks', None, 'harness: lm-evaluation-harness task names, comma-separated (local task '
                              'folders: --config.harness.include_path=DIR).')
+_CHAT = flags.DEFINE_bool('chat', False, 'generate: each --prompt is a user message, rendered with the chat template '
+                          '(data.chat_template) and continued as the assistant.')
 _BLEU = flags.DEFINE_bool('bleu', True, 'score, encoder_decoder: also translate the split and report BLEU.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -50,7 +52,7 @@ def main(argv):
   cli.quiet_logging()
   cli.evaluate(_CONFIG.value, _WORKDIR.value, sys.argv, checkpoint_step=_STEP.value, split=_SPLIT.value,
                output=_OUTPUT.value, mode=_MODE.value, prompt=_PROMPT.value, input_path=_INPUT.value,
-               bleu=_BLEU.value, tasks=_TASKS.value, target=_TARGET.value)
+               bleu=_BLEU.value, tasks=_TASKS.value, target=_TARGET.value, chat_prompts=_CHAT.value)
 
 
 if __name__ == '__main__':

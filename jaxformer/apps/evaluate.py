@@ -60,6 +60,7 @@ from jaxformer import metrics as metrics_lib
 from jaxformer import settings as settings_lib
 from jaxformer import sharding as shd
 from jaxformer import voting
+from jaxformer.data import chat
 from jaxformer.errors import UserError
 from jaxformer.evaluation import Evaluator, eval_steps
 from jaxformer.apps import attention_map
@@ -286,11 +287,12 @@ def complete(r: Restored, prompts: Sequence[str], *, stop: Sequence[str] | None 
   if unknown:
     _warn(f'--prompt characters not in the tokenizer\'s vocabulary (each becomes <unk>, unseen in training): '
           f'{" ".join(map(repr, unknown))}')
-  ids = [tok.prompt(tok.encode(p)) for p in prompts]
+  # a conversation (chat.RenderedChat) brings its template's ids; any other text is a document's beginning
+  ids = [[int(i) for i in p.ids] if isinstance(p, chat.RenderedChat) else tok.prompt(tok.encode(p)) for p in prompts]
   longest = max(len(i) for i in ids)
   if longest >= r.config.model.max_len:
-    raise EvalError(f'--prompt is {longest} tokens (with BOS) but model.max_len={r.config.model.max_len} leaves no '
-                    'room to generate; shorten the prompt.')
+    raise EvalError(f'a prompt is {longest} tokens (with its framing) but model.max_len={r.config.model.max_len} '
+                    'leaves no room to generate; shorten the prompt.')
   if max_new_tokens is not None:  # this call's budget: a Restored whose decode section says so
     config = settings_lib.replace(r.config, decode=dataclasses.replace(r.config.decode, max_len=int(max_new_tokens)))
     r = dataclasses.replace(r, resolved=dataclasses.replace(r.resolved, config=config))
@@ -363,6 +365,7 @@ class Request:
   split: str | None = 'validation'
   output: str | None = None
   prompts: tuple[str, ...] = ()
+  conversations: tuple[str, ...] = ()  # generate: JSON message lists (--chat, or --input lines with messages)
   input_path: str | None = None
   lines: tuple[str, ...] = ()  # translate: the input file's lines, read before the restore
   bleu: bool = True
@@ -371,12 +374,23 @@ class Request:
   target: str | None = None  # attention, encoder_decoder: the decoder's text (None: the model's translation)
 
 
-def _prompts_of_file(path: str) -> tuple[str, ...]:
-  """--input for generate: a .jsonl file of {"prompt": ...} lines, or any other file: one prompt per line."""
+def _prompts_of_file(path: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """--input for generate -> (prompts, conversations as JSON): a .jsonl file of {"prompt": ...} lines or of
+  {"messages": [...]} lines (conversations, continued with the chat template), or any other file: one prompt per
+  line."""
   lines = _read_lines(path)
   if not path.endswith('.jsonl'):
-    return tuple(lines)
-  return tuple(row['prompt'] for row in _jsonl_rows(path, ('prompt',)))
+    return tuple(lines), ()
+  records = list(data_lib.jsonl_records([path], 'a "prompt" field or a "messages" list'))
+  if records and 'messages' in records[0][1]:
+    return (), tuple(json.dumps(chat.parse_messages(record.get('messages'), where)) for where, record in records)
+  return tuple(row['prompt'] for row in _jsonl_rows(path, ('prompt',))), ()
+
+
+def _chat_prompts(r: Restored, conversations: Sequence[str]) -> tuple[chat.RenderedChat, ...]:
+  """Conversations (JSON message lists) rendered with the run's chat template for the next assistant message."""
+  template = chat.template_for(r.tokenizer, r.config.data.chat_template)
+  return tuple(chat.generation_prompt(r.tokenizer, template, json.loads(c)) for c in conversations)
 
 
 def _jsonl_rows(path: str, keys: Sequence[str]) -> list[dict[str, str]]:
@@ -436,6 +450,8 @@ def generate(r: Restored, q: Request) -> dict[str, Any]:
     raise EvalError(f'--mode=generate needs a decoder_only checkpoint; {r.resolved.workdir} holds '
                     f'{r.config.model.arch} (use --mode=score'
                     + (' or --mode=translate).' if r.config.model.arch == 'encoder_decoder' else ').'))
+  if q.conversations:
+    q = dataclasses.replace(q, prompts=_chat_prompts(r, q.conversations))
   decode = r.config.decode
   details: list[dict] | None = None
   several: list[list[str]] | None = None
@@ -466,6 +482,8 @@ def generate(r: Restored, q: Request) -> dict[str, Any]:
     lines = []
     for i, (p, t) in enumerate(zip(q.prompts, texts)):
       row = {'prompt': p, 'outputs': several[i]} if several else {'prompt': p, 'output': t}
+      if isinstance(p, chat.RenderedChat):
+        row = {'messages': p.messages, **row}
       lines.append(json.dumps({**row, **(details[i] if details else {})}))
     _write_lines(q.output, lines)
     _log(f'generated {len(texts)} completions -> {q.output}')
@@ -738,14 +756,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int
         split: str | None = 'validation', output: str | None = None, mode: str = 'score',
         prompt: str | Sequence[str] | None = None, input_path: str | None = None,
         bleu: bool = True, overrides: Iterable[str] | None = None, tasks: str | Sequence[str] | None = None,
-        target: str | None = None) -> dict[str, Any]:
+        target: str | None = None, chat_prompts: bool = False) -> dict[str, Any]:
   """Evaluates the checkpoint in workdir; returns the results dict (also printed, and written as JSON).
 
   score: writes {step, split, num_tokens, loss, perplexity, ...} to `output` (default
   DIR/eval_<split>_step<N>.json, copied to DIR/eval.json: the latest);
   encoder_decoder adds bleu, sacrebleu_signature, direction (over the same examples the loss covers, or the
   whole split with train.eval_steps=-1; bleu=False skips decoding). generate: `prompt` text(s) -> printed
-  continuations. translate: the lines of `input_path` -> printed, or written one per line to `output`. attention:
+  continuations (chat_prompts: each prompt is a user message, rendered with the chat template). translate: the lines of `input_path` -> printed, or written one per line to `output`. attention:
   one `prompt` (and for encoder_decoder optionally the decoder's `target` text) -> heat maps or arrays in `output`.
   `overrides`: dotted config keys the user set explicitly (see the module docstring).
   """
@@ -758,12 +776,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int
           'translate': 'one source sentence per line).', 'reward': 'a .jsonl file of {"prompt", "response"} lines).',
           'embed': 'one text per line, or a .jsonl file of {"text": ...} lines).'}[mode])
     lines = tuple(_read_lines(input_path))  # before the (slow) restore: a bad file fails fast
+  conversations: tuple[str, ...] = ()
+  if chat_prompts and mode != 'generate':
+    raise EvalError('--chat renders each --prompt as a user message for --mode=generate; drop it here.')
   if mode == 'generate':
     if input_path:
-      prompt = _prompts_of_file(input_path)
+      prompt, conversations = _prompts_of_file(input_path)
     elif prompt is None:
       raise EvalError('--mode=generate needs --prompt=TEXT or --input=FILE (.txt: one prompt per line; .jsonl: '
-                      '{"prompt": ...} lines).')
+                      '{"prompt": ...} or {"messages": [...]} lines).')
+    elif chat_prompts:
+      texts = (prompt,) if isinstance(prompt, str) else tuple(prompt)
+      conversations, prompt = tuple(json.dumps([{'role': 'user', 'content': t}]) for t in texts), ()
   task_set = None
   if mode == 'harness':  # the tasks are looked up before the (slow) restore
     names = [t.strip() for t in (tasks.split(',') if isinstance(tasks, str) else tasks or ()) if t.strip()]
@@ -785,8 +809,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int
   if checkpoint_step is not None and checkpoint_step < 0:
     checkpoint_step = None
   request = Request(split=split, output=output, prompts=(prompt,) if isinstance(prompt, str) else tuple(prompt or ()),
-                    input_path=input_path, lines=lines, bleu=bleu, tasks=task_set, start=time.perf_counter(),
-                    target=target)
+                    conversations=conversations, input_path=input_path, lines=lines, bleu=bleu, tasks=task_set,
+                    start=time.perf_counter(), target=target)
   r = restore(config, workdir, checkpoint_step=checkpoint_step, overrides=overrides,
               split=split if mode == 'score' else None)
   head = heads.head_of(r.config.model)

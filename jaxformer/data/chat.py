@@ -199,3 +199,19 @@ def frame(tokenizer: Any, ids: np.ndarray, assistant: np.ndarray) -> tuple[np.nd
   target is an assistant token, else unscored."""
   targets = np.where(assistant[1:], ids[1:], tokenizer.unscored_target)
   return ids[:-1].astype(np.int32), targets.astype(np.int32)
+
+
+class RenderedChat(str):
+  """A conversation rendered for generation (add_generation_prompt=True): the text, which is what is printed and
+  what a reward model scores, holding its `ids` (the template's tokens, which encoding the text again as a plain
+  prompt would not give: no extra BOS, special tokens as themselves) and its `messages`."""
+  ids: np.ndarray
+  messages: list[dict]
+
+
+def generation_prompt(tokenizer: Any, template: ChatTemplate, messages: Sequence[dict]) -> RenderedChat:
+  """The conversation so far, ready for the model to write the next assistant message."""
+  rendered = RenderedChat(template.render(messages, add_generation_prompt=True))
+  rendered.ids, _ = encode(tokenizer, template, messages, add_generation_prompt=True)
+  rendered.messages = list(messages)
+  return rendered
