@@ -9,9 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from jaxformer.data import chat
+from configs.default import get_config as default_config
+from jaxformer.data import chat, rows
 from jaxformer.data.hf_tokenizer import HFTokenizer
-from jaxformer.data.sources import Conversation
+from jaxformer.data.sources import ChatPreference, Conversation
 from jaxformer.data.tokenizers import ByteTokenizer
 from jaxformer.errors import DataError
 
@@ -92,9 +93,16 @@ TINY = ['--config.model.num_layers=1', '--config.model.d_model=32', '--config.mo
         '--config.mesh.distributed=off', f'--config.data.source=jsonl:{FIXTURES}/{{split}}.jsonl']
 
 
-def test_train_and_generate_on_conversations(tmp_path):
-  workdir = tmp_path / 'run'
+@pytest.fixture(scope='module')
+def chat_run(tmp_path_factory):
+  """A tiny decoder trained on the toy conversations for two steps (shared by the tests below)."""
+  workdir = tmp_path_factory.mktemp('chat') / 'run'
   _cli('train.py', f'--workdir={workdir}', *TINY)
+  return workdir
+
+
+def test_train_and_generate_on_conversations(chat_run, tmp_path):
+  workdir = chat_run
   rows = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
   assert any('eval_loss' in r for r in rows)
   out = tmp_path / 'out.jsonl'
@@ -112,3 +120,42 @@ def test_bad_conversation_file_is_one_line(tmp_path):
   data.write_text(json.dumps({'messages': [{'role': 'user', 'content': 'no answer here'}]}) + '\n')
   proc = _cli('train.py', f'--workdir={tmp_path / "run"}', *TINY[:-1], f'--config.data.source=jsonl:{data}', ok=False)
   assert 'has no "assistant" message' in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_conversations_for_an_encoder_model_are_one_line():
+  config = default_config()
+  examples = [Conversation(json.dumps(TALK))]
+  for task in (rows.EncoderOnlyTask(config, ByteTokenizer(), True), rows.EncoderDecoderTask(config, ByteTokenizer(),
+                                                                                          True)):
+    with pytest.raises(DataError, match='train decoder_only models'):
+      task.tokenize(examples)
+  tokens, targets = rows.DecoderOnlyTask(config, ByteTokenizer(), True).tokenize(examples)[0]
+  assert np.array_equal(tokens, chat.encode(ByteTokenizer(), chat.template_for(ByteTokenizer(), ''), TALK)[0][:-1])
+
+
+def test_conversational_preference_pairs_score_the_response_only():
+  """TRL's conversational pairs: each side is the template's rendering of prompt + response; the prompt part (the
+  rendering with the generation prompt) is unscored in DPO rows."""
+  config = default_config()
+  config.align.method = 'dpo'
+  tok = ByteTokenizer()
+  template = chat.template_for(tok, '')
+  prompt = TALK[:3]
+  pair = ChatPreference(json.dumps(prompt), json.dumps(TALK[3:]), json.dumps([{'role': 'assistant', 'content': 'no'}]),
+                        0.0)
+  c_tokens, c_targets, _, r_tokens, r_targets, _, _ = rows.PreferenceTask(config, tok, True).tokenize([pair])[0]
+  ids, _ = chat.encode(tok, template, TALK)
+  assert np.array_equal(c_tokens, ids[:-1])
+  n_prompt = len(chat.encode(tok, template, prompt, add_generation_prompt=True)[0])
+  scored = c_targets[c_targets != tok.unscored_target]
+  assert np.array_equal(scored, ids[n_prompt:]) and bytes(int(t) - 5 for t in scored[:-1]).decode() == 'ok'
+  assert bytes(int(t) - 5 for t in r_targets[r_targets != tok.unscored_target][:-1]).decode() == 'no'
+
+
+def test_dpo_on_conversational_pairs_through_the_cli(chat_run, tmp_path):
+  base = chat_run
+  _cli('train.py', f'--workdir={tmp_path / "dpo"}', *TINY[:-1], f'--config.checkpoint.init_from={base}',
+       '--config.align.method=dpo', '--config.data.pack=False',
+       f'--config.data.source=jsonl:{FIXTURES}/preferences_{{split}}.jsonl')
+  evals = [r for r in map(json.loads, open(tmp_path / 'dpo' / 'metrics.jsonl')) if 'eval_pairs' in r]
+  assert evals and evals[-1]['eval_pairs'] > 0 and 0.0 <= evals[-1]['eval_reward_accuracy'] <= 1.0

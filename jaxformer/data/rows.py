@@ -51,7 +51,7 @@ from jaxformer import align
 from jaxformer.errors import DataError
 from jaxformer.data.objectives import OBJECTIVES, objective_name, split_at_middle_word
 from jaxformer.data import chat
-from jaxformer.data.sources import Conversation, Instruction, Labelled, Preference
+from jaxformer.data.sources import ChatPreference, Conversation, Instruction, Labelled, Preference
 from jaxformer.data.tokenizers import Tokenizer
 
 LABEL_KEYS = ('targets', 'labels')  # batch keys that are not model inputs
@@ -68,7 +68,7 @@ def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
 
 def as_pair(example: Any) -> tuple[str, str]:
   """A (source, target) pair from a pair or a text example (split at its middle word)."""
-  return tuple(example) if isinstance(example, tuple) else split_at_middle_word(example)
+  return tuple(example) if isinstance(example, tuple) else split_at_middle_word(_as_text(example))
 
 
 def _as_text(example: Any) -> str:
@@ -361,7 +361,7 @@ class EncoderDecoderTask(Task):
   def tokenize(self, examples):
     """A pair example -> (source ids, target ids); a text example -> what the objective caches (a numpy array)."""
     pairs = [e for e in examples if isinstance(e, tuple)]
-    texts = [e for e in examples if not isinstance(e, tuple)]
+    texts = [_as_text(e) for e in examples if not isinstance(e, tuple)]
     out_pairs = iter(zip(self.tokenizer.encode_batch([p[0] for p in pairs]),
                          self.tokenizer.encode_batch([p[1] for p in pairs])))
     out_texts = iter(self.objective.tokenize(texts))
@@ -507,9 +507,27 @@ class PreferenceTask(Task):
     """(tokens, targets, whether it was cut) of one prompt + response, at most data.seq_len long."""
     return frame_response(self.tokenizer, prompt, response, self.seq_len, next_token=self.next_token)
 
+  def _chat_pair(self, example: ChatPreference) -> tuple:
+    """A conversational pair: each side the chat template's rendering of prompt + response, the prompt part being
+    the rendering of the prompt with the generation prompt (its targets unscored)."""
+    if self._chat_template is None:
+      self._chat_template = chat.template_for(self.tokenizer, self.chat_template_setting)
+    prompt = json.loads(example.prompt)
+    prompt_ids, _ = chat.encode(self.tokenizer, self._chat_template, prompt, add_generation_prompt=True)
+    framed = []
+    for side in (example.chosen, example.rejected):
+      ids, _ = chat.encode(self.tokenizer, self._chat_template, prompt + json.loads(side))
+      if not np.array_equal(ids[:len(prompt_ids)], prompt_ids):
+        raise DataError(f'chat template {self._chat_template.name}: a response does not continue the tokens of its '
+                        'prompt with the generation prompt, so the pair cannot be scored by its response alone.')
+      framed.extend(frame_sequence(self.tokenizer, ids, len(prompt_ids), self.seq_len, next_token=self.next_token))
+    return (*framed, float(example.margin))
+
   def tokenize(self, examples):
     _require(examples, Preference, 'preference pairs are needed (model.head=reward, align.method=dpo / simpo)',
              'prompt, chosen and rejected fields')
+    if any(isinstance(e, ChatPreference) for e in examples):
+      return [self._chat_pair(e) for e in examples]
     enc = self.tokenizer.encode_batch
     prompts, chosen, rejected = (enc([getattr(e, f) for e in examples]) for f in ('prompt', 'chosen', 'rejected'))
     return [(*self.frame(p, c), *self.frame(p, r), float(e.margin))
@@ -579,8 +597,16 @@ def frame_response(tokenizer: Tokenizer, prompt: Sequence[int], response: Sequen
   at the last real token)."""
   prompt, response = np.asarray(prompt, np.int32), np.asarray(response, np.int32)
   seq = tokenizer.document(np.concatenate([prompt, response]), ends_in_eos=True)
+  return frame_sequence(tokenizer, seq, len(tokenizer.prefix_ids) + len(prompt), seq_len, next_token=next_token)
+
+
+def frame_sequence(tokenizer: Tokenizer, seq: np.ndarray, prompt_length: int, seq_len: int | None, *,
+                   next_token: bool) -> tuple[np.ndarray, np.ndarray, bool]:
+  """A framed sequence whose first prompt_length ids are the prompt (frame_response's framing, or a chat
+  template's rendering) as (tokens, targets, whether it was cut): see frame_response."""
+  seq = np.asarray(seq, np.int32)
   if next_token:
-    unscored = max(0, len(tokenizer.prefix_ids) + len(prompt) - 1)
+    unscored = max(0, prompt_length - 1)
     tokens = seq[:-1]
     targets = np.concatenate([np.full(unscored, tokenizer.unscored_target, np.int32), seq[1 + unscored:]])
   else:

@@ -50,6 +50,12 @@ class Preference(NamedTuple):
   margin: float
 
 
+class ChatPreference(Preference):
+  """A preference pair in the conversational format (TRL's): `prompt` is the JSON list of the conversation's
+  messages so far, `chosen` / `rejected` JSON lists of the assistant message(s) that follow; rendered with the chat
+  template (data/chat.py) when the pair is tokenized."""
+
+
 class Prompt(NamedTuple):
   """A prompt to sample completions for (align.method=grpo / rloo / ppo); `fields` is the JSON object of the
   line's other fields (e.g. the reference answer a reward function checks against)."""

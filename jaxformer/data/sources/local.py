@@ -414,7 +414,13 @@ def _preferences(paths: Sequence[str], config: Any) -> list[tuple[str, str, str,
   ranking_key, margin_key = str(data.responses_key), str(data.margin_key)
   out = []
   wanted = f'{prompt_key!r} and {chosen_key!r} + {rejected_key!r} (or a ranking {ranking_key!r}) fields'
+  conversational = None
   for where, record in jsonl_records(paths, wanted):
+    if conversational is None:
+      conversational = isinstance(record.get(prompt_key), list)
+    if conversational:
+      out.append(_chat_preference(record, where, prompt_key, chosen_key, rejected_key, margin_key))
+      continue
     prompt = string_field(record, prompt_key, where, 'data.prompt_key')
     if ranking_key in record and chosen_key not in record:
       ranking = record[ranking_key]
@@ -436,6 +442,28 @@ def _preferences(paths: Sequence[str], config: Any) -> list[tuple[str, str, str,
       raise DataError(f'{where}: field {margin_key!r} is {json.dumps(margin)}, not a number.')
     out.append((prompt, chosen, rejected, repr(float(margin))))
   return out
+
+
+def _chat_preference(record: dict, where: str, prompt_key: str, chosen_key: str, rejected_key: str,
+                     margin_key: str) -> tuple[str, str, str, str]:
+  """A conversational pair (TRL's format: the prompt a list of messages, chosen / rejected lists of the assistant
+  message(s) that follow, or strings: one assistant message) as JSON message lists and the margin."""
+  if not isinstance(record.get(prompt_key), list):
+    raise DataError(f'{where}: field {prompt_key!r} is not a list of messages, but the file\'s first pair is '
+                    'conversational; write every line in one format.')
+  prompt = chat.parse_messages(record[prompt_key], where)
+  sides = []
+  for key, setting in ((chosen_key, 'data.chosen_key'), (rejected_key, 'data.rejected_key')):
+    value = record.get(key)
+    if isinstance(value, str):
+      value = [{'role': chat.ASSISTANT, 'content': string_field(record, key, where, setting, empty_ok=False)}]
+    elif value is None:
+      string_field(record, key, where, setting)  # the one-line "no such field" error
+    sides.append(json.dumps(chat.parse_messages(value, f'{where} ({key})'), ensure_ascii=False))
+  margin = record.get(margin_key, 0.0)
+  if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+    raise DataError(f'{where}: field {margin_key!r} is {json.dumps(margin)}, not a number.')
+  return json.dumps(prompt, ensure_ascii=False), sides[0], sides[1], repr(float(margin))
 
 
 def _prompts(paths: Sequence[str], config: Any) -> list[tuple[str, str]]:
@@ -466,6 +494,8 @@ def make_jsonl_source(spec: str, pattern: str, config: Any, data_dir: str) -> So
     keys = tuple(map(str, keys_of(config)))
     read = functools.partial(reader, config=config)
     kind = examples
+    if examples == 'preference' and isinstance(_first_record(spec, pattern, config).get(keys[0]), list):
+      kind = 'chat_preference'  # TRL's conversational format: rendered with the chat template when tokenized
     description = f'jsonl source {spec} ({examples}: {", ".join(keys)})'
   elif examples == 'labelled':
     keys = _classification_keys(config) + (','.join(label_names(config)), str(config.model.num_classes))
