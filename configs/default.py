@@ -240,6 +240,11 @@ def get_config() -> ml_collections.ConfigDict:
   harness.max_gen_toks = 256  # generation tasks' new tokens when the task does not say (lm-eval's default)
   harness.bootstrap_iters = 1000  # resamples for the stderr of non-mean metrics (lm-eval's CLI: 100000); 0 = none
   harness.log_samples = False  # also write every request and response: DIR/harness_samples_<task>_step<N>.jsonl
+  # render requests with the chat template (data.chat_template), as lm-eval's --apply_chat_template; few-shot
+  # examples then become earlier user / assistant turns (lm-eval's --fewshot_as_multiturn; its default)
+  harness.apply_chat_template = False
+  harness.fewshot_as_multiturn = True
+  harness.system_instruction = ''  # a system message in front of every request ('' = none)
 
   # ----------------------------------------------------------- checkpoint
   checkpoint = config.checkpoint = ml_collections.ConfigDict()

@@ -141,6 +141,9 @@ class HarnessSettings:
   max_gen_toks: int
   bootstrap_iters: int
   log_samples: bool
+  apply_chat_template: bool
+  fewshot_as_multiturn: bool
+  system_instruction: str
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,7 +29,10 @@ if harness_app.lm_eval is None:
 
 
 def _restored(fixture: str, tmp_path, **mesh):
-  config = hf_recipe.get_config(str(FIXTURES / fixture))
+  model, _, tokenizer = fixture.partition('+')  # 'a+b': fixture a's model with fixture b's tokenizer
+  config = hf_recipe.get_config(str(FIXTURES / model))
+  if tokenizer:
+    config.data.tokenizer = f'hf:{FIXTURES.parent / tokenizer}'
   config.mesh.update(mesh)
   return evaluation.restore(config, str(tmp_path / 'wd'))  # no checkpoint: the pretrained weights (init_from)
 
@@ -40,13 +43,15 @@ def _run(r, case: dict, batch_size: int) -> dict:
   assert lm.max_length == case['max_length'] or case['backend'] == 'seq2seq'
   tasks = harness_app.load_tasks(case['tasks'], str(TASKS))
   return harness_app.run_tasks(lm, tasks, num_fewshot=case['num_fewshot'], limit=case['limit'], bootstrap_iters=0,
+                               apply_chat_template=case.get('apply_chat_template', False),
                                log_samples=True), lm
 
 
-@pytest.mark.parametrize('case_name,mesh', [('gpt2', {}), ('gpt2_3shot', {'fsdp': 2}), ('llama', {}), ('t5', {})])
+@pytest.mark.parametrize('case_name,mesh', [('gpt2', {}), ('gpt2_3shot', {'fsdp': 2}), ('llama', {}), ('t5', {}),
+                                            ('llama_2shot_chat', {})])
 def test_requests_and_scores_equal_lm_eval_hf_backend(case_name, mesh, tmp_path):
   """Every request's (log-probability, is_greedy), rolling log-likelihood and generated text equal the HF
-  backend's (log-probabilities within 1e-4), so every task score is identical; batches of 4 rows in length buckets
+  backend's (llama_2shot_chat: requests rendered with the tokenizer's chat template, few-shot examples as turns) (log-probabilities within 1e-4), so every task score is identical; batches of 4 rows in length buckets
   (the reference ran one request at a time), data-parallel over the 8 test devices (+ fsdp for one case)."""
   case = REFERENCE[case_name]
   r = _restored(case['fixture'], tmp_path, **mesh)

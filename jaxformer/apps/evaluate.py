@@ -684,7 +684,8 @@ def harness(r: Restored, q: Request) -> dict[str, Any]:
   h, workdir = r.config.harness, r.resolved.workdir
   harness_app.check_model(r.config, workdir)
   results = harness_app.run_tasks(harness_model(r), q.tasks, num_fewshot=h.num_fewshot, limit=h.limit,
-                                  bootstrap_iters=h.bootstrap_iters, log_samples=h.log_samples)
+                                  bootstrap_iters=h.bootstrap_iters, log_samples=h.log_samples,
+                                  **harness_app.chat_options(h))
   _log(f'lm-evaluation-harness on {workdir} (step {r.step}):')
   _log(harness_app.table(results))
   path = q.output or os.path.join(workdir, f'harness_step{r.step}.json')

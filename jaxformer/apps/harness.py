@@ -42,6 +42,7 @@ import numpy as np
 from jaxformer import decoding
 from jaxformer import sharding as shd
 from jaxformer.errors import UserError
+from jaxformer.data import chat as chat_lib
 from jaxformer.likelihood import ContinuationScorer, bucket_length
 
 try:
@@ -122,11 +123,42 @@ class JaxformerLM(TemplateLM):
   def tokenizer_name(self) -> str:
     return f'jaxformer-{self.tokenizer.kind}'
 
+  # ------------------------------------------------------------------------------------ chat templates
+  # harness.apply_chat_template: lm-eval renders each request's (few-shot) messages with apply_chat_template, then
+  # tokenizes the text; as its HF backend, no prefix token is added in front of text that starts with it already.
+  chat = False  # run_tasks sets it: texts may hold the template's special-token strings (jaxformer: <s>, </s>)
+
+  def _template(self) -> chat_lib.ChatTemplate:
+    if getattr(self, '_chat_template', None) is None:
+      self._chat_template = chat_lib.template_for(self.tokenizer, self.source.config.data.chat_template)
+    return self._chat_template
+
+  def chat_template(self, chat_template: bool | str = False) -> str | None:
+    return self._template().text if chat_template else None
+
+  def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """The messages rendered as transformers' apply_chat_template(tokenize=False) renders them; without the
+    generation prompt the final message is continued (continue_final_message: the text ends with its content)."""
+    template = self._template()
+    if add_generation_prompt:
+      return template.render(chat_history, add_generation_prompt=True)
+    tag = 'CONTINUE_FINAL_MESSAGE_TAG '
+    history = [*chat_history[:-1], {**chat_history[-1], 'content': chat_history[-1]['content'] + tag}]
+    text = template.render(history)
+    at = text.rindex(tag.strip())
+    return text[:at] if text[at:at + len(tag)] == tag else text[:at].rstrip()
+
   def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
                  **kwargs: Any) -> list[int]:
     """Plain ids, or (the default, as transformers' encode) framed: a decoder's document start, an encoder's
-    source."""
-    ids = self.tokenizer.encode(string)
+    source. A chat-rendered text brings its own start (and jaxformer tokenizers read its special-token strings)."""
+    if self.chat:
+      ids = [int(i) for i in self.tokenizer.encode_with_offsets(string)[0]]
+      bos = self.tokenizer.special_token_strings.get('bos_token')
+      if add_special_tokens is None and bos and string.startswith(bos):
+        add_special_tokens = False
+    else:
+      ids = self.tokenizer.encode(string)
     if add_special_tokens is not False:
       if self.backend == 'seq2seq':
         ids = [int(i) for i in self.tokenizer.source(ids)]
@@ -203,7 +235,7 @@ class JaxformerLM(TemplateLM):
       order = sorted(members, key=lambda i: (-len(prompts[i]), i))
       for start in range(0, len(order), self.batch_size):
         chunk = order[start:start + self.batch_size]
-        texts = self._decode([prompts[i] for i in chunk], settings, stop_tokens,
+        texts = self._decode([prompts[i] for i in chunk], settings, stop_tokens, until,
                              seed_offset=start + zlib.crc32(key.encode()) % 10_000)
         for i, text in zip(chunk, texts):
           out[i] = lm_utils.postprocess_generated_text(text, until, None)
@@ -217,8 +249,20 @@ class JaxformerLM(TemplateLM):
     ids = self.tok_encode(context, left_truncate_len=self.max_length - max_new)
     return ids or [self.prefix_token_id]
 
+  def _text_until(self, ids: list[int], until: Sequence[str]) -> str:
+    """The generated ids' text where lm-eval's HF backend (one request at a time) ends it: generation stops at the
+    first step whose last len(encode(stop)) + 2 tokens decode to a text holding a stop string (its
+    MultiTokenEOSCriteria), which can come before the stop shows in the whole text's decoding (a newline byte
+    token next to invalid UTF-8 bytes decodes to replacement characters together)."""
+    decode = self.tokenizer.decode
+    windows = [(stop, len(self.tokenizer.encode(stop)) + 2) for stop in until]
+    for t in range(1, len(ids) + 1):
+      if any(stop in decode(ids[max(0, t - w):t]) for stop, w in windows):
+        return decode(ids[:t])
+    return decode(ids)
+
   def _decode(self, prompts: list[list[int]], settings: decoding.DecodeSettings, stop_tokens: np.ndarray | None,
-              seed_offset: int) -> list[str]:
+              until: Sequence[str], seed_offset: int) -> list[str]:
     n = len(prompts)
     rows = prompts + [prompts[-1]] * (self.batch_size - n)  # one batch shape: repeat the last prompt
     width = bucket_length(max(len(p) for p in rows), self.max_length if self.backend == 'causal' else 0)
@@ -243,7 +287,7 @@ class JaxformerLM(TemplateLM):
       tokens = decoding.decode(self.source.model, settings, prompt, prompt_lengths=lengths_in, src_tokens=src,
                                rng=rng, model_max_len=self.max_length, batch_sharding=sharding,
                                prefill_len=prefill, stop_tokens=stop_tokens)
-    return [self.tokenizer.decode(row.tolist()) for row in tokens[:n]]
+    return [self._text_until(row.tolist(), until) for row in tokens[:n]]
 
 
 # ------------------------------------------------------------------------------------------------- tasks
@@ -319,10 +363,13 @@ def load_tasks(names: Sequence[str], include_path: str, *, flag: str = '--tasks'
 
 
 def run_tasks(lm: JaxformerLM, tasks: TaskSet, *, num_fewshot: int, limit: float, bootstrap_iters: int,
-              log_samples: bool = False) -> dict[str, Any]:
+              log_samples: bool = False, apply_chat_template: bool = False, fewshot_as_multiturn: bool = True,
+              system_instruction: str = '') -> dict[str, Any]:
   """lm_eval.simple_evaluate with jaxformer's model -> the harness's results dict. The harness's own seeds (few-shot
   examples, shuffling) stay at its defaults, so prompts equal those of any other lm-eval run; the model's sampling
-  follows the run's seed (JaxformerLM)."""
+  follows the run's seed (JaxformerLM). apply_chat_template: requests are rendered with the run's chat template
+  (data.chat_template), few-shot examples as earlier turns when fewshot_as_multiturn (lm-eval's own options)."""
+  lm.chat = bool(apply_chat_template)
   for name in ('lm-eval', 'lm_eval'):  # the harness logs every request batch at INFO
     logging.getLogger(name).setLevel(logging.WARNING)
   import datasets  # lm_eval's dependency
@@ -331,7 +378,9 @@ def run_tasks(lm: JaxformerLM, tasks: TaskSet, *, num_fewshot: int, limit: float
     return lm_eval.simple_evaluate(model=lm, tasks=list(tasks.specs), task_manager=tasks.manager,
                                    num_fewshot=None if num_fewshot < 0 else num_fewshot,
                                    limit=limit if limit > 0 else None, bootstrap_iters=bootstrap_iters,
-                                   log_samples=log_samples)
+                                   log_samples=log_samples, apply_chat_template=bool(apply_chat_template),
+                                   fewshot_as_multiturn=bool(fewshot_as_multiturn) and bool(apply_chat_template),
+                                   system_instruction=system_instruction or None)
   except HarnessError:
     raise
   except Exception as e:  # noqa: BLE001 (dataset download failures surface as many exception types)
@@ -341,6 +390,12 @@ def run_tasks(lm: JaxformerLM, tasks: TaskSet, *, num_fewshot: int, limit: float
                          f'reach ({text.splitlines()[0][:160]}); use a local task (dataset_path: json and '
                          'data_files) in a folder given by --config.harness.include_path.') from None
     raise
+
+
+def chat_options(h: Any) -> dict[str, Any]:
+  """run_tasks' chat keywords from the harness section."""
+  return {'apply_chat_template': h.apply_chat_template, 'fewshot_as_multiturn': h.fewshot_as_multiturn,
+          'system_instruction': h.system_instruction}
 
 
 def check_model(config: Any, where: str) -> None:
@@ -373,7 +428,8 @@ class TrainingHarness:
     lm = JaxformerLM(HarnessModel(model, self.tokenizer, self.config, self.mesh, self.rules),
                      batch_size=h.batch_size or self.config.decode.batch_size, max_gen_toks=h.max_gen_toks,
                      seed=int(self.config.seed))
-    results = run_tasks(lm, self.tasks, num_fewshot=h.num_fewshot, limit=h.limit, bootstrap_iters=0)
+    results = run_tasks(lm, self.tasks, num_fewshot=h.num_fewshot, limit=h.limit, bootstrap_iters=0,
+                        **chat_options(h))
     return {f'harness/{k}': v for k, v in flat_metrics(results).items()}
 
 
