@@ -12,7 +12,8 @@ import pytest
 from configs.default import get_config as default_config
 from jaxformer.data import chat, rows
 from jaxformer.data.hf_tokenizer import HFTokenizer
-from jaxformer.data.sources import ChatPreference, Conversation
+from jaxformer.data.prompts import PromptIterator
+from jaxformer.data.sources import ChatPreference, Conversation, get_source
 from jaxformer.data.tokenizers import ByteTokenizer
 from jaxformer.errors import DataError
 
@@ -159,3 +160,18 @@ def test_dpo_on_conversational_pairs_through_the_cli(chat_run, tmp_path):
        f'--config.data.source=jsonl:{FIXTURES}/preferences_{{split}}.jsonl')
   evals = [r for r in map(json.loads, open(tmp_path / 'dpo' / 'metrics.jsonl')) if 'eval_pairs' in r]
   assert evals and evals[-1]['eval_pairs'] > 0 and 0.0 <= evals[-1]['eval_reward_accuracy'] <= 1.0
+
+
+def test_grpo_on_conversational_prompts_through_the_cli(chat_run, tmp_path):
+  """Prompts as lists of messages (the online methods): rendered with the template's generation prompt."""
+  config = default_config()
+  config.align.method, config.data.source = 'grpo', f'jsonl:{FIXTURES}/rl_prompts_{{split}}.jsonl'
+  source = get_source(config, str(tmp_path / 'read'))
+  prompt, fields = PromptIterator(source, 'validation', 1, 0, shuffle=False).all()[0]
+  assert isinstance(prompt, list) and prompt[-1]['role'] == 'user' and 'answer' in fields
+  _cli('train.py', f'--workdir={tmp_path / "grpo"}', *TINY[:-1], f'--config.checkpoint.init_from={chat_run}',
+       '--config.align.method=grpo', '--config.align.reward_fn=benchmarks.preferences.rewards:exact_match',
+       '--config.align.prompts_per_step=2', '--config.align.num_generations=2', '--config.align.max_new_tokens=4',
+       '--config.data.pack=False', f'--config.data.source=jsonl:{FIXTURES}/rl_prompts_{{split}}.jsonl')
+  evals = [r for r in map(json.loads, open(tmp_path / 'grpo' / 'metrics.jsonl')) if 'eval_prompts' in r]
+  assert evals and evals[-1]['eval_prompts'] == 20 and 0.0 <= evals[-1]['eval_reward_mean'] <= 1.0

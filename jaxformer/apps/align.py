@@ -36,6 +36,7 @@ from jaxformer import flops as flops_lib
 from jaxformer import resolve as resolve_lib
 from jaxformer import sharding as shd
 from jaxformer.align import losses, rl, value
+from jaxformer.data import chat
 from jaxformer.apps import evaluate
 from jaxformer.apps import train as train_app
 from jaxformer.apps.rewards import Rewards
@@ -76,6 +77,7 @@ class OnlineTrainer(train_app.Trainer):
     self.log.step_flops = flops_lib.train_flops_per_step(r.model, self.rows_per_step, seq, None) * int(
         a.updates_per_batch)
     self._warned_cut = False
+    self._chat_template: chat.ChatTemplate | None = None  # conversational prompts (prompt_texts)
 
   # ---------------------------------------------------------------------------------------- Trainer hooks
   def optimizer_section(self):
@@ -99,10 +101,21 @@ class OnlineTrainer(train_app.Trainer):
     return 1  # one rollout per call
 
   # ------------------------------------------------------------------------------------------- a rollout
+  def prompt_texts(self, prompts: list[str | list[dict]]) -> list[str]:
+    """Text prompts as they are; conversational ones (lists of messages) rendered with the chat template and its
+    generation prompt (chat.RenderedChat: the text the reward functions see, holding the template's ids)."""
+    if all(isinstance(p, str) for p in prompts):
+      return list(prompts)
+    if self._chat_template is None:
+      self._chat_template = chat.template_for(self.r.tokenizer, self.config.data.chat_template)
+    return [p if isinstance(p, str) else chat.generation_prompt(self.r.tokenizer, self._chat_template, p)
+            for p in prompts]
+
   def prompt_ids(self, texts: list[str]) -> list[list[int]]:
-    """BOS + prompt ids, cut to keep their last data.seq_len - align.max_new_tokens tokens."""
+    """BOS + prompt ids (a rendered conversation: its template's ids), cut to keep their last data.seq_len -
+    align.max_new_tokens tokens."""
     tok, room = self.r.tokenizer, int(self.config.data.seq_len) - int(self.config.align.max_new_tokens)
-    out = [tok.prompt(tok.encode(t)) for t in texts]
+    out = [[int(i) for i in t.ids] if isinstance(t, chat.RenderedChat) else tok.prompt(tok.encode(t)) for t in texts]
     if any(len(p) > room for p in out) and not self._warned_cut:
       self._warned_cut = True
       train_app._log(f'note: prompts longer than data.seq_len - align.max_new_tokens = {room} tokens keep their last '
@@ -127,7 +140,7 @@ class OnlineTrainer(train_app.Trainer):
   def rollout(self, step: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     a, g = self.config.align, int(self.config.align.num_generations)
     batch = next(self.train_iter)
-    texts = [p for p, _ in batch for _ in range(g)]
+    texts = self.prompt_texts([p for p, _ in batch for _ in range(g)])
     fields = [f for _, f in batch for _ in range(g)]
     prompts = self.prompt_ids(texts)
     params = self.state['params']
@@ -209,7 +222,7 @@ class _RewardEvaluator:
   def training_row(self, params: Any, rest: Any, *, final: bool) -> dict[str, float]:
     del rest, final
     t = self.trainer
-    texts = [p for p, _ in self.prompts]
+    texts = t.prompt_texts([p for p, _ in self.prompts])
     completions = t.sample(params, t.prompt_ids(texts), t.greedy, None)
     rewards = t.rewards(texts, t.texts(completions), [f for _, f in self.prompts])
     return {'eval_reward_mean': float(np.mean(rewards)), 'eval_reward_std': float(np.std(rewards)),

@@ -12,10 +12,15 @@ from typing import Any
 
 import numpy as np
 
-from jaxformer.data.sources import Prompt, Source
+from jaxformer.data.sources import ChatPrompt, Prompt, Source
 from jaxformer.errors import DataError
 
 FORMAT = 1
+
+
+def _prompt_of(example: Prompt) -> str | list[dict]:
+  """A prompt's text, or its messages (a conversational prompt: the caller renders them with the chat template)."""
+  return json.loads(example.prompt) if isinstance(example, ChatPrompt) else example.prompt
 
 
 class PromptIterator:
@@ -48,13 +53,13 @@ class PromptIterator:
         self.epoch, self.index = self.epoch + 1, 0
         self._order = self._permutation(self.epoch)
       example = self.examples[int(self._order[self.index])]
-      out.append((example.prompt, json.loads(example.fields)))
+      out.append((_prompt_of(example), json.loads(example.fields)))
       self.index += 1
     return out
 
   def all(self) -> list[tuple[str, dict[str, Any]]]:
     """Every prompt of the split, in file order (evaluation)."""
-    return [(e.prompt, json.loads(e.fields)) for e in self.examples]
+    return [(_prompt_of(e), json.loads(e.fields)) for e in self.examples]
 
   def get_state(self) -> dict[str, Any]:
     return {'format': FORMAT, 'kind': 'prompts', 'seed': self.seed, 'batch': self.batch,

@@ -33,7 +33,7 @@ import numpy as np
 
 from jaxformer.errors import DataError
 from jaxformer.data.objectives import sentinels_needed
-from jaxformer.data.sources import ChatPreference, Conversation, Preference, Prompt, Source, get_source
+from jaxformer.data.sources import ChatPreference, ChatPrompt, Conversation, Preference, Prompt, Source, get_source
 from jaxformer.special_tokens import BOS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, UNK_ID
 
 UNK_SAMPLE_EXAMPLES = 20000  # examples of a split (evenly strided) the unknown-character rate is measured on
@@ -412,8 +412,8 @@ def training_texts(source: Source, split: str, limit: int = MAX_TOKENIZER_EXAMPL
         for message in json.loads(example.messages):
           yield message['role']
           yield message['content']
-      elif isinstance(example, ChatPreference):
-        for side in example[:3]:
+      elif isinstance(example, (ChatPreference, ChatPrompt)):
+        for side in example[:3 if isinstance(example, ChatPreference) else 1]:
           for message in json.loads(side):
             yield message['role']
             yield message['content']

@@ -18,7 +18,7 @@ from typing import Any
 
 from jaxformer.errors import DataError, DataFileNotFoundError
 from jaxformer.data.sources import builtin, local, tfds
-from jaxformer.data.sources.base import (ChatPreference, Conversation, Example, Instruction, Labelled, ListSplit, Preference, Prompt,
+from jaxformer.data.sources.base import (ChatPreference, ChatPrompt, Conversation, Example, Instruction, Labelled, ListSplit, Preference, Prompt,
                                          Source, SourceFactory, Split, SPLIT_ALIASES, data_dir_for)
 from jaxformer.data.sources.builtin import (NUMBER_SPLITS, SyntheticLanguage, builtin_lm_entropy, number_to_words,
                                             synthetic_language)

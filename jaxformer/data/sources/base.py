@@ -63,6 +63,11 @@ class Prompt(NamedTuple):
   fields: str
 
 
+class ChatPrompt(Prompt):
+  """A prompt in the conversational format: `prompt` is the JSON list of the messages so far; it is rendered with
+  the chat template and its generation prompt before sampling (data/chat.py)."""
+
+
 # How a split name finds its files (local sources) after the exact name.
 SPLIT_ALIASES = {
     'train': ('train',),

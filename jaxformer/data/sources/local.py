@@ -471,7 +471,10 @@ def _prompts(paths: Sequence[str], config: Any) -> list[tuple[str, str]]:
   key = str(config.data.prompt_key)
   out = []
   for where, record in jsonl_records(paths, f'a {key!r} field'):
-    prompt = string_field(record, key, where, 'data.prompt_key', empty_ok=False)
+    if isinstance(record.get(key), list):  # conversational: the messages so far (rendered with the chat template)
+      prompt = json.dumps(chat.parse_messages(record[key], where), ensure_ascii=False)
+    else:
+      prompt = string_field(record, key, where, 'data.prompt_key', empty_ok=False)
     out.append((prompt, json.dumps({k: v for k, v in record.items() if k != key}, sort_keys=True)))
   return out
 
@@ -494,8 +497,8 @@ def make_jsonl_source(spec: str, pattern: str, config: Any, data_dir: str) -> So
     keys = tuple(map(str, keys_of(config)))
     read = functools.partial(reader, config=config)
     kind = examples
-    if examples == 'preference' and isinstance(_first_record(spec, pattern, config).get(keys[0]), list):
-      kind = 'chat_preference'  # TRL's conversational format: rendered with the chat template when tokenized
+    if examples in ('preference', 'prompts') and isinstance(_first_record(spec, pattern, config).get(keys[0]), list):
+      kind = f'chat_{examples}'  # TRL's conversational format: rendered with the chat template when tokenized
     description = f'jsonl source {spec} ({examples}: {", ".join(keys)})'
   elif examples == 'labelled':
     keys = _classification_keys(config) + (','.join(label_names(config)), str(config.model.num_classes))

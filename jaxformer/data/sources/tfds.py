@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from jaxformer.errors import DataError
-from jaxformer.data.sources.base import (ChatPreference, Conversation, Example, Instruction, Labelled, ListSplit, Preference, Prompt,
+from jaxformer.data.sources.base import (ChatPreference, ChatPrompt, Conversation, Example, Instruction, Labelled, ListSplit, Preference, Prompt,
                                          Source, Split)
 
 BUILDER_VERSION = '1.0.0'
@@ -55,7 +55,8 @@ _EXAMPLE = {'text': lambda values: values[0], 'pairs': tuple, 'instructions': la
             'labelled': lambda values: Labelled(values[0], values[1], int(values[2])),
             'preference': lambda values: Preference(values[0], values[1], values[2], float(values[3])),
             'chat_preference': lambda values: ChatPreference(values[0], values[1], values[2], float(values[3])),
-            'prompts': lambda values: Prompt(*values), 'conversations': lambda values: Conversation(values[0])}
+            'prompts': lambda values: Prompt(*values), 'chat_prompts': lambda values: ChatPrompt(*values),
+            'conversations': lambda values: Conversation(values[0])}
 
 
 class TfdsSplit(Split):
