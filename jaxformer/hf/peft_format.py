@@ -241,6 +241,104 @@ def read(directory: str, model_config: Any) -> Adapter:
   return PEFT_TYPES[kind](directory, config, model_config)
 
 
+@functools.lru_cache(maxsize=16)
+def _read_cached(directory: str, cfg: ModelConfig, stamp: float) -> Adapter:
+  del stamp  # part of the key: a rewritten adapter file is read again
+  return read(directory, cfg)
+
+
+def read_for(directory: str, model_config: Any) -> Adapter:
+  """read(), cached per directory and model (a run reads its adapters when it resolves and when it builds)."""
+  directory = os.path.abspath(os.path.expanduser(directory))
+  cfg = ModelConfig.from_config(model_config)
+  cfg = dataclasses.replace(cfg, vocab_size=max(cfg.vocab_size, 1), scan_layers=False)  # neither moves a factor
+  stamp = os.path.getmtime(os.path.join(directory, WEIGHTS_NAME)) if os.path.isfile(
+      os.path.join(directory, WEIGHTS_NAME)) else 0.0
+  return _read_cached(directory, cfg, stamp)
+
+
+# ----------------------------------------------------------------------- the run's adapters (peft section)
+def named_values(key: str, value: str, what: str) -> dict[str, str]:
+  """'name:x,name2:y' -> {name: x}; one line for a malformed item or a repeated name."""
+  out: dict[str, str] = {}
+  for item in (i.strip() for i in str(value).split(',') if i.strip()):
+    name, sep, rest = item.partition(':')
+    if not sep or not name.strip() or not rest.strip():
+      raise ConfigError(f'{key}={value!r}: {item!r} is not name:{what}; write {key}=name:{what},name2:{what}.')
+    if name.strip() in out:
+      raise ConfigError(f'{key}={value!r} names {name.strip()!r} twice.')
+    out[name.strip()] = rest.strip()
+  return out
+
+
+def run_adapters(peft: Any, model_config: Any) -> list[tuple[str, Adapter, float]]:
+  """(name, adapter, weight) for each adapter the peft section loads: peft.adapter (named 'adapter', weight 1) or
+  peft.adapters with the weights of peft.adapter_weights (or 1 for peft.adapter_name / the first, 0 for the
+  others); [] when it loads none. One line for each inconsistent setting."""
+  if peft.adapter and peft.adapters:
+    raise ConfigError('peft.adapter and peft.adapters are both set; give one directory with peft.adapter, or '
+                      'several as peft.adapters=name:dir,...')
+  if peft.method not in ('none', 'lora') and (peft.adapter or peft.adapters):
+    raise ConfigError(f'peft.adapter(s) load LoRA adapters, but peft.method={peft.method}; drop peft.method '
+                      '(the adapter sets lora).')
+  if peft.adapter:
+    if peft.adapter_weights or peft.adapter_name:
+      raise ConfigError('peft.adapter_weights / peft.adapter_name pick among peft.adapters=name:dir,...; with one '
+                        'peft.adapter drop them.')
+    return [('adapter', read_for(peft.adapter, model_config), 1.0)]
+  if not peft.adapters:
+    if peft.adapter_weights or peft.adapter_name:
+      raise ConfigError('peft.adapter_weights / peft.adapter_name pick among peft.adapters, which is empty; set '
+                        'peft.adapters=name:dir,...')
+    return []
+  directories = named_values('peft.adapters', peft.adapters, 'dir')
+  weights_of = chosen_weights(peft, tuple(directories))
+  return [(name, read_for(d, model_config), weights_of[name]) for name, d in directories.items()]
+
+
+def chosen_weights(peft: Any, names: tuple[str, ...], adapter_name: str | None = None) -> dict[str, float]:
+  """{adapter name: weight} of peft.adapters: peft.adapter_weights, or 1 for `adapter_name` (default
+  peft.adapter_name, else the first) and 0 for the others."""
+  if adapter_name is None and peft.adapter_weights:
+    if peft.adapter_name:
+      raise ConfigError('peft.adapter_name picks one adapter and peft.adapter_weights combines them; set one.')
+    given = named_values('peft.adapter_weights', peft.adapter_weights, 'weight')
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+      raise ConfigError(f'peft.adapter_weights names {unknown[0]!r}, which peft.adapters lacks (it has '
+                        f'{", ".join(names)}).')
+    try:
+      return {n: float(given.get(n, 0.0)) for n in names}
+    except ValueError:
+      raise ConfigError(f'peft.adapter_weights={peft.adapter_weights!r}: a weight is not a number.') from None
+  chosen = adapter_name if adapter_name is not None else (peft.adapter_name or names[0])
+  if chosen not in names:
+    raise ConfigError(f'adapter {chosen!r} is not one of peft.adapters ({", ".join(names)}).')
+  return {n: float(n == chosen) for n in names}
+
+
+def settings_for(peft: Any, model_config: Any) -> dict[str, Any]:
+  """The peft keys (method, rank, alpha, targets) the run's adapters decide; {} when it loads none."""
+  adapters = run_adapters(peft, model_config)
+  return lora_section([a for _, a, _ in adapters]) if adapters else {}
+
+
+def run_lora_params(peft: Any, model_config: Any, shapes: dict[str, tuple[int, ...]],
+                    adapter_name: str | None = None) -> dict[str, np.ndarray]:
+  """Our LoRA parameters {path: array} (unrolled layout) for the run's adapters, in a model whose parameter
+  shapes are `shapes` ({path: shape}, unrolled) and whose peft section is `peft` (after settings_for): one
+  adapter's own factors (kernels it does not update keep their fresh initialisation), or the weighted block
+  combination of several (adapter_name: that one alone, for a per-request choice)."""
+  adapters = run_adapters(peft, model_config)
+  if not adapters:
+    return {}
+  if adapter_name is not None:
+    weights_of = chosen_weights(peft, tuple(n for n, _, _ in adapters), adapter_name)
+    adapters = [(n, a, weights_of[n]) for n, a, _ in adapters]
+  return combine([(a, w) for _, a, w in adapters], float(peft.alpha) / int(peft.rank), lora_kernels(shapes),
+                 zeros_for_missing=len(adapters) > 1)
+
+
 # --------------------------------------------------------------------------------- into our LoRA parameters
 def combine(adapters: list[tuple[Adapter, float]], scale: float, kernels: dict[str, tuple[tuple[int, ...], int]],
             *, zeros_for_missing: bool) -> dict[str, np.ndarray]:
@@ -351,7 +449,7 @@ def write_lora(directory: str, params: dict[str, np.ndarray], model_config: Any,
   config = {
       'peft_type': 'LORA', 'task_type': _task_type(cfg), 'base_model_name_or_path': base_model or None,
       'r': int(rank), 'lora_alpha': float(alpha), 'lora_dropout': float(dropout), 'use_rslora': False,
-      'target_modules': _target_modules(written, list(table)), 'fan_in_fan_out': conv1d, 'bias': 'none',
+      'target_modules': _target_modules(written, _modules(cfg)), 'fan_in_fan_out': conv1d, 'bias': 'none',
       'modules_to_save': None, 'rank_pattern': rank_pattern, 'alpha_pattern': alpha_pattern,
       'init_lora_weights': True, 'inference_mode': True, 'use_dora': False, 'layers_to_transform': None,
       'revision': None,
@@ -367,6 +465,12 @@ def _task_type(cfg: ModelConfig) -> str | None:
   if cfg.head != 'lm':
     return None
   return {'decoder_only': 'CAUSAL_LM', 'encoder_decoder': 'SEQ_2_SEQ_LM'}.get(cfg.arch)
+
+
+def _modules(cfg: ModelConfig) -> list[str]:
+  """Every Hugging Face module with a weight in the family's checkpoint (what target_modules is matched against)."""
+  rules = families.for_model(cfg).tensors(dataclasses.replace(cfg, scan_layers=False))
+  return [r.hf[:-len('.weight')] for r in rules if r.hf.endswith('.weight')]
 
 
 def _target_modules(written: list[str], every: list[str]) -> list[str]:
