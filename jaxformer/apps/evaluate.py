@@ -43,7 +43,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -62,6 +62,7 @@ from jaxformer import sharding as shd
 from jaxformer import voting
 from jaxformer.errors import UserError
 from jaxformer.evaluation import Evaluator, eval_steps
+from jaxformer.hf import peft_format
 from jaxformer.apps import attention_map
 from jaxformer.apps import harness as harness_app
 from jaxformer.apps.rewards import RewardModel
@@ -369,14 +370,45 @@ class Request:
   tasks: Any = None  # harness: the lm-evaluation-harness tasks (harness.TaskSet), resolved before the restore
   start: float = 0.0  # perf_counter when the request arrived
   target: str | None = None  # attention, encoder_decoder: the decoder's text (None: the model's translation)
+  adapters: tuple[str, ...] = ()  # generate: each prompt's adapter of peft.adapters (a .jsonl's "adapter" fields)
 
 
-def _prompts_of_file(path: str) -> tuple[str, ...]:
-  """--input for generate: a .jsonl file of {"prompt": ...} lines, or any other file: one prompt per line."""
+def _prompts_of_file(path: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """--input for generate: a .jsonl file of {"prompt": ...} lines, or any other file: one prompt per line ->
+  (prompts, each prompt's "adapter" field: a name of peft.adapters, '' = the configured one)."""
   lines = _read_lines(path)
   if not path.endswith('.jsonl'):
-    return tuple(lines)
-  return tuple(row['prompt'] for row in _jsonl_rows(path, ('prompt',)))
+    return tuple(lines), ()
+  rows = [(data_lib.string_field(record, 'prompt', where, None),
+           data_lib.string_field(record, 'adapter', where, None) if 'adapter' in record else '')
+          for where, record in data_lib.jsonl_records([path], "'prompt' fields")]
+  adapters = tuple(a for _, a in rows)
+  return tuple(p for p, _ in rows), adapters if any(adapters) else ()
+
+
+def _per_adapter(r: Restored, prompts: Sequence[str], adapters: Sequence[str],
+                 decode: Callable[[Sequence[str]], list]) -> list:
+  """decode(prompts) with each prompt's adapter of peft.adapters (its "adapter" field; '' = the configured
+  choice): the prompts are grouped by adapter and the model's LoRA factors set to each in turn; the base stays
+  loaded once. Results come back in the prompts' order."""
+  peft = r.config.peft
+  if not peft.adapters:
+    raise EvalError('--input has "adapter" fields, which pick among peft.adapters; set '
+                    '--config.peft.adapters=name:dir,... (Hugging Face peft LoRA directories).')
+  names = tuple(peft_format.named_values('peft.adapters', peft.adapters, 'dir'))
+  unknown = sorted({a for a in adapters if a and a not in names})
+  if unknown:
+    raise EvalError(f'--input: adapter {unknown[0]!r} is not one of peft.adapters ({", ".join(names)}).')
+  out: list = [None] * len(prompts)
+  groups: dict[str, list[int]] = {}
+  for i, name in enumerate(adapters):
+    groups.setdefault(name, []).append(i)
+  for name, rows in groups.items():
+    state_lib.select_adapter(r.model, r.config, name or None)
+    for i, result in zip(rows, decode([prompts[i] for i in rows])):
+      out[i] = result
+  state_lib.select_adapter(r.model, r.config, None)  # back to the configured choice
+  return out
 
 
 def _jsonl_rows(path: str, keys: Sequence[str]) -> list[dict[str, str]]:
@@ -440,6 +472,9 @@ def generate(r: Restored, q: Request) -> dict[str, Any]:
   details: list[dict] | None = None
   several: list[list[str]] | None = None
   if decode.num_samples > 1:
+    if q.adapters:
+      raise EvalError('"adapter" fields in --input pick an adapter per prompt for plain decoding; drop them, or '
+                      'decode.num_samples.')
     if not decode.reward_model and not decode.answer_pattern:
       raise EvalError(f'decode.num_samples={decode.num_samples} picks one of N samples: set '
                       '--config.decode.reward_model=<a model.head=reward workdir> (best-of-N by reward) or '
@@ -458,14 +493,19 @@ def generate(r: Restored, q: Request) -> dict[str, Any]:
       details = self_consistency(r, q.prompts)
       texts = [d.pop('output') for d in details]
   elif decode.num_return_sequences > 1:
-    several = complete(r, q.prompts)
+    several = (_per_adapter(r, q.prompts, q.adapters, lambda ps: complete(r, ps)) if q.adapters
+               else complete(r, q.prompts))
     texts = [group[0] for group in several]
+  elif q.adapters:
+    texts = _per_adapter(r, q.prompts, q.adapters, lambda ps: generate_texts(r, ps))
   else:
     texts = generate_texts(r, q.prompts)
   if q.input_path and q.output:
     lines = []
     for i, (p, t) in enumerate(zip(q.prompts, texts)):
       row = {'prompt': p, 'outputs': several[i]} if several else {'prompt': p, 'output': t}
+      if q.adapters:
+        row['adapter'] = q.adapters[i]
       lines.append(json.dumps({**row, **(details[i] if details else {})}))
     _write_lines(q.output, lines)
     _log(f'generated {len(texts)} completions -> {q.output}')
@@ -484,6 +524,8 @@ def generate(r: Restored, q: Request) -> dict[str, Any]:
              'prompts': list(q.prompts), 'outputs': texts}
   if several:
     results['sequences'] = several
+  if q.adapters:
+    results['adapters'] = list(q.adapters)
   if details and decode.reward_model:
     results.update(num_samples=int(decode.num_samples), reward_model=str(decode.reward_model),
                    rewards=[d['reward'] for d in details], samples=[d['samples'] for d in details],
@@ -758,9 +800,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int
           'translate': 'one source sentence per line).', 'reward': 'a .jsonl file of {"prompt", "response"} lines).',
           'embed': 'one text per line, or a .jsonl file of {"text": ...} lines).'}[mode])
     lines = tuple(_read_lines(input_path))  # before the (slow) restore: a bad file fails fast
+  adapters: tuple[str, ...] = ()
   if mode == 'generate':
     if input_path:
-      prompt = _prompts_of_file(input_path)
+      prompt, adapters = _prompts_of_file(input_path)
     elif prompt is None:
       raise EvalError('--mode=generate needs --prompt=TEXT or --input=FILE (.txt: one prompt per line; .jsonl: '
                       '{"prompt": ...} lines).')
@@ -786,7 +829,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int
     checkpoint_step = None
   request = Request(split=split, output=output, prompts=(prompt,) if isinstance(prompt, str) else tuple(prompt or ()),
                     input_path=input_path, lines=lines, bleu=bleu, tasks=task_set, start=time.perf_counter(),
-                    target=target)
+                    target=target, adapters=adapters)
   r = restore(config, workdir, checkpoint_step=checkpoint_step, overrides=overrides,
               split=split if mode == 'score' else None)
   head = heads.head_of(r.config.model)
