@@ -260,3 +260,71 @@ def test_adapter_weights_and_names_are_checked():
   assert peft_format.chosen_weights(peft, ('a', 'b'), 'b') == {'a': 0.0, 'b': 1.0}
   with pytest.raises(ConfigError, match='is not name:dir'):
     peft_format.named_values('peft.adapters', 'a=x', 'dir')
+
+
+# ----------------------------------------------------------------------------------- the command lines
+def _cli(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600, env=ENV)
+
+
+def _error_lines(out: subprocess.CompletedProcess) -> list[str]:
+  return [line for line in out.stderr.splitlines() if line.strip() and not line.startswith('WARNING')]
+
+
+def test_train_from_a_peft_adapter_then_export_it_back(tmp_path):
+  """train.py --config.peft.adapter=DIR starts the LoRA from the adapter (rank, alpha, targets from its config);
+  `python -m jaxformer.hf export --adapter` writes it back as peft's files (one step at lr 1e-9 changes nothing
+  visible)."""
+  text = tmp_path / 'text.txt'
+  text.write_text('First Citizen:\nBefore we proceed any further, hear me speak.\n' * 20)
+  workdir, out = tmp_path / 'run', tmp_path / 'adapter_out'
+  llama = HF_FIXTURES / 'llama'
+  run = _cli('train.py', f'--config=configs/hf.py:{llama}', f'--workdir={workdir}', f'--config.data.source=text:{text}',
+             f'--config.peft.adapter={PEFT_FIXTURES / "llama_lora"}', '--config.train.learning_rate=1e-9',
+             '--config.train.num_steps=1', '--config.train.batch_size=2', '--config.data.seq_len=16',
+             '--config.train.eval_steps=1', '--config.checkpoint.async_save=False')
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert "peft.rank=4, peft.alpha=8.0" in run.stdout
+  export = _cli('-m', 'jaxformer.hf', 'export', f'--workdir={workdir}', f'--output={out}', '--adapter')
+  assert export.returncode == 0, export.stderr[-2000:]
+  assert 'wrote a peft LoRA adapter on 14 modules' in export.stdout
+  original = weights.read_file(str(PEFT_FIXTURES / 'llama_lora' / peft_format.WEIGHTS_NAME))
+  exported = weights.read_file(str(out / peft_format.WEIGHTS_NAME))
+  assert sorted(exported) == sorted(original)
+  for key, value in original.items():
+    np.testing.assert_allclose(exported[key], value, atol=1e-6, err_msg=key)
+  with open(out / peft_format.CONFIG_NAME) as f:
+    config = json.load(f)
+  assert (config['peft_type'], config['r'], config['lora_alpha'], config['task_type']) == ('LORA', 4, 8.0, 'CAUSAL_LM')
+  assert config['base_model_name_or_path'] == str(llama)
+
+
+def test_eval_generate_picks_an_adapter_per_prompt(tmp_path):
+  """Two adapters on one base, loaded once; each .jsonl line's "adapter" picks one, a line without one gets
+  peft.adapter_name's. (That a chosen adapter decodes as itself merged: test_chosen_adapter_decodes_as_...)"""
+  rows = tmp_path / 'rows.jsonl'
+  rows.write_text(''.join(json.dumps(r) + '\n' for r in (
+      {'prompt': 'First Citizen:', 'adapter': 'a'}, {'prompt': 'First Citizen:', 'adapter': 'b'},
+      {'prompt': 'First Citizen:'}, {'prompt': 'Before we', 'adapter': 'a'})))
+  output = tmp_path / 'out.jsonl'
+  run = _cli('eval.py', f'--config=configs/hf.py:{HF_FIXTURES / "llama"}', f'--workdir={tmp_path / "w"}',
+             '--mode=generate', f'--input={rows}', f'--output={output}', '--config.decode.max_len=8',
+             f'--config.peft.adapters=a:{PEFT_FIXTURES / "llama_lora"},b:{PEFT_FIXTURES / "llama_lora_qv"}',
+             '--config.peft.adapter_name=b')
+  assert run.returncode == 0, run.stderr[-2000:]
+  got = [json.loads(line) for line in output.read_text().splitlines()]
+  assert [g['adapter'] for g in got] == ['a', 'b', '', 'a']
+  assert got[0]['output'] != got[1]['output']
+  assert got[2]['output'] == got[1]['output']  # adapter_name=b
+
+
+def test_adapter_for_another_base_is_one_line_at_start_up():
+  from jaxformer import resolve, settings as settings_lib  # pylint: disable=import-outside-toplevel
+  config = settings_lib.default_config()
+  config.model = hf.model_section(str(HF_FIXTURES / 'llama'))
+  config.checkpoint.init_from = f'hf:{HF_FIXTURES / "llama"}'
+  config.peft.adapter = str(PEFT_FIXTURES / 'gpt2_lora')
+  with pytest.raises(ConfigError, match='transformer.h.0.attn.c_attn, which is not an attention or MLP projection of '
+                                        'this llama model') as e:
+    resolve.checked_config(config)
+  assert '\n' not in str(e.value)

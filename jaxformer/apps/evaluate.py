@@ -804,6 +804,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int
   if mode == 'generate':
     if input_path:
       prompt, adapters = _prompts_of_file(input_path)
+      if adapters and not config.peft.adapters:  # before the (slow) restore
+        raise EvalError(f'--input={input_path} has "adapter" fields, which pick among peft.adapters; set '
+                        '--config.peft.adapters=name:dir,... (Hugging Face peft LoRA directories).')
     elif prompt is None:
       raise EvalError('--mode=generate needs --prompt=TEXT or --input=FILE (.txt: one prompt per line; .jsonl: '
                       '{"prompt": ...} lines).')

@@ -11,6 +11,10 @@ GPT-2 / Llama / Qwen2: `score`). A decoder's class needs pad_token_id in config.
 each row at its last token that is not the pad id; it is the tokenizer's pad id, or its eos id when it has none
 (jaxformer's own tokenizers: 0). When it is the eos id a note says that transformers then reads rows ending in that
 EOS, as jaxformer frames reward rows, one token early.
+
+With --adapter, a peft.method=lora run is written as a Hugging Face peft LoRA adapter instead
+(adapter_config.json + adapter_model.safetensors, hf/peft_format.py) that `PeftModel.from_pretrained` loads onto
+its base (checkpoint.init_from's hf:<dir>, written as base_model_name_or_path) with the run's logits.
 """
 from __future__ import annotations
 
@@ -114,7 +118,11 @@ def export_adapter(workdir: str, output: str, step: int | None = None) -> list[s
 
 
 def main(argv: list[str]) -> None:
-  parser = argparse.ArgumentParser(prog='python -m jaxformer.hf', description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(
+      prog='python -m jaxformer.hf', description=__doc__.splitlines()[0],
+      epilog='export --workdir=RUN --output=DIR: the merged model (config.json + model.safetensors); add --adapter '
+             'for a LoRA run\'s factors as a Hugging Face peft adapter (adapter_config.json + '
+             'adapter_model.safetensors).')
   commands = parser.add_subparsers(dest='command', required=True)
   p = commands.add_parser('export', help='a training run -> a Hugging Face directory')
   p.add_argument('--workdir', required=True, help='the directory train.py wrote')
