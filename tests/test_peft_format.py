@@ -319,10 +319,9 @@ def test_eval_generate_picks_an_adapter_per_prompt(tmp_path):
 
 
 def test_adapter_for_another_base_is_one_line_at_start_up():
-  from jaxformer import resolve, settings as settings_lib  # pylint: disable=import-outside-toplevel
-  config = settings_lib.default_config()
-  config.model = hf.model_section(str(HF_FIXTURES / 'llama'))
-  config.checkpoint.init_from = f'hf:{HF_FIXTURES / "llama"}'
+  from configs import hf as hf_recipe  # pylint: disable=import-outside-toplevel
+  from jaxformer import resolve  # pylint: disable=import-outside-toplevel
+  config = hf_recipe.get_config(str(HF_FIXTURES / 'llama'))
   config.peft.adapter = str(PEFT_FIXTURES / 'gpt2_lora')
   with pytest.raises(ConfigError, match='transformer.h.0.attn.c_attn, which is not an attention or MLP projection of '
                                         'this llama model') as e:

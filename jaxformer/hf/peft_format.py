@@ -159,27 +159,27 @@ def _pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) -
   return default
 
 
-def _check_lora_config(directory: str, config: dict[str, Any]) -> None:
+def _check_lora_config(directory: str, adapter_json: dict[str, Any]) -> None:
   unsupported = [('use_dora', True, 'DoRA'), ('lora_bias', True, 'a LoRA bias')]
   for key, bad, what in unsupported:
-    if config.get(key) == bad:
+    if adapter_json.get(key) == bad:
       raise ConfigError(f'{directory}: {key}={bad} ({what}) has no jaxformer counterpart; jaxformer reads plain '
                         'LoRA adapters (merge it into the base with peft first).')
-  if config.get('bias', 'none') != 'none':
-    raise ConfigError(f'{directory}: bias={config["bias"]!r} trains biases as well; jaxformer reads LoRA adapters '
+  if adapter_json.get('bias', 'none') != 'none':
+    raise ConfigError(f'{directory}: bias={adapter_json["bias"]!r} trains biases as well; jaxformer reads LoRA adapters '
                       'with bias="none".')
   for key in ('target_parameters', 'trainable_token_indices', 'layer_replication'):
-    if config.get(key):
-      raise ConfigError(f'{directory}: {key}={config[key]!r} has no jaxformer counterpart; jaxformer reads LoRA on '
+    if adapter_json.get(key):
+      raise ConfigError(f'{directory}: {key}={adapter_json[key]!r} has no jaxformer counterpart; jaxformer reads LoRA on '
                         'the attention and MLP projections.')
-  if config.get('modules_to_save'):
-    raise ConfigError(f'{directory}: modules_to_save={config["modules_to_save"]} (fully trained modules) is not '
+  if adapter_json.get('modules_to_save'):
+    raise ConfigError(f'{directory}: modules_to_save={adapter_json["modules_to_save"]} (fully trained modules) is not '
                       'read; jaxformer reads the LoRA factors only (export the merged model with peft instead).')
 
 
-def read_lora(directory: str, config: dict[str, Any], model_config: Any) -> Adapter:
+def read_lora(directory: str, adapter_json: dict[str, Any], model_config: Any) -> Adapter:
   """A peft LoRA directory -> Adapter in the layout of `model_config` (our model section of its base)."""
-  _check_lora_config(directory, config)
+  _check_lora_config(directory, adapter_json)
   cfg = ModelConfig.from_config(model_config)
   table = projections(cfg)
   family = families.for_model(cfg)
@@ -188,7 +188,7 @@ def read_lora(directory: str, config: dict[str, Any], model_config: Any) -> Adap
     found = [f for f in os.listdir(directory) if f.startswith('adapter_model')]
     raise ConfigError(f'{directory} has no {WEIGHTS_NAME}' + (f' (it has {", ".join(found)}: save it with '
                                                              'safe_serialization=True)' if found else '') + '.')
-  r, alpha, rslora = int(config['r']), float(config['lora_alpha']), bool(config.get('use_rslora', False))
+  r, alpha, rslora = int(adapter_json['r']), float(adapter_json['lora_alpha']), bool(adapter_json.get('use_rslora', False))
   scaling = (lambda a, rank: a / math.sqrt(rank)) if rslora else (lambda a, rank: a / rank)
   pairs: dict[str, dict[str, np.ndarray]] = {}
   for key, value in weights.read_file(path).items():
@@ -216,7 +216,7 @@ def read_lora(directory: str, config: dict[str, Any], model_config: Any) -> Adap
     if a_hf.shape != (rank, in_size) or b_hf.shape != (out_size, rank):
       raise ConfigError(f'{directory}: {module} lora_A {a_hf.shape} / lora_B {b_hf.shape} do not fit its weight '
                         f'[{out_size}, {in_size}]; the adapter was made for another base (checkpoint.init_from).')
-    scale = scaling(float(_pattern_value(config.get('alpha_pattern'), proj.module, alpha)), rank)
+    scale = scaling(float(_pattern_value(adapter_json.get('alpha_pattern'), proj.module, alpha)), rank)
     for kernel, shape, n, (lo, hi) in zip(proj.ours, proj.shapes, proj.in_dims, proj.out_slices):
       a = a_hf.T.reshape(*shape[:n], rank)
       b = b_hf[lo:hi].T.reshape(rank, *shape[n:])
@@ -233,12 +233,12 @@ def read(directory: str, model_config: Any) -> Adapter:
   """The adapter in `directory` for a base whose model section is `model_config`; one ConfigError line when its
   peft_type, options or modules have no jaxformer counterpart."""
   directory = os.path.expanduser(directory)
-  config = read_config(directory)
-  kind = str(config.get('peft_type', '')).upper()
+  adapter_json = read_config(directory)
+  kind = str(adapter_json.get('peft_type', '')).upper()
   if kind not in PEFT_TYPES:
-    raise ConfigError(f'{directory}: peft_type {config.get("peft_type")!r} is not read; jaxformer reads '
+    raise ConfigError(f'{directory}: peft_type {adapter_json.get("peft_type")!r} is not read; jaxformer reads '
                       f'{", ".join(PEFT_TYPES)} adapters.')
-  return PEFT_TYPES[kind](directory, config, model_config)
+  return PEFT_TYPES[kind](directory, adapter_json, model_config)
 
 
 @functools.lru_cache(maxsize=16)
