@@ -327,3 +327,16 @@ def test_adapter_for_another_base_is_one_line_at_start_up():
                                         'this llama model') as e:
     resolve.checked_config(config)
   assert '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('peft_section,model,message', [
+    ({'method': 'prompt'}, {}, 'is a peft.method=prompt run'),
+    ({'method': 'lora', 'train_extra': 'norm'}, {}, "peft.train_extra='norm'"),
+    ({'method': 'lora'}, {'head': 'reward'}, 'model.head=reward'),
+])
+def test_export_adapter_refuses_what_a_lora_adapter_cannot_hold(peft_section, model, message, tmp_path):
+  from jaxformer.apps import export  # pylint: disable=import-outside-toplevel
+  (tmp_path / 'config.json').write_text(json.dumps({'peft': peft_section, 'model': model}))
+  with pytest.raises(ConfigError, match=message) as e:
+    export.export_adapter(str(tmp_path), str(tmp_path / 'out'))
+  assert '\n' not in str(e.value)
