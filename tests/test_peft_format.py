@@ -5,7 +5,8 @@ tiny fixtures of tests/fixtures/hf (gpt2: fused c_attn + Conv1D; llama: all proj
 with rank_pattern / alpha_pattern; t5 v1.1: self + cross attention and the gated MLP) and the logits peft +
 transformers give with them. That peft loads what jaxformer exports, with jaxformer's logits, was checked offline
 by the same script's `check` mode on tests/fixtures/peft/make_exports.py's directories: the result is in
-tests/fixtures/peft/check_result.txt. No torch here.
+tests/fixtures/peft/check_result.txt. No torch here. Runtime: about 70 s of CPU (three CLI runs: train + export
+--adapter, eval.py with two adapters) on 2 cores.
 """
 import json
 import os
