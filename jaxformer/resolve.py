@@ -130,6 +130,11 @@ def fill_adapter_settings(config: ml_collections.ConfigDict) -> None:
   """peft.adapter / peft.adapters (Hugging Face peft LoRA directories) decide peft.method, rank, alpha and targets:
   the adapter's own (several: the sum of their ranks, scale 1), set here once (a note names what changed)."""
   values = peft_format.settings_for(config.peft, config.model)
+  if values:  # the saved config must work from any directory
+    peft = config.peft
+    peft.adapter = os.path.abspath(os.path.expanduser(peft.adapter)) if peft.adapter else ''
+    peft.adapters = ','.join(f'{name}:{os.path.abspath(os.path.expanduser(d))}' for name, d in
+                             peft_format.named_values('peft.adapters', peft.adapters, 'dir').items())
   changed = {k: v for k, v in values.items() if config.peft[k] != v}
   if changed and jax.process_index() == 0:
     print('note: the LoRA adapter(s) set ' + ', '.join(f'peft.{k}={v!r}' for k, v in changed.items()), flush=True)
