@@ -203,6 +203,11 @@ def get_config() -> ml_collections.ConfigDict:
   peft.adapter_dim = 64  # adapter: bottleneck width
   peft.num_prompt_tokens = 20  # prompt: soft tokens prepended to the (encoder) input
   peft.train_extra = ''  # also train parameters whose path contains one of these words, e.g. 'norm,bias,head'
+  # Hugging Face peft LoRA directories (jaxformer/hf/peft_format.py); either sets method/rank/alpha/targets itself
+  peft.adapter = ''  # one adapter directory: its factors start the LoRA (then train further, or eval)
+  peft.adapters = ''  # name:dir,name2:dir2: several adapters on one base (pick with adapter_name / adapter_weights)
+  peft.adapter_weights = ''  # name:w,...: apply sum_i w_i * scale_i * A_i B_i of peft.adapters ('' = adapter_name)
+  peft.adapter_name = ''  # the one adapter of peft.adapters to apply ('' = the first; eval.py: per request too)
 
   # ---------------------------------------------------------------- align
   # Learning from preferences and from a reward (jaxformer/align). The reference model is the run's

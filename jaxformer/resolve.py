@@ -23,6 +23,7 @@ from jaxformer import compilation_cache, data as data_lib
 from jaxformer import settings as settings_lib
 from jaxformer import sharding as shd
 from jaxformer.config import ConfigError, ModelConfig, validate
+from jaxformer.hf import peft_format
 from jaxformer.model import config as model_config
 from jaxformer.model import layout_convert
 from jaxformer.training import checkpoint as ckpt_lib
@@ -125,6 +126,21 @@ def check_train_values(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'train.max_bad_steps={max_bad!r} must be a positive integer.')
 
 
+def fill_adapter_settings(config: ml_collections.ConfigDict) -> None:
+  """peft.adapter / peft.adapters (Hugging Face peft LoRA directories) decide peft.method, rank, alpha and targets:
+  the adapter's own (several: the sum of their ranks, scale 1), set here once (a note names what changed)."""
+  values = peft_format.settings_for(config.peft, config.model)
+  if values:  # the saved config must work from any directory
+    peft = config.peft
+    peft.adapter = os.path.abspath(os.path.expanduser(peft.adapter)) if peft.adapter else ''
+    peft.adapters = ','.join(f'{name}:{os.path.abspath(os.path.expanduser(d))}' for name, d in
+                             peft_format.named_values('peft.adapters', peft.adapters, 'dir').items())
+  changed = {k: v for k, v in values.items() if config.peft[k] != v}
+  if changed and jax.process_index() == 0:
+    print('note: the LoRA adapter(s) set ' + ', '.join(f'peft.{k}={v!r}' for k, v in changed.items()), flush=True)
+  config.peft.update(values)
+
+
 def checked_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A private, unlocked copy of `config` with every key (configs/default.py's values under it), validated (once)
   on a process ready to touch devices."""
@@ -132,6 +148,7 @@ def checked_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   host_memory.keep_freed_memory()  # XLA:CPU's per-call temp buffers: no page faults every step
   shd.maybe_initialize_distributed(config)  # before anything touches a device
   validate(config)
+  fill_adapter_settings(config)
   compilation_cache.enable(config.train.compilation_cache_dir)  # before anything compiles
   check_train_values(config)
   return config

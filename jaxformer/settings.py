@@ -106,6 +106,10 @@ class PeftSettings:
   adapter_dim: int
   num_prompt_tokens: int
   train_extra: str
+  adapter: str
+  adapters: str
+  adapter_weights: str
+  adapter_name: str
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,7 +43,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -63,6 +63,7 @@ from jaxformer import voting
 from jaxformer.data import chat
 from jaxformer.errors import UserError
 from jaxformer.evaluation import Evaluator, eval_steps
+from jaxformer.hf import peft_format
 from jaxformer.apps import attention_map
 from jaxformer.apps import harness as harness_app
 from jaxformer.apps.rewards import RewardModel
@@ -372,25 +373,56 @@ class Request:
   tasks: Any = None  # harness: the lm-evaluation-harness tasks (harness.TaskSet), resolved before the restore
   start: float = 0.0  # perf_counter when the request arrived
   target: str | None = None  # attention, encoder_decoder: the decoder's text (None: the model's translation)
+  adapters: tuple[str, ...] = ()  # generate: each prompt's adapter of peft.adapters (a .jsonl's "adapter" fields)
 
 
 def _prompts_of_file(path: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-  """--input for generate -> (prompts, conversations as JSON): a .jsonl file of {"prompt": ...} lines or of
-  {"messages": [...]} lines (conversations, continued with the chat template), or any other file: one prompt per
+  """--input for generate -> (prompts, conversations as JSON, each line's "adapter" field): a .jsonl file of
+  {"prompt": ...} lines or of {"messages": [...]} lines (conversations, continued with the chat template), each
+  optionally with an "adapter" (a name of peft.adapters; '' = the configured one); any other file: one prompt per
   line."""
   lines = _read_lines(path)
   if not path.endswith('.jsonl'):
-    return tuple(lines), ()
+    return tuple(lines), (), ()
   records = list(data_lib.jsonl_records([path], 'a "prompt" field or a "messages" list'))
+  adapters = tuple(data_lib.string_field(record, 'adapter', where, None) if 'adapter' in record else ''
+                   for where, record in records)
+  adapters = adapters if any(adapters) else ()
   if records and 'messages' in records[0][1]:
-    return (), tuple(json.dumps(chat.parse_messages(record.get('messages'), where)) for where, record in records)
-  return tuple(row['prompt'] for row in _jsonl_rows(path, ('prompt',))), ()
+    conversations = tuple(json.dumps(chat.parse_messages(record.get('messages'), where)) for where, record in records)
+    return (), conversations, adapters
+  return tuple(data_lib.string_field(record, 'prompt', where, None) for where, record in records), (), adapters
 
 
 def _chat_prompts(r: Restored, conversations: Sequence[str]) -> tuple[chat.RenderedChat, ...]:
   """Conversations (JSON message lists) rendered with the run's chat template for the next assistant message."""
   template = chat.template_for(r.tokenizer, r.config.data.chat_template)
   return tuple(chat.generation_prompt(r.tokenizer, template, json.loads(c)) for c in conversations)
+
+
+def _per_adapter(r: Restored, prompts: Sequence[str], adapters: Sequence[str],
+                 decode: Callable[[Sequence[str]], list]) -> list:
+  """decode(prompts) with each prompt's adapter of peft.adapters (its "adapter" field; '' = the configured
+  choice): the prompts are grouped by adapter and the model's LoRA factors set to each in turn; the base stays
+  loaded once. Results come back in the prompts' order."""
+  peft = r.config.peft
+  if not peft.adapters:
+    raise EvalError('--input has "adapter" fields, which pick among peft.adapters; set '
+                    '--config.peft.adapters=name:dir,... (Hugging Face peft LoRA directories).')
+  names = tuple(peft_format.named_values('peft.adapters', peft.adapters, 'dir'))
+  unknown = sorted({a for a in adapters if a and a not in names})
+  if unknown:
+    raise EvalError(f'--input: adapter {unknown[0]!r} is not one of peft.adapters ({", ".join(names)}).')
+  out: list = [None] * len(prompts)
+  groups: dict[str, list[int]] = {}
+  for i, name in enumerate(adapters):
+    groups.setdefault(name, []).append(i)
+  for name, rows in groups.items():
+    state_lib.select_adapter(r.model, r.config, name or None)
+    for i, result in zip(rows, decode([prompts[i] for i in rows])):
+      out[i] = result
+  state_lib.select_adapter(r.model, r.config, None)  # back to the configured choice
+  return out
 
 
 def _jsonl_rows(path: str, keys: Sequence[str]) -> list[dict[str, str]]:
@@ -456,6 +488,9 @@ def generate(r: Restored, q: Request) -> dict[str, Any]:
   details: list[dict] | None = None
   several: list[list[str]] | None = None
   if decode.num_samples > 1:
+    if q.adapters:
+      raise EvalError('"adapter" fields in --input pick an adapter per prompt for plain decoding; drop them, or '
+                      'decode.num_samples.')
     if not decode.reward_model and not decode.answer_pattern:
       raise EvalError(f'decode.num_samples={decode.num_samples} picks one of N samples: set '
                       '--config.decode.reward_model=<a model.head=reward workdir> (best-of-N by reward) or '
@@ -474,8 +509,11 @@ def generate(r: Restored, q: Request) -> dict[str, Any]:
       details = self_consistency(r, q.prompts)
       texts = [d.pop('output') for d in details]
   elif decode.num_return_sequences > 1:
-    several = complete(r, q.prompts)
+    several = (_per_adapter(r, q.prompts, q.adapters, lambda ps: complete(r, ps)) if q.adapters
+               else complete(r, q.prompts))
     texts = [group[0] for group in several]
+  elif q.adapters:
+    texts = _per_adapter(r, q.prompts, q.adapters, lambda ps: generate_texts(r, ps))
   else:
     texts = generate_texts(r, q.prompts)
   if q.input_path and q.output:
@@ -484,6 +522,8 @@ def generate(r: Restored, q: Request) -> dict[str, Any]:
       row = {'prompt': p, 'outputs': several[i]} if several else {'prompt': p, 'output': t}
       if isinstance(p, chat.RenderedChat):
         row = {'messages': p.messages, **row}
+      if q.adapters:
+        row['adapter'] = q.adapters[i]
       lines.append(json.dumps({**row, **(details[i] if details else {})}))
     _write_lines(q.output, lines)
     _log(f'generated {len(texts)} completions -> {q.output}')
@@ -502,6 +542,8 @@ def generate(r: Restored, q: Request) -> dict[str, Any]:
              'prompts': list(q.prompts), 'outputs': texts}
   if several:
     results['sequences'] = several
+  if q.adapters:
+    results['adapters'] = list(q.adapters)
   if details and decode.reward_model:
     results.update(num_samples=int(decode.num_samples), reward_model=str(decode.reward_model),
                    rewards=[d['reward'] for d in details], samples=[d['samples'] for d in details],
@@ -778,11 +820,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int
           'embed': 'one text per line, or a .jsonl file of {"text": ...} lines).'}[mode])
     lines = tuple(_read_lines(input_path))  # before the (slow) restore: a bad file fails fast
   conversations: tuple[str, ...] = ()
+  adapters: tuple[str, ...] = ()
   if chat_prompts and mode != 'generate':
     raise EvalError('--chat renders each --prompt as a user message for --mode=generate; drop it here.')
   if mode == 'generate':
     if input_path:
-      prompt, conversations = _prompts_of_file(input_path)
+      prompt, conversations, adapters = _prompts_of_file(input_path)
+      if adapters and not config.peft.adapters:  # before the (slow) restore
+        raise EvalError(f'--input={input_path} has "adapter" fields, which pick among peft.adapters; set '
+                        '--config.peft.adapters=name:dir,... (Hugging Face peft LoRA directories).')
     elif prompt is None:
       raise EvalError('--mode=generate needs --prompt=TEXT or --input=FILE (.txt: one prompt per line; .jsonl: '
                       '{"prompt": ...} or {"messages": [...]} lines).')
@@ -811,7 +857,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int
     checkpoint_step = None
   request = Request(split=split, output=output, prompts=(prompt,) if isinstance(prompt, str) else tuple(prompt or ()),
                     conversations=conversations, input_path=input_path, lines=lines, bleu=bleu, tasks=task_set,
-                    start=time.perf_counter(), target=target)
+                    start=time.perf_counter(), target=target, adapters=adapters)
   r = restore(config, workdir, checkpoint_step=checkpoint_step, overrides=overrides,
               split=split if mode == 'score' else None)
   head = heads.head_of(r.config.model)

@@ -11,6 +11,10 @@ GPT-2 / Llama / Qwen2: `score`). A decoder's class needs pad_token_id in config.
 each row at its last token that is not the pad id; it is the tokenizer's pad id, or its eos id when it has none
 (jaxformer's own tokenizers: 0). When it is the eos id a note says that transformers then reads rows ending in that
 EOS, as jaxformer frames reward rows, one token early.
+
+With --adapter, a peft.method=lora run is written as a Hugging Face peft LoRA adapter instead
+(adapter_config.json + adapter_model.safetensors, hf/peft_format.py) that `PeftModel.from_pretrained` loads onto
+its base (checkpoint.init_from's hf:<dir>, written as base_model_name_or_path) with the run's logits.
 """
 from __future__ import annotations
 
@@ -26,6 +30,8 @@ from jaxformer import settings as settings_lib
 from jaxformer import sharding as shd
 from jaxformer.data.hf_tokenizer import NONE, HFTokenizer
 from jaxformer.errors import ConfigError, UserError
+from jaxformer.hf import peft_format
+from jaxformer.model import layout_convert
 from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import state as state_lib
 
@@ -78,15 +84,59 @@ def export(workdir: str, output: str, step: int | None = None) -> str:
   return model_type
 
 
+def export_adapter(workdir: str, output: str, step: int | None = None) -> list[str]:
+  """Writes `workdir`'s LoRA factors (a peft.method=lora run) as a Hugging Face peft adapter directory
+  (adapter_config.json + adapter_model.safetensors, hf/peft_format.py) for its base's Hugging Face family; returns
+  the module names. What a LoRA adapter cannot hold (other trained parameters, a task head) is one line."""
+  saved = ckpt_lib.saved_config(workdir, step)
+  if saved is None:
+    raise ConfigError(f'--workdir={workdir} has no config.json; point it at a directory train.py wrote.')
+  config = settings_lib.upgrade_saved(saved)
+  peft = config.peft
+  if peft.method != 'lora':
+    raise ConfigError(f'--adapter writes LoRA factors, but --workdir={workdir} is a peft.method={peft.method} run '
+                      '(peft format: LoRA only); export the whole model without --adapter.')
+  if peft.train_extra:
+    raise ConfigError(f'--workdir={workdir} also trained base parameters (peft.train_extra={peft.train_extra!r}), '
+                      'which a LoRA adapter cannot hold; export the merged model without --adapter.')
+  if config.model.head != 'lm':
+    raise ConfigError(f'--workdir={workdir} trained a model.head={config.model.head} output layer as well, which '
+                      'this LoRA export does not write (peft modules_to_save); export the merged model without '
+                      '--adapter.')
+  config.mesh.update(data=-1, fsdp=1, expert=1, tensor=1)
+  settings = settings_lib.from_config(resolve_lib.checked_config(config))
+  mesh = shd.make_mesh(settings)
+  model, _ = state_lib.restore_model(workdir, settings, mesh, shd.rules_from_config(settings), step=step)
+  params = layout_convert.to_flat_layout(hf.model_params(model), scanned=False)
+  base = str(settings.checkpoint.init_from)
+  base = base[len(hf.PREFIX):] if base.startswith(hf.PREFIX) else base
+  if not str(settings.checkpoint.init_from).startswith(hf.PREFIX):
+    print(f'note: the base is {base or "the seed"}, not a Hugging Face directory; peft loads this adapter onto '
+          'that base exported with python -m jaxformer.hf export (without --adapter).')
+  return peft_format.write_lora(output, params, settings.model, rank=settings.peft.rank, alpha=settings.peft.alpha,
+                                dropout=settings.peft.dropout, base_model=base)
+
+
 def main(argv: list[str]) -> None:
-  parser = argparse.ArgumentParser(prog='python -m jaxformer.hf', description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(
+      prog='python -m jaxformer.hf', description=__doc__.splitlines()[0],
+      epilog='export --workdir=RUN --output=DIR: the merged model (config.json + model.safetensors); add --adapter '
+             'for a LoRA run\'s factors as a Hugging Face peft adapter (adapter_config.json + '
+             'adapter_model.safetensors).')
   commands = parser.add_subparsers(dest='command', required=True)
   p = commands.add_parser('export', help='a training run -> a Hugging Face directory')
   p.add_argument('--workdir', required=True, help='the directory train.py wrote')
   p.add_argument('--output', required=True, help='the Hugging Face directory to write')
   p.add_argument('--checkpoint_step', type=int, default=None, help='default: the newest checkpoint')
+  p.add_argument('--adapter', action='store_true',
+                 help='a peft.method=lora run: write only its LoRA factors as a Hugging Face peft adapter '
+                      '(adapter_config.json + adapter_model.safetensors) for its base, instead of the merged model')
   args = parser.parse_args(argv)
   cli.quiet_logging()
+  if args.adapter:
+    modules = cli.guarded(lambda: export_adapter(args.workdir, args.output, args.checkpoint_step))
+    print(f'wrote a peft LoRA adapter on {len(modules)} modules to {args.output}')
+    return
   try:
     model_type = cli.guarded(lambda: export(args.workdir, args.output, args.checkpoint_step))
   except ValueError as e:  # a setting without a Hugging Face counterpart (families.py raises ValueError)

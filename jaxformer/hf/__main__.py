@@ -1,4 +1,4 @@
-"""python -m jaxformer.hf export --workdir=W --output=DIR [--checkpoint_step=N]: the command line of
+"""python -m jaxformer.hf export --workdir=W --output=DIR [--checkpoint_step=N] [--adapter]: the command line of
 jaxformer/apps/export.py (an application; the jaxformer.hf library below it knows nothing of training runs)."""
 import sys
 

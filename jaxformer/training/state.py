@@ -43,6 +43,7 @@ from jaxformer import settings as settings_lib
 from jaxformer import sharding as shd
 from jaxformer.errors import ConfigError
 from jaxformer.heads import HEAD_FIELDS
+from jaxformer.hf import peft_format
 from jaxformer.model import build_model as build_base_model
 from jaxformer.model import layout_convert
 from jaxformer.training import checkpoint as ckpt_lib
@@ -148,10 +149,38 @@ def run_reference(config: Any, setup: TrainSetup, state: dict, resumed: bool) ->
 
 
 def with_base(config: Any, params: nnx.State, abstract_params: nnx.State) -> nnx.State:
-  """`params` with the base model's part (all but the PEFT modules) replaced by checkpoint.init_from's."""
-  if not config.checkpoint.init_from:
+  """`params` with the base model's part (all but the PEFT modules) replaced by checkpoint.init_from's, and the
+  LoRA factors by peft.adapter(s)' (with_adapters)."""
+  if config.checkpoint.init_from:
+    params = nnx.merge_state(params, init_from_params(config, peft_lib.base_params(abstract_params)))
+  return with_adapters(config, params, abstract_params)
+
+
+def _unrolled_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+  _, abstract, _ = split_model(nnx.eval_shape(lambda: build_model(in_layout(config, False))))
+  return {'.'.join(map(str, p)): tuple(x.shape) for p, x in nnx.to_flat_state(abstract)}
+
+
+def with_adapters(config: Any, params: nnx.State, abstract_params: nnx.State,
+                  adapter_name: str | None = None) -> nnx.State:
+  """`params` with the LoRA factors of the Hugging Face peft directories peft.adapter / peft.adapters
+  (hf/peft_format.py: one adapter's own factors, or several combined by peft.adapter_weights / adapter_name;
+  adapter_name here: that one alone), placed on `abstract_params`' shardings in the model's layout."""
+  config = settings_lib.of(config)
+  if not (config.peft.adapter or config.peft.adapters):
     return params
-  return nnx.merge_state(params, init_from_params(config, peft_lib.base_params(abstract_params)))
+  values = peft_format.run_lora_params(config.peft, config.model, _unrolled_shapes(config), adapter_name)
+  if config.model.scan_layers:
+    values = layout_convert.to_flat_layout(values, scanned=True)
+  return nnx.merge_state(params, hf.with_params(abstract_params, values))
+
+
+def select_adapter(model: nnx.Module, config: Any, adapter_name: str) -> None:
+  """Sets the model's LoRA factors to the adapter `adapter_name` of peft.adapters alone (the base and the other
+  parameters stay): a per-request choice with the base loaded once."""
+  params = nnx.state(model, nnx.Param)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
+  nnx.update(model, with_adapters(config, params, abstract, adapter_name))
 
 
 # ----------------------------------------------------------------------------------------------- 2. init_from
