@@ -806,7 +806,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int
   DIR/eval_<split>_step<N>.json, copied to DIR/eval.json: the latest);
   encoder_decoder adds bleu, sacrebleu_signature, direction (over the same examples the loss covers, or the
   whole split with train.eval_steps=-1; bleu=False skips decoding). generate: `prompt` text(s) -> printed
-  continuations (chat_prompts: each prompt is a user message, rendered with the chat template). translate: the lines of `input_path` -> printed, or written one per line to `output`. attention:
+  continuations (chat_prompts: each prompt is a user message, rendered with the chat template). translate: the
+  lines of `input_path` -> printed, or written one per line to `output`. attention:
   one `prompt` (and for encoder_decoder optionally the decoder's `target` text) -> heat maps or arrays in `output`.
   `overrides`: dotted config keys the user set explicitly (see the module docstring).
   """
