@@ -103,13 +103,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'{", ".join(bad)} must be a multiple of train.steps_per_call={k} (steps run {k} per call); '
                         f'use multiples of {k} or set train.steps_per_call=1.')
 
-  for axis in ('data', 'fsdp', 'expert', 'tensor'):
+  for axis in ('data', 'fsdp', 'sequence', 'expert', 'tensor'):
     size = mesh[axis]
     if not isinstance(size, int) or (size <= 0 and size != -1):
       raise ConfigError(f'mesh.{axis}={size!r} must be a positive integer, or -1 for the remaining devices.')
-  if [mesh.data, mesh.fsdp, mesh.expert, mesh.tensor].count(-1) > 1:
-    raise ConfigError('only one of mesh.data, mesh.fsdp, mesh.expert, mesh.tensor may be -1 (the remaining '
-                      'devices).')
+  if [mesh.data, mesh.fsdp, mesh.sequence, mesh.expert, mesh.tensor].count(-1) > 1:
+    raise ConfigError('only one of mesh.data, mesh.fsdp, mesh.sequence, mesh.expert, mesh.tensor may be -1 (the '
+                      'remaining devices).')
+  check_sequence_lengths(config, mesh.sequence)
   if mesh.expert not in (1, -1) and config.model.num_experts and config.model.num_experts % mesh.expert:
     raise ConfigError(f'mesh.expert={mesh.expert} does not divide model.num_experts={config.model.num_experts}; '
                       'pick mesh.expert from its divisors so each device holds whole experts.')
