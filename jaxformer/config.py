@@ -25,6 +25,20 @@ __all__ = ['ConfigError', 'ModelConfig', 'validate', 'validate_model']
 DISTRIBUTED = ('auto', 'on', 'off')
 
 
+def check_sequence_lengths(config: ml_collections.ConfigDict, n: int) -> None:
+  """A 'sequence' mesh axis of n devices (context parallelism) splits every row's length into n equal pieces: each
+  length the model trains on must divide (n = -1: resolved with the mesh, and resolve.resolve checks again)."""
+  if n in (1, -1):
+    return
+  lengths = [('data.seq_len', config.data.seq_len)]
+  if config.model.arch == 'encoder_decoder':
+    lengths.append(('data.src_seq_len', config.data.src_seq_len))
+  for key, length in lengths:
+    if length % n:
+      raise ConfigError(f'{key}={length} is not divisible by mesh.sequence={n} (context parallelism splits each row '
+                        f'into {n} equal pieces); use a multiple of {n}, or another mesh.sequence.')
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks the whole config (every key present: settings.fill) before anything expensive happens."""
   validate_model(config.model)
