@@ -142,6 +142,38 @@ def test_activations_split_along_length_and_greedy_decoding_matches_one_device()
   np.testing.assert_array_equal(got, want)
 
 
+def test_encoder_decoder_with_relative_bias_on_a_sequence_mesh():
+  """Both stacks and the cross-attention split along their own lengths (source 16, target 8), T5's relative bias
+  split by query rows, padded source rows: the logits of one device."""
+  config = tiny_config(impl='chunked', data=2, sequence=4)
+  one_config = tiny_config(impl='chunked')
+  for c in (config, one_config):
+    c.model.update(arch='encoder_decoder', position='relative')
+  model, mesh, rules = _model_on(config)
+  one_model, _, _ = _model_on(one_config)
+  rng = np.random.default_rng(2)
+  batch = {'src_tokens': rng.integers(3, 64, (4, 16)).astype(np.int32),
+           'tgt_tokens': rng.integers(3, 64, (4, 8)).astype(np.int32)}
+  batch['src_tokens'][0, -5:] = 0
+  calls = []
+  real = attention.context_parallel_attention
+
+  def spy(*args, **kwargs):
+    calls.append(args[4])
+    return real(*args, **kwargs)
+
+  attention.context_parallel_attention = spy
+  try:
+    with shd.mesh_context(mesh, rules):
+      logits = nnx.jit(lambda m, b: m(**b))(model, shd.shard_batch(batch, mesh, rules))
+  finally:
+    attention.context_parallel_attention = real
+  assert len(calls) == 3  # encoder self-attention, decoder self- and cross-attention
+  assert logits.sharding.spec[1] == 'sequence'
+  want = one_model(**{k: jnp.asarray(v) for k, v in batch.items()})
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(want), atol=2e-5)
+
+
 @pytest.mark.parametrize('window', [None, 5])
 def test_chunked_kernel_on_a_slice_of_the_queries(window):
   """What each device computes: queries [o, o + t) against all keys, causal and windowed by absolute index
