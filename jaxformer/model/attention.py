@@ -3,6 +3,12 @@
 Shapes follow `jax.nn.dot_product_attention` so no transposes are needed: q [B,T,N,H], k/v [B,S,K,H] with K kv
 heads dividing the N query heads, masks bool broadcastable to [B,N,T,S] (True = may attend), or a `SegmentMask`
 (the same mask kept as segment ids, so the chunked kernel never builds it whole).
+
+Context parallelism (mesh.sequence > 1, the 'length' logical axis split over devices): self- and cross-attention
+without a cache keep each device's queries and all-gather the keys / values (context_parallel_attention, a
+shard_map around whichever kernel runs). All-gather rather than a ring because with GQA the gathered K/V are
+num_heads / num_kv_heads times smaller than the queries that stay put, and it composes with every kernel, mask,
+window and bias unchanged; no causal load balancing (what that costs: context_parallel_attention's docstring).
 """
 from __future__ import annotations
 
@@ -13,7 +19,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
 from jax.sharding import PartitionSpec
 
 from jaxformer import logical
