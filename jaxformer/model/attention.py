@@ -458,8 +458,9 @@ def context_parallel_attention(q: Array, k: Array, v: Array, mask: Array | Segme
 
   No causal load balancing: device i holds queries [i T/n, (i+1) T/n). With model.attention_impl=chunked the kernel
   skips key blocks above the diagonal, so device i does about (2i + 1) / (2n) of a whole row's work and the last
-  device nearly all of it: the step waits for it, so context parallelism then gains up to ~2x less than balanced
-  chunks (each device an early and a late piece, MaxText's reordering) would, while memory still splits evenly.
+  device (2n - 1) / (2n) of it; the step waits for the last, so attention takes (2n - 1) / n times as long as with
+  balanced chunks (each device an early and a late piece, MaxText's reordering): 1.75x at n = 4, -> 2x for large n.
+  Memory still splits evenly.
   xla / reference compute every [T/n, S] block (masked), so every device does the same work. Reordering would mean
   permuting tokens, positions, segment ids and targets at the input; a later step.
 
