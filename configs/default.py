@@ -263,12 +263,15 @@ def get_config() -> ml_collections.ConfigDict:
   mesh = config.mesh = ml_collections.ConfigDict()
   mesh.data = -1  # -1 = all devices not used by the other axes
   mesh.fsdp = 1
+  # context parallelism: activations split along their length over this many devices; attention gathers keys /
+  # values across them (model/attention.py context_parallel_attention). data.seq_len (and src_seq_len) must divide.
+  mesh.sequence = 1
   mesh.expert = 1  # expert parallelism: a MoE model's experts split over this many devices (model/moe.py)
   mesh.tensor = 1
   # Logical axis name -> mesh axis (or axes). The one place sharding is declared.
   mesh.logical_axis_rules = (
       ('batch', ('data', 'fsdp')),
-      ('length', None),
+      ('length', 'sequence'),  # activations' length (the 'sequence' axis is in the mesh only when mesh.sequence > 1)
       ('vocab', 'tensor'),
       ('embed', 'fsdp'),
       ('mlp', 'tensor'),

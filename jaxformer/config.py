@@ -25,6 +25,20 @@ __all__ = ['ConfigError', 'ModelConfig', 'validate', 'validate_model']
 DISTRIBUTED = ('auto', 'on', 'off')
 
 
+def check_sequence_lengths(config: ml_collections.ConfigDict, n: int) -> None:
+  """A 'sequence' mesh axis of n devices (context parallelism) splits every row's length into n equal pieces: each
+  length the model trains on must divide (n = -1: resolved with the mesh, and resolve.resolve checks again)."""
+  if n in (1, -1):
+    return
+  lengths = [('data.seq_len', config.data.seq_len)]
+  if config.model.arch == 'encoder_decoder':
+    lengths.append(('data.src_seq_len', config.data.src_seq_len))
+  for key, length in lengths:
+    if length % n:
+      raise ConfigError(f'{key}={length} is not divisible by mesh.sequence={n} (context parallelism splits each row '
+                        f'into {n} equal pieces); use a multiple of {n}, or another mesh.sequence.')
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks the whole config (every key present: settings.fill) before anything expensive happens."""
   validate_model(config.model)
@@ -103,13 +117,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'{", ".join(bad)} must be a multiple of train.steps_per_call={k} (steps run {k} per call); '
                         f'use multiples of {k} or set train.steps_per_call=1.')
 
-  for axis in ('data', 'fsdp', 'expert', 'tensor'):
+  for axis in ('data', 'fsdp', 'sequence', 'expert', 'tensor'):
     size = mesh[axis]
     if not isinstance(size, int) or (size <= 0 and size != -1):
       raise ConfigError(f'mesh.{axis}={size!r} must be a positive integer, or -1 for the remaining devices.')
-  if [mesh.data, mesh.fsdp, mesh.expert, mesh.tensor].count(-1) > 1:
-    raise ConfigError('only one of mesh.data, mesh.fsdp, mesh.expert, mesh.tensor may be -1 (the remaining '
-                      'devices).')
+  if [mesh.data, mesh.fsdp, mesh.sequence, mesh.expert, mesh.tensor].count(-1) > 1:
+    raise ConfigError('only one of mesh.data, mesh.fsdp, mesh.sequence, mesh.expert, mesh.tensor may be -1 (the '
+                      'remaining devices).')
+  check_sequence_lengths(config, mesh.sequence)
   if mesh.expert not in (1, -1) and config.model.num_experts and config.model.num_experts % mesh.expert:
     raise ConfigError(f'mesh.expert={mesh.expert} does not divide model.num_experts={config.model.num_experts}; '
                       'pick mesh.expert from its divisors so each device holds whole experts.')

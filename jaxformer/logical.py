@@ -57,6 +57,21 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh, rules)))
 
 
+def context_axes(name: str = 'length') -> tuple[str, ...]:
+  """The mesh axes (present, of size > 1) the current rules split logical axis `name` over in an activation
+  [batch, name, ...]: its rule's axes less those 'batch' already takes (each mesh axis is used once per array, the
+  first dimension winning, as logical_to_spec). () outside a mesh context. With the default rules: ('sequence',)
+  when mesh.sequence > 1 (context parallelism), else ()."""
+  mesh = jax.sharding.get_abstract_mesh()
+  rules = core_spmd.get_logical_axis_rules()
+  if mesh.empty or not rules:
+    return ()
+  table = dict(rules)
+  as_tuple = lambda axes: () if axes is None else axes if isinstance(axes, tuple) else (axes,)  # noqa: E731
+  taken = set(as_tuple(table.get('batch')))
+  return tuple(a for a in as_tuple(table.get(name)) if a not in taken and mesh.shape.get(a, 1) > 1)
+
+
 # The activations' logical axes (names the rules table maps).
 HIDDEN = ('batch', 'length', 'embed')
 LOGITS = ('batch', 'length', 'vocab')

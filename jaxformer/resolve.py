@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from jaxformer import compilation_cache, data as data_lib
 from jaxformer import settings as settings_lib
 from jaxformer import sharding as shd
-from jaxformer.config import ConfigError, ModelConfig, validate
+from jaxformer.config import ConfigError, ModelConfig, check_sequence_lengths, validate
 from jaxformer.hf import peft_format
 from jaxformer.model import config as model_config
 from jaxformer.model import layout_convert
@@ -266,5 +266,6 @@ def resolve(config: ml_collections.ConfigDict, workdir: str, *, training: bool,
   settings = settings_lib.from_config(config)
   mesh = shd.make_mesh(settings)
   rules = shd.rules_from_config(settings)
+  check_sequence_lengths(config, mesh.shape.get('sequence', 1))  # mesh.sequence=-1, now resolved
   check_batch_sizes(settings, mesh, rules, training=training)
   return Resolved(settings, workdir, source, tokenizer, mesh, rules, eval_batch_size(settings))

@@ -162,6 +162,7 @@ class CheckpointSettings:
 class MeshSettings:
   data: int
   fsdp: int
+  sequence: int  # context parallelism (activations split along their length); in the mesh only when > 1
   expert: int  # expert parallelism (a mixture-of-experts model's experts); in the mesh only when > 1
   tensor: int
   logical_axis_rules: tuple

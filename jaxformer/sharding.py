@@ -1,10 +1,12 @@
 """Device mesh, logical-axis rules and the placement of parameters and batches.
 
-One mesh with axes ('data', 'fsdp', 'expert', 'tensor') serves every layout: pure data parallel is data=N, FSDP is
-fsdp=N, tensor parallel is tensor=N, expert parallelism (a mixture-of-experts model's stacked expert weights split
-over their 'expert' logical axis, model/moe.py) is expert=N, and mixes are products of those. The 'expert' axis is
-in the mesh only when mesh.expert > 1, so every other run keeps the three-axis mesh (and the compiled programs) it
-had; rules naming an axis the mesh lacks ignore it. Parameters carry logical axis names (the model's
+One mesh with axes ('data', 'fsdp', 'sequence', 'expert', 'tensor') serves every layout: pure data parallel is data=N,
+FSDP is fsdp=N, context parallelism (activations split along their length, attention gathering keys / values:
+model/attention.py's context_parallel_attention) is sequence=N, tensor parallel is tensor=N, expert parallelism (a
+mixture-of-experts model's stacked expert weights split over their 'expert' logical axis, model/moe.py) is
+expert=N, and mixes are products of those. The 'sequence' and 'expert' axes are in the mesh only when their size is
+> 1, so every other run keeps the three-axis mesh (and the compiled programs) it had; rules naming an axis the mesh
+lacks ignore it. Parameters carry logical axis names (the model's
 `nnx.with_partitioning` metadata, e.g. ('embed', 'vocab')) and `config.mesh.logical_axis_rules` maps each name to
 mesh axes, so changing the layout is a config change, never a code change.
 
@@ -29,8 +31,8 @@ from jaxformer.errors import ConfigError
 from jaxformer.data.layout import DataLayout
 from jaxformer.logical import logical_to_spec  # defined there: the model constrains activations with it too
 
-MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
-OPTIONAL_AXES = ('expert',)  # in the mesh only when their size is > 1
+MESH_AXES = ('data', 'fsdp', 'sequence', 'expert', 'tensor')
+OPTIONAL_AXES = ('sequence', 'expert')  # in the mesh only when their size is > 1
 Rules = Sequence[tuple[str, Any]]
 
 
@@ -79,12 +81,12 @@ def maybe_initialize_distributed(config) -> bool:
 
 # ----------------------------------------------------------------------------------------------------- mesh
 def mesh_shape(config, num_devices: int) -> tuple[int, ...]:
-  """Resolves config.mesh.{data,fsdp,expert,tensor} (one of them may be -1 = the remaining devices), in MESH_AXES
-  order."""
+  """Resolves config.mesh.{data,fsdp,sequence,expert,tensor} (one of them may be -1 = the remaining devices), in
+  MESH_AXES order."""
   sizes = [getattr(config.mesh, a) for a in MESH_AXES]
   if sizes.count(-1) > 1:
-    raise ConfigError('only one of mesh.data, mesh.fsdp, mesh.expert, mesh.tensor may be -1 (the remaining '
-                      'devices).')
+    raise ConfigError('only one of mesh.data, mesh.fsdp, mesh.sequence, mesh.expert, mesh.tensor may be -1 (the '
+                      'remaining devices).')
   if -1 in sizes:
     i = sizes.index(-1)
     known = math.prod(s for s in sizes if s != -1)
@@ -102,8 +104,8 @@ def mesh_shape(config, num_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """The ('data', 'fsdp', ['expert',] 'tensor') mesh ('expert' only when mesh.expert > 1). If it needs fewer
-  devices than there are, the first N are used."""
+  """The ('data', 'fsdp', ['sequence',] ['expert',] 'tensor') mesh ('sequence' / 'expert' only when their size
+  is > 1). If it needs fewer devices than there are, the first N are used."""
   devices = list(jax.devices() if devices is None else devices)
   sizes = mesh_shape(config, len(devices))
   names = tuple(a for a, n in zip(MESH_AXES, sizes) if n > 1 or a not in OPTIONAL_AXES)
@@ -239,8 +241,9 @@ def opt_state_shardings(opt_state_shape: Any, params: Any, params_shardings: Any
 
 
 # ---------------------------------------------------------------------------------------------------- batches
-def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
-  """Sharding of a [batch, length, ...] array: 'batch' rows over its mesh axes, the rest as 'length'/replicated."""
+def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2, length: int | None = None) -> NamedSharding:
+  """Sharding of a [batch, length, ...] array: 'batch' rows over its mesh axes, the rest as 'length'/replicated.
+  length: dimension 1's size, when known; one the 'length' axes (mesh.sequence) do not divide stays whole."""
   table = {name: _present(axes, mesh) for name, axes in rules}
   spec = [table.get('batch')]
   if ndim > 1:
@@ -250,14 +253,16 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
   b = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
   if ndim > 1 and spec[1] is not None:
     l = tuple(a for a in (spec[1] if isinstance(spec[1], tuple) else (spec[1],)) if a not in b)
-    spec[1] = l or None
+    if length is not None and length % math.prod(mesh.shape[a] for a in l):
+      l = ()
+    spec[1] = l[0] if len(l) == 1 else l or None
   return NamedSharding(mesh, PartitionSpec(*spec))
 
 
-def stacked_batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 3) -> NamedSharding:
+def stacked_batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 3, length: int | None = None) -> NamedSharding:
   """Sharding of [steps, batch, length, ...] (train.steps_per_call batches stacked): the leading axis unsharded,
   the rest as batch_sharding."""
-  return NamedSharding(mesh, PartitionSpec(None, *batch_sharding(mesh, rules, ndim - 1).spec))
+  return NamedSharding(mesh, PartitionSpec(None, *batch_sharding(mesh, rules, ndim - 1, length).spec))
 
 
 def batch_shards(mesh: Mesh, rules: Rules) -> int:
@@ -268,7 +273,8 @@ def batch_shards(mesh: Mesh, rules: Rules) -> int:
 
 
 def _present(axes: Any, mesh: Mesh) -> Any:
-  """A rule's mesh axes less those this mesh lacks (mesh.expert=1 leaves 'expert' out of the mesh)."""
+  """A rule's mesh axes less those this mesh lacks (mesh.expert=1 leaves 'expert' out of the mesh, mesh.sequence=1
+  'sequence')."""
   if axes is None:
     return None
   kept = tuple(a for a in (axes if isinstance(axes, tuple) else (axes,)) if a in mesh.shape)
@@ -332,10 +338,10 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules, layou
   for key, value in batch.items():
     value = np.asarray(value)
     if stacked:
-      sharding = stacked_batch_sharding(mesh, rules, value.ndim)
+      sharding = stacked_batch_sharding(mesh, rules, value.ndim, value.shape[2] if value.ndim > 2 else None)
       global_shape = (value.shape[0], value.shape[1] * count) + value.shape[2:]
     else:
-      sharding = batch_sharding(mesh, rules, value.ndim)
+      sharding = batch_sharding(mesh, rules, value.ndim, value.shape[1] if value.ndim > 1 else None)
       global_shape = (value.shape[0] * count,) + value.shape[1:]
     out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
   return out

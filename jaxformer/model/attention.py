@@ -3,6 +3,12 @@
 Shapes follow `jax.nn.dot_product_attention` so no transposes are needed: q [B,T,N,H], k/v [B,S,K,H] with K kv
 heads dividing the N query heads, masks bool broadcastable to [B,N,T,S] (True = may attend), or a `SegmentMask`
 (the same mask kept as segment ids, so the chunked kernel never builds it whole).
+
+Context parallelism (mesh.sequence > 1, the 'length' logical axis split over devices): self- and cross-attention
+without a cache keep each device's queries and all-gather the keys / values (context_parallel_attention, a
+shard_map around whichever kernel runs). All-gather rather than a ring because with GQA the gathered K/V are
+num_heads / num_kv_heads times smaller than the queries that stay put, and it composes with every kernel, mask,
+window and bias unchanged; no causal load balancing (what that costs: context_parallel_attention's docstring).
 """
 from __future__ import annotations
 
@@ -13,7 +19,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
+from jaxformer import logical
 from jaxformer.model import layers, positions
 
 Array = jax.Array
@@ -169,7 +177,7 @@ def with_window(mask: Array | SegmentMask | None, window: Any) -> Array | Segmen
   """A self-attention mask [B,1|N,T,T] (or SegmentMask) limited to the window (a Python int > 0, or a traced
   int32 scalar where <= 0 means none): query t keeps key s only if t - s < window."""
   if isinstance(mask, SegmentMask):
-    return SegmentMask(mask.q_segments, mask.kv_segments, mask.causal, window)
+    return SegmentMask(mask.q_segments, mask.kv_segments, mask.causal, window, mask.q_offset)
   t, s = mask.shape[-2:]
   return mask & window_band(jnp.arange(t), jnp.arange(s), window)
 
@@ -183,24 +191,28 @@ class SegmentMask:
   the blocks above the diagonal when causal). Every other kernel calls `dense()`.
   """
 
-  def __init__(self, q_segments: Array, kv_segments: Array, causal: bool, window: Any = None):
-    """window: sliding-window attention (with_window), None = none."""
+  def __init__(self, q_segments: Array, kv_segments: Array, causal: bool, window: Any = None, q_offset: Any = 0):
+    """window: sliding-window attention (with_window), None = none. q_offset: the index of the first query among
+    the keys (a device's slice of the queries under context parallelism: context_parallel_attention), 0 = the
+    queries and keys start together."""
     self.q_segments, self.kv_segments, self.causal, self.window = q_segments, kv_segments, causal, window
+    self.q_offset = q_offset
 
   def tree_flatten(self):
-    return (self.q_segments, self.kv_segments, self.window), self.causal
+    return (self.q_segments, self.kv_segments, self.window, self.q_offset), self.causal
 
   @classmethod
   def tree_unflatten(cls, causal, children):
-    q, kv, window = children
-    return cls(q, kv, causal, window)
+    q, kv, window, q_offset = children
+    return cls(q, kv, causal, window, q_offset)
 
   @property
   def shape(self) -> tuple[int, int, int, int]:
     return (self.q_segments.shape[0], 1, self.q_segments.shape[1], self.kv_segments.shape[1])
 
   def dense(self) -> Array:
-    return segment_mask(self.q_segments, self.kv_segments, causal=self.causal, window=self.window)[:, None]
+    return segment_mask(self.q_segments, self.kv_segments, causal=self.causal, q_start=self.q_offset,
+                        window=self.window)[:, None]
 
 
 def dense_mask(mask: Array | SegmentMask | None) -> Array | None:
@@ -228,16 +240,17 @@ def chunked_attention(q: Array, k: Array, v: Array, mask: Array | SegmentMask | 
   tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
   qg = _pad(q.reshape(b, t, kv_heads, n // kv_heads, h), 1, tp)
   k, v = _pad(k, 1, sp), _pad(v, 1, sp)
-  dense, q_seg, kv_seg, causal, window = None, None, None, False, None
+  dense, q_seg, kv_seg, causal, window, q_offset = None, None, None, False, None, jnp.zeros((), jnp.int32)
   if isinstance(mask, SegmentMask):  # padded ids are 0: padded keys and queries attend nothing
     q_seg, kv_seg, causal = _pad(mask.q_segments, 1, tp), _pad(mask.kv_segments, 1, sp), mask.causal
     window = None if mask.window is None else jnp.asarray(mask.window, jnp.int32)
+    q_offset = jnp.asarray(mask.q_offset, jnp.int32)
   elif mask is not None:
     mask = jnp.asarray(mask, bool)
     dense = _pad(_pad(jnp.broadcast_to(mask, mask.shape[:2] + (t, s)), 2, tp), 3, sp)
   if bias is not None:
     bias = _pad(_pad(jnp.broadcast_to(bias, bias.shape[:2] + (t, s)), 2, tp), 3, sp)
-  out = _flash(qg, k, v, bias, dense, q_seg, (kv_seg, window), (scale, causal, bq, bk, s, softcap))
+  out = _flash(qg, k, v, bias, dense, q_seg, (kv_seg, window, q_offset), (scale, causal, bq, bk, s, softcap))
   return out[:, :t].reshape(b, t, n, h)
 
 
@@ -259,9 +272,9 @@ def _grouped(x: Array, kv_heads: int) -> Array:
 def _block_logits_and_mask(qb, kb, bias, dense, q_seg, kv_seg, cfg, q0, k0):
   """The scaled (+ bias, soft-capped) float32 logits [B,K,G,bq,bk] of one block, masked logits set to _NEG, its mask,
   and d capped / d uncapped (1 - tanh^2; None without a cap). kv_seg: (key segment ids or None, the sliding window
-  or None)."""
+  or None, the index of the first query among the keys: SegmentMask.q_offset)."""
   scale, causal, bq, bk, s_len, softcap = cfg
-  kv_seg, window = kv_seg
+  kv_seg, window, q_offset = kv_seg
   kv_heads = kb.shape[2]
   logits = jnp.einsum('bqkgh,bskh->bkgqs', qb, kb, preferred_element_type=jnp.float32) * scale
   if bias is not None:
@@ -277,7 +290,7 @@ def _block_logits_and_mask(qb, kb, bias, dense, q_seg, kv_seg, cfg, q0, k0):
     mask = _grouped(jax.lax.dynamic_slice(dense, (0, 0, q0, k0), dense.shape[:2] + (bq, bk)), kv_heads)
   elif q_seg is not None:
     qs, ks = jax.lax.dynamic_slice_in_dim(q_seg, q0, bq, 1), jax.lax.dynamic_slice_in_dim(kv_seg, k0, bk, 1)
-    mask = segment_mask(qs, ks, causal=causal, q_start=q0, kv_start=k0, window=window)[:, None, None]
+    mask = segment_mask(qs, ks, causal=causal, q_start=q_offset + q0, kv_start=k0, window=window)[:, None, None]
   elif s_len % bk:  # no mask, but padded keys
     mask = (k0 + jnp.arange(bk) < s_len)[None, None, None, None]
   if mask is not None:
@@ -286,7 +299,8 @@ def _block_logits_and_mask(qb, kb, bias, dense, q_seg, kv_seg, cfg, q0, k0):
 
 
 def _kv_block_range(cfg, q0, num_kv_blocks):
-  """Key blocks [0, hi) a query block starting at q0 can see: all, or (causal) those not above the diagonal."""
+  """Key blocks [0, hi) a query block starting at (absolute index) q0 can see: all, or (causal) those not above the
+  diagonal."""
   _, causal, bq, bk, _, _ = cfg
   return jnp.minimum(num_kv_blocks, (q0 + bq - 1) // bk + 1) if causal else num_kv_blocks
 
@@ -300,13 +314,13 @@ def _kv_block_start(window, cfg, q0):
   return jnp.where(window > 0, jnp.maximum(0, q0 - window + 1) // bk, 0)
 
 
-def _q_block_end(window, cfg, k0, num_q_blocks):
+def _q_block_end(window, cfg, k0, num_q_blocks, q_offset):
   """One past the last query block that sees key block k0 under a sliding window: its queries t < k0 + bk - 1 +
-  window (all blocks without one)."""
+  window (all blocks without one). q_offset: the index of query 0 among the keys."""
   if window is None:
     return num_q_blocks
   _, _, bq, bk, _, _ = cfg
-  return jnp.where(window > 0, jnp.minimum(num_q_blocks, (k0 + bk + window - 2) // bq + 1), num_q_blocks)
+  return jnp.where(window > 0, jnp.minimum(num_q_blocks, (k0 + bk + window - 2 - q_offset) // bq + 1), num_q_blocks)
 
 
 def _flash_forward(q, k, v, bias, dense, q_seg, kv_seg, cfg):
@@ -335,8 +349,9 @@ def _flash_forward(q, k, v, bias, dense, q_seg, kv_seg, cfg):
 
     init = (jnp.full((b, kv_heads, g, bq), _NEG, jnp.float32), jnp.zeros((b, kv_heads, g, bq), jnp.float32),
             jnp.zeros((b, kv_heads, g, bq, h), jnp.float32))
-    m, l, acc = jax.lax.fori_loop(_kv_block_start(kv_seg[1], cfg, q0), _kv_block_range(cfg, q0, nk), kv_block,
-                                  init)
+    first_query = kv_seg[2] + q0  # its index among the keys (q_offset: a slice of the queries)
+    m, l, acc = jax.lax.fori_loop(_kv_block_start(kv_seg[1], cfg, first_query),
+                                  _kv_block_range(cfg, first_query, nk), kv_block, init)
     has_key = l > 0
     o = acc / jnp.where(has_key, l, 1.0)[..., None]  # rows with no allowed key: acc is 0, so 0
     out = jax.lax.dynamic_update_slice_in_dim(out, jnp.moveaxis(o, 3, 1).astype(out.dtype), q0, 1)
@@ -395,9 +410,11 @@ def _flash_bwd(cfg, residuals, d_out):
       dk_j = dk_j + jnp.einsum('bkgqs,bqkgh->bskh', ds, qb, preferred_element_type=jnp.float32)
       return dq, dk_j, dv_j, dbias
 
-    first = (k0 // bq) if causal else 0  # causal: query blocks that end before this key block see none of it
+    q_offset = kv_seg[2]
+    # causal: query blocks that end before this key block see none of it
+    first = jnp.maximum(0, (k0 - q_offset) // bq) if causal else 0
     zeros = jnp.zeros(kb.shape, jnp.float32)
-    last = _q_block_end(kv_seg[1], cfg, k0, nq)
+    last = _q_block_end(kv_seg[1], cfg, k0, nq, q_offset)
     dq, dk_j, dv_j, dbias = jax.lax.fori_loop(first, last, q_block, (dq, zeros, zeros, dbias))
     dk = jax.lax.dynamic_update_slice_in_dim(dk, dk_j, k0, 1)
     return dq, dk, jax.lax.dynamic_update_slice_in_dim(dv, dv_j, k0, 1), dbias
@@ -410,6 +427,81 @@ def _flash_bwd(cfg, residuals, d_out):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ------------------------------------------------------------------------------------------ context parallelism
+def context_parallel_axes(q_len: int, kv_len: int) -> tuple[str, ...]:
+  """The mesh axes the current logical rules split activations' 'length' over (mesh.sequence > 1 with the default
+  rules), or () where context_parallel_attention does not apply: no such axis, or a length they do not divide (a
+  one-token decoding step, a soft prompt's extra positions; those run as plain sharded code, which is correct)."""
+  axes = logical.context_axes('length')
+  if not axes:
+    return ()
+  n = math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in axes)
+  return axes if q_len % n == 0 and kv_len % n == 0 else ()
+
+
+def context_parallel_attention(q: Array, k: Array, v: Array, mask: Array | SegmentMask | None,
+                               axes: tuple[str, ...], *, implementation: str = 'xla', is_causal: bool = False,
+                               bias: Array | None = None, scale: float | None = None,
+                               softcap: float | None = None) -> Array:
+  """dot_product_attention with queries, keys and values split along their length over the mesh `axes` (context
+  parallelism): each device keeps its T / n queries, all-gathers the keys and values (and the key segment ids)
+  across `axes` and attends locally; the output stays split like the queries. Any implementation runs inside.
+
+  All-gather, not a ring (MaxText offers both; Llama 3 trained with all-gather): the keys and values are the small
+  side of attention (num_kv_heads <= num_heads: with GQA / MQA a gathered K/V is num_heads / num_kv_heads times
+  smaller than the queries, which never move), one collective per layer is simple to get right with any kernel,
+  sliding window, packing and soft-capping, and its backward is the matching reduce-scatter of dK / dV. A ring
+  would overlap the transfers with the block computations but needs a kernel of its own; at the lengths a CPU or a
+  few GPUs reach, the gathered K/V ([B, S, K, H] per layer) is small beside the activations that stay split.
+
+  No causal load balancing: device i holds queries [i T/n, (i+1) T/n). With model.attention_impl=chunked the kernel
+  skips key blocks above the diagonal, so device i does about (2i + 1) / (2n) of a whole row's work and the last
+  device (2n - 1) / (2n) of it; the step waits for the last, so attention takes (2n - 1) / n times as long as with
+  balanced chunks (each device an early and a late piece, MaxText's reordering): 1.75x at n = 4, -> 2x for large n.
+  Memory still splits evenly.
+  xla / reference compute every [T/n, S] block (masked), so every device does the same work. Reordering would mean
+  permuting tokens, positions, segment ids and targets at the input; a later step.
+
+  Positions and segment ids are per-token inputs split like the tokens, so packed rows and RoPE stay exact; causal
+  masking uses each device's query offset (SegmentMask.q_offset). mask: dense [B|1, N|1, T, S] (its T rows split)
+  or a SegmentMask (query ids split, key ids gathered); bias: [B|1, N, T|1, S] (T5's, its T rows split).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  n = math.prod(mesh.shape[a] for a in axes)
+  seq = axes[0] if len(axes) == 1 else axes
+  t_local = q.shape[1] // n
+  by_length = PartitionSpec(None, seq)
+  rows = lambda x: PartitionSpec(None, None, seq if x.shape[2] == q.shape[1] else None)  # noqa: E731  [B,N,T,S]
+  gather = lambda x: jax.lax.all_gather(x, axes, axis=1, tiled=True)  # noqa: E731
+
+  segments = isinstance(mask, SegmentMask)
+  window = mask.window if segments else None
+  static_window = window is None or isinstance(window, int)
+  args = {'q': q, 'k': k, 'v': v}
+  specs = {'q': by_length, 'k': by_length, 'v': by_length}
+  if segments:
+    args.update(q_seg=mask.q_segments, kv_seg=mask.kv_segments)
+    specs.update(q_seg=by_length, kv_seg=by_length)
+    if not static_window:  # a scanned stack's per-layer window: a traced scalar
+      args['window'], specs['window'] = jnp.asarray(window, jnp.int32), PartitionSpec()
+  elif mask is not None:
+    args['mask'], specs['mask'] = mask, rows(mask)
+  if bias is not None:
+    args['bias'], specs['bias'] = bias, rows(bias)
+
+  def local(a):
+    local_mask = a.get('mask')
+    if segments:
+      offset = jax.lax.axis_index(axes) * t_local
+      local_mask = SegmentMask(a['q_seg'], gather(a['kv_seg']), mask.causal,
+                               window if static_window else a['window'], offset)
+    return dot_product_attention(a['q'], gather(a['k']), gather(a['v']), local_mask, implementation=implementation,
+                                 bias=a.get("bias"), scale=scale, softcap=softcap)  # is_causal: cuDNN would assume query 0 = key 0
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(specs,), out_specs=by_length, axis_names=frozenset(axes),
+                       check_vma=False)(args)
 
 
 class Attention(nnx.Module):
@@ -501,8 +593,13 @@ class Attention(nnx.Module):
         # decoding: a few queries against a long cache; flash kernels gain nothing here (a long prefill off GPU
         # still goes chunked under auto, as without a cache)
         implementation = 'chunked' if implementation == 'auto' and _auto_chunked(q.shape[1], k.shape[1]) else 'xla'
-      out = dot_product_attention(q, k, v, mask, implementation=implementation, is_causal=causal, bias=bias,
-                                  scale=self.scale, softcap=self.softcap)
+      axes = () if cache is not None else context_parallel_axes(q.shape[1], k.shape[1])
+      if axes:  # mesh.sequence > 1: each device attends with its slice of the queries (context parallelism)
+        out = context_parallel_attention(q, k, v, mask, axes, implementation=implementation, is_causal=causal,
+                                         bias=bias, scale=self.scale, softcap=self.softcap)
+      else:
+        out = dot_product_attention(q, k, v, mask, implementation=implementation, is_causal=causal, bias=bias,
+                                    scale=self.scale, softcap=self.softcap)
     w = self.out[...].astype(self.dtype)  # [N,H,D]
     out = out.reshape(*out.shape[:-2], -1)
     y = layers.matmul(out, w.reshape(-1, w.shape[-1]))

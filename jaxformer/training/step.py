@@ -304,17 +304,20 @@ def make_train_step(config, setup: TrainSetup, steps_per_call: int = 1) -> Calla
   reference_sh = peft_lib.trainable(setup.state_shardings['params'], config.peft)
 
   def jitted_for(batch, reference):
-    keys = (tuple(sorted(batch)), reference is None)
+    # the shapes too: a length that mesh.sequence does not divide is placed whole (shd.batch_sharding)
+    keys = (tuple(sorted(batch)), reference is None, tuple(tuple(batch[k].shape) for k in sorted(batch)))
     if keys not in jitted:
       keys_of_batch = keys[0]
+      length = lambda x, dim: x.shape[dim] if x.ndim > dim else None  # noqa: E731
       if n_steps == 1:
-        batch_sh = {key: shd.batch_sharding(setup.mesh, setup.rules, batch[key].ndim) for key in keys_of_batch}
+        batch_sh = {key: shd.batch_sharding(setup.mesh, setup.rules, batch[key].ndim, length(batch[key], 1))
+                    for key in keys_of_batch}
       else:
         for key in keys_of_batch:
           if batch[key].shape[0] != n_steps:
             raise ValueError(f'steps_per_call={n_steps} needs batches stacked on a leading axis of size {n_steps}; '
                              f'{key!r} has shape {batch[key].shape}')
-        batch_sh = {key: shd.stacked_batch_sharding(setup.mesh, setup.rules, batch[key].ndim)
+        batch_sh = {key: shd.stacked_batch_sharding(setup.mesh, setup.rules, batch[key].ndim, length(batch[key], 2))
                     for key in keys_of_batch}
       jitted[keys] = jax.jit(fn, in_shardings=(setup.state_shardings, batch_sh,
                                                None if reference is None else reference_sh),
