@@ -33,6 +33,7 @@ class DataSettings:
   vocab_size: int
   spm_model_type: str
   spm_character_coverage: float
+  tokenizer_extra: str
   src_lang: str
   tgt_lang: str
   text_key: str
@@ -104,6 +105,7 @@ class PeftSettings:
   adapter_dim: int
   num_prompt_tokens: int
   train_extra: str
+  train_vocab: str
 
 
 @dataclasses.dataclass(frozen=True)
