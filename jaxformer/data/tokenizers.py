@@ -268,13 +268,16 @@ class CharTokenizer(Tokenizer):
   MASK_TEXT = '<mask>'
 
   def __init__(self, chars: Sequence[str]):
-    self.chars = list(chars)
+    self.chars = list(chars)  # the vocabulary built from the data (saved); added characters come after them
     self.vocab_size = NUM_SPECIAL + len(self.chars)
-    top = max([ord(c) for c in self.chars] + [0]) + 1
+    self._tables(self.chars)
+
+  def _tables(self, chars: list[str]) -> None:
+    top = max([ord(c) for c in chars] + [0]) + 1
     self._lut = np.full(top, UNK_ID, np.int32)
-    for i, c in enumerate(self.chars):
+    for i, c in enumerate(chars):
       self._lut[ord(c)] = NUM_SPECIAL + i
-    self._id_to_char = ['', '', '', self.UNK_TEXT, self.MASK_TEXT] + self.chars
+    self._id_to_char = ['', '', '', self.UNK_TEXT, self.MASK_TEXT] + chars
 
   @classmethod
   def build(cls, texts: Iterable[str]) -> CharTokenizer:
@@ -294,7 +297,7 @@ class CharTokenizer(Tokenizer):
 
   def token_utf8(self) -> list[bytes]:
     """<unk> decodes to UNK_TEXT (one character, 3 bytes); pad/bos/eos/<mask> to nothing."""
-    return [b'', b'', b'', self.UNK_TEXT.encode(), b''] + [c.encode('utf-8') for c in self.chars]
+    return [b'', b'', b'', self.UNK_TEXT.encode(), b''] + [c.encode('utf-8') for c in self._id_to_char[NUM_SPECIAL:]]
 
   def has_token(self, token: str) -> bool:
     return token in self._id_to_char[NUM_SPECIAL:]
@@ -305,7 +308,7 @@ class CharTokenizer(Tokenizer):
     if long:
       raise DataError(f'data.tokenizer_extra: a char tokenizer\'s tokens are single characters, not {long[0]!r}; '
                       'list characters, or use data.tokenizer=byte (which takes whole strings).')
-    self.__init__(self.chars + tokens)
+    self._tables(self.chars + list(self.extra_tokens) + tokens)
 
   def uncovered(self, texts: Iterable[str]) -> tuple[int, int, dict[str, int]]:
     """(unseen characters, all characters, counts of the unseen ones) over texts."""
