@@ -4,7 +4,7 @@ new rows, export writes the grown tokenizer and model).
 Reference numbers: tests/fixtures/hf/added_tokens.json, made by tests/fixtures/hf/make_added_tokens.py with
 transformers 5.25.0 (`add_tokens` ids for the gpt2, llama and bert fixtures; the rows `resize_token_embeddings`
 gives). The exported grown model loads in transformers with the same logits: tests/fixtures/hf/check_export.py
-`runs` + `check` (run_llama_vocab_extend: max |logits diff| 3.1e-6, exported tokenizer.json == jaxformer's ids for
+`runs` + `check` (run_llama_vocab_extend, 2026-12-06: max |logits diff| 4.65e-6; AutoTokenizer on the exported tokenizer.json gives jaxformer's ids for
 every text).
 """
 import json
