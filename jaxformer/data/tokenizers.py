@@ -678,6 +678,10 @@ def get_tokenizer(config: Any, workdir: str, *, source: Source | None = None) ->
   if TOKENIZERS[name].pretrained:  # e.g. hf:<dir>: read from its own directory, never trained or cached here
     return extend_from_workdir(TOKENIZERS[name].from_spec(kind), workdir, str(config.data.tokenizer_extra))
   sentinels = sentinels_needed(config)
+  if sentinels and str(config.data.tokenizer_extra):
+    raise DataError('data.tokenizer_extra cannot be combined with data.objective=span_corruption on a jaxformer '
+                    'tokenizer (its sentinel ids sit at the end of the vocabulary, where added tokens go); use '
+                    'data.objective=prefix_lm or split_middle, or an hf: tokenizer (named sentinels).')
   directory = tokenizer_dir(workdir)
   meta_path = os.path.join(directory, 'tokenizer.json')
   if os.path.exists(meta_path):
