@@ -39,6 +39,9 @@ ONE_DEVICE = {**os.environ, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu'}
 CORPUS = ('First Citizen: before we proceed any further, hear me speak. 你好，世界。天下大同，世界和平。\n' * 40)
 
 
+forward = nnx.jit(lambda model, ids: model(ids))  # one compiled program, not op by op
+
+
 def token_file(directory: pathlib.Path, tokens) -> str:
   path = directory / 'extra.txt'
   path.write_text('\n'.join(tokens) + '\n', encoding='utf-8')
@@ -135,11 +138,11 @@ def test_init_from_hf_grows_rows_as_transformers_and_keeps_old_logits(name, hf_e
     np.testing.assert_allclose(params['unembed.kernel'][:, old:].T, ref['output_new_rows'], atol=1e-4)
   # the base's inputs: its logits for the old tokens are transformers' (expected.json), the new ones all equal
   base = json.loads((FIXTURES / name / 'expected.json').read_text())
-  logits = np.asarray(model(jnp.asarray(base['input_ids'])))
+  logits = np.asarray(forward(model, jnp.asarray(base['input_ids'])))
   np.testing.assert_allclose(logits[..., :old], base['logits'], atol=1e-4)
   np.testing.assert_allclose(logits[..., old:], np.repeat(logits[..., old:old + 1], new - old, -1), atol=1e-5)
   # and the resized transformers model's logits, inputs with new ids included (to its sampling noise)
-  np.testing.assert_allclose(np.asarray(model(jnp.asarray(ref['input_ids']))), ref['logits'], atol=1e-2)
+  np.testing.assert_allclose(np.asarray(forward(model, jnp.asarray(ref['input_ids']))), ref['logits'], atol=1e-2)
 
 
 # ------------------------------------------------------------------------ a jaxformer base, LoRA, resume, eval
@@ -178,7 +181,8 @@ def test_lora_run_on_a_grown_byte_vocabulary_starts_from_the_base_and_trains_the
   assert r.config.model.vocab_size == 264 and r.config.peft.train_vocab == 'yes'  # auto: the new rows train
   start = state_lib.init_from_model(r.config, r.mesh, r.rules)
   ids = jnp.asarray([[1, 50, 60, 70, 80]])
-  np.testing.assert_allclose(np.asarray(start(ids))[..., :261], np.asarray(base_model(ids)), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(forward(start, ids))[..., :261], np.asarray(forward(base_model, ids)),
+                             atol=1e-5)
 
   run(config, str(grown))
   saved = json.loads((grown / 'config.json').read_text())
