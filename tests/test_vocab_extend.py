@@ -231,3 +231,18 @@ def test_train_py_a_multi_character_token_for_the_char_tokenizer_is_one_line(tmp
   lines = [line for line in out.stderr.splitlines() if line.strip()]
   assert out.returncode != 0 and len(lines) == 1, out.stderr[-2000:]
   assert 'data.tokenizer_extra' in lines[0] and "'中文'" in lines[0] and 'data.tokenizer=byte' in lines[0]
+
+
+def test_model_vocab_size_grows_to_hold_the_added_tokens_or_is_one_line():
+  from configs import default
+  from jaxformer.errors import ConfigError
+  byte = tok_lib.ByteTokenizer()
+  byte.extend(['你好', '世界'])
+  config = default.get_config()
+  config.peft.method = 'lora'
+  config.model.vocab_size = 261  # the base's size (a Hugging Face config.json's): grows, as resize_token_embeddings
+  resolve.fill_vocab_size(config, byte)
+  assert config.model.vocab_size == 263 and config.peft.train_vocab == 'yes'
+  config.model.vocab_size = 200
+  with pytest.raises(ConfigError, match='before the 2 of data.tokenizer_extra; set model.vocab_size to 0'):
+    resolve.fill_vocab_size(config, byte)
