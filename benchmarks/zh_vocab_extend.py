@@ -35,7 +35,7 @@ def is_chinese(c: str) -> bool:
 
 def top_characters(top: int, path: str) -> tuple[int, float]:
   """Writes the `top` most frequent Chinese characters of zh_fortunes' training split to `path`; returns how many
-  distinct Chinese characters the split has and the share of its characters the chosen ones cover."""
+  distinct Chinese characters the split has and the share of its Chinese characters the chosen ones are."""
   sys.path.insert(0, REPO)
   from configs import zh_char  # pylint: disable=g-import-not-at-top
   from jaxformer import settings  # pylint: disable=g-import-not-at-top
@@ -45,14 +45,13 @@ def top_characters(top: int, path: str) -> tuple[int, float]:
   config.data.source = f'text:{ZH}'
   config.data.data_dir = os.path.join(os.path.dirname(path), 'data')
   source = get_source(settings.from_config(config), os.path.dirname(path))
-  counts, total = collections.Counter(), 0
+  counts = collections.Counter()
   for text in training_texts(source, 'train'):
-    total += len(text)
     counts.update(c for c in text if is_chinese(c))
   chosen = [c for c, _ in counts.most_common(top)]
   with open(path, 'w', encoding='utf-8') as f:
     f.write(''.join(c + '\n' for c in chosen))
-  return len(counts), sum(counts[c] for c in chosen) / total
+  return len(counts), sum(counts[c] for c in chosen) / max(sum(counts.values()), 1)
 
 
 def train(workdir: str, steps: int, *flags: str) -> float:
@@ -83,7 +82,7 @@ def main() -> None:
   tokens = os.path.join(args.out, 'zh_top.txt')
   distinct, coverage = top_characters(args.top, tokens)
   print(f'{args.top} most frequent of {distinct} Chinese characters in the training split: {100 * coverage:.1f}% of '
-        f'its characters -> {tokens}')
+        f'its Chinese characters -> {tokens}')
   base = os.path.join(args.out, 'base_en_bytes')
   runs = {}
   if not os.path.isfile(os.path.join(base, 'metrics.jsonl')):
