@@ -10,7 +10,7 @@
                bytes      as is (a Chinese character = 3 byte tokens);
                extended   data.tokenizer_extra=OUT/zh_top.txt (each of those characters one token, its embedding
                           and output row starting at the mean of the base's 261);
-   plus, for scale, bytes from scratch (no base) for the same steps.
+   plus, to separate the base's part from the vocabulary's, both tokenizers from scratch (no base), same steps.
 
 Prints one table row per run from its metrics.jsonl: the final eval on the whole validation split
 (eval_bits_per_char, the metric comparable across tokenizers). Runs on CPU in a few minutes per run.
@@ -91,7 +91,8 @@ def main() -> None:
   arms = {'bytes (continued)': [zh, f'--config.checkpoint.init_from={base}'],
           f'bytes + top {args.top} chars (continued)': [zh, f'--config.checkpoint.init_from={base}',
                                                         f'--config.data.tokenizer_extra={tokens}'],
-          'bytes from scratch': [zh]}
+          'bytes from scratch': [zh],
+          f'bytes + top {args.top} chars from scratch': [zh, f'--config.data.tokenizer_extra={tokens}']}
   names = {name: os.path.join(args.out, name.split(' (')[0].replace(' + ', '_').replace(' ', '_')) for name in arms}
   for name, flags in arms.items():
     runs[name] = train(names[name], args.steps, *flags)
