@@ -12,6 +12,8 @@ adds by default (`prefix_ids` + ids + `suffix_ids`: nothing for GPT-2, [CLS] .. 
 <s> .. for Llama). The row builders use the same framing (Tokenizer.document / source / target: GPT-2's empty
 framing gets <|endoftext|> after each document; T5's decoder starts from config.json's decoder_start_token_id),
 and since id 0 is a real token in many vocabularies, unscored targets are -1 (unscored_target).
+data.tokenizer_extra adds tokens through the library's own add_tokens, the call transformers' `add_tokens` makes
+(ids checked on the fixtures: tests/fixtures/hf/added_tokens.json).
 """
 from __future__ import annotations
 
