@@ -110,6 +110,9 @@ def get_config() -> ml_collections.ConfigDict:
   # sentencepiece only: the share of the training text's characters that get their own piece; the rarest others
   # fall back to UTF-8 byte pieces (SentencePiece recommends 0.9995 for Chinese / Japanese; 1.0 = every character)
   data.spm_character_coverage = 1.0
+  # a UTF-8 file, one token per line, added to the tokenizer's vocabulary (ids after the last; as Hugging Face's
+  # add_tokens): with checkpoint.init_from the embeddings and output layer grow, new rows = the mean of the old
+  data.tokenizer_extra = ''
   data.src_lang = 'en'  # parallel / translation sources
   data.tgt_lang = 'de'
   data.text_key = ''  # tfds LM sources: the feature holding the text ('' = the only string feature)
@@ -208,6 +211,9 @@ def get_config() -> ml_collections.ConfigDict:
   peft.adapters = ''  # name:dir,name2:dir2: several adapters on one base (pick with adapter_name / adapter_weights)
   peft.adapter_weights = ''  # name:w,...: apply sum_i w_i * scale_i * A_i B_i of peft.adapters ('' = adapter_name)
   peft.adapter_name = ''  # the one adapter of peft.adapters to apply ('' = the first; eval.py: per request too)
+  # also train the vocabulary's parameters (embeddings, output layer and bias) in full: auto = when the tokenizer has
+  # added tokens (data.tokenizer_extra), so their new rows learn | yes | no
+  peft.train_vocab = 'auto'
 
   # ---------------------------------------------------------------- align
   # Learning from preferences and from a reward (jaxformer/align). The reference model is the run's

@@ -3,6 +3,7 @@
   python train.py --config=configs/zh_char.py --workdir=runs/zh_char           # one token per character
   python train.py --config=configs/zh_char.py:bpe --workdir=runs/zh_bpe        # SentencePiece BPE, 8000 pieces
   python eval.py --config=configs/zh_char.py --workdir=runs/zh_char --mode=generate --prompt='天下'
+  python benchmarks/zh_vocab_extend.py    # :byte on English, then Chinese with vs without its top characters added
 
 Data: ../shared/data/zh_fortunes/chinese.txt (Debian's fortunes-zh: classical poems, proverbs, Debian documents;
 ~960k characters) as one document, first 90% train, last 10% validation. Per-token perplexity cannot compare the

@@ -69,9 +69,21 @@ def fill_decode_ids(config: ml_collections.ConfigDict, tokenizer: Any) -> None:
 
 
 def fill_vocab_size(config: ml_collections.ConfigDict, tokenizer: Any) -> None:
-  """model.vocab_size 0 -> the tokenizer's; a smaller one than the tokenizer needs is an error."""
+  """model.vocab_size 0 -> the tokenizer's; a smaller one than the tokenizer needs is an error, unless it fits the
+  tokenizer without its added tokens (data.tokenizer_extra; e.g. a Hugging Face model's own size): then it grows
+  to take them, as resize_token_embeddings(len(tokenizer)) (never shrinking a model's padded vocabulary).
+  peft.train_vocab=auto is decided here: yes when the tokenizer has added tokens."""
+  if config.peft.train_vocab == 'auto':
+    config.peft.train_vocab = 'yes' if tokenizer.extra_tokens and config.peft.method != 'none' else 'no'
   if not config.model.vocab_size:
     config.model.vocab_size = int(tokenizer.vocab_size)
+  elif tokenizer.extra_tokens and tokenizer.base_vocab_size <= config.model.vocab_size < tokenizer.vocab_size:
+    config.model.vocab_size = int(tokenizer.vocab_size)
+  elif config.model.vocab_size < tokenizer.vocab_size and tokenizer.extra_tokens:
+    raise ConfigError(f'model.vocab_size={config.model.vocab_size} is smaller than the tokenizer\'s '
+                      f'{tokenizer.base_vocab_size} symbols before the {len(tokenizer.extra_tokens)} of '
+                      f'data.tokenizer_extra; set model.vocab_size to 0 (= the grown tokenizer\'s '
+                      f'{tokenizer.vocab_size}).')
   elif config.model.vocab_size < tokenizer.vocab_size:
     raise ConfigError(f'model.vocab_size={config.model.vocab_size} is smaller than the tokenizer\'s '
                       f'{tokenizer.vocab_size} symbols; set it to 0 (= take the tokenizer\'s) or larger.')
@@ -160,7 +172,7 @@ Difference = tuple[str, Any, Any]  # (dotted key, the saved run's value, this co
 def saved_run_differences(config: Any, saved: dict) -> tuple[list[Difference], list[Difference]]:
   """The one comparison of a config with a saved run: (differences that make it another model, execution keys that
   changed). model.scan_layers is a layout, not another model (the checkpoint converts on restore); model.vocab_size
-  0 means "the tokenizer's"; the execution keys (model.dtype, attention_impl, remat: model/config.py
+  0 means "the tokenizer's" (and with data.tokenizer_extra a smaller one grows to it); the execution keys (model.dtype, attention_impl, remat: model/config.py
   EXECUTION_KEYS) may change; train.optimizer and train.skip_bad_steps decide the optimizer state's layout."""
   saved = settings_lib.upgrade_saved(saved)
   differ, changed = [], []
@@ -169,8 +181,9 @@ def saved_run_differences(config: Any, saved: dict) -> tuple[list[Difference], l
   new_model = dataclasses.asdict(ModelConfig.from_config(config.model))
   for key, old in old_model.items():
     value = new_model[key]
-    if (key == 'vocab_size' and not value) or key in layout_convert.LAYOUT_KEYS:
-      continue
+    if (key == 'vocab_size' and (not value or (config.data.tokenizer_extra and value <= old))) or (
+        key in layout_convert.LAYOUT_KEYS):
+      continue  # 0, or a size that grows to the saved one with data.tokenizer_extra (fill_vocab_size)
     if (list(old) if isinstance(old, (list, tuple)) else old) != (list(value) if isinstance(value, tuple) else value):
       (changed if key in model_config.EXECUTION_KEYS else differ).append((f'model.{key}', saved.model[key],
                                                                           getattr(config.model, key)))

@@ -33,6 +33,7 @@ class DataSettings:
   vocab_size: int
   spm_model_type: str
   spm_character_coverage: float
+  tokenizer_extra: str
   src_lang: str
   tgt_lang: str
   text_key: str
@@ -110,6 +111,7 @@ class PeftSettings:
   adapters: str
   adapter_weights: str
   adapter_name: str
+  train_vocab: str
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,8 @@ Writes DIR/config.json + DIR/model.safetensors (transformers loads them with the
 gives the same logits) from the newest (or the given) checkpoint of the workdir, with the config the run saved
 (read, checked and typed as eval.py reads it: settings.upgrade_saved, resolve.checked_config) and its parameters
 read by training/state.py's restore_model, the path eval.py uses. When the run used an hf:<dir> tokenizer its
-files are copied too and its special ids go into config.json. Errors are one line.
+files are copied too (tokenizer.json with the tokens the run added, data.tokenizer_extra: the model's vocabulary
+grew with them) and its special ids go into config.json. Errors are one line.
 
 A model.head=reward run is written as *ForSequenceClassification with num_labels=1 (BERT: pooler + classifier;
 GPT-2 / Llama / Qwen2: `score`). A decoder's class needs pad_token_id in config.json, because transformers reads
@@ -29,6 +30,7 @@ from jaxformer import resolve as resolve_lib
 from jaxformer import settings as settings_lib
 from jaxformer import sharding as shd
 from jaxformer.data.hf_tokenizer import NONE, HFTokenizer
+from jaxformer.data.tokenizers import extend_from_workdir
 from jaxformer.errors import ConfigError, UserError
 from jaxformer.hf import peft_format
 from jaxformer.model import layout_convert
@@ -73,6 +75,8 @@ def export(workdir: str, output: str, step: int | None = None) -> str:
     nnx.update(model, merged)
   spec = settings.data.tokenizer
   tokenizer = HFTokenizer.from_spec(spec) if spec.startswith(hf.PREFIX) else None
+  if tokenizer is not None:  # with the tokens the run added (data.tokenizer_extra), kept in its workdir
+    extend_from_workdir(tokenizer, workdir)
   ids = (token_ids(tokenizer, settings.model.arch, hf.needs_pad_token(settings.model)) if tokenizer is not None
          else None)
   model_type = hf.save(model, settings.model, output, token_ids=ids)

@@ -22,6 +22,7 @@ On disk, in the workdir:
   <workdir>/tokenizer/tokenizer.json     kind, vocab_size, the source it was built from
   <workdir>/tokenizer/chars.json         char vocabulary (ids 5..), or
   <workdir>/tokenizer/spm.model          sentencepiece model (ids 0-4 = pad, bos, eos, unk, <mask>)
+  <workdir>/tokenizer/extra_tokens.json  data.tokenizer_extra's added tokens (ids after the vocabulary's), any kind
   <data_dir>/jaxformer_text_<hash>/1.0.0/        text: sources converted to TFDS ArrayRecord (one per file set)
   <data_dir>/jaxformer_parallel_<hash>/1.0.0/    parallel: sources, features {src_lang, tgt_lang}
   <data_dir>/<name>/empty_splits.json            splits that were empty at conversion

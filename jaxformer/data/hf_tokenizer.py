@@ -12,6 +12,8 @@ adds by default (`prefix_ids` + ids + `suffix_ids`: nothing for GPT-2, [CLS] .. 
 <s> .. for Llama). The row builders use the same framing (Tokenizer.document / source / target: GPT-2's empty
 framing gets <|endoftext|> after each document; T5's decoder starts from config.json's decoder_start_token_id),
 and since id 0 is a real token in many vocabularies, unscored targets are -1 (unscored_target).
+data.tokenizer_extra adds tokens through the library's own add_tokens, the call transformers' `add_tokens` makes
+(ids checked on the fixtures: tests/fixtures/hf/added_tokens.json).
 """
 from __future__ import annotations
 
@@ -180,6 +182,31 @@ class HFTokenizer(Tokenizer):
     encoding = self._tok.encode(text, add_special_tokens=False)
     return np.asarray(encoding.ids, np.int32), np.asarray(encoding.offsets, np.int64).reshape(-1, 2)
 
+  # data.tokenizer_extra: Hugging Face's own added tokens (transformers' add_tokens is the `tokenizers` call made
+  # here): matched in the normalized text before pre-tokenization, each one id; tokenizer.json saves them.
+  requested_tokens: tuple[str, ...] = ()  # every token asked for (those the vocabulary had are matched whole too)
+
+  def has_token(self, token: str) -> bool:
+    return self._tok.token_to_id(token) is not None
+
+  def extend(self, tokens: Sequence[str]) -> list[str]:
+    """As `tokenizer.add_tokens(tokens)`: every token becomes an added token (split off before the model runs);
+    those the vocabulary lacks get ids from vocab_size on. Returns the new ones."""
+    tokens = [t for t in dict.fromkeys(tokens) if t and t not in self.requested_tokens]
+    new = [t for t in tokens if not self.has_token(t)]
+    if tokens:
+      self._tok.add_tokens(tokens)
+      self.requested_tokens = (*self.requested_tokens, *tokens)
+      self.extra_tokens = (*self.extra_tokens, *new)
+      self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+      self.__dict__.pop('token_bytes', None)
+      self.__dict__.pop('token_chars', None)
+    return new
+
+  @property
+  def saved_tokens(self) -> list[str]:
+    return list(self.requested_tokens)
+
   def encode_with_specials(self, text: str) -> list[int]:
     """Exactly `AutoTokenizer.from_pretrained(dir)(text)['input_ids']`."""
     return self._tok.encode(text).ids
@@ -229,12 +256,17 @@ class HFTokenizer(Tokenizer):
     return out
 
   def save_files(self, directory: str) -> None:
-    """Copies the Hugging Face files (tokenizer.json, tokenizer_config.json, ...) into `directory`."""
+    """Copies the Hugging Face files (tokenizer.json, tokenizer_config.json, ...) into `directory`; with added
+    tokens (data.tokenizer_extra) tokenizer.json holds them too, as transformers' save_pretrained writes them."""
     os.makedirs(directory, exist_ok=True)
     for name in FILES:
       src, dst = os.path.join(self.directory, name), os.path.join(directory, name)
       if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(dst):
         shutil.copyfile(src, dst)
+    if self.requested_tokens:  # the grown vocabulary: the original tokenizer.json plus the added tokens
+      grown = tokenizers.Tokenizer.from_file(os.path.join(self.directory, 'tokenizer.json'))
+      grown.add_tokens(list(self.requested_tokens))
+      grown.save(os.path.join(directory, 'tokenizer.json'))
 
   def save(self, directory: str) -> None:
     """Into a run's tokenizer cache (<workdir>/tokenizer): the files go to its hf/ subdirectory."""

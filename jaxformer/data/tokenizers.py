@@ -17,6 +17,14 @@ and eval, so ids never change for a workdir. A run that starts from another jaxf
 (checkpoint.init_from=<workdir>) inherits that run's cached tokenizer instead of building one from its own data
 (`inherit`), so its ids are the ones the pretrained embeddings were trained on; characters the base never saw
 become <unk> (reported at start-up as above).
+
+data.tokenizer_extra=FILE (one token per line) grows any of them, hf: included, as Hugging Face's
+`tokenizer.add_tokens` does: each token not already in the vocabulary gets the next id after the last one (char:
+characters; byte: whole characters or strings; sentencepiece: user-defined pieces; hf: added tokens), and text is
+split around them first (leftmost match, longest token first), the rest tokenised as before. The list is kept in
+<workdir>/tokenizer/extra_tokens.json (`extend_from_workdir`), so eval, resume and export rebuild the same ids; a
+run that starts from a base (checkpoint.init_from) grows the base's embeddings and output layer for them
+(training/state.py).
 """
 from __future__ import annotations
 
@@ -40,6 +48,7 @@ UNK_SAMPLE_EXAMPLES = 20000  # examples of a split (evenly strided) the unknown-
 MAX_TOKENIZER_EXAMPLES = 1_000_000  # examples of the training split read to build a vocabulary (evenly strided)
 _SPM_MAX_SENTENCE_BYTES = 16384
 TOKENIZER_DIR = 'tokenizer'
+EXTRA_TOKENS_FILE = 'extra_tokens.json'  # in the tokenizer cache: the added tokens, in id order
 
 
 class Tokenizer:
@@ -183,6 +192,76 @@ class Tokenizer:
   def _decode(self, ids: list[int]) -> str:
     raise NotImplementedError
 
+  # ------------------------------------------------------------------ added tokens (data.tokenizer_extra)
+  extra_tokens: tuple[str, ...] = ()  # tokens added to the vocabulary, in id order after base_vocab_size
+  _extra_pattern: re.Pattern | None = None
+
+  @property
+  def base_vocab_size(self) -> int:
+    """The vocabulary before the added tokens (and before sentinel ids)."""
+    return self.vocab_size - len(self.extra_tokens) - self.num_sentinels
+
+  def has_token(self, token: str) -> bool:
+    """Whether `token` already has an id of its own (add_tokens skips it then)."""
+    return token in self.extra_tokens
+
+  def extend(self, tokens: Sequence[str]) -> list[str]:
+    """Adds the tokens the vocabulary lacks (in order, duplicates once) with ids from vocab_size on; returns them.
+
+    Call it right after the tokenizer is built or loaded (before sentinels are reserved or tables read)."""
+    if self.num_sentinels:
+      raise DataError('data.tokenizer_extra cannot be combined with span corruption\'s sentinel ids at the end of a '
+                      'jaxformer vocabulary; use data.objective=prefix_lm or split_middle.')
+    new = [t for t in dict.fromkeys(tokens) if t and not self.has_token(t)]
+    if new:
+      self._add_tokens(new)
+      self.extra_tokens = (*self.extra_tokens, *new)
+      self.vocab_size += len(new)
+      self.__dict__.pop('token_bytes', None)
+      self.__dict__.pop('token_chars', None)
+    return new
+
+  @property
+  def saved_tokens(self) -> list[str]:
+    """What extra_tokens.json keeps: the list that extend() rebuilds this vocabulary from."""
+    return list(self.extra_tokens)
+
+  def _add_tokens(self, tokens: list[str]) -> None:
+    """The generic way (byte): text is split around the added tokens, longest first (as Hugging Face's added
+    vocabulary splits), the pieces between them tokenised by the base tokenizer."""
+    every = sorted((*self.extra_tokens, *tokens), key=len, reverse=True)
+    self._extra_pattern = re.compile('|'.join(re.escape(t) for t in every))
+
+  def _encode_split(self, text: str, encode: Any) -> np.ndarray:
+    """encode(text) with the added tokens matched first (the generic _add_tokens)."""
+    if self._extra_pattern is None:
+      return encode(text)
+    first, parts, start = self.base_vocab_size, [], 0
+    index = {t: first + i for i, t in enumerate(self.extra_tokens)}
+    for match in self._extra_pattern.finditer(text):
+      if match.start() > start:
+        parts.append(encode(text[start:match.start()]))
+      parts.append(np.asarray([index[match.group()]], np.int32))
+      start = match.end()
+    if start < len(text):
+      parts.append(encode(text[start:]))
+    return np.concatenate(parts).astype(np.int32) if parts else np.zeros((0,), np.int32)
+
+  def _decode_split(self, ids: list[int], decode: Any) -> str:
+    """decode(ids) for runs of base ids, the added tokens' own text between them (the generic _add_tokens)."""
+    if not self.extra_tokens:
+      return decode(ids)
+    first, end, out, run = self.base_vocab_size, self.base_vocab_size + len(self.extra_tokens), [], []
+    for i in ids:
+      if first <= i < end:
+        out.append(decode(run) if run else '')
+        out.append(self.extra_tokens[i - first])
+        run = []
+      else:
+        run.append(i)
+    out.append(decode(run) if run else '')
+    return ''.join(out)
+
   def save(self, directory: str) -> None:
     raise NotImplementedError
 
@@ -219,13 +298,16 @@ class CharTokenizer(Tokenizer):
   MASK_TEXT = '<mask>'
 
   def __init__(self, chars: Sequence[str]):
-    self.chars = list(chars)
+    self.chars = list(chars)  # the vocabulary built from the data (saved); added characters come after them
     self.vocab_size = NUM_SPECIAL + len(self.chars)
-    top = max([ord(c) for c in self.chars] + [0]) + 1
+    self._tables(self.chars)
+
+  def _tables(self, chars: list[str]) -> None:
+    top = max([ord(c) for c in chars] + [0]) + 1
     self._lut = np.full(top, UNK_ID, np.int32)
-    for i, c in enumerate(self.chars):
+    for i, c in enumerate(chars):
       self._lut[ord(c)] = NUM_SPECIAL + i
-    self._id_to_char = ['', '', '', self.UNK_TEXT, self.MASK_TEXT] + self.chars
+    self._id_to_char = ['', '', '', self.UNK_TEXT, self.MASK_TEXT] + chars
 
   @classmethod
   def build(cls, texts: Iterable[str]) -> CharTokenizer:
@@ -245,7 +327,18 @@ class CharTokenizer(Tokenizer):
 
   def token_utf8(self) -> list[bytes]:
     """<unk> decodes to UNK_TEXT (one character, 3 bytes); pad/bos/eos/<mask> to nothing."""
-    return [b'', b'', b'', self.UNK_TEXT.encode(), b''] + [c.encode('utf-8') for c in self.chars]
+    return [b'', b'', b'', self.UNK_TEXT.encode(), b''] + [c.encode('utf-8') for c in self._id_to_char[NUM_SPECIAL:]]
+
+  def has_token(self, token: str) -> bool:
+    return token in self._id_to_char[NUM_SPECIAL:]
+
+  def _add_tokens(self, tokens: list[str]) -> None:
+    """Added characters are appended to the character table (ids after the last one)."""
+    long = [t for t in tokens if len(t) != 1]
+    if long:
+      raise DataError(f'data.tokenizer_extra: a char tokenizer\'s tokens are single characters, not {long[0]!r}; '
+                      'list characters, or use data.tokenizer=byte (which takes whole strings).')
+    self._tables(self.chars + list(self.extra_tokens) + tokens)
 
   def uncovered(self, texts: Iterable[str]) -> tuple[int, int, dict[str, int]]:
     """(unseen characters, all characters, counts of the unseen ones) over texts."""
@@ -273,16 +366,29 @@ class ByteTokenizer(Tokenizer):
   """UTF-8 bytes shifted by 5. Covers any text; invalid byte sequences decode with U+FFFD."""
 
   kind = 'byte'
-  vocab_size = NUM_SPECIAL + 256
+
+  def __init__(self):
+    self.vocab_size = NUM_SPECIAL + 256
 
   def encode_array(self, text: str) -> np.ndarray:
+    return self._encode_split(text, self._encode_bytes)
+
+  @staticmethod
+  def _encode_bytes(text: str) -> np.ndarray:
     return np.frombuffer(text.encode('utf-8'), np.uint8).astype(np.int32) + NUM_SPECIAL
 
   def _decode(self, ids: list[int]) -> str:
+    return self._decode_split(ids, self._decode_bytes)
+
+  @staticmethod
+  def _decode_bytes(ids: list[int]) -> str:
     return bytes(i - NUM_SPECIAL for i in ids if NUM_SPECIAL <= i < NUM_SPECIAL + 256).decode('utf-8', 'replace')
 
+  def has_token(self, token: str) -> bool:
+    return len(token.encode('utf-8')) == 1 or token in self.extra_tokens
+
   def token_utf8(self) -> list[bytes]:
-    return [b''] * NUM_SPECIAL + [bytes([b]) for b in range(256)]
+    return [b''] * NUM_SPECIAL + [bytes([b]) for b in range(256)] + [t.encode('utf-8') for t in self.extra_tokens]
 
   def save(self, directory: str) -> None:
     del directory
@@ -347,6 +453,22 @@ class SentencePieceTokenizer(Tokenizer):
             f'{hint}.') from None
       raise DataError(f'sentencepiece training failed (data.vocab_size={vocab_size}): {message.splitlines()[0]}') from None
     return cls(model.getvalue())
+
+  def has_token(self, token: str) -> bool:
+    return self._sp.piece_to_id(token.replace(' ', '\u2581')) != UNK_ID
+
+  def _add_tokens(self, tokens: list[str]) -> None:
+    """User-defined pieces appended to the model (sentencepiece matches them in the text before segmenting and
+    always keeps each whole); the saved spm.model stays the base's, the list is re-applied on load."""
+    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+    from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(self._sp.serialized_model_proto())
+    for token in tokens:
+      piece = model.pieces.add()
+      piece.piece, piece.score = token.replace(' ', '\u2581'), 0.0
+      piece.type = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+    self._sp = spm.SentencePieceProcessor(model_proto=model.SerializeToString())
 
   def encode_array(self, text: str) -> np.ndarray:
     return np.asarray(self._sp.encode(text), np.int32)
@@ -477,11 +599,68 @@ def load_tokenizer(directory: str) -> Tokenizer:
   kind = meta['kind']
   if kind in TOKENIZERS:
     tokenizer = TOKENIZERS[kind].load(directory)
+    tokenizer.extend(_saved_extra(directory).get('tokens', []))
     if meta.get('num_sentinels'):
       tokenizer.reserve_sentinels(meta['num_sentinels'])
     tokenizer.inherited_from = meta.get('inherited_from', '')
     return tokenizer
   raise DataError(f'{directory}/tokenizer.json names an unknown tokenizer {kind!r}; delete the folder to rebuild.')
+
+
+def read_token_file(path: str) -> list[str]:
+  """data.tokenizer_extra's file: one token per line (the line without its line break; empty lines skipped)."""
+  try:
+    with open(os.path.expanduser(path), encoding='utf-8') as f:
+      lines = f.read().split('\n')
+  except (OSError, UnicodeDecodeError) as e:
+    raise DataError(f'data.tokenizer_extra={path!r} cannot be read ({type(e).__name__}); give a UTF-8 text file with '
+                    'one token per line.') from None
+  tokens = [line.removesuffix('\r') for line in lines if line.removesuffix('\r')]
+  if not tokens:
+    raise DataError(f'data.tokenizer_extra={path!r} lists no token; give one token per line.')
+  return tokens
+
+
+def _saved_extra(directory: str) -> dict[str, Any]:
+  path = os.path.join(directory, EXTRA_TOKENS_FILE)
+  if not os.path.isfile(path):
+    return {}
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
+
+
+def _known_without_adding(tokenizer: Tokenizer, tokens: Sequence[str]) -> set[str]:
+  """Tokens extend() would leave alone: any the vocabulary has, except that a Hugging Face tokenizer registers
+  even those as added tokens (so they are always split off whole), as add_tokens does."""
+  return set() if tokenizer.kind == 'hf' else {t for t in tokens if tokenizer.has_token(t)}
+
+
+def extend_from_workdir(tokenizer: Tokenizer, workdir: str, token_file: str = '') -> Tokenizer:
+  """The run's added tokens on `tokenizer` (fresh from its files): those saved in the workdir's tokenizer cache
+  (added by this run before, or inherited from checkpoint.init_from's run) and then the ones `token_file`
+  (data.tokenizer_extra) lists that it still lacks, which are saved for eval / resume / export. A workdir that
+  added tokens already keeps its vocabulary: a file with more is a one-line DataError (use a new workdir)."""
+  directory = tokenizer_dir(workdir)
+  saved = _saved_extra(directory)
+  if saved.get('tokens') and not tokenizer.saved_tokens:
+    tokenizer.extend(saved['tokens'])
+  here = os.path.abspath(os.path.expanduser(workdir))
+  if not token_file or (saved.get('added_by') == here and saved.get('file') == os.path.abspath(token_file)):
+    return tokenizer  # nothing to add, or added from this file before (the file may have moved since)
+  wanted = read_token_file(token_file)
+  missing = [t for t in dict.fromkeys(wanted) if not tokenizer.has_token(t)]
+  if not missing and set(wanted) <= set(tokenizer.saved_tokens) | _known_without_adding(tokenizer, wanted):
+    return tokenizer
+  if saved.get('added_by') == here:
+    raise DataError(f'data.tokenizer_extra={token_file!r} differs from the token file this workdir grew its '
+                    f'vocabulary from ({saved.get("file")}), and its checkpoints use that vocabulary; use a new '
+                    '--workdir (with checkpoint.init_from=this one) to grow it again.')
+  added = tokenizer.extend(wanted)
+  record = {'tokens': tokenizer.saved_tokens, 'added_by': here, 'file': os.path.abspath(token_file)}
+  _atomic_write(os.path.join(directory, EXTRA_TOKENS_FILE), json.dumps(record, ensure_ascii=False, indent=0).encode())
+  logging.info('Added %d token(s) of %s to the %s tokenizer (vocab_size %d)', len(added), token_file,
+               tokenizer.kind, tokenizer.vocab_size)
+  return tokenizer
 
 
 def inherit(base_workdir: str, workdir: str, config: Any) -> bool:
@@ -536,8 +715,12 @@ def get_tokenizer(config: Any, workdir: str, *, source: Source | None = None) ->
   if name not in TOKENIZERS:
     raise DataError(f'data.tokenizer={kind!r} is not valid; use {", ".join(TOKENIZERS)}.')
   if TOKENIZERS[name].pretrained:  # e.g. hf:<dir>: read from its own directory, never trained or cached here
-    return TOKENIZERS[name].from_spec(kind)
+    return extend_from_workdir(TOKENIZERS[name].from_spec(kind), workdir, str(config.data.tokenizer_extra))
   sentinels = sentinels_needed(config)
+  if sentinels and str(config.data.tokenizer_extra):
+    raise DataError('data.tokenizer_extra cannot be combined with data.objective=span_corruption on a jaxformer '
+                    'tokenizer (its sentinel ids sit at the end of the vocabulary, where added tokens go); use '
+                    'data.objective=prefix_lm or split_middle, or an hf: tokenizer (named sentinels).')
   directory = tokenizer_dir(workdir)
   meta_path = os.path.join(directory, 'tokenizer.json')
   if os.path.exists(meta_path):
@@ -556,7 +739,7 @@ def get_tokenizer(config: Any, workdir: str, *, source: Source | None = None) ->
       raise DataError(
           f'{directory} holds a tokenizer with {meta.get("num_sentinels", 0)} sentinel ids but this config needs '
           f'{sentinels} (data.objective={config.data.objective}); use a new workdir.')
-    return load_tokenizer(directory)
+    return extend_from_workdir(load_tokenizer(directory), workdir, str(config.data.tokenizer_extra))
 
   if kind == 'byte':
     tokenizer: Tokenizer = ByteTokenizer()
@@ -569,6 +752,7 @@ def get_tokenizer(config: Any, workdir: str, *, source: Source | None = None) ->
       tokenizer = SentencePieceTokenizer.train(texts, int(config.data.vocab_size), str(config.data.spm_model_type),
                                                float(config.data.spm_character_coverage))
   tokenizer.save(directory)
+  extend_from_workdir(tokenizer, workdir, str(config.data.tokenizer_extra))
   if sentinels:
     tokenizer.reserve_sentinels(sentinels)
   meta = {'kind': kind, 'vocab_size': tokenizer.vocab_size, 'source': str(config.data.source),

@@ -7,6 +7,12 @@
                 prompt    peft.num_prompt_tokens soft embeddings prepended to the (encoder) input (prompt.py)
   peft.train_extra        comma list of path words that also train (e.g. 'norm', 'bias', 'head'), as the BitFit
                           and adapter papers do.
+  peft.train_vocab        yes: the vocabulary's parameters (those with a `vocab` axis: token embeddings, output layer
+                          and its bias) train in full; auto (resolve.py) = yes when the tokenizer has added tokens
+                          (data.tokenizer_extra), whose new rows must learn. That is Hugging Face peft's
+                          modules_to_save=['embed_tokens', 'lm_head'], the Chinese-LLaMA recipe, not its
+                          trainable_token_indices (a delta on the new rows only): simpler, and the old rows may adapt
+                          to the new data too, at the cost of optimizer state for two [vocab, d_model] matrices.
 
 A head's own output module (paths `classifier.*`, e.g. model.head=classification's pooler and output layer) always
 trains, whatever the method: it is new or task-specific, as Hugging Face peft's modules_to_save does for sequence
@@ -32,6 +38,9 @@ from flax import nnx
 from jaxformer.errors import ConfigError, check_choice, check_fraction, check_positive
 from jaxformer.peft import adapter, bitfit, lora, prompt
 from jaxformer.peft.params import PEFTParam, path_words
+
+TRAIN_VOCAB = ('auto', 'yes', 'no')
+VOCAB_AXIS = 'vocab'  # the logical axis name of the vocabulary dimension (model/layers.py)
 
 __all__ = ['METHODS', 'Method', 'PEFTParam', 'attach', 'count_params', 'is_active', 'merge', 'split', 'trainable',
            'trainable_filter', 'validate']
@@ -75,6 +84,7 @@ def validate(config: Any) -> None:
   """The peft section: one line per bad value (config.validate calls this)."""
   peft = config.peft
   check_choice('peft.method', peft.method, METHODS)
+  check_choice('peft.train_vocab', peft.train_vocab, TRAIN_VOCAB)
   method = METHODS[peft.method]
   if method.validate is not None:
     method.validate(peft, config.model)
@@ -99,9 +109,12 @@ def attach(model: nnx.Module, peft: Any, rngs: nnx.Rngs) -> nnx.Module:
 def trainable_filter(peft: Any) -> Callable[[tuple, Any], bool]:
   """An nnx filter (path, variable) -> bool: True for the parameters that train under the peft section."""
   method, extra = METHODS[peft.method], _extra_words(peft)
+  vocab = peft.train_vocab == 'yes'  # 'auto' is decided by resolve.py; unresolved it trains nothing extra
 
   def trains(path: tuple, variable: Any) -> bool:
     if isinstance(variable, PEFTParam):
+      return True
+    if vocab and VOCAB_AXIS in (variable.get_metadata().get('out_sharding') or ()):
       return True
     words = path_words(path)
     if words[:1] == [CLASSIFIER]:

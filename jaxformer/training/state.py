@@ -47,6 +47,7 @@ from jaxformer.hf import peft_format
 from jaxformer.model import build_model as build_base_model
 from jaxformer.model import layout_convert
 from jaxformer.training import checkpoint as ckpt_lib
+from jaxformer.training import vocab_growth
 from jaxformer.training.saved_config import saved_config
 from jaxformer.training.step import TrainSetup, split_model
 
@@ -187,9 +188,41 @@ def select_adapter(model: nnx.Module, config: Any, adapter_name: str) -> None:
 def init_from_params(config: Any, abstract_params: nnx.State) -> nnx.State:
   """checkpoint.init_from's parameters with the tree, dtypes and shardings of `abstract_params` (ShapeDtypeStructs
   carrying .sharding; a PEFT run passes only its base part). A base run with another head gives a partial State
-  (the shared trunk), merged over the fresh initialisation by the caller. One-line ConfigErrors for a source
-  that cannot serve."""
+  (the shared trunk), merged over the fresh initialisation by the caller. A base with a smaller vocabulary (this
+  run's tokenizer has added tokens: data.tokenizer_extra) is read at its own size and grown, the new rows the
+  mean of the old (training/vocab_growth.py). One-line ConfigErrors for a source that cannot serve."""
   config = settings_lib.of(config)
+  source, new = config.checkpoint.init_from, int(config.model.vocab_size)
+  old = _base_vocab_size(config)
+  if not old or old == new:
+    return _init_from_params(config, abstract_params)
+  if old > new:
+    raise ConfigError(f'checkpoint.init_from={source} has a vocabulary of {old} but this model {new} '
+                      f'(model.vocab_size); fine-tune with the base\'s tokenizer (and its data.tokenizer_extra, if it '
+                      'had one) and model.vocab_size=0.')
+  small = settings_lib.replace(config, model=dataclasses.replace(config.model, vocab_size=old))
+  params = _init_from_params(small, _params_in_layout(small, abstract_params, bool(config.model.scan_layers)))
+  logging.info('checkpoint.init_from=%s: vocabulary grown from %d to %d (new rows = the mean of the old)', source,
+               old, new)
+  try:
+    return vocab_growth.grow_vocab(params, abstract_params, old, new)
+  except ValueError as e:
+    raise ConfigError(f'checkpoint.init_from={source}: cannot grow its vocabulary from {old} to {new} ({e}).') from None
+
+
+def _base_vocab_size(config: Any) -> int:
+  """The vocabulary size of checkpoint.init_from's model (0 when it does not say)."""
+  source = config.checkpoint.init_from
+  if source.startswith(hf.PREFIX):
+    try:
+      return int(hf.model_section(os.path.expanduser(source[len(hf.PREFIX):])).vocab_size)
+    except ConfigError as e:
+      raise ConfigError(f'checkpoint.init_from={source}: {e}') from None
+  return int(((saved_config(source) or {}).get('model') or {}).get('vocab_size') or 0)
+
+
+def _init_from_params(config: Any, abstract_params: nnx.State) -> nnx.State:
+  """init_from_params at the base's own vocabulary size."""
   source = config.checkpoint.init_from
   if source.startswith(hf.PREFIX):
     try:
