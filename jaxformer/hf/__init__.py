@@ -119,7 +119,7 @@ def load_params(directory: str, model_config: Any) -> dict[str, np.ndarray]:
   hf_config, family = _family(directory)
   cfg = ModelConfig.from_config(model_config)
   _, _, abstract = _abstract(dataclasses.replace(cfg, scan_layers=False))  # the names families.py maps
-  tensors = weights.read_dir(directory)
+  tensors = family.from_disk(weights.read_dir(directory), cfg)  # MoE: per-expert tensors stacked
   used, out, missing, fresh = set(), {}, [], []
   for rule in family.tensors(cfg):
     name = rule.hf if rule.hf in tensors else rule.hf.removeprefix(family.prefix)
@@ -224,6 +224,7 @@ def save(model: nnx.Module, model_config: Any, directory: str, *, token_ids: dic
   if left:
     raise ConfigError(f'model parameter(s) {", ".join(left[:3])} have no place in a {family.model_types[0]} '
                       'checkpoint.')
+  tensors = family.to_disk(tensors, cfg)  # the layout the family's Hub checkpoints have (MoE: per expert)
   if token_ids is None:
     token_ids = {'pad_token_id': PAD_ID, 'bos_token_id': BOS_ID, 'eos_token_id': EOS_ID}
     if cfg.arch == 'encoder_decoder':

@@ -32,8 +32,10 @@ Layers: block i (0-based, in each stack) is MoE iff (i + 1) % moe_every == 0 (Qw
 counting: moe_every=2 makes layers 1, 3, ...; 1 = every layer). A scanned stack (model.scan_layers) has one block
 body, so it needs moe_every=1 (config validation says so).
 
-The Hugging Face interop (Mixtral / Qwen2-MoE / OLMoE weights: per-expert w1/w3/w2 <-> stacked wi_gate/wi/wo,
-router `gate.weight` <-> `router` transposed) belongs in jaxformer/hf/families.py; not written yet.
+The Hugging Face interop (Mixtral / Qwen2-MoE / OLMoE: per-expert w1/w3/w2 or gate/up/down_proj, or transformers'
+fused gate_up_proj / down_proj <-> stacked wi_gate/wi/wo; router `gate.weight` <-> `router` transposed) is
+jaxformer/hf/families.py's. model(..., return_intermediates=True) gives each MoE layer's router logits
+('router_logits', transformer.Intermediates).
 """
 from __future__ import annotations
 
@@ -183,7 +185,9 @@ class MoE(nnx.Module):
     return y, kept
 
   # ---------------------------------------------------------------------------------------------------- call
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, return_router_logits: bool = False) -> Array | tuple[Array, Array]:
+    """x [B,T,D] -> [B,T,D]; with return_router_logits also the router's logits float32 [B,T,E] (what
+    transformers' output_router_logits gives per MoE layer, there flattened to [B*T, E])."""
     x = x.astype(self.dtype)
     logits, ids, weights = self.route(x)
     dispatch: dict[str, Callable[..., tuple[Array, Array]]] = {
@@ -198,7 +202,8 @@ class MoE(nnx.Module):
       # an Intermediate attribute (what sow writes, without its deprecated outside-nnx.capture path); pop_stats
       # removes it, so the state the train step splits back out has the structure it started with
       self.moe_stats = nnx.Intermediate(router_stats(logits, ids, kept, self.num_experts))
-    return logical.constrain(y, logical.HIDDEN)
+    y = logical.constrain(y, logical.HIDDEN)
+    return (y, logits) if return_router_logits else y
 
 
 # ------------------------------------------------------------------------------------------ losses / metrics
