@@ -1181,9 +1181,12 @@ def for_model_type(model_type: str, where: str) -> Family:
 
 def for_model(cfg: ModelConfig) -> Family:
   """The family that can express `cfg`, or a ConfigError naming the settings that have no counterpart."""
-  candidates = [(cls(), cls().mismatches(cfg) + cls().feature_mismatches(cfg)) for cls in FAMILY_CLASSES
+  candidates = [(cls(), cls().feature_mismatches(cfg), cls().mismatches(cfg)) for cls in FAMILY_CLASSES
                 if cls.arch == cfg.arch]
-  family, bad = min(candidates, key=lambda c: len(c[1]))  # the first family of the arch wins a tie
+  # a family with the model's features (experts or not, its q/k norm) is closer than any without; then the fewest
+  # other mismatches, the first family of the arch winning a tie
+  family, features, others = min(candidates, key=lambda c: (bool(c[1]), len(c[1]) + len(c[2])))
+  bad = features + others
   if bad:
     raise ConfigError(f'this model has no Hugging Face counterpart: the closest family, {family.model_types[0]}, '
                       f'needs {"; ".join(bad)}.')
