@@ -9,7 +9,6 @@ import sys
 import tempfile
 
 import jax
-import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import pytest
