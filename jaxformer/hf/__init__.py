@@ -4,7 +4,7 @@
   hf.save(model, model_config, 'out/')               # config.json + model.safetensors that transformers loads
 
 Supported model_types: gpt2, bert (masked LM), t5 (v1.0 and v1.1), llama, mistral, qwen2 (sliding windows too),
-gemma, gemma2 (see families.py, one class per family), and task heads (model.head; each family's HEADS table):
+gemma, gemma2, and the mixtures of experts mixtral, qwen2_moe, olmoe (see families.py, one class per family), and task heads (model.head; each family's HEADS table):
 BertForSequenceClassification as classification (num_labels >= 2) or reward (num_labels=1), and the GPT-2 / Llama /
 Mistral / Qwen2 / Gemma *ForSequenceClassification with num_labels=1 as reward (written with pad_token_id in
 config.json: transformers reads each row at its last token that is not the pad id). `save` also works for models

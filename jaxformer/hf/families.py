@@ -18,6 +18,8 @@ head on import (head_of):
   BERT                             lm = BertForMaskedLM; classification = BertForSequenceClassification with
                                    num_labels >= 2; reward = the same class with num_labels=1 (pooler + classifier)
   T5                               lm = T5ForConditionalGeneration
+  Mixtral, Qwen2-MoE, OLMoE        lm = <Class>ForCausalLM (mixtures of experts; their files hold per-expert
+                                   tensors, which from_disk / to_disk convert: see the MoE section below)
 
 Layouts (checked against transformers' modeling_*.py): torch's nn.Linear stores [out, in]; GPT-2's Conv1D stores
 [in, out] with q, k, v fused in one [D, 3D] matrix; our attention kernels are query/key/value [D, heads, head_dim]
