@@ -57,6 +57,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.head_dim = -1  # per-head width; -1 = d_model // num_heads (T5's d_kv may differ)
   model.attention_scale = -1.0  # query-key logit scale; -1 = head_dim ** -0.5; T5: 1.0 (no scaling)
   model.qkv_bias = False  # biases on the query/key/value projections even when use_bias=False (Qwen2)
+  model.qk_norm = 'none'  # none | projection (a norm over each whole q / k projection: OLMoE, OLMo 2) | head (over
+  # each head's vector, one scale shared by the heads: Qwen3, Gemma 3); model.norm's kind and eps (model/attention.py)
   # sliding-window attention (decoder_only): query t attends key s iff s <= t and t - s < sliding_window (Mistral's
   # and transformers' convention), within its segment; 0 = off. Decoding keeps a ring buffer of that many key/value
   # slots for each windowed layer (the global layers keep the whole cache).

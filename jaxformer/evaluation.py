@@ -18,6 +18,7 @@ from jaxformer import data as data_lib
 from jaxformer import heads
 from jaxformer import metrics as metrics_lib
 from jaxformer import sharding as shd
+from jaxformer.model import moe as moe_lib
 from jaxformer.training import step as step_lib
 
 
@@ -38,9 +39,12 @@ def _jitted_eval_step(graphdef: Any, config: Any, mesh: Any):
       reference_params = step_lib.reference_model_params(params, reference, config.peft)
       reference_model = step_lib.merge_model(graphdef, reference_params, rest)
       batch = step_lib.with_reference(batch, config, reference_model)
-    _, metrics = step_lib.compute_loss(step_lib.merge_model(graphdef, params, rest), batch, config,
-                                       deterministic=True, length_tables=length_tables, confusion=confusion)
-    return metrics
+    model = step_lib.merge_model(graphdef, params, rest)
+    moe_lib.collect_stats(model)  # a MoE model's router statistics (a model built in this trace: nothing leaks)
+    _, metrics = step_lib.compute_loss(model, batch, config, deterministic=True, length_tables=length_tables,
+                                       confusion=confusion)
+    stats = moe_lib.pop_stats(model)
+    return metrics if stats is None else {**metrics, **step_lib.moe_stat_sums(stats, metrics['weight_sum'])}
 
   return jax.jit(sums, out_shardings=NamedSharding(mesh, PartitionSpec()))
 
@@ -145,8 +149,11 @@ class Evaluator:
     """The eval row of DIR/metrics.jsonl, as the head defines it (lm: eval_loss, eval_perplexity, eval_accuracy,
     eval_tokens, eval_bits_per_byte / _char; classification: eval_loss, eval_accuracy, eval_macro_f1,
     eval_examples). final: the evaluation at train.num_steps."""
-    return self.scorer.eval_row(self.accumulate(params, rest, final=final))
+    acc = self.accumulate(params, rest, final=final)
+    moe = step_lib.moe_means(acc.extra, acc.weight_sum)  # a MoE model's: eval_moe_aux_loss, eval_expert_load/<e>
+    return {**self.scorer.eval_row(acc), **{f'eval_{name}': value for name, value in moe.items()}}
 
   def results(self, params: Any, rest: Any) -> dict[str, Any]:
     """eval.py's numbers over the final evaluation's batches (the head's `results`)."""
-    return self.scorer.results(self.accumulate(params, rest), self.r.config.model.arch)
+    acc = self.accumulate(params, rest)
+    return {**self.scorer.results(acc, self.r.config.model.arch), **step_lib.moe_means(acc.extra, acc.weight_sum)}

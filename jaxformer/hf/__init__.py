@@ -4,7 +4,7 @@
   hf.save(model, model_config, 'out/')               # config.json + model.safetensors that transformers loads
 
 Supported model_types: gpt2, bert (masked LM), t5 (v1.0 and v1.1), llama, mistral, qwen2 (sliding windows too),
-gemma, gemma2 (see families.py, one class per family), and task heads (model.head; each family's HEADS table):
+gemma, gemma2, and the mixtures of experts mixtral, qwen2_moe, olmoe (see families.py, one class per family), and task heads (model.head; each family's HEADS table):
 BertForSequenceClassification as classification (num_labels >= 2) or reward (num_labels=1), and the GPT-2 / Llama /
 Mistral / Qwen2 / Gemma *ForSequenceClassification with num_labels=1 as reward (written with pad_token_id in
 config.json: transformers reads each row at its last token that is not the pad id). `save` also works for models
@@ -119,7 +119,7 @@ def load_params(directory: str, model_config: Any) -> dict[str, np.ndarray]:
   hf_config, family = _family(directory)
   cfg = ModelConfig.from_config(model_config)
   _, _, abstract = _abstract(dataclasses.replace(cfg, scan_layers=False))  # the names families.py maps
-  tensors = weights.read_dir(directory)
+  tensors = family.from_disk(weights.read_dir(directory), cfg)  # MoE: per-expert tensors stacked
   used, out, missing, fresh = set(), {}, [], []
   for rule in family.tensors(cfg):
     name = rule.hf if rule.hf in tensors else rule.hf.removeprefix(family.prefix)
@@ -224,6 +224,7 @@ def save(model: nnx.Module, model_config: Any, directory: str, *, token_ids: dic
   if left:
     raise ConfigError(f'model parameter(s) {", ".join(left[:3])} have no place in a {family.model_types[0]} '
                       'checkpoint.')
+  tensors = family.to_disk(tensors, cfg)  # the layout the family's Hub checkpoints have (MoE: per expert)
   if token_ids is None:
     token_ids = {'pad_token_id': PAD_ID, 'bos_token_id': BOS_ID, 'eos_token_id': EOS_ID}
     if cfg.arch == 'encoder_decoder':

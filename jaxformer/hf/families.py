@@ -18,6 +18,8 @@ head on import (head_of):
   BERT                             lm = BertForMaskedLM; classification = BertForSequenceClassification with
                                    num_labels >= 2; reward = the same class with num_labels=1 (pooler + classifier)
   T5                               lm = T5ForConditionalGeneration
+  Mixtral, Qwen2-MoE, OLMoE        lm = <Class>ForCausalLM (mixtures of experts; their files hold per-expert
+                                   tensors, which from_disk / to_disk convert: see the MoE section below)
 
 Layouts (checked against transformers' modeling_*.py): torch's nn.Linear stores [out, in]; GPT-2's Conv1D stores
 [in, out] with q, k, v fused in one [D, 3D] matrix; our attention kernels are query/key/value [D, heads, head_dim]
@@ -26,12 +28,15 @@ and out [heads, head_dim, D], MLP kernels [in, out], the untied output projectio
 from __future__ import annotations
 
 import dataclasses
+import logging
+import re
 from typing import Any, Callable
 
 import numpy as np
 
 from jaxformer import heads
 from jaxformer.errors import ConfigError
+from jaxformer.model import moe as moe_lib
 from jaxformer.model.config import ModelConfig
 
 # ------------------------------------------------------------------------------------------------- layouts
@@ -322,6 +327,29 @@ class Family:
 
   def head_tensors(self, cfg: ModelConfig) -> list[Rule]:
     return self.HEADS[cfg.head].tensors(cfg)
+
+  # What the family's models have as a whole: routed experts (model.num_experts > 0 exactly when moe) and which
+  # model.qk_norm values its checkpoints express.
+  moe = False
+  qk_norms: tuple[str, ...] = ('none',)
+
+  def feature_mismatches(self, cfg: ModelConfig) -> list[str]:
+    """The mismatches of the features a family has or lacks as a whole (experts, query/key norms)."""
+    out = _want(cfg, qk_norm=self.qk_norms)
+    if not self.moe:
+      return out + _want(cfg, num_experts=0)
+    return out + ([] if cfg.num_experts else ['model.num_experts=0 (needs > 0: a mixture of experts)'])
+
+  def from_disk(self, tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """The checkpoint's tensors under the names tensors() maps (a family whose files hold a layout other than the
+    one its rules name converts here: the MoE families stack per-expert tensors)."""
+    del cfg
+    return tensors
+
+  def to_disk(self, tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """The inverse of from_disk: tensors() names -> the layout written to model.safetensors."""
+    del cfg
+    return tensors
 
   # Tensors a checkpoint may hold that the model does not use (buffers, tied copies, other heads).
   ignored: tuple[str, ...] = ()
@@ -877,7 +905,272 @@ class Gemma2(Gemma):
     return rules
 
 
-FAMILY_CLASSES = (GPT2, Bert, T5, Llama, Gemma, Gemma2)
+
+
+# ------------------------------------------------------------------------------------------- mixtures of experts
+# The MoE families' expert tensors, by the names transformers 5 keeps in memory (its conversion_mapping fuses the
+# Hub's per-expert tensors on load): per MoE layer `mlp.experts.gate_up_proj` [E, 2F, D] (gate rows, then up rows),
+# `mlp.experts.down_proj` [E, D, F] and the router `mlp.gate.weight` [E, D]. Files hold them per expert, as Hub
+# checkpoints do and transformers 5.25's save_pretrained writes: Mixtral `block_sparse_moe.experts.{e}.w1/w3/w2.weight`
+# (gate / up / down) and `block_sparse_moe.gate.weight`; Qwen2-MoE, OLMoE `mlp.experts.{e}.gate_proj/up_proj/
+# down_proj.weight`. from_disk reads either layout (fused files too); to_disk writes the family's Hub layout.
+_PER_EXPERT = re.compile(r'^(?P<layer>(?:.*\.)?layers\.\d+\.)(?:block_sparse_moe|mlp)\.experts\.(?P<e>\d+)\.'
+                         r'(?P<w>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$')
+_GATE, _UP, _DOWN = ('w1', 'gate_proj'), ('w3', 'up_proj'), ('w2', 'down_proj')
+
+
+def _stack_experts(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Per-expert tensors -> each layer's fused gate_up_proj / down_proj; Mixtral's block_sparse_moe -> mlp."""
+  out, groups = {}, {}
+  for name, w in tensors.items():
+    m = _PER_EXPERT.match(name)
+    if m is None:
+      out[name.replace('.block_sparse_moe.', '.mlp.')] = w
+      continue
+    kind = 'gate' if m['w'] in _GATE else 'up' if m['w'] in _UP else 'down'
+    groups.setdefault(m['layer'], {}).setdefault(kind, {})[int(m['e'])] = w
+  for layer, kinds in groups.items():
+    if set(kinds) != {'gate', 'up', 'down'} or len({tuple(sorted(v)) for v in kinds.values()}) != 1:
+      raise ConfigError(f'{layer}: the experts\' gate, up and down tensors do not match (each expert needs all '
+                        'three).')
+    experts = sorted(kinds['gate'])
+    if experts != list(range(len(experts))):
+      raise ConfigError(f'{layer} has experts {experts}; a MoE layer needs experts 0..E-1.')
+    stack = lambda kind: np.stack([kinds[kind][e] for e in experts])  # noqa: E731
+    out[f'{layer}mlp.experts.gate_up_proj'] = np.concatenate([stack('gate'), stack('up')], axis=1)
+    out[f'{layer}mlp.experts.down_proj'] = stack('down')
+  return out
+
+
+def _split_experts(tensors: dict[str, np.ndarray], names: tuple[str, str, str], block: str) -> dict[str, np.ndarray]:
+  """The inverse: fused -> `{block}.experts.{e}.{gate,up,down}.weight` (names: the gate / up / down names) and the
+  router under `{block}.gate.weight`."""
+  out = {}
+  for name, w in tensors.items():
+    if name.endswith('.mlp.experts.gate_up_proj'):
+      layer, f = name[:-len('mlp.experts.gate_up_proj')], w.shape[1] // 2
+      for e in range(w.shape[0]):
+        out[f'{layer}{block}.experts.{e}.{names[0]}.weight'] = w[e, :f]
+        out[f'{layer}{block}.experts.{e}.{names[1]}.weight'] = w[e, f:]
+    elif name.endswith('.mlp.experts.down_proj'):
+      layer = name[:-len('mlp.experts.down_proj')]
+      for e in range(w.shape[0]):
+        out[f'{layer}{block}.experts.{e}.{names[2]}.weight'] = w[e]
+    elif name.endswith('.mlp.gate.weight'):
+      out[name.replace('.mlp.gate.', f'.{block}.gate.')] = w
+    else:
+      out[name] = w
+  return out
+
+
+def _expert_rules(hf: str, ours: str) -> list[Rule]:
+  """One MoE layer's router and stacked experts: gate.weight [E, D] <-> router [D, E]; gate_up_proj [E, 2F, D] <->
+  wi_gate, wi [E, D, F]; down_proj [E, D, F] <-> wo [E, F, D]."""
+  def split(w):
+    f = w.shape[1] // 2
+    return np.swapaxes(w[:, :f], 1, 2), np.swapaxes(w[:, f:], 1, 2)
+  return [linear(f'{hf}.gate.weight', f'{ours}.router'),
+          Rule(f'{hf}.experts.gate_up_proj', (f'{ours}.wi_gate', f'{ours}.wi'), split,
+               lambda gate, up: np.swapaxes(np.concatenate([gate, up], axis=2), 1, 2)),
+          Rule(f'{hf}.experts.down_proj', (f'{ours}.wo',), lambda w: (np.swapaxes(w, 1, 2),),
+               lambda w: np.swapaxes(w, 1, 2))]
+
+
+def _gated_mlp_rules(hf: str, ours: str) -> list[Rule]:
+  return [linear(f'{hf}.gate_proj.weight', f'{ours}.wi_gate'), linear(f'{hf}.up_proj.weight', f'{ours}.wi'),
+          linear(f'{hf}.down_proj.weight', f'{ours}.wo')]
+
+
+def _router(hf: dict, renormalise: bool) -> str:
+  """model.router of norm_topk_prob (Mixtral always renormalises)."""
+  return 'topk_softmax' if renormalise else 'softmax_topk'
+
+
+class _MoEFamily(Llama):
+  """The Llama layout with routed experts (Mixtral, Qwen2-MoE, OLMoE): the LM head only; SwiGLU experts."""
+  arch = 'decoder_only'
+  HEADS = {'lm': HeadMapping(tensors=_lm_head_tensors)}
+  moe = True
+  expert_names = ('gate_proj', 'up_proj', 'down_proj')  # the Hub's per-expert tensor names
+  expert_block = 'mlp'  # the module holding the router and experts in Hub files (Mixtral: block_sparse_moe)
+
+  def moe_section(self, hf: dict) -> dict[str, Any]:
+    raise NotImplementedError
+
+  def model_section(self, hf: dict) -> dict[str, Any]:
+    model_type = hf['model_type']
+    if hf.get('hidden_act', 'silu') != 'silu':
+      raise ConfigError(f'{model_type} hidden_act={hf["hidden_act"]!r} is not supported (only silu = SwiGLU).')
+    if hf.get('router_jitter_noise'):
+      logging.warning('%s router_jitter_noise=%s (multiplicative noise on the router input while training) has no '
+                      'jaxformer counterpart; training runs without it.', model_type, hf['router_jitter_noise'])
+    # Llama's reading of the shared keys (RoPE and its scaling, GQA, head_dim, norms, tying), with no biases
+    base = super().model_section({**hf, 'model_type': 'llama', 'attention_bias': False, 'mlp_bias': False})
+    return {**base, 'qkv_bias': False, **self.moe_section(hf)}
+
+  def moe_mismatches(self, cfg: ModelConfig) -> list[str]:
+    raise NotImplementedError
+
+  def mismatches(self, cfg: ModelConfig) -> list[str]:
+    return _want(cfg, arch='decoder_only', position='rope', norm='rms', norm_position='pre', mlp='swiglu',
+                 output_scale=1.0, type_vocab_size=0, embed_norm=False, output_bias=False, attention_scale=-1.0,
+                 use_bias=False, **_NO_GEMMA) + self.moe_mismatches(cfg) + self.head_mismatches(cfg)
+
+  def class_name_for(self, cfg: ModelConfig) -> str:
+    return self.class_name
+
+  def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
+    out = super().hf_config(cfg)
+    for key in ('attention_bias', 'mlp_bias', 'use_sliding_window', 'sliding_window', 'max_window_layers',
+                'layer_types'):
+      out.pop(key, None)
+    return {**out, 'model_type': self.model_types[0], 'num_experts_per_tok': cfg.experts_per_token,
+            'output_router_logits': False}
+
+  def mlp_rules(self, cfg: ModelConfig, i: int, hf: str, ours: str) -> list[Rule]:
+    """Layer i's MLP: the router and experts (+ shared expert) of a MoE block, else a dense SwiGLU."""
+    if not moe_lib.is_moe_layer(cfg, i):
+      return _gated_mlp_rules(f'{hf}.mlp', f'{ours}.mlp')
+    return _expert_rules(f'{hf}.mlp', f'{ours}.mlp')
+
+  def attention_extra(self, cfg: ModelConfig, hf: str, ours: str) -> list[Rule]:
+    del cfg, hf, ours
+    return []
+
+  def tensors(self, cfg: ModelConfig) -> list[Rule]:
+    rules = [same('model.embed_tokens.weight', 'embed.embedding'), *norm('model.norm', 'decoder.final_norm', False),
+             *self.head_tensors(cfg)]
+    for i in range(cfg.num_layers):
+      hf, ours = f'model.layers.{i}', f'decoder.blocks.{i}'
+      a = f'{hf}.self_attn'
+      rules += [*_attention_rules(cfg, f'{ours}.attn', f'{a}.q_proj', f'{a}.k_proj', f'{a}.v_proj', f'{a}.o_proj',
+                                  bias=cfg.qkv_bias),
+                *self.attention_extra(cfg, a, f'{ours}.attn'),
+                *norm(f'{hf}.input_layernorm', f'{ours}.attn_norm', False),
+                *norm(f'{hf}.post_attention_layernorm', f'{ours}.mlp_norm', False),
+                *self.mlp_rules(cfg, i, hf, ours)]
+    return rules
+
+  def from_disk(self, tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    del cfg
+    return _stack_experts(tensors)
+
+  def to_disk(self, tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    del cfg
+    return _split_experts(tensors, self.expert_names, self.expert_block)
+
+
+class Mixtral(_MoEFamily):
+  """MixtralForCausalLM: every layer a MoE block of num_local_experts SwiGLU experts (intermediate_size wide),
+  the softmax over the top-k router logits (model.router=topk_softmax), no biases; sliding_window (every layer)
+  or null."""
+  model_types = ('mixtral',)
+  class_name = 'Mixtral'
+  expert_names = ('w1', 'w3', 'w2')
+  expert_block = 'block_sparse_moe'
+
+  def moe_section(self, hf: dict) -> dict[str, Any]:
+    window = hf.get('sliding_window')
+    return dict(num_experts=hf['num_local_experts'], experts_per_token=hf['num_experts_per_tok'], moe_every=1,
+                router='topk_softmax', num_shared_experts=0, expert_d_ff=0,
+                **(dict(sliding_window=int(window), sliding_window_pattern='L') if window else {}))
+
+  def moe_mismatches(self, cfg: ModelConfig) -> list[str]:
+    windows = cfg.layer_windows()
+    bad = [] if all(windows) or not any(windows) else [
+        f'model.sliding_window_pattern={cfg.sliding_window_pattern!r} (Mixtral windows every layer: L)']
+    return bad + _want(cfg, qkv_bias=False, router='topk_softmax', moe_every=1, num_shared_experts=0)
+
+  def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
+    return {**super().hf_config(cfg), 'intermediate_size': moe_lib.expert_width(cfg),
+            'num_local_experts': cfg.num_experts, 'sliding_window': cfg.sliding_window or None,
+            'router_jitter_noise': 0.0}
+
+
+class Qwen2Moe(_MoEFamily):
+  """Qwen2MoeForCausalLM (Qwen1.5-MoE, Qwen2-57B-A14B): q/k/v biases, every decoder_sparse_step-th layer MoE
+  (model.moe_every; the others dense, intermediate_size wide), experts moe_intermediate_size wide, a shared expert
+  shared_expert_intermediate_size wide (= model.num_shared_experts x expert width) scaled by sigmoid(x w)
+  (shared_expert_gate), norm_topk_prob true = topk_softmax, false = softmax_topk. mlp_only_layers that break the
+  every-moe_every-th pattern and sliding windows are refused."""
+  model_types = ('qwen2_moe',)
+  class_name = 'Qwen2Moe'
+
+  def moe_section(self, hf: dict) -> dict[str, Any]:
+    layers, step = hf['num_hidden_layers'], hf.get('decoder_sparse_step', 1)
+    experts = hf.get('num_experts', 60)
+    if hf.get('use_sliding_window'):
+      raise ConfigError('qwen2_moe use_sliding_window=true is not supported (set it false: Qwen2-MoE checkpoints '
+                        'are trained without windows).')
+    only = set(hf.get('mlp_only_layers') or [])
+    routed = [i for i in range(layers) if i not in only and experts > 0 and (i + 1) % step == 0]
+    if only and routed != [i for i in range(layers) if (i + 1) % step == 0]:
+      raise ConfigError(f'qwen2_moe mlp_only_layers={sorted(only)} makes MoE layers {routed}, which '
+                        f'model.moe_every (every moe_every-th layer) cannot express; only decoder_sparse_step is '
+                        'supported.')
+    width, shared = hf.get('moe_intermediate_size', 1408), hf.get('shared_expert_intermediate_size', 5632)
+    if shared % width or not shared:
+      raise ConfigError(f'qwen2_moe shared_expert_intermediate_size={shared} is not a positive multiple of '
+                        f'moe_intermediate_size={width}; jaxformer\'s shared expert is model.num_shared_experts '
+                        'experts wide.')
+    return dict(num_experts=experts, experts_per_token=hf.get('num_experts_per_tok', 4), moe_every=step,
+                router=_router(hf, hf.get('norm_topk_prob', False)), num_shared_experts=shared // width,
+                moe_shared_gate=True, expert_d_ff=width, qkv_bias=hf.get('qkv_bias', True))
+
+  def moe_mismatches(self, cfg: ModelConfig) -> list[str]:
+    bad = [] if cfg.num_shared_experts else ['model.num_shared_experts=0 (needs >= 1: Qwen2-MoE has a shared '
+                                              'expert)']
+    return bad + _want(cfg, moe_shared_gate=True, sliding_window=0)
+
+  def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
+    width = moe_lib.expert_width(cfg)
+    return {**super().hf_config(cfg), 'num_experts': cfg.num_experts, 'decoder_sparse_step': cfg.moe_every,
+            'moe_intermediate_size': width, 'shared_expert_intermediate_size': cfg.num_shared_experts * width,
+            'norm_topk_prob': moe_lib.ROUTERS[cfg.router].renormalise, 'mlp_only_layers': [],
+            'qkv_bias': cfg.qkv_bias, 'use_sliding_window': False}
+
+  def mlp_rules(self, cfg: ModelConfig, i: int, hf: str, ours: str) -> list[Rule]:
+    rules = super().mlp_rules(cfg, i, hf, ours)
+    if moe_lib.is_moe_layer(cfg, i):
+      rules += [*_gated_mlp_rules(f'{hf}.mlp.shared_expert', f'{ours}.mlp.shared'),
+                linear(f'{hf}.mlp.shared_expert_gate.weight', f'{ours}.mlp.shared_gate')]
+    return rules
+
+
+class Olmoe(_MoEFamily):
+  """OlmoeForCausalLM: every layer MoE (intermediate_size = the expert width), RMSNorm over each whole q and k
+  projection (q_norm, k_norm: model.qk_norm=projection), norm_topk_prob false = softmax_topk (true =
+  topk_softmax); attention_bias and clip_qkv are refused."""
+  model_types = ('olmoe',)
+  class_name = 'Olmoe'
+  qk_norms = ('projection',)
+
+  def moe_section(self, hf: dict) -> dict[str, Any]:
+    for key in ('attention_bias', 'clip_qkv'):
+      if hf.get(key):
+        raise ConfigError(f'olmoe {key}={hf[key]!r} has no jaxformer counterpart.')
+    heads = hf['num_attention_heads']
+    if _get(hf, 'head_dim', default=hf['hidden_size'] // heads) * heads != hf['hidden_size']:
+      raise ConfigError(f'olmoe head_dim={hf["head_dim"]} x num_attention_heads != hidden_size is not supported.')
+    return dict(num_experts=hf.get('num_experts', 64), experts_per_token=hf.get('num_experts_per_tok', 8),
+                moe_every=1, router=_router(hf, hf.get('norm_topk_prob', False)), num_shared_experts=0,
+                expert_d_ff=0, qk_norm='projection')
+
+  def moe_mismatches(self, cfg: ModelConfig) -> list[str]:
+    return _want(cfg, qkv_bias=False, moe_every=1, num_shared_experts=0, sliding_window=0,
+                 head_dim=cfg.d_model // cfg.num_heads)
+
+  def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
+    out = {**super().hf_config(cfg), 'intermediate_size': moe_lib.expert_width(cfg), 'num_experts': cfg.num_experts,
+           'norm_topk_prob': moe_lib.ROUTERS[cfg.router].renormalise, 'attention_bias': False, 'clip_qkv': None}
+    out.pop('head_dim')  # OLMoE's head width is hidden_size / num_attention_heads
+    return out
+
+  def attention_extra(self, cfg: ModelConfig, hf: str, ours: str) -> list[Rule]:
+    return [*norm(f'{hf}.q_norm', f'{ours}.q_norm', False), *norm(f'{hf}.k_norm', f'{ours}.k_norm', False)]
+
+
+FAMILY_CLASSES = (GPT2, Bert, T5, Llama, Gemma, Gemma2, Mixtral, Qwen2Moe, Olmoe)
 FAMILIES: dict[str, Family] = {t: cls() for cls in FAMILY_CLASSES for t in cls.model_types}
 
 
@@ -890,8 +1183,12 @@ def for_model_type(model_type: str, where: str) -> Family:
 
 def for_model(cfg: ModelConfig) -> Family:
   """The family that can express `cfg`, or a ConfigError naming the settings that have no counterpart."""
-  candidates = [(cls(), cls().mismatches(cfg)) for cls in FAMILY_CLASSES if cls.arch == cfg.arch]
-  family, bad = min(candidates, key=lambda c: len(c[1]))  # the first family of the arch wins a tie
+  candidates = [(cls(), cls().feature_mismatches(cfg), cls().mismatches(cfg)) for cls in FAMILY_CLASSES
+                if cls.arch == cfg.arch]
+  # a family with the model's features (experts or not, its q/k norm) is closer than any without; then the fewest
+  # other mismatches, the first family of the arch winning a tie
+  family, features, others = min(candidates, key=lambda c: (bool(c[1]), len(c[1]) + len(c[2])))
+  bad = features + others
   if bad:
     raise ConfigError(f'this model has no Hugging Face counterpart: the closest family, {family.model_types[0]}, '
                       f'needs {"; ".join(bad)}.')

@@ -12,6 +12,7 @@ window and bias unchanged; no causal load balancing (what that costs: context_pa
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, Callable
@@ -497,11 +498,18 @@ def context_parallel_attention(q: Array, k: Array, v: Array, mask: Array | Segme
       offset = jax.lax.axis_index(axes) * t_local
       local_mask = SegmentMask(a['q_seg'], gather(a['kv_seg']), mask.causal,
                                window if static_window else a['window'], offset)
+    # no is_causal here: cuDNN would take query 0 to be key 0, which holds on the first device only
     return dot_product_attention(a['q'], gather(a['k']), gather(a['v']), local_mask, implementation=implementation,
-                                 bias=a.get("bias"), scale=scale, softcap=softcap)  # is_causal: cuDNN would assume query 0 = key 0
+                                 bias=a.get('bias'), scale=scale, softcap=softcap)
 
   return jax.shard_map(local, mesh=mesh, in_specs=(specs,), out_specs=by_length, axis_names=frozenset(axes),
                        check_vma=False)(args)
+
+
+# model.qk_norm: a norm (model.norm's kind and eps) on the queries and keys after their projections, before RoPE:
+# 'projection' normalises each token's whole projection, all heads together (OLMoE / OLMo 2's q_norm, k_norm: scales
+# [heads * head_dim] and [kv_heads * head_dim]); 'head' each head's vector with one [head_dim] scale (Qwen3, Gemma 3).
+QK_NORMS = ('none', 'projection', 'head')
 
 
 class Attention(nnx.Module):
@@ -531,6 +539,12 @@ class Attention(nnx.Module):
     self.key_bias = bias((kvh, h), ('kv_heads', 'kv'), qkv_bias)
     self.value_bias = bias((kvh, h), ('kv_heads', 'kv'), qkv_bias)
     self.out_bias = bias((d,), ('embed',), cfg.use_bias)
+    self.qk_norm = cfg.qk_norm
+    if cfg.qk_norm != 'none':
+      norm = layers.NORMS[cfg.norm]
+      width = lambda heads: h if cfg.qk_norm == 'head' else heads * h  # noqa: E731
+      self.q_norm = norm(dataclasses.replace(cfg, d_model=width(n), use_bias=False), rngs=rngs)
+      self.k_norm = norm(dataclasses.replace(cfg, d_model=width(kvh), use_bias=False), rngs=rngs)
     self.attention_dropout = nnx.Dropout(cfg.attention_dropout, rngs=rngs)
 
   def _project(self, x: Array, kernel: nnx.Param, bias: nnx.Param | None) -> Array:
@@ -538,10 +552,18 @@ class Attention(nnx.Module):
     y = y if bias is None else y + bias[...].astype(self.dtype)
     return layers.lora_update(self, kernel, x, y)
 
+  def _normalise(self, y: Array, which: str) -> Array:
+    """model.qk_norm on queries or keys y [B,T,heads,H] ('q' / 'k'); unchanged when it is none."""
+    if self.qk_norm == 'none':
+      return y
+    norm = self.q_norm if which == 'q' else self.k_norm
+    return norm(y) if self.qk_norm == 'head' else norm(y.reshape(*y.shape[:-2], -1)).reshape(y.shape)
+
   def kv(self, x: Array) -> tuple[Array, Array]:
     """Keys and values [B,S,K,H] of `x` (the encoder output, for cross-attention)."""
     x = x.astype(self.dtype)
-    return self._project(x, self.key, self.key_bias), self._project(x, self.value, self.value_bias)
+    k = self._normalise(self._project(x, self.key, self.key_bias), 'k')
+    return k, self._project(x, self.value, self.value_bias)
 
   def __call__(self, x: Array, mask: Array | None, *, kv: tuple[Array, Array] | None = None,
                rope: tuple[Array, Array] | None = None, bias: Array | None = None, cache: dict | None = None,
@@ -560,7 +582,7 @@ class Attention(nnx.Module):
     softmax materialises them, so this request runs reference_attention whatever model.attention_impl is (the
     output is the same up to float rounding); without it the configured kernel runs, untouched."""
     x = x.astype(self.dtype)
-    q = self._project(x, self.query, self.query_bias)
+    q = self._normalise(self._project(x, self.query, self.query_bias), 'q')
     k, v = self.kv(x) if kv is None else kv
     if rope is not None:
       q, k = positions.apply_rope(q, *rope), positions.apply_rope(k, *rope)

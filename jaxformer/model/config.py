@@ -55,6 +55,7 @@ class ModelConfig:
   head_dim: int  # -1 = d_model // num_heads
   attention_scale: float  # -1 = head_dim ** -0.5
   qkv_bias: bool
+  qk_norm: str  # attention.QK_NORMS
   pad_id: int
   type_vocab_size: int
   embed_norm: bool
@@ -127,6 +128,7 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
   check_choice('model.dtype', model.dtype, layers.DTYPES)
   check_choice('model.param_dtype', model.param_dtype, layers.DTYPES)
   check_choice('model.attention_impl', model.attention_impl, attention.IMPLEMENTATIONS)
+  check_choice('model.qk_norm', model.qk_norm, attention.QK_NORMS)
   check_choice('model.remat', model.remat, transformer.REMATS)
   for key in ('num_layers', 'num_heads', 'd_model', 'd_ff', 'max_len'):
     check_positive(f'model.{key}', model[key])

@@ -32,8 +32,10 @@ Layers: block i (0-based, in each stack) is MoE iff (i + 1) % moe_every == 0 (Qw
 counting: moe_every=2 makes layers 1, 3, ...; 1 = every layer). A scanned stack (model.scan_layers) has one block
 body, so it needs moe_every=1 (config validation says so).
 
-The Hugging Face interop (Mixtral / Qwen2-MoE / OLMoE weights: per-expert w1/w3/w2 <-> stacked wi_gate/wi/wo,
-router `gate.weight` <-> `router` transposed) belongs in jaxformer/hf/families.py; not written yet.
+The Hugging Face interop (Mixtral / Qwen2-MoE / OLMoE: per-expert w1/w3/w2 or gate/up/down_proj, or transformers'
+fused gate_up_proj / down_proj <-> stacked wi_gate/wi/wo; router `gate.weight` <-> `router` transposed) is
+jaxformer/hf/families.py's. model(..., return_intermediates=True) gives each MoE layer's router logits
+('router_logits', transformer.Intermediates).
 """
 from __future__ import annotations
 
@@ -122,21 +124,35 @@ class MoE(nnx.Module):
   def _hidden(self, h: Array, gate: Array | None) -> Array:
     return self.activation(h) if gate is None else self.activation(gate) * h
 
+  def _lora(self, name: str, x: Array, y: Array, group_sizes: Array | None = None) -> Array:
+    """y (rows x times expert kernel `name`) plus its LoRA update when PEFT attached one (jaxformer/peft/lora.py's
+    ExpertLoRA: `stacked` for [E, ..., in] rows, `ragged` for expert-sorted rows with group_sizes)."""
+    lora = getattr(self, 'lora', None)
+    if lora is None or name not in lora:
+      return y
+    update = lora[name].stacked(x) if group_sizes is None else lora[name].ragged(x, group_sizes)
+    return y + update.astype(y.dtype)
+
   def experts_einsum(self, xe: Array) -> Array:
     """Every expert on its own rows: xe [E, ..., D] -> [E, ..., D] (dense and capacity dispatch)."""
     w = lambda p: p[...].astype(self.dtype)
     bias = lambda b, y: y if b is None else y + w(b).reshape(b.shape[:1] + (1,) * (y.ndim - 2) + b.shape[1:])
-    h = bias(self.wi_bias, jnp.einsum('e...d,edf->e...f', xe, w(self.wi)))
-    gate = None if self.wi_gate is None else jnp.einsum('e...d,edf->e...f', xe, w(self.wi_gate))
-    return bias(self.wo_bias, jnp.einsum('e...f,efd->e...d', self._hidden(h, gate), w(self.wo)))
+    h = bias(self.wi_bias, self._lora('wi', xe, jnp.einsum('e...d,edf->e...f', xe, w(self.wi))))
+    gate = None if self.wi_gate is None else self._lora(
+        'wi_gate', xe, jnp.einsum('e...d,edf->e...f', xe, w(self.wi_gate)))
+    hidden = self._hidden(h, gate)
+    return bias(self.wo_bias, self._lora('wo', hidden, jnp.einsum('e...f,efd->e...d', hidden, w(self.wo))))
 
   def experts_ragged(self, xs: Array, group_sizes: Array, expert_of_row: Array) -> Array:
     """Rows sorted by expert, xs [M, D] with group_sizes [E] rows per expert -> [M, D] (dropless dispatch)."""
     w = lambda p: p[...].astype(self.dtype)
     bias = lambda b, y: y if b is None else y + jnp.take(w(b), expert_of_row, axis=0)
-    h = bias(self.wi_bias, jax.lax.ragged_dot(xs, w(self.wi), group_sizes))
-    gate = None if self.wi_gate is None else jax.lax.ragged_dot(xs, w(self.wi_gate), group_sizes)
-    return bias(self.wo_bias, jax.lax.ragged_dot(self._hidden(h, gate), w(self.wo), group_sizes))
+    h = bias(self.wi_bias, self._lora('wi', xs, jax.lax.ragged_dot(xs, w(self.wi), group_sizes), group_sizes))
+    gate = None if self.wi_gate is None else self._lora(
+        'wi_gate', xs, jax.lax.ragged_dot(xs, w(self.wi_gate), group_sizes), group_sizes)
+    hidden = self._hidden(h, gate)
+    return bias(self.wo_bias, self._lora('wo', hidden, jax.lax.ragged_dot(hidden, w(self.wo), group_sizes),
+                                         group_sizes))
 
   # ------------------------------------------------------------------------------------------------ dispatch
   def _dense(self, x: Array, ids: Array, weights: Array) -> tuple[Array, Array]:
@@ -183,7 +199,9 @@ class MoE(nnx.Module):
     return y, kept
 
   # ---------------------------------------------------------------------------------------------------- call
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, return_router_logits: bool = False) -> Array | tuple[Array, Array]:
+    """x [B,T,D] -> [B,T,D]; with return_router_logits also the router's logits float32 [B,T,E] (what
+    transformers' output_router_logits gives per MoE layer, there flattened to [B*T, E])."""
     x = x.astype(self.dtype)
     logits, ids, weights = self.route(x)
     dispatch: dict[str, Callable[..., tuple[Array, Array]]] = {
@@ -198,7 +216,8 @@ class MoE(nnx.Module):
       # an Intermediate attribute (what sow writes, without its deprecated outside-nnx.capture path); pop_stats
       # removes it, so the state the train step splits back out has the structure it started with
       self.moe_stats = nnx.Intermediate(router_stats(logits, ids, kept, self.num_experts))
-    return logical.constrain(y, logical.HIDDEN)
+    y = logical.constrain(y, logical.HIDDEN)
+    return (y, logits) if return_router_logits else y
 
 
 # ------------------------------------------------------------------------------------------ losses / metrics

@@ -41,6 +41,8 @@ Array = jax.Array
 #   'cross_attention'  float32 [L, B, heads, T, S]   encoder_decoder's decoder only (keys: the encoder positions)
 #   'hidden'           [L, B, T, D]                  each block's output (the residual stream; before a pre-LN
 #                                                    stack's final norm)
+#   'router_logits'    float32 [L_moe, B, T, E]      a MoE model's router logits, one row per MoE block (moe.py;
+#                                                    transformers' output_router_logits)
 # Why a flag on __call__ (as transformers' output_attentions) rather than nnx's sow or a second method: it is one
 # static Python bool, so the default call traces exactly the program it traced before (no extra outputs or work), and
 # a request threads explicit return values through Block / Stack / the scan, with no module state to reset.
@@ -158,7 +160,11 @@ class Block(nnx.Module):
       if return_intermediates:
         weights['cross_attention'] = out[2]
       x = self._out(self.cross_norm, x, out[0], deterministic, self._post('cross'))
-    x = self._out(self.mlp_norm, x, self.mlp(self._in(self.mlp_norm, x)), deterministic, self._post('mlp'))
+    if return_intermediates and isinstance(self.mlp, moe.MoE):
+      y, weights['router_logits'] = self.mlp(self._in(self.mlp_norm, x), return_router_logits=True)
+    else:
+      y = self.mlp(self._in(self.mlp_norm, x))
+    x = self._out(self.mlp_norm, x, y, deterministic, self._post('mlp'))
     if return_intermediates:
       return x, cache, weights
     return x, cache
@@ -245,7 +251,10 @@ class Stack(nnx.Module):
         per_layer.append({**out[2], 'hidden': x})
     new_cache = tuple(new_cache) if cache is not None else None
     if return_intermediates:  # one [L, ...] array per name, as the scanned stack gives them
-      return self._finish(x, strip), new_cache, jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+      routers = [layer.pop('router_logits') for layer in per_layer if 'router_logits' in layer]  # MoE blocks only
+      stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+      return self._finish(x, strip), new_cache, {**stacked, **({'router_logits': jnp.stack(routers)} if routers
+                                                                 else {})}
     return self._finish(x, strip), new_cache
 
   def _finish(self, x: Array, strip: Any) -> Array:

@@ -4,6 +4,12 @@ A [*in, rank] is small and random (uniform in +-1/sqrt(fan_in), as the reference
 zero, so step 0 is the base model exactly. The factors carry the logical axis names of their base kernel's input /
 output dimensions (the rank dimension is unnamed: replicated), so the mesh rules shard them like the kernel.
 The model calls them through layers.lora_update (Attention and MLP projections).
+
+Mixture-of-experts blocks (model/moe.py): each expert gets its own factors, stacked like the expert kernels
+(ExpertLoRA: A [E, in, rank], B [E, rank, out], the 'expert' axis first, so mesh.expert shards them with their
+experts), applied in every model.moe_impl: dropless runs two more ragged matmuls over the same expert-sorted rows,
+capacity and dense two more per-expert einsums. A shared expert is a plain MLP and gets a plain LoRA. merge folds
+each expert's A_e B_e into its slice of the stacked kernel (the same batched product as a scanned stack's layers).
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ from flax import nnx
 
 from jaxformer.errors import ConfigError, check_fraction, check_positive
 from jaxformer.model import attention as attention_lib
-from jaxformer.model import layers, scan
+from jaxformer.model import layers, moe as moe_lib, scan
 from jaxformer.peft.params import LoRAParam, new_param, sharding_names
 
 Array = jax.Array
@@ -57,9 +63,6 @@ def validate(peft: Any, model: Any) -> None:
   names = target_names(peft.targets)
   if names == ('wi_gate',) and model.mlp not in ('swiglu', 'geglu'):
     raise ConfigError(f'peft.targets=wi_gate: model.mlp={model.mlp} has no gate projection; use wi, wo or mlp.')
-  if model.num_experts and set(names) & set(MLP):  # LoRA on the stacked expert weights is not written
-    raise ConfigError(f'peft.targets={peft.targets!r}: LoRA applies to attention on mixture-of-experts models '
-                      f'(model.num_experts={model.num_experts}); use peft.targets=attention (or q,k,v,o).')
 
 
 class LoRA(nnx.Module):
@@ -87,28 +90,65 @@ class LoRA(nnx.Module):
     return y.reshape(*x.shape[:-1], *self.out_shape)
 
 
+class ExpertLoRA(nnx.Module):
+  """Every expert's own low-rank update of a stacked expert kernel [E, in, out] (model/moe.py's wi / wi_gate / wo):
+  A [E, in, rank] uniform in +-1/sqrt(in), B [E, rank, out] zero. MoE calls `stacked` (capacity / dense dispatch)
+  or `ragged` (dropless) beside its own product with the kernel."""
+
+  def __init__(self, shape: tuple[int, ...], names: tuple[str | None, ...], pdt: Any, in_dims: int,
+               peft: Any, dtype: Any, *, rngs: nnx.Rngs):
+    del in_dims  # always 1 (the expert kernels are 3-D)
+    e, d_in, d_out = shape
+    rank, bound = int(peft.rank), 1.0 / math.sqrt(d_in)
+    uniform = lambda key, s, dt: jax.random.uniform(key, s, dt, -bound, bound)  # noqa: E731
+    self.rank, self.scale, self.dtype = rank, float(peft.alpha) / rank, jnp.dtype(dtype)
+    self.a = new_param(LoRAParam, rngs, uniform, (e, d_in, rank), (names[0], names[1], None), pdt)
+    self.b = new_param(LoRAParam, rngs, layers.zeros, (e, rank, d_out), (names[0], None, names[2]), pdt)
+    self.dropout = nnx.Dropout(float(peft.dropout), deterministic=True, rngs=rngs)
+
+  def _in(self, x: Array) -> Array:
+    x = x.astype(self.dtype)
+    return self.dropout(x) if self.dropout.rate > 0 else x
+
+  def stacked(self, xe: Array) -> Array:
+    """Expert e's rows xe [E, ..., in] -> their updates [E, ..., out]."""
+    a, b = self.a[...].astype(self.dtype), self.b[...].astype(self.dtype)
+    h = jnp.einsum('e...d,edr->e...r', self._in(xe), a)
+    return jnp.einsum('e...r,erf->e...f', h, b) * jnp.asarray(self.scale, self.dtype)
+
+  def ragged(self, xs: Array, group_sizes: Array) -> Array:
+    """Rows sorted by expert xs [M, in], group_sizes [E] -> their updates [M, out] (two ragged matmuls)."""
+    a, b = self.a[...].astype(self.dtype), self.b[...].astype(self.dtype)
+    h = jax.lax.ragged_dot(self._in(xs), a, group_sizes)
+    return jax.lax.ragged_dot(h, b, group_sizes) * jnp.asarray(self.scale, self.dtype)
+
+
 def _lora(kernel: nnx.Param, in_dims: int, peft: Any, dtype: Any, num_layers: int,
-          rngs: nnx.Rngs) -> LoRA:
-  """The LoRA of `kernel`; of each layer's slice when the kernel is stacked (model.scan_layers: num_layers > 0)."""
+          rngs: nnx.Rngs, kind: type[nnx.Module] = LoRA) -> nnx.Module:
+  """The LoRA of `kernel` (kind: LoRA, or ExpertLoRA for a stacked expert kernel); of each layer's slice when the
+  kernel is stacked (model.scan_layers: num_layers > 0)."""
   shape, names, pdt = tuple(kernel.get_value().shape), sharding_names(kernel), kernel.get_value().dtype
   if not num_layers:
-    return LoRA(shape, names, pdt, in_dims, peft, dtype, rngs=rngs)
-  return scan.stack_modules(lambda r: LoRA(shape[1:], names[1:], pdt, in_dims, peft, dtype, rngs=r), num_layers, rngs)
+    return kind(shape, names, pdt, in_dims, peft, dtype, rngs=rngs)
+  return scan.stack_modules(lambda r: kind(shape[1:], names[1:], pdt, in_dims, peft, dtype, rngs=r), num_layers, rngs)
 
 
 def attach(model: nnx.Module, peft: Any, rngs: nnx.Rngs) -> None:
-  """Gives every Attention (self and cross) and MLP a `lora` dict {projection name: LoRA} for the targets."""
+  """Gives every Attention (self and cross), MLP and MoE block a `lora` dict {projection name: LoRA (ExpertLoRA on a
+  MoE block's stacked experts)} for the targets."""
   names = target_names(peft.targets)
   for module, num_layers in list(scan.stacked_layers(model)):
+    kind = LoRA
     if isinstance(module, attention_lib.Attention):
       wanted = [n for n in names if n in ATTENTION]
-    elif isinstance(module, layers.MLP):
+    elif isinstance(module, (layers.MLP, moe_lib.MoE)):
       wanted = [n for n in names if n in MLP and getattr(module, n, None) is not None]
+      kind = ExpertLoRA if isinstance(module, moe_lib.MoE) else LoRA
     else:
       continue
     if wanted:
       module.lora = nnx.Dict({n: _lora(getattr(module, n), INPUT_DIMS.get(n, 1), peft, module.dtype, num_layers,
-                                       rngs) for n in wanted})
+                                       rngs, kind) for n in wanted})
 
 
 def merge(params: nnx.State, peft: Any) -> nnx.State:

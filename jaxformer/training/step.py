@@ -172,9 +172,21 @@ def add_moe_losses(model: nnx.Module, objective_sum: jax.Array, metrics: dict, c
   train = config.train
   objective_sum = objective_sum + w * (float(train.moe_aux_loss_coef) * stats['aux']
                                        + float(train.moe_z_loss_coef) * stats['z'])
+  return objective_sum, {**metrics, **moe_stat_sums(stats, w)}
+
+
+def moe_stat_sums(stats: dict[str, jax.Array], weight_sum: jax.Array) -> dict[str, jax.Array]:
+  """moe.pop_stats' statistics as metric sums (MOE_SUM + name: weight_sum * value), so that batches and
+  micro-batches aggregate by their share of the tokens, as the loss does; the names are moe.stats_names'."""
   sums = {'moe_aux_loss': stats['aux'], 'moe_z_loss': stats['z'], 'moe_dropped_fraction': stats['dropped'],
           'router_entropy': stats['entropy'], **{f'expert_load/{e}': v for e, v in enumerate(stats['load'])}}
-  return objective_sum, {**metrics, **{f'{MOE_SUM}{name}': w * v for name, v in sums.items()}}
+  return {f'{MOE_SUM}{name}': weight_sum * v for name, v in sums.items()}
+
+
+def moe_means(sums: Mapping[str, float] | None, weight_sum: float) -> dict[str, float]:
+  """The MoE statistics among accumulated metric sums (MOE_SUM keys), divided by their weight: {name: mean}."""
+  return {key[len(MOE_SUM):]: value / max(weight_sum, 1.0) for key, value in (sums or {}).items()
+          if key.startswith(MOE_SUM)}
 
 
 MOE_SUM = 'moe_sum:'  # metric keys holding weight_sum * a MoE statistic (the step divides them by its weight total)
