@@ -18,7 +18,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from jaxformer.errors import DataError
-from jaxformer.data.sources.base import Example, Instruction, Labelled, ListSplit, Preference, Prompt, Source, Split
+from jaxformer.data.sources.base import (Example, Instruction, Labelled, ListSplit, Preference, Prompt, Source,
+                                         SpanExample, Split, Tagged)
 
 BUILDER_VERSION = '1.0.0'
 
@@ -53,7 +54,10 @@ def _no_stray_tfds_tempdirs():
 _EXAMPLE = {'text': lambda values: values[0], 'pairs': tuple, 'instructions': lambda values: Instruction(*values),
             'labelled': lambda values: Labelled(values[0], values[1], int(values[2])),
             'preference': lambda values: Preference(values[0], values[1], values[2], float(values[3])),
-            'prompts': lambda values: Prompt(*values)}
+            'prompts': lambda values: Prompt(*values),
+            # lists are stored as JSON strings
+            'tagged': lambda values: Tagged(tuple(json.loads(values[0])), tuple(json.loads(values[1]))),
+            'spans': lambda values: SpanExample(values[0], values[1], *map(tuple, json.loads(values[2])))}
 
 
 class TfdsSplit(Split):
