@@ -16,7 +16,9 @@ head on import (head_of):
                                    reward = <Class>ForSequenceClassification with num_labels=1 (`score`, no bias;
                                    the last real token, found through config.json's pad_token_id)
   BERT                             lm = BertForMaskedLM; classification = BertForSequenceClassification with
-                                   num_labels >= 2; reward = the same class with num_labels=1 (pooler + classifier)
+                                   num_labels >= 2; reward = the same class with num_labels=1 (pooler + classifier);
+                                   token_classification = BertForTokenClassification (`classifier`); span =
+                                   BertForQuestionAnswering (`qa_outputs`)
   T5                               lm = T5ForConditionalGeneration
 
 Layouts (checked against transformers' modeling_*.py): torch's nn.Linear stores [out, in]; GPT-2's Conv1D stores
@@ -235,6 +237,28 @@ def _bert_pooled_mismatches(cfg: ModelConfig) -> list[str]:
 
 REWARD_READS = 'num_labels=1 as model.head=reward'
 
+
+def _token_labels_config(cfg: ModelConfig) -> dict[str, Any]:
+  id2label = {str(i): f'LABEL_{i}' for i in range(cfg.num_classes)}
+  return {'id2label': id2label, 'label2id': {v: int(k) for k, v in id2label.items()}}
+
+
+def _token_head(weight: str) -> HeadMapping:
+  """*ForTokenClassification: an nn.Linear `weight` [num_labels, D] with bias on every token; optional, so any
+  checkpoint of the family can start one."""
+  rules = [linear(f'{weight}.weight', 'classifier.kernel'), same(f'{weight}.bias', 'classifier.bias')]
+  return HeadMapping(section=lambda hf: dict(head='token_classification', num_classes=_num_labels(hf),
+                                             output_bias=False),
+                     config=_token_labels_config,
+                     tensors=lambda cfg: [dataclasses.replace(rule, optional=True) for rule in rules])
+
+
+# *ForQuestionAnswering: qa_outputs [2, D] + bias on every token (start, end logits).
+SPAN_HEAD = HeadMapping(
+    section=lambda hf: dict(head='span', output_bias=False),
+    tensors=lambda cfg: [dataclasses.replace(rule, optional=True) for rule in (
+        linear('qa_outputs.weight', 'classifier.kernel'), same('qa_outputs.bias', 'classifier.bias'))])
+
 # GPT-2 and the Llama layout: the LM, and a reward model as <Class>ForSequenceClassification (num_labels=1, `score`
 # on the last real token, no pooler, no bias).
 DECODER_HEADS = {
@@ -257,6 +281,8 @@ BERT_HEADS = {
     'reward': HeadMapping(section=lambda hf: dict(head='reward', pooling='first', pooler=True, output_bias=False),
                           config=_reward_config, tensors=_bert_reward_tensors, mismatches=_bert_pooled_mismatches,
                           accepts=_is_reward, reads=REWARD_READS),
+    'token_classification': _token_head('classifier'),  # BertForTokenClassification (no pooler)
+    'span': SPAN_HEAD,  # BertForQuestionAnswering (no pooler)
 }
 
 
