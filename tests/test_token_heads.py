@@ -195,7 +195,8 @@ def test_ner_trains_and_reports_entity_f1(tmp_path):
   run(config, workdir)
   rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
   last = rows[-1]
-  assert last['eval_words'] == sum(len(json.loads(line)['tokens']) for line in open(FIXTURES / 'ner/validation.jsonl'))
+  words = sum(len(json.loads(line)['tokens']) for line in open(FIXTURES / 'ner/validation.jsonl'))
+  assert 0.97 * words <= last['eval_words'] <= words  # a word past a row's 48 characters is cut off, not scored
   assert last['eval_accuracy'] > 0.75 and last['eval_f1'] > 0.2, last  # all-O guessing: ~0.69 accuracy, F1 0
   results = evaluation.run(config, workdir)
   assert results['f1'] == pytest.approx(last['eval_f1']) and {'f1/PER', 'f1/LOC', 'support/PER'} <= set(results)
@@ -218,8 +219,8 @@ def test_qa_trains_and_eval_py_reports_squad_scores(tmp_path):
   run(config, str(workdir))
   row = [json.loads(line) for line in open(workdir / 'metrics.jsonl')][-1]
   assert row['eval_examples'] == 60 and 0 <= row['eval_exact_match'] <= row['eval_f1'] <= 100, row
-  out = subprocess.run([sys.executable, 'eval.py', f'--workdir={workdir}'], cwd=REPO, capture_output=True,
-                       text=True, timeout=300, env=ONE_DEVICE)
+  out = subprocess.run([sys.executable, 'eval.py', '--config=configs/qa.py', f'--workdir={workdir}'], cwd=REPO,
+                       capture_output=True, text=True, timeout=300, env=ONE_DEVICE)
   assert out.returncode == 0, out.stderr[-3000:]
   with open(workdir / 'eval.json') as f:
     results = json.load(f)
