@@ -14,7 +14,9 @@ head on import (head_of):
 
   GPT-2, Llama / Mistral / Qwen2   lm = GPT2LMHeadModel / LlamaForCausalLM / Qwen2ForCausalLM;
                                    reward = <Class>ForSequenceClassification with num_labels=1 (`score`, no bias;
-                                   the last real token, found through config.json's pad_token_id)
+                                   the last real token, found through config.json's pad_token_id);
+                                   token_classification = <Class>ForTokenClassification (GPT-2 `classifier`, the
+                                   others `score`, with bias)
   BERT                             lm = BertForMaskedLM; classification = BertForSequenceClassification with
                                    num_labels >= 2; reward = the same class with num_labels=1 (pooler + classifier);
                                    token_classification = BertForTokenClassification (`classifier`); span =
@@ -375,7 +377,7 @@ class GPT2(Family):
   model_types = ('gpt2',)
   arch = 'decoder_only'
   class_name, lm_class = 'GPT2', 'LMHeadModel'
-  HEADS = DECODER_HEADS
+  HEADS = {**DECODER_HEADS, 'token_classification': _token_head('classifier')}  # GPT2ForTokenClassification
   prefix = 'transformer.'
   ignored = ('.attn.bias', '.attn.masked_bias', 'lm_head.weight')
 
@@ -678,7 +680,7 @@ class Llama(Family):
   model_types = ('llama', 'mistral', 'qwen2')
   arch = 'decoder_only'
   class_name, lm_class = 'Llama', 'ForCausalLM'
-  HEADS = DECODER_HEADS
+  HEADS = {**DECODER_HEADS, 'token_classification': _token_head('score')}  # <Class>ForTokenClassification
   prefix = 'model.'
   ignored = ('rotary_emb.inv_freq', 'lm_head.weight')
 
