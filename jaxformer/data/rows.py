@@ -549,7 +549,8 @@ class SpanTask(Task):
       budget = self.seq_len - len(head) - len(end)
       if budget <= self.doc_stride:
         raise DataError(f'data.seq_len={self.seq_len} leaves {budget} context tokens per window after the question, '
-                        f'not more than data.doc_stride={self.doc_stride}; lower data.doc_stride or raise data.seq_len.')
+                        f'not more than data.doc_stride={self.doc_stride}; lower data.doc_stride or raise '
+                        'data.seq_len.')
       ids, offsets = tok.encode_offsets(e.context)
       answer = (e.answer_starts[0], e.answer_starts[0] + len(e.answer_texts[0])) if e.answer_texts else None
       windows = []

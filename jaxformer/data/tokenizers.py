@@ -127,8 +127,8 @@ class Tokenizer:
     if extra == 1 and table[ids[0]][:1] == b' ' and not text.startswith(' '):  # sentencepiece's dummy prefix
       starts, ends = np.maximum(starts - 1, 0), ends - 1
     elif extra != 0 or b''.join(table[i] for i in ids) != data:
-      raise DataError(f'the {self.kind} tokenizer\'s ids do not spell out the text {text[:40]!r} (unknown characters?), '
-                      'so their character offsets are unknown; use data.tokenizer=byte.')
+      raise DataError(f'the {self.kind} tokenizer\'s ids do not spell out the text {text[:40]!r} (unknown '
+                      'characters?), so their character offsets are unknown; use data.tokenizer=byte.')
     char_starts = np.cumsum([0] + [len(c.encode('utf-8')) for c in text])[:-1]  # byte offset of each character
     return ids, np.stack([np.searchsorted(char_starts, starts, side='right') - 1,
                           np.searchsorted(char_starts, ends, side='left')], axis=1).astype(np.int32)

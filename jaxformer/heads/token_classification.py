@@ -71,8 +71,8 @@ class TokenClassificationHead(TokenClassifier):
 
 
 def _end_of_chunk(prev_tag: str, tag: str, prev_type: str, type_: str) -> bool:
-  return ((prev_tag in ('E', 'S')) or (prev_tag == 'B' and tag in ('B', 'S', 'O'))
-          or (prev_tag == 'I' and tag in ('B', 'S', 'O')) or (prev_tag != 'O' and prev_tag != '.' and prev_type != type_))
+  return ((prev_tag in ('E', 'S')) or (prev_tag in ('B', 'I') and tag in ('B', 'S', 'O'))
+          or (prev_tag not in ('O', '.') and prev_type != type_))
 
 
 def _start_of_chunk(prev_tag: str, tag: str, prev_type: str, type_: str) -> bool:

@@ -4,7 +4,8 @@ An example is a `str` (a text source, kind 'text'), a `(source, target)` pair of
 kind 'pairs'), an `Instruction(prompt, response)` (kind 'instructions'; also a pair, so encoder_decoder reads it
 as one, while decoder_only scores only its response), a `Labelled(text_a, text_b, label)` (kind 'labelled',
 model.head=classification), a `Tagged(words, tags)` (kind 'tagged', model.head=token_classification), a
-`SpanExample(context, question, answer_texts, answer_starts)` (kind 'spans', model.head=span), a `Preference(prompt, chosen, rejected, margin)` (kind 'preference': model.head=reward,
+`SpanExample(context, question, answer_texts, answer_starts)` (kind 'spans', model.head=span), a
+`Preference(prompt, chosen, rejected, margin)` (kind 'preference': model.head=reward,
 align.method=dpo / simpo) or a `Prompt(prompt, fields)` (kind 'prompts': the online align methods). The pipeline only ever sees this interface, so shuffling,
 per-host sharding and exact resumption are the same code for all sources.
 """
