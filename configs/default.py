@@ -141,6 +141,13 @@ def get_config() -> ml_collections.ConfigDict:
   data.text_pair_keys = 'text_a,text_b'
   data.label_key = 'label'
   data.label_names = ''  # comma list: the label strings, in class-id order (e.g. 'negative,positive')
+  # jsonl: sources with model.head=token_classification: each line has a list of words and one tag per word (an
+  # int id, or one of data.label_names, which token_classification requires: e.g. 'O,B-PER,I-PER')
+  data.words_key = 'tokens'
+  data.tags_key = 'tags'
+  # model.head=span: a context longer than a row is read in windows that overlap by this many tokens (Hugging
+  # Face run_qa's doc_stride)
+  data.doc_stride = 128
   data.seq_len = 128  # tokens per row: LM rows, or the decoder (target) side of seq2seq
   data.src_seq_len = 128  # encoder (source) side of seq2seq
   data.pack = True  # pack several examples into one row (segment_ids keep them apart)
@@ -331,6 +338,10 @@ def get_config() -> ml_collections.ConfigDict:
   # mean | last; encoder_decoder: the encoder's) and L2-normalised (embed_normalize)
   decode.embed_pooling = 'mean'
   decode.embed_normalize = True
+  # model.head=span (eval): the answer is the best-scoring span (start + end logit) among the n_best_size top starts
+  # and ends of each window, at most max_answer_len tokens long (Hugging Face run_qa's n_best_size, max_answer_length)
+  decode.n_best_size = 20
+  decode.max_answer_len = 30
   return config
 
 

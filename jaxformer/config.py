@@ -80,7 +80,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'{reader} reads {examples} examples, which data.source={data.source!r} '
                       f'does not have; use data.source={data_lib.EXAMPLE_KINDS[examples][0]}:<file or {{split}} '
                       'pattern> (see README: Data).')
-  if examples == 'labelled':
+  if examples == 'tagged' and not data_lib.label_names(config):
+    raise ConfigError('model.head=token_classification needs data.label_names, the tag strings in id order (e.g. '
+                      '--config.data.label_names=O,B-PER,I-PER): entity-level F1 reads them.')
+  if examples == 'spans':
+    check_positive('data.doc_stride', data.doc_stride, allow_zero=True)
+    for key in ('n_best_size', 'max_answer_len'):
+      check_positive(f'decode.{key}', config.decode[key])
+  if examples in ('labelled', 'tagged'):
     names = data_lib.label_names(config)
     if len(names) > config.model.num_classes:
       raise ConfigError(f'data.label_names has {len(names)} names but model.num_classes={config.model.num_classes}; '

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -32,9 +32,16 @@ def _warn(msg: str) -> None:
 def _jitted_eval_step(graphdef: Any, config: Any, mesh: Any):
   """Training's compute_loss on one batch -> its metric sums, jitted once per (model, settings, mesh): evaluating
   another checkpoint of the same model in this process (or at the next eval step) reuses the compiled step."""
-  confusion = heads.head_of(config.model).confusion
+  head = heads.head_of(config.model)
+  confusion = head.confusion
 
   def sums(params, rest, batch, length_tables, reference=None):
+    if head.observes:  # (metric sums, the logits the head decodes on the host)
+      model = step_lib.merge_model(graphdef, params, rest)
+      logits = step_lib.model_logits(model, batch, deterministic=True)
+      _, metrics = step_lib.loss_sums(model, batch, config, deterministic=True, length_tables=length_tables,
+                                      logits=logits)
+      return metrics, logits
     if reference is not None:  # align.method=dpo: the frozen reference's log-probabilities
       reference_params = step_lib.reference_model_params(params, reference, config.peft)
       reference_model = step_lib.merge_model(graphdef, reference_params, rest)
@@ -116,21 +123,30 @@ class Evaluator:
       batches.append(batch)
     self._cached = batches
 
-  def batches(self, limit: int) -> Iterator[dict[str, jax.Array]]:
-    """The batches an evaluation of `limit` batches (-1: all) scores, placed on the mesh; sets `scored`."""
+  def host_batches(self, limit: int) -> Iterator[dict[str, np.ndarray]]:
+    """This host's rows of the batches an evaluation of `limit` batches (-1: all) scores; sets `scored`."""
     if self._cached is None and not self._streamed:
       self._fill_cache()
     self.scored = []
     if self._cached is not None:
       for i in spread(len(self._cached), limit):
         self.scored.append(i)
-        yield shd.shard_batch(self._cached[i], self.r.mesh, self.r.rules, self._layout)
+        yield self._cached[i]
       return
     for i, batch in enumerate(self._iterator()):
       if 0 <= limit <= i:
         break
       self.scored.append(i)
+      yield batch
+
+  def batches(self, limit: int) -> Iterator[dict[str, jax.Array]]:
+    """The batches an evaluation of `limit` batches (-1: all) scores, placed on the mesh; sets `scored`."""
+    for batch in self.host_batches(limit):
       yield shd.shard_batch(batch, self.r.mesh, self.r.rules, self._layout)
+
+  def read_examples(self, indices: Sequence[int]) -> list[Any]:
+    """The split's examples at `indices` (what a batch's example_ids point at)."""
+    return self.r.source.split(self.split).read(indices)
 
   def accumulate(self, params: Any, rest: Any, *, final: bool = True) -> metrics_lib.MetricAccumulator:
     """Token-weighted metric sums over the split's eval batches (global: the jit spans the mesh, so no
@@ -138,8 +154,15 @@ class Evaluator:
     target token."""
     acc = metrics_lib.MetricAccumulator()
     with shd.mesh_context(self.r.mesh, self.r.rules):
-      for batch in self.batches(eval_steps(self.r.config, final=final)):
-        acc.add(self._step(params, rest, batch, self._tables, self.reference))
+      for host_batch in self.host_batches(eval_steps(self.r.config, final=final)):
+        batch = shd.shard_batch(host_batch, self.r.mesh, self.r.rules, self._layout)
+        out = self._step(params, rest, batch, self._tables, self.reference)
+        if self.head.observes:  # the logits come back whole (replicated): this host's rows are its batch's
+          out, logits = out
+          first = self._layout.first_row
+          rows = np.asarray(jax.device_get(logits))[first:first + self._layout.rows]
+          self.head.observe(acc, host_batch, rows, self.r.config, self.read_examples)
+        acc.add(out)
     if acc.weight_sum <= 0:
       raise data_lib.DataError(f'split {self.split!r} of data.source={self.r.config.data.source!r} produced no '
                                f'{self.scorer.unit} to score.')

@@ -134,6 +134,7 @@ class MetricAccumulator:
   num_batches: int = 0
   confusion: np.ndarray | None = None  # model.head=classification: [C, C] counts, summed like the others
   extra: dict[str, float] | None = None  # an objective's own scalar sums (align.pairwise: margin_sum, ...)
+  records: dict | None = None  # a head's per-example host state (heads.span: the best answer per question)
 
   def add(self, metrics: Mapping[str, Any]) -> None:
     values = jax.device_get(dict(metrics))
@@ -149,6 +150,12 @@ class MetricAccumulator:
       confusion = np.asarray(confusion, np.float64)
       self.confusion = confusion if self.confusion is None else self.confusion + confusion
     self.num_batches += 1
+
+  def add_extra(self, sums: Mapping[str, float]) -> None:
+    """Adds host-side sums (a head's `observe`: entity counts) to `extra`."""
+    self.extra = self.extra or {}
+    for key, value in sums.items():
+      self.extra[key] = self.extra.get(key, 0.0) + float(value)
 
   def merge(self, other: MetricAccumulator) -> MetricAccumulator:
     confusions = [c for c in (self.confusion, other.confusion) if c is not None]

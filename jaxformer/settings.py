@@ -49,6 +49,9 @@ class DataSettings:
   text_pair_keys: str
   label_key: str
   label_names: str
+  words_key: str
+  tags_key: str
+  doc_stride: int
   seq_len: int
   src_seq_len: int
   pack: bool
@@ -182,6 +185,8 @@ class DecodeSection(DecodeSettings):
   answer_pattern: str
   embed_pooling: str
   embed_normalize: bool
+  n_best_size: int
+  max_answer_len: int
 
 
 @dataclasses.dataclass(frozen=True)

@@ -76,7 +76,8 @@ def export(workdir: str, output: str, step: int | None = None) -> str:
     extend_from_workdir(tokenizer, workdir)
   ids = (token_ids(tokenizer, settings.model.arch, hf.needs_pad_token(settings.model)) if tokenizer is not None
          else None)
-  model_type = hf.save(model, settings.model, output, token_ids=ids)
+  names = [n.strip() for n in settings.data.label_names.split(',') if n.strip()]
+  model_type = hf.save(model, settings.model, output, token_ids=ids, label_names=names)
   if tokenizer is not None:
     tokenizer.save_files(output)
   else:

@@ -444,7 +444,8 @@ class Trainer:
       row.update(self.harness.row(step_lib.merge_model(self.setup.graphdef, self.state['params'], self.state['rngs'])))
     self.writer.write(step, row)
     shown = (('loss', 'eval_loss', '.4f'), ('perplexity', 'eval_perplexity', '.3f'), ('accuracy', 'eval_accuracy', '.4f'),
-             ('macro-F1', 'eval_macro_f1', '.4f'), ('bits/char', 'eval_bits_per_char', '.4f'),
+             ('macro-F1', 'eval_macro_f1', '.4f'), ('F1', 'eval_f1', '.4f'),
+             ('exact match', 'eval_exact_match', '.2f'), ('bits/char', 'eval_bits_per_char', '.4f'),
              ('margin', 'eval_margin', '.4f'), ('reward accuracy', 'eval_reward_accuracy', '.4f'),
              ('reward margin', 'eval_reward_margin', '.4f'), ('reward', 'eval_reward_mean', '.4f'),
              ('completion length', 'eval_completion_length', '.1f'))

@@ -142,6 +142,19 @@ class HFTokenizer(Tokenizer):
   def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
     return [np.asarray(e.ids, np.int32) for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
+  def encode_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+    """The fast tokenizer's own character offsets (transformers' return_offsets_mapping)."""
+    enc = self._tok.encode(text, add_special_tokens=False)
+    return np.asarray(enc.ids, np.int32), np.asarray(enc.offsets, np.int32).reshape(-1, 2)
+
+  def encode_words(self, words: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """transformers' tokenizer(words, is_split_into_words=True): ids and their word_ids (-1 for none)."""
+    if not words:
+      return np.zeros(0, np.int32), np.zeros(0, np.int32)
+    enc = self._tok.encode(list(words), is_pretokenized=True, add_special_tokens=False)
+    return (np.asarray(enc.ids, np.int32),
+            np.asarray([-1 if w is None else w for w in enc.word_ids], np.int32))
+
   # Framing (see Tokenizer.document): sources and targets framed as transformers frames any text.
   def source(self, ids: Sequence[int], max_len: int | None = None) -> np.ndarray:
     return self._join(self.prefix_ids, self._cut(ids, max_len, len(self.prefix_ids) + len(self.suffix_ids)),

@@ -51,10 +51,11 @@ from jaxformer import align
 from jaxformer.errors import DataError
 from jaxformer.data.objectives import OBJECTIVES, objective_name, split_at_middle_word
 from jaxformer.data import chat
-from jaxformer.data.sources import ChatPreference, Conversation, Instruction, Labelled, Preference
+from jaxformer.data.sources import (ChatPreference, Conversation, Instruction, Labelled, Preference, SpanExample,
+                                    Tagged)
 from jaxformer.data.tokenizers import Tokenizer
 
-LABEL_KEYS = ('targets', 'labels')  # batch keys that are not model inputs
+LABEL_KEYS = ('targets', 'labels', 'example_ids', 'offsets')  # batch keys that are not model inputs
 Rows = dict[str, np.ndarray]
 
 
@@ -484,6 +485,158 @@ class ClassificationTask(Task):
     stream.pop()
 
 
+class TaggedTask(Task):
+  """model.head=token_classification: one Tagged example (words + a tag id per word) per row, never packed. The
+  words are encoded together (tokenizer.encode_words: an hf: tokenizer as transformers' is_split_into_words, the
+  others on the words joined by spaces) and framed as a document (BERT: [CLS] ... [SEP]), cut to data.seq_len;
+  `labels` [rows, seq_len] holds each word's tag on its first sub-token and -1 on its other sub-tokens, the framing
+  ids and padding (Hugging Face run_ner's alignment); a word cut off by the row's end is not scored."""
+
+  name = 'tagged'
+
+  def tokenize(self, examples):
+    _require(examples, Tagged, 'model.head=token_classification needs tagged words',
+             'a list of words and a list of tags per line')
+    tok = self.tokenizer
+    prefix = list(tok.prefix_ids)
+    end = list(tok.document([])[len(prefix):])
+    out = []
+    for e in examples:
+      ids, word_ids = tok.encode_words(list(e.words))
+      first = np.concatenate([[True], word_ids[1:] != word_ids[:-1]]) if len(ids) else np.zeros(0, bool)
+      tags = np.asarray(e.tags, np.int32)
+      labels = np.where(first & (word_ids >= 0), tags[np.maximum(word_ids, 0)] if len(tags) else -1, -1)
+      keep = max(0, self.seq_len - len(prefix) - len(end))
+      tokens = np.concatenate([prefix, ids[:keep], end]).astype(np.int32)[:self.seq_len]
+      labels = np.concatenate([[-1] * len(prefix), labels[:keep], [-1] * len(end)]).astype(np.int32)[:self.seq_len]
+      out.append((tokens, labels))
+    return out
+
+  def item(self, piece, position):
+    del position
+    return piece
+
+  @staticmethod
+  def size(item: Any) -> int:
+    return len(item[0])
+
+  def empty_rows(self, n: int) -> Rows:
+    rows = {k: np.zeros((n, self.seq_len), np.int32) for k in ('tokens', 'segment_ids', 'positions', 'token_type_ids')}
+    return dict(rows, labels=np.full((n, self.seq_len), -1, np.int32))
+
+  def fill_row(self, stream: Stream, rows: Rows, i: int, refill: Refill, max_skips: int) -> None:
+    del max_skips
+    if not stream.buffer and not refill(stream):
+      return
+    tokens, labels = stream.buffer[0]
+    n = len(tokens)
+    rows['tokens'][i, :n] = tokens
+    rows['labels'][i, :n] = labels
+    rows['segment_ids'][i, :n] = 1
+    rows['positions'][i, :n] = np.arange(n, dtype=np.int32)
+    stream.pop()
+
+
+class SpanTask(Task):
+  """model.head=span (extractive QA): a SpanExample becomes one row per window of its context, as Hugging Face
+  run_qa's prepare_*_features: prefix + question + sep + context window + the document's end (BERT: [CLS] q [SEP]
+  c [SEP]; token types 0 up to the first separator, then 1); the question keeps at most half the row, the context
+  windows fill the rest and overlap by data.doc_stride tokens. `labels` [rows, 2] are the first answer's first and
+  last token when the window holds all of it, else 0 (the first position, [CLS]); -1 on padding rows.
+  Evaluation rows also carry `example_ids` [rows] (the question's index in the split; -1 on padding) and
+  `offsets` [rows, seq_len, 2] (each context token's character span in the context; -1 elsewhere), which the
+  head decodes answers with; they are no model inputs (LABEL_KEYS)."""
+
+  name = 'spans'
+
+  def __init__(self, config, tokenizer, train):
+    super().__init__(config, tokenizer, train)
+    self.doc_stride = int(config.data.doc_stride)
+
+  def tokenize(self, examples):
+    _require(examples, SpanExample, 'model.head=span needs SQuAD-style questions',
+             'context, question and answers {text, answer_start} fields')
+    tok = self.tokenizer
+    prefix = list(tok.prefix_ids)
+    end = list(tok.document([])[len(prefix):])
+    sep = list(tok.suffix_ids) or ([tok.eos_id] if tok.eos_id >= 0 else [])
+    questions = tok.encode_batch([e.question.lstrip() for e in examples])  # run_qa strips the question's left
+    out = []
+    for e, q in zip(examples, questions):
+      q = q[:max(1, self.seq_len // 2 - len(prefix) - len(sep))].tolist()
+      head = prefix + q + sep
+      budget = self.seq_len - len(head) - len(end)
+      if budget <= self.doc_stride:
+        raise DataError(f'data.seq_len={self.seq_len} leaves {budget} context tokens per window after the question, '
+                        f'not more than data.doc_stride={self.doc_stride}; lower data.doc_stride or raise '
+                        'data.seq_len.')
+      ids, offsets = tok.encode_offsets(e.context)
+      answer = (e.answer_starts[0], e.answer_starts[0] + len(e.answer_texts[0])) if e.answer_texts else None
+      windows = []
+      for start in range(0, max(len(ids), 1), budget - self.doc_stride):
+        stop = min(len(ids), start + budget)
+        tokens = np.asarray(head + ids[start:stop].tolist() + end, np.int32)
+        types = np.asarray([0] * len(head) + [1] * (len(tokens) - len(head)), np.int32)
+        token_offsets = np.full((len(tokens), 2), -1, np.int32)
+        token_offsets[len(head):len(head) + stop - start] = offsets[start:stop]
+        windows.append((tokens, types, _span_labels(offsets[start:stop], answer, len(head)), token_offsets))
+        if stop >= len(ids):
+          break
+      out.append(windows)
+    return out
+
+  def item(self, piece, position):
+    return [(*window, position) for window in piece]
+
+  @staticmethod
+  def size(item: Any) -> int:
+    return sum(len(w[0]) for w in item)
+
+  def empty_rows(self, n: int) -> Rows:
+    rows = {k: np.zeros((n, self.seq_len), np.int32) for k in ('tokens', 'segment_ids', 'positions', 'token_type_ids')}
+    rows['labels'] = np.full((n, 2), -1, np.int32)
+    if not self.train:
+      rows['example_ids'] = np.full((n,), -1, np.int32)
+      rows['offsets'] = np.full((n, self.seq_len, 2), -1, np.int32)
+    return rows
+
+  def fill_row(self, stream: Stream, rows: Rows, i: int, refill: Refill, max_skips: int) -> None:
+    del max_skips
+    if not stream.buffer and not refill(stream):
+      return
+    tokens, types, labels, offsets, position = stream.buffer[0][stream.offset]
+    n = len(tokens)
+    rows['tokens'][i, :n] = tokens
+    rows['token_type_ids'][i, :n] = types
+    rows['segment_ids'][i, :n] = 1
+    rows['positions'][i, :n] = np.arange(n, dtype=np.int32)
+    rows['labels'][i] = labels
+    if not self.train:
+      rows['example_ids'][i] = position
+      rows['offsets'][i, :n] = offsets
+    stream.offset += 1
+    if stream.offset >= len(stream.buffer[0]):
+      stream.pop()
+
+
+def _span_labels(offsets: np.ndarray, answer: tuple[int, int] | None, first: int) -> tuple[int, int]:
+  """(start, end) row positions of the answer's tokens among a window's context tokens (character `offsets`, the
+  window's context starting at row position `first`), as run_qa labels them; (0, 0) when the window does not hold
+  the whole answer (or there is none)."""
+  if answer is None or not len(offsets):
+    return 0, 0
+  start_char, end_char = answer
+  if not (offsets[0, 0] <= start_char and offsets[-1, 1] >= end_char):
+    return 0, 0
+  start = 0
+  while start < len(offsets) and offsets[start, 0] <= start_char:
+    start += 1
+  end = len(offsets) - 1
+  while end >= 0 and offsets[end, 1] >= end_char:
+    end -= 1
+  return first + start - 1, first + end + 1
+
+
 class PreferenceTask(Task):
   """Preference pairs (model.head=reward, align.method=dpo / simpo): one pair per row, never packed. Each side is
   framed as an instruction, the prompt and the response tokenized separately, concatenated and EOS appended
@@ -644,7 +797,8 @@ def _longest_first(a: list[int], b: list[int], budget: int) -> tuple[list[int], 
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (DecoderOnlyTask, EncoderOnlyTask, EncoderDecoderTask)}
 # the Task of a head's examples (heads/: Head.examples) other than the arch's own text rows
-EXAMPLE_TASKS: dict[str, type[Task]] = {'labelled': ClassificationTask, 'preference': PreferenceTask}
+EXAMPLE_TASKS: dict[str, type[Task]] = {'labelled': ClassificationTask, 'preference': PreferenceTask,
+                                        'tagged': TaggedTask, 'spans': SpanTask}
 
 
 def make_task(config: Any, tokenizer: Tokenizer, *, train: bool) -> Task:

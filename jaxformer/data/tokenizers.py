@@ -41,7 +41,8 @@ import numpy as np
 
 from jaxformer.errors import DataError
 from jaxformer.data.objectives import sentinels_needed
-from jaxformer.data.sources import ChatPreference, ChatPrompt, Conversation, Preference, Prompt, Source, get_source
+from jaxformer.data.sources import (ChatPreference, ChatPrompt, Conversation, Preference, Prompt, Source, SpanExample,
+                                    Tagged, get_source)
 from jaxformer.special_tokens import BOS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, UNK_ID
 
 UNK_SAMPLE_EXAMPLES = 20000  # examples of a split (evenly strided) the unknown-character rate is measured on
@@ -151,6 +152,49 @@ class Tokenizer:
   def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
     """int32 arrays, one per text (the pipeline's fast path)."""
     return [self.encode_array(t) for t in texts]
+
+  def encode_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, int32 [n, 2] character offsets [start, end) of each id in `text`): what extractive QA maps predicted
+    tokens back to text with. This default adds up the UTF-8 bytes of each id (token_utf8), so it needs ids that
+    spell the text exactly (sentencepiece's dummy-prefix space is allowed); DataError otherwise."""
+    ids = self.encode_array(text)
+    table = self._utf8_table
+    lengths = np.asarray([len(table[i]) for i in ids], np.int64)
+    data = text.encode('utf-8')
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    extra = int(ends[-1]) - len(data) if len(ids) else 0
+    if extra == 1 and table[ids[0]][:1] == b' ' and not text.startswith(' '):  # sentencepiece's dummy prefix
+      starts, ends = np.maximum(starts - 1, 0), ends - 1
+    elif extra != 0 or b''.join(table[i] for i in ids) != data:
+      raise DataError(f'the {self.kind} tokenizer\'s ids do not spell out the text {text[:40]!r} (unknown '
+                      'characters?), so their character offsets are unknown; use data.tokenizer=byte.')
+    char_starts = np.cumsum([0] + [len(c.encode('utf-8')) for c in text])[:-1]  # byte offset of each character
+    return ids, np.stack([np.searchsorted(char_starts, starts, side='right') - 1,
+                          np.searchsorted(char_starts, ends, side='left')], axis=1).astype(np.int32)
+
+  @functools.cached_property
+  def _utf8_table(self) -> list[bytes]:
+    return self.token_utf8()
+
+  def encode_words(self, words: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, int32 word index of each id, -1 for an id of no word) of pre-split words: token classification's
+    alignment. The words are joined by single spaces and encoded as one text; an id belongs to the first word its
+    characters overlap (a space-only id to none)."""
+    text = ' '.join(words)
+    ids, offsets = self.encode_offsets(text)
+    lengths = np.asarray([len(w) for w in words], np.int64)
+    word_starts = np.cumsum(np.concatenate([[0], lengths[:-1] + 1])) if len(words) else np.zeros(0, np.int64)
+    word_ends = word_starts + lengths
+    first = np.searchsorted(word_ends, offsets[:, 0], side='right') if len(words) else np.zeros(len(ids), np.int64)
+    while True:  # skip empty words (they have no characters to overlap)
+      empty = (first < len(words)) & (lengths[np.minimum(first, max(len(words) - 1, 0))] == 0)
+      if not empty.any():
+        break
+      first = np.where(empty, first + 1, first)
+    inside = (first < len(words)) & (offsets[:, 1] > offsets[:, 0])
+    inside &= np.where(inside, word_starts[np.minimum(first, max(len(words) - 1, 0))] < offsets[:, 1], False)
+    return ids, np.where(inside, first, -1).astype(np.int32)
 
   def decode(self, ids: Iterable[int]) -> str:
     ids = [int(i) for i in np.asarray(ids).reshape(-1)]
@@ -320,6 +364,12 @@ class CharTokenizer(Tokenizer):
     cps = np.frombuffer(text.encode('utf-32-le'), np.uint32)
     inside = cps < len(self._lut)
     return np.where(inside, self._lut[np.where(inside, cps, 0)], UNK_ID).astype(np.int32)
+
+  def encode_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+    """One id per character (an unseen one is <unk>), so id i covers character i."""
+    ids = self.encode_array(text)
+    cols = np.arange(len(ids), dtype=np.int32)
+    return ids, np.stack([cols, cols + 1], axis=1)
 
   def _decode(self, ids: list[int]) -> str:
     n = len(self._id_to_char)
@@ -524,7 +574,8 @@ def _atomic_write(path: str, data: bytes) -> None:
 
 def training_texts(source: Source, split: str, limit: int = MAX_TOKENIZER_EXAMPLES) -> Iterable[str]:
   """The texts of `split` a vocabulary is built from: documents, both sides of pairs (a joint vocabulary), a
-  preference's prompt and both responses, a prompt (not its other fields)."""
+  preference's prompt and both responses, a prompt (not its other fields), tagged words joined by spaces, a
+  question and its context."""
   data = source.split(split)
   n = len(data)
   indices = np.arange(n) if n <= limit else np.linspace(0, n - 1, limit).astype(np.int64)
@@ -541,6 +592,11 @@ def training_texts(source: Source, split: str, limit: int = MAX_TOKENIZER_EXAMPL
             yield message['content']
       elif isinstance(example, Prompt):
         yield example.prompt
+      elif isinstance(example, Tagged):
+        yield ' '.join(example.words)
+      elif isinstance(example, SpanExample):
+        yield example.context
+        yield example.question
       elif isinstance(example, Preference):
         yield from example[:3]
       elif isinstance(example, tuple):

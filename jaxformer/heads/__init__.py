@@ -5,6 +5,8 @@ steps, the data source, FLOPs and jaxformer.hf all ask the registry.
   lm              per-token logits over the vocabulary (lm.py)
   classification  one label per row from pooled hidden states (classification.py)
   reward          one scalar per row, trained on preference pairs (reward.py)
+  token_classification  a label per token, entity-level F1 (token_classification.py)
+  span            extractive QA: start / end logits, SQuAD exact match and F1 (span.py)
 """
 from __future__ import annotations
 
@@ -15,8 +17,11 @@ from jaxformer.heads.base import Head
 from jaxformer.heads.classification import DEFAULT_POOLING, POOLINGS, Classification, validate_pooling
 from jaxformer.heads.lm import LM
 from jaxformer.heads.reward import Reward
+from jaxformer.heads.span import Span
+from jaxformer.heads.token_classification import TokenClassification
 
-HEADS: dict[str, Head] = {head.name: head for head in (LM(), Classification(), Reward())}
+HEADS: dict[str, Head] = {head.name: head for head in (LM(), Classification(), Reward(), TokenClassification(),
+                                                       Span())}
 # the model.* keys a fine-tune may change about its base run (checkpoint.init_from with another head)
 HEAD_FIELDS: tuple[str, ...] = ('head',) + tuple(dict.fromkeys(f for h in HEADS.values() for f in h.fields))
 

@@ -8,9 +8,10 @@ head object (heads.HEADS[model.head]) and never tests a head's name.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import jax
+import numpy as np
 
 from jaxformer.errors import ConfigError
 from jaxformer.metrics import MetricAccumulator
@@ -30,6 +31,7 @@ class Head:
   objective: str = ''  # '' = cross-entropy against `targets`; else a pair objective in align.OBJECTIVES (reward)
   decodes: bool = False  # eval.py --mode=generate / translate apply
   confusion: bool = False  # evaluation accumulates a [C, C] confusion matrix
+  observes: bool = False  # evaluation hands each batch's logits to `observe` (metrics decoded on the host)
   unit: str = 'target tokens'  # what weight_sum counts, for messages
   hf_class: str = ''  # the transformers class-name suffix of the exported model, e.g. 'ForSequenceClassification'
 
@@ -46,6 +48,13 @@ class Head:
   def length_tables(self, tokenizer: Any, arch: str) -> dict | None:
     """Bytes / characters per target id (bits per byte / character), or None when targets are not text."""
     return None
+
+  def observe(self, acc: MetricAccumulator, batch: dict[str, np.ndarray], logits: np.ndarray, config: Any,
+              read_examples: Callable[[Sequence[int]], list]) -> None:
+    """(observes=True) Adds what one evaluated batch says beyond the loss sums to `acc` (entity counts, decoded
+    answers): `batch` is the host batch, `logits` the model's output on it, `read_examples` reads the split's
+    examples by index (what example_ids in the batch point at)."""
+    raise NotImplementedError
 
   def eval_row(self, acc: MetricAccumulator) -> dict[str, float]:
     """The eval row of metrics.jsonl (keys start with eval_)."""

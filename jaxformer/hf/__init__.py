@@ -23,7 +23,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -202,11 +202,13 @@ def needs_pad_token(model_config: Any) -> bool:
   return families.for_model(cfg).HEADS[cfg.head].pad_token
 
 
-def save(model: nnx.Module, model_config: Any, directory: str, *, token_ids: dict[str, int] | None = None) -> str:
+def save(model: nnx.Module, model_config: Any, directory: str, *, token_ids: dict[str, int] | None = None,
+         label_names: Sequence[str] = ()) -> str:
   """Writes config.json + model.safetensors for the Hugging Face family that expresses `model_config`.
 
   token_ids: bos_token_id / eos_token_id / pad_token_id (and decoder_start_token_id) for config.json, e.g. an
-  hf: tokenizer's; None = jaxformer's own tokenizers' ids (pad 0, bos 1, eos 2). A class that needs a pad id
+  hf: tokenizer's; None = jaxformer's own tokenizers' ids (pad 0, bos 1, eos 2). label_names (data.label_names):
+  config.json's id2label / label2id names for a classifier's classes or a tagger's tags. A class that needs a pad id
   (needs_pad_token) without one in token_ids is a ConfigError. Returns the model_type written.
   """
   cfg = ModelConfig.from_config(model_config)
@@ -231,6 +233,9 @@ def save(model: nnx.Module, model_config: Any, directory: str, *, token_ids: dic
       token_ids['decoder_start_token_id'] = BOS_ID  # jaxformer's decoders start from bos
   config = {'architectures': [architecture], 'model_type': family.model_types[0], **family.hf_config(cfg),
             **token_ids}
+  if label_names and len(config.get('id2label') or {}) == len(label_names):
+    config['id2label'] = {str(i): name for i, name in enumerate(label_names)}
+    config['label2id'] = {name: i for i, name in enumerate(label_names)}
   os.makedirs(directory, exist_ok=True)
   weights.write_file(os.path.join(directory, weights.WEIGHTS_NAME), tensors, metadata={'format': 'pt'})
   index = os.path.join(directory, weights.INDEX_NAME)

@@ -14,9 +14,13 @@ head on import (head_of):
 
   GPT-2, Llama / Mistral / Qwen2   lm = GPT2LMHeadModel / LlamaForCausalLM / Qwen2ForCausalLM;
                                    reward = <Class>ForSequenceClassification with num_labels=1 (`score`, no bias;
-                                   the last real token, found through config.json's pad_token_id)
+                                   the last real token, found through config.json's pad_token_id);
+                                   token_classification = <Class>ForTokenClassification (GPT-2 `classifier`, the
+                                   others `score`, with bias)
   BERT                             lm = BertForMaskedLM; classification = BertForSequenceClassification with
-                                   num_labels >= 2; reward = the same class with num_labels=1 (pooler + classifier)
+                                   num_labels >= 2; reward = the same class with num_labels=1 (pooler + classifier);
+                                   token_classification = BertForTokenClassification (`classifier`); span =
+                                   BertForQuestionAnswering (`qa_outputs`)
   T5                               lm = T5ForConditionalGeneration
   Mixtral, Qwen2-MoE, OLMoE        lm = <Class>ForCausalLM (mixtures of experts; their files hold per-expert
                                    tensors, which from_disk / to_disk convert: see the MoE section below)
@@ -240,6 +244,28 @@ def _bert_pooled_mismatches(cfg: ModelConfig) -> list[str]:
 
 REWARD_READS = 'num_labels=1 as model.head=reward'
 
+
+def _token_labels_config(cfg: ModelConfig) -> dict[str, Any]:
+  id2label = {str(i): f'LABEL_{i}' for i in range(cfg.num_classes)}
+  return {'id2label': id2label, 'label2id': {v: int(k) for k, v in id2label.items()}}
+
+
+def _token_head(weight: str) -> HeadMapping:
+  """*ForTokenClassification: an nn.Linear `weight` [num_labels, D] with bias on every token; optional, so any
+  checkpoint of the family can start one."""
+  rules = [linear(f'{weight}.weight', 'classifier.kernel'), same(f'{weight}.bias', 'classifier.bias')]
+  return HeadMapping(section=lambda hf: dict(head='token_classification', num_classes=_num_labels(hf),
+                                             output_bias=False),
+                     config=_token_labels_config,
+                     tensors=lambda cfg: [dataclasses.replace(rule, optional=True) for rule in rules])
+
+
+# *ForQuestionAnswering: qa_outputs [2, D] + bias on every token (start, end logits).
+SPAN_HEAD = HeadMapping(
+    section=lambda hf: dict(head='span', output_bias=False),
+    tensors=lambda cfg: [dataclasses.replace(rule, optional=True) for rule in (
+        linear('qa_outputs.weight', 'classifier.kernel'), same('qa_outputs.bias', 'classifier.bias'))])
+
 # GPT-2 and the Llama layout: the LM, and a reward model as <Class>ForSequenceClassification (num_labels=1, `score`
 # on the last real token, no pooler, no bias).
 DECODER_HEADS = {
@@ -262,6 +288,8 @@ BERT_HEADS = {
     'reward': HeadMapping(section=lambda hf: dict(head='reward', pooling='first', pooler=True, output_bias=False),
                           config=_reward_config, tensors=_bert_reward_tensors, mismatches=_bert_pooled_mismatches,
                           accepts=_is_reward, reads=REWARD_READS),
+    'token_classification': _token_head('classifier'),  # BertForTokenClassification (no pooler)
+    'span': SPAN_HEAD,  # BertForQuestionAnswering (no pooler)
 }
 
 
@@ -377,7 +405,7 @@ class GPT2(Family):
   model_types = ('gpt2',)
   arch = 'decoder_only'
   class_name, lm_class = 'GPT2', 'LMHeadModel'
-  HEADS = DECODER_HEADS
+  HEADS = {**DECODER_HEADS, 'token_classification': _token_head('classifier')}  # GPT2ForTokenClassification
   prefix = 'transformer.'
   ignored = ('.attn.bias', '.attn.masked_bias', 'lm_head.weight')
 
@@ -680,7 +708,7 @@ class Llama(Family):
   model_types = ('llama', 'mistral', 'qwen2')
   arch = 'decoder_only'
   class_name, lm_class = 'Llama', 'ForCausalLM'
-  HEADS = DECODER_HEADS
+  HEADS = {**DECODER_HEADS, 'token_classification': _token_head('score')}  # <Class>ForTokenClassification
   prefix = 'model.'
   ignored = ('rotary_emb.inv_freq', 'lm_head.weight')
 

@@ -82,8 +82,9 @@ def loss_targets(batch: Batch, config) -> tuple[jax.Array, int]:
 
 def loss_sums(model: nnx.Module, batch: Batch, config, *, deterministic: bool,
               length_tables: Mapping[str, jax.Array] | None = None,
-              confusion: bool = False) -> tuple[jax.Array, dict]:
-  """(objective_sum, metrics) with token-weighted sums, so micro-batches and hosts aggregate exactly.
+              confusion: bool = False, logits: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  """(objective_sum, metrics) with token-weighted sums, so micro-batches and hosts aggregate exactly; `logits`:
+  the model's output on the batch when the caller already has it (evaluation of a head that observes them).
 
   The same code serves all architectures: the data pipeline already puts next tokens (decoder_only), the original
   tokens at the masked positions (encoder_only) or the shifted target (encoder_decoder) in `targets`, and a
@@ -92,7 +93,8 @@ def loss_sums(model: nnx.Module, batch: Batch, config, *, deterministic: bool,
   per byte / character). A head with per-row logits (classification: [B, C] against `labels` [B]) is scored the
   same way (weight_sum counts examples); confusion=True adds its [C, C] confusion matrix (rows: labels).
   """
-  logits = model_logits(model, batch, deterministic=deterministic)
+  if logits is None:
+    logits = model_logits(model, batch, deterministic=deterministic)
   targets, unscored = loss_targets(batch, config)
   weights = token_weights(targets, unscored)
   train = config.train

@@ -5,6 +5,8 @@
   parallel:<prefix>              local line-aligned translation files       (sources/local.py)
   jsonl:<path or glob>           local prompt/response instruction data,    (sources/local.py)
                                  labelled texts (model.head=classification),
+                                 tagged words (token_classification), SQuAD-style
+                                 questions (span),
                                  preference pairs or rankings (model.head=reward,
                                  align.method=dpo|simpo) or prompts (grpo|rloo|ppo)
   tfds:<name>[/<config>]         a prepared TFDS ArrayRecord dataset        (sources/tfds.py)
@@ -18,8 +20,9 @@ from typing import Any
 
 from jaxformer.errors import DataError, DataFileNotFoundError
 from jaxformer.data.sources import builtin, local, tfds
-from jaxformer.data.sources.base import (ChatPreference, ChatPrompt, Conversation, Example, Instruction, Labelled, ListSplit, Preference, Prompt,
-                                         Source, SourceFactory, Split, SPLIT_ALIASES, data_dir_for)
+from jaxformer.data.sources.base import (ChatPreference, ChatPrompt, Conversation, Example, Instruction, Labelled,
+                                         ListSplit, Preference, Prompt, Source, SourceFactory, SpanExample, Split,
+                                         SPLIT_ALIASES, Tagged, data_dir_for)
 from jaxformer.data.sources.builtin import (NUMBER_SPLITS, SyntheticLanguage, builtin_lm_entropy, number_to_words,
                                             synthetic_language)
 from jaxformer.data.sources.local import TEXT_CHUNK_CHARS, TEXT_SPLIT_FRACTION, jsonl_records, string_field
@@ -34,7 +37,7 @@ SOURCES: dict[str, SourceFactory] = {
 }
 # Head.examples (jaxformer/heads) -> the source kinds that yield such examples (the first is the one to suggest)
 EXAMPLE_KINDS: dict[str, tuple[str, ...]] = {'text': tuple(SOURCES), 'labelled': ('jsonl',), 'preference': ('jsonl',),
-                                             'prompts': ('jsonl',)}
+                                             'prompts': ('jsonl',), 'tagged': ('jsonl',), 'spans': ('jsonl',)}
 
 
 def get_source(config: Any, workdir: str) -> Source:

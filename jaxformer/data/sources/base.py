@@ -4,7 +4,9 @@ An example is a `str` (a text source, kind 'text'), a `(source, target)` pair of
 kind 'pairs'), an `Instruction(prompt, response)` (kind 'instructions'; also a pair, so encoder_decoder reads it
 as one, while decoder_only scores only its response), a `Conversation(messages)` (kind 'conversations': chat
 messages, decoder_only), a `Labelled(text_a, text_b, label)` (kind 'labelled',
-model.head=classification), a `Preference(prompt, chosen, rejected, margin)` (kind 'preference': model.head=reward,
+model.head=classification), a `Tagged(words, tags)` (kind 'tagged', model.head=token_classification), a
+`SpanExample(context, question, answer_texts, answer_starts)` (kind 'spans', model.head=span), a
+`Preference(prompt, chosen, rejected, margin)` (kind 'preference': model.head=reward,
 align.method=dpo / simpo) or a `Prompt(prompt, fields)` (kind 'prompts': the online align methods). The pipeline only ever sees this interface, so shuffling,
 per-host sharding and exact resumption are the same code for all sources.
 """
@@ -16,7 +18,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 from jaxformer.errors import DataError
 
-Example = Any  # str | tuple[str, str] | Instruction | Conversation | Labelled | Preference | Prompt
+Example = Any  # str | tuple[str, str] | Instruction | Conversation | Labelled | Tagged | SpanExample | Preference | Prompt
 
 
 class Instruction(NamedTuple):
@@ -39,6 +41,22 @@ class Labelled(NamedTuple):
   text_a: str
   text_b: str
   label: int
+
+
+class Tagged(NamedTuple):
+  """A token-classification example (model.head=token_classification): pre-split words and one tag id per word
+  (kind 'tagged')."""
+  words: tuple[str, ...]
+  tags: tuple[int, ...]
+
+
+class SpanExample(NamedTuple):
+  """An extractive question-answering example (model.head=span, SQuAD's format; kind 'spans'): the answers are
+  spans of `context`, each a text and its character offset (empty for a question without an answer)."""
+  context: str
+  question: str
+  answer_texts: tuple[str, ...]
+  answer_starts: tuple[int, ...]
 
 
 class Preference(NamedTuple):

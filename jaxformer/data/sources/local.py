@@ -27,7 +27,9 @@
                            data.margin_key), or a ranking, data.responses_key: [best, ..., worst], which becomes
                            every ordered pair (best > second, best > third, ..., second > third, ...). With prompts
                            (align.method=grpo|rloo|ppo) each line has a prompt; its other fields go along to the
-                           reward function.
+                           reward function. With model.head=token_classification each line has a list of words
+                           (data.words_key) and one tag per word (data.tags_key: ids or data.label_names); with
+                           model.head=span each line is SQuAD's: context, question, answers {text, answer_start}.
 
 All three are converted ONCE into a TFDS ArrayRecord dataset named `jaxformer_text_<hash>` /
 `jaxformer_parallel_<hash>` / `jaxformer_jsonl_<hash>` in the data dir (the hash covers the resolved file paths,
@@ -479,12 +481,63 @@ def _prompts(paths: Sequence[str], config: Any) -> list[tuple[str, str]]:
   return out
 
 
+def _tagged(paths: Sequence[str], config: Any) -> list[tuple[str, str]]:
+  """(words, tag ids) as JSON lists, of every line of token-classification data: a list of words
+  (data.words_key) and as many tags (data.tags_key), each an integer id or one of data.label_names."""
+  words_key, tags_key = str(config.data.words_key), str(config.data.tags_key)
+  names, num_classes = label_names(config), int(config.model.num_classes)
+  out = []
+  for where, record in jsonl_records(paths, f'a {words_key!r} list of words and a {tags_key!r} list of tags'):
+    for key, setting in ((words_key, 'data.words_key'), (tags_key, 'data.tags_key')):
+      if key not in record:
+        raise DataError(f'{where}: no {key!r} field (the line has: {", ".join(map(str, record)) or "none"}); add it, '
+                        f'or set {setting} to the field that holds it.')
+      if not isinstance(record[key], list):
+        raise DataError(f'{where}: field {key!r} is a JSON {type(record[key]).__name__}, not a list.')
+    words, tags = record[words_key], record[tags_key]
+    if len(words) != len(tags):
+      raise DataError(f'{where}: {len(words)} words but {len(tags)} tags; each word needs exactly one tag.')
+    if not all(isinstance(w, str) for w in words):
+      raise DataError(f'{where}: field {words_key!r} must be a list of strings (the words).')
+    ids = [_label(t, where, names, num_classes) for t in tags]
+    out.append((json.dumps(words, ensure_ascii=False), json.dumps(ids)))
+  return out
+
+
+def _spans(paths: Sequence[str], config: Any) -> list[tuple[str, str, str]]:
+  """(context, question, [answer texts, answer starts] as JSON) of every line of SQuAD-format data: `context`,
+  `question` and `answers` {"text": [...], "answer_start": [...]} (character offsets into the context; each answer
+  must be the context's text there)."""
+  del config
+  out = []
+  for where, record in jsonl_records(paths, "'context', 'question' and 'answers' fields (SQuAD's format)"):
+    context = string_field(record, 'context', where, None)
+    question = string_field(record, 'question', where, None)
+    answers = record.get('answers')
+    if (not isinstance(answers, dict) or not isinstance(answers.get('text'), list)
+        or not isinstance(answers.get('answer_start'), list)):
+      raise DataError(f'{where}: field \'answers\' must be {{"text": [...], "answer_start": [...]}} (SQuAD\'s format).')
+    texts, starts = answers['text'], answers['answer_start']
+    if len(texts) != len(starts):
+      raise DataError(f'{where}: {len(texts)} answer texts but {len(starts)} answer_start offsets; give one each.')
+    for text, start in zip(texts, starts):
+      if (not isinstance(text, str) or isinstance(start, bool) or not isinstance(start, int)
+          or context[start:start + len(text)] != text):
+        raise DataError(f'{where}: answer {text!r} is not the context\'s text at answer_start={start!r}; '
+                        'answer_start is the character offset of the answer in the context.')
+    out.append((context, question, json.dumps([texts, starts], ensure_ascii=False)))
+  return out
+
+
 # examples kind -> (read(paths, config), ArrayRecord features, the config keys that change what is read)
 _READERS: dict[str, tuple[Callable[..., list], tuple[str, ...], Callable[[Any], tuple]]] = {
     'preference': (_preferences, ('prompt', 'chosen', 'rejected', 'margin'),
                    lambda c: (c.data.prompt_key, c.data.chosen_key, c.data.rejected_key, c.data.responses_key,
                               c.data.margin_key)),
     'prompts': (_prompts, ('prompt', 'fields'), lambda c: (c.data.prompt_key,)),
+    'tagged': (_tagged, ('words', 'tags'),
+               lambda c: (c.data.words_key, c.data.tags_key, c.data.label_names, c.model.num_classes)),
+    'spans': (_spans, ('context', 'question', 'answers'), lambda c: ()),
 }
 
 

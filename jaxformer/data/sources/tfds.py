@@ -18,8 +18,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from jaxformer.errors import DataError
-from jaxformer.data.sources.base import (ChatPreference, ChatPrompt, Conversation, Example, Instruction, Labelled, ListSplit, Preference, Prompt,
-                                         Source, Split)
+from jaxformer.data.sources.base import (ChatPreference, ChatPrompt, Conversation, Example, Instruction, Labelled,
+                                         ListSplit, Preference, Prompt, Source, SpanExample, Split, Tagged)
 
 BUILDER_VERSION = '1.0.0'
 
@@ -56,7 +56,10 @@ _EXAMPLE = {'text': lambda values: values[0], 'pairs': tuple, 'instructions': la
             'preference': lambda values: Preference(values[0], values[1], values[2], float(values[3])),
             'chat_preference': lambda values: ChatPreference(values[0], values[1], values[2], float(values[3])),
             'prompts': lambda values: Prompt(*values), 'chat_prompts': lambda values: ChatPrompt(*values),
-            'conversations': lambda values: Conversation(values[0])}
+            'conversations': lambda values: Conversation(values[0]),
+            # lists are stored as JSON strings
+            'tagged': lambda values: Tagged(tuple(json.loads(values[0])), tuple(json.loads(values[1]))),
+            'spans': lambda values: SpanExample(values[0], values[1], *map(tuple, json.loads(values[2])))}
 
 
 class TfdsSplit(Split):
