@@ -198,6 +198,10 @@ def get_config() -> ml_collections.ConfigDict:
   peft.adapter_dim = 64  # adapter: bottleneck width
   peft.num_prompt_tokens = 20  # prompt: soft tokens prepended to the (encoder) input
   peft.train_extra = ''  # also train parameters whose path contains one of these words, e.g. 'norm,bias,head'
+  peft.quantize = 'none'  # none | nf4 (QLoRA: 4-bit NormalFloat, double-quantised scales) | int8 (per output channel):
+  # store the frozen base's attention / MLP kernels quantised (read from checkpoint.init_from, quantised once)
+  peft.quantize_block = 64  # nf4: weights per absmax block
+  peft.quantize_stats_block = 256  # nf4: absmax values per block of their 8-bit double quantisation
 
   # ---------------------------------------------------------------- align
   # Learning from preferences and from a reward (jaxformer/align). The reference model is the run's

@@ -104,6 +104,9 @@ class PeftSettings:
   adapter_dim: int
   num_prompt_tokens: int
   train_extra: str
+  quantize: str
+  quantize_block: int
+  quantize_stats_block: int
 
 
 @dataclasses.dataclass(frozen=True)
