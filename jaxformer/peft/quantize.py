@@ -33,6 +33,7 @@ it once (`attach` on the loaded model, jitted); a resumed run re-reads and re-qu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -98,6 +99,7 @@ def dequantize_blockwise(codes: Array, absmax: Array, code: np.ndarray, block: i
   return values.reshape(-1)[:codes.shape[0]]
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def nf4_quantize(x: Array, block: int = 64, stats_block: int = 256, double: bool = True) -> dict[str, Array]:
   """bitsandbytes' quantize_4bit(x, blocksize=block, quant_type='nf4', compress_statistics=double) of a flat vector:
   {codes: uint8 [ceil(n/2)], absmax_codes: uint8 [num_blocks], absmax_scale: float32 [ceil(num_blocks/stats_block)],
@@ -113,19 +115,22 @@ def nf4_quantize(x: Array, block: int = 64, stats_block: int = 256, double: bool
   return {'codes': packed, 'absmax_codes': absmax_codes, 'absmax_scale': absmax_scale, 'absmax_offset': offset}
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
 def nf4_dequantize(q: dict[str, Array], n: int, block: int = 64, stats_block: int = 256,
                    dtype: Any = jnp.float32) -> Array:
   """The flat vector of `n` weights back from nf4_quantize's arrays, in `dtype` (block scales in float32)."""
   if 'absmax' in q:
     absmax = q['absmax']
   else:
-    absmax = dequantize_blockwise(q['absmax_codes'], q['absmax_scale'], DYNAMIC_CODE, stats_block) + q['absmax_offset']
+    absmax = dequantize_blockwise(q['absmax_codes'].reshape(-1), q['absmax_scale'], DYNAMIC_CODE,
+                                  stats_block) + q['absmax_offset']
   packed = q['codes'].reshape(-1)
   codes = jnp.stack([packed >> 4, packed & 0xF], axis=-1).reshape(-1)[:n]
-  values = _blocks(jnp.asarray(NF4_CODE, dtype)[codes.astype(jnp.int32)], block) * absmax.astype(dtype)[:, None]
+  values = _blocks(jnp.asarray(NF4_CODE, dtype)[codes.astype(jnp.int32)], block) * absmax.reshape(-1, 1).astype(dtype)
   return values.reshape(-1)[:n]
 
 
+@jax.jit
 def int8_quantize(w: Array) -> dict[str, Array]:
   """Per-column absmax int8 of w [K, M] (column = output unit): {codes: int8 [K, M], scale: float32 [M]}, as
   bitsandbytes' int8_vectorwise_quant of the [M, K] torch weight."""
