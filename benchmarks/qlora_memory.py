@@ -1,7 +1,8 @@
 """QLoRA: LoRA on a GPT-2-small-shape base stored in float32, bfloat16, NF4 or int8 (peft.quantize), one table.
 
-  python benchmarks/qlora_memory.py                          # CPU: ~10 min on 2 busy cores
+  python benchmarks/qlora_memory.py                          # CPU: 27 min on 2 cores at load average ~21
   python benchmarks/qlora_memory.py --base_steps=200 --steps=100 --batch=8 --seq_len=128
+  python benchmarks/qlora_memory.py --memory_only --unrolled   # bytes and XLA memory only, unscanned blocks
 
 1. A base run: GPT-2 small's trunk (12 x 768, 12 heads, d_ff 3072, learned positions, LayerNorm, tied embeddings,
    scanned blocks: configs/gpt2_small.py) with tinyshakespeare's characters as its vocabulary (65 tokens, so the
@@ -57,6 +58,7 @@ def base_config(args, steps: int, data_dir: str):
                       log_every=1, eval_every=steps, eval_steps=4, eval_batch_size=args.batch, steps_per_call=1)
   config.checkpoint.update(every_steps=steps, async_save=False)
   config.mesh.update(data=1, fsdp=1, tensor=1, distributed='off')
+  config.model.scan_layers = not args.unrolled
   return config
 
 
@@ -93,6 +95,8 @@ def main() -> None:
   parser.add_argument('--batch', type=int, default=4)
   parser.add_argument('--seq_len', type=int, default=64)
   parser.add_argument('--bases', default=','.join(BASES))
+  parser.add_argument('--unrolled', action='store_true', help='model.scan_layers=False (default: scanned blocks)')
+  parser.add_argument('--memory_only', action='store_true', help='no training runs: bytes and XLA memory only')
   parser.add_argument('--workdir', default=os.path.join(tempfile.gettempdir(), 'jaxformer_qlora_bench'))
   args = parser.parse_args()
   base_dir = os.path.join(args.workdir, 'base')
@@ -104,6 +108,11 @@ def main() -> None:
     config = lora_config(args, base_dir, name)
     workdir = os.path.join(args.workdir, name)
     row = measure(config, workdir)
+    if args.memory_only:
+      row.update(name=name, step_time=float('nan'), train_loss=float('nan'), eval_loss=float('nan'))
+      results.append(row)
+      print(name, row, flush=True)
+      continue
     run(config, workdir)
     rows = read_metrics(workdir)
     times = [r['step_time'] for r in rows if r.get('step_time')]
@@ -115,7 +124,8 @@ def main() -> None:
   ref = results[0]
   print(f'\njax {jax.__version__}, {platform.processor() or platform.machine()}, {jax.devices()[0].device_kind}, '
         f'load average {os.getloadavg()[0]:.1f}; GPT-2-small trunk, char vocabulary; base: {args.base_steps} steps; '
-        f'LoRA r=8 (all projections): {args.steps} steps, batch {args.batch} x {args.seq_len}\n')
+        f'LoRA r=8 (all projections): {args.steps} steps, batch {args.batch} x {args.seq_len}, '
+        f'{"unrolled" if args.unrolled else "scanned"} blocks\n')
   print('| frozen base | frozen MiB | trainable MiB | AdamW MiB | XLA args MiB | XLA temp MiB | step peak MiB '
         '| peak vs f32 | step ms | time vs f32 | train loss | eval loss |')
   print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|')

@@ -111,10 +111,10 @@ CLI_TINY = {'model.num_layers': 1, 'model.d_model': 32, 'model.num_heads': 2, 'm
             'train.learning_rate': 1e-2, 'train.log_every': 1, 'train.eval_every': 3, 'train.eval_steps': 2}  # tiny()
 
 
-def lora_config(base, **peft_values):
-  config = tiny('gpt_tiny', num_steps=3, log_every=1, eval_every=3)
+def lora_config(base, **train):
+  config = tiny('gpt_tiny', **{'num_steps': 3, 'log_every': 1, 'eval_every': 3, **train})
   config.seed = 7
-  config.peft.update(method='lora', targets='all', rank=4, **peft_values)
+  config.peft.update(method='lora', targets='all', rank=4)
   config.checkpoint.init_from = str(base)
   return config
 
@@ -124,8 +124,8 @@ def losses(workdir):
 
 
 def test_qlora_run_from_init_from_learns_stores_trainables_evaluates_and_exports(base_run, tmp_path):
-  full = tmp_path / 'lora'
-  run(lora_config(base_run), str(full))
+  full = tmp_path / 'lora'  # LoRA on the full-precision base: its first step's loss is all the comparison needs
+  run(lora_config(base_run, num_steps=1, eval_every=1000), str(full))
   nf4 = tmp_path / 'qlora'
   out = subprocess.run(
       [sys.executable, 'train.py', '--config=configs/gpt_tiny.py', f'--workdir={nf4}', '--config.seed=7',
@@ -143,7 +143,7 @@ def test_qlora_run_from_init_from_learns_stores_trainables_evaluates_and_exports
   saved = ml_collections.ConfigDict(json.load(open(nf4 / 'config.json')))
   assert saved.peft.quantize == 'nf4'
   stored = os.listdir(os.path.join(ckpt_lib.checkpoint_dir(str(nf4)), '3', 'params'))
-  assert stored == os.listdir(os.path.join(ckpt_lib.checkpoint_dir(str(full)), '3', 'params'))
+  assert sorted(stored) == sorted(os.listdir(os.path.join(ckpt_lib.checkpoint_dir(str(full)), '1', 'params')))
   model, _ = state_lib.restore_model(str(nf4), saved, shd.make_mesh(saved))
   kernels = [m for _, m in nnx.iter_modules(model) if isinstance(m, quantize.QuantizedKernel)]
   assert len(kernels) == 7  # query, key, value, out, wi, wo in the one layer ... and no float copy of them
@@ -179,17 +179,14 @@ def test_bad_quantize_values_are_config_errors(base_run):
   for values, expected in [(dict(quantize='int8', method='none'), 'peft.method=none'),
                            (dict(quantize_block=48), 'peft.quantize_block=48'),
                            (dict(quantize='nf4', method='lora'), 'checkpoint.init_from')]:
-    config = lora_config(base_run if 'quantize_block' in values else '', quantize='nf4')
-    config.peft.update(**values)
+    config = lora_config(base_run if 'quantize_block' in values else '')
+    config.peft.update(quantize='nf4', **values)
     with pytest.raises(ConfigError, match=expected):
       validate(config)
 
 
-@pytest.mark.parametrize('args,expected', [
-    (['--config.peft.quantize=nf3'], "peft.quantize"),
-    (['--config.peft.quantize=nf4', '--config.peft.method=lora'], 'checkpoint.init_from'),
-])
-def test_train_py_bad_quantize_is_one_line(args, expected, tmp_path):
+def test_train_py_bad_quantize_is_one_line(tmp_path):
+  args, expected = ['--config.peft.method=lora', '--config.peft.quantize=nf3'], 'peft.quantize'
   out = subprocess.run(
       [sys.executable, 'train.py', '--config=configs/gpt_tiny.py', f'--workdir={tmp_path}', *args,
        '--config.model.num_layers=1', '--config.train.num_steps=2', '--config.mesh.data=1'],
