@@ -180,7 +180,7 @@ def test_bad_quantize_values_are_config_errors(base_run):
                            (dict(quantize_block=48), 'peft.quantize_block=48'),
                            (dict(quantize='nf4', method='lora'), 'checkpoint.init_from')]:
     config = lora_config(base_run if 'quantize_block' in values else '')
-    config.peft.update(quantize='nf4', **values)
+    config.peft.update(**{'quantize': 'nf4', **values})
     with pytest.raises(ConfigError, match=expected):
       validate(config)
 
