@@ -22,10 +22,9 @@ out/block]), else they are stored flat and replicated; the second-level scales a
 stacked kernel (model.scan_layers) is quantised layer by layer, every array keeping the leading 'layers' axis.
 
 Compute: the model calls kernel.matmul(x, dtype) (layers.kernel_matmul): the kernel is dequantised in the compute
-dtype right before the matmul, and again in the backward pass (a custom VJP: dx = dy W^T needs only the codes), each
-time behind an optimization barrier with the activation so XLA cannot hoist every layer's dequantisation to the
-start and keep all full weights alive (bitsandbytes' Linear4bit also dequantises in its backward). The
-full-precision weight is never a stored parameter nor a residual of the step.
+dtype right before the matmul, inside jax.checkpoint so the backward pass dequantises again instead of keeping
+each layer's full weight alive until then (what bitsandbytes' Linear4bit does too). The full-precision weight is
+never a stored parameter.
 
 Where the quantised base comes from: training/state.py reads checkpoint.init_from in full precision and quantises
 it once (`attach` on the loaded model, jitted); a resumed run re-reads and re-quantises it (deterministic). Export
@@ -270,31 +269,14 @@ class QuantizedKernel(nnx.Module):
     return self.dequantize()[index]
 
   def matmul(self, x: Array, dtype: Any) -> Array:
-    """x [..., prod(in)] @ the dequantised kernel -> [..., *out], in `dtype`. The kernel is dequantised right before
-    its matmul, forward and again backward (a custom VJP: the backward needs only dy @ W^T, the codes are frozen),
-    each time behind an optimization barrier with the activation (x, or dy) so that XLA cannot dequantise every
-    layer's kernel up front and keep the full weights alive; the residual is the codes, not a float weight."""
-    k, out_shape = math.prod(self.shape[:self.in_dims]), self.shape[self.in_dims:]
+    """x [..., prod(in)] @ the dequantised kernel -> [..., *out], in `dtype`. Dequantised inside jax.checkpoint, so
+    the backward pass recomputes it from the codes instead of keeping the full weight alive as a residual."""
+    k = math.prod(self.shape[:self.in_dims])
 
-    def weight(arrays: dict[str, Array]) -> Array:
-      return self._dequantize(arrays, dtype).reshape(k, -1)
-
-    @jax.custom_vjp
     def dense(x: Array, arrays: dict[str, Array]) -> Array:
-      return layers.matmul(x, weight(arrays))
+      return layers.matmul(x, self._dequantize(arrays, dtype).reshape(k, *self.shape[self.in_dims:]))
 
-    def forward(x: Array, arrays: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
-      x, arrays = jax.lax.optimization_barrier((x, arrays))
-      return layers.matmul(x, weight(arrays)), arrays
-
-    def backward(arrays: dict[str, Array], dy: Array) -> tuple[Array, dict[str, Any]]:
-      dy, arrays = jax.lax.optimization_barrier((dy, arrays))
-      dx = layers.matmul(dy, weight(arrays), transpose_w=True)
-      return dx, jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0), arrays)  # integer codes: no tangent
-
-    dense.defvjp(forward, backward)
-    y = dense(x.astype(dtype).reshape(*x.shape[:-1], k), self._arrays())
-    return y.reshape(*x.shape[:-1], *out_shape)
+    return jax.checkpoint(dense)(x.astype(dtype), self._arrays())
 
   def to_param(self) -> nnx.Param:
     """The dequantised kernel as a plain nnx.Param in model.param_dtype (export: the base LoRA merges into)."""
