@@ -223,6 +223,10 @@ def get_config() -> ml_collections.ConfigDict:
   # also train the vocabulary's parameters (embeddings, output layer and bias) in full: auto = when the tokenizer has
   # added tokens (data.tokenizer_extra), so their new rows learn | yes | no
   peft.train_vocab = 'auto'
+  peft.quantize = 'none'  # none | nf4 (QLoRA: 4-bit NormalFloat, double-quantised scales) | int8 (per output channel):
+  # store the frozen base's attention / MLP kernels quantised (read from checkpoint.init_from, quantised once)
+  peft.quantize_block = 64  # nf4: weights per absmax block
+  peft.quantize_stats_block = 256  # nf4: absmax values per block of their 8-bit double quantisation
 
   # ---------------------------------------------------------------- align
   # Learning from preferences and from a reward (jaxformer/align). The reference model is the run's

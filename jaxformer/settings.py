@@ -115,6 +115,9 @@ class PeftSettings:
   adapter_weights: str
   adapter_name: str
   train_vocab: str
+  quantize: str
+  quantize_block: int
+  quantize_stats_block: int
 
 
 @dataclasses.dataclass(frozen=True)

@@ -548,7 +548,7 @@ class Attention(nnx.Module):
     self.attention_dropout = nnx.Dropout(cfg.attention_dropout, rngs=rngs)
 
   def _project(self, x: Array, kernel: nnx.Param, bias: nnx.Param | None) -> Array:
-    y = layers.matmul(x, kernel[...].astype(self.dtype))  # [B,T,D] @ [D,N,H] -> [B,T,N,H]
+    y = layers.kernel_matmul(x, kernel, self.dtype)  # [B,T,D] @ [D,N,H] -> [B,T,N,H]
     y = y if bias is None else y + bias[...].astype(self.dtype)
     return layers.lora_update(self, kernel, x, y)
 
@@ -622,9 +622,8 @@ class Attention(nnx.Module):
       else:
         out = dot_product_attention(q, k, v, mask, implementation=implementation, is_causal=causal, bias=bias,
                                     scale=self.scale, softcap=self.softcap)
-    w = self.out[...].astype(self.dtype)  # [N,H,D]
     out = out.reshape(*out.shape[:-2], -1)
-    y = layers.matmul(out, w.reshape(-1, w.shape[-1]))
+    y = layers.kernel_matmul(out, self.out, self.dtype, in_dims=2)  # [B,T,N*H] @ [N,H,D]
     if self.out_bias is not None:
       y = y + self.out_bias[...].astype(self.dtype)
     y = layers.adapter_update(self, layers.lora_update(self, self.out, out, y))

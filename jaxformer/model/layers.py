@@ -143,6 +143,16 @@ def matmul(x: Array, w: Array, *, transpose_w: bool = False, out_dtype=None) -> 
   return y.reshape(*x.shape[:-1], *out_shape)
 
 
+def kernel_matmul(x: Array, kernel: Any, dtype: Any, in_dims: int = 1) -> Array:
+  """x [..., K] @ kernel [*in, *out] (K = prod(in), in = its first `in_dims` dims) -> [..., *out] in `dtype`. A
+  quantised frozen kernel (peft.quantize) brings its own `matmul`, which dequantises it inside."""
+  own = getattr(kernel, 'matmul', None)
+  if own is not None:
+    return own(x.astype(dtype), dtype)
+  w = kernel[...].astype(dtype)
+  return matmul(x, w.reshape(x.shape[-1], *w.shape[in_dims:]))
+
+
 class MLP(nnx.Module):
   """Position-wise feed-forward: d_model -> d_ff -> d_model, optionally gated (SwiGLU)."""
 
@@ -159,7 +169,7 @@ class MLP(nnx.Module):
     self.wo_bias = param(rngs, zeros, (d,), ('embed',), pdt) if cfg.use_bias else None
 
   def _dense(self, x: Array, kernel: nnx.Param, bias: nnx.Param | None) -> Array:
-    y = matmul(x, kernel[...].astype(self.dtype))
+    y = kernel_matmul(x, kernel, self.dtype)
     y = y if bias is None else y + bias[...].astype(self.dtype)
     return lora_update(self, kernel, x, y)
 
@@ -167,7 +177,7 @@ class MLP(nnx.Module):
     x = x.astype(self.dtype)
     h = self._dense(x, self.wi, self.wi_bias)
     if self.wi_gate is not None:
-      h = self.activation(lora_update(self, self.wi_gate, x, matmul(x, self.wi_gate[...].astype(self.dtype)))) * h
+      h = self.activation(lora_update(self, self.wi_gate, x, kernel_matmul(x, self.wi_gate, self.dtype))) * h
     else:
       h = self.activation(h)
     return adapter_update(self, self._dense(h, self.wo, self.wo_bias))

@@ -5,6 +5,8 @@
                 bitfit    only the biases train (bitfit.py)
                 adapter   Houlsby bottlenecks after self-attention and after the MLP (adapter.py)
                 prompt    peft.num_prompt_tokens soft embeddings prepended to the (encoder) input (prompt.py)
+  peft.quantize           none | nf4 | int8: the frozen base's projection kernels stored quantised, dequantised in
+                          the matmul (QLoRA; quantize.py)
   peft.train_extra        comma list of path words that also train (e.g. 'norm', 'bias', 'head'), as the BitFit
                           and adapter papers do.
   peft.train_vocab        yes: the vocabulary's parameters (those with a `vocab` axis: token embeddings, output layer
@@ -36,7 +38,7 @@ import jax
 from flax import nnx
 
 from jaxformer.errors import ConfigError, check_choice, check_fraction, check_positive
-from jaxformer.peft import adapter, bitfit, lora, prompt
+from jaxformer.peft import adapter, bitfit, lora, prompt, quantize
 from jaxformer.peft.params import PEFTParam, path_words
 
 TRAIN_VOCAB = ('auto', 'yes', 'no')
@@ -93,6 +95,7 @@ def validate(config: Any) -> None:
       os.path.join(os.path.expanduser(base), 'checkpoints')):
     raise ConfigError(f'checkpoint.init_from={base!r}: no jaxformer checkpoints in {os.path.join(base, "checkpoints")}; '
                       'give the workdir of a finished training run (the model to start from).')
+  quantize.validate(config)
   if _extra_words(peft) and peft.method == 'none':
     raise ConfigError(f'peft.train_extra={peft.train_extra!r} only applies with a PEFT method (peft.method=none '
                       'already trains everything); set peft.method or drop train_extra.')
@@ -114,6 +117,8 @@ def trainable_filter(peft: Any) -> Callable[[tuple, Any], bool]:
   def trains(path: tuple, variable: Any) -> bool:
     if isinstance(variable, PEFTParam):
       return True
+    if isinstance(variable, quantize.QuantizedParam):  # the quantised frozen base (peft.quantize)
+      return False
     if vocab and VOCAB_AXIS in (variable.get_metadata().get('out_sharding') or ()):
       return True
     words = path_words(path)
@@ -163,8 +168,11 @@ def base_params(params: nnx.State) -> nnx.State:
 def merge(model_or_params: nnx.Module | nnx.State, peft: Any) -> nnx.State:
   """Plain base parameters for export: the method's parameters folded in (LoRA: W + (alpha/rank) B A), so the result
   has exactly the base model's tree. Methods whose modules cannot be folded into the base weights (adapter,
-  prompt) are a ConfigError naming the method."""
-  params = model_or_params if isinstance(model_or_params, nnx.State) else nnx.state(model_or_params, nnx.Param)
+  prompt) are a ConfigError naming the method. A model whose base is quantised (peft.quantize) is dequantised in
+  place first, and LoRA folds into the dequantised weights (as peft's merge_and_unload on a 4-bit base)."""
+  if isinstance(model_or_params, nnx.Module):  # a quantised base (peft.quantize): dequantised first, in place
+    model_or_params = nnx.state(quantize.dequantize(model_or_params), nnx.Param)
+  params = model_or_params
   method = METHODS[peft.method]
   if method.attach is None:
     return base_params(params)  # none / bitfit: the trained parameters are base parameters already

@@ -39,6 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxformer import align
 from jaxformer import hf
 from jaxformer import peft as peft_lib
+from jaxformer.peft import quantize as quantize_lib
 from jaxformer import settings as settings_lib
 from jaxformer import sharding as shd
 from jaxformer.errors import ConfigError
@@ -63,6 +64,7 @@ def build_model(config: Any, *, seed: int | None = None) -> nnx.Module:
   with nnx.use_eager_sharding(False):
     model = build_base_model(config.model, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
     model = peft_lib.attach(model, config.peft, nnx.Rngs(params=seed + 2, dropout=seed + 3))
+    model = quantize_lib.attach(model, config.peft)  # peft.quantize: the frozen kernels stored quantised
     return align.attach(model, config, nnx.Rngs(params=seed + 4))  # ppo: the value head
 
 
@@ -150,10 +152,11 @@ def run_reference(config: Any, setup: TrainSetup, state: dict, resumed: bool) ->
 
 
 def with_base(config: Any, params: nnx.State, abstract_params: nnx.State) -> nnx.State:
-  """`params` with the base model's part (all but the PEFT modules) replaced by checkpoint.init_from's, and the
-  LoRA factors by peft.adapter(s)' (with_adapters)."""
+  """`params` with the base model's part (all but the PEFT modules) replaced by checkpoint.init_from's (quantised
+  with peft.quantize), and the LoRA factors by peft.adapter(s)' (with_adapters)."""
   if config.checkpoint.init_from:
-    params = nnx.merge_state(params, init_from_params(config, peft_lib.base_params(abstract_params)))
+    read = _quantized_base if quantize_lib.is_active(config.peft) else init_from_params
+    params = nnx.merge_state(params, read(config, peft_lib.base_params(abstract_params)))
   return with_adapters(config, params, abstract_params)
 
 
@@ -182,6 +185,23 @@ def select_adapter(model: nnx.Module, config: Any, adapter_name: str) -> None:
   params = nnx.state(model, nnx.Param)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
   nnx.update(model, with_adapters(config, params, abstract, adapter_name))
+
+
+def _quantized_base(config: Any, abstract_base: nnx.State) -> nnx.State:
+  """3. with peft.quantize: checkpoint.init_from's base read in full precision (the model without quantisation),
+  then quantised once on device by the model's own quantize_lib.attach (jitted, onto `abstract_base`'s shardings),
+  so the tree is exactly the quantised model's. Deterministic: a resumed run re-quantises to the same arrays."""
+  plain = settings_lib.replace(config, peft=dataclasses.replace(config.peft, quantize='none'))
+  mesh, rules = _mesh_of(abstract_base), shd.rules_from_config(config)
+  base = init_from_params(plain, peft_lib.base_params(abstract_model(plain, mesh, rules)[1]))
+
+  def quantize(base: nnx.State) -> nnx.State:
+    model = build_model(plain)
+    nnx.update(model, base)
+    return peft_lib.base_params(split_model(quantize_lib.attach(model, config.peft))[1])
+
+  with shd.mesh_context(mesh, rules):
+    return jax.jit(quantize, out_shardings=jax.tree.map(lambda a: a.sharding, abstract_base))(base)
 
 
 # ----------------------------------------------------------------------------------------------- 2. init_from
