@@ -1,9 +1,11 @@
 """Passkey retrieval: the prompt generator (data/sources/passkey.py, also builtin:passkey), the scorer, and the
 check of a checkpoint at several lengths with and without RoPE scaling (apps/passkey.py, benchmarks/passkey.py)."""
 import dataclasses
+import pathlib
 import re
+import subprocess
+import sys
 
-import numpy as np
 import pytest
 
 from configs import long_context
@@ -11,6 +13,8 @@ from jaxformer import data
 from jaxformer.apps import passkey as passkey_app
 from jaxformer.data.sources import passkey
 from jaxformer.errors import DataError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def filler_fraction_before(prompt):
@@ -129,3 +133,11 @@ def test_passkey_check_refuses_what_it_cannot_do(tiny_passkey_run):
     passkey_app.check_request(r, [300], ['none', 'linear'])
   with pytest.raises(passkey_app.PasskeyError, match='exceed the learned positions'):
     passkey_app.check_request(r, [600], ['none'])
+
+
+def test_passkey_cli_bad_workdir_is_one_line(tmp_path):
+  out = subprocess.run([sys.executable, 'benchmarks/passkey.py', f'--workdir={tmp_path}/missing'], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2, out.stderr
+  assert out.stderr.strip().splitlines() == [f'error: --workdir={tmp_path}/missing does not exist; point it at a '
+                                             'directory train.py wrote.']

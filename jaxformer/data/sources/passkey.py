@@ -81,7 +81,7 @@ def make_prompt(length: int, depth: float, key: str, count: Count = len) -> Pass
   if count(_compose(0, depth, key).text) > length:
     raise DataError(f'a passkey prompt needs more than {length} tokens even without filler '
                     f'({count(_compose(0, depth, key).text)}); ask for a longer length.')
-  lo, hi = 0, max(1, length)  # filler characters; count is monotone in them (a character adds at most... one token)
+  lo, hi = 0, max(1, length)  # filler characters, bisected (count grows with them, by at most a few per character)
   while count(_compose(hi, depth, key).text) <= length:
     lo, hi = hi, hi * 2
   while hi - lo > 1:  # invariant: count(lo) <= length < count(hi)
