@@ -102,7 +102,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ----------------------------------------------------------------- data
   data = config.data = ml_collections.ConfigDict()
-  # builtin:lm | builtin:numbers | text:<path or glob> | parallel:<prefix> | jsonl:<path or glob> |
+  # builtin:lm | builtin:numbers | builtin:passkey | text:<path or glob> | parallel:<prefix> | jsonl:<path or glob> |
   # tfds:<name>[/<config>]
   data.source = 'builtin:lm'
   data.data_dir = ''  # where TFDS datasets live or are built; '' = <workdir>/data

@@ -1,6 +1,7 @@
 """Where examples come from. `data.source=<kind>:<arg>` picks a factory from SOURCES by its kind:
 
-  builtin:lm | builtin:numbers   SYNTHETIC data generated in-process        (sources/builtin.py)
+  builtin:lm | builtin:numbers   SYNTHETIC data generated in-process        (sources/builtin.py,
+  builtin:passkey                                                           sources/passkey.py)
   text:<path or glob>            local text files, LM documents             (sources/local.py)
   parallel:<prefix>              local line-aligned translation files       (sources/local.py)
   jsonl:<path or glob>           local prompt/response instruction data,    (sources/local.py)
@@ -48,6 +49,6 @@ def get_source(config: Any, workdir: str) -> Source:
     raise DataError(f'data.source={spec!r} needs a value after the colon, e.g. text:path/to/file.txt.')
   if kind not in SOURCES:
     raise DataError(
-        f'data.source={spec!r} is not a valid source; use builtin:lm, builtin:numbers, text:<path or glob>, '
+        f'data.source={spec!r} is not a valid source; use builtin:lm, builtin:numbers, builtin:passkey, text:<path or glob>, '
         'parallel:<prefix>, jsonl:<path or glob> or tfds:<name>[/<config>].')
   return SOURCES[kind](spec, arg, config, data_dir_for(config, workdir))

@@ -4,6 +4,8 @@
                     is known (`builtin_lm_entropy`), so a model's loss can be compared with the best achievable one.
   builtin:numbers   numbers to English words ('3207' -> 'three thousand two hundred seven'), a deterministic
                     transduction (translation) task.
+  builtin:passkey   passkey retrieval prompts (a number hidden in filler, asked for at the end) up to data.seq_len
+                    characters, with their answers (sources/passkey.py).
 """
 from __future__ import annotations
 
@@ -14,22 +16,32 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from jaxformer.errors import DataError
+from jaxformer.data.sources import passkey
 from jaxformer.data.sources.base import Example, ListSplit, Source, Split
 
-DATASETS = ('lm', 'numbers')
+
+def _lm_source(spec: str, config: Any) -> Source:
+  lang = synthetic_language()
+  return Source(spec, 'text', {s: functools.partial(ListSplit, s, lang.split(s)) for s in lang.SPLITS},
+                description='SYNTHETIC random word-bigram language (builtin:lm)')
+
+
+def _numbers_source(spec: str, config: Any) -> Source:
+  return Source(spec, 'pairs', {s: functools.partial(NumbersSplit, s) for s in NUMBER_SPLITS},
+                description='SYNTHETIC numbers -> English words (builtin:numbers)')
+
+
+# builtin:<name> -> (spec, config) -> Source; adding a built-in dataset is one function and one line here
+DATASETS: dict[str, Any] = {'lm': _lm_source, 'numbers': _numbers_source, 'passkey': passkey.make_source}
 
 
 def make_source(spec: str, name: str, config: Any, data_dir: str) -> Source:
-  """builtin:lm (text) or builtin:numbers (pairs); config and data_dir are not needed."""
-  del config, data_dir
-  if name == 'lm':
-    lang = synthetic_language()
-    return Source(spec, 'text', {s: functools.partial(ListSplit, s, lang.split(s)) for s in lang.SPLITS},
-                  description='SYNTHETIC random word-bigram language (builtin:lm)')
-  if name == 'numbers':
-    return Source(spec, 'pairs', {s: functools.partial(NumbersSplit, s) for s in NUMBER_SPLITS},
-                  description='SYNTHETIC numbers -> English words (builtin:numbers)')
-  raise DataError(f'data.source={spec!r}: unknown built-in dataset {name!r}; use builtin:lm or builtin:numbers.')
+  """builtin:<one of DATASETS>; data_dir is not needed (the data is generated in-process)."""
+  del data_dir
+  if name not in DATASETS:
+    raise DataError(f'data.source={spec!r}: unknown built-in dataset {name!r}; use '
+                    + ', '.join(f'builtin:{n}' for n in DATASETS) + '.')
+  return DATASETS[name](spec, config)
 
 
 class SyntheticLanguage:
