@@ -14,14 +14,17 @@ Conventions (those of peft + transformers, so a peft adapter gives the same logi
              key positions 0..P-1. So sequences must fit model.max_len - P.
   masks      every query that attends to anything (a real token) sees every prefix slot, in every packed segment
              alike; padding queries see none (they stay all-masked and give zeros).
-  projection peft.prefix_projection = h > 0: the prefix is the output of peft's reparameterisation MLP, embedding
-             [P, d_model] -> Linear(d_model, h) -> tanh -> Linear(h, layers * 2 * kv_heads * head_dim), and training
-             learns the MLP (and its checkpoints hold it, so a run resumes). `merge_projection` computes the
-             prefixes once and returns the state of the same model built with prefix_projection=0 ("merged away":
-             what an adapter for inference stores; peft's save_pretrained stores the same computed tensor).
+  projection peft.prefix_projection = h > 0: the prefix is the output of peft's reparameterisation MLP (its
+             PrefixEncoder), embedding [P, E] -> Linear(E, h) -> tanh -> Linear(h, layers * 2 * E), with
+             E = kv_heads * head_dim, and training learns the MLP (and its checkpoints hold it, so a run resumes).
+             `merge_projection` computes the prefixes once and returns the state of the same model built with
+             prefix_projection=0 ("merged away": what an adapter for inference stores; peft's save_pretrained
+             stores the same computed tensor, 'prompt_embeddings').
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import jax
@@ -30,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from jaxformer.errors import ConfigError, check_positive
+from jaxformer.hf import weights
 from jaxformer.model import layers
 from jaxformer.peft.params import PrefixParam, new_param
 
@@ -56,15 +60,16 @@ def validate(peft: Any, model: Any) -> None:
 class Prefix(nnx.Module):
   """The trained key/value prefixes of one stack's self-attention layers (directly, or through the MLP)."""
 
-  def __init__(self, num_tokens: int, num_layers: int, kv_heads: int, head_dim: int, d_model: int, projection: int,
-               *, std: float, param_dtype: Any, dtype: Any, rngs: nnx.Rngs):
+  def __init__(self, num_tokens: int, num_layers: int, kv_heads: int, head_dim: int, projection: int, *,
+               std: float, param_dtype: Any, dtype: Any, rngs: nnx.Rngs):
     self.length, self.num_layers, self.kv_heads, self.head_dim = num_tokens, num_layers, kv_heads, head_dim
     self.dtype = jnp.dtype(dtype)
     width = num_layers * 2 * kv_heads * head_dim
     param = lambda init, shape, names: new_param(PrefixParam, rngs, init, shape, names, param_dtype)  # noqa: E731
-    if projection:
-      self.embedding = param(layers.normal(std), (num_tokens, d_model), (None, 'embed'))
-      self.hidden = param(layers.normal(d_model ** -0.5), (d_model, projection), ('embed', None))
+    if projection:  # peft's PrefixEncoder: its token_dim is kv_heads * head_dim (d_model without GQA)
+      token_dim = kv_heads * head_dim
+      self.embedding = param(layers.normal(std), (num_tokens, token_dim), (None, None))
+      self.hidden = param(layers.normal(token_dim ** -0.5), (token_dim, projection), (None, None))
       self.hidden_bias = param(layers.zeros, (projection,), (None,))
       self.out = param(layers.normal(std * projection ** -0.5), (projection, width), (None, None))
       self.out_bias = param(layers.zeros, (width,), (None,))
@@ -97,7 +102,7 @@ def attach(model: nnx.Module, peft: Any, rngs: nnx.Rngs) -> None:
     if stack is None:
       continue
     num_layers = cfg.num_decoder_layers if name == 'decoder' and cfg.arch == 'encoder_decoder' else cfg.num_layers
-    stack.prefix = Prefix(int(peft.num_prefix_tokens), num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.d_model,
+    stack.prefix = Prefix(int(peft.num_prefix_tokens), num_layers, cfg.num_kv_heads, cfg.head_dim,
                           int(peft.prefix_projection), std=cfg.init_std, param_dtype=jnp.dtype(cfg.param_dtype),
                           dtype=cfg.dtype, rngs=rngs)
 
@@ -135,3 +140,25 @@ def from_peft(prompt_embeddings: Any, *, num_layers: int, kv_heads: int, head_di
     raise ConfigError(f'peft prefix of shape {x.shape}: expected [num_virtual_tokens, {num_layers} layers x 2 x '
                       f'{kv_heads} kv heads x {head_dim}] for this model; the adapter belongs to another model.')
   return np.transpose(x.reshape(p, num_layers, 2, kv_heads, head_dim), (1, 2, 0, 3, 4))
+
+
+def load_peft_adapter(directory: str, model: nnx.Module) -> None:
+  """Sets the prefix of `model` (decoder_only, built with peft.method=prefix, prefix_projection=0 and the adapter's
+  num_virtual_tokens) from a peft PrefixTuningConfig adapter directory (adapter_config.json +
+  adapter_model.safetensors, as PeftModel.save_pretrained writes it). A ConfigError names any mismatch."""
+  with open(os.path.join(directory, 'adapter_config.json'), encoding='utf-8') as f:
+    config = json.load(f)
+  if config.get('peft_type') != 'PREFIX_TUNING':
+    raise ConfigError(f'{directory}: peft_type={config.get("peft_type")!r}, not a prefix-tuning adapter; use '
+                      'peft.method=prefix only with PREFIX_TUNING adapters.')
+  prefix = getattr(getattr(model, 'decoder', None), 'prefix', None)
+  if model.config.arch != 'decoder_only' or prefix is None or prefix.kv is None:
+    raise ConfigError(f'{directory}: a peft prefix adapter loads into a decoder_only model built with '
+                      'peft.method=prefix and peft.prefix_projection=0.')
+  if config['num_virtual_tokens'] != prefix.length:
+    n = config['num_virtual_tokens']
+    raise ConfigError(f'{directory}: num_virtual_tokens={n}, but the model has peft.num_prefix_tokens='
+                      f'{prefix.length}; set peft.num_prefix_tokens={n}.')
+  tensor = weights.read_file(os.path.join(directory, 'adapter_model.safetensors'))['prompt_embeddings']
+  kv = from_peft(tensor, num_layers=prefix.num_layers, kv_heads=prefix.kv_heads, head_dim=prefix.head_dim)
+  prefix.kv.set_value(jnp.asarray(kv, prefix.kv.get_value().dtype))
