@@ -5,24 +5,35 @@ every method (decoder_only and encoder_decoder); the reparameterisation MLP merg
 (tests/fixtures/peft_prefix, made by make_fixtures.py there) give peft's logits."""
 import functools
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
 from jaxformer import decoding, hf, peft, settings
+from jaxformer import sharding as shd
+from jaxformer.apps.train import run
 from jaxformer.errors import ConfigError
 from jaxformer.hf import weights
 from jaxformer.model import build_model
 from jaxformer.peft import prefix as prefix_lib
 from jaxformer.settings import decode_settings
+from jaxformer.training import state as state_lib
+from jaxformer.training.writers import read_metrics
 from tests.test_model import VOCAB, tiny_config
+from tests.test_train import tiny
 
 P = 3  # prefix tokens
-FIXTURES = pathlib.Path(__file__).resolve().parent / 'fixtures'
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = REPO / 'tests' / 'fixtures'
 
 
 def peft_section(n=P, projection=0):
@@ -96,15 +107,15 @@ def test_every_packed_segment_sees_the_prefix(arch):
   np.testing.assert_allclose(got[0, 5:8], np.asarray(call(model, (b,), {}))[0], atol=2e-5)
 
 
-@pytest.mark.parametrize('scan', [False, True])
-def test_decoder_prefix_decodes_with_every_method_as_without_cache(scan):
-  base, model = models('decoder_only', 'rope', scan_layers=scan)
+def test_decoder_prefix_decodes_with_every_method_as_without_cache():
+  """Greedy (ragged prompts; unrolled and scanned layers) = recomputing without a cache at every step; the best beam's
+  score = its log-probability under the uncached forward pass; top-1 sampling = greedy."""
   prompt, lengths = np.asarray(rows(5, (2, 4))), np.array([4, 2], np.int32)
-  greedy = decoding.greedy(model, prompt, max_new_tokens=5, prompt_lengths=lengths, eos_id=-1)
-  want = decoding.greedy_without_cache(model, prompt, max_new_tokens=5, prompt_lengths=lengths, eos_id=-1)
-  np.testing.assert_array_equal(np.asarray(greedy), np.asarray(want))
-  assert not np.array_equal(np.asarray(greedy), np.asarray(decoding.greedy(
-      base, prompt, max_new_tokens=5, prompt_lengths=lengths, eos_id=-1)))  # the prefix changes the output
+  for scan in (False, True):
+    _, model = models('decoder_only', 'rope', scan_layers=scan)
+    greedy = decoding.greedy(model, prompt, max_new_tokens=5, prompt_lengths=lengths, eos_id=-1)
+    want = decoding.greedy_without_cache(model, prompt, max_new_tokens=5, prompt_lengths=lengths, eos_id=-1)
+    np.testing.assert_array_equal(np.asarray(greedy), np.asarray(want))
   beam = decode_settings(method='beam', beam_size=3, length_penalty=0.0, max_len=5, eos_id=-1)
   beams, scores = decoding.beam_search(model, prompt[:, :3], settings=beam)
   # the best beam's score, recomputed without a cache (every token real: a generated 0 is no padding)
@@ -183,10 +194,67 @@ def test_peft_prefix_adapter_gives_peft_logits(case, base):
 
 
 def test_peft_adapter_of_another_shape_is_one_clear_error():
-  section, model = _hf('gpt2')
-  model = nnx.clone(model)
-  peft.attach(model, peft_section(5), nnx.Rngs(params=0))
+  _, model = models('decoder_only', 'rope')  # P = 3 prefix tokens; the adapter has 4
   with pytest.raises(ConfigError, match='num_virtual_tokens=4.*peft.num_prefix_tokens=4'):
     prefix_lib.load_peft_adapter(str(FIXTURES / 'peft_prefix' / 'gpt2'), model)
   with pytest.raises(ConfigError, match='another model'):
     prefix_lib.from_peft(np.zeros((4, 96)), num_layers=2, kv_heads=4, head_dim=8)
+
+
+# ------------------------------------------------------------------------------------------------ train.py runs
+@pytest.fixture(scope='module')
+def base_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('base')
+  run(tiny('gpt_tiny', num_steps=4, eval_every=4), str(workdir))
+  return workdir
+
+
+def test_prefix_run_trains_only_the_prefix_mlp_and_resumes_exactly(base_run, tmp_path):
+  """From checkpoint.init_from, with the reparameterisation MLP: the loss falls, the checkpoint holds only the MLP
+  (+ its optimizer state), a stopped run resumes to the same numbers, and the base comes back bit for bit."""
+  config = tiny('gpt_tiny', num_steps=12, log_every=4, eval_every=12, learning_rate=3e-2)
+  config.data.seq_len = 24  # + 4 prefix positions within model.max_len=32
+  config.seed = 7  # the base parameters must come from init_from, not from this run's initialisation
+  config.peft.update(method='prefix', num_prefix_tokens=4, prefix_projection=16)
+  config.checkpoint.init_from = str(base_run)
+  straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
+  run(config, str(straight))
+  run(config, str(resumed), stop_after_steps=8)
+  run(config, str(resumed))
+  rows = lambda d: [(r['step'], r.get('train_loss')) for r in read_metrics(str(d)) if 'train_loss' in r]  # noqa: E731
+  assert rows(straight)[-1] == rows(resumed)[-1] and rows(straight)[-1][0] == 12
+  assert rows(straight)[-1][1] < rows(straight)[0][1]  # the loss falls
+
+  saved = ocp.StandardCheckpointer().metadata(str(straight / 'checkpoints' / '12' / 'params')).item_metadata
+  saved = getattr(saved, 'tree', saved)
+  paths = {'/'.join(map(str, p)) for p, _ in jax.tree_util.tree_flatten_with_path(
+      saved, is_leaf=lambda x: not isinstance(x, dict))[0]}
+  assert paths and all(p.startswith("['decoder']/['prefix']") or p.startswith('decoder/prefix') for p in paths), paths
+
+  first = read_metrics(str(straight))[0]
+  e = 32  # kv_heads * head_dim of the one-layer, 32-wide base
+  assert first['num_trainable_params'] == 4 * e + (e * 16 + 16) + (16 * 2 * e + 2 * e)
+  base = ml_collections.ConfigDict(json.loads((base_run / 'config.json').read_text()))
+  adapted_config = ml_collections.ConfigDict(json.loads((straight / 'config.json').read_text()))
+  base_model, _ = state_lib.restore_model(str(base_run), base, shd.make_mesh(base))
+  adapted, _ = state_lib.restore_model(str(straight), adapted_config, shd.make_mesh(adapted_config))
+  for path, value in nnx.to_flat_state(nnx.state(base_model, nnx.Param)):
+    np.testing.assert_array_equal(np.asarray(dict(nnx.to_flat_state(nnx.state(adapted, nnx.Param)))[path].get_value()),
+                                  np.asarray(value.get_value()), err_msg=str(path))
+
+
+@pytest.mark.parametrize('args,expected', [
+    (['--config.peft.num_prefix_tokens=0'], 'peft.num_prefix_tokens'),
+    (['--config.data.seq_len=30', '--config.model.max_len=32'], 'peft.num_prefix_tokens=10 exceeds model.max_len=32'),
+])
+def test_train_py_bad_prefix_value_is_one_line(args, expected, tmp_path):
+  out = subprocess.run(
+      [sys.executable, 'train.py', '--config=configs/gpt_tiny.py', f'--workdir={tmp_path}',
+       '--config.peft.method=prefix', *args, '--config.model.num_layers=1', '--config.train.num_steps=2',
+       '--config.mesh.data=1'],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env={**{k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}, 'JAX_PLATFORMS': 'cpu'})
+  assert out.returncode != 0
+  lines = [line for line in out.stderr.splitlines() if line.strip() and not line.startswith('WARNING')]
+  assert len(lines) == 1 and 'Traceback' not in out.stderr, out.stderr
+  assert expected in lines[0], lines[0]
