@@ -108,14 +108,14 @@ def test_every_packed_segment_sees_the_prefix(arch):
 
 
 def test_decoder_prefix_decodes_with_every_method_as_without_cache():
-  """Greedy (ragged prompts; unrolled and scanned layers) = recomputing without a cache at every step; the best beam's
-  score = its log-probability under the uncached forward pass; top-1 sampling = greedy."""
+  """Scanned layers (the unrolled stack's cache: the encoder_decoder test): greedy with ragged prompts = recomputing
+  without a cache at every step; the best beam's score = its log-probability under the uncached forward pass; top-1
+  sampling = greedy."""
   prompt, lengths = np.asarray(rows(5, (2, 4))), np.array([4, 2], np.int32)
-  for scan in (False, True):
-    _, model = models('decoder_only', 'rope', scan_layers=scan)
-    greedy = decoding.greedy(model, prompt, max_new_tokens=5, prompt_lengths=lengths, eos_id=-1)
-    want = decoding.greedy_without_cache(model, prompt, max_new_tokens=5, prompt_lengths=lengths, eos_id=-1)
-    np.testing.assert_array_equal(np.asarray(greedy), np.asarray(want))
+  _, model = models('decoder_only', 'rope', scan_layers=True)
+  greedy = decoding.greedy(model, prompt, max_new_tokens=5, prompt_lengths=lengths, eos_id=-1)
+  want = decoding.greedy_without_cache(model, prompt, max_new_tokens=5, prompt_lengths=lengths, eos_id=-1)
+  np.testing.assert_array_equal(np.asarray(greedy), np.asarray(want))
   beam = decode_settings(method='beam', beam_size=3, length_penalty=0.0, max_len=5, eos_id=-1)
   beams, scores = decoding.beam_search(model, prompt[:, :3], settings=beam)
   # the best beam's score, recomputed without a cache (every token real: a generated 0 is no padding)
