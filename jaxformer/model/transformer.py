@@ -202,6 +202,8 @@ class Stack(nnx.Module):
 
     A soft prompt (peft.method=prompt) is prepended without a cache and its outputs dropped unless keep_prompt
     (the encoder of encoder_decoder: [B, n+T, D]); with a cache it already sits in the first slots (prefill_prompt).
+    A prefix (peft.method=prefix) of P key/value slots goes in front of every layer's self-attention keys, cache or
+    not; the tokens' positions then start at P (peft/prefix.py).
     return_intermediates: a third element, every layer's Block intermediates plus 'hidden' (the block's output, the
     residual stream before any final norm), each stacked along a leading layers axis in both layouts:
     'self_attention' [L,B,N,T,T], 'cross_attention' [L,B,N,T,S], 'hidden' [L,B,T,D] (a soft prompt's positions
