@@ -108,11 +108,11 @@ def test_every_packed_segment_sees_the_prefix(arch):
 
 
 def test_decoder_prefix_decodes_with_every_method_as_without_cache():
-  """Scanned layers (the unrolled stack's cache: the encoder_decoder test): greedy with ragged prompts = recomputing
-  without a cache at every step; the best beam's score = its log-probability under the uncached forward pass; top-1
-  sampling = greedy."""
+  """Greedy with ragged prompts = recomputing without a cache at every step; the best beam's score = its
+  log-probability under the uncached forward pass; top-1 sampling = greedy. (Scanned layers hand each layer its
+  prefix slice the same way with or without a cache: the first test checks it against the reference.)"""
   prompt, lengths = np.asarray(rows(5, (2, 4))), np.array([4, 2], np.int32)
-  _, model = models('decoder_only', 'rope', scan_layers=True)
+  _, model = models('decoder_only', 'rope')
   greedy = decoding.greedy(model, prompt, max_new_tokens=5, prompt_lengths=lengths, eos_id=-1)
   want = decoding.greedy_without_cache(model, prompt, max_new_tokens=5, prompt_lengths=lengths, eos_id=-1)
   np.testing.assert_array_equal(np.asarray(greedy), np.asarray(want))
