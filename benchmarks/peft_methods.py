@@ -1,4 +1,5 @@
-"""Adapting a pretrained model to a new text domain: full fine-tuning vs LoRA, BitFit, adapters, prompt tuning.
+"""Adapting a pretrained model to a new text domain: full fine-tuning vs LoRA, BitFit, adapters, prompt and prefix
+tuning.
 
   python benchmarks/peft_methods.py                      # CPU-small: ~10 min on 2 cores
   python benchmarks/peft_methods.py --base_steps=2000 --adapt_steps=500
@@ -51,6 +52,7 @@ METHODS = {
     'bitfit': (dict(method='bitfit'), 3e-3),
     'adapter d=16': (dict(method='adapter', adapter_dim=16), 3e-3),
     'prompt n=16': (dict(method='prompt', num_prompt_tokens=16), 3e-2),
+    'prefix n=16 (mlp 128)': (dict(method='prefix', num_prefix_tokens=16, prefix_projection=128), 3e-3),
 }
 
 
@@ -73,6 +75,8 @@ def adapt_config(base_dir: str, steps: int, peft_values: dict, lr: float):
                       weight_decay=0.0)  # no decay: the same objective for every method
   config.checkpoint.init_from = base_dir
   config.peft.update(**peft_values)
+  if config.peft.method == 'prefix':  # the tokens' positions start after the prefix: rows shorter by P
+    config.data.seq_len = config.model.max_len - config.peft.num_prefix_tokens
   return config
 
 

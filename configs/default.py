@@ -207,13 +207,15 @@ def get_config() -> ml_collections.ConfigDict:
   # Parameter-efficient fine-tuning (jaxformer/peft): which parameters train. Start from a pretrained model with
   # checkpoint.init_from; a PEFT run's checkpoints hold only what trains (+ its optimizer state).
   peft = config.peft = ml_collections.ConfigDict()
-  peft.method = 'none'  # none (full fine-tuning) | lora | bitfit | adapter | prompt
+  peft.method = 'none'  # none (full fine-tuning) | lora | bitfit | adapter | prompt | prefix
   peft.targets = 'attention'  # lora: attention (query,key,value,out) | mlp (wi,wi_gate,wo) | all | a comma list
   peft.rank = 8  # lora rank r
   peft.alpha = 16.0  # lora scale alpha / r
   peft.dropout = 0.0  # lora: dropout on the update's input
   peft.adapter_dim = 64  # adapter: bottleneck width
   peft.num_prompt_tokens = 20  # prompt: soft tokens prepended to the (encoder) input
+  peft.num_prefix_tokens = 10  # prefix: trained key/value slots in front of every self-attention layer's
+  peft.prefix_projection = 0  # prefix: hidden size of the reparameterisation MLP (peft's encoder_hidden_size); 0 = off
   peft.train_extra = ''  # also train parameters whose path contains one of these words, e.g. 'norm,bias,head'
   # Hugging Face peft LoRA directories (jaxformer/hf/peft_format.py); either sets method/rank/alpha/targets itself
   peft.adapter = ''  # one adapter directory: its factors start the LoRA (then train further, or eval)

@@ -69,6 +69,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
         f'data.seq_len/src_seq_len={longest} exceeds model.max_len={config.model.max_len}; '
         'raise model.max_len or lower the data lengths.')
+  if config.peft.method == 'prefix' and longest + config.peft.num_prefix_tokens > config.model.max_len:
+    raise ConfigError(  # the tokens' positions start after the prefix (peft/prefix.py)
+        f'data.seq_len/src_seq_len={longest} + peft.num_prefix_tokens={config.peft.num_prefix_tokens} exceeds '
+        f'model.max_len={config.model.max_len}: the tokens\' positions start after the prefix; lower the data '
+        'lengths or the prefix tokens.')
   check_fraction('data.mask_rate', data.mask_rate)
   if not 0 < float(data.spm_character_coverage) <= 1:
     raise ConfigError(f'data.spm_character_coverage={data.spm_character_coverage!r} must be in (0, 1] (1.0 = every '

@@ -109,6 +109,8 @@ class PeftSettings:
   dropout: float
   adapter_dim: int
   num_prompt_tokens: int
+  num_prefix_tokens: int
+  prefix_projection: int
   train_extra: str
   adapter: str
   adapters: str

@@ -512,6 +512,22 @@ def context_parallel_attention(q: Array, k: Array, v: Array, mask: Array | Segme
 QK_NORMS = ('none', 'projection', 'head')
 
 
+def with_prefix(k: Array, v: Array, mask: Array | SegmentMask | None,
+                prefix: tuple[Array, Array]) -> tuple[Array, Array, Array | None]:
+  """Keys/values [B,S,K,H] and a mask [B|1,N|1,T,S] -> with the prefix's P slots [P,K,H] first: [B,P+S,K,H] and
+  [B,N|1,T,P+S], the prefix columns visible to every query row that allows some key (not to padding rows)."""
+  pk, pv = prefix
+  b, p = k.shape[0], pk.shape[0]
+  k = jnp.concatenate([jnp.broadcast_to(pk.astype(k.dtype)[None], (b,) + pk.shape), k], 1)
+  v = jnp.concatenate([jnp.broadcast_to(pv.astype(v.dtype)[None], (b,) + pv.shape), v], 1)
+  mask = dense_mask(mask)
+  if mask is not None:
+    mask = jnp.asarray(mask, bool)
+    rows = jnp.any(mask, axis=-1, keepdims=True)  # [B|1,N|1,T,1]
+    mask = jnp.concatenate([jnp.broadcast_to(rows, rows.shape[:-1] + (p,)), mask], -1)
+  return k, v, mask
+
+
 class Attention(nnx.Module):
   """Multi-head attention with `num_kv_heads` key/value heads (MHA, GQA or MQA); self- or cross-attention.
 
@@ -568,7 +584,7 @@ class Attention(nnx.Module):
   def __call__(self, x: Array, mask: Array | None, *, kv: tuple[Array, Array] | None = None,
                rope: tuple[Array, Array] | None = None, bias: Array | None = None, cache: dict | None = None,
                cache_index: Array | None = None, causal: bool = False, window: int = 0,
-               deterministic: bool = True,
+               deterministic: bool = True, prefix: tuple[Array, Array] | None = None,
                return_weights: bool = False) -> tuple[Array, dict | None] | tuple[Array, dict | None, Array]:
     """x [B,T,D] -> ([B,T,D], updated cache or None). bias: added to the logits, [B|1, N, T, S].
 
@@ -577,6 +593,10 @@ class Attention(nnx.Module):
     queries attend over [the R ring slots, then the T new keys] (`mask` [B,1,T,R+T] says which hold keys inside
     each query's window), so a prefill longer than the window still sees every key it needs; then the newest
     min(T, R) new keys/values are written into their ring slots.
+
+    prefix: prefix tuning's keys and values [P,K,H] of this layer (peft/prefix.py), put in front of the keys/values
+    (after the cache: it holds only tokens); every query that attends to some key sees all P; `bias`, if any,
+    already has their P columns first. Their columns are dropped from returned weights.
 
     return_weights: also the attention probabilities [B,N,T,S] (float32), as a third element. Only the plain-jnp
     softmax materialises them, so this request runs reference_attention whatever model.attention_impl is (the
@@ -599,6 +619,9 @@ class Attention(nnx.Module):
       write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u.astype(c.dtype), i, axis=0))
       k, v = write(cache['k'], k, cache_index), write(cache['v'], v, cache_index)
       cache = {'k': k, 'v': v}
+    if prefix is not None:
+      k, v, mask = with_prefix(k, v, mask, prefix)
+      causal = False  # the mask is no longer the lower triangle the cuDNN causal hint assumes
     weights = None
     if return_weights or (not deterministic and self.attention_dropout.rate > 0):
       # attention dropout needs the probabilities: the plain-jnp path, whatever model.attention_impl (also chunked)
@@ -609,6 +632,7 @@ class Attention(nnx.Module):
                                 softcap=self.softcap, return_probs=return_weights)
       if return_weights:
         out, weights = out
+        weights = weights if prefix is None else weights[..., prefix[0].shape[0]:]
     else:
       implementation = self.implementation
       if cache is not None and implementation in ('auto', 'cudnn'):

@@ -63,7 +63,7 @@ class ScannedBlocks(nnx.Module):
 
   def __call__(self, x: Array, *, cache: dict | None = None, cross_kv: tuple[Array, Array] | None = None,
                remat: str = 'none', windows: tuple[int, ...] | None = None, ring_mask: Array | None = None,
-               return_intermediates: bool = False,
+               prefix_kv: tuple[Array, Array] | None = None, return_intermediates: bool = False,
                **shared: Any) -> tuple[Array, dict | None] | tuple[Array, dict | None, dict]:
     """x [B,T,D] through every layer -> (x, the updated stacked cache or None).
 
@@ -71,6 +71,7 @@ class ScannedBlocks(nnx.Module):
     every layer (decoding an encoder_decoder); shared: the Block's other keyword arguments, the same for each
     layer. remat: a model.remat name (ignored when decoding, as in the unrolled stack). windows: each layer's
     sliding window (0 = global; None = none anywhere), ring_mask: the windowed layers' decoding mask (Stack).
+    prefix_kv: prefix tuning's keys/values [L,P,K,H] (each layer gets its slice).
     return_intermediates: a third element, each layer's Block intermediates plus its output 'hidden', stacked
     [L, ...] (the scan's per-layer outputs)."""
     graphdef, params, rest = self._split()
@@ -115,6 +116,8 @@ class ScannedBlocks(nnx.Module):
                                                group)
         return (x, stacked), (layer_rest, None)
       per_layer = {'window': window} if windowed else {}
+      if prefix_kv is not None:  # (prefix tuning refuses sliding windows, so the windowed step never needs it)
+        per_layer['prefix_kv'] = (prefix_kv[0][i], prefix_kv[1][i])
       x, layer_cache, layer_rest, intermediates = layer(x, layer_params, layer_rest, at(stacked, i), at(cross_kv, i),
                                                         **per_layer)
       if stacked is not None:

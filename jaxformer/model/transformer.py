@@ -135,9 +135,10 @@ class Block(nnx.Module):
                encoded: Array | None = None,
                cross_kv: tuple[Array, Array] | None = None, cross_mask: Array | None = None,
                cache: dict | None = None, cache_index: Array | None = None, window: Any = 0,
-               deterministic: bool = True,
+               deterministic: bool = True, prefix_kv: tuple[Array, Array] | None = None,
                return_intermediates: bool = False) -> tuple[Array, dict | None] | tuple[Array, dict | None, dict]:
-    """x [B,T,D] -> (x, updated self-attention cache or None). Cross-attention reads `cross_kv` when given
+    """x [B,T,D] -> (x, updated self-attention cache or None). prefix_kv: this layer's prefix-tuning keys/values
+    [P,K,H] (self-attention only; Attention's `prefix`). Cross-attention reads `cross_kv` when given
     (decoding), else projects `encoded`. window: this layer's sliding window (model.sliding_window; 0 = none; a
     traced int32 in a scanned stack, <= 0 = none): without a cache it narrows `mask`; with one (a Python int) the
     cache is the layer's ring buffer and `mask` already covers [ring, new keys] (Stack). return_intermediates: a
@@ -148,7 +149,7 @@ class Block(nnx.Module):
     weights = {}  # return_intermediates: the probabilities each attention returns as its third element
     out = self.attn(self._in(self.attn_norm, x), mask, rope=rope, bias=bias, cache=cache, cache_index=cache_index,
                     causal=causal, window=window if cache is not None else 0, deterministic=deterministic,
-                    return_weights=return_intermediates)
+                    prefix=prefix_kv, return_weights=return_intermediates)
     y, cache = out[0], out[1]
     if return_intermediates:
       weights['self_attention'] = out[2]
@@ -171,9 +172,9 @@ class Block(nnx.Module):
 
 
 def _block_forward(block: Block, x, mask, rope, bias, encoded, cross_mask, causal: bool, deterministic: bool,
-                   window: int):
+                   window: int, prefix_kv=None):
   return block(x, mask, rope=rope, bias=bias, causal=causal, encoded=encoded, cross_mask=cross_mask,
-               window=window, deterministic=deterministic)[0]
+               window=window, deterministic=deterministic, prefix_kv=prefix_kv)[0]
 
 
 class Stack(nnx.Module):
@@ -207,6 +208,8 @@ class Stack(nnx.Module):
 
     A soft prompt (peft.method=prompt) is prepended without a cache and its outputs dropped unless keep_prompt
     (the encoder of encoder_decoder: [B, n+T, D]); with a cache it already sits in the first slots (prefill_prompt).
+    A prefix (peft.method=prefix) of P key/value slots goes in front of every layer's self-attention keys, cache or
+    not; the tokens' positions then start at P (peft/prefix.py).
     return_intermediates: a third element, every layer's Block intermediates plus 'hidden' (the block's output, the
     residual stream before any final norm), each stacked along a leading layers axis in both layouts:
     'self_attention' [L,B,N,T,T], 'cross_attention' [L,B,N,T,S], 'hidden' [L,B,T,D] (a soft prompt's positions
@@ -215,6 +218,9 @@ class Stack(nnx.Module):
     prepended = prompt is not None and cache is None
     if prepended:
       x, positions, mask = prompt.prepend(x, positions, mask, causal=self.causal)
+    n_prefix = self.prefix_length  # prefix tuning (peft/prefix.py): the tokens' positions start after its P slots
+    if n_prefix:
+      positions = positions + n_prefix
     x = self.positions.add(x, positions)
     if self.embed_norm is not None:
       x = self.embed_norm(x)
@@ -222,7 +228,12 @@ class Stack(nnx.Module):
     rope = self.positions.rotary(positions)
     # relative position bias [B,N,T,S]: once per stack, shared by every layer. With a cache, key slot s holds the
     # position the token there was written with (cache_positions).
-    k_positions = positions if cache is None else self.cache_positions(self._cache_len(cache))[None]
+    k_positions = positions if cache is None else self.cache_positions(self._cache_len(cache))[None] + n_prefix
+    prefix_kv = None
+    if n_prefix:  # the prefix's keys sit at positions 0..P-1 (T5's relative bias sees them there)
+      k_positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(n_prefix, dtype=k_positions.dtype),
+                                                      (k_positions.shape[0], n_prefix)), k_positions], 1)
+      prefix_kv = self.prefix.keys_values()  # [layers, P, K, H] each, computed once per call
     bias = self.positions.bias(positions, k_positions, bidirectional=not self.causal)
     strip = prompt if prepended and not keep_prompt else None
     if self.scanned:
@@ -230,21 +241,22 @@ class Stack(nnx.Module):
       out = self.blocks(x, mask=mask, rope=rope, bias=bias, causal=self.causal, encoded=encoded,
                         cross_kv=cross_kv, cross_mask=cross_mask, cache=cache, cache_index=cache_index,
                         deterministic=deterministic, remat='none' if return_intermediates else self.remat,
-                        return_intermediates=return_intermediates, **windowed)
+                        prefix_kv=prefix_kv, return_intermediates=return_intermediates, **windowed)
       return (self._finish(out[0], strip),) + tuple(out[1:])
     new_cache, per_layer = [], []
     remat = REMATS[self.remat] if cache is None and not return_intermediates else None
     for i, block in enumerate(self.blocks):
       window = self.windows[i]
+      layer_prefix = None if prefix_kv is None else (prefix_kv[0][i], prefix_kv[1][i])
       if remat is not None:
         x = nnx.remat(_block_forward, static_argnums=(7, 8, 9), policy=remat.policy)(
-            block, x, mask, rope, bias, encoded, cross_mask, self.causal, deterministic, window)
+            block, x, mask, rope, bias, encoded, cross_mask, self.causal, deterministic, window, layer_prefix)
         x = logical.constrain(x, logical.HIDDEN)
         continue
       out = block(x, ring_mask if window and cache is not None else mask, rope=rope, bias=bias, causal=self.causal,
                   encoded=encoded, cross_kv=None if cross_kv is None else cross_kv[i], cross_mask=cross_mask,
                   cache=None if cache is None else cache[i], cache_index=cache_index, window=window,
-                  deterministic=deterministic, return_intermediates=return_intermediates)
+                  deterministic=deterministic, prefix_kv=layer_prefix, return_intermediates=return_intermediates)
       x = logical.constrain(out[0], logical.HIDDEN)
       new_cache.append(out[1])
       if return_intermediates:
@@ -262,6 +274,12 @@ class Stack(nnx.Module):
     if self.final_norm is not None:
       x = self.final_norm(x)
     return x if strip is None else strip.strip(x)
+
+  @property
+  def prefix_length(self) -> int:
+    """Prefix-tuning key/value slots in front of every self-attention layer's keys (0 without prefix tuning)."""
+    prefix = getattr(self, 'prefix', None)
+    return 0 if prefix is None else prefix.length
 
   @property
   def prompt_length(self) -> int:
@@ -363,7 +381,8 @@ class _Model(nnx.Module):
     """attention_mask, lazy (a SegmentMask) where the chunked kernel will read it, so no [T, S] mask is built;
     dense under a soft prompt, whose bookkeeping (prompt.prepend / cross_mask) edits the mask."""
     lazy = wants_segment_mask(self.config.attention_impl, q_segments.shape[1] + stack.prompt_length,
-                              kv_segments.shape[1] + stack.prompt_length) and not stack.prompt_length
+                              kv_segments.shape[1] + stack.prompt_length) and not (stack.prompt_length or
+                                                                                   stack.prefix_length)
     return attention_mask(q_segments, kv_segments, causal=causal, lazy=lazy)
 
   def embed_tokens(self, tokens: Array, token_type_ids: Array | None = None) -> Array:
@@ -402,9 +421,9 @@ class _Model(nnx.Module):
     cfg = self.config
     if not heads.head_of(cfg).decodes:
       raise ValueError(f'a model.head={cfg.head} model does not decode; it scores whole rows (eval.py --mode=score).')
-    if max_len > cfg.max_len:
-      raise ValueError(f'init_cache max_len={max_len} exceeds model.max_len={cfg.max_len}; raise model.max_len '
-                       'or decode fewer tokens.')
+    if max_len + stack.prefix_length > cfg.max_len:  # prefix tuning: the tokens' positions start at P
+      raise ValueError(f'init_cache max_len={max_len} (+ {stack.prefix_length} prefix positions) exceeds '
+                       f'model.max_len={cfg.max_len}; raise model.max_len or decode fewer tokens.')
     n = stack.prompt_length
     shape = (batch_size, n + max_len, cfg.num_kv_heads, cfg.head_dim)
     cache = {'index': jnp.zeros((batch_size,), jnp.int32), 'valid': jnp.zeros((batch_size, n + max_len), bool),

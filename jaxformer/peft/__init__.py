@@ -5,6 +5,8 @@
                 bitfit    only the biases train (bitfit.py)
                 adapter   Houlsby bottlenecks after self-attention and after the MLP (adapter.py)
                 prompt    peft.num_prompt_tokens soft embeddings prepended to the (encoder) input (prompt.py)
+                prefix    peft.num_prefix_tokens trained keys/values in front of every self-attention layer's
+                          (prefix.py; peft.prefix_projection > 0: through peft's reparameterisation MLP)
   peft.quantize           none | nf4 | int8: the frozen base's projection kernels stored quantised, dequantised in
                           the matmul (QLoRA; quantize.py)
   peft.train_extra        comma list of path words that also train (e.g. 'norm', 'bias', 'head'), as the BitFit
@@ -38,7 +40,7 @@ import jax
 from flax import nnx
 
 from jaxformer.errors import ConfigError, check_choice, check_fraction, check_positive
-from jaxformer.peft import adapter, bitfit, lora, prompt, quantize
+from jaxformer.peft import adapter, bitfit, lora, prefix, prompt, quantize
 from jaxformer.peft.params import PEFTParam, path_words
 
 TRAIN_VOCAB = ('auto', 'yes', 'no')
@@ -68,6 +70,7 @@ METHODS: dict[str, Method] = {
     'bitfit': Method(None, bitfit.trains, validate=bitfit.validate),
     'adapter': Method(adapter.attach, _frozen, validate=adapter.validate),
     'prompt': Method(prompt.attach, _frozen, validate=prompt.validate),
+    'prefix': Method(prefix.attach, _frozen, validate=prefix.validate),
 }
 
 CLASSIFIER = 'classifier'  # the model attribute of a head's own output module (trains under every method)
@@ -168,7 +171,7 @@ def base_params(params: nnx.State) -> nnx.State:
 def merge(model_or_params: nnx.Module | nnx.State, peft: Any) -> nnx.State:
   """Plain base parameters for export: the method's parameters folded in (LoRA: W + (alpha/rank) B A), so the result
   has exactly the base model's tree. Methods whose modules cannot be folded into the base weights (adapter,
-  prompt) are a ConfigError naming the method. A model whose base is quantised (peft.quantize) is dequantised in
+  prompt, prefix) are a ConfigError naming the method. A model whose base is quantised (peft.quantize) is dequantised in
   place first, and LoRA folds into the dequantised weights (as peft's merge_and_unload on a 4-bit base)."""
   if isinstance(model_or_params, nnx.Module):  # a quantised base (peft.quantize): dequantised first, in place
     model_or_params = nnx.state(quantize.dequantize(model_or_params), nnx.Param)

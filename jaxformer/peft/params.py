@@ -25,6 +25,10 @@ class PromptParam(PEFTParam):
   """Soft prompt embeddings [num_prompt_tokens, d_model]."""
 
 
+class PrefixParam(PEFTParam):
+  """Prefix tuning's key/value prefixes [layers, 2, P, kv_heads, head_dim], or its reparameterisation MLP."""
+
+
 def new_param(kind: type[PEFTParam], rngs: nnx.Rngs, init: layers.Initializer, shape: tuple[int, ...],
               names: tuple[str | None, ...], dtype: Any) -> PEFTParam:
   """Like layers.param: the logical axis names ride along, so the mesh rules shard PEFT parameters too."""
