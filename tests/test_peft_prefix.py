@@ -159,6 +159,21 @@ def test_reparameterisation_mlp_merges_into_plain_prefixes():
   assert paths(merged_state) == paths(nnx.state(plain, nnx.Param))  # the MLP is gone, `kv` in its place
 
 
+def test_exported_peft_adapter_is_the_merged_prefix(tmp_path):
+  """write_peft_adapter (export --adapter of a prefix run) stores the MLP's output as peft's prompt_embeddings:
+  read back into a model without the MLP it gives the MLP model's logits (peft itself loads such an export with
+  jaxformer's logits: tests/fixtures/peft_prefix/export_check.txt)."""
+  _, with_mlp = models('decoder_only', 'learned', projection=6)
+  config = prefix_lib.write_peft_adapter(str(tmp_path), with_mlp, base_model='tiny')
+  assert config['peft_type'] == 'PREFIX_TUNING' and config['num_virtual_tokens'] == P and not config['prefix_projection']
+  _, plain = models('decoder_only', 'learned')
+  prefix_lib.load_peft_adapter(str(tmp_path), plain)
+  x = rows(9, (2, 7))
+  np.testing.assert_allclose(np.asarray(call(plain, (x,), {})), np.asarray(call(with_mlp, (x,), {})), atol=1e-5)
+  np.testing.assert_array_equal(prefix_lib.to_peft(plain.decoder.prefix.kv.get_value()),
+                                weights.read_file(str(tmp_path / 'adapter_model.safetensors'))['prompt_embeddings'])
+
+
 # ------------------------------------------------------------------------------------------------ peft interop
 @functools.lru_cache(maxsize=None)
 def _hf(name):

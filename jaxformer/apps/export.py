@@ -26,6 +26,7 @@ from flax import nnx
 
 from jaxformer import cli, hf
 from jaxformer import peft as peft_lib
+from jaxformer.peft import prefix as prefix_lib
 from jaxformer import resolve as resolve_lib
 from jaxformer import settings as settings_lib
 from jaxformer import sharding as shd
@@ -89,15 +90,16 @@ def export(workdir: str, output: str, step: int | None = None) -> str:
 def export_adapter(workdir: str, output: str, step: int | None = None) -> list[str]:
   """Writes `workdir`'s LoRA factors (a peft.method=lora run) as a Hugging Face peft adapter directory
   (adapter_config.json + adapter_model.safetensors, hf/peft_format.py) for its base's Hugging Face family; returns
-  the module names. What a LoRA adapter cannot hold (other trained parameters, a task head) is one line."""
+  the module names. A peft.method=prefix run: its prefix as a peft PREFIX_TUNING adapter (['prefix']). What a LoRA adapter cannot hold (other trained parameters, a task head) is one line."""
   saved = ckpt_lib.saved_config(workdir, step)
   if saved is None:
     raise ConfigError(f'--workdir={workdir} has no config.json; point it at a directory train.py wrote.')
   config = settings_lib.upgrade_saved(saved)
   peft = config.peft
-  if peft.method != 'lora':
-    raise ConfigError(f'--adapter writes LoRA factors, but --workdir={workdir} is a peft.method={peft.method} run '
-                      '(peft format: LoRA only); export the whole model without --adapter.')
+  if peft.method not in ('lora', 'prefix'):
+    raise ConfigError(f'--adapter writes LoRA factors or a prefix, but --workdir={workdir} is a peft.method='
+                      f'{peft.method} run (peft format: LoRA and prefix tuning); export the whole model without '
+                      '--adapter.')
   if peft.train_extra:
     raise ConfigError(f'--workdir={workdir} also trained base parameters (peft.train_extra={peft.train_extra!r}), '
                       'which a LoRA adapter cannot hold; export the merged model without --adapter.')
@@ -109,12 +111,15 @@ def export_adapter(workdir: str, output: str, step: int | None = None) -> list[s
   settings = settings_lib.from_config(resolve_lib.checked_config(config))
   mesh = shd.make_mesh(settings)
   model, _ = state_lib.restore_model(workdir, settings, mesh, shd.rules_from_config(settings), step=step)
-  params = layout_convert.to_flat_layout(hf.model_params(model), scanned=False)
   base = str(settings.checkpoint.init_from)
   base = base[len(hf.PREFIX):] if base.startswith(hf.PREFIX) else base
   if not str(settings.checkpoint.init_from).startswith(hf.PREFIX):
     print(f'note: the base is {base or "the seed"}, not a Hugging Face directory; peft loads this adapter onto '
           'that base exported with python -m jaxformer.hf export (without --adapter).')
+  if peft.method == 'prefix':  # the prefix, merged away from its MLP if it has one (peft_lib.prefix)
+    prefix_lib.write_peft_adapter(output, model, base_model=base)
+    return ['prefix']
+  params = layout_convert.to_flat_layout(hf.model_params(model), scanned=False)
   return peft_format.write_lora(output, params, settings.model, rank=settings.peft.rank, alpha=settings.peft.alpha,
                                 dropout=settings.peft.dropout, base_model=base)
 
@@ -132,12 +137,14 @@ def main(argv: list[str]) -> None:
   p.add_argument('--checkpoint_step', type=int, default=None, help='default: the newest checkpoint')
   p.add_argument('--adapter', action='store_true',
                  help='a peft.method=lora run: write only its LoRA factors as a Hugging Face peft adapter '
-                      '(adapter_config.json + adapter_model.safetensors) for its base, instead of the merged model')
+                      '(adapter_config.json + adapter_model.safetensors) for its base, instead of the merged model; '
+                      'a peft.method=prefix run (decoder_only): its prefix as a peft prefix-tuning adapter')
   args = parser.parse_args(argv)
   cli.quiet_logging()
   if args.adapter:
     modules = cli.guarded(lambda: export_adapter(args.workdir, args.output, args.checkpoint_step))
-    print(f'wrote a peft LoRA adapter on {len(modules)} modules to {args.output}')
+    print(f'wrote a peft prefix-tuning adapter to {args.output}' if modules == ['prefix'] else
+          f'wrote a peft LoRA adapter on {len(modules)} modules to {args.output}')
     return
   try:
     model_type = cli.guarded(lambda: export(args.workdir, args.output, args.checkpoint_step))

@@ -162,3 +162,34 @@ def load_peft_adapter(directory: str, model: nnx.Module) -> None:
   tensor = weights.read_file(os.path.join(directory, 'adapter_model.safetensors'))['prompt_embeddings']
   kv = from_peft(tensor, num_layers=prefix.num_layers, kv_heads=prefix.kv_heads, head_dim=prefix.head_dim)
   prefix.kv.set_value(jnp.asarray(kv, prefix.kv.get_value().dtype))
+
+
+def to_peft(kv: Any) -> np.ndarray:
+  """Our `prefix.kv` [layers, 2, P, kv_heads, head_dim] -> peft's 'prompt_embeddings' [P, layers * 2 * kv_heads *
+  head_dim] (from_peft's inverse)."""
+  x = np.asarray(kv, np.float32)
+  return np.transpose(x, (2, 0, 1, 3, 4)).reshape(x.shape[2], -1)
+
+
+def write_peft_adapter(directory: str, model: nnx.Module, base_model: str = '') -> dict[str, Any]:
+  """Writes a decoder_only model's prefix as a peft PREFIX_TUNING adapter (adapter_config.json +
+  adapter_model.safetensors, as PeftModel.save_pretrained writes one): the prefix merged away from its MLP if it
+  has one (peft saves the computed prefix too, and loads it with prefix_projection off). Returns the config."""
+  prefix = getattr(getattr(model, 'decoder', None), 'prefix', None)
+  if model.config.arch != 'decoder_only' or prefix is None:
+    raise ConfigError('a peft prefix adapter holds a decoder_only model\'s prefix (peft.method=prefix); this run '
+                      'has none to write.')
+  kv = prefix.kv[...] if prefix.kv is not None else jnp.transpose(
+      prefix.flat().reshape(prefix.length, prefix.num_layers, 2, prefix.kv_heads, prefix.head_dim), (1, 2, 0, 3, 4))
+  token_dim = prefix.kv_heads * prefix.head_dim
+  config = {'peft_type': 'PREFIX_TUNING', 'task_type': 'CAUSAL_LM', 'base_model_name_or_path': base_model,
+            'num_virtual_tokens': prefix.length, 'num_layers': prefix.num_layers, 'token_dim': token_dim,
+            'num_attention_heads': prefix.kv_heads, 'num_transformer_submodules': 1,
+            'encoder_hidden_size': token_dim, 'prefix_projection': False, 'inference_mode': True,
+            'modules_to_save': None, 'revision': None, 'auto_mapping': None, 'init_weights': None}
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, 'adapter_config.json'), 'w', encoding='utf-8') as f:
+    json.dump(config, f, indent=2)
+  weights.write_file(os.path.join(directory, 'adapter_model.safetensors'),
+                     {'prompt_embeddings': to_peft(jax.device_get(kv))}, {'format': 'pt'})
+  return config
