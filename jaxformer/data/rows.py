@@ -424,7 +424,41 @@ class EncoderDecoderTask(Task):
       skips = 0
 
 
-class ClassificationTask(Task):
+class _RowPerExampleTask(Task):
+  """The labelled heads' rows: one example (or one window of it) per row, padded, never packed; batch keys tokens,
+  positions, segment_ids, token_type_ids and `labels` of the head's shape (-1 where nothing is scored)."""
+
+  label_shape: tuple[int, ...] = ()  # per row, after the batch dimension (a class id: (); a tag per token: (T,))
+
+  def item(self, piece, position):
+    del position
+    return piece
+
+  @staticmethod
+  def size(item: Any) -> int:
+    return len(item[0])
+
+  def empty_rows(self, n: int) -> Rows:
+    rows = {k: np.zeros((n, self.seq_len), np.int32) for k in ('tokens', 'segment_ids', 'positions', 'token_type_ids')}
+    return dict(rows, labels=np.full((n, *self.label_shape), -1, np.int32))
+
+  @staticmethod
+  def place(rows: Rows, i: int, tokens: np.ndarray, types: np.ndarray | None, labels: Any) -> None:
+    """Row i holds one example: its tokens (token types, if any) as segment 1 from position 0, and its labels."""
+    n = len(tokens)
+    rows['tokens'][i, :n] = tokens
+    if types is not None:
+      rows['token_type_ids'][i, :n] = types
+    rows['segment_ids'][i, :n] = 1
+    rows['positions'][i, :n] = np.arange(n, dtype=np.int32)
+    labels = np.asarray(labels)
+    if labels.ndim:  # a label per token (its tokens only) or a fixed-size label
+      rows['labels'][i, :len(labels)] = labels
+    else:
+      rows['labels'][i] = labels
+
+
+class ClassificationTask(_RowPerExampleTask):
   """model.head=classification (encoder_only or decoder_only): one Labelled example per row, never packed, cut to
   data.seq_len; `labels` [rows] holds its class id (-1 on padding rows, which are never scored).
 
@@ -459,33 +493,16 @@ class ClassificationTask(Task):
       out.append((tokens, types, int(e.label)))
     return out
 
-  def item(self, piece, position):
-    del position
-    return piece
-
-  @staticmethod
-  def size(item: Any) -> int:
-    return len(item[0])
-
-  def empty_rows(self, n: int) -> Rows:
-    rows = {k: np.zeros((n, self.seq_len), np.int32) for k in ('tokens', 'segment_ids', 'positions', 'token_type_ids')}
-    return dict(rows, labels=np.full((n,), -1, np.int32))
-
   def fill_row(self, stream: Stream, rows: Rows, i: int, refill: Refill, max_skips: int) -> None:
     del max_skips
     if not stream.buffer and not refill(stream):
       return
     tokens, types, label = stream.buffer[0]
-    n = len(tokens)
-    rows['tokens'][i, :n] = tokens
-    rows['token_type_ids'][i, :n] = types
-    rows['segment_ids'][i, :n] = 1
-    rows['positions'][i, :n] = np.arange(n, dtype=np.int32)
-    rows['labels'][i] = label
+    self.place(rows, i, tokens, types, label)
     stream.pop()
 
 
-class TaggedTask(Task):
+class TaggedTask(_RowPerExampleTask):
   """model.head=token_classification: one Tagged example (words + a tag id per word) per row, never packed. The
   words are encoded together (tokenizer.encode_words: an hf: tokenizer as transformers' is_split_into_words, the
   others on the words joined by spaces) and framed as a document (BERT: [CLS] ... [SEP]), cut to data.seq_len;
@@ -512,32 +529,20 @@ class TaggedTask(Task):
       out.append((tokens, labels))
     return out
 
-  def item(self, piece, position):
-    del position
-    return piece
-
-  @staticmethod
-  def size(item: Any) -> int:
-    return len(item[0])
-
-  def empty_rows(self, n: int) -> Rows:
-    rows = {k: np.zeros((n, self.seq_len), np.int32) for k in ('tokens', 'segment_ids', 'positions', 'token_type_ids')}
-    return dict(rows, labels=np.full((n, self.seq_len), -1, np.int32))
+  @property
+  def label_shape(self) -> tuple[int, ...]:
+    return (self.seq_len,)
 
   def fill_row(self, stream: Stream, rows: Rows, i: int, refill: Refill, max_skips: int) -> None:
     del max_skips
     if not stream.buffer and not refill(stream):
       return
     tokens, labels = stream.buffer[0]
-    n = len(tokens)
-    rows['tokens'][i, :n] = tokens
-    rows['labels'][i, :n] = labels
-    rows['segment_ids'][i, :n] = 1
-    rows['positions'][i, :n] = np.arange(n, dtype=np.int32)
+    self.place(rows, i, tokens, None, labels)
     stream.pop()
 
 
-class SpanTask(Task):
+class SpanTask(_RowPerExampleTask):
   """model.head=span (extractive QA): a SpanExample becomes one row per window of its context, as Hugging Face
   run_qa's prepare_*_features: prefix + question + sep + context window + the document's end (BERT: [CLS] q [SEP]
   c [SEP]; token types 0 up to the first separator, then 1); the question keeps at most half the row, the context
@@ -592,9 +597,10 @@ class SpanTask(Task):
   def size(item: Any) -> int:
     return sum(len(w[0]) for w in item)
 
+  label_shape = (2,)
+
   def empty_rows(self, n: int) -> Rows:
-    rows = {k: np.zeros((n, self.seq_len), np.int32) for k in ('tokens', 'segment_ids', 'positions', 'token_type_ids')}
-    rows['labels'] = np.full((n, 2), -1, np.int32)
+    rows = super().empty_rows(n)
     if not self.train:
       rows['example_ids'] = np.full((n,), -1, np.int32)
       rows['offsets'] = np.full((n, self.seq_len, 2), -1, np.int32)
@@ -605,15 +611,10 @@ class SpanTask(Task):
     if not stream.buffer and not refill(stream):
       return
     tokens, types, labels, offsets, position = stream.buffer[0][stream.offset]
-    n = len(tokens)
-    rows['tokens'][i, :n] = tokens
-    rows['token_type_ids'][i, :n] = types
-    rows['segment_ids'][i, :n] = 1
-    rows['positions'][i, :n] = np.arange(n, dtype=np.int32)
-    rows['labels'][i] = labels
+    self.place(rows, i, tokens, types, labels)
     if not self.train:
       rows['example_ids'][i] = position
-      rows['offsets'][i, :n] = offsets
+      rows['offsets'][i, :len(tokens)] = offsets
     stream.offset += 1
     if stream.offset >= len(stream.buffer[0]):
       stream.pop()
