@@ -228,7 +228,8 @@ def test_needs_pad_token_and_save_without_one_is_one_line(tmp_path):
     ({**GPT2_LIKE, 'pooling': 'first'}, "model.pooling='first' (needs 'last')"),
     ({**BERT_LIKE, 'pooler': False}, 'model.pooler=False (needs True)'),
     ({**BERT_LIKE, 'pooling': 'mean'}, "model.pooling='mean' (needs 'first')"),
-    ({'head': 'classification', 'num_classes': 3}, "model.head='classification' (needs 'lm' or 'reward')"),
+    ({'head': 'classification', 'num_classes': 3},
+         "model.head='classification' (needs 'lm' or 'reward' or 'token_classification')"),
 ])
 def test_what_a_family_cannot_express_is_one_line(overrides, message):
   section = reward_section(**overrides)
