@@ -400,6 +400,26 @@ def _t5_attention(cfg: ModelConfig, hf: str, ours: str) -> list[Rule]:
   return _attention_rules(cfg, ours, f'{hf}.q', f'{hf}.k', f'{hf}.v', f'{hf}.o', bias=False)
 
 
+def _llama_layout(cfg: ModelConfig, head: list[Rule], qkv_bias: bool,
+                  layer: Callable[[int, str, str], list[Rule]]) -> list[Rule]:
+  """The tensors of a Llama-layout checkpoint (Llama / Mistral / Qwen2, Gemma, the MoE families): the embedding,
+  the final norm, the head's, and per layer i self_attn.{q,k,v,o}_proj followed by `layer(i, hf, ours)` (the
+  family's norms and MLP), hf / ours being layer i's name prefixes."""
+  rules = [same('model.embed_tokens.weight', 'embed.embedding'), *norm('model.norm', 'decoder.final_norm', False),
+           *head]
+  for i in range(cfg.num_layers):
+    hf, ours = f'model.layers.{i}', f'decoder.blocks.{i}'
+    a = f'{hf}.self_attn'
+    rules += [*_attention_rules(cfg, f'{ours}.attn', f'{a}.q_proj', f'{a}.k_proj', f'{a}.v_proj', f'{a}.o_proj',
+                                bias=qkv_bias), *layer(i, hf, ours)]
+  return rules
+
+
+def _gated_mlp_rules(hf: str, ours: str) -> list[Rule]:
+  return [linear(f'{hf}.gate_proj.weight', f'{ours}.wi_gate'), linear(f'{hf}.up_proj.weight', f'{ours}.wi'),
+          linear(f'{hf}.down_proj.weight', f'{ours}.wo')]
+
+
 class GPT2(Family):
   """GPT2LMHeadModel, and GPT2ForSequenceClassification with num_labels=1 as model.head=reward."""
   model_types = ('gpt2',)
@@ -789,25 +809,17 @@ class Llama(Family):
     return {**out, 'attention_bias': cfg.use_bias, 'mlp_bias': cfg.use_bias}
 
   def tensors(self, cfg: ModelConfig) -> list[Rule]:
-    rules = [same('model.embed_tokens.weight', 'embed.embedding'), *norm('model.norm', 'decoder.final_norm', False),
-             *self.head_tensors(cfg)]
-    qkv_bias = cfg.use_bias or cfg.qkv_bias
-    for i in range(cfg.num_layers):
-      hf, ours = f'model.layers.{i}', f'decoder.blocks.{i}'
-      a = f'{hf}.self_attn'
-      rules += [*_attention_rules(cfg, f'{ours}.attn', f'{a}.q_proj', f'{a}.k_proj', f'{a}.v_proj', f'{a}.o_proj',
-                                  bias=qkv_bias),
-                *norm(f'{hf}.input_layernorm', f'{ours}.attn_norm', False),
-                *norm(f'{hf}.post_attention_layernorm', f'{ours}.mlp_norm', False),
-                linear(f'{hf}.mlp.gate_proj.weight', f'{ours}.mlp.wi_gate'),
-                linear(f'{hf}.mlp.up_proj.weight', f'{ours}.mlp.wi'),
-                linear(f'{hf}.mlp.down_proj.weight', f'{ours}.mlp.wo')]
+    def layer(i: int, hf: str, ours: str) -> list[Rule]:
+      rules = [*norm(f'{hf}.input_layernorm', f'{ours}.attn_norm', False),
+               *norm(f'{hf}.post_attention_layernorm', f'{ours}.mlp_norm', False),
+               *_gated_mlp_rules(f'{hf}.mlp', f'{ours}.mlp')]
       if cfg.use_bias:  # Llama's mlp_bias also gives the gate a bias; jaxformer's SwiGLU gate has none
         rules += [same(f'{hf}.self_attn.o_proj.bias', f'{ours}.attn.out_bias'),
                   zeros(f'{hf}.mlp.gate_proj.bias', (cfg.d_ff,)),
                   same(f'{hf}.mlp.up_proj.bias', f'{ours}.mlp.wi_bias'),
                   same(f'{hf}.mlp.down_proj.bias', f'{ours}.mlp.wo_bias')]
-    return rules
+      return rules
+    return _llama_layout(cfg, self.head_tensors(cfg), cfg.use_bias or cfg.qkv_bias, layer)
 
 
 # Gemma's activation names (config.json hidden_act; Gemma 2: hidden_activation) -> model.mlp: a gated GELU
@@ -916,21 +928,13 @@ class Gemma2(Gemma):
             'final_logit_softcapping': cfg.logit_softcap or None}
 
   def tensors(self, cfg: ModelConfig) -> list[Rule]:
-    rules = [same('model.embed_tokens.weight', 'embed.embedding'), *norm('model.norm', 'decoder.final_norm', False),
-             *self.head_tensors(cfg)]
-    for i in range(cfg.num_layers):
-      hf, ours = f'model.layers.{i}', f'decoder.blocks.{i}'
-      a = f'{hf}.self_attn'
-      rules += [*_attention_rules(cfg, f'{ours}.attn', f'{a}.q_proj', f'{a}.k_proj', f'{a}.v_proj', f'{a}.o_proj',
-                                  bias=False),
-                *norm(f'{hf}.input_layernorm', f'{ours}.attn_norm', False),
-                *norm(f'{hf}.post_attention_layernorm', f'{ours}.attn_post_norm', False),
-                *norm(f'{hf}.pre_feedforward_layernorm', f'{ours}.mlp_norm', False),
-                *norm(f'{hf}.post_feedforward_layernorm', f'{ours}.mlp_post_norm', False),
-                linear(f'{hf}.mlp.gate_proj.weight', f'{ours}.mlp.wi_gate'),
-                linear(f'{hf}.mlp.up_proj.weight', f'{ours}.mlp.wi'),
-                linear(f'{hf}.mlp.down_proj.weight', f'{ours}.mlp.wo')]
-    return rules
+    def layer(i: int, hf: str, ours: str) -> list[Rule]:  # sandwich norms around both sublayers
+      return [*norm(f'{hf}.input_layernorm', f'{ours}.attn_norm', False),
+              *norm(f'{hf}.post_attention_layernorm', f'{ours}.attn_post_norm', False),
+              *norm(f'{hf}.pre_feedforward_layernorm', f'{ours}.mlp_norm', False),
+              *norm(f'{hf}.post_feedforward_layernorm', f'{ours}.mlp_post_norm', False),
+              *_gated_mlp_rules(f'{hf}.mlp', f'{ours}.mlp')]
+    return _llama_layout(cfg, self.head_tensors(cfg), False, layer)
 
 
 
@@ -1004,11 +1008,6 @@ def _expert_rules(hf: str, ours: str) -> list[Rule]:
                lambda w: np.swapaxes(w, 1, 2))]
 
 
-def _gated_mlp_rules(hf: str, ours: str) -> list[Rule]:
-  return [linear(f'{hf}.gate_proj.weight', f'{ours}.wi_gate'), linear(f'{hf}.up_proj.weight', f'{ours}.wi'),
-          linear(f'{hf}.down_proj.weight', f'{ours}.wo')]
-
-
 def _router(hf: dict, renormalise: bool) -> str:
   """model.router of norm_topk_prob (Mixtral always renormalises)."""
   return 'topk_softmax' if renormalise else 'softmax_topk'
@@ -1066,18 +1065,12 @@ class _MoEFamily(Llama):
     return []
 
   def tensors(self, cfg: ModelConfig) -> list[Rule]:
-    rules = [same('model.embed_tokens.weight', 'embed.embedding'), *norm('model.norm', 'decoder.final_norm', False),
-             *self.head_tensors(cfg)]
-    for i in range(cfg.num_layers):
-      hf, ours = f'model.layers.{i}', f'decoder.blocks.{i}'
-      a = f'{hf}.self_attn'
-      rules += [*_attention_rules(cfg, f'{ours}.attn', f'{a}.q_proj', f'{a}.k_proj', f'{a}.v_proj', f'{a}.o_proj',
-                                  bias=cfg.qkv_bias),
-                *self.attention_extra(cfg, a, f'{ours}.attn'),
-                *norm(f'{hf}.input_layernorm', f'{ours}.attn_norm', False),
-                *norm(f'{hf}.post_attention_layernorm', f'{ours}.mlp_norm', False),
-                *self.mlp_rules(cfg, i, hf, ours)]
-    return rules
+    def layer(i: int, hf: str, ours: str) -> list[Rule]:
+      return [*self.attention_extra(cfg, f'{hf}.self_attn', f'{ours}.attn'),
+              *norm(f'{hf}.input_layernorm', f'{ours}.attn_norm', False),
+              *norm(f'{hf}.post_attention_layernorm', f'{ours}.mlp_norm', False),
+              *self.mlp_rules(cfg, i, hf, ours)]
+    return _llama_layout(cfg, self.head_tensors(cfg), cfg.qkv_bias, layer)
 
   def from_disk(self, tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
     del cfg
