@@ -212,6 +212,6 @@ class RenderedChat(str):
 def generation_prompt(tokenizer: Any, template: ChatTemplate, messages: Sequence[dict]) -> RenderedChat:
   """The conversation so far, ready for the model to write the next assistant message."""
   rendered = RenderedChat(template.render(messages, add_generation_prompt=True))
-  rendered.ids, _ = encode(tokenizer, template, messages, add_generation_prompt=True)
+  rendered.ids = tokenizer.encode_with_offsets(rendered)[0]  # the whole text, as encode tokenizes it
   rendered.messages = list(messages)
   return rendered

@@ -299,7 +299,16 @@ def _first_record(spec: str, pattern: str, config: Any) -> dict:
   """The first JSON object of the source's first file ({} if none): whether the lines are conversations."""
   paths = (sorted(p for ps in files_per_split(spec, pattern, config).values() for p in ps) if '{split}' in pattern
            else expand(spec, pattern))
-  for _, record in jsonl_records(paths[:1], 'the fields of the data'):
+  if paths:  # read up to the first non-blank line only: this runs at every start, and the file may be large
+    try:
+      with _open_text(paths[0]) as f:
+        line = next((line for line in f if line.strip()), '')
+      record = json.loads(line) if line else {}
+      if isinstance(record, dict):
+        return record
+    except (UnicodeDecodeError, json.JSONDecodeError):
+      pass
+  for _, record in jsonl_records(paths[:1], 'the fields of the data'):  # a bad first line: its one-line error
     return record
   return {}
 
