@@ -42,6 +42,7 @@ target + </s>).
 from __future__ import annotations
 
 import collections
+import functools
 import json
 from typing import Any, Callable, Mapping, Sequence
 
@@ -183,7 +184,11 @@ class Task:
     self.train = train
     self.seed = int(config.seed) if train else _EVAL_SEED
     self.chat_template_setting = str(config.data.chat_template)
-    self._chat_template: chat.ChatTemplate | None = None  # built on the first conversation (data/chat.py)
+
+  @functools.cached_property
+  def chat_template(self) -> chat.ChatTemplate:
+    """The run's chat template (data/chat.py), built on first use: only conversational examples need one."""
+    return chat.template_for(self.tokenizer, self.chat_template_setting)
 
   def tokenize(self, examples: Sequence[Any]) -> list[Any]:
     """One cacheable piece (token arrays) per example."""
@@ -286,9 +291,7 @@ class DecoderOnlyTask(_LanguageModelTask):
 
   def _conversation(self, example: Conversation) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, targets) of a chat example rendered with the run's template, only assistant tokens scored."""
-    if self._chat_template is None:
-      self._chat_template = chat.template_for(self.tokenizer, self.chat_template_setting)
-    ids, assistant = chat.encode(self.tokenizer, self._chat_template, json.loads(example.messages))
+    ids, assistant = chat.encode(self.tokenizer, self.chat_template, json.loads(example.messages))
     return chat.frame(self.tokenizer, ids, assistant)
 
   def item(self, piece, position):
@@ -664,15 +667,13 @@ class PreferenceTask(Task):
   def _chat_pair(self, example: ChatPreference) -> tuple:
     """A conversational pair: each side the chat template's rendering of prompt + response, the prompt part being
     the rendering of the prompt with the generation prompt (its targets unscored)."""
-    if self._chat_template is None:
-      self._chat_template = chat.template_for(self.tokenizer, self.chat_template_setting)
     prompt = json.loads(example.prompt)
-    prompt_ids, _ = chat.encode(self.tokenizer, self._chat_template, prompt, add_generation_prompt=True)
+    prompt_ids, _ = chat.encode(self.tokenizer, self.chat_template, prompt, add_generation_prompt=True)
     framed = []
     for side in (example.chosen, example.rejected):
-      ids, _ = chat.encode(self.tokenizer, self._chat_template, prompt + json.loads(side))
+      ids, _ = chat.encode(self.tokenizer, self.chat_template, prompt + json.loads(side))
       if not np.array_equal(ids[:len(prompt_ids)], prompt_ids):
-        raise DataError(f'chat template {self._chat_template.name}: a response does not continue the tokens of its '
+        raise DataError(f'chat template {self.chat_template.name}: a response does not continue the tokens of its '
                         'prompt with the generation prompt, so the pair cannot be scored by its response alone.')
       framed.extend(frame_sequence(self.tokenizer, ids, len(prompt_ids), self.seq_len, next_token=self.next_token))
     return (*framed, float(example.margin))
