@@ -21,6 +21,7 @@ prompts (eval_reward_mean, eval_reward_std, eval_completion_length).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any
 
@@ -77,7 +78,6 @@ class OnlineTrainer(train_app.Trainer):
     self.log.step_flops = flops_lib.train_flops_per_step(r.model, self.rows_per_step, seq, None) * int(
         a.updates_per_batch)
     self._warned_cut = False
-    self._chat_template: chat.ChatTemplate | None = None  # conversational prompts (prompt_texts)
 
   # ---------------------------------------------------------------------------------------- Trainer hooks
   def optimizer_section(self):
@@ -106,10 +106,13 @@ class OnlineTrainer(train_app.Trainer):
     generation prompt (chat.RenderedChat: the text the reward functions see, holding the template's ids)."""
     if all(isinstance(p, str) for p in prompts):
       return list(prompts)
-    if self._chat_template is None:
-      self._chat_template = chat.template_for(self.r.tokenizer, self.config.data.chat_template)
-    return [p if isinstance(p, str) else chat.generation_prompt(self.r.tokenizer, self._chat_template, p)
+    return [p if isinstance(p, str) else chat.generation_prompt(self.r.tokenizer, self.chat_template, p)
             for p in prompts]
+
+  @functools.cached_property
+  def chat_template(self) -> chat.ChatTemplate:
+    """The run's chat template (data.chat_template), built on the first conversational prompt."""
+    return chat.template_for(self.r.tokenizer, self.config.data.chat_template)
 
   def prompt_ids(self, texts: list[str]) -> list[list[int]]:
     """BOS + prompt ids (a rendered conversation: its template's ids), cut to keep their last data.seq_len -

@@ -128,18 +128,17 @@ class JaxformerLM(TemplateLM):
   # tokenizes the text; as its HF backend, no prefix token is added in front of text that starts with it already.
   chat = False  # run_tasks sets it: texts may hold the template's special-token strings (jaxformer: <s>, </s>)
 
+  @functools.cached_property
   def _template(self) -> chat_lib.ChatTemplate:
-    if getattr(self, '_chat_template', None) is None:
-      self._chat_template = chat_lib.template_for(self.tokenizer, self.source.config.data.chat_template)
-    return self._chat_template
+    return chat_lib.template_for(self.tokenizer, self.source.config.data.chat_template)
 
   def chat_template(self, chat_template: bool | str = False) -> str | None:
-    return self._template().text if chat_template else None
+    return self._template.text if chat_template else None
 
   def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
     """The messages rendered as transformers' apply_chat_template(tokenize=False) renders them; without the
     generation prompt the final message is continued (continue_final_message: the text ends with its content)."""
-    template = self._template()
+    template = self._template
     if add_generation_prompt:
       return template.render(chat_history, add_generation_prompt=True)
     tag = 'CONTINUE_FINAL_MESSAGE_TAG '
