@@ -175,3 +175,9 @@ def test_grpo_on_conversational_prompts_through_the_cli(chat_run, tmp_path):
        '--config.data.pack=False', f'--config.data.source=jsonl:{FIXTURES}/rl_prompts_{{split}}.jsonl')
   evals = [r for r in map(json.loads, open(tmp_path / 'grpo' / 'metrics.jsonl')) if 'eval_prompts' in r]
   assert evals and evals[-1]['eval_prompts'] == 20 and 0.0 <= evals[-1]['eval_reward_mean'] <= 1.0
+
+
+def test_chat_flag_outside_generate_is_one_line(tmp_path):
+  proc = _cli('eval.py', f'--workdir={tmp_path}', '--mode=score', '--chat', ok=False)
+  assert '--chat renders each --prompt as a user message' in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1
