@@ -578,8 +578,8 @@ def decode(model: nnx.Module, settings: DecodeSettings, prompt: Any = None, *, p
   search, the first sample; decode_sequences gives settings.num_return_sequences).
 
   prompt: [B, P] right-padded (decoder_only; encoder_decoder defaults to BOS). src_tokens: [B, S] for
-  encoder_decoder. model_max_len (default: model.config.max_len) caps P + N: learned positions and the cache end
-  there, so settings.max_len is lowered to fit. batch_sharding: where to
+  encoder_decoder. model_max_len (default: model.config.max_len less the decoder's prefix-tuning slots) caps
+  P + N: learned positions and the cache end there, so settings.max_len is lowered to fit. batch_sharding: where to
   put the batch (e.g. NamedSharding(mesh, P(('data', 'fsdp')))); rows are padded up to a multiple of its devices
   and cut off again, so decoding runs on the training mesh with sharded parameters. prefill_len: prompt tokens
   prefilled in one pass (a compile-time shape; default and most: the shortest prompt's length); a caller that
@@ -611,8 +611,10 @@ def decode_sequences(model: nnx.Module, settings: DecodeSettings, prompt: Any = 
     prompt_np, lengths_np = np.repeat(prompt_np, repeats, axis=0), np.repeat(lengths_np, repeats, axis=0)
     src_np = None if src_np is None else np.repeat(src_np, repeats, axis=0)
   rows = batch * repeats
-  if model_max_len is None:  # jaxformer models carry their ModelConfig
+  if model_max_len is None:  # jaxformer models carry their ModelConfig; a prefix (peft) takes its first positions
     model_max_len = getattr(getattr(model, 'config', None), 'max_len', None)
+    if model_max_len is not None:
+      model_max_len -= getattr(getattr(model, 'decoder', None), 'prefix_length', 0)
   if model_max_len is not None and prompt_np.shape[1] + settings.max_len > model_max_len:
     new = model_max_len - prompt_np.shape[1]
     if new < 1:

@@ -139,8 +139,9 @@ def check_train_values(config: ml_collections.ConfigDict) -> None:
 
 
 def fill_adapter_settings(config: ml_collections.ConfigDict) -> None:
-  """peft.adapter / peft.adapters (Hugging Face peft LoRA directories) decide peft.method, rank, alpha and targets:
-  the adapter's own (several: the sum of their ranks, scale 1), set here once (a note names what changed)."""
+  """peft.adapter / peft.adapters (Hugging Face peft directories) decide the peft keys: a LoRA adapter's method,
+  rank, alpha and targets (several: the sum of their ranks, scale 1), a prefix adapter's method and length, set
+  here once (a note names what changed) and validated as if given."""
   values = peft_format.settings_for(config.peft, config.model)
   if values:  # the saved config must work from any directory
     peft = config.peft
@@ -149,8 +150,10 @@ def fill_adapter_settings(config: ml_collections.ConfigDict) -> None:
                              peft_format.named_values('peft.adapters', peft.adapters, 'dir').items())
   changed = {k: v for k, v in values.items() if config.peft[k] != v}
   if changed and jax.process_index() == 0:
-    print('note: the LoRA adapter(s) set ' + ', '.join(f'peft.{k}={v!r}' for k, v in changed.items()), flush=True)
+    print('note: the adapter(s) set ' + ', '.join(f'peft.{k}={v!r}' for k, v in changed.items()), flush=True)
   config.peft.update(values)
+  if changed:
+    validate(config)
 
 
 def checked_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -304,6 +304,13 @@ def decode_settings(**overrides: Any) -> DecodeSettings:
   return DecodeSettings.from_config(default_config().decode, **{'eos_id': EOS_ID, 'start_id': BOS_ID, **overrides})
 
 
+def token_positions(config: Any) -> int:
+  """The positions a sequence's tokens may take: model.max_len, less peft.num_prefix_tokens with prefix tuning (the
+  tokens' positions start after the prefix: peft/prefix.py)."""
+  prefix = int(config.peft.num_prefix_tokens) if config.peft.method == 'prefix' else 0
+  return int(config.model.max_len) - prefix
+
+
 # ------------------------------------------------------------------------------------------- saved configs
 def upgrade_saved(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """A config saved by an older version, complete: the keys it lacks (added to configs/default.py since) get their

@@ -273,3 +273,82 @@ def test_train_py_bad_prefix_value_is_one_line(args, expected, tmp_path):
   lines = [line for line in out.stderr.splitlines() if line.strip() and not line.startswith('WARNING')]
   assert len(lines) == 1 and 'Traceback' not in out.stderr, out.stderr
   assert expected in lines[0], lines[0]
+
+
+# ------------------------------------------------------------------------------ peft.adapter=<prefix directory>
+HF_FIXTURES = FIXTURES / 'hf'
+ENV = {**{k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}, 'JAX_PLATFORMS': 'cpu'}
+
+
+@pytest.mark.parametrize('case,base', [('gpt2', 'gpt2'), ('llama_mlp', 'llama')])
+def test_peft_adapter_key_loads_a_prefix_adapter_with_peft_logits(case, base, tmp_path):
+  """config.peft.adapter=<a PREFIX_TUNING directory> on a Hugging Face base: resolve sets peft.method=prefix and the
+  adapter's length, the run state puts its prefix in the model, whose logits are peft's (llama_mlp: saved from a
+  model with the reparameterisation MLP, which peft stores computed)."""
+  from configs import hf as hf_recipe  # pylint: disable=import-outside-toplevel
+  from jaxformer.apps import evaluate  # pylint: disable=import-outside-toplevel
+  directory = FIXTURES / 'peft_prefix' / case
+  config = hf_recipe.get_config(str(HF_FIXTURES / base))
+  config.peft.adapter = str(directory)
+  config.data.seq_len = 16  # + the prefix within the fixture's max_len
+  r = evaluate.restore(config, str(tmp_path / 'w'))
+  n = json.loads((directory / 'adapter_config.json').read_text())['num_virtual_tokens']
+  assert (r.config.peft.method, r.config.peft.num_prefix_tokens, r.config.peft.prefix_projection) == ('prefix', n, 0)
+  e = json.loads((directory / 'expected.json').read_text())
+  ids, mask = jnp.asarray(e['input_ids']), jnp.asarray(e['attention_mask'], jnp.int32)
+  want, real = np.asarray(e['logits'], np.float32), np.asarray(mask, bool)
+  got = np.asarray(call(r.model, (ids,), dict(segment_ids=mask)))[..., :want.shape[-1]]
+  np.testing.assert_allclose(got[real], want[real], atol=2e-5, rtol=1e-5)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600, env=ENV)
+
+
+def test_train_from_a_peft_prefix_adapter_then_export_it_back(tmp_path):
+  """train.py --config.peft.adapter=<prefix dir> trains the prefix on from the adapter (one step at lr 1e-9);
+  export --adapter writes the same prompt_embeddings back."""
+  text = tmp_path / 'text.txt'
+  text.write_text('First Citizen:\nBefore we proceed any further, hear me speak.\n' * 20)
+  workdir, out, adapter = tmp_path / 'run', tmp_path / 'adapter_out', FIXTURES / 'peft_prefix' / 'llama'
+  run_ = _cli('train.py', f'--config=configs/hf.py:{HF_FIXTURES / "llama"}', f'--workdir={workdir}',
+              f'--config.data.source=text:{text}', f'--config.peft.adapter={adapter}',
+              '--config.train.learning_rate=1e-9', '--config.train.num_steps=1', '--config.train.batch_size=2',
+              '--config.data.seq_len=16', '--config.train.eval_steps=1', '--config.checkpoint.async_save=False')
+  assert run_.returncode == 0, run_.stderr[-2000:]
+  assert "peft.method='prefix'" in run_.stdout, run_.stdout
+  export = _cli('-m', 'jaxformer.hf', 'export', f'--workdir={workdir}', f'--output={out}', '--adapter')
+  assert export.returncode == 0, export.stderr[-2000:]
+  original = weights.read_file(str(adapter / 'adapter_model.safetensors'))['prompt_embeddings']
+  exported = weights.read_file(str(out / 'adapter_model.safetensors'))['prompt_embeddings']
+  np.testing.assert_allclose(exported, original, atol=1e-6)
+
+
+@pytest.mark.parametrize('args,expected,base', [
+    ([f'--config.peft.adapters=a:{FIXTURES / "peft_prefix" / "gpt2"},b:{FIXTURES / "peft" / "gpt2_lora"}'],
+     "peft.adapters combines LoRA adapters, and 'a' is a prefix-tuning adapter; load it alone with peft.adapter=DIR",
+     'gpt2'),
+    ([f'--config.peft.adapter={FIXTURES / "peft_prefix" / "gpt2"}', '--config.peft.method=lora'],
+     'peft.adapter(s) load prefix adapters, but peft.method=lora', 'gpt2'),
+    ([f'--config.peft.adapter={FIXTURES / "peft_prefix" / "gpt2"}'], 'loads into a decoder_only model, and this '
+     'base is encoder_decoder', 't5_v1_1'),
+])
+def test_eval_py_bad_prefix_adapter_is_one_line(args, expected, base, tmp_path):
+  out = _cli('eval.py', f'--config=configs/hf.py:{HF_FIXTURES / base}', f'--workdir={tmp_path}',
+             '--mode=generate', '--prompt=First', '--config.data.seq_len=16', *args)
+  assert out.returncode != 0
+  lines = [line for line in out.stderr.splitlines() if line.strip() and not line.startswith('WARNING')]
+  assert len(lines) == 1 and 'Traceback' not in out.stderr, out.stderr
+  assert expected in lines[0], lines[0]
+
+
+def test_eval_py_generates_with_a_prefix_adapter_up_to_the_positions_left(tmp_path):
+  """The prefix takes the first P positions: a decode budget past model.max_len stops at max_len - P (was a
+  traceback from init_cache), and the adapter changes what the base generates."""
+  def generate(*args):
+    out = _cli('eval.py', f'--config=configs/hf.py:{HF_FIXTURES / "gpt2"}', f'--workdir={tmp_path}',
+               '--mode=generate', '--prompt=First', '--config.data.seq_len=16', '--config.decode.max_len=64', *args)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+  with_prefix = generate(f'--config.peft.adapter={FIXTURES / "peft_prefix" / "gpt2"}')
+  assert with_prefix != generate()

@@ -35,6 +35,7 @@ from jaxformer import data as data_lib
 from jaxformer import decoding
 from jaxformer import flops as flops_lib
 from jaxformer import resolve as resolve_lib
+from jaxformer import settings as settings_lib
 from jaxformer import sharding as shd
 from jaxformer.align import losses, rl, value
 from jaxformer.data import chat
@@ -132,7 +133,7 @@ class OnlineTrainer(train_app.Trainer):
     tokens, lengths = decoding.pad_prompts(prompts)
     with shd.mesh_context(self.r.mesh, self.r.rules):
       out = decoding.decode(model, settings, tokens, prompt_lengths=lengths, rng=rng,
-                            model_max_len=self.config.model.max_len,
+                            model_max_len=settings_lib.token_positions(self.config),
                             batch_sharding=shd.batch_sharding(self.r.mesh, self.r.rules, 1))
     return rl.completion_ids(out, settings.eos_id)
 

@@ -249,7 +249,7 @@ def _decode_sequences(r: Restored, *, prompts: Sequence[Sequence[int]] | None = 
     return decoding.decode_batches(
         r.model, settings, prompts=prompts, sources=sources, source_width=r.config.data.src_seq_len,
         rng=jax.random.key(int(r.config.seed)), batch_size=r.config.decode.batch_size,
-        model_max_len=r.config.model.max_len, batch_sharding=shd.batch_sharding(r.mesh, r.rules, 1),
+        model_max_len=settings_lib.token_positions(r.config), batch_sharding=shd.batch_sharding(r.mesh, r.rules, 1),
         stop_tokens=decoding.stop_token_patterns(r.tokenizer, stop) if stop else None)
 
 
@@ -291,9 +291,11 @@ def complete(r: Restored, prompts: Sequence[str], *, stop: Sequence[str] | None 
   # a conversation (chat.RenderedChat) brings its template's ids; any other text is a document's beginning
   ids = [[int(i) for i in p.ids] if isinstance(p, chat.RenderedChat) else tok.prompt(tok.encode(p)) for p in prompts]
   longest = max(len(i) for i in ids)
-  if longest >= r.config.model.max_len:
+  room = settings_lib.token_positions(r.config)
+  if longest >= room:
     raise EvalError(f'a prompt is {longest} tokens (with its framing) but model.max_len={r.config.model.max_len} '
-                    'leaves no room to generate; shorten the prompt.')
+                    + (f'less {r.config.model.max_len - room} prefix positions ' if room < r.config.model.max_len else '')
+                    + 'leaves no room to generate; shorten the prompt.')
   if max_new_tokens is not None:  # this call's budget: a Restored whose decode section says so
     config = settings_lib.replace(r.config, decode=dataclasses.replace(r.config.decode, max_len=int(max_new_tokens)))
     r = dataclasses.replace(r, resolved=dataclasses.replace(r.resolved, config=config))

@@ -40,6 +40,7 @@ import jax
 import numpy as np
 
 from jaxformer import decoding
+from jaxformer import settings as settings_lib
 from jaxformer import sharding as shd
 from jaxformer.errors import UserError
 from jaxformer.data import chat as chat_lib
@@ -90,7 +91,7 @@ class JaxformerLM(TemplateLM):
     config = source.config
     self.arch = str(config.model.arch)
     self.backend = 'seq2seq' if self.arch == 'encoder_decoder' else 'causal'
-    self._max_length = int(config.model.max_len)
+    self._max_length = settings_lib.token_positions(config)  # lm-eval's max_length: what the tokens may fill
     self._max_gen_toks, self.seed = int(max_gen_toks), int(seed)
     self.batch_size = max(1, int(batch_size))
     self.decode_section = config.decode

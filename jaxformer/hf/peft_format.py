@@ -17,9 +17,9 @@ B exactly as they map the kernel. Our LoRA factors are A [*in, r] and B [r, *out
   stays alpha / r.
 
 What maps (PEFT_TYPES, keyed by adapter_config.json's peft_type): LORA onto the projections jaxformer's LoRA has
-(attention q, k, v, o, self and cross; MLP up / gate / down). Another peft_type (e.g. PREFIX_TUNING, whose
-conversion lives elsewhere) is one registry entry here; anything else, DoRA, bias training, modules_to_save,
-embedding / lm_head LoRA, is one ConfigError line naming it.
+(attention q, k, v, o, self and cross; MLP up / gate / down), and PREFIX_TUNING onto a decoder_only model's
+prefix (peft.method=prefix; the conversion is peft/prefix.py's). Anything else, DoRA, bias training,
+modules_to_save, embedding / lm_head LoRA, another peft_type, is one ConfigError line naming it.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ from jaxformer.errors import ConfigError
 from jaxformer.hf import families, weights
 from jaxformer.model.config import ModelConfig
 from jaxformer.peft import lora as lora_lib
+from jaxformer.peft import prefix as prefix_lib
 
 CONFIG_NAME = 'adapter_config.json'
 WEIGHTS_NAME = 'adapter_model.safetensors'
@@ -125,6 +126,7 @@ class Adapter:
   rank: int
   scale: float
   factors: dict[str, tuple[np.ndarray, np.ndarray, float]]
+  method = 'lora'  # the peft.method it loads into
 
   @property
   def targets(self) -> tuple[str, ...]:
@@ -224,12 +226,40 @@ def read_lora(directory: str, adapter_json: dict[str, Any], model_config: Any) -
   return Adapter(directory, 'LORA', r, scaling(alpha, r), factors)
 
 
-# peft_type -> reader(directory, adapter_config, model section) -> Adapter. PREFIX_TUNING's conversion is written
-# elsewhere (peft.method=prefix); it joins here as one line.
-PEFT_TYPES: dict[str, Callable[[str, dict[str, Any], Any], Adapter]] = {'LORA': read_lora}
+@dataclasses.dataclass(frozen=True)
+class PrefixAdapter:
+  """A peft PREFIX_TUNING adapter read into our layout: the decoder's prefix.kv [layers, 2, P, kv_heads, head_dim]."""
+  directory: str
+  kv: np.ndarray
+  method = 'prefix'
+
+  @property
+  def settings(self) -> dict[str, Any]:
+    return {'method': 'prefix', 'num_prefix_tokens': int(self.kv.shape[2]), 'prefix_projection': 0}
+
+  @property
+  def params(self) -> dict[str, np.ndarray]:
+    return {'decoder.prefix.kv': self.kv}
 
 
-def read(directory: str, model_config: Any) -> Adapter:
+def read_prefix(directory: str, adapter_json: dict[str, Any], model_config: Any) -> PrefixAdapter:
+  """A peft PREFIX_TUNING directory -> PrefixAdapter for a base whose model section is `model_config`."""
+  cfg = ModelConfig.from_config(model_config)
+  if cfg.arch != 'decoder_only' or adapter_json.get('num_transformer_submodules', 1) != 1:
+    raise ConfigError(f'{directory}: a prefix-tuning adapter (task_type {adapter_json.get("task_type")!r}) loads into '
+                      f'a decoder_only model, and this base is {cfg.arch}; give a causal LM base.')
+  kv = prefix_lib.read_peft_prefix(directory, num_layers=cfg.num_layers, kv_heads=cfg.num_kv_heads,
+                                   head_dim=cfg.head_dim)
+  return PrefixAdapter(directory, kv)
+
+
+AnyAdapter = Adapter | PrefixAdapter
+# peft_type -> reader(directory, adapter_config, model section) -> the adapter in our layout
+PEFT_TYPES: dict[str, Callable[[str, dict[str, Any], Any], AnyAdapter]] = {'LORA': read_lora,
+                                                                            'PREFIX_TUNING': read_prefix}
+
+
+def read(directory: str, model_config: Any) -> AnyAdapter:
   """The adapter in `directory` for a base whose model section is `model_config`; one ConfigError line when its
   peft_type, options or modules have no jaxformer counterpart."""
   directory = os.path.expanduser(directory)
@@ -242,12 +272,12 @@ def read(directory: str, model_config: Any) -> Adapter:
 
 
 @functools.lru_cache(maxsize=16)
-def _read_cached(directory: str, cfg: ModelConfig, stamp: float) -> Adapter:
+def _read_cached(directory: str, cfg: ModelConfig, stamp: float) -> AnyAdapter:
   del stamp  # part of the key: a rewritten adapter file is read again
   return read(directory, cfg)
 
 
-def read_for(directory: str, model_config: Any) -> Adapter:
+def read_for(directory: str, model_config: Any) -> AnyAdapter:
   """read(), cached per directory and model (a run reads its adapters when it resolves and when it builds)."""
   directory = os.path.abspath(os.path.expanduser(directory))
   cfg = ModelConfig.from_config(model_config)
@@ -271,29 +301,36 @@ def named_values(key: str, value: str, what: str) -> dict[str, str]:
   return out
 
 
-def run_adapters(peft: Any, model_config: Any) -> list[tuple[str, Adapter, float]]:
+def run_adapters(peft: Any, model_config: Any) -> list[tuple[str, AnyAdapter, float]]:
   """(name, adapter, weight) for each adapter the peft section loads: peft.adapter (named 'adapter', weight 1) or
-  peft.adapters with the weights of peft.adapter_weights (or 1 for peft.adapter_name / the first, 0 for the
-  others); [] when it loads none. One line for each inconsistent setting."""
+  peft.adapters (LoRA only) with the weights of peft.adapter_weights (or 1 for peft.adapter_name / the first, 0
+  for the others); [] when it loads none. One line for each inconsistent setting."""
   if peft.adapter and peft.adapters:
     raise ConfigError('peft.adapter and peft.adapters are both set; give one directory with peft.adapter, or '
                       'several as peft.adapters=name:dir,...')
-  if peft.method not in ('none', 'lora') and (peft.adapter or peft.adapters):
-    raise ConfigError(f'peft.adapter(s) load LoRA adapters, but peft.method={peft.method}; drop peft.method '
-                      '(the adapter sets lora).')
   if peft.adapter:
     if peft.adapter_weights or peft.adapter_name:
       raise ConfigError('peft.adapter_weights / peft.adapter_name pick among peft.adapters=name:dir,...; with one '
                         'peft.adapter drop them.')
-    return [('adapter', read_for(peft.adapter, model_config), 1.0)]
-  if not peft.adapters:
+    adapters = [('adapter', read_for(peft.adapter, model_config), 1.0)]
+  elif peft.adapters:
+    directories = named_values('peft.adapters', peft.adapters, 'dir')
+    weights_of = chosen_weights(peft, tuple(directories))
+    adapters = [(name, read_for(d, model_config), weights_of[name]) for name, d in directories.items()]
+    prefixes = [name for name, a, _ in adapters if a.method != 'lora']
+    if prefixes:
+      raise ConfigError(f'peft.adapters combines LoRA adapters, and {prefixes[0]!r} is a prefix-tuning adapter; '
+                        'load it alone with peft.adapter=DIR.')
+  else:
     if peft.adapter_weights or peft.adapter_name:
       raise ConfigError('peft.adapter_weights / peft.adapter_name pick among peft.adapters, which is empty; set '
                         'peft.adapters=name:dir,...')
     return []
-  directories = named_values('peft.adapters', peft.adapters, 'dir')
-  weights_of = chosen_weights(peft, tuple(directories))
-  return [(name, read_for(d, model_config), weights_of[name]) for name, d in directories.items()]
+  method = adapters[0][1].method
+  if peft.method not in ('none', method):
+    raise ConfigError(f'peft.adapter(s) load {method} adapters, but peft.method={peft.method}; drop peft.method '
+                      f'(the adapter sets {method}).')
+  return adapters
 
 
 def chosen_weights(peft: Any, names: tuple[str, ...], adapter_name: str | None = None) -> dict[str, float]:
@@ -318,20 +355,25 @@ def chosen_weights(peft: Any, names: tuple[str, ...], adapter_name: str | None =
 
 
 def settings_for(peft: Any, model_config: Any) -> dict[str, Any]:
-  """The peft keys (method, rank, alpha, targets) the run's adapters decide; {} when it loads none."""
-  adapters = run_adapters(peft, model_config)
-  return lora_section([a for _, a, _ in adapters]) if adapters else {}
+  """The peft keys the run's adapters decide (LoRA: method, rank, alpha, targets; a prefix: method,
+  num_prefix_tokens, prefix_projection); {} when it loads none."""
+  adapters = [a for _, a, _ in run_adapters(peft, model_config)]
+  if adapters and isinstance(adapters[0], PrefixAdapter):
+    return adapters[0].settings
+  return lora_section(adapters) if adapters else {}
 
 
-def run_lora_params(peft: Any, model_config: Any, shapes: dict[str, tuple[int, ...]],
-                    adapter_name: str | None = None) -> dict[str, np.ndarray]:
-  """Our LoRA parameters {path: array} (unrolled layout) for the run's adapters, in a model whose parameter
-  shapes are `shapes` ({path: shape}, unrolled) and whose peft section is `peft` (after settings_for): one
-  adapter's own factors (kernels it does not update keep their fresh initialisation), or the weighted block
-  combination of several (adapter_name: that one alone, for a per-request choice)."""
+def run_adapter_params(peft: Any, model_config: Any, shapes: dict[str, tuple[int, ...]],
+                       adapter_name: str | None = None) -> dict[str, np.ndarray]:
+  """Our PEFT parameters {path: array} (unrolled layout) for the run's adapters, in a model whose parameter
+  shapes are `shapes` ({path: shape}, unrolled) and whose peft section is `peft` (after settings_for): a prefix
+  adapter's prefix; one LoRA adapter's own factors (kernels it does not update keep their fresh initialisation),
+  or the weighted block combination of several (adapter_name: that one alone, for a per-request choice)."""
   adapters = run_adapters(peft, model_config)
   if not adapters:
     return {}
+  if isinstance(adapters[0][1], PrefixAdapter):
+    return adapters[0][1].params
   if adapter_name is not None:
     weights_of = chosen_weights(peft, tuple(n for n, _, _ in adapters), adapter_name)
     adapters = [(n, a, weights_of[n]) for n, a, _ in adapters]

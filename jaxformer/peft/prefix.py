@@ -142,10 +142,24 @@ def from_peft(prompt_embeddings: Any, *, num_layers: int, kv_heads: int, head_di
   return np.transpose(x.reshape(p, num_layers, 2, kv_heads, head_dim), (1, 2, 0, 3, 4))
 
 
+def read_peft_prefix(directory: str, *, num_layers: int, kv_heads: int, head_dim: int) -> np.ndarray:
+  """A peft PREFIX_TUNING directory's prefix as our `prefix.kv` [layers, 2, P, kv_heads, head_dim]. peft saves the
+  computed prefix ('prompt_embeddings') with or without its reparameterisation MLP, so both load alike."""
+  path = os.path.join(directory, 'adapter_model.safetensors')
+  if not os.path.isfile(path):
+    raise ConfigError(f'{directory} has no adapter_model.safetensors; save the adapter with safe_serialization=True.')
+  tensors = weights.read_file(path)
+  if 'prompt_embeddings' not in tensors:
+    raise ConfigError(f'{path} holds no prompt_embeddings (it has {", ".join(sorted(tensors)) or "nothing"}), so '
+                      'it is not a prefix-tuning adapter.')
+  return from_peft(tensors['prompt_embeddings'], num_layers=num_layers, kv_heads=kv_heads, head_dim=head_dim)
+
+
 def load_peft_adapter(directory: str, model: nnx.Module) -> None:
   """Sets the prefix of `model` (decoder_only, built with peft.method=prefix, prefix_projection=0 and the adapter's
   num_virtual_tokens) from a peft PrefixTuningConfig adapter directory (adapter_config.json +
-  adapter_model.safetensors, as PeftModel.save_pretrained writes it). A ConfigError names any mismatch."""
+  adapter_model.safetensors, as PeftModel.save_pretrained writes it). A ConfigError names any mismatch. (A run
+  loads one with peft.adapter=DIR: hf/peft_format.py.)"""
   with open(os.path.join(directory, 'adapter_config.json'), encoding='utf-8') as f:
     config = json.load(f)
   if config.get('peft_type') != 'PREFIX_TUNING':
@@ -159,8 +173,7 @@ def load_peft_adapter(directory: str, model: nnx.Module) -> None:
     n = config['num_virtual_tokens']
     raise ConfigError(f'{directory}: num_virtual_tokens={n}, but the model has peft.num_prefix_tokens='
                       f'{prefix.length}; set peft.num_prefix_tokens={n}.')
-  tensor = weights.read_file(os.path.join(directory, 'adapter_model.safetensors'))['prompt_embeddings']
-  kv = from_peft(tensor, num_layers=prefix.num_layers, kv_heads=prefix.kv_heads, head_dim=prefix.head_dim)
+  kv = read_peft_prefix(directory, num_layers=prefix.num_layers, kv_heads=prefix.kv_heads, head_dim=prefix.head_dim)
   prefix.kv.set_value(jnp.asarray(kv, prefix.kv.get_value().dtype))
 
 

@@ -153,7 +153,7 @@ def run_reference(config: Any, setup: TrainSetup, state: dict, resumed: bool) ->
 
 def with_base(config: Any, params: nnx.State, abstract_params: nnx.State) -> nnx.State:
   """`params` with the base model's part (all but the PEFT modules) replaced by checkpoint.init_from's (quantised
-  with peft.quantize), and the LoRA factors by peft.adapter(s)' (with_adapters)."""
+  with peft.quantize), and the PEFT parameters by peft.adapter(s)' (with_adapters)."""
   if config.checkpoint.init_from:
     read = _quantized_base if quantize_lib.is_active(config.peft) else init_from_params
     params = nnx.merge_state(params, read(config, peft_lib.base_params(abstract_params)))
@@ -167,13 +167,14 @@ def _unrolled_shapes(config: Any) -> dict[str, tuple[int, ...]]:
 
 def with_adapters(config: Any, params: nnx.State, abstract_params: nnx.State,
                   adapter_name: str | None = None) -> nnx.State:
-  """`params` with the LoRA factors of the Hugging Face peft directories peft.adapter / peft.adapters
-  (hf/peft_format.py: one adapter's own factors, or several combined by peft.adapter_weights / adapter_name;
-  adapter_name here: that one alone), placed on `abstract_params`' shardings in the model's layout."""
+  """`params` with the PEFT parameters of the Hugging Face peft directories peft.adapter / peft.adapters
+  (hf/peft_format.py: a prefix adapter's prefix, one LoRA adapter's own factors, or several combined by
+  peft.adapter_weights / adapter_name; adapter_name here: that one alone), placed on `abstract_params`' shardings
+  in the model's layout."""
   config = settings_lib.of(config)
   if not (config.peft.adapter or config.peft.adapters):
     return params
-  values = peft_format.run_lora_params(config.peft, config.model, _unrolled_shapes(config), adapter_name)
+  values = peft_format.run_adapter_params(config.peft, config.model, _unrolled_shapes(config), adapter_name)
   if config.model.scan_layers:
     values = layout_convert.to_flat_layout(values, scanned=True)
   return nnx.merge_state(params, hf.with_params(abstract_params, values))
