@@ -22,7 +22,7 @@ from jaxformer import decoding, hf, peft, settings
 from jaxformer import sharding as shd
 from jaxformer.apps.train import run
 from jaxformer.errors import ConfigError
-from jaxformer.hf import weights
+from jaxformer.hf import peft_format, weights
 from jaxformer.model import build_model
 from jaxformer.peft import prefix as prefix_lib
 from jaxformer.settings import decode_settings
@@ -160,17 +160,17 @@ def test_reparameterisation_mlp_merges_into_plain_prefixes():
 
 
 def test_exported_peft_adapter_is_the_merged_prefix(tmp_path):
-  """write_peft_adapter (export --adapter of a prefix run) stores the MLP's output as peft's prompt_embeddings:
+  """write_prefix (export --adapter of a prefix run) stores the MLP's output as peft's prompt_embeddings:
   read back into a model without the MLP it gives the MLP model's logits (peft itself loads such an export with
   jaxformer's logits: tests/fixtures/peft_prefix/export_check.txt)."""
   _, with_mlp = models('decoder_only', 'learned', projection=6)
-  config = prefix_lib.write_peft_adapter(str(tmp_path), with_mlp, base_model='tiny')
+  config = peft_format.write_prefix(str(tmp_path), with_mlp, base_model='tiny')
   assert config['peft_type'] == 'PREFIX_TUNING' and config['num_virtual_tokens'] == P and not config['prefix_projection']
   _, plain = models('decoder_only', 'learned')
-  prefix_lib.load_peft_adapter(str(tmp_path), plain)
+  peft_format.load_prefix(str(tmp_path), plain)
   x = rows(9, (2, 7))
   np.testing.assert_allclose(np.asarray(call(plain, (x,), {})), np.asarray(call(with_mlp, (x,), {})), atol=1e-5)
-  np.testing.assert_array_equal(prefix_lib.to_peft(plain.decoder.prefix.kv.get_value()),
+  np.testing.assert_array_equal(peft_format.prefix_to_peft(plain.decoder.prefix.kv.get_value()),
                                 weights.read_file(str(tmp_path / 'adapter_model.safetensors'))['prompt_embeddings'])
 
 
@@ -182,7 +182,7 @@ def _hf(name):
 
 @pytest.mark.parametrize('case,base', [('gpt2', 'gpt2'), ('llama', 'llama'), ('llama_mlp', 'llama')])
 def test_peft_prefix_adapter_gives_peft_logits(case, base):
-  """peft 0.21.2 + transformers 5.25: the adapter's prompt_embeddings (converted by from_peft) give the PeftModel's
+  """peft 0.21.2 + transformers 5.25: the adapter's prompt_embeddings (converted by prefix_from_peft) give the PeftModel's
   logits; llama_mlp's PrefixEncoder weights, run by our MLP, give the same (so its layout is peft's)."""
   directory = FIXTURES / 'peft_prefix' / case
   e = json.loads((directory / 'expected.json').read_text())
@@ -190,7 +190,7 @@ def test_peft_prefix_adapter_gives_peft_logits(case, base):
   n = json.loads((directory / 'adapter_config.json').read_text())['num_virtual_tokens']
   model = nnx.clone(model)
   peft.attach(model, peft_section(n), nnx.Rngs(params=0))
-  prefix_lib.load_peft_adapter(str(directory), model)
+  peft_format.load_prefix(str(directory), model)
   ids, mask = jnp.asarray(e['input_ids']), jnp.asarray(e['attention_mask'], jnp.int32)
   want, real = np.asarray(e['logits'], np.float32), np.asarray(mask, bool)
   got = np.asarray(call(model, (ids,), dict(segment_ids=mask)))[..., :want.shape[-1]]
@@ -211,9 +211,9 @@ def test_peft_prefix_adapter_gives_peft_logits(case, base):
 def test_peft_adapter_of_another_shape_is_one_clear_error():
   _, model = models('decoder_only', 'rope')  # P = 3 prefix tokens; the adapter has 4
   with pytest.raises(ConfigError, match='num_virtual_tokens=4.*peft.num_prefix_tokens=4'):
-    prefix_lib.load_peft_adapter(str(FIXTURES / 'peft_prefix' / 'gpt2'), model)
+    peft_format.load_prefix(str(FIXTURES / 'peft_prefix' / 'gpt2'), model)
   with pytest.raises(ConfigError, match='another model'):
-    prefix_lib.from_peft(np.zeros((4, 96)), num_layers=2, kv_heads=4, head_dim=8)
+    peft_format.prefix_from_peft(np.zeros((4, 96)), num_layers=2, kv_heads=4, head_dim=8)
 
 
 # ------------------------------------------------------------------------------------------------ train.py runs

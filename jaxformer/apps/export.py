@@ -26,7 +26,6 @@ from flax import nnx
 
 from jaxformer import cli, hf
 from jaxformer import peft as peft_lib
-from jaxformer.peft import prefix as prefix_lib
 from jaxformer import resolve as resolve_lib
 from jaxformer import settings as settings_lib
 from jaxformer import sharding as shd
@@ -117,7 +116,7 @@ def export_adapter(workdir: str, output: str, step: int | None = None) -> list[s
     print(f'note: the base is {base or "the seed"}, not a Hugging Face directory; peft loads this adapter onto '
           'that base exported with python -m jaxformer.hf export (without --adapter).')
   if peft.method == 'prefix':  # the prefix, merged away from its MLP if it has one (peft_lib.prefix)
-    prefix_lib.write_peft_adapter(output, model, base_model=base)
+    peft_format.write_prefix(output, model, base_model=base)
     return ['prefix']
   params = layout_convert.to_flat_layout(hf.model_params(model), scanned=False)
   return peft_format.write_lora(output, params, settings.model, rank=settings.peft.rank, alpha=settings.peft.alpha,

@@ -31,13 +31,15 @@ import os
 import re
 from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxformer.errors import ConfigError
 from jaxformer.hf import families, weights
 from jaxformer.model.config import ModelConfig
 from jaxformer.peft import lora as lora_lib
-from jaxformer.peft import prefix as prefix_lib
 
 CONFIG_NAME = 'adapter_config.json'
 WEIGHTS_NAME = 'adapter_model.safetensors'
@@ -248,8 +250,7 @@ def read_prefix(directory: str, adapter_json: dict[str, Any], model_config: Any)
   if cfg.arch != 'decoder_only' or adapter_json.get('num_transformer_submodules', 1) != 1:
     raise ConfigError(f'{directory}: a prefix-tuning adapter (task_type {adapter_json.get("task_type")!r}) loads into '
                       f'a decoder_only model, and this base is {cfg.arch}; give a causal LM base.')
-  kv = prefix_lib.read_peft_prefix(directory, num_layers=cfg.num_layers, kv_heads=cfg.num_kv_heads,
-                                   head_dim=cfg.head_dim)
+  kv = read_prefix_kv(directory, num_layers=cfg.num_layers, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
   return PrefixAdapter(directory, kv)
 
 
@@ -521,3 +522,84 @@ def _target_modules(written: list[str], every: list[str]) -> list[str]:
   leaves = sorted({m.rsplit('.', 1)[-1] for m in written})
   picked = {m for m in every if any(m == leaf or m.endswith('.' + leaf) for leaf in leaves)}
   return leaves if picked == set(written) else sorted(written)
+
+
+# ------------------------------------------------------------------------- prefix tuning (PREFIX_TUNING)
+def prefix_from_peft(prompt_embeddings: Any, *, num_layers: int, kv_heads: int, head_dim: int) -> np.ndarray:
+  """peft's saved prefix (adapter_model.safetensors 'prompt_embeddings', [num_virtual_tokens, num_layers * 2 *
+  token_dim] with token_dim = kv_heads * head_dim) -> our `prefix.kv` [layers, 2, P, kv_heads, head_dim].
+
+  peft views the tensor as [P, layers * 2, heads, head_dim] and permutes it to [layers * 2, heads, P, head_dim],
+  layer l's key being entry 2l and its value 2l + 1 (PeftModel.get_prompt), which is this reshape."""
+  x = np.asarray(prompt_embeddings, np.float32)
+  p, width = x.shape
+  if width != num_layers * 2 * kv_heads * head_dim:
+    raise ConfigError(f'peft prefix of shape {x.shape}: expected [num_virtual_tokens, {num_layers} layers x 2 x '
+                      f'{kv_heads} kv heads x {head_dim}] for this model; the adapter belongs to another model.')
+  return np.transpose(x.reshape(p, num_layers, 2, kv_heads, head_dim), (1, 2, 0, 3, 4))
+
+
+def prefix_to_peft(kv: Any) -> np.ndarray:
+  """Our `prefix.kv` [layers, 2, P, kv_heads, head_dim] -> peft's 'prompt_embeddings' [P, layers * 2 * kv_heads *
+  head_dim] (prefix_from_peft's inverse)."""
+  x = np.asarray(kv, np.float32)
+  return np.transpose(x, (2, 0, 1, 3, 4)).reshape(x.shape[2], -1)
+
+
+def read_prefix_kv(directory: str, *, num_layers: int, kv_heads: int, head_dim: int) -> np.ndarray:
+  """A peft PREFIX_TUNING directory's prefix as our `prefix.kv` [layers, 2, P, kv_heads, head_dim]. peft saves the
+  computed prefix ('prompt_embeddings') with or without its reparameterisation MLP, so both load alike."""
+  path = os.path.join(directory, 'adapter_model.safetensors')
+  if not os.path.isfile(path):
+    raise ConfigError(f'{directory} has no adapter_model.safetensors; save the adapter with safe_serialization=True.')
+  tensors = weights.read_file(path)
+  if 'prompt_embeddings' not in tensors:
+    raise ConfigError(f'{path} holds no prompt_embeddings (it has {", ".join(sorted(tensors)) or "nothing"}), so '
+                      'it is not a prefix-tuning adapter.')
+  return prefix_from_peft(tensors['prompt_embeddings'], num_layers=num_layers, kv_heads=kv_heads, head_dim=head_dim)
+
+
+def load_prefix(directory: str, model: nnx.Module) -> None:
+  """Sets the prefix of `model` (decoder_only, built with peft.method=prefix, prefix_projection=0 and the adapter's
+  num_virtual_tokens) from a peft PrefixTuningConfig adapter directory (adapter_config.json +
+  adapter_model.safetensors, as PeftModel.save_pretrained writes it). A ConfigError names any mismatch. (A run
+  loads one with peft.adapter=DIR: read_prefix.)"""
+  with open(os.path.join(directory, 'adapter_config.json'), encoding='utf-8') as f:
+    config = json.load(f)
+  if config.get('peft_type') != 'PREFIX_TUNING':
+    raise ConfigError(f'{directory}: peft_type={config.get("peft_type")!r}, not a prefix-tuning adapter; use '
+                      'peft.method=prefix only with PREFIX_TUNING adapters.')
+  prefix = getattr(getattr(model, 'decoder', None), 'prefix', None)
+  if model.config.arch != 'decoder_only' or prefix is None or prefix.kv is None:
+    raise ConfigError(f'{directory}: a peft prefix adapter loads into a decoder_only model built with '
+                      'peft.method=prefix and peft.prefix_projection=0.')
+  if config['num_virtual_tokens'] != prefix.length:
+    n = config['num_virtual_tokens']
+    raise ConfigError(f'{directory}: num_virtual_tokens={n}, but the model has peft.num_prefix_tokens='
+                      f'{prefix.length}; set peft.num_prefix_tokens={n}.')
+  kv = read_prefix_kv(directory, num_layers=prefix.num_layers, kv_heads=prefix.kv_heads, head_dim=prefix.head_dim)
+  prefix.kv.set_value(jnp.asarray(kv, prefix.kv.get_value().dtype))
+
+
+def write_prefix(directory: str, model: nnx.Module, base_model: str = '') -> dict[str, Any]:
+  """Writes a decoder_only model's prefix as a peft PREFIX_TUNING adapter (adapter_config.json +
+  adapter_model.safetensors, as PeftModel.save_pretrained writes one): the prefix merged away from its MLP if it
+  has one (peft saves the computed prefix too, and loads it with prefix_projection off). Returns the config."""
+  prefix = getattr(getattr(model, 'decoder', None), 'prefix', None)
+  if model.config.arch != 'decoder_only' or prefix is None:
+    raise ConfigError('a peft prefix adapter holds a decoder_only model\'s prefix (peft.method=prefix); this run '
+                      'has none to write.')
+  kv = prefix.kv[...] if prefix.kv is not None else jnp.transpose(
+      prefix.flat().reshape(prefix.length, prefix.num_layers, 2, prefix.kv_heads, prefix.head_dim), (1, 2, 0, 3, 4))
+  token_dim = prefix.kv_heads * prefix.head_dim
+  config = {'peft_type': 'PREFIX_TUNING', 'task_type': 'CAUSAL_LM', 'base_model_name_or_path': base_model,
+            'num_virtual_tokens': prefix.length, 'num_layers': prefix.num_layers, 'token_dim': token_dim,
+            'num_attention_heads': prefix.kv_heads, 'num_transformer_submodules': 1,
+            'encoder_hidden_size': token_dim, 'prefix_projection': False, 'inference_mode': True,
+            'modules_to_save': None, 'revision': None, 'auto_mapping': None, 'init_weights': None}
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, 'adapter_config.json'), 'w', encoding='utf-8') as f:
+    json.dump(config, f, indent=2)
+  weights.write_file(os.path.join(directory, 'adapter_model.safetensors'),
+                     {'prompt_embeddings': prefix_to_peft(jax.device_get(kv))}, {'format': 'pt'})
+  return config

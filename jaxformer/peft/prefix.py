@@ -7,7 +7,8 @@ Per stack, one `Prefix` module holds the keys and values of all its layers, [lay
 concatenates in front of its keys/values (after any KV cache: the cache holds only real tokens, and every decoding
 step, greedy / beam / sample, prepends the same prefix).
 
-Conventions (those of peft + transformers, so a peft adapter gives the same logits, see from_peft):
+Conventions (those of peft + transformers, so a peft adapter gives the same logits; its files are read and written
+by hf/peft_format.py):
   positions  the prefix has none: its keys are used as given (RoPE is not applied to them, as transformers keeps
              past keys already rotated), and the real tokens' positions start at P (they come after the P cached
              prefix slots; peft offsets position_ids by num_virtual_tokens). T5's relative bias sees the prefix at
@@ -23,17 +24,13 @@ Conventions (those of peft + transformers, so a peft adapter gives the same logi
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxformer.errors import ConfigError, check_positive
-from jaxformer.hf import weights
 from jaxformer.model import layers
 from jaxformer.peft.params import PrefixParam, new_param
 
@@ -126,83 +123,3 @@ def merge_projection(model: nnx.Module) -> nnx.State:
                        (1, 2, 0, 3, 4))
     flat[(name, 'prefix', 'kv')] = PrefixParam(kv.astype(dtype), out_sharding=KV_NAMES, eager_sharding=False)
   return nnx.from_flat_state(flat)
-
-
-def from_peft(prompt_embeddings: Any, *, num_layers: int, kv_heads: int, head_dim: int) -> np.ndarray:
-  """peft's saved prefix (adapter_model.safetensors 'prompt_embeddings', [num_virtual_tokens, num_layers * 2 *
-  token_dim] with token_dim = kv_heads * head_dim) -> our `prefix.kv` [layers, 2, P, kv_heads, head_dim].
-
-  peft views the tensor as [P, layers * 2, heads, head_dim] and permutes it to [layers * 2, heads, P, head_dim],
-  layer l's key being entry 2l and its value 2l + 1 (PeftModel.get_prompt), which is this reshape."""
-  x = np.asarray(prompt_embeddings, np.float32)
-  p, width = x.shape
-  if width != num_layers * 2 * kv_heads * head_dim:
-    raise ConfigError(f'peft prefix of shape {x.shape}: expected [num_virtual_tokens, {num_layers} layers x 2 x '
-                      f'{kv_heads} kv heads x {head_dim}] for this model; the adapter belongs to another model.')
-  return np.transpose(x.reshape(p, num_layers, 2, kv_heads, head_dim), (1, 2, 0, 3, 4))
-
-
-def read_peft_prefix(directory: str, *, num_layers: int, kv_heads: int, head_dim: int) -> np.ndarray:
-  """A peft PREFIX_TUNING directory's prefix as our `prefix.kv` [layers, 2, P, kv_heads, head_dim]. peft saves the
-  computed prefix ('prompt_embeddings') with or without its reparameterisation MLP, so both load alike."""
-  path = os.path.join(directory, 'adapter_model.safetensors')
-  if not os.path.isfile(path):
-    raise ConfigError(f'{directory} has no adapter_model.safetensors; save the adapter with safe_serialization=True.')
-  tensors = weights.read_file(path)
-  if 'prompt_embeddings' not in tensors:
-    raise ConfigError(f'{path} holds no prompt_embeddings (it has {", ".join(sorted(tensors)) or "nothing"}), so '
-                      'it is not a prefix-tuning adapter.')
-  return from_peft(tensors['prompt_embeddings'], num_layers=num_layers, kv_heads=kv_heads, head_dim=head_dim)
-
-
-def load_peft_adapter(directory: str, model: nnx.Module) -> None:
-  """Sets the prefix of `model` (decoder_only, built with peft.method=prefix, prefix_projection=0 and the adapter's
-  num_virtual_tokens) from a peft PrefixTuningConfig adapter directory (adapter_config.json +
-  adapter_model.safetensors, as PeftModel.save_pretrained writes it). A ConfigError names any mismatch. (A run
-  loads one with peft.adapter=DIR: hf/peft_format.py.)"""
-  with open(os.path.join(directory, 'adapter_config.json'), encoding='utf-8') as f:
-    config = json.load(f)
-  if config.get('peft_type') != 'PREFIX_TUNING':
-    raise ConfigError(f'{directory}: peft_type={config.get("peft_type")!r}, not a prefix-tuning adapter; use '
-                      'peft.method=prefix only with PREFIX_TUNING adapters.')
-  prefix = getattr(getattr(model, 'decoder', None), 'prefix', None)
-  if model.config.arch != 'decoder_only' or prefix is None or prefix.kv is None:
-    raise ConfigError(f'{directory}: a peft prefix adapter loads into a decoder_only model built with '
-                      'peft.method=prefix and peft.prefix_projection=0.')
-  if config['num_virtual_tokens'] != prefix.length:
-    n = config['num_virtual_tokens']
-    raise ConfigError(f'{directory}: num_virtual_tokens={n}, but the model has peft.num_prefix_tokens='
-                      f'{prefix.length}; set peft.num_prefix_tokens={n}.')
-  kv = read_peft_prefix(directory, num_layers=prefix.num_layers, kv_heads=prefix.kv_heads, head_dim=prefix.head_dim)
-  prefix.kv.set_value(jnp.asarray(kv, prefix.kv.get_value().dtype))
-
-
-def to_peft(kv: Any) -> np.ndarray:
-  """Our `prefix.kv` [layers, 2, P, kv_heads, head_dim] -> peft's 'prompt_embeddings' [P, layers * 2 * kv_heads *
-  head_dim] (from_peft's inverse)."""
-  x = np.asarray(kv, np.float32)
-  return np.transpose(x, (2, 0, 1, 3, 4)).reshape(x.shape[2], -1)
-
-
-def write_peft_adapter(directory: str, model: nnx.Module, base_model: str = '') -> dict[str, Any]:
-  """Writes a decoder_only model's prefix as a peft PREFIX_TUNING adapter (adapter_config.json +
-  adapter_model.safetensors, as PeftModel.save_pretrained writes one): the prefix merged away from its MLP if it
-  has one (peft saves the computed prefix too, and loads it with prefix_projection off). Returns the config."""
-  prefix = getattr(getattr(model, 'decoder', None), 'prefix', None)
-  if model.config.arch != 'decoder_only' or prefix is None:
-    raise ConfigError('a peft prefix adapter holds a decoder_only model\'s prefix (peft.method=prefix); this run '
-                      'has none to write.')
-  kv = prefix.kv[...] if prefix.kv is not None else jnp.transpose(
-      prefix.flat().reshape(prefix.length, prefix.num_layers, 2, prefix.kv_heads, prefix.head_dim), (1, 2, 0, 3, 4))
-  token_dim = prefix.kv_heads * prefix.head_dim
-  config = {'peft_type': 'PREFIX_TUNING', 'task_type': 'CAUSAL_LM', 'base_model_name_or_path': base_model,
-            'num_virtual_tokens': prefix.length, 'num_layers': prefix.num_layers, 'token_dim': token_dim,
-            'num_attention_heads': prefix.kv_heads, 'num_transformer_submodules': 1,
-            'encoder_hidden_size': token_dim, 'prefix_projection': False, 'inference_mode': True,
-            'modules_to_save': None, 'revision': None, 'auto_mapping': None, 'init_weights': None}
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, 'adapter_config.json'), 'w', encoding='utf-8') as f:
-    json.dump(config, f, indent=2)
-  weights.write_file(os.path.join(directory, 'adapter_model.safetensors'),
-                     {'prompt_embeddings': to_peft(jax.device_get(kv))}, {'format': 'pt'})
-  return config
