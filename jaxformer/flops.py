@@ -3,7 +3,8 @@
 Formula (PaLM, appendix B): training FLOPs = 6 * N * tokens + attention, where N counts the weights of every
 matrix multiply a token goes through (attention projections, MLP: a MoE block's router + k routed + shared experts, the output/logits projection; embedding *lookups*
 cost nothing and are not counted) and attention adds 12 * layers * heads * head_dim * context per token (QK^T and AV,
-2 FLOPs per multiply-add, x3 for forward + backward). Causal masking is not discounted, as in PaLM/MaxText.
+2 FLOPs per multiply-add, x3 for forward + backward). Causal masking is not discounted, as in PaLM/MaxText; a
+sliding-window layer's context is min(window, seq_len) (MaxText's count for local layers).
 encoder_decoder counts both stacks over their own lengths: the encoder over src_seq_len tokens, the decoder over
 seq_len tokens, cross-attention over src_seq_len keys, and the cross-attention key/value projections over the
 encoder tokens. The output layer is counted by the model's head (heads/: output_flops; a classifier sees one pooled
@@ -82,7 +83,8 @@ def train_flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int, src_se
                      + 12 * cfg.num_decoder_layers * qk * (seq_len + src))
     trunk = batch_size * (src * enc_per_token + seq_len * dec_per_token)
   else:
-    trunk = batch_size * seq_len * (6 * (cfg.num_layers * attn + enc_mlp) + 12 * cfg.num_layers * qk * seq_len)
+    context = sum(min(w, seq_len) if w else seq_len for w in cfg.layer_windows())  # over the layers
+    trunk = batch_size * seq_len * (6 * (cfg.num_layers * attn + enc_mlp) + 12 * qk * context)
   return float(trunk + heads.head_of(cfg).output_flops(cfg, batch_size, seq_len))
 
 

@@ -38,6 +38,19 @@ def test_lm_flops_are_6n_plus_attention(module, kv):
   assert flops.flops_per_token(cfg, length) == pytest.approx(6 * n + attention)
 
 
+def test_sliding_window_layers_count_their_window_as_context():
+  """Gemma 2's alternating local / global layers: a windowed layer attends over min(window, seq_len) keys."""
+  config = gpt_tiny.get_config()
+  config.model.update(vocab_size=50, num_layers=4, position='rope')
+  full = ModelConfig.from_config(config.model)
+  config.model.update(sliding_window=8, sliding_window_pattern='LG')
+  windowed = ModelConfig.from_config(config.model)
+  length, qk = 32, full.num_heads * full.head_dim
+  saved = 2 * 12 * qk * (length - 8)  # two local layers of four, 8 keys instead of 32
+  assert flops.flops_per_token(full, length) - flops.flops_per_token(windowed, length) == pytest.approx(saved)
+  assert flops.flops_per_token(windowed, 8) == pytest.approx(flops.flops_per_token(full, 8))  # window >= length
+
+
 def test_encoder_decoder_counts_both_stacks():
   config = t5_tiny.get_config()
   config.model.update(vocab_size=40, tie_embeddings=True)
