@@ -63,12 +63,21 @@ def test_builtin_passkey_source():
   assert first == train.read([0, 5, 17]) and first != source.split('validation').read([0, 5, 17])
   budget = config.data.seq_len - 2  # BOS and EOS
   lengths = []
-  for doc in train.read(range(200)):
+  docs = train.read(range(400))
+  for doc in docs[passkey.DRILL_EVERY - 1::passkey.DRILL_EVERY]:  # copy drills: one random unit repeated
+    unit = doc.split(' ')[0]
+    assert doc == ' '.join([unit] * doc.count(unit)) and 2 <= doc.count(unit) <= 6 and len(doc) <= budget
+    assert set(unit) <= set(passkey.DRILL_ALPHABET) and 8 <= len(unit) < 48
+  assert set(passkey.DRILL_ALPHABET) <= set(passkey.INTRO + passkey.FILLER + '0123456789')  # no new characters
+  assert len({d.split(' ')[0] for d in docs[1::2]}) == 200
+  for doc in [d for k, d in enumerate(docs) if k % passkey.DRILL_EVERY != passkey.DRILL_EVERY - 1]:
     prompt, answer = doc.rsplit(' ', 1)
     key = re.search(r'The pass key is (\d+)\.', doc).group(1)
     assert prompt.endswith(passkey.QUESTION) and answer == f'{key}.' and len(doc) <= budget
     lengths.append(len(doc))
   assert min(lengths) < budget / 2 + 60 and max(lengths) > budget - 20  # lengths spread up to the row
+  for doc in source.split('validation').read(range(20)):  # prompts only
+    assert doc.rsplit(' ', 1)[0].endswith(passkey.QUESTION)
   config.data.seq_len = 128
   with pytest.raises(DataError, match='too short for a passkey prompt'):
     data.get_source(config, '/tmp/unused').split('train')

@@ -10,9 +10,14 @@ tokenizer, a tokenizer's ids otherwise) with the needle at a given depth; `answe
 greedy completion as the literature does (the first run of digits equals the key). `make_source` is the
 `builtin:passkey` training source: SYNTHETIC text documents, prompt + ' <key>.', prompt lengths uniform up to the
 row length (data.seq_len), depths uniform, keys uniform 5-digit numbers, each example a pure function of its split
-and index (random access, reproducible, nothing held in memory). Whole documents are scored, not only the answer:
-copying the repeated filler and the key's second mention teaches a small model the induction (look back, copy)
-that retrieval needs, many times per row instead of once.
+and index (random access, reproducible, nothing held in memory).
+
+Every DRILL_EVERY-th training document is a copy drill instead (`copy_drill`: a random string repeated), as a
+curriculum: retrieval needs induction (find the earlier "pass key is", copy what follows), and a prompt gives a
+handful of copied characters among hundreds of filler ones a small model predicts without looking back, so from
+scratch the copy never forms (a 2 x 128 decoder: the answer digits still at chance after 1,600 steps); in a drill
+every character after the first run is copied from a few dozen positions back, and the induction forms in a few
+hundred steps (benchmarks/RESULTS.md, "Long context"). Validation and test splits are prompts only.
 """
 from __future__ import annotations
 
@@ -123,6 +128,17 @@ def accuracy(completions: Sequence[str], keys: Sequence[str]) -> float:
 
 
 # ----------------------------------------------------------------------------------- builtin:passkey (training)
+DRILL_EVERY = 2  # every DRILL_EVERY-th training document is a copy drill
+DRILL_ALPHABET = 'abcdefghiklmnoprstuvwy0123456789'  # characters of the prompts: no new vocabulary
+
+
+def copy_drill(rng: np.random.Generator, max_chars: int) -> str:
+  """A random string of 8-47 characters repeated 2-6 times (space-separated, within max_chars): every character
+  after the first run is predictable only by looking back and copying."""
+  size = int(rng.integers(8, 48))
+  unit = ''.join(rng.choice(list(DRILL_ALPHABET), size))
+  repeats = max(2, min(6, (max_chars + 1) // (size + 1)))
+  return ' '.join([unit] * repeats)
 class PasskeySplit(Split):
   """SYNTHETIC: prompt + answer documents; example i is drawn from the seed [SEED, split, i]."""
 
@@ -134,6 +150,8 @@ class PasskeySplit(Split):
 
   def example(self, i: int) -> str:
     rng = np.random.default_rng([SEED, self._index, int(i)])
+    if self.name == 'train' and i % DRILL_EVERY == DRILL_EVERY - 1:
+      return copy_drill(rng, self._max_chars)
     key = random_key(rng)
     shortest = len(_compose(MIN_FILLER_CHARS, 0.0, key).text)
     length = int(rng.integers(shortest, max(shortest, self._max_chars) + 1))
