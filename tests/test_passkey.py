@@ -54,6 +54,23 @@ def test_eval_prompts_are_reproducible_by_seed():
   assert [(p.key, p.depth) for p in passkey.eval_prompts(1024, 6, 0)] == [(p.key, p.depth) for p in a]
 
 
+def test_builtin_passkey_drills_source_is_the_warm_up():
+  """builtin:passkey_drills: short drills (6-23 characters, 4 times), every 10th document a prompt with its answer,
+  at any row length; every character of builtin:passkey is in its text (the passkey run inherits its vocabulary)."""
+  config = long_context.get_config('passkey_warmup')
+  source = data.get_source(config, '/tmp/unused')
+  docs = source.split('train').read(range(100))
+  prompts = docs[passkey.WARMUP_PROMPT_EVERY - 1::passkey.WARMUP_PROMPT_EVERY]
+  drills = [d for k, d in enumerate(docs) if k % passkey.WARMUP_PROMPT_EVERY != passkey.WARMUP_PROMPT_EVERY - 1]
+  assert all(p.rsplit(' ', 1)[0].endswith(passkey.QUESTION) for p in prompts)
+  for doc in drills:
+    unit = doc.split(' ')[0]
+    assert doc == ' '.join([unit] * 4) and 6 <= len(unit) < 24
+  passkey_docs = data.get_source(long_context.get_config('passkey'), '/tmp/unused').split('train').read(range(40))
+  assert set(''.join(passkey_docs)) <= set(''.join(docs))
+  assert source.split('validation').read([3]) != source.split('train').read([3])
+
+
 def test_builtin_passkey_source():
   config = long_context.get_config('passkey')
   source = data.get_source(config, '/tmp/unused')

@@ -5,7 +5,8 @@
   builtin:numbers   numbers to English words ('3207' -> 'three thousand two hundred seven'), a deterministic
                     transduction (translation) task.
   builtin:passkey   passkey retrieval prompts (a number hidden in filler, asked for at the end) up to data.seq_len
-                    characters, with their answers (sources/passkey.py).
+                    characters, with their answers, and copy drills (sources/passkey.py).
+  builtin:passkey_drills  short copy drills with passkey prompts among them: builtin:passkey's warm-up.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def _numbers_source(spec: str, config: Any) -> Source:
 
 
 # builtin:<name> -> (spec, config) -> Source; adding a built-in dataset is one function and one line here
-DATASETS: dict[str, Any] = {'lm': _lm_source, 'numbers': _numbers_source, 'passkey': passkey.make_source}
+DATASETS: dict[str, Any] = {'lm': _lm_source, 'numbers': _numbers_source, 'passkey': passkey.make_source,
+                            'passkey_drills': passkey.make_warmup_source}
 
 
 def make_source(spec: str, name: str, config: Any, data_dir: str) -> Source:

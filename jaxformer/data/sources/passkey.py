@@ -132,13 +132,26 @@ DRILL_EVERY = 2  # every DRILL_EVERY-th training document is a copy drill
 DRILL_ALPHABET = 'abcdefghiklmnoprstuvwy0123456789'  # characters of the prompts: no new vocabulary
 
 
-def copy_drill(rng: np.random.Generator, max_chars: int) -> str:
-  """A random string of 8-47 characters repeated 2-6 times (space-separated, within max_chars): every character
-  after the first run is predictable only by looking back and copying."""
-  size = int(rng.integers(8, 48))
+WARMUP_PROMPT_EVERY = 10  # builtin:passkey_drills: every 10th document a prompt (its characters in the vocabulary)
+WARMUP_PROMPT_CHARS = 503  # builtin:passkey_drills' prompts: as long as :passkey's at data.seq_len=512
+
+
+def copy_drill(rng: np.random.Generator, max_chars: int, sizes: tuple[int, int] = (8, 48),
+               max_repeats: int = 6) -> str:
+  """A random string of sizes[0] to sizes[1] - 1 characters repeated 2 to max_repeats times (space-separated,
+  within max_chars): every character after the first run is predictable only by looking back and copying."""
+  size = int(rng.integers(*sizes))
   unit = ''.join(rng.choice(list(DRILL_ALPHABET), size))
-  repeats = max(2, min(6, (max_chars + 1) // (size + 1)))
+  repeats = max(2, min(max_repeats, (max_chars + 1) // (size + 1)))
   return ' '.join([unit] * repeats)
+
+
+def _prompt_document(rng: np.random.Generator, max_chars: int) -> str:
+  """A training prompt + its answer: length uniform from the shortest prompt up to max_chars, depth uniform."""
+  key = random_key(rng)
+  shortest = len(_compose(MIN_FILLER_CHARS, 0.0, key).text)
+  length = int(rng.integers(shortest, max(shortest, max_chars) + 1))
+  return make_prompt(length, float(rng.random()), key).text + answer(key)
 class PasskeySplit(Split):
   """SYNTHETIC: prompt + answer documents; example i is drawn from the seed [SEED, split, i]."""
 
@@ -152,11 +165,7 @@ class PasskeySplit(Split):
     rng = np.random.default_rng([SEED, self._index, int(i)])
     if self.name == 'train' and i % DRILL_EVERY == DRILL_EVERY - 1:
       return copy_drill(rng, self._max_chars)
-    key = random_key(rng)
-    shortest = len(_compose(MIN_FILLER_CHARS, 0.0, key).text)
-    length = int(rng.integers(shortest, max(shortest, self._max_chars) + 1))
-    prompt = make_prompt(length, float(rng.random()), key)
-    return prompt.text + answer(key)
+    return _prompt_document(rng, self._max_chars)
 
   def read(self, indices: Sequence[int]) -> list[str]:
     return [self.example(int(i)) for i in indices]
@@ -173,3 +182,26 @@ def make_source(spec: str, config: Any) -> Source:
             for k, (name, n) in enumerate(SPLITS.items())}
   return Source(spec, 'text', splits,
                 description=f'SYNTHETIC passkey retrieval, prompts up to {max_chars} characters (builtin:passkey)')
+
+
+# ------------------------------------------------------------------------------ builtin:passkey_drills (warm-up)
+class WarmupSplit(PasskeySplit):
+  """SYNTHETIC: short copy drills (6-23 characters, 4 times), every WARMUP_PROMPT_EVERY-th document a prompt."""
+
+  def example(self, i: int) -> str:
+    rng = np.random.default_rng([SEED, len(SPLITS) + self._index, int(i)])
+    if i % WARMUP_PROMPT_EVERY == WARMUP_PROMPT_EVERY - 1:
+      return _prompt_document(rng, WARMUP_PROMPT_CHARS)
+    return copy_drill(rng, WARMUP_PROMPT_CHARS, sizes=(6, 24), max_repeats=4)
+
+
+def make_warmup_source(spec: str, config: Any) -> Source:
+  """builtin:passkey_drills: the induction warm-up before builtin:passkey (configs/long_context.py:passkey_warmup),
+  for packed short rows (data.pack=True, data.sampling=random_windows): dense copying forms the look-back-and-copy
+  heads in a few hundred steps at any data.seq_len; the prompts among the drills put every character of
+  builtin:passkey in the char vocabulary the passkey run inherits (checkpoint.init_from)."""
+  del config  # any row length: the documents do not depend on it
+  splits = {name: (lambda name=name, k=k, n=n: WarmupSplit(name, k, n, WARMUP_PROMPT_CHARS))
+            for k, (name, n) in enumerate(SPLITS.items())}
+  return Source(spec, 'text', splits, description='SYNTHETIC copy drills with passkey prompts among them '
+                '(builtin:passkey_drills, the warm-up of builtin:passkey)')
