@@ -56,6 +56,9 @@ def main(argv=None) -> int:
   parser.add_argument('--checkpoint_step', type=int, default=None)
   parser.add_argument('--output', default='', help='the JSON results (default DIR/passkey.json)')
   parser.add_argument('--plot', default='', help='a picture of accuracy vs length (.png), optional')
+  parser.add_argument('--mentions', action='store_true',
+                      help='also the teacher-forced loss / accuracy of the key\'s digits at its three mentions in '
+                           'validation documents (needle, second mention, answer): progress before retrieval shows')
   args = parser.parse_args(argv)
   cli.quiet_logging()
   try:
@@ -65,10 +68,14 @@ def main(argv=None) -> int:
     config.decode.batch_size = args.batch_size
     r = passkey.greedy(evaluate.restore(config, args.workdir, checkpoint_step=args.checkpoint_step))
     results = passkey.run(r, lengths, scalings, num_prompts=args.num_prompts, seed=args.seed)
+    if args.mentions:
+      results['mentions'] = passkey.mention_scores(r)
   except (UserError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   print(passkey.table(results))
+  for mention, score in results.get('mentions', {}).items():
+    print(f'{mention:<7} digits: loss {score["loss"]:.3f} nats, accuracy {score["accuracy"]:.2f} (teacher-forced)')
   output = args.output or os.path.join(args.workdir, 'passkey.json')
   with open(output, 'w', encoding='utf-8') as f:
     json.dump(results, f, indent=1)

@@ -167,3 +167,14 @@ def test_passkey_cli_bad_workdir_is_one_line(tmp_path):
   assert out.returncode == 2, out.stderr
   assert out.stderr.strip().splitlines() == [f'error: --workdir={tmp_path}/missing does not exist; point it at a '
                                              'directory train.py wrote.']
+
+
+def test_mention_scores_read_the_keys_digits(tiny_passkey_run):
+  """--mentions: each mention's offsets hold the key; the scores are per-digit losses / accuracies of the model."""
+  doc = passkey.PasskeySplit('validation', 1, 10, 280).example(3)
+  key, starts = passkey_app.mention_starts(doc)
+  assert [doc[s:s + len(key)] for s in starts] == [key] * 3 and starts[0] < starts[1] < starts[2]
+  scores = passkey_app.mention_scores(tiny_passkey_run, num_docs=4)
+  assert set(scores) == set(passkey_app.MENTIONS)
+  for score in scores.values():  # an untrained model: near-uniform over the vocabulary, not certain of anything
+    assert 1.0 < score['loss'] < 10.0 and 0.0 <= score['accuracy'] <= 1.0

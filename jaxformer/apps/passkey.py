@@ -13,8 +13,12 @@ The parameters are shared by every setting: only the static RoPE frequencies and
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxformer.apps import evaluate
@@ -121,3 +125,42 @@ def table(results: dict[str, Any]) -> str:
   for s in scalings:
     lines.append(f'| {s} | ' + ' | '.join(f'{acc[(s, n)]:.2f}' for n in lengths) + ' |')
   return '\n'.join(lines)
+
+
+MENTIONS = ('needle', 'second', 'answer')  # the key's three mentions in a builtin:passkey document
+
+
+def mention_starts(doc: str) -> tuple[str, tuple[int, int, int]]:
+  """(key, character offsets of its needle, second and answer mentions) of a builtin:passkey prompt document."""
+  key = re.search(r'The pass key is (\d+)\.', doc).group(1)
+  return key, (doc.index(f'The pass key is {key}') + len('The pass key is '),
+               doc.index(f'Remember it. {key}') + len('Remember it. '), len(doc) - len(key) - 1)
+
+
+def mention_scores(r: evaluate.Restored, num_docs: int = 64) -> dict[str, dict[str, float]]:
+  """Teacher-forced loss (nats per digit) and accuracy of the key's digits at its three mentions in builtin:passkey
+  validation documents of up to the trained length: the needle's (random: ln 10 = 2.303 at best), the second
+  mention's (a copy 20 characters back) and the answer's (retrieval). Shows a run on its way to retrieval before
+  greedy answers do. Character-level tokenizers only (a character is a token)."""
+  if str(r.config.data.tokenizer) != 'char':
+    raise PasskeyError(f'--mentions scores character positions; {r.resolved.workdir} has data.tokenizer='
+                       f'{r.config.data.tokenizer}, not char.')
+  length = trained_length(r)
+  split = passkey_data.PasskeySplit('validation', list(passkey_data.SPLITS).index('validation'),
+                                    passkey_data.SPLITS['validation'], length - NEW_TOKENS - 2)
+  docs = split.read(range(num_docs))
+  rows = [r.tokenizer.prompt(r.tokenizer.encode(d)) for d in docs]
+  ids = np.zeros((len(rows), max(map(len, rows))), np.int32)
+  for i, row in enumerate(rows):
+    ids[i, :len(row)] = row
+  logp = np.asarray(nnx.jit(lambda model, x: jax.nn.log_softmax(model(x).astype(jnp.float32), -1))(r.model, ids))
+  losses: dict[str, list[float]] = {m: [] for m in MENTIONS}
+  hits: dict[str, list[bool]] = {m: [] for m in MENTIONS}
+  for b, doc in enumerate(docs):
+    key, starts = mention_starts(doc)
+    offset = len(rows[b]) - len(doc)  # BOS: character j is token offset + j, predicted at offset + j - 1
+    for mention, start in zip(MENTIONS, starts):
+      for t in range(offset + start, offset + start + len(key)):
+        losses[mention].append(float(-logp[b, t - 1, rows[b][t]]))
+        hits[mention].append(bool(np.argmax(logp[b, t - 1]) == rows[b][t]))
+  return {m: {'loss': float(np.mean(losses[m])), 'accuracy': float(np.mean(hits[m]))} for m in MENTIONS}
