@@ -1,8 +1,10 @@
 """Passkey retrieval vs context length, with and without RoPE scaling at evaluation (jaxformer/apps/passkey.py).
 
-  python train.py --config=configs/long_context.py:passkey --workdir=runs/passkey
-  python benchmarks/passkey.py --workdir=runs/passkey --lengths=512,1024,2048,4096 \
-      --scalings=none,linear,dynamic,yarn --num_prompts=20 --output=runs/passkey/passkey.json --plot=docs/passkey.png
+  python train.py --config=configs/long_context.py:passkey_warmup --workdir=runs/passkey_warmup
+  python train.py --config=configs/long_context.py:passkey --workdir=runs/passkey \
+      --config.checkpoint.init_from=runs/passkey_warmup
+  python benchmarks/passkey.py --workdir=runs/passkey --lengths=384,512,640,768,1024,2048,4096 \
+      --scalings=none,linear,dynamic,yarn --num_prompts=20 --batch_size=5 --mentions --plot=docs/passkey.png
 
 Any decoder_only workdir works: one train.py wrote, or one `python -m jaxformer.hf import` made from a Hugging Face
 checkpoint (lengths are then in its tokenizer's tokens). Prints a table (accuracy per length per setting) and
