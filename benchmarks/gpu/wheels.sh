@@ -12,6 +12,6 @@ rm -rf .whl && mkdir -p .whl
 "$PY312" -m pip wheel -q --no-deps -w .whl \
   "ml-collections>=1.1.0,<2" "tensorflow-datasets==4.9.10" "array-record>=0.8.6,<0.9" "tensorboardX>=2.6.5,<3" \
   dm-tree immutabledict promise simple-parsing docstring-parser tensorflow-metadata googleapis-common-protos \
-  termcolor toml
+  termcolor toml "jinja2>=3.1" markupsafe
 rm -rf .data && mkdir -p .data && cp -r ../shared/data/tinyshakespeare ../shared/data/multi30k .data/
 du -sh .whl .data
