@@ -34,6 +34,19 @@ from tests.test_train import tiny
 P = 3  # prefix tokens
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = REPO / 'tests' / 'fixtures'
+ENV = {**{k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}, 'JAX_PLATFORMS': 'cpu'}
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600, env=ENV)
+
+
+def _one_error_line(out: subprocess.CompletedProcess) -> str:
+  """The one stderr line of a failed CLI run (asserting it failed, in one line, without a traceback)."""
+  assert out.returncode != 0
+  lines = [line for line in out.stderr.splitlines() if line.strip() and not line.startswith('WARNING')]
+  assert len(lines) == 1 and 'Traceback' not in out.stderr, out.stderr
+  return lines[0]
 
 
 def peft_section(n=P, projection=0):
@@ -263,21 +276,14 @@ def test_prefix_run_trains_only_the_prefix_mlp_and_resumes_exactly(base_run, tmp
     (['--config.data.seq_len=30', '--config.model.max_len=32'], 'peft.num_prefix_tokens=10 exceeds model.max_len=32'),
 ])
 def test_train_py_bad_prefix_value_is_one_line(args, expected, tmp_path):
-  out = subprocess.run(
-      [sys.executable, 'train.py', '--config=configs/gpt_tiny.py', f'--workdir={tmp_path}',
-       '--config.peft.method=prefix', *args, '--config.model.num_layers=1', '--config.train.num_steps=2',
-       '--config.mesh.data=1'],
-      cwd=REPO, capture_output=True, text=True, timeout=300,
-      env={**{k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}, 'JAX_PLATFORMS': 'cpu'})
-  assert out.returncode != 0
-  lines = [line for line in out.stderr.splitlines() if line.strip() and not line.startswith('WARNING')]
-  assert len(lines) == 1 and 'Traceback' not in out.stderr, out.stderr
-  assert expected in lines[0], lines[0]
+  out = _cli('train.py', '--config=configs/gpt_tiny.py', f'--workdir={tmp_path}', '--config.peft.method=prefix',
+             *args, '--config.model.num_layers=1', '--config.train.num_steps=2', '--config.mesh.data=1')
+  line = _one_error_line(out)
+  assert expected in line, line
 
 
 # ------------------------------------------------------------------------------ peft.adapter=<prefix directory>
 HF_FIXTURES = FIXTURES / 'hf'
-ENV = {**{k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}, 'JAX_PLATFORMS': 'cpu'}
 
 
 @pytest.mark.parametrize('case,base', [('gpt2', 'gpt2'), ('llama_mlp', 'llama')])
@@ -299,10 +305,6 @@ def test_peft_adapter_key_loads_a_prefix_adapter_with_peft_logits(case, base, tm
   want, real = np.asarray(e['logits'], np.float32), np.asarray(mask, bool)
   got = np.asarray(call(r.model, (ids,), dict(segment_ids=mask)))[..., :want.shape[-1]]
   np.testing.assert_allclose(got[real], want[real], atol=2e-5, rtol=1e-5)
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600, env=ENV)
 
 
 def test_train_from_a_peft_prefix_adapter_then_export_it_back(tmp_path):
@@ -336,10 +338,8 @@ def test_train_from_a_peft_prefix_adapter_then_export_it_back(tmp_path):
 def test_eval_py_bad_prefix_adapter_is_one_line(args, expected, base, tmp_path):
   out = _cli('eval.py', f'--config=configs/hf.py:{HF_FIXTURES / base}', f'--workdir={tmp_path}',
              '--mode=generate', '--prompt=First', '--config.data.seq_len=16', *args)
-  assert out.returncode != 0
-  lines = [line for line in out.stderr.splitlines() if line.strip() and not line.startswith('WARNING')]
-  assert len(lines) == 1 and 'Traceback' not in out.stderr, out.stderr
-  assert expected in lines[0], lines[0]
+  line = _one_error_line(out)
+  assert expected in line, line
 
 
 def test_eval_py_generates_with_a_prefix_adapter_up_to_the_positions_left(tmp_path):

@@ -18,7 +18,7 @@ B exactly as they map the kernel. Our LoRA factors are A [*in, r] and B [r, *out
 
 What maps (PEFT_TYPES, keyed by adapter_config.json's peft_type): LORA onto the projections jaxformer's LoRA has
 (attention q, k, v, o, self and cross; MLP up / gate / down), and PREFIX_TUNING onto a decoder_only model's
-prefix (peft.method=prefix; the conversion is peft/prefix.py's). Anything else, DoRA, bias training,
+prefix (peft.method=prefix; its files: the "prefix tuning" section below). Anything else, DoRA, bias training,
 modules_to_save, embedding / lm_head LoRA, another peft_type, is one ConfigError line naming it.
 """
 from __future__ import annotations
@@ -564,8 +564,7 @@ def load_prefix(directory: str, model: nnx.Module) -> None:
   num_virtual_tokens) from a peft PrefixTuningConfig adapter directory (adapter_config.json +
   adapter_model.safetensors, as PeftModel.save_pretrained writes it). A ConfigError names any mismatch. (A run
   loads one with peft.adapter=DIR: read_prefix.)"""
-  with open(os.path.join(directory, 'adapter_config.json'), encoding='utf-8') as f:
-    config = json.load(f)
+  config = read_config(directory)
   if config.get('peft_type') != 'PREFIX_TUNING':
     raise ConfigError(f'{directory}: peft_type={config.get("peft_type")!r}, not a prefix-tuning adapter; use '
                       'peft.method=prefix only with PREFIX_TUNING adapters.')
@@ -589,8 +588,7 @@ def write_prefix(directory: str, model: nnx.Module, base_model: str = '') -> dic
   if model.config.arch != 'decoder_only' or prefix is None:
     raise ConfigError('a peft prefix adapter holds a decoder_only model\'s prefix (peft.method=prefix); this run '
                       'has none to write.')
-  kv = prefix.kv[...] if prefix.kv is not None else jnp.transpose(
-      prefix.flat().reshape(prefix.length, prefix.num_layers, 2, prefix.kv_heads, prefix.head_dim), (1, 2, 0, 3, 4))
+  kv = prefix.stacked()
   token_dim = prefix.kv_heads * prefix.head_dim
   config = {'peft_type': 'PREFIX_TUNING', 'task_type': 'CAUSAL_LM', 'base_model_name_or_path': base_model,
             'num_virtual_tokens': prefix.length, 'num_layers': prefix.num_layers, 'token_dim': token_dim,

@@ -80,14 +80,16 @@ class Prefix(nnx.Module):
     h = jnp.tanh(e @ self.hidden[...].astype(jnp.float32) + self.hidden_bias[...].astype(jnp.float32))
     return h @ self.out[...].astype(jnp.float32) + self.out_bias[...].astype(jnp.float32)
 
+  def stacked(self) -> Array:
+    """The prefix as `kv` holds it, [layers, 2, P, kv_heads, head_dim]: kv itself, or the MLP's output (float32)."""
+    if self.kv is not None:
+      return self.kv[...]
+    return jnp.transpose(self.flat().reshape(self.length, self.num_layers, 2, self.kv_heads, self.head_dim),
+                         (1, 2, 0, 3, 4))
+
   def keys_values(self) -> tuple[Array, Array]:
     """(keys, values), each [layers, P, kv_heads, head_dim] in the compute dtype."""
-    if self.kv is not None:
-      kv = self.kv[...]
-    else:
-      kv = jnp.transpose(self.flat().reshape(self.length, self.num_layers, 2, self.kv_heads, self.head_dim),
-                         (1, 2, 0, 3, 4))
-    kv = kv.astype(self.dtype)
+    kv = self.stacked().astype(self.dtype)
     return kv[:, 0], kv[:, 1]
 
 
@@ -119,7 +121,6 @@ def merge_projection(model: nnx.Module) -> nnx.State:
     dtype = prefix.embedding.get_value().dtype
     for param in MLP_PARAMS:
       flat.pop((name, 'prefix', param))
-    kv = jnp.transpose(prefix.flat().reshape(prefix.length, prefix.num_layers, 2, prefix.kv_heads, prefix.head_dim),
-                       (1, 2, 0, 3, 4))
-    flat[(name, 'prefix', 'kv')] = PrefixParam(kv.astype(dtype), out_sharding=KV_NAMES, eager_sharding=False)
+    flat[(name, 'prefix', 'kv')] = PrefixParam(prefix.stacked().astype(dtype), out_sharding=KV_NAMES,
+                                               eager_sharding=False)
   return nnx.from_flat_state(flat)

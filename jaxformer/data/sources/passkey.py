@@ -130,8 +130,6 @@ def accuracy(completions: Sequence[str], keys: Sequence[str]) -> float:
 # ----------------------------------------------------------------------------------- builtin:passkey (training)
 DRILL_EVERY = 2  # every DRILL_EVERY-th training document is a copy drill
 DRILL_ALPHABET = 'abcdefghiklmnoprstuvwy0123456789'  # characters of the prompts: no new vocabulary
-
-
 WARMUP_PROMPT_EVERY = 10  # builtin:passkey_drills: every 10th document a prompt (its characters in the vocabulary)
 WARMUP_PROMPT_CHARS = 503  # builtin:passkey_drills' prompts: as long as :passkey's at data.seq_len=512
 
@@ -152,6 +150,8 @@ def _prompt_document(rng: np.random.Generator, max_chars: int) -> str:
   shortest = len(_compose(MIN_FILLER_CHARS, 0.0, key).text)
   length = int(rng.integers(shortest, max(shortest, max_chars) + 1))
   return make_prompt(length, float(rng.random()), key).text + answer(key)
+
+
 class PasskeySplit(Split):
   """SYNTHETIC: prompt + answer documents; example i is drawn from the seed [SEED, split, i]."""
 
@@ -191,8 +191,8 @@ class WarmupSplit(PasskeySplit):
   def example(self, i: int) -> str:
     rng = np.random.default_rng([SEED, len(SPLITS) + self._index, int(i)])
     if i % WARMUP_PROMPT_EVERY == WARMUP_PROMPT_EVERY - 1:
-      return _prompt_document(rng, WARMUP_PROMPT_CHARS)
-    return copy_drill(rng, WARMUP_PROMPT_CHARS, sizes=(6, 24), max_repeats=4)
+      return _prompt_document(rng, self._max_chars)
+    return copy_drill(rng, self._max_chars, sizes=(6, 24), max_repeats=4)
 
 
 def make_warmup_source(spec: str, config: Any) -> Source:
