@@ -145,10 +145,7 @@ def mention_scores(r: evaluate.Restored, num_docs: int = 64) -> dict[str, dict[s
   if str(r.config.data.tokenizer) != 'char':
     raise PasskeyError(f'--mentions scores character positions; {r.resolved.workdir} has data.tokenizer='
                        f'{r.config.data.tokenizer}, not char.')
-  length = trained_length(r)
-  split = passkey_data.PasskeySplit('validation', list(passkey_data.SPLITS).index('validation'),
-                                    passkey_data.SPLITS['validation'], length - NEW_TOKENS - 2)
-  docs = split.read(range(num_docs))
+  docs = passkey_data.split_of('validation', trained_length(r)).read(range(num_docs))
   rows = [r.tokenizer.prompt(r.tokenizer.encode(d)) for d in docs]
   ids = np.zeros((len(rows), max(map(len, rows))), np.int32)
   for i, row in enumerate(rows):

@@ -171,15 +171,24 @@ class PasskeySplit(Split):
     return [self.example(int(i)) for i in indices]
 
 
+def prompt_chars(seq_len: int) -> int:
+  """The longest prompt of a builtin:passkey row of seq_len characters: BOS + prompt + answer + EOS."""
+  return int(seq_len) - len(answer('0' * KEY_DIGITS)) - 2
+
+
+def split_of(name: str, seq_len: int) -> PasskeySplit:
+  """builtin:passkey's split `name` for rows of seq_len characters."""
+  return PasskeySplit(name, list(SPLITS).index(name), SPLITS[name], prompt_chars(seq_len))
+
+
 def make_source(spec: str, config: Any) -> Source:
   """builtin:passkey: prompts up to data.seq_len characters with their answer and the framing (BOS, EOS)."""
-  max_chars = int(config.data.seq_len) - len(answer('0' * KEY_DIGITS)) - 2  # BOS + prompt + answer + EOS
+  max_chars = prompt_chars(config.data.seq_len)
   shortest = len(_compose(MIN_FILLER_CHARS, 0.0, '0' * KEY_DIGITS).text)
   if max_chars < shortest:
     raise DataError(f'data.source={spec}: data.seq_len={config.data.seq_len} is too short for a passkey prompt; '
                     f'use at least {shortest + len(answer("0" * KEY_DIGITS)) + 2}.')
-  splits = {name: (lambda name=name, k=k, n=n: PasskeySplit(name, k, n, max_chars))
-            for k, (name, n) in enumerate(SPLITS.items())}
+  splits = {name: (lambda name=name: split_of(name, config.data.seq_len)) for name in SPLITS}
   return Source(spec, 'text', splits,
                 description=f'SYNTHETIC passkey retrieval, prompts up to {max_chars} characters (builtin:passkey)')
 
